@@ -1,0 +1,122 @@
+"""Augmentation: the original's pipeline on the device (jitted, a function of a PRNG key), plus an
+albumentations pipeline on the host.
+
+Which to use: the device pipeline (default) keeps the whole dataset on the accelerator and costs almost
+nothing per step; use it for the original's transforms (resize, horizontal flip, scale to [0, 1]) and for
+pad-and-random-crop and normalisation. Use the albumentations pipeline when you need a transform from its
+catalogue; it runs per image in Python on the host and is much slower. Validation and test data are never
+augmented: they are only scaled, resized and normalised.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalization_stats(kind: str, train_images: Optional[np.ndarray] = None):
+    """(mean, std) per channel for 'imagenet' or 'dataset' (computed from the uint8 training images), or
+    (None, None) for 'none'."""
+    if kind == "none":
+        return None, None
+    if kind == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    pixels = train_images.reshape(-1, 3)
+    mean = np.zeros(3)
+    sq = np.zeros(3)
+    for chunk in np.array_split(pixels, max(1, len(pixels) // 4_000_000)):
+        mean += chunk.sum(0, dtype=np.float64)
+        sq += np.square(chunk, dtype=np.float64).sum(0)
+    mean, sq = mean / len(pixels) / 255.0, sq / len(pixels) / 255.0**2
+    return tuple(float(m) for m in mean), tuple(float(s) for s in np.sqrt(sq - mean**2))
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """What the device pipeline does. Hashable, so it can be a static argument of a jitted step."""
+    img_size: int = 32
+    flip: bool = True
+    crop_padding: int = 0
+    mean: Optional[tuple] = None
+    std: Optional[tuple] = None
+
+    @classmethod
+    def from_config(cls, config) -> "AugmentSpec":
+        return cls(config.img_size, config.flip, config.crop_padding, config.norm_mean, config.norm_std)
+
+
+def draw(key, n: int, spec: AugmentSpec):
+    """Random choices for a global batch of n: (flips (n,) bool, crop offsets (n, 2) int32)."""
+    flip_key, crop_key = jax.random.split(key)
+    flips = jax.random.bernoulli(flip_key, 0.5, (n,)) if spec.flip else jnp.zeros((n,), bool)
+    offsets = jax.random.randint(crop_key, (n, 2), 0, 2 * spec.crop_padding + 1)
+    return flips, offsets
+
+
+def to_float(images):
+    """uint8 [0, 255] → float32 [0, 1] (albumentations' ToFloat(255)); float input passes through."""
+    if jnp.issubdtype(images.dtype, jnp.integer):
+        return images.astype(jnp.float32) / 255.0
+    return images.astype(jnp.float32)
+
+
+def flip(images, flips):
+    """Mirror left-right the images whose flag is set."""
+    return jnp.where(flips[:, None, None, None], images[:, :, ::-1, :], images)
+
+
+def crop(images, offsets, padding: int):
+    """Zero-pad by `padding` and cut each image back to its size at its (dy, dx) offset."""
+    if padding == 0:
+        return images
+    n, h, w, c = images.shape
+    padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    return jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c)))(padded, offsets)
+
+
+def finish(images, spec: AugmentSpec):
+    """The deterministic tail: resize to spec.img_size (bilinear) and normalise."""
+    n, h, w, c = images.shape
+    if (h, w) != (spec.img_size, spec.img_size):
+        images = jax.image.resize(images, (n, spec.img_size, spec.img_size, c), "bilinear")
+    if spec.mean is not None:
+        images = (images - jnp.asarray(spec.mean, jnp.float32)) / jnp.asarray(spec.std, jnp.float32)
+    return images
+
+
+def augment(images, flips, offsets, spec: AugmentSpec):
+    """Training view of a batch: scale, random crop, random flip, resize, normalise."""
+    return finish(flip(crop(to_float(images), offsets, spec.crop_padding), flips), spec)
+
+
+def prepare(images, spec: AugmentSpec):
+    """Evaluation view of a batch: scale, resize, normalise; no randomness."""
+    return finish(to_float(images), spec)
+
+
+def albumentations_pipeline(img_size: int = 32):
+    """The original's albumentations transforms: Resize(img_size) + HorizontalFlip(p=0.5) + ToFloat(255)."""
+    import albumentations as A
+    return A.Compose([A.Resize(img_size, img_size), A.HorizontalFlip(p=0.5), A.ToFloat(max_value=255)])
+
+
+class HostAugment:
+    """Apply any albumentations `A.Compose` per image on the host: uint8 (..., H, W, 3) → float32.
+
+    Seeded: the same seed gives the same augmented batches.
+    """
+
+    def __init__(self, transform=None, img_size: int = 32, seed: int = 0):
+        self.transform = transform if transform is not None else albumentations_pipeline(img_size)
+        self.transform.set_random_seed(seed)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        flat = images.reshape((-1,) + images.shape[-3:])
+        out = np.stack([self.transform(image=im)["image"] for im in flat]).astype(np.float32)
+        return out.reshape(images.shape[:-3] + out.shape[1:])

@@ -1,0 +1,29 @@
+"""Test set-up: two simulated CPU devices (before jax initialises), and shared tiny-data fixtures."""
+import os
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from tests.helpers import make_image_folder  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own cifarjax cache folder."""
+    monkeypatch.setenv("CIFARJAX_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A tiny ImageFolder tree: 3 classes x 12 train images, 3 x 4 test images, 32x32 RGB PNG."""
+    return make_image_folder(tmp_path / "data", classes=("cat", "dog", "frog"), n_train=12, n_test=4)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

@@ -1,0 +1,49 @@
+"""Builders of tiny datasets and reference models for the tests."""
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def make_image_folder(root: Path, classes=("cat", "dog", "frog"), n_train=12, n_test=4, size=32, seed=0,
+                      learnable=False) -> Path:
+    """Write DIR/train/<class>/*.png (and DIR/test/... when n_test) with random images.
+
+    With `learnable`, each class has its own mean colour so a model can learn it.
+    """
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c, name in enumerate(classes):
+            if not n:
+                continue
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                image = rng.integers(0, 256, (size, size, 3))
+                if learnable:
+                    image = np.clip(image // 4 + 64 * c, 0, 255)
+                Image.fromarray(image.astype(np.uint8)).save(folder / f"{i:04d}.png")
+    return root
+
+
+def randomized_torchvision_resnet18(num_classes=1000, seed=0):
+    """A torchvision resnet18 whose parameters and BatchNorm running statistics are all random."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if "num_batches_tracked" in name:
+                continue
+            if "running_var" in name:
+                tensor.copy_(torch.rand_like(tensor) + 0.5)
+            elif "running_mean" in name or name.endswith("bias"):
+                tensor.copy_(torch.randn_like(tensor) * 0.1)
+            elif "bn" in name or "downsample.1" in name:
+                tensor.copy_(torch.rand_like(tensor) + 0.5)
+            else:
+                fan_in = tensor[0].numel()
+                tensor.copy_(torch.randn_like(tensor) * (2.0 / fan_in) ** 0.5)
+    return model

@@ -1,0 +1,137 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from cifarjax.errors import UserError
+from cifarjax.models import ResNet18
+from cifarjax.pretrained import IMAGENET_FILE, _expected_shapes, _torch_key, imagenet_resnet18, resnet18_from_torchvision
+from tests.helpers import randomized_torchvision_resnet18
+
+
+def max_rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+@pytest.fixture(scope="module")
+def torch_model():
+    return randomized_torchvision_resnet18().eval()
+
+
+@pytest.fixture(scope="module")
+def ported(torch_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "random.pth"
+    torch.save(torch_model.state_dict(), path)
+    return resnet18_from_torchvision(path)
+
+
+def torch_stages(model, x):
+    out = {}
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    out["stem"] = x
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        x = getattr(model, name)(x)
+        out[name] = x
+    return out, model.fc(torch.flatten(model.avgpool(x), 1))
+
+
+@pytest.mark.parametrize("size,impl", [(32, "im2col"), (32, "xla"), (224, "im2col")])
+def test_eval_logits_and_stages_match_torchvision(torch_model, ported, size, impl):
+    x = np.random.default_rng(size).normal(size=(2, 3, size, size)).astype(np.float32)
+    with torch.no_grad():
+        stages, logits = torch_stages(torch_model, torch.from_numpy(x))
+    model = ResNet18(1000, conv_impl=impl)
+    ours, state = model.apply(ported, jnp.asarray(x.transpose(0, 2, 3, 1)), train=False, mutable=["intermediates"])
+    assert max_rel_err(ours, logits.numpy()) <= 1e-5
+    for name, ref in stages.items():
+        got = state["intermediates"]["backbone"][name][0]
+        assert max_rel_err(got, ref.numpy().transpose(0, 2, 3, 1)) <= 1e-5, name
+
+
+def test_train_mode_outputs_and_running_stats_match_pytorch():
+    torch_model = randomized_torchvision_resnet18(seed=1)
+    variables = resnet18_from_torchvision(torch_model.state_dict())
+    x = np.random.default_rng(1).normal(size=(16, 3, 32, 32)).astype(np.float32)
+    torch_model.train()
+    logits = torch_model(torch.from_numpy(x)).detach().numpy()
+    ours, updates = ResNet18(1000).apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1)), train=True,
+                                         mutable=["batch_stats"])
+    assert max_rel_err(ours, logits) <= 1e-5
+    after = resnet18_from_torchvision(torch_model.state_dict())["batch_stats"]
+    for ref, got in zip(jax.tree.leaves(after), jax.tree.leaves(updates["batch_stats"])):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_new_head_is_seeded_and_sized(torch_model):
+    a = resnet18_from_torchvision(torch_model.state_dict(), num_classes=10, seed=0)
+    b = resnet18_from_torchvision(torch_model.state_dict(), num_classes=10, seed=0)
+    c = resnet18_from_torchvision(torch_model.state_dict(), num_classes=10, seed=1)
+    assert a["params"]["head"]["kernel"].shape == (512, 10)
+    np.testing.assert_array_equal(a["params"]["head"]["kernel"], b["params"]["head"]["kernel"])
+    assert not np.array_equal(a["params"]["head"]["kernel"], c["params"]["head"]["kernel"])
+    ported_conv = a["params"]["backbone"]["conv1"]["kernel"]
+    np.testing.assert_array_equal(ported_conv, torch_model.conv1.weight.detach().numpy().transpose(2, 3, 1, 0))
+
+
+def test_converted_weights_are_cached_for_a_local_file(torch_model, tmp_path):
+    path = tmp_path / "r.pth"
+    torch.save(torch_model.state_dict(), path)
+    variables = imagenet_resnet18(num_classes=10, weights=path)
+    assert variables["params"]["head"]["kernel"].shape == (512, 10)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        resnet18_from_torchvision(tmp_path / "nope.pth")
+
+
+def test_not_a_state_dict(tmp_path):
+    path = tmp_path / "junk.pth"
+    path.write_bytes(b"this is not a pickle")
+    with pytest.raises(UserError, match="not a PyTorch state_dict"):
+        resnet18_from_torchvision(path)
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(UserError, match="not a state_dict"):
+        resnet18_from_torchvision(tmp_path / "list.pth")
+
+
+def test_other_network_lists_missing_and_unexpected_keys():
+    import torchvision
+    sd = torchvision.models.resnet34().state_dict()
+    sd18 = torchvision.models.resnet18().state_dict()
+    assert sorted(_torch_key(k) for k in _expected_shapes(1000)) == sorted(
+        k for k in sd18 if "num_batches_tracked" not in k)
+    with pytest.raises(UserError, match=r"unexpected keys \(layer1\.2\.bn1\.bias"):
+        resnet18_from_torchvision(sd)
+    sd18 = torchvision.models.resnet18().state_dict()
+    del sd18["layer2.0.conv1.weight"]
+    with pytest.raises(UserError, match=r"1 missing keys \(layer2\.0\.conv1\.weight\), 0 unexpected"):
+        resnet18_from_torchvision(sd18)
+
+
+def test_shape_mismatch_names_the_tensor():
+    import torchvision
+    sd = torchvision.models.resnet18().state_dict()
+    sd["layer3.1.conv2.weight"] = torch.zeros(256, 256, 5, 5)
+    with pytest.raises(UserError, match=r"layer3\.1\.conv2\.weight has shape \(256, 256, 5, 5\)"):
+        resnet18_from_torchvision(sd)
+
+
+def test_corrupt_named_checkpoint_fails_hash(tmp_path):
+    path = tmp_path / IMAGENET_FILE
+    path.write_bytes(b"truncated download")
+    with pytest.raises(UserError, match="corrupt"):
+        resnet18_from_torchvision(path)
+
+
+def test_no_network_and_no_cache_says_which_file_to_fetch(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    from torchvision.models import ResNet18_Weights
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(type(ResNet18_Weights.IMAGENET1K_V1), "get_state_dict", offline)
+    with pytest.raises(UserError, match=rf"{IMAGENET_FILE}.*--weights PATH"):
+        imagenet_resnet18(num_classes=10, cache_dir=tmp_path / "cache")
