@@ -127,8 +127,9 @@ def _decode_files(files, size: int, desc: str) -> Split:
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """CIFAR-10's python batches hold dicts of lists and numpy arrays; nothing else may be unpickled."""
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-               ("numpy._core.multiarray", "_reconstruct")}
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype")} | {
+        (module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")}
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:

@@ -115,11 +115,12 @@ class BatchNorm(nn.Module):
         else:
             axes = tuple(range(x.ndim - 1))
             count = math.prod(x.shape[:-1])
+            synced = self.axis_name is not None and not self.is_initializing()
             mean = x.mean(axes)
-            if self.axis_name is not None:
+            if synced:
                 mean = lax.pmean(mean, self.axis_name)
             var = jnp.square(x - mean).mean(axes)
-            if self.axis_name is not None:
+            if synced:
                 var = lax.pmean(var, self.axis_name)
                 count = count * lax.psum(1, self.axis_name)
             if not self.is_initializing():

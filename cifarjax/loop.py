@@ -104,6 +104,7 @@ def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inp
     With `run`, metrics go to run/metrics.jsonl and checkpoints to run/checkpoints; with `resume`, training
     continues from the latest checkpoint and ends exactly where an uninterrupted run would.
     """
+    run = Path(run) if run is not None else None
     labels = freeze_labels(variables["params"], config.unfreeze)
     tx = make_optimizer(variables["params"], config.lr, config.unfreeze)
     state = create_train_state(apply_fn, variables, tx, config.seed)

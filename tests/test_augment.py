@@ -1,0 +1,73 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cifarjax.augment import (IMAGENET_MEAN, AugmentSpec, HostAugment, augment, crop, draw, flip,
+                              normalization_stats, prepare)
+
+
+@pytest.fixture
+def images(rng):
+    return rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+
+
+def test_prepare_scales_to_unit_range_without_randomness(images):
+    x = np.asarray(prepare(jnp.asarray(images), AugmentSpec()))
+    assert x.dtype == np.float32 and x.min() >= 0 and x.max() <= 1
+    np.testing.assert_allclose(x, images / 255.0, rtol=1e-6)
+
+
+def test_flip_equals_numpy_flip(images):
+    flips = np.arange(64) % 3 == 0
+    out = np.asarray(flip(jnp.asarray(images), jnp.asarray(flips)))
+    np.testing.assert_array_equal(out[flips], images[flips][:, :, ::-1])
+    np.testing.assert_array_equal(out[~flips], images[~flips])
+
+
+def test_flip_rate_is_one_half():
+    flips, _ = draw(jax.random.PRNGKey(0), 20000, AugmentSpec())
+    assert abs(float(flips.mean()) - 0.5) < 0.015
+    assert not bool(draw(jax.random.PRNGKey(0), 100, AugmentSpec(flip=False))[0].any())
+
+
+def test_augment_flips_exactly_the_drawn_images(images):
+    spec = AugmentSpec()
+    flips, offsets = draw(jax.random.PRNGKey(3), 64, spec)
+    out = np.asarray(augment(jnp.asarray(images), flips, offsets, spec))
+    expected = np.where(np.asarray(flips)[:, None, None, None], images[:, :, ::-1], images) / 255.0
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
+def test_random_crop_shifts_within_padding(images):
+    offsets = jnp.asarray([[0, 0], [4, 4], [8, 8]])
+    out = np.asarray(crop(jnp.asarray(images[:3]), offsets, 4))
+    assert out.shape == (3, 32, 32, 3)
+    np.testing.assert_array_equal(out[1], images[1])
+    np.testing.assert_array_equal(out[0, 4:, 4:], images[0, :28, :28])
+    assert (out[0, :4] == 0).all() and (out[2, -4:] == 0).all()
+
+
+def test_resize_and_imagenet_normalisation(images):
+    spec = AugmentSpec(img_size=64, mean=IMAGENET_MEAN, std=(0.229, 0.224, 0.225))
+    x = np.asarray(prepare(jnp.asarray(images[:2]), spec))
+    assert x.shape == (2, 64, 64, 3)
+    flat = np.asarray(prepare(jnp.full((1, 32, 32, 3), 255, jnp.uint8), spec))
+    np.testing.assert_allclose(flat[0, 0, 0], (1 - np.array(IMAGENET_MEAN)) / np.array(spec.std), rtol=1e-5)
+
+
+def test_dataset_normalisation_stats(images):
+    mean, std = normalization_stats("dataset", images)
+    np.testing.assert_allclose(mean, images.reshape(-1, 3).mean(0) / 255, rtol=1e-6)
+    np.testing.assert_allclose(std, images.reshape(-1, 3).std(0) / 255, rtol=1e-6)
+    assert normalization_stats("none") == (None, None)
+
+
+def test_albumentations_pipeline_default_is_the_originals(images):
+    aug = HostAugment(img_size=32, seed=0)
+    out = aug(images[:2][None])
+    assert out.shape == (1, 2, 32, 32, 3) and out.dtype == np.float32
+    for o, im in zip(out[0], images[:2]):
+        assert np.allclose(o, im / 255.0) or np.allclose(o, im[:, ::-1] / 255.0)
+    again = HostAugment(img_size=32, seed=0)(images[:2][None])
+    np.testing.assert_array_equal(out, again)

@@ -1,0 +1,163 @@
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from experiments import cnn, evaluate, finetune
+from cifarjax.checkpoint import load_variables
+from cifarjax.pretrained import resnet18_from_torchvision
+from tests.helpers import make_image_folder, randomized_torchvision_resnet18
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return make_image_folder(tmp_path / "data", n_train=20, n_test=6, learnable=True)
+
+
+def assert_png(path):
+    assert path.is_file(), path
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > 200
+
+
+def test_cnn_writes_every_output(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    cnn.main(["--data-dir", str(data_dir), "--epochs", "2", "--batch-size", "8", "--eval-every", "3", "--out", str(out)])
+    assert "validation accuracy" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["n_epochs"] == 2 and config["classes"] == ["cat", "dog", "frog"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "epoch", "train_loss", "train_accuracy", "val_accuracy", "wall_seconds"} <= set(records[0])
+    assert records[-1]["epoch"] == 2.0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("train_accuracy", "val_accuracy", "test_accuracy", "wall_seconds", "images_per_second",
+                "device_kind", "device_count", "jax", "cifarjax"):
+        assert key in summary, key
+    for name in ("training_results", "confusion_matrix", "sample_predictions"):
+        assert_png(out / "plots" / f"{name}.png")
+    assert load_variables(out)["params"]["conv1"]["kernel"].shape == (3, 3, 3, 128)
+
+    result = evaluate_json(out, capsys)
+    assert result["n"] == 18 and set(result["per_class"]) == {"cat", "dog", "frog"}
+    assert abs(result["accuracy"] - summary["test_accuracy"]) < 1e-9
+    assert_png(out / "plots" / "confusion_matrix_test.png")
+
+
+def evaluate_json(run, capsys, *extra):
+    evaluate.main([str(run), *extra])
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_evaluate_needs_only_a_test_folder(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    cnn.main(["--data-dir", str(data_dir), "--epochs", "1", "--batch-size", "8", "--out", str(out)])
+    capsys.readouterr()
+    test_only = make_image_folder(tmp_path / "held_out", n_train=0, n_test=5, learnable=True, seed=7)
+    result = evaluate_json(out, capsys, "--data-dir", str(test_only))
+    assert result["n"] == 15 and result["split"] == "test"
+    val = evaluate_json(out, capsys, "--split", "val")
+    assert val["n"] == 12
+
+
+def save_random_resnet(path):
+    torch.save(randomized_torchvision_resnet18(seed=3).state_dict(), path)
+    return path
+
+
+def test_finetune_one_epoch_keeps_the_backbone_bit_identical(data_dir, tmp_path):
+    weights = save_random_resnet(tmp_path / "resnet18.pth")
+    out = tmp_path / "ft"
+    finetune.main(["--data-dir", str(data_dir), "--epochs", "1", "--batch-size", "8", "--weights", str(weights),
+                   "--out", str(out)])
+    port = resnet18_from_torchvision(weights, num_classes=3)
+    trained = load_variables(out)
+    for a, b in zip(jax.tree.leaves(port["params"]["backbone"]), jax.tree.leaves(trained["params"]["backbone"])):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(port["batch_stats"]), jax.tree.leaves(trained["batch_stats"])):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(port["params"]["head"]["kernel"], trained["params"]["head"]["kernel"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cached_features"] and "torchvision file" in summary["weights"]
+
+
+def test_finetune_several_epoch_counts_overlay_their_curves(data_dir, tmp_path):
+    out = tmp_path / "ft"
+    finetune.main(["--data-dir", str(data_dir), "--epochs", "1", "2", "--batch-size", "8", "--weights", "random",
+                   "--out", str(out), "--unfreeze", "layer4", "--bn", "train"])
+    assert_png(out / "plots" / "fine_tuning_results.png")
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["epochs"] for r in summary["runs"]] == [1, 2]
+    for sub in ("epochs-1", "epochs-2"):
+        assert (out / sub / "checkpoints").is_dir() and (out / sub / "metrics.jsonl").is_file()
+        assert not json.loads((out / sub / "summary.json").read_text())["cached_features"]
+
+
+def run_module(module, *args):
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env=env)
+
+
+@pytest.mark.parametrize("module", ["experiments.cnn", "experiments.finetune", "experiments.evaluate"])
+def test_help(module):
+    result = run_module(module, "--help")
+    assert result.returncode == 0 and "usage:" in result.stdout
+
+
+@pytest.mark.parametrize("module,args,message", [
+    ("experiments.cnn", ["--batch-size", "0"], "must be at least 1"),
+    ("experiments.cnn", ["--lr", "abc"], "is not a number"),
+    ("experiments.finetune", ["--unfreeze", "everything"], "invalid choice"),
+    ("experiments.cnn", ["--data-dir", "/no/such/folder"], "data folder /no/such/folder does not exist"),
+    ("experiments.cnn", ["--img-size", "16"], "SimpleCNN needs img_size >= 30"),
+    ("experiments.evaluate", ["/no/such/run"], "run folder /no/such/run does not exist"),
+])
+def test_bad_input_is_one_clear_message(module, args, message, tmp_path):
+    result = run_module(module, *args, *(["--out", tmp_path / "o"] if module != "experiments.evaluate" else []))
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_weights_file(data_dir, tmp_path):
+    bad = tmp_path / "resnet18.pth"
+    bad.write_text("junk")
+    result = run_module("experiments.finetune", "--data-dir", data_dir, "--weights", bad, "--epochs", "1",
+                        "--out", tmp_path / "o")
+    assert result.returncode == 2 and "is not a PyTorch state_dict file" in result.stderr
+
+
+def test_batch_that_does_not_split_over_devices(data_dir, tmp_path):
+    result = run_module("experiments.cnn", "--data-dir", data_dir, "--batch-size", "7", "--out", tmp_path / "o")
+    assert result.returncode == 2 and "does not split evenly over 2 devices" in result.stderr
+
+
+def test_existing_run_is_never_overwritten(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    cnn.main(["--data-dir", str(data_dir), "--epochs", "1", "--batch-size", "8", "--out", str(out)])
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exit_info:
+        cnn.main(["--data-dir", str(data_dir), "--epochs", "1", "--batch-size", "8", "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def test_readme_research_example_runs(data_dir, tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"<!-- research-example -->\s*```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.setenv("CIFARJAX_DATA", str(data_dir))
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    assert 0.0 <= namespace["accuracy"] <= 1.0
+    assert (tmp_path / "my_training.png").is_file()
