@@ -109,14 +109,18 @@ def albumentations_pipeline(img_size: int = 32):
 class HostAugment:
     """Apply any albumentations `A.Compose` per image on the host: uint8 (..., H, W, 3) → float32.
 
-    Seeded: the same seed gives the same augmented batches.
+    Seeded: the same seed gives the same augmented batches; with `step`, each batch's draws depend only on
+    (seed, step), so a resumed run augments exactly as an uninterrupted one.
     """
 
     def __init__(self, transform=None, img_size: int = 32, seed: int = 0):
         self.transform = transform if transform is not None else albumentations_pipeline(img_size)
+        self.seed = seed
         self.transform.set_random_seed(seed)
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
+    def __call__(self, images: np.ndarray, step: Optional[int] = None) -> np.ndarray:
+        if step is not None:
+            self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, step]).generate_state(1)[0]))
         flat = images.reshape((-1,) + images.shape[-3:])
         out = np.stack([self.transform(image=im)["image"] for im in flat]).astype(np.float32)
         return out.reshape(images.shape[:-3] + out.shape[1:])

@@ -271,6 +271,8 @@ def load_dataset(data_dir=None, dataset: str = "auto", size: int = 32) -> Datase
     if dataset == "fake":
         return _load_fake(size)
     root = Path(data_dir).expanduser() if data_dir is not None else None
+    if dataset == "folder" and root is None:
+        raise UserError("--dataset folder needs --data-dir DIR (a folder with DIR/train/<class>/*.jpg)")
     if dataset == "cifar10" or (dataset == "auto" and root is None):
         root = root or default_cache_dir() / "cifar10"
         folder = root if root.name == _CIFAR_DIR else root / _CIFAR_DIR

@@ -146,7 +146,7 @@ def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inp
             epoch_idx = train_indices(n, config.batch_size, parallel.n_devices, config.seed, epoch)
             for idx in epoch_idx[step - epoch * steps_per_epoch:]:
                 if host_augment is not None:
-                    batch = (host_augment(train.images[idx]), train.labels[idx])
+                    batch = (host_augment(train.images[idx], step), train.labels[idx])
                     local = np.broadcast_to(np.arange(idx.shape[1], dtype=np.int32), idx.shape)
                     rstate, metrics = parallel.train_step(rstate, batch, local)
                 else:

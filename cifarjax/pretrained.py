@@ -189,26 +189,42 @@ def load_variables_npz(path: Path) -> dict:
         return traverse_util.unflatten_dict({tuple(k.split("/")): data[k] for k in data.files})
 
 
+def _cached_conversion(cached: Path, load_state_dict) -> dict:
+    """Converted variables from the .npz cache, or converted now (needs torch) and cached."""
+    if cached.is_file():
+        return load_variables_npz(cached)
+    variables = convert_state_dict(load_state_dict())
+    save_variables_npz(variables, cached)
+    return variables
+
+
+def _fetch_imagenet_state_dict():
+    from torchvision.models import ResNet18_Weights
+    try:
+        return ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
+    except Exception as error:  # noqa: BLE001 - network or hash failure
+        raise UserError(f"could not fetch torchvision's ImageNet ResNet-18 weights ({type(error).__name__}); "
+                        f"download {IMAGENET_FILE} from {IMAGENET_URL} on a machine with network access "
+                        "and pass it with --weights PATH") from None
+
+
 def imagenet_resnet18(num_classes: int = 10, weights: Optional[Union[str, Path]] = None, seed: int = 0,
                       cache_dir: Optional[Path] = None) -> dict:
-    """ImageNet ResNet-18 variables with a fresh `num_classes` head.
+    """ImageNet ResNet-18 variables with a fresh seeded `num_classes` head.
 
-    `weights`: a local torchvision `.pth`; otherwise the converted cache, otherwise torchvision's
-    `ResNet18_Weights.IMAGENET1K_V1` (download with hash check into torch's cache).
+    `weights`: a local torchvision `.pth`; otherwise torchvision's `ResNet18_Weights.IMAGENET1K_V1`
+    (downloaded with a hash check into torch's cache). Either way the converted variables are cached
+    (a local file keyed by its SHA-256), so later runs need no torch.
     """
+    cache = (cache_dir or default_cache_dir()) / "weights"
     if weights is not None:
-        return resnet18_from_torchvision(weights, num_classes, seed)
-    cached = (cache_dir or default_cache_dir()) / "resnet18_imagenet1k_v1.npz"
-    if cached.is_file():
-        variables = load_variables_npz(cached)
+        path = Path(weights)
+        if not path.is_file():
+            _load_state_dict(path)  # raises the missing-file message
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        variables = _cached_conversion(cache / f"resnet18-{digest[:16]}.npz", lambda: _load_state_dict(path))
     else:
-        from torchvision.models import ResNet18_Weights
-        try:
-            state_dict = ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
-        except Exception as error:  # noqa: BLE001 - network or hash failure
-            raise UserError(f"could not fetch torchvision's ImageNet ResNet-18 weights ({type(error).__name__}); "
-                            f"download {IMAGENET_FILE} from {IMAGENET_URL} on a machine with network access "
-                            "and pass it with --weights PATH") from None
-        variables = convert_state_dict(state_dict)
-        save_variables_npz(variables, cached)
-    return replace_head(variables, num_classes, seed) if num_classes != 1000 else variables
+        variables = _cached_conversion(cache / "resnet18_imagenet1k_v1.npz", _fetch_imagenet_state_dict)
+    if variables["params"]["head"]["bias"].shape[0] != num_classes:
+        variables = replace_head(variables, num_classes, seed)
+    return variables

@@ -39,6 +39,19 @@ def prepare_run_dir(out, experiment: str, overwrite: bool = False, resume: bool 
     return run
 
 
+RESUMABLE_CHANGES = ("n_epochs", "norm_mean", "norm_std", "classes", "num_classes", "weights", "epochs")
+
+
+def check_resume_config(run: Path, config: dict) -> None:
+    """A resumed run must use the settings it started with (only the epoch count may grow)."""
+    saved = read_json(run / CONFIG)
+    changed = sorted(k for k in config if k in saved and k not in RESUMABLE_CHANGES and saved[k] != config[k])
+    if changed:
+        details = ", ".join(f"{k}: {saved[k]!r} → {config[k]!r}" for k in changed)
+        raise UserError(f"--resume with settings that differ from the run in {run} ({details}); "
+                        "pass the original flags, or start a new run with another --out")
+
+
 def write_json(path: Path, value) -> None:
     """Write JSON atomically (a temporary file renamed into place)."""
     path = Path(path)

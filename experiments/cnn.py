@@ -20,6 +20,8 @@ def main(argv=None) -> None:
     config = common.config_from_args(args, n_epochs=args.epochs, model="simple_cnn")
     run = runs.prepare_run_dir(args.out, "cnn", args.overwrite, args.resume)
     dataset, train, val = common.load_splits(config)
+    if args.resume:
+        runs.check_resume_config(run, config.to_dict())
     runs.write_json(run / runs.CONFIG, config.to_dict())
     result = train_loop(config, train, val, run=run, resume=args.resume)
     runs.write_json(run / runs.CONFIG, config.to_dict())  # with the resolved normalisation

@@ -51,6 +51,8 @@ def main(argv=None) -> None:
     dataset, train, val = common.load_splits(config)
     variables, weights_label = load_weights(args.weights, config)
     config = resolve_normalization(config, train)
+    if args.resume:
+        runs.check_resume_config(run, config.to_dict())
     features = backbone_features(config, variables, train, val) if cacheable(config) else None
     runs.write_json(run / runs.CONFIG, {**config.to_dict(), "epochs": epochs, "weights": weights_label})
     curves, results = {}, []

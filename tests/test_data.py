@@ -117,6 +117,11 @@ def test_fake_source():
 def test_missing_folder(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_dataset(tmp_path / "nope")
+    with pytest.raises(UserError, match="needs --data-dir"):
+        load_dataset(dataset="folder")
+    with pytest.raises(UserError, match="is a file"):
+        (tmp_path / "f.txt").write_text("x")
+        load_dataset(tmp_path / "f.txt")
 
 
 def test_folder_without_images(tmp_path):

@@ -161,3 +161,15 @@ def test_readme_research_example_runs(data_dir, tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
     assert 0.0 <= namespace["accuracy"] <= 1.0
     assert (tmp_path / "my_training.png").is_file()
+
+
+def test_resume_continues_and_refuses_changed_settings(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--data-dir", str(data_dir), "--batch-size", "8", "--out", str(out)]
+    cnn.main(base + ["--epochs", "1"])
+    cnn.main(base + ["--epochs", "2", "--resume"])
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(SystemExit):
+        cnn.main(base + ["--epochs", "3", "--resume", "--lr", "0.01"])
+    assert "lr: 0.001 → 0.01" in capsys.readouterr().err

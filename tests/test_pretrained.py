@@ -75,11 +75,18 @@ def test_new_head_is_seeded_and_sized(torch_model):
     np.testing.assert_array_equal(ported_conv, torch_model.conv1.weight.detach().numpy().transpose(2, 3, 1, 0))
 
 
-def test_converted_weights_are_cached_for_a_local_file(torch_model, tmp_path):
+def test_converted_weights_are_cached_for_a_local_file(torch_model, tmp_path, monkeypatch):
     path = tmp_path / "r.pth"
     torch.save(torch_model.state_dict(), path)
-    variables = imagenet_resnet18(num_classes=10, weights=path)
+    variables = imagenet_resnet18(num_classes=10, weights=path, cache_dir=tmp_path / "cache")
     assert variables["params"]["head"]["kernel"].shape == (512, 10)
+    import cifarjax.pretrained as pretrained
+    monkeypatch.setattr(pretrained, "_load_state_dict", lambda p: pytest.fail("converted again, needed torch"))
+    again = imagenet_resnet18(num_classes=10, weights=path, cache_dir=tmp_path / "cache")
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(again["params"]["backbone"]["conv1"]["kernel"],
+                                  torch_model.conv1.weight.detach().numpy().transpose(2, 3, 1, 0))
 
 
 def test_missing_file(tmp_path):

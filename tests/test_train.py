@@ -173,3 +173,12 @@ def test_cached_features_follow_the_same_curve_as_the_image_path():
     assert cached.history.epoch_val_accuracy == plain.history.epoch_val_accuracy
     np.testing.assert_allclose(cached.variables["params"]["head"]["kernel"],
                                plain.variables["params"]["head"]["kernel"], atol=1e-5)
+
+
+def test_albumentations_host_pipeline_trains():
+    data = tiny_split(32)
+    config = Config(n_epochs=2, batch_size=8, eval_every=0, num_classes=3, augment_backend="albumentations")
+    result = train_loop(config, data, data)
+    assert len(result.history.train_loss) == 2 and all(np.isfinite(result.history.train_loss))
+    again = train_loop(config, data, data)
+    assert again.history.train_loss == result.history.train_loss

@@ -1,0 +1,119 @@
+"""PyTorch references measured beside cifarjax: eager SimpleCNN/ResNet-18 steps, and the original
+project's end-to-end recipe (albumentations per image, DataLoader with 4 workers, Adam, batch 64)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+def simple_cnn(num_classes: int = 10) -> nn.Module:
+    """The original SimpleCNNModel."""
+    return nn.Sequential(
+        nn.Conv2d(3, 128, 3), nn.ReLU(), nn.Dropout(0.3), nn.MaxPool2d(2),
+        nn.Conv2d(128, 256, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.3),
+        nn.Conv2d(256, 256, 3), nn.ReLU(), nn.MaxPool2d(4), nn.Dropout(0.3),
+        nn.Flatten(), nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, num_classes))
+
+
+def frozen_resnet18(num_classes: int = 10) -> nn.Module:
+    """The original ModifiedResNet18: frozen backbone (BatchNorm in eval mode, as cifarjax's default), new fc."""
+    import torchvision
+    model = torchvision.models.resnet18()
+    for p in model.parameters():
+        p.requires_grad = False
+    model.fc = nn.Linear(512, num_classes)
+    return model
+
+
+def _time_steps(step, n_steps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        step()
+    _sync()
+    start = time.perf_counter()
+    for _ in range(n_steps):
+        step()
+    _sync()
+    return time.perf_counter() - start
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def train_step_rate(model: nn.Module, batch: int, n_steps: int, size: int = 32, frozen_bn: bool = False) -> float:
+    """Images per second of eager Adam steps on random data held in memory."""
+    model = model.to(device())
+    model.train()
+    if frozen_bn:
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], 1e-3)
+    x, y = torch.rand(batch, 3, size, size, device=device()), torch.randint(0, 10, (batch,), device=device())
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return batch * n_steps / _time_steps(step, n_steps)
+
+
+def eval_rate(model: nn.Module, batch: int, n_batches: int, size: int = 32) -> float:
+    model = model.to(device()).eval()
+    x = torch.rand(batch, 3, size, size, device=device())
+    with torch.no_grad():
+        return batch * n_batches / _time_steps(lambda: model(x), n_batches, warmup=1)
+
+
+class AlbumentationsDataset(torch.utils.data.Dataset):
+    """The original dataset.py: uint8 images through Resize + HorizontalFlip + ToFloat(255), per image."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, train: bool, img_size: int = 32):
+        import albumentations as A
+        ops = [A.Resize(img_size, img_size)] + ([A.HorizontalFlip(p=0.5)] if train else []) + [A.ToFloat(max_value=255)]
+        self.transform, self.images, self.labels = A.Compose(ops), images, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        image = self.transform(image=self.images[i])["image"]
+        return torch.from_numpy(image.transpose(2, 0, 1).copy()), int(self.labels[i])
+
+
+def original_epoch(train_images, train_labels, val_images, val_labels, batch_size: int = 64,
+                   workers: int = 4) -> dict:
+    """One epoch of the original train_loop (train, then validation accuracy); returns its timings."""
+    torch.manual_seed(0)
+    dev = device()
+    model = simple_cnn().to(dev)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    loader = torch.utils.data.DataLoader(AlbumentationsDataset(train_images, train_labels, True), batch_size,
+                                         shuffle=True, num_workers=workers)
+    val_loader = torch.utils.data.DataLoader(AlbumentationsDataset(val_images, val_labels, False), batch_size,
+                                             num_workers=workers)
+    start = time.perf_counter()
+    model.train()
+    for x, y in loader:
+        x, y = x.to(dev), y.to(dev)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    _sync()
+    train_seconds = time.perf_counter() - start
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for x, y in val_loader:
+            x, y = x.to(dev), y.to(dev)
+            correct += int((model(x).argmax(1) == y).sum())
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "train_seconds": train_seconds, "val_accuracy": correct / len(val_labels)}
