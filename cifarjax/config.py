@@ -27,7 +27,7 @@ class Config:
     num_classes: int = 10
     unfreeze: str = "all"  # ResNet-18: 'head' (the original), 'layer4' (head + layer4) or 'all'
     bn: str = "frozen"  # frozen layers' BatchNorm: 'frozen' (inference mode) or 'train' (PyTorch's behaviour)
-    conv_impl: str = "auto"  # 'auto' (im2col on CPU, XLA/cuDNN on GPU), 'im2col' or 'xla'
+    conv_impl: str = "auto"  # "auto" (winograd on CPU, XLA/cuDNN on GPU), "winograd", "im2col" or "xla"
     cache_features: bool = True  # train the head on cached backbone features when everything else is frozen
     # Data and augmentation.
     dataset: str = "auto"  # see cifarjax.data
@@ -68,7 +68,7 @@ class Config:
         for name, value, allowed in (("model", self.model, ("simple_cnn", "resnet18")),
                                      ("normalize", self.normalize, NORMALIZATIONS),
                                      ("unfreeze", self.unfreeze, UNFREEZE_CHOICES), ("bn", self.bn, BN_MODES),
-                                     ("conv_impl", self.conv_impl, ("auto", "im2col", "xla")),
+                                     ("conv_impl", self.conv_impl, ("auto", "winograd", "im2col", "xla")),
                                      ("augment_backend", self.augment_backend, AUGMENT_BACKENDS)):
             need(value in allowed, f"{name} must be one of {', '.join(allowed)}; got {value!r}")
         need(self.model == "resnet18" or self.unfreeze == "all",

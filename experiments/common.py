@@ -63,8 +63,9 @@ def make_parser(prog: str, description: str, defaults: Config) -> argparse.Argum
                    help="pad-and-random-crop by N pixels (0: off, as in the original)")
     g.add_argument("--augment", choices=("device", "albumentations"), default=defaults.augment_backend,
                    help="where augmentation runs: jitted on the device, or albumentations per image on the host")
-    g.add_argument("--conv-impl", choices=("auto", "im2col", "xla"), default=defaults.conv_impl,
-                   help="convolution formulation (auto: im2col on CPU, XLA/cuDNN on GPU)")
+    g.add_argument("--conv-impl", choices=("auto", "winograd", "im2col", "xla"), default=defaults.conv_impl,
+                   help="convolution formulation (auto: Winograd-fused SimpleCNN blocks and im2col on CPU, "
+                        "XLA/cuDNN on GPU)")
     g.add_argument("--checkpoint-every", type=non_negative_int, default=defaults.checkpoint_every,
                    help="also checkpoint every N steps (0: only at epoch ends)")
     d = p.add_argument_group("data")

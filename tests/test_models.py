@@ -1,10 +1,13 @@
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 
-from cifarjax.layers import Dropout, conv2d, max_pool
+from cifarjax.layers import Dropout, conv2d, conv3x3_maxpool, conv_phases, materialize, max_pool
 from cifarjax.models import ResNet18, SimpleCNN
 
 
@@ -27,7 +30,7 @@ def test_simple_cnn_has_the_originals_parameter_count():
     assert n_params(variables["params"]) == 1_025_546 == sum(p.numel() for p in torch_simple_cnn().parameters())
 
 
-@pytest.mark.parametrize("impl", ["im2col", "xla"])
+@pytest.mark.parametrize("impl", ["winograd", "im2col", "xla"])
 def test_simple_cnn_matches_the_pytorch_original_in_eval_mode(impl):
     torch.manual_seed(0)
     ref = torch_simple_cnn().eval()
@@ -53,6 +56,60 @@ def test_im2col_convolution_equals_xla(k, stride, pad, rng):
     ga = jax.grad(lambda x: conv2d(x, w, stride, pad, "im2col").sum())(x)
     gb = jax.grad(lambda x: conv2d(x, w, stride, pad, "xla").sum())(x)
     np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size,cin,pool,tile", [(15, 16, 2, 2), (15, 16, 2, 4), (6, 16, 4, 2), (6, 16, 4, 4),
+                                               (17, 8, 2, None), (9, 8, 2, None), (14, 8, 4, None), (13, 8, 2, 2)])
+def test_winograd_conv_maxpool_equals_xla_conv_then_pool(size, cin, pool, tile, rng):
+    x = jnp.asarray(rng.normal(size=(3, size, size, cin)).astype(np.float32))
+    w = jnp.asarray((rng.normal(size=(3, 3, cin, 8)) / np.sqrt(9 * cin)).astype(np.float32))
+    reference = lambda x, w: max_pool(conv2d(x, w, impl="xla"), pool)  # noqa: E731
+    fused = lambda x, w: conv3x3_maxpool(x, w, pool, tile)  # noqa: E731
+    expected, got = reference(x, w), fused(x, w)
+    assert got.shape == expected.shape
+
+    def assert_close(b, a):  # error relative to the largest magnitude, as float32 Winograd guarantees
+        assert float(jnp.abs(b - a).max()) <= 1e-5 * float(jnp.abs(a).max())
+
+    assert_close(got, expected)
+    cotangent = jnp.asarray(rng.normal(size=expected.shape).astype(np.float32))
+    grads = [jax.grad(lambda x, w: jnp.sum(f(x, w) * cotangent), (0, 1))(x, w) for f in (reference, fused)]
+    for a, b in zip(*grads):
+        assert_close(b, a)
+
+
+def test_conv_phases_are_the_strided_convolution_output(rng):
+    x = jnp.asarray(rng.normal(size=(2, 11, 11, 3)).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)).astype(np.float32))
+    full = conv2d(x, w, impl="xla")
+    for (p, q), phase in conv_phases(x, w, 2).items():
+        np.testing.assert_allclose(phase, full[:, p:8:2, q:8:2], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_simple_cnn_equals_the_unfused_one_in_training(rng):
+    """Same parameters, same dropout masks, same logits and gradients (to float rounding)."""
+    x = jnp.asarray(rng.random((8, 32, 32, 3)).astype(np.float32))
+    y = jnp.arange(8) % 10
+    fused, plain = SimpleCNN(conv_impl="winograd"), SimpleCNN(conv_impl="im2col")
+    variables = plain.init(jax.random.PRNGKey(0), x[:1])
+    jax.tree.map(np.testing.assert_array_equal, fused.init(jax.random.PRNGKey(0), x[:1]), variables)
+    rngs = {"dropout": jax.random.PRNGKey(3)}
+
+    def loss(model, params):
+        logits = model.apply({"params": params}, x, train=True, rngs=rngs)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
+
+    (la, za), ga = jax.value_and_grad(partial(loss, plain), has_aux=True)(variables["params"])
+    (lb, zb), gb = jax.value_and_grad(partial(loss, fused), has_aux=True)(variables["params"])
+    np.testing.assert_allclose(zb, za, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(jnp.abs(a).max()))
+
+
+def test_materialize_is_the_identity_with_gradients(rng):
+    x = jnp.asarray(rng.normal(size=(4, 5)).astype(np.float32))
+    np.testing.assert_array_equal(jax.jit(materialize)(x), x)
+    np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(materialize(x) * 3.0))(x), np.full((4, 5), 3.0))
 
 
 @pytest.mark.parametrize("window,stride,pad,size", [(2, 2, 0, 30), (2, 2, 0, 13), (4, 4, 0, 4), (3, 2, 1, 16)])
