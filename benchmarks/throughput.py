@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tarfile
@@ -110,10 +109,11 @@ def end_to_end(folder: Path, n_train: int) -> dict:
     if result.returncode:
         raise SystemExit(f"experiments.cnn failed:\n{result.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    # The child's own figure: getrusage(RUSAGE_CHILDREN) would count this process's memory, which the
+    # child shares between fork and exec.
     return {"seconds": summary["wall_seconds"], "images_per_second": n_train / summary["wall_seconds"],
             "process_seconds": round(process_seconds, 1), "val_accuracy": summary["val_accuracy"],
-            "peak_rss_mb": round(peak_kb / 1024, 1)}
+            "peak_rss_mb": summary["peak_rss_mb"]}
 
 
 def main(argv=None):
@@ -142,6 +142,10 @@ def main(argv=None):
     for batch, n in ((64, steps), (512, max(2, steps // 6))):
         row(f"SimpleCNN train step, batch {batch}", cifarjax_step_rate(cnn, images, labels, batch, n),
             ref.train_step_rate(ref.simple_cnn(), batch, n))
+    if jax.default_backend() == "cpu":  # what the fused Winograd blocks add over plain im2col convolutions
+        row("SimpleCNN train step, batch 64, unfused im2col convolutions",
+            cifarjax_step_rate(Config(conv_impl="im2col"), images, labels, 64, steps),
+            ref.train_step_rate(ref.simple_cnn(), 64, steps))
     resnet = Config(model="resnet18", unfreeze="head")
     row("frozen ResNet-18 fine-tune step, batch 64, 32x32 (images)",
         cifarjax_step_rate(resnet, images, labels, 64, steps),

@@ -182,6 +182,13 @@ def _sandwich(matrix, grid):
     return [[col[i] for col in cols] for i in range(len(cols[0]))]
 
 
+def _interleave(phases):
+    """phases[r][s] of shape (n, h, w, c) -> (n, k*h, k*w, c) with out[:, k*i + r, k*j + s] = phases[r][s][:, i, j]."""
+    k = len(phases)
+    n, h, w, c = phases[0][0].shape
+    return jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2).reshape(n, k * h, k * w, c)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def winograd_input_tiles(x, m: int, th: int, tw: int):
     """B^T d B for the th x tw grid of (m+2)x(m+2) input tiles at stride m: nested lists of (n, th, tw, c) arrays.
@@ -206,22 +213,14 @@ def _winograd_input_bwd(m, th, tw, shape, dv):
         return jnp.pad(a, ((0, 0), (down, 1 - down), (right, 1 - right), (0, 0)))
 
     # Input pixel (m*i + r, m*j + s) gets entry (r, s) of tile (i, j) and entries (r + m, .) of the tiles above.
-    phases = [[sum(shifted(dd[r + k * m][s + l * m], k, l) for k in range(2) for l in range(2)
-                   if r + k * m < t and s + l * m < t) for s in range(m)] for r in range(m)]
-    dx = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)
-    dx = dx.reshape(n, m * (th + 1), m * (tw + 1), c)
+    phases = [[sum(shifted(dd[r + di * m][s + dj * m], di, dj) for di in range(2) for dj in range(2)
+                   if r + di * m < t and s + dj * m < t) for s in range(m)] for r in range(m)]
+    dx = _interleave(phases)
     dx = jnp.pad(dx, ((0, 0), (0, max(0, h - dx.shape[1])), (0, max(0, w - dx.shape[2])), (0, 0)))
     return (dx[:, :h, :w, :],)
 
 
 winograd_input_tiles.defvjp(_winograd_input_fwd, _winograd_input_bwd)
-
-
-def _interleave(phases):
-    """phases[r][s] of shape (n, h, w, c) -> (n, k*h, k*w, c) with out[:, k*i + r, k*j + s] = phases[r][s][:, i, j]."""
-    k = len(phases)
-    n, h, w, c = phases[0][0].shape
-    return jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2).reshape(n, k * h, k * w, c)
 
 
 def conv3x3_maxpool(x, kernel, pool: int, tile: Optional[int] = None):
@@ -239,13 +238,12 @@ def conv3x3_maxpool(x, kernel, pool: int, tile: Optional[int] = None):
     big_tiles = kept_h % 4 == 0 and kept_w % 4 == 0 and kept_h * kept_w >= 64 and (pool % 4 == 0 or 4 % pool == 0)
     m = tile or (4 if big_tiles else 2)
     th, tw = kept_h // m, kept_w // m
-    bt, g, at = WINOGRAD[m]
+    _, g, at = WINOGRAD[m]
     v = winograd_input_tiles(materialize(x), m, th, tw)
     u = _sandwich(g, [[kernel[i, j] for j in range(3)] for i in range(3)])           # G k G^T
     prods = [[(v[a][b].reshape(n * th * tw, cin) @ u[a][b]).reshape(n, th, tw, cout) for b in range(m + 2)]
              for a in range(m + 2)]
-    y = _sandwich(at, prods)                                          # y[i][j]: output phase (i, j)
-    y = materialize(y)
+    y = materialize(_sandwich(at, prods))                             # y[i][j]: output phase (i, j)
     if pool >= m:
         out = maximum_of(*[y[i][j] for i in range(m) for j in range(m)])
         if pool > m:
@@ -356,8 +354,8 @@ class Dropout(nn.Module):
     def apply_mask(self, x, keep):
         """x scaled by 1/(1-rate) where `keep`, zero elsewhere.
 
-        Masking before scaling gives the same bits as scaling first, and ending in a division keeps XLA from
-        recomputing the mask inside every consumer fusion.
+        Masking before scaling gives the same bits as scaling first (SimpleCNN's fused block masks, pools,
+        then scales).
         """
         return jnp.where(keep, x, jnp.zeros_like(x)) / (1.0 - self.rate)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -98,11 +99,26 @@ def load_splits(config: Config):
     return dataset, train, val
 
 
+def peak_memory_mb() -> float:
+    """This process's peak resident memory in MB (Linux VmHWM: not inflated by a parent that forked it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
 def environment() -> dict:
+    """Where a run ran, and its peak memory so far, for summary.json."""
     devices = jax.local_devices()
     return {"device_kind": devices[0].device_kind, "device_count": len(devices), "platform": devices[0].platform,
             "jax": jax.__version__, "cifarjax": cifarjax.__version__, "host": platform.node(),
-            "cpu_count": os.cpu_count()}
+            "cpu_count": os.cpu_count(), "peak_rss_mb": peak_memory_mb()}
 
 
 def report_split(config: Config, variables: dict, split, name: str, run: Path, n_samples: int = 32) -> dict:
