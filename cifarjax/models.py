@@ -33,14 +33,15 @@ class SimpleCNN(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         drop = lambda name: Dropout(self.dropout_rate, name=name)  # noqa: E731
-        if resolve_conv_impl(self.conv_impl) == "winograd":
+        fused = resolve_conv_impl(self.conv_impl) == "winograd"
+        if fused:
             x = self._fused_blocks(x, drop("dropout1"), train)
         else:
             x = nn.relu(Conv(128, 3, impl=self.conv_impl, name="conv1")(x))
             x = max_pool(drop("dropout1")(x, deterministic=not train), 2)
             x = max_pool(nn.relu(Conv(256, 3, impl=self.conv_impl, name="conv2")(x)), 2)
         x = drop("dropout2")(x, deterministic=not train)
-        if resolve_conv_impl(self.conv_impl) == "winograd":
+        if fused:
             x = ConvReluMaxPool(256, 4, "winograd", name="conv3")(x)
         else:
             x = max_pool(nn.relu(Conv(256, 3, impl=self.conv_impl, name="conv3")(x)), 4)
