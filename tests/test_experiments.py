@@ -43,6 +43,7 @@ def test_cnn_writes_every_output(data_dir, tmp_path, capsys):
     for key in ("train_accuracy", "val_accuracy", "test_accuracy", "wall_seconds", "images_per_second",
                 "device_kind", "device_count", "jax", "cifarjax"):
         assert key in summary, key
+    assert 10 < summary["peak_rss_mb"] < 64 * 1024  # this process's own peak, in MB
     for name in ("training_results", "confusion_matrix", "sample_predictions"):
         assert_png(out / "plots" / f"{name}.png")
     assert load_variables(out)["params"]["conv1"]["kernel"].shape == (3, 3, 3, 128)
