@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -26,36 +25,16 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import torch_reference as ref  # noqa: E402
+from benchmarks.data import find_data  # noqa: E402
 from cifarjax.augment import AugmentSpec  # noqa: E402
 from cifarjax.config import Config  # noqa: E402
-from cifarjax.data import default_cache_dir, load_dataset, train_val_split  # noqa: E402
+from cifarjax.data import load_dataset, train_val_split  # noqa: E402
 from cifarjax.features import FeatureInputs  # noqa: E402
 from cifarjax.loop import build_model, init_variables  # noqa: E402
 from cifarjax.optim import freeze_labels, make_optimizer  # noqa: E402
 from cifarjax.train import DataParallel, ImageInputs, create_train_state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
-
-
-def find_data(data_dir):
-    """(folder, description): --data-dir, else ../shared's CIFAR-10 JPEGs unpacked into the cache, else generated."""
-    if data_dir:
-        return Path(data_dir), f"--data-dir {data_dir}"
-    if SHARED.is_file():
-        target = default_cache_dir() / "shared-cifar10-jpeg"
-        if not (target / "cifar10-jpeg" / "train").is_dir():
-            with tarfile.open(SHARED) as tar:
-                tar.extractall(target, filter="data")
-        return target / "cifar10-jpeg", "CIFAR-10 training images from ../shared (50,000 JPEGs, 40,000/10,000 split)"
-    from PIL import Image
-    folder = Path(tempfile.mkdtemp()) / "generated"
-    rng = np.random.default_rng(0)
-    for c in range(10):
-        (folder / "train" / f"class{c}").mkdir(parents=True)
-        for i in range(625):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / "train" / f"class{c}" / f"{i}.png")
-    return folder, "generated random images (6,250; ../shared not found)"
 
 
 def jax_rate(parallel, state, data, batch, n_steps, warmup=3):
@@ -163,7 +142,7 @@ def main(argv=None):
         ref.eval_rate(ref.frozen_resnet18(), 500, max(1, n_eval // 500)))
     if not args.quick:
         ours = end_to_end(folder, len(train))
-        theirs = ref.original_epoch(images, labels, val.images, val.labels)
+        theirs = ref.original_training(images, labels, val.images, val.labels, epochs=1)
         row(f"SimpleCNN epoch end to end ({len(train)} train + {len(val)} val images)", ours["images_per_second"],
             len(train) / theirs["seconds"])
         results["end_to_end"] = {"cifarjax": ours, "pytorch_original": theirs}

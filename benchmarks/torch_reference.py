@@ -89,10 +89,13 @@ class AlbumentationsDataset(torch.utils.data.Dataset):
         return torch.from_numpy(image.transpose(2, 0, 1).copy()), int(self.labels[i])
 
 
-def original_epoch(train_images, train_labels, val_images, val_labels, batch_size: int = 64,
-                   workers: int = 4) -> dict:
-    """One epoch of the original train_loop (train, then validation accuracy); returns its timings."""
-    torch.manual_seed(0)
+def original_training(train_images, train_labels, val_images, val_labels, epochs: int = 1, seed: int = 0,
+                      batch_size: int = 64, workers: int = 4, on_epoch=None) -> dict:
+    """The original train_loop: `epochs` epochs, validation accuracy after each; returns timings and accuracies.
+
+    `on_epoch(epoch, val_accuracy, seconds)` is called after each epoch's evaluation.
+    """
+    torch.manual_seed(seed)
     dev = device()
     model = simple_cnn().to(dev)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
@@ -101,19 +104,26 @@ def original_epoch(train_images, train_labels, val_images, val_labels, batch_siz
     val_loader = torch.utils.data.DataLoader(AlbumentationsDataset(val_images, val_labels, False), batch_size,
                                              num_workers=workers)
     start = time.perf_counter()
-    model.train()
-    for x, y in loader:
-        x, y = x.to(dev), y.to(dev)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    _sync()
-    train_seconds = time.perf_counter() - start
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for x, y in val_loader:
+    train_seconds, accuracies = 0.0, []
+    for epoch in range(1, epochs + 1):
+        epoch_start = time.perf_counter()
+        model.train()
+        for x, y in loader:
             x, y = x.to(dev), y.to(dev)
-            correct += int((model(x).argmax(1) == y).sum())
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "train_seconds": train_seconds, "val_accuracy": correct / len(val_labels)}
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        _sync()
+        train_seconds += time.perf_counter() - epoch_start
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for x, y in val_loader:
+                x, y = x.to(dev), y.to(dev)
+                correct += int((model(x).argmax(1) == y).sum())
+        accuracies.append(correct / len(val_labels))
+        if on_epoch:
+            on_epoch(epoch, accuracies[-1], time.perf_counter() - start)
+    return {"seconds": time.perf_counter() - start, "train_seconds": train_seconds,
+            "val_accuracy": accuracies[-1], "val_accuracies": accuracies}
+

@@ -1,0 +1,33 @@
+"""The PyTorch reference the benchmarks and the accuracy verdict rest on runs the original's loop."""
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import reference_accuracy
+from benchmarks import torch_reference as ref
+from tests.helpers import make_image_folder
+
+
+def test_reference_accuracy_prints_one_line_per_epoch(tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "data", n_train=10, n_test=0, learnable=True)
+    reference_accuracy.main(["--data-dir", str(folder), "--epochs", "2"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (lines[0]["train"], lines[0]["val"]) == (24, 6)  # the 80/20 split cifarjax trains on
+    assert [line["epoch"] for line in lines[1:]] == [1, 2]
+    assert all(0.0 <= line["val_accuracy"] <= 1.0 for line in lines[1:])
+
+
+def test_original_training_learns_a_learnable_set(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(2), 64)
+    images = np.clip(rng.integers(0, 256, (128, 32, 32, 3)) // 4 + 128 * labels[:, None, None, None], 0, 255)
+    result = ref.original_training(images.astype(np.uint8), labels, images[::4].astype(np.uint8), labels[::4],
+                                   epochs=3, workers=0)
+    assert len(result["val_accuracies"]) == 3 and result["val_accuracy"] == 1.0
+
+
+def test_reference_accuracy_rejects_zero_epochs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        reference_accuracy.main(["--epochs", "0"])
+    assert exit_info.value.code == 2 and "--epochs must be at least 1" in capsys.readouterr().err
