@@ -25,9 +25,12 @@ def main(argv=None):
     p.add_argument("--data-dir", default=None, help="an ImageFolder or cifar-10-batches-py folder")
     p.add_argument("--epochs", type=int, default=20, help="epochs to train (default 20, the original's)")
     p.add_argument("--seed", type=int, default=0, help="seeds the split (as cifarjax's --seed) and torch")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes (default 4, the original's)")
     args = p.parse_args(argv)
     if args.epochs < 1:
         p.error("--epochs must be at least 1")
+    if args.workers < 0:
+        p.error("--workers must be 0 or more")
     folder, label = find_data(args.data_dir)
     train, val = train_val_split(load_dataset(folder), seed=args.seed)
     print(json.dumps({"data": label, "train": len(train), "val": len(val), "seed": args.seed}), flush=True)
@@ -37,7 +40,7 @@ def main(argv=None):
               flush=True)
 
     ref.original_training(train.images, train.labels, val.images, val.labels, epochs=args.epochs, seed=args.seed,
-                          on_epoch=report)
+                          workers=args.workers, on_epoch=report)
 
 
 if __name__ == "__main__":

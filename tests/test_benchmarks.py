@@ -11,7 +11,8 @@ from tests.helpers import make_image_folder
 
 def test_reference_accuracy_prints_one_line_per_epoch(tmp_path, capsys):
     folder = make_image_folder(tmp_path / "data", n_train=10, n_test=0, learnable=True)
-    reference_accuracy.main(["--data-dir", str(folder), "--epochs", "2"])
+    # No worker processes: forking a process that has started jax can deadlock.
+    reference_accuracy.main(["--data-dir", str(folder), "--epochs", "2", "--workers", "0"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert (lines[0]["train"], lines[0]["val"]) == (24, 6)  # the 80/20 split cifarjax trains on
     assert [line["epoch"] for line in lines[1:]] == [1, 2]
