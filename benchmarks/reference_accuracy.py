@@ -18,8 +18,10 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from benchmarks import torch_reference as ref  # noqa: E402
 from benchmarks.data import find_data  # noqa: E402
 from cifarjax.data import load_dataset, train_val_split  # noqa: E402
+from cifarjax.errors import exit_on_user_error  # noqa: E402
 
 
+@exit_on_user_error
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.reference_accuracy", description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=None, help="an ImageFolder or cifar-10-batches-py folder")

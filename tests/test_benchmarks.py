@@ -32,3 +32,10 @@ def test_reference_accuracy_rejects_zero_epochs(capsys):
     with pytest.raises(SystemExit) as exit_info:
         reference_accuracy.main(["--epochs", "0"])
     assert exit_info.value.code == 2 and "--epochs must be at least 1" in capsys.readouterr().err
+
+
+def test_reference_accuracy_names_a_missing_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        reference_accuracy.main(["--data-dir", str(tmp_path / "nowhere"), "--epochs", "1", "--workers", "0"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and "nowhere" in err and "Traceback" not in err
