@@ -3,18 +3,20 @@ albumentations pipeline on the host.
 
 Which to use: the device pipeline (default) keeps the whole dataset on the accelerator and costs almost
 nothing per step; use it for the original's transforms (resize, horizontal flip, scale to [0, 1]) and for
-pad-and-random-crop and normalisation. Use the albumentations pipeline when you need a transform from its
+pad-and-random-crop, cutout and normalisation. Use the albumentations pipeline when you need a transform from its
 catalogue; it runs per image in Python on the host and is much slower. Validation and test data are never
 augmented: they are only scaled, resized and normalised.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cifarjax.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -34,7 +36,19 @@ def normalization_stats(kind: str, train_images: Optional[np.ndarray] = None):
         mean += chunk.sum(0, dtype=np.float64)
         sq += np.square(chunk, dtype=np.float64).sum(0)
     mean, sq = mean / len(pixels) / 255.0, sq / len(pixels) / 255.0**2
-    return tuple(float(m) for m in mean), tuple(float(s) for s in np.sqrt(sq - mean**2))
+    std = np.sqrt(np.maximum(sq - mean**2, 0.0))
+    if not (std > 1e-6).all():
+        raise UserError(f"the training images do not vary in channel {int(np.argmin(std))} (std {std.min():.2g}), "
+                        "so dataset normalisation would divide by zero; use --normalize none or imagenet")
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def with_normalization(config, train_images: np.ndarray):
+    """`config` with norm_mean/norm_std resolved from config.normalize ('dataset': from `train_images`)."""
+    if config.normalize == "none" or config.norm_mean is not None:
+        return config
+    mean, std = normalization_stats(config.normalize, train_images)
+    return config.replace(norm_mean=mean, norm_std=std)
 
 
 @dataclass(frozen=True)
@@ -45,18 +59,32 @@ class AugmentSpec:
     crop_padding: int = 0
     mean: Optional[tuple] = None
     std: Optional[tuple] = None
+    cutout: int = 0
 
     @classmethod
     def from_config(cls, config) -> "AugmentSpec":
-        return cls(config.img_size, config.flip, config.crop_padding, config.norm_mean, config.norm_std)
+        return cls(config.img_size, config.flip, config.crop_padding, config.norm_mean, config.norm_std,
+                   config.cutout)
 
 
-def draw(key, n: int, spec: AugmentSpec):
-    """Random choices for a global batch of n: (flips (n,) bool, crop offsets (n, 2) int32)."""
+class Choices(NamedTuple):
+    """The random choices of a batch: flips (n,) bool, crop offsets (n, 2) and cutout corners (n, 2) int32."""
+    flips: jax.Array
+    offsets: jax.Array
+    corners: jax.Array
+
+    def slice(self, start, size: int) -> "Choices":
+        return Choices(*(jax.lax.dynamic_slice_in_dim(x, start, size) for x in self))
+
+
+def draw_choices(key, n: int, spec: AugmentSpec) -> Choices:
+    """Random choices for a global batch of n (the cutout draw does not disturb the flips and crops)."""
     flip_key, crop_key = jax.random.split(key)
     flips = jax.random.bernoulli(flip_key, 0.5, (n,)) if spec.flip else jnp.zeros((n,), bool)
     offsets = jax.random.randint(crop_key, (n, 2), 0, 2 * spec.crop_padding + 1)
-    return flips, offsets
+    corners = (jax.random.randint(jax.random.fold_in(key, 2), (n, 2), 0, spec.img_size) if spec.cutout
+               else jnp.zeros((n, 2), jnp.int32))
+    return Choices(flips, offsets, corners)
 
 
 def to_float(images):
@@ -80,7 +108,18 @@ def crop(images, offsets, padding: int):
     return jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c)))(padded, offsets)
 
 
-def finish(images, spec: AugmentSpec):
+def cut_out(images, corners, size: int):
+    """Zero a size x size square of each image centred at its corner draw (clipped at the borders)."""
+    if size == 0:
+        return images
+    n, h, w, _ = images.shape
+    rows, cols = jnp.arange(h)[None, :, None], jnp.arange(w)[None, None, :]
+    top, left = corners[:, 0, None, None] - size // 2, corners[:, 1, None, None] - size // 2
+    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    return jnp.where(inside[..., None], jnp.zeros((), images.dtype), images)
+
+
+def resize_and_normalize(images, spec: AugmentSpec):
     """The deterministic tail: resize to spec.img_size (bilinear) and normalise."""
     n, h, w, c = images.shape
     if (h, w) != (spec.img_size, spec.img_size):
@@ -90,14 +129,15 @@ def finish(images, spec: AugmentSpec):
     return images
 
 
-def augment(images, flips, offsets, spec: AugmentSpec):
-    """Training view of a batch: scale, random crop, random flip, resize, normalise."""
-    return finish(flip(crop(to_float(images), offsets, spec.crop_padding), flips), spec)
+def augment(images, choices: Choices, spec: AugmentSpec):
+    """Training view of a batch: scale, random crop, random flip, resize, normalise, cutout."""
+    x = flip(crop(to_float(images), choices.offsets, spec.crop_padding), choices.flips)
+    return cut_out(resize_and_normalize(x, spec), choices.corners, spec.cutout)
 
 
-def prepare(images, spec: AugmentSpec):
+def eval_view(images, spec: AugmentSpec):
     """Evaluation view of a batch: scale, resize, normalise; no randomness."""
-    return finish(to_float(images), spec)
+    return resize_and_normalize(to_float(images), spec)
 
 
 def albumentations_pipeline(img_size: int = 32):

@@ -43,9 +43,3 @@ def eval_indices(n: int, batch_size: int, n_devices: int):
     idx[:n] = np.arange(n)
     mask = np.arange(total) < n
     return idx.reshape(-1, n_devices, b), mask.reshape(-1, n_devices, b)
-
-
-def device_batches(images: np.ndarray, labels: np.ndarray, indices: np.ndarray):
-    """Yield host batches {'image': (devices, b, H, W, C), 'label': (devices, b)} for index batches."""
-    for idx in indices:
-        yield {"image": images[idx], "label": labels[idx]}

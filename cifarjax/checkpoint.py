@@ -1,10 +1,16 @@
-"""Orbax checkpoints of a run: variables, optimizer state and step, and JSON metadata (config, metrics).
+"""Orbax checkpoints of a run: variables, optimizer state and step, and JSON metadata (config, history).
 
-Writes are atomic (orbax commits a finished checkpoint by renaming it), only the last k are kept, and
-saving runs in a background thread: `close()` waits for it.
+* Writes are atomic (orbax commits a finished checkpoint by renaming it), only the last k are kept, and saving
+  runs in a background thread: `close()` waits for it.
+* Each checkpoint's metadata holds a SHA-256 digest of its arrays. A checkpoint that fails to read or whose
+  digest differs is damaged: restoring falls back to the newest intact one and says so in one line.
+* Disk use follows what trains: parameters that never change (a frozen backbone) are written once, to
+  `frozen_params.npz` in the run folder, and each checkpoint holds only the trainable ones.
+  `load_variables` returns the whole model.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Optional
@@ -12,50 +18,133 @@ from typing import Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
-from cifarjax.errors import UserError
+from cifarjax.errors import UserError, user_error_from_os, warn
+from cifarjax.files import atomic_write
 
-CHECKPOINTS = "checkpoints"
-logging.getLogger("absl").setLevel(logging.WARNING)
+CHECKPOINTS, FROZEN = "checkpoints", "frozen_params.npz"
+logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def digest(tree) -> str:
+    """SHA-256 of a pytree's leaves (paths, dtypes, shapes and bytes), in a fixed order."""
+    h = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(tree), key=lambda item: jax.tree_util.keystr(item[0])):
+        leaf = np.ascontiguousarray(leaf)
+        h.update(f"{jax.tree_util.keystr(path)}|{leaf.dtype}|{leaf.shape}".encode())
+        h.update(leaf.tobytes())
+    return h.hexdigest()
+
+
+def split_frozen(params, trainable):
+    """(trainable part, frozen part) of a parameter tree, as nested dicts without the other part's leaves."""
+    flat, mask = traverse_util.flatten_dict(params), traverse_util.flatten_dict(trainable)
+    parts = ({k: v for k, v in flat.items() if mask[k]}, {k: v for k, v in flat.items() if not mask[k]})
+    return tuple(traverse_util.unflatten_dict(p) for p in parts)
+
+
+def join_frozen(trainable_part, frozen_part):
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(frozen_part),
+                                         **traverse_util.flatten_dict(trainable_part)})
 
 
 class Checkpointer:
-    """Save and restore a `TrainState` (unreplicated) plus a JSON-able `meta` dict under run_dir/checkpoints."""
+    """Save and restore a `TrainState` (unreplicated) plus a JSON-able `meta` dict under run_dir/checkpoints.
 
-    def __init__(self, run_dir: Path, keep: int = 3):
-        self.directory = Path(run_dir).resolve() / CHECKPOINTS
-        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=True))
+    `trainable`: the freezing policy's mask over the parameters (None: everything trains); frozen parameters
+    are written once by `write_frozen` and taken from the state on restore.
+    """
+
+    def __init__(self, run_dir: Path, keep: int = 3, trainable=None):
+        self.run_dir = Path(run_dir).resolve()
+        self.directory = self.run_dir / CHECKPOINTS
+        self.trainable = trainable
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, enable_async_checkpointing=True))
+        except OSError as error:
+            raise user_error_from_os(error, f"cannot create checkpoints in {self.directory}") from None
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
+    def _stored(self, state) -> dict:
+        """The arrays a checkpoint holds: trainable parameters (and their average), statistics, optimizer."""
+        prune = (lambda p: p) if self.trainable is None else (lambda p: split_frozen(p, self.trainable)[0])
+        variables = {"params": prune(state.params), "batch_stats": state.batch_stats}
+        if state.ema_params is not None:
+            variables["ema_params"] = prune(state.ema_params)
+        return {"variables": variables,
+                "train": {"opt_state": state.opt_state, "step": np.asarray(state.step), "key": np.asarray(state.key)}}
+
+    def write_frozen(self, params, is_writer: bool = True) -> None:
+        """Write the frozen parameters once (process 0), with their digest."""
+        if self.trainable is None or not is_writer:
+            return
+        frozen = traverse_util.flatten_dict(split_frozen(params, self.trainable)[1], sep="/")
+        with atomic_write(self.run_dir / FROZEN, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in frozen.items()})
+
     def save(self, state, meta: dict) -> None:
-        """Queue a checkpoint of `state` (host copies are taken before returning) and `meta`."""
-        state = jax.device_get(state)
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-        train = {"opt_state": state.opt_state, "step": np.asarray(state.step), "key": np.asarray(state.key)}
+        """Queue a checkpoint of `state` (host copies are taken before returning) and `meta` (+ digests)."""
+        stored = jax.device_get(self._stored(state))
+        meta = dict(meta, digest={k: digest(v) for k, v in stored.items()})
         self.manager.save(int(state.step), args=ocp.args.Composite(
-            variables=ocp.args.StandardSave(variables), train=ocp.args.StandardSave(train),
+            variables=ocp.args.StandardSave(stored["variables"]), train=ocp.args.StandardSave(stored["train"]),
             meta=ocp.args.JsonSave(meta)))
 
-    def restore(self, state, step: Optional[int] = None):
-        """(state, meta) of checkpoint `step` (default: latest), restored onto the structure of `state`."""
-        step = self.latest_step() if step is None else step
-        target = jax.eval_shape(lambda: {"variables": {"params": state.params, "batch_stats": state.batch_stats},
-                                         "train": {"opt_state": state.opt_state, "step": state.step,
-                                                   "key": state.key}})
-        r = self.manager.restore(step, args=ocp.args.Composite(
-            variables=ocp.args.StandardRestore(target["variables"]), train=ocp.args.StandardRestore(target["train"]),
-            meta=ocp.args.JsonRestore()))
-        state = state.replace(params=r.variables["params"], batch_stats=r.variables["batch_stats"],
-                              opt_state=r.train["opt_state"], step=r.train["step"], key=r.train["key"])
-        return state, r.meta
+    def restore(self, state):
+        """(state, meta) of the newest intact checkpoint; damaged newer ones are reported and removed."""
+        target = jax.eval_shape(lambda: self._stored(state))
+        restored = restore_newest_intact(self.manager, self.directory, lambda step: self.manager.restore(
+            step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(target["variables"]),
+                                          train=ocp.args.StandardRestore(target["train"]),
+                                          meta=ocp.args.JsonRestore())), ("variables", "train"), remove_damaged=True)
+        v, t = restored.variables, restored.train
+        join = (lambda part, full: part) if self.trainable is None else (
+            lambda part, full: join_frozen(part, split_frozen(full, self.trainable)[1]))
+        state = state.replace(params=join(v["params"], state.params), batch_stats=v["batch_stats"],
+                              opt_state=t["opt_state"], step=t["step"], key=t["key"],
+                              ema_params=join(v["ema_params"], state.ema_params) if "ema_params" in v else None)
+        return state, restored.meta
 
     def close(self) -> None:
         """Wait for pending saves and release the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.manager.wait_until_finished()
+        finally:
+            self.manager.close()
+
+
+def restore_newest_intact(manager, directory: Path, restore, items, remove_damaged: bool = False):
+    """`restore(step)` of the newest step whose arrays read back and match their digests (checked on `items`).
+
+    Each damaged step is reported in one warning line; with no intact step, a UserError names the folder.
+    """
+    failures = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = restore(step)
+            recorded = restored.meta.get("digest", {})
+            for item in items:
+                if item in recorded and digest(jax.device_get(restored[item])) != recorded[item]:
+                    raise ValueError(f"its {item} do not match the digest recorded when it was saved")
+        except Exception as error:  # noqa: BLE001 - orbax and tensorstore raise many types for a damaged file
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            failures.append(step)
+            warn(f"checkpoint step {step} in {directory} is damaged ({reason}); trying the one before it")
+            continue
+        if failures:
+            warn(f"using checkpoint step {step}, the newest intact one in {directory}")
+            if remove_damaged:
+                for bad in failures:
+                    manager.delete(bad)
+        return restored
+    if failures:
+        raise UserError(f"no intact checkpoint in {directory} (damaged steps: {', '.join(map(str, failures))}); "
+                        "start the run again (--overwrite) or restore the folder from a backup")
+    raise UserError(f"{directory} holds no finished checkpoint; train at least one epoch first")
 
 
 def find_run(run_dir) -> Path:
@@ -74,15 +163,35 @@ def find_run(run_dir) -> Path:
     raise UserError(f"{run_dir} holds no checkpoints; pass the --out folder of a run that finished an epoch")
 
 
-def load_variables(run_dir) -> dict:
-    """The latest checkpoint's {'params': ..., 'batch_stats': ...} (host numpy arrays) of the run in run_dir."""
-    directory = find_run(run_dir).resolve() / CHECKPOINTS
-    manager = ocp.CheckpointManager(directory)
+def _frozen_params(run: Path) -> dict:
+    path = run / FROZEN
+    if not path.is_file():
+        return {}
     try:
-        step = manager.latest_step()
-        if step is None:
-            raise UserError(f"{directory} holds no finished checkpoint; train at least one epoch first")
-        restored = manager.restore(step, args=ocp.args.Composite(variables=ocp.args.StandardRestore()))
-        return {"params": restored.variables["params"], "batch_stats": restored.variables.get("batch_stats", {})}
+        with np.load(path) as data:
+            return traverse_util.unflatten_dict({tuple(k.split("/")): data[k] for k in data.files})
+    except Exception as error:  # noqa: BLE001
+        raise UserError(f"{path} is damaged ({type(error).__name__}); the run's frozen parameters cannot be "
+                        "restored: start the run again") from None
+
+
+def load_variables(run_dir, average: bool = False) -> dict:
+    """The newest intact checkpoint's {'params': ..., 'batch_stats': ...} (host numpy arrays) of the run in
+    run_dir, frozen parameters included. With `average`, the moving average of the weights when the run kept
+    one (a UserError says so when it did not)."""
+    run = find_run(run_dir).resolve()
+    manager = ocp.CheckpointManager(run / CHECKPOINTS)
+    try:
+        restored = restore_newest_intact(manager, run / CHECKPOINTS, lambda step: manager.restore(
+            step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())),
+            ("variables",))
     finally:
         manager.close()
+    variables = jax.device_get(restored.variables)
+    if average and "ema_params" not in variables:
+        raise UserError(f"the run in {run} kept no moving average of its weights (ema_decay 0); evaluate its "
+                        "weights instead")
+    params = variables["ema_params" if average else "params"]
+    frozen = _frozen_params(run)
+    return {"params": join_frozen(params, frozen) if frozen else params,
+            "batch_stats": variables.get("batch_stats", {})}

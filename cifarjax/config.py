@@ -1,4 +1,14 @@
-"""Experiment configuration as code: the original's fields and defaults plus what cifarjax adds."""
+"""Experiment configuration as code: every knob once, with its help text, allowed values and range.
+
+`Config` is a frozen dataclass: a resolved configuration is a new value (`config.replace(...)`), never a
+mutation. Each field's metadata drives the command-line flags (`cifarjax.flags`), validation and resume:
+
+* `help`, `choices`, `minimum`/`maximum` (or `positive`), `flag` (the flag's name when it differs);
+* `commands`: which experiment commands offer it as a flag (none: set by the code, not the user);
+* `resumable`: a user may change it when resuming a run (the learning rate, the epoch count, ...).
+
+Named presets of these values live in `cifarjax.recipes`.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -7,86 +17,147 @@ from typing import Optional
 
 from cifarjax.errors import UserError
 
+TRAINING, FINETUNE = ("cnn", "finetune", "study"), ("finetune", "study")
+MODELS = ("simple_cnn", "resnet18")
 NORMALIZATIONS = ("none", "imagenet", "dataset")
 UNFREEZE_CHOICES = ("head", "layer4", "all")
 BN_MODES = ("frozen", "train")
 AUGMENT_BACKENDS = ("device", "albumentations")
+CONV_IMPLS = ("auto", "winograd", "im2col", "xla")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "onecycle")
+SOURCES = ("auto", "cifar10", "folder", "fake")
 
 
-@dataclass
+def option(default, help: str, *, commands=TRAINING, flag: Optional[str] = None, choices=None, minimum=None,
+           maximum=None, positive: bool = False, resumable: bool = False):
+    """A Config field with the metadata that flags, validation and resume read."""
+    meta = dict(help=help, commands=tuple(commands), flag=flag, choices=choices, minimum=minimum,
+                maximum=maximum, positive=positive, resumable=resumable)
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("Config defaults must be immutable")
+    return field(default=default, metadata=meta)
+
+
+def internal(default, help: str):
+    """A field set by the code (from the data or a resolved setting), not by a flag."""
+    return option(default, help, commands=())
+
+
+@dataclass(frozen=True)
 class Config:
-    # The original project's fields and defaults.
-    seed: int = 0
-    batch_size: int = 64
-    img_size: int = 32
-    n_epochs: int = 20
-    eval_every: int = 2000  # steps (0: only at epoch ends); evaluation also runs at every epoch end
-    lr: float = 1e-3
-    # Model and what is trained.
-    model: str = "simple_cnn"  # 'simple_cnn' or 'resnet18'
-    num_classes: int = 10
-    unfreeze: str = "all"  # ResNet-18: 'head' (the original), 'layer4' (head + layer4) or 'all'
-    bn: str = "frozen"  # frozen layers' BatchNorm: 'frozen' (inference mode) or 'train' (PyTorch's behaviour)
-    conv_impl: str = "auto"  # "auto" (winograd on CPU, XLA/cuDNN on GPU), "winograd", "im2col" or "xla"
-    cache_features: bool = True  # train the head on cached backbone features when everything else is frozen
+    # The original project's settings.
+    seed: int = option(0, "seed of the split, initialisation, data order, augmentation and dropout")
+    batch_size: int = option(64, "global batch size, split evenly over all devices", minimum=1)
+    n_epochs: int = option(20, "training epochs", flag="epochs", minimum=1, resumable=True)
+    lr: float = option(1e-3, "(peak) learning rate", positive=True, resumable=True)
+    eval_every: int = option(2000, "also evaluate every N steps (0: only at epoch ends)", minimum=0,
+                             resumable=True)
+    img_size: int = option(32, "size the network sees; images are resized on the device", minimum=8,
+                           maximum=1024)
+    # Model and what trains.
+    model: str = internal("simple_cnn", "network: simple_cnn or resnet18 (set by the command)")
+    num_classes: int = internal(10, "number of classes (from the data)")
+    classes: tuple = internal((), "class names (from the data)")
+    weights: str = option("random", "starting weights: 'imagenet' (torchvision's, downloaded or cached), a "
+                          "torchvision resnet18 .pth file, or 'random' (no pretraining)", commands=FINETUNE)
+    unfreeze: str = option("all", "what trains: the head (the original), head + layer4, or all", commands=FINETUNE,
+                           choices=UNFREEZE_CHOICES)
+    bn: str = option("frozen", "frozen layers' BatchNorm: 'frozen' (inference mode) or 'train' (batch statistics "
+                     "and running-statistics updates, PyTorch's behaviour in the original)", commands=FINETUNE,
+                     choices=BN_MODES)
+    cache_features: bool = option(True, "train the head on cached backbone features when only the head trains "
+                                  "and BatchNorm is frozen", commands=FINETUNE, flag="feature-cache")
+    conv_impl: str = option("auto", "convolution formulation (auto: Winograd-fused SimpleCNN blocks and im2col "
+                            "on CPU, XLA/cuDNN on GPU)", choices=CONV_IMPLS)
+    # Optimisation.
+    optimizer: str = option("adam", "optimizer", choices=OPTIMIZERS)
+    momentum: float = option(0.9, "SGD momentum (Nesterov); Adam's b1 is fixed at 0.9", minimum=0.0, maximum=0.999)
+    weight_decay: float = option(0.0, "decoupled weight decay (adamw), or L2 added to the gradient (sgd)",
+                                 minimum=0.0)
+    schedule: str = option("constant", "learning-rate schedule over the whole run", choices=SCHEDULES)
+    warmup_epochs: float = option(0.0, "linear warm-up from 0 over this many epochs (cosine); one-cycle's rise",
+                                  minimum=0.0)
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy target", minimum=0.0, maximum=0.5)
+    ema_decay: float = option(0.0, "keep an exponential moving average of the weights with this decay and "
+                              "evaluate it (0: off)", minimum=0.0, maximum=0.99999)
     # Data and augmentation.
-    dataset: str = "auto"  # see cifarjax.data
-    data_dir: Optional[str] = None
-    decode_size: int = 32  # images are stored at this size and resized to img_size on the device
-    val_fraction: float = 0.2
-    flip: bool = True
-    crop_padding: int = 0  # >0: pad-and-random-crop by this many pixels
-    normalize: str = "none"  # 'none' (the original), 'imagenet' or 'dataset' mean/std
-    norm_mean: Optional[tuple] = None  # resolved from `normalize` when training starts
-    norm_std: Optional[tuple] = None
-    augment_backend: str = "device"  # 'device' (jitted, on the accelerator) or 'albumentations' (host, per image)
-    eval_batch_size: int = 500
+    dataset: str = option("auto", "data source: auto (--data-dir's contents, or CIFAR-10 downloaded), cifar10, "
+                          "folder or fake", choices=SOURCES)
+    data_dir: Optional[str] = option(None, "a folder holding cifar-10-batches-py or DIR/train/<class>/*.jpg "
+                                     "(+ optional DIR/test/...)", resumable=True)
+    decode_size: int = option(32, "images are decoded and stored at this size", minimum=8, maximum=1024)
+    val_fraction: float = option(0.2, "fraction of the training images held out for validation", positive=True,
+                                 maximum=0.9)
+    subset: int = option(0, "use a seeded, class-balanced subset of N training and N/4 validation images "
+                         "(0: all)", minimum=0)
+    flip: bool = option(True, "random horizontal flips")
+    crop_padding: int = option(0, "pad-and-random-crop by N pixels (0: off, as in the original)", minimum=0)
+    cutout: int = option(0, "zero a random N x N square of each training image (0: off)", minimum=0)
+    normalize: str = option("none", "per-channel normalisation after scaling to [0, 1]", choices=NORMALIZATIONS)
+    norm_mean: Optional[tuple] = internal(None, "resolved from `normalize` when training starts")
+    norm_std: Optional[tuple] = internal(None, "resolved from `normalize` when training starts")
+    augment_backend: str = option("device", "where augmentation runs: jitted on the device, or albumentations "
+                                  "per image on the host", flag="augment", choices=AUGMENT_BACKENDS)
+    tta_flip: bool = option(False, "evaluate on the mean of each image's and its mirror image's logits")
+    eval_batch_size: int = option(500, "evaluation batch size", minimum=1, resumable=True)
     # Checkpoints.
-    checkpoint_every: int = 0  # steps; 0 means only at epoch ends
-    keep_checkpoints: int = 3
-    classes: tuple = field(default_factory=tuple)  # filled from the dataset
+    checkpoint_every: int = option(0, "also checkpoint every N steps (0: only at epoch ends)", minimum=0,
+                                   resumable=True)
+    keep_checkpoints: int = option(3, "checkpoints kept", minimum=1, resumable=True)
+    recipe: str = internal("original", "the named preset the values started from (cifarjax.recipes)")
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
 
     def validate(self) -> "Config":
-        """Check every field; raise UserError naming the bad one and its allowed values."""
-        def need(ok, message):
-            if not ok:
-                raise UserError(message)
-        need(self.batch_size >= 1, f"batch size must be a positive integer, got {self.batch_size}")
-        need(self.eval_batch_size >= 1, f"evaluation batch size must be positive, got {self.eval_batch_size}")
-        need(8 <= self.img_size <= 1024, f"img_size must be between 8 and 1024 pixels, got {self.img_size}")
-        if self.model == "simple_cnn":
-            need(self.img_size >= 30, f"SimpleCNN needs img_size >= 30 (three unpadded convolutions and pools), "
-                 f"got {self.img_size}")
-        need(self.n_epochs >= 1, f"epochs must be at least 1, got {self.n_epochs}")
-        need(self.eval_every >= 0, f"eval_every must be >= 0 steps (0: epoch ends only), got {self.eval_every}")
-        need(8 <= self.decode_size <= 1024, f"decode size must be between 8 and 1024, got {self.decode_size}")
-        need(self.lr > 0, f"learning rate must be positive, got {self.lr}")
-        need(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        need(self.crop_padding >= 0, f"crop padding must be >= 0, got {self.crop_padding}")
-        need(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        for name, value, allowed in (("model", self.model, ("simple_cnn", "resnet18")),
-                                     ("normalize", self.normalize, NORMALIZATIONS),
-                                     ("unfreeze", self.unfreeze, UNFREEZE_CHOICES), ("bn", self.bn, BN_MODES),
-                                     ("conv_impl", self.conv_impl, ("auto", "winograd", "im2col", "xla")),
-                                     ("augment_backend", self.augment_backend, AUGMENT_BACKENDS)):
-            need(value in allowed, f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-        need(self.model == "resnet18" or self.unfreeze == "all",
-             f"--unfreeze {self.unfreeze} needs a backbone: only resnet18 has one")
+        """Check every field against its metadata, then the combinations; raise UserError naming the field."""
+        for f in dataclasses.fields(self):
+            _check_field(f, getattr(self, f.name))
+        if self.model == "simple_cnn" and self.img_size < 30:
+            raise UserError(f"SimpleCNN needs img_size >= 30 (three unpadded convolutions and pools), "
+                            f"got {self.img_size}")
+        if self.model != "resnet18" and self.unfreeze != "all":
+            raise UserError(f"--unfreeze {self.unfreeze} needs a backbone: only resnet18 has one")
+        if self.model not in MODELS:
+            raise UserError(f"model must be one of {', '.join(MODELS)}; got {self.model!r}")
+        if self.cutout > self.img_size:
+            raise UserError(f"cutout {self.cutout} is larger than the {self.img_size}-pixel image")
         return self
-
-    @property
-    def frozen_bn_stages(self) -> int:
-        """How many ResNet-18 stages (stem, layer1..4) run BatchNorm in inference mode during training."""
-        if self.bn == "train":
-            return 0
-        return {"head": 5, "layer4": 4, "all": 0}[self.unfreeze]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":
+        """A Config from a config.json (unknown keys, such as a finetune's epoch list, are ignored)."""
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in known}
         return cls(**values)
+
+
+def fields_for(command: str):
+    """The Config fields offered as flags by `command`."""
+    return [f for f in dataclasses.fields(Config) if command in f.metadata["commands"]]
+
+
+def resumable_fields() -> tuple:
+    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["resumable"])
+
+
+def flag_name(f) -> str:
+    return "--" + (f.metadata["flag"] or f.name).replace("_", "-")
+
+
+def _check_field(f, value) -> None:
+    m, name = f.metadata, flag_name(f).lstrip("-")
+    if m["choices"] is not None and value not in m["choices"]:
+        raise UserError(f"{name} must be one of {', '.join(m['choices'])}; got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if m["positive"] and not value > 0:
+        raise UserError(f"{name} must be positive, got {value}")
+    if m["minimum"] is not None and value < m["minimum"]:
+        raise UserError(f"{name} must be at least {m['minimum']}, got {value}")
+    if m["maximum"] is not None and value > m["maximum"]:
+        raise UserError(f"{name} must be at most {m['maximum']}, got {value}")

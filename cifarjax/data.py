@@ -9,31 +9,31 @@ Sources (`dataset=`):
 * 'fake': torchvision's FakeData, for smoke runs without any data.
 
 Every image becomes RGB at `size`x`size` (converted and resized if needed). The arrays are cached under
-`$CIFARJAX_CACHE` (default ~/.cache/cifarjax), keyed by source, size and the files' names, sizes and times,
-so a second load reads one .npz file.
+the cache folder (`cifarjax.files.cache_dir`), keyed by source, size and the files' names, sizes and times;
+each cache file stores its key and is rebuilt when it does not match. A cache that cannot be written or read
+is skipped with a warning.
 
 `python -m cifarjax.data DIR` prints the source, classes and per-split counts as one JSON object.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import pickle
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
+from PIL import Image
 
-from cifarjax.errors import UserError, exit_on_user_error
+from cifarjax import sources
+from cifarjax.config import SOURCES
+from cifarjax.errors import UserError, exit_on_user_error, user_error_from_os, warn
+from cifarjax.files import atomic_write, best_effort, cache_dir
+from cifarjax.flags import Parser
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-SOURCES = ("auto", "cifar10", "folder", "fake")
-_CACHE_FORMAT = 1
-_CIFAR_DIR = "cifar-10-batches-py"
+_CACHE_FORMAT = 2
 
 
 @dataclass
@@ -56,10 +56,6 @@ class Dataset:
     test: Optional[Split]
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("CIFARJAX_CACHE", Path.home() / ".cache" / "cifarjax"))
-
-
 # ---------------------------------------------------------------------------------------------- splits
 
 def split_indices(n: int, val_fraction: float = 0.2, seed: int = 0):
@@ -69,118 +65,90 @@ def split_indices(n: int, val_fraction: float = 0.2, seed: int = 0):
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def train_val_split(dataset: Dataset, val_fraction: float = 0.2, seed: int = 0):
-    """The original's 80/20 split of the training images: (train Split, val Split)."""
+def balanced_indices(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """A seeded, class-balanced choice of n indices (sorted): n // classes per class, the remainder to the
+    first classes; a class with fewer images gives all it has."""
+    classes = np.unique(labels)
+    rng = np.random.default_rng([seed, n])
+    picks = []
+    for i, c in enumerate(classes):
+        members = np.flatnonzero(labels == c)
+        k = n // len(classes) + (i < n % len(classes))
+        picks.append(rng.permutation(members)[:k])
+    return np.sort(np.concatenate(picks))
+
+
+def train_val_split(dataset: Dataset, val_fraction: float = 0.2, seed: int = 0, subset: int = 0):
+    """The original's 80/20 split of the training images: (train Split, val Split).
+
+    With `subset` N, a seeded class-balanced N of the training part and N // 4 of the validation part.
+    """
     if dataset.train is None or len(dataset.train) < 2:
         raise UserError("this dataset has no training images to split; give a folder with DIR/train/<class>/*")
     train_idx, val_idx = split_indices(len(dataset.train), val_fraction, seed)
-    return dataset.train.subset(train_idx), dataset.train.subset(val_idx)
+    train, val = dataset.train.subset(train_idx), dataset.train.subset(val_idx)
+    if subset:
+        train = train.subset(balanced_indices(train.labels, min(subset, len(train)), seed))
+        val = val.subset(balanced_indices(val.labels, min(max(1, subset // 4), len(val)), seed + 1))
+    return train, val
 
 
 # ---------------------------------------------------------------------------------------------- sources
 
-def _image_files(split_dir: Path):
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
-    files = []
-    for label, name in enumerate(classes):
-        for entry in sorted(os.scandir(split_dir / name), key=lambda e: e.name):
-            if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                st = entry.stat()
-                files.append((Path(entry.path), label, st.st_size, st.st_mtime_ns))
-    return classes, files
-
-
 def _folder_splits(root: Path):
     """{'train': (classes, files), 'test': ...} for an ImageFolder tree rooted at `root`."""
-    splits = {s: _image_files(root / s) for s in ("train", "test") if (root / s).is_dir()}
+    splits = {s: sources.class_files(root / s) for s in ("train", "test") if (root / s).is_dir()}
     if not splits:
-        splits = {"train": _image_files(root)}
+        splits = {"train": sources.class_files(root)}
     return {s: v for s, v in splits.items() if v[1]}
 
 
-def _decode_one(path: Path, size: int) -> np.ndarray:
-    from PIL import Image
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.BILINEAR)
-            return np.asarray(image, dtype=np.uint8)
-    except Exception as error:  # noqa: BLE001 - PIL raises many types for a bad file
-        raise UserError(f"cannot read image {path} ({type(error).__name__}: {error}); "
-                        "delete or replace that file and run again") from None
+def _load_folder(root: Path, size: int) -> Dataset:
+    splits = _folder_splits(root)
+    if not splits:
+        raise UserError(f"no images found in {root}: expected {root}/train/<class>/*.jpg (and optionally "
+                        f"{root}/test/<class>/*.jpg) with extensions {', '.join(sources.IMAGE_EXTENSIONS)}")
+    class_lists = {s: tuple(v[0]) for s, v in splits.items()}
+    if len(set(class_lists.values())) > 1:
+        train, test = class_lists["train"], class_lists["test"]
+        raise UserError(f"the train and test class folders in {root} disagree: only in train: "
+                        f"{sorted(set(train) - set(test))}, only in test: {sorted(set(test) - set(train))}; "
+                        "give both splits the same class folders")
+    classes = next(iter(class_lists.values()))
+    fingerprint = {s: [(str(f.path.relative_to(root)), f.size, f.mtime_ns) for f in v[1]] for s, v in splits.items()}
+
+    def build():
+        decoded = {s: Split(*sources.decode_files(v[1], size, f"decoding {s}")) for s, v in splits.items()}
+        return Dataset("folder", classes, decoded.get("train"), decoded.get("test"))
+    return _cached("folder", root, size, fingerprint, build)
 
 
-def _decode_files(files, size: int, desc: str) -> Split:
-    from tqdm import tqdm
-    images = np.empty((len(files), size, size, 3), np.uint8)
+def _load_cifar_batches(folder: Path, size: int) -> Dataset:
+    classes = sources.cifar_classes(folder)
 
-    def work(i):
-        images[i] = _decode_one(files[i][0], size)
-
-    with ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
-        for _ in tqdm(pool.map(work, range(len(files))), total=len(files), desc=desc, unit="img",
-                      leave=False, mininterval=1.0, disable=len(files) < 2000):
-            pass
-    return Split(images, np.array([f[1] for f in files], np.int32))
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """CIFAR-10's python batches hold dicts of lists and numpy arrays; nothing else may be unpickled."""
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype")} | {
-        (module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-        for name in ("_reconstruct", "scalar")}
-
-    def find_class(self, module, name):
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-
-def _read_cifar_batch(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            return _NumpyOnlyUnpickler(f, encoding="latin1").load()
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing: a {_CIFAR_DIR} folder needs data_batch_1..5, test_batch and "
-                        "batches.meta; download CIFAR-10 again (python version)") from None
-    except Exception as error:  # noqa: BLE001
-        raise UserError(f"{path} is not a CIFAR-10 python batch ({type(error).__name__}); "
-                        "download CIFAR-10 again (python version)") from None
-
-
-def _cifar_split(folder: Path, names: Sequence[str], size: int) -> Split:
-    batches = [_read_cifar_batch(folder / n) for n in names]
-    images = np.concatenate([np.asarray(b["data"], np.uint8).reshape(-1, 3, 32, 32) for b in batches])
-    images = images.transpose(0, 2, 3, 1)
-    labels = np.concatenate([np.asarray(b["labels"], np.int32) for b in batches])
-    return Split(_resize(images, size), labels)
+    def split(names):
+        parts = [sources.read_cifar_batch(folder / n, len(classes)) for n in names]
+        images = np.concatenate([p[0] for p in parts])
+        return Split(_resize(images, size), np.concatenate([p[1] for p in parts]))
+    return Dataset("cifar-10-batches-py", classes, split(sources.CIFAR_TRAIN_BATCHES), split(["test_batch"]))
 
 
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
     if images.shape[1:3] == (size, size):
         return np.ascontiguousarray(images)
-    from PIL import Image
     return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])
-
-
-def _load_cifar_batches(folder: Path, size: int) -> Dataset:
-    meta = _read_cifar_batch(folder / "batches.meta")
-    train = _cifar_split(folder, [f"data_batch_{i}" for i in range(1, 6)], size)
-    test = _cifar_split(folder, ["test_batch"], size)
-    return Dataset("cifar-10-batches-py", tuple(meta["label_names"]), train, test)
 
 
 def _download_cifar10(root: Path) -> Path:
     from torchvision.datasets import CIFAR10
-    root.mkdir(parents=True, exist_ok=True)
     try:
+        root.mkdir(parents=True, exist_ok=True)
         CIFAR10(str(root), train=True, download=True)
     except Exception as error:  # noqa: BLE001 - network failures surface as many types
         raise UserError(f"could not download CIFAR-10 into {root} ({type(error).__name__}: {error}); "
                         "on a machine without network, pass --data-dir with a folder holding "
-                        f"{_CIFAR_DIR} or an ImageFolder tree (DIR/train/<class>/*.jpg)") from None
-    return root / _CIFAR_DIR
+                        f"{sources.CIFAR_DIR} or an ImageFolder tree (DIR/train/<class>/*.jpg)") from None
+    return root / sources.CIFAR_DIR
 
 
 def _load_fake(size: int, seed: int = 0, n_train: int = 1000, n_test: int = 200) -> Dataset:
@@ -196,39 +164,54 @@ def _load_fake(size: int, seed: int = 0, n_train: int = 1000, n_test: int = 200)
 
 # ---------------------------------------------------------------------------------------------- cache
 
-def _cache_path(kind: str, root: Path, size: int, fingerprint) -> Path:
+def _cache_key(kind: str, root: Path, size: int, fingerprint) -> str:
     blob = json.dumps([_CACHE_FORMAT, kind, str(root.resolve()), size, fingerprint])
-    return default_cache_dir() / "datasets" / f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:20]}.npz"
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _save(dataset: Dataset, path: Path) -> None:
-    arrays = {"source": np.array(dataset.source), "classes": np.array(dataset.classes, dtype=str)}
+def _save(dataset: Dataset, path: Path, key: str) -> None:
+    arrays = {"key": np.array(key), "source": np.array(dataset.source), "classes": np.array(dataset.classes, str)}
     for name in ("train", "test"):
         split = getattr(dataset, name)
         if split is not None:
             arrays[f"{name}_images"], arrays[f"{name}_labels"] = split.images, split.labels
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
-def _load(path: Path) -> Dataset:
+def _load(path: Path, key: str, size: int) -> Optional[Dataset]:
+    """The cached dataset, or None when the file's stored key or contents do not match."""
     with np.load(path) as z:
-        splits = {n: Split(z[f"{n}_images"], z[f"{n}_labels"]) if f"{n}_images" in z.files else None
-                  for n in ("train", "test")}
-        return Dataset(str(z["source"]), tuple(str(c) for c in z["classes"]), splits["train"], splits["test"])
+        if "key" not in z.files or str(z["key"]) != key:
+            return None
+        classes = tuple(str(c) for c in z["classes"])
+        splits = {}
+        for n in ("train", "test"):
+            if f"{n}_images" not in z.files:
+                splits[n] = None
+                continue
+            split = Split(z[f"{n}_images"], z[f"{n}_labels"])
+            if (split.images.dtype != np.uint8 or split.images.shape[1:] != (size, size, 3)
+                    or len(split.images) != len(split.labels) or
+                    (len(split) and not 0 <= split.labels.min() <= split.labels.max() < len(classes))):
+                return None
+            splits[n] = split
+        return Dataset(str(z["source"]), classes, splits["train"], splits["test"])
 
 
 def _cached(kind: str, root: Path, size: int, fingerprint, build) -> Dataset:
-    path = _cache_path(kind, root, size, fingerprint)
+    key = _cache_key(kind, root, size, fingerprint)
+    path = cache_dir() / "datasets" / f"{kind}-{key[:20]}.npz"
     if path.is_file():
         try:
-            return _load(path)
+            dataset = _load(path, key, size)
         except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
-            path.unlink(missing_ok=True)
+            dataset = None
+        if dataset is not None:
+            return dataset
+        warn(f"cached arrays {path} are damaged or do not match their source; decoding the images again")
     dataset = build()
-    _save(dataset, path)
+    best_effort(lambda: _save(dataset, path, key), f"writing the dataset cache {path}")
     return dataset
 
 
@@ -243,24 +226,8 @@ def _check_size(size: int) -> None:
         raise UserError(f"image size must be an integer between 8 and 1024, got {size!r}")
 
 
-def _load_folder(root: Path, size: int) -> Dataset:
-    splits = _folder_splits(root)
-    if not splits:
-        raise UserError(f"no images found in {root}: expected {root}/train/<class>/*.jpg (and optionally "
-                        f"{root}/test/<class>/*.jpg) with extensions {', '.join(IMAGE_EXTENSIONS)}")
-    class_lists = {s: tuple(v[0]) for s, v in splits.items()}
-    if len(set(class_lists.values())) > 1:
-        train, test = class_lists["train"], class_lists["test"]
-        raise UserError(f"the train and test class folders in {root} disagree: only in train: "
-                        f"{sorted(set(train) - set(test))}, only in test: {sorted(set(test) - set(train))}; "
-                        "give both splits the same class folders")
-    classes = next(iter(class_lists.values()))
-    fingerprint = {s: [(str(p.relative_to(root)), n, t) for p, _, n, t in v[1]] for s, v in splits.items()}
-
-    def build():
-        decoded = {s: _decode_files(v[1], size, f"decoding {s}") for s, v in splits.items()}
-        return Dataset("folder", classes, decoded.get("train"), decoded.get("test"))
-    return _cached("folder", root, size, fingerprint, build)
+def _load_cifar(folder: Path, size: int) -> Dataset:
+    return _cached("cifar", folder, size, _stat_fingerprint(folder), lambda: _load_cifar_batches(folder, size))
 
 
 def load_dataset(data_dir=None, dataset: str = "auto", size: int = 32) -> Dataset:
@@ -273,22 +240,23 @@ def load_dataset(data_dir=None, dataset: str = "auto", size: int = 32) -> Datase
     root = Path(data_dir).expanduser() if data_dir is not None else None
     if dataset == "folder" and root is None:
         raise UserError("--dataset folder needs --data-dir DIR (a folder with DIR/train/<class>/*.jpg)")
-    if dataset == "cifar10" or (dataset == "auto" and root is None):
-        root = root or default_cache_dir() / "cifar10"
-        folder = root if root.name == _CIFAR_DIR else root / _CIFAR_DIR
-        if not (folder / "batches.meta").is_file():
-            folder = _download_cifar10(root)
-        return _cached("cifar", folder, size, _stat_fingerprint(folder), lambda: _load_cifar_batches(folder, size))
-    if not root.exists():
-        raise UserError(f"data folder {root} does not exist; pass --data-dir with a folder holding "
-                        f"{_CIFAR_DIR} or DIR/train/<class>/*.jpg")
-    if not root.is_dir():
-        raise UserError(f"{root} is a file, not a data folder; pass the folder that holds it")
-    for folder in (root, root / _CIFAR_DIR):
-        if dataset == "auto" and folder.name == _CIFAR_DIR and folder.is_dir():
-            return _cached("cifar", folder, size, _stat_fingerprint(folder),
-                           lambda f=folder: _load_cifar_batches(f, size))
-    return _load_folder(root, size)
+    try:
+        if dataset == "cifar10" or (dataset == "auto" and root is None):
+            root = root or cache_dir() / "cifar10"
+            folder = root if root.name == sources.CIFAR_DIR else root / sources.CIFAR_DIR
+            return _load_cifar(folder if (folder / "batches.meta").is_file() else _download_cifar10(root), size)
+        if not root.exists():
+            raise UserError(f"data folder {root} does not exist; pass --data-dir with a folder holding "
+                            f"{sources.CIFAR_DIR} or DIR/train/<class>/*.jpg")
+        if not root.is_dir():
+            raise UserError(f"{root} is a file, not a data folder; pass the folder that holds it")
+        if dataset == "auto":
+            for folder in (root, root / sources.CIFAR_DIR):
+                if folder.name == sources.CIFAR_DIR and folder.is_dir():
+                    return _load_cifar(folder, size)
+        return _load_folder(root, size)
+    except OSError as error:
+        raise user_error_from_os(error, f"cannot read the data in {root}") from None
 
 
 def describe(dataset: Dataset, val_fraction: float = 0.2, seed: int = 0) -> dict:
@@ -310,14 +278,14 @@ def describe(dataset: Dataset, val_fraction: float = 0.2, seed: int = 0) -> dict
 
 @exit_on_user_error
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cifarjax.data", description=describe.__doc__)
+    parser = Parser(prog="python -m cifarjax.data", description=describe.__doc__)
     parser.add_argument("data_dir", help="a folder holding cifar-10-batches-py or DIR/train/<class>/* images")
-    parser.add_argument("--dataset", choices=SOURCES, default="auto")
-    parser.add_argument("--img-size", type=int, default=32, help="decode every image at this size (default 32)")
-    parser.add_argument("--val-fraction", type=float, default=0.2)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    parser.add_argument("--dataset", choices=SOURCES, default="auto", help="data source (default: auto)")
+    parser.add_argument("--decode-size", type=int, default=32, help="decode every image at this size (default: 32)")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="validation fraction (default: 0.2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: 0)")
     args = parser.parse_args(argv)
-    print(json.dumps(describe(load_dataset(args.data_dir, args.dataset, args.img_size), args.val_fraction,
+    print(json.dumps(describe(load_dataset(args.data_dir, args.dataset, args.decode_size), args.val_fraction,
                               args.seed)))
 
 

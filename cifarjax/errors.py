@@ -1,23 +1,97 @@
-"""User-facing errors: one clear message, a non-zero exit, no traceback."""
+"""User-facing failures: one clear line on stderr, a non-zero exit, no traceback.
+
+* `UserError`: bad input (a path, a file, a flag, weights), with a message that says how to fix it; exit 2.
+* `Interrupted`: Ctrl-C, after the run was left resumable; exit 130.
+* An `OSError` from the file system (a full disk, a read-only or unreadable folder, a symlink loop) becomes
+  one line naming the path; exit 2.
+"""
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import sys
+
+EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
+
+_OS_ADVICE = {
+    errno.ENOSPC: "the disk is full; free space there or point the run (--out) or the cache (CIFARJAX_CACHE) "
+                  "elsewhere",
+    errno.EDQUOT: "the disk quota is used up; free space there or choose another folder",
+    errno.EROFS: "that file system is read-only; choose a writable folder",
+    errno.EACCES: "permission denied; make it readable (and writable for outputs) or choose another path",
+    errno.EPERM: "operation not permitted; choose another path",
+    errno.ELOOP: "a symbolic link loops back on itself; remove or fix that link",
+    errno.ENOTDIR: "a part of that path is a file, not a folder; choose another path",
+    errno.ENAMETOOLONG: "the path is too long; choose a shorter one",
+    errno.EIO: "the disk reported an input/output error; check the device",
+}
 
 
 class UserError(Exception):
     """A problem with the user's input (a path, a file, a flag), with a message saying how to fix it."""
+    exit_code = EXIT_USER_ERROR
+
+
+class Interrupted(UserError):
+    """Ctrl-C: training stopped cleanly; the message says how to resume."""
+    exit_code = EXIT_INTERRUPTED
+
+
+def os_error_message(error: OSError) -> str:
+    """One line for a file-system error: what failed, on which path, and what to do."""
+    paths = " → ".join(str(p) for p in (error.filename, error.filename2) if p is not None) or "a file"
+    advice = _OS_ADVICE.get(error.errno, "check that path")
+    return f"{error.strerror or error} on {paths}: {advice}"
+
+
+def user_error_from_os(error: OSError, doing: str = "") -> UserError:
+    return UserError(f"{doing + ': ' if doing else ''}{os_error_message(error)}")
+
+
+_warned: set = set()
+
+
+def warn(message: str, key=None) -> None:
+    """Print `warning: message` on stderr, once per key (default: the message)."""
+    key = message if key is None else key
+    if key not in _warned:
+        _warned.add(key)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def exit_on_user_error(main):
-    """Decorate a command's `main` so a UserError prints `error: ...` to stderr and exits with status 2."""
+    """Decorate a command's `main`: UserError, Ctrl-C and file-system errors end in one `error: ...` line.
+
+    After `request_hard_exit()` (a peer process of a distributed run died) the process leaves with
+    `os._exit`, since the distributed runtime's shutdown would wait for the dead peer.
+    """
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except UserError as error:
-            print(f"error: {error}", file=sys.stderr)
-            raise SystemExit(2) from None
+            code, message = error.exit_code, f"error: {error}"
+        except KeyboardInterrupt:
+            code, message = EXIT_INTERRUPTED, "error: interrupted (Ctrl-C) before training started; nothing to resume"
+        except OSError as error:
+            if error.errno not in _OS_ADVICE:
+                raise
+            code, message = EXIT_USER_ERROR, f"error: {os_error_message(error)}"
+        print(message, file=sys.stderr, flush=True)
+        if _hard_exit_requested:
+            sys.stdout.flush()
+            os._exit(code)
+        raise SystemExit(code) from None
 
     return wrapper
+
+
+_hard_exit_requested = False
+
+
+def request_hard_exit() -> None:
+    """Make the next handled error leave with os._exit (used when a distributed peer is gone)."""
+    global _hard_exit_requested
+    _hard_exit_requested = True

@@ -1,15 +1,17 @@
 """Training loops with the original's semantics: `train_loop` (SimpleCNN) and `fine_tune_loop` (ResNet-18).
 
-Both run `fit`: epochs over a seeded permutation, evaluation every `eval_every` steps and at each epoch
-end, checkpoints at epoch ends (and every `checkpoint_every` steps), resumption from the latest
-checkpoint, and a guard that stops on a non-finite loss. Same seed, same machine: the same numbers.
+Both run `fit`: epochs over a seeded permutation, evaluation every `eval_every` steps and at each epoch end,
+checkpoints at epoch ends (and every `checkpoint_every` steps), resumption from the newest intact checkpoint,
+a guard that stops on a non-finite loss, and Ctrl-C that stops cleanly with a resumable checkpoint. Same seed,
+same machine: the same numbers, whether the devices sit in one process or several.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 import time
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -17,77 +19,95 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from cifarjax import runs
-from cifarjax.augment import AugmentSpec, HostAugment
-from cifarjax.batching import train_indices
+from cifarjax import distributed, runs
+from cifarjax.augment import AugmentSpec, HostAugment, with_normalization
+from cifarjax.batching import eval_indices, train_indices
 from cifarjax.checkpoint import Checkpointer
 from cifarjax.config import Config
 from cifarjax.data import Split
-from cifarjax.errors import UserError
-from cifarjax.features import FeatureInputs, cacheable, extract_features
-from cifarjax.models import ResNet18, SimpleCNN
-from cifarjax.optim import freeze_labels, make_optimizer
-from cifarjax.train import AXIS, DataParallel, ImageInputs, create_train_state
+from cifarjax.errors import Interrupted, UserError
+from cifarjax.features import backbone_features, cacheable
+from cifarjax.freezing import Freezing
+from cifarjax.inputs import FeatureInputs, HostAugmentedInputs, ImageInputs
+from cifarjax.models import Apply, build_model, init_variables
+from cifarjax.optim import lr_at, make_optimizer
+from cifarjax.phases import Phases
+from cifarjax.sources import check_labels
+from cifarjax.tblog import ScalarLog
+from cifarjax.train import DataParallel, StepOptions, create_train_state
 
 
 class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite."""
 
 
+def itstime(step: int, every: int) -> bool:
+    """Whether an every-N-steps event is due at `step` (never when `every` is 0)."""
+    return bool(every) and step % every == 0
+
+
 @dataclass
 class History:
-    """What a run records. The original's return values: `train_loop` → (train_loss, val_accuracy,
-    val_epoch); `fine_tune_loop` → (train_accuracy, epoch_val_accuracy)."""
-    train_loss: list = field(default_factory=list)  # per epoch
-    train_accuracy: list = field(default_factory=list)  # per epoch
-    epoch_val_accuracy: list = field(default_factory=list)  # at each epoch end
-    val_accuracy: list = field(default_factory=list)  # at every evaluation
-    val_epoch: list = field(default_factory=list)  # position of each evaluation, in epochs
-    records: list = field(default_factory=list)  # one dict per evaluation (metrics.jsonl)
+    """What a run records: one dict per evaluation (metrics.jsonl); the original's per-epoch lists derive from
+    it. `train_loop` returned (train_loss, val_accuracy, val_epoch); `fine_tune_loop` (train_accuracy,
+    epoch_val_accuracy)."""
+    records: list
+
+    def _epoch_ends(self, key):
+        return [r[key] for r in self.records if r.get("epoch_end")]
+
+    train_loss = property(lambda self: self._epoch_ends("train_loss"))
+    train_accuracy = property(lambda self: self._epoch_ends("train_accuracy"))
+    epoch_val_accuracy = property(lambda self: self._epoch_ends("val_accuracy"))
+    epoch_val_loss = property(lambda self: self._epoch_ends("val_loss"))
+    val_accuracy = property(lambda self: [r["val_accuracy"] for r in self.records])
+    val_epoch = property(lambda self: [r["epoch"] for r in self.records])
+
+    def readings(self) -> dict:
+        """Final, best and last-five-mean validation accuracy over the epoch-end evaluations."""
+        acc = self.epoch_val_accuracy
+        if not acc:
+            return {}
+        return {"val_accuracy": acc[-1], "best_val_accuracy": max(acc), "best_epoch": int(np.argmax(acc)) + 1,
+                "last5_mean_val_accuracy": float(np.mean(acc[-5:]))}
 
 
 @dataclass
 class FitResult:
     history: History
     variables: dict  # final {'params', 'batch_stats'} on the host
-    seconds: float  # training wall time (this process and any resumed ones)
-    images_per_second: float
+    average: Optional[dict]  # the moving average of the weights, as variables, when the run kept one
+    seconds: float  # training wall time, evaluations included (this process and any resumed ones)
+    images_per_second: float  # trained images per second of the training phase
+
+    @property
+    def eval_variables(self) -> dict:
+        return self.average if self.average is not None else self.variables
 
 
-def build_model(config: Config):
-    """The configured model; ResNet-18's BatchNorm is synchronised over the training devices."""
-    if config.model == "simple_cnn":
-        return SimpleCNN(config.num_classes, conv_impl=config.conv_impl)
-    return ResNet18(config.num_classes, frozen_bn_stages=config.frozen_bn_stages, axis_name=AXIS,
-                    conv_impl=config.conv_impl)
+class LossTracker:
+    """Per-step metrics kept on the device and read in bulk (no sync per step); checks they are finite."""
 
-
-def init_variables(model, config: Config) -> dict:
-    x = np.zeros((1, config.img_size, config.img_size, 3), np.float32)
-    return jax.device_get(model.init(jax.random.PRNGKey(config.seed), x, train=False))
-
-
-class _Progress:
-    """Per-step losses kept on the device and read in bulk (no sync per step); checks they are finite."""
-
-    def __init__(self):
-        self.pending, self.loss_sum, self.acc_sum, self.count = [], 0.0, 0.0, 0
+    def __init__(self, loss_sum=0.0, acc_sum=0.0, count=0):
+        self.pending, self.loss_sum, self.acc_sum, self.count = [], loss_sum, acc_sum, count
+        self.first_loss = None
 
     def add(self, step: int, metrics) -> None:
         self.pending.append((step, metrics))
 
-    def flush(self, checkpoint_dir: Optional[Path]) -> None:
+    def flush(self) -> Optional[tuple]:
+        """Fold pending metrics into the sums; returns (step, loss) of the first non-finite loss, if any."""
         fetched = jax.device_get([m for _, m in self.pending])
-        for (step, _), m in zip(self.pending, fetched):
+        pending, self.pending = self.pending, []
+        for (step, _), m in zip(pending, fetched):
             loss = float(m["loss"][0])
             if not math.isfinite(loss):
-                where = f"the last good checkpoint is kept in {checkpoint_dir}" if checkpoint_dir else "no checkpoint"
-                raise NonFiniteLossError(f"training loss became {loss} at step {step}; stopped ({where}); "
-                                         "lower the learning rate (--lr) and resume or start again")
+                return step, loss
+            self.first_loss = loss if self.first_loss is None else self.first_loss
             self.loss_sum += loss
             self.acc_sum += float(m["accuracy"][0])
             self.count += 1
-        self.pending = []
+        return None
 
     def mean(self):
         return self.loss_sum / max(self.count, 1), self.acc_sum / max(self.count, 1)
@@ -96,166 +116,320 @@ class _Progress:
         self.loss_sum, self.acc_sum, self.count = 0.0, 0.0, 0
 
 
+class ResidentFeed:
+    """The training data lives on the devices; a step receives only this process's rows of the indices."""
+
+    def __init__(self, parallel: DataParallel, split: Split):
+        self.parallel, self.data = parallel, parallel.replicate((split.images, split.labels))
+
+    def __call__(self, idx: np.ndarray, step: int):
+        return self.data, self.parallel.mine(idx)
+
+
+class HostAugmentFeed:
+    """Host augmentation: every process augments the whole global batch (so draws do not depend on how the
+    devices are spread) and places its own rows; a step's data is then the batch itself, and its indices
+    are the batch's own rows."""
+
+    def __init__(self, parallel: DataParallel, split: Split, augment: HostAugment):
+        self.parallel, self.split, self.augment = parallel, split, augment
+
+    def __call__(self, idx: np.ndarray, step: int):
+        images, labels = self.augment(self.split.images[idx], step), self.split.labels[idx]
+        rows = np.broadcast_to(np.arange(idx.shape[1], dtype=np.int32), idx.shape)
+        p = self.parallel
+        return p.shard((p.mine(images), p.mine(labels))), p.mine(rows)
+
+
+class _StopRequest:
+    """The first Ctrl-C asks the loop to stop after the current step (the state must not be lost mid-step);
+    a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self.previous = None
+        return self
+
+    def _handle(self, *_):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+class Trainer:
+    """The state of one `fit`: the pmap-ed steps, the train state on the devices, the records, the
+    checkpoints. `fit` reads top to bottom; this class does each job it names."""
+
+    def __init__(self, config: Config, apply_fn, variables: dict, train: Split, val: Split, inputs, *,
+                 run: Optional[Path], devices, host_augment: Optional[HostAugment], phases: Phases,
+                 resume_hint: str):
+        self.config, self.run, self.phases, self.resume_hint = config, run, phases, resume_hint
+        self.train, self.val, self.variables = train, val, variables
+        freezing = Freezing.from_config(config)
+        trainable = None if freezing.everything_trains else freezing.trainable_mask(variables["params"])
+        self.parallel = DataParallel(inputs, trainable, devices, StepOptions.from_config(config))
+        self.steps_per_epoch = len(train) // config.batch_size
+        train_indices(len(train), config.batch_size, self.parallel.n_devices, config.seed, 0)  # validates the batch
+        self.total_steps = config.n_epochs * self.steps_per_epoch
+        tx = make_optimizer(config, variables["params"], self.steps_per_epoch)
+        self.state = create_train_state(apply_fn, variables, tx, config.seed, ema=config.ema_decay > 0)
+        self.writer = run is not None and distributed.is_writer()
+        self.checkpointer = Checkpointer(run, config.keep_checkpoints, trainable) if run is not None else None
+        self.tracker, self.records, self.elapsed, self.saved = LossTracker(), [], 0.0, None
+        self.log = ScalarLog(run / runs.TENSORBOARD) if self.writer else None
+        self.host_augment = host_augment
+
+    # -- start
+    def restore(self, resume: bool) -> None:
+        """With `resume`, continue from the newest intact checkpoint (refusing fewer epochs than already
+        trained); a new run writes its frozen parameters once."""
+        if self.checkpointer is None:
+            return
+        if not resume or self.checkpointer.latest_step() is None:
+            self.checkpointer.write_frozen(self.variables["params"], distributed.is_writer())
+            return
+        self.state, meta = self.checkpointer.restore(self.state)
+        done = int(self.state.step)
+        if done > self.total_steps:
+            raise UserError(f"the run in {self.run} already trained {done / self.steps_per_epoch:g} epochs; pass "
+                            f"--epochs {math.ceil(done / self.steps_per_epoch)} or more to resume it")
+        self.records = meta["records"]
+        self.tracker = LossTracker(meta["loss_sum"], meta["acc_sum"], meta["count"])
+        self.elapsed, self.saved = meta["seconds"], (done, meta.get("train_loss"))
+
+    def start(self) -> None:
+        """Place the data and the state on the devices and compile both steps (timed as compilation)."""
+        if self.writer:
+            runs.write_metrics(self.run, self.records)
+        p = self.parallel
+        self.feed = (HostAugmentFeed(p, self.train, self.host_augment) if self.host_augment
+                     else ResidentFeed(p, self.train))
+        self.val_data = p.replicate((self.val.images, self.val.labels))
+        self.rstate = p.replicate(self.state)
+        with self.phases("compilation", "compiling the evaluation step"):
+            eval_idx = eval_indices(len(self.val), self.config.eval_batch_size, p.n_devices)[0][0]
+            jax.block_until_ready(p.eval_step(self.rstate, self.val_data, p.mine(eval_idx)))
+        self.start_step = self.last_step = int(self.state.step)
+        self.t0 = time.perf_counter() - self.elapsed
+
+    # -- the loop's jobs
+    def batches(self):
+        """(step, indices) from the restored step to the end, epoch by epoch (step counts from 1)."""
+        start, per_epoch = int(self.state.step), self.steps_per_epoch
+        for epoch in range(start // per_epoch, self.config.n_epochs):
+            epoch_idx = train_indices(len(self.train), self.config.batch_size, self.parallel.n_devices,
+                                      self.config.seed, epoch)
+            first = epoch * per_epoch
+            for done in range(max(start, first), first + per_epoch):
+                yield done + 1, epoch_idx[done - first]
+
+    def step(self, step: int, idx: np.ndarray) -> None:
+        """One training step; this session's first one compiles the step and is timed as compilation."""
+        first = step == self.start_step + 1
+        with self.phases("compilation" if first else "training", "compiling the training step" if first else None):
+            self.rstate, metrics = self.parallel.train_step(self.rstate, *self.feed(idx, step - 1))
+            if first:
+                jax.block_until_ready(metrics)
+            self.tracker.add(step, metrics)
+            self.last_step = step
+            if len(self.tracker.pending) >= 25:
+                self.check_finite()
+
+    def epoch_end(self, step: int) -> bool:
+        return step % self.steps_per_epoch == 0
+
+    def sync(self) -> None:
+        """Wait for the queued training steps, so their time counts as training (dispatch is asynchronous)."""
+        with self.phases("training"):
+            jax.block_until_ready(self.rstate)
+
+    def check_finite(self) -> None:
+        bad = self.tracker.flush()
+        if bad is not None:
+            raise self.non_finite(*bad)
+
+    def evaluate(self, step: int) -> dict:
+        self.sync()
+        self.check_finite()
+        with self.phases("evaluation"):
+            preds, losses = self.parallel.evaluate(self.rstate, self.val_data, len(self.val),
+                                                   self.config.eval_batch_size)
+        loss, acc = self.tracker.mean()
+        record = {"step": step, "epoch": round(step / self.steps_per_epoch, 4), "train_loss": loss,
+                  "train_accuracy": acc, "val_accuracy": float(np.mean(preds == self.val.labels)),
+                  "val_loss": float(np.mean(losses)), "lr": lr_at(self.config, self.steps_per_epoch, step - 1),
+                  "wall_seconds": round(time.perf_counter() - self.t0, 3)}
+        if self.epoch_end(step):
+            record["epoch_end"] = True
+            self.tracker.reset()
+        self.records.append(record)
+        if self.writer:
+            runs.append_metrics(self.run, record)
+            self.log.write(step, {"train/loss": loss, "train/accuracy": acc, "val/accuracy": record["val_accuracy"],
+                                  "val/loss": record["val_loss"], "lr": record["lr"],
+                                  "images_per_second": self.images_per_second()})
+        return record
+
+    def save(self, step: int) -> None:
+        """Checkpoint the state after `step` (its losses were checked finite)."""
+        if self.checkpointer is None or (self.saved and self.saved[0] == step):
+            return
+        self.sync()
+        self.check_finite()
+        with self.phases("checkpoints"):
+            loss = self.records[-1]["train_loss"] if self.records and self.records[-1]["step"] == step else None
+            meta = {"records": self.records, "loss_sum": self.tracker.loss_sum, "acc_sum": self.tracker.acc_sum,
+                    "count": self.tracker.count, "seconds": time.perf_counter() - self.t0, "step": step,
+                    "epoch": step / self.steps_per_epoch, "train_loss": loss, "config": self.config.to_dict()}
+            self.checkpointer.save(self.parallel.unreplicate(self.rstate), meta)
+            self.saved = (step, loss)
+
+    def non_finite(self, step: int, loss: float) -> NonFiniteLossError:
+        """The error for a non-finite loss, with advice that works when followed."""
+        where = f"the newest checkpoint (step {self.saved[0]}) is kept in {self.run}" if self.saved else \
+            "no checkpoint was written yet"
+        if step == 1:
+            return NonFiniteLossError(
+                f"training loss is {loss} at the very first step, before any update: the inputs or the starting "
+                "weights hold NaN or infinite values (check the data, --normalize and --weights); the learning "
+                "rate is not the cause")
+        lower = f"{self.config.lr / 10:g}"
+        exploded = self.saved and self.saved[1] is not None and self.tracker.first_loss is not None and \
+            self.saved[1] > 10 * self.tracker.first_loss
+        if self.saved and not exploded:
+            advice = f"resume from it with a lower learning rate: {self.resume_hint} --lr {lower}"
+        else:
+            advice = f"start again with a lower learning rate (--lr {lower})"
+        return NonFiniteLossError(f"training loss became {loss} at step {step}; stopped ({where}); the learning "
+                                  f"rate {self.config.lr:g} is probably too high: {advice}")
+
+    def interrupted(self, step: int) -> Interrupted:
+        if self.checkpointer is None:
+            return Interrupted(f"interrupted at step {step}; nothing was saved (no run folder)")
+        return Interrupted(f"interrupted at step {step} (epoch {step / self.steps_per_epoch:.2f}); a checkpoint "
+                           f"was saved: resume with {self.resume_hint}")
+
+    def images_per_second(self) -> float:
+        """Images per second of this process's training phase (compilation and evaluation excluded)."""
+        seconds = self.phases.seconds.get("training", 0.0)
+        steps = max(0, self.last_step - self.start_step - 1)  # the first one is timed as compilation
+        return steps * self.config.batch_size / seconds if seconds > 0 else 0.0
+
+    def result(self) -> FitResult:
+        final = self.parallel.unreplicate(self.rstate)
+        average = None if final.ema_params is None else {"params": final.ema_params, "batch_stats": final.batch_stats}
+        return FitResult(History(self.records), {"params": final.params, "batch_stats": final.batch_stats}, average,
+                         time.perf_counter() - self.t0, self.images_per_second())
+
+    def close(self, graceful: bool) -> None:
+        if self.log is not None:
+            self.log.close()
+        if self.checkpointer is not None and graceful:
+            self.checkpointer.close()
+
+
 def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inputs, *, run: Optional[Path] = None,
-        resume: bool = False, devices=None, desc: str = "train", host_augment: Optional[HostAugment] = None
-        ) -> FitResult:
+        resume: bool = False, devices=None, desc: str = "train", host_augment: Optional[HostAugment] = None,
+        phases: Optional[Phases] = None, resume_hint: str = "--resume") -> FitResult:
     """Train `variables` under `apply_fn` on `train` (images or features), evaluating on `val`.
 
-    With `run`, metrics go to run/metrics.jsonl and checkpoints to run/checkpoints; with `resume`, training
-    continues from the latest checkpoint and ends exactly where an uninterrupted run would.
+    With `run`, metrics go to run/metrics.jsonl, scalars to run/tensorboard and checkpoints to run/checkpoints;
+    with `resume`, training continues from the newest intact checkpoint and ends exactly where an
+    uninterrupted run would.
     """
-    run = Path(run) if run is not None else None
-    labels = freeze_labels(variables["params"], config.unfreeze)
-    tx = make_optimizer(variables["params"], config.lr, config.unfreeze)
-    state = create_train_state(apply_fn, variables, tx, config.seed)
-    parallel = DataParallel(inputs, labels if config.unfreeze != "all" else None, devices)
-    n, steps_per_epoch = len(train), len(train) // config.batch_size
-    train_indices(n, config.batch_size, parallel.n_devices, config.seed, 0)  # validates batch vs data/devices
-    history, progress, elapsed = History(), _Progress(), 0.0
-    checkpointer = Checkpointer(run, config.keep_checkpoints) if run is not None else None
+    check_labels(train.labels, config.num_classes, "training labels")
+    check_labels(val.labels, config.num_classes, "validation labels")
+    trainer = Trainer(config, apply_fn, variables, train, val, inputs, run=Path(run) if run else None,
+                      devices=devices, host_augment=host_augment, phases=phases or Phases(announce=False),
+                      resume_hint=resume_hint)
+    graceful = True
     try:
-        if checkpointer is not None and resume and checkpointer.latest_step() is not None:
-            state, meta = checkpointer.restore(state)
-            history = History(**meta["history"])
-            progress.loss_sum, progress.acc_sum, progress.count = meta["loss_sum"], meta["acc_sum"], meta["count"]
-            elapsed = meta["seconds"]
-        if run is not None:
-            runs.write_metrics(run, history.records)
-        start = int(state.step)
-        rstate = parallel.replicate(state)
-        train_data = None if host_augment else parallel.replicate((train.images, train.labels))
-        val_data = parallel.replicate((val.images, val.labels))
-        t0 = time.perf_counter() - elapsed
-
-        def evaluate(step):
-            preds = parallel.predict(rstate, val_data, len(val), config.eval_batch_size)
-            return float(np.mean(preds == val.labels))
-
-        def save(step):
-            if checkpointer is None:
-                return
-            meta = {"history": history.__dict__, "loss_sum": progress.loss_sum, "acc_sum": progress.acc_sum,
-                    "count": progress.count, "seconds": time.perf_counter() - t0, "step": step,
-                    "epoch": step / steps_per_epoch, "config": config.to_dict(), "split_seed": config.seed}
-            checkpointer.save(parallel.unreplicate(rstate), meta)
-
-        total = config.n_epochs * steps_per_epoch
-        bar = tqdm(total=total, initial=start, desc=desc, unit="step", mininterval=1.0, dynamic_ncols=True)
-        step = start
-        for epoch in range(start // steps_per_epoch, config.n_epochs):
-            epoch_idx = train_indices(n, config.batch_size, parallel.n_devices, config.seed, epoch)
-            for idx in epoch_idx[step - epoch * steps_per_epoch:]:
-                if host_augment is not None:
-                    batch = (host_augment(train.images[idx], step), train.labels[idx])
-                    local = np.broadcast_to(np.arange(idx.shape[1], dtype=np.int32), idx.shape)
-                    rstate, metrics = parallel.train_step(rstate, batch, local)
-                else:
-                    rstate, metrics = parallel.train_step(rstate, train_data, idx)
-                step += 1
-                progress.add(step, metrics)
-                epoch_end = step % steps_per_epoch == 0
-                if len(progress.pending) >= 25 or epoch_end or (config.eval_every and step % config.eval_every == 0) or (
-                        config.checkpoint_every and step % config.checkpoint_every == 0):
-                    progress.flush(checkpointer.directory if checkpointer else None)
-                    loss, acc = progress.mean()
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}", acc=f"{acc:.3f}", refresh=False)
-                bar.update(1)
-                if (config.eval_every and step % config.eval_every == 0) or epoch_end:
-                    val_acc = evaluate(step)
-                    loss, acc = progress.mean()
-                    record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "train_loss": loss,
-                              "train_accuracy": acc, "val_accuracy": val_acc,
-                              "wall_seconds": round(time.perf_counter() - t0, 3)}
-                    history.records.append(record)
-                    history.val_accuracy.append(val_acc)
-                    history.val_epoch.append(record["epoch"])
-                    if run is not None:
-                        runs.append_metrics(run, record)
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}", acc=f"{acc:.3f}", val=f"{val_acc:.3f}")
-                if epoch_end:
-                    loss, acc = progress.mean()
-                    history.train_loss.append(loss)
-                    history.train_accuracy.append(acc)
-                    history.epoch_val_accuracy.append(history.val_accuracy[-1])
-                    progress.reset()
-                    save(step)
-                elif config.checkpoint_every and step % config.checkpoint_every == 0:
-                    save(step)
-        bar.close()
-        seconds = time.perf_counter() - t0
-        final = parallel.unreplicate(rstate)
+        trainer.restore(resume)
+        trainer.start()
+        _train(trainer, desc)
+        return trainer.result()
+    except Exception as error:
+        if distributed.is_peer_failure(error):
+            graceful = False
+            raise distributed.peer_lost(error, resume_hint) from None
+        raise
     finally:
-        if checkpointer is not None:
-            checkpointer.close()
-    return FitResult(history, {"params": final.params, "batch_stats": final.batch_stats}, seconds,
-                     total * config.batch_size / seconds if seconds > 0 else 0.0)
+        trainer.close(graceful)
 
 
-def resolve_normalization(config: Config, train: Split) -> Config:
-    """Fill config.norm_mean/std from config.normalize (the 'dataset' stats come from `train`)."""
-    from cifarjax.augment import normalization_stats
-    if config.norm_mean is None and config.normalize != "none":
-        config.norm_mean, config.norm_std = normalization_stats(config.normalize, train.images)
-    return config
+def _train(trainer: Trainer, desc: str) -> None:
+    """The loop itself: step, evaluate when it is time, checkpoint at epoch ends, stop cleanly on Ctrl-C."""
+    config = trainer.config
+    bar = tqdm(total=trainer.total_steps, initial=int(trainer.state.step), desc=desc, unit="step", mininterval=1.0,
+               dynamic_ncols=True, disable=not distributed.is_writer())
+    with _StopRequest() as stop, contextlib.closing(bar):
+        for step, idx in trainer.batches():
+            trainer.step(step, idx)
+            bar.update(1)
+            if itstime(step, config.eval_every) or trainer.epoch_end(step):
+                bar.set_postfix_str("evaluating", refresh=True)
+                record = trainer.evaluate(step)
+                bar.set_postfix(epoch=f"{record['epoch']:g}", loss=f"{record['train_loss']:.4f}",
+                                val=f"{record['val_accuracy']:.3f}")
+            if trainer.epoch_end(step) or itstime(step, config.checkpoint_every):
+                trainer.save(step)
+            if stop.requested:
+                trainer.save(step)
+                raise trainer.interrupted(step)
+        trainer.sync()
+        trainer.check_finite()
 
 
-def _host_augment(config: Config):
-    if config.augment_backend != "albumentations":
-        return None
-    return HostAugment(img_size=config.img_size, seed=config.seed)
-
+# ---------------------------------------------------------------------------------------------- the original's loops
 
 def _image_inputs(config: Config):
     spec = AugmentSpec.from_config(config)
-    if config.augment_backend == "albumentations":  # the host already flipped and resized
-        spec = AugmentSpec(config.img_size, False, 0, config.norm_mean, config.norm_std)
-    return ImageInputs(spec)
+    return HostAugmentedInputs(spec) if config.augment_backend == "albumentations" else ImageInputs(spec)
+
+
+def _host_augment(config: Config) -> Optional[HostAugment]:
+    return HostAugment(img_size=config.img_size, seed=config.seed) if config.augment_backend == "albumentations" \
+        else None
 
 
 def train_loop(config: Config, train: Split, val: Split, variables: Optional[dict] = None, *,
-               run: Optional[Path] = None, resume: bool = False, devices=None) -> FitResult:
+               run: Optional[Path] = None, resume: bool = False, devices=None, phases: Optional[Phases] = None,
+               resume_hint: str = "--resume") -> FitResult:
     """The original's train_loop: train the configured model (SimpleCNN by default) from scratch."""
-    config = resolve_normalization(config.validate(), train)
+    config = with_normalization(config.validate(), train.images)
     model = build_model(config)
     variables = variables if variables is not None else init_variables(model, config)
-    return fit(config, model.apply, variables, train, val, _image_inputs(config), run=run, resume=resume,
-               devices=devices, desc="train", host_augment=_host_augment(config))
-
-
-def predict(config: Config, variables: dict, split: Split, devices=None) -> np.ndarray:
-    """Predicted classes for every image of `split` (evaluation view, no augmentation)."""
-    import optax
-    model = build_model(config)
-    parallel = DataParallel(ImageInputs(AugmentSpec.from_config(config)), devices=devices)
-    state = parallel.replicate(create_train_state(model.apply, variables, optax.identity(), config.seed))
-    return parallel.predict(state, parallel.replicate((split.images, split.labels)), len(split),
-                            config.eval_batch_size)
-
-
-def backbone_features(config: Config, variables: dict, train: Split, val: Split, devices=None):
-    """Cached features for `fine_tune_loop`: (train Split of (N, 2, 512) features, val Split of (N, 512))."""
-    model = build_model(config)
-    spec = AugmentSpec.from_config(config)
-    kw = dict(batch_size=config.eval_batch_size, devices=devices)
-    train_f = extract_features(model, variables, train.images, spec, views=2, desc="train features", **kw)
-    val_f = extract_features(model, variables, val.images, spec, views=1, desc="val features", **kw)[:, 0]
-    return Split(train_f, train.labels), Split(val_f, val.labels)
+    return fit(config, Apply(model), variables, train, val, _image_inputs(config), run=run, resume=resume,
+               devices=devices, desc="train", host_augment=_host_augment(config), phases=phases,
+               resume_hint=resume_hint)
 
 
 def fine_tune_loop(config: Config, variables: dict, train: Split, val: Split, *, run: Optional[Path] = None,
-                   resume: bool = False, devices=None, features=None) -> FitResult:
+                   resume: bool = False, devices=None, features=None, phases: Optional[Phases] = None,
+                   resume_hint: str = "--resume") -> FitResult:
     """The original's fine_tune_loop: train a ResNet-18's unfrozen part (default: the head).
 
-    When everything but the head is frozen (`features.cacheable`), the head trains on cached backbone
-    features (pass `features` from `backbone_features` to share them between runs); otherwise every step
-    runs the network on the images.
+    When the backbone is fixed (`features.cacheable`), the head trains on cached backbone features (pass
+    `features` from `features.backbone_features` to share them between runs); otherwise every step runs the
+    network on the images.
     """
-    config = resolve_normalization(config.validate(), train)
+    config = with_normalization(config.validate(), train.images)
     model = build_model(config)
+    kw = dict(run=run, resume=resume, devices=devices, phases=phases, resume_hint=resume_hint)
     if cacheable(config):
-        train_f, val_f = features if features is not None else backbone_features(config, variables, train, val, devices)
-        inputs = FeatureInputs(AugmentSpec.from_config(config))
-        return fit(config, partial(model.apply, method="classify"), variables, train_f, val_f, inputs, run=run,
-                   resume=resume, devices=devices, desc="fine-tune (cached features)")
-    return fit(config, model.apply, variables, train, val, _image_inputs(config), run=run, resume=resume,
-               devices=devices, desc="fine-tune", host_augment=_host_augment(config))
+        if features is None:
+            with (phases or Phases(announce=False))("feature_extraction", "extracting backbone features"):
+                features = backbone_features(config, model, variables, train, val, devices)
+        return fit(config, Apply(model, "classify"), variables, *features, FeatureInputs(AugmentSpec.from_config(config)),
+                   desc="fine-tune (cached features)", **kw)
+    return fit(config, Apply(model), variables, train, val, _image_inputs(config), desc="fine-tune",
+               host_augment=_host_augment(config), **kw)

@@ -1,4 +1,4 @@
-"""Flax (linen) models: the original's SimpleCNN and torchvision's ResNet-18.
+"""Flax (linen) models: the original's SimpleCNN and torchvision's ResNet-18, and the factory of a run's model.
 
 Both take float32 NHWC images and are applied as pure functions::
 
@@ -7,14 +7,19 @@ Both take float32 NHWC images and are applied as pure functions::
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from functools import lru_cache, partial
+from typing import Any, Optional, Sequence
 
-import jax.numpy as jnp
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
+from cifarjax.freezing import STAGES, Freezing
 from cifarjax.layers import BatchNorm, Conv, ConvReluMaxPool, Dense, Dropout, max_pool, resolve_conv_impl
 
-RESNET18_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+ModuleDef = Any
+AXIS = "devices"  # the device axis of the pmap-ed steps, over which BatchNorm statistics are synchronised
 
 
 class SimpleCNN(nn.Module):
@@ -52,16 +57,16 @@ class SimpleCNN(nn.Module):
 
     def _fused_blocks(self, x, dropout1: Dropout, train: bool):
         """conv1 (per output phase, dropout before the pool as in the original) and conv2 (Winograd)."""
-        between = None
+        mask_phase = None
         if train and dropout1.rate > 0:
             n, h, w, _ = x.shape
             keep = dropout1.keep_mask((n, h - 2, w - 2, 128))  # the full conv1 output's mask, as unfused
             th, tw = (h - 2) // 2, (w - 2) // 2
             # Mask each phase, pool, then scale: the same values as scaling first (max commutes with it).
-            between = lambda z, pq: jnp.where(  # noqa: E731
+            mask_phase = lambda z, pq: jnp.where(  # noqa: E731
                 keep[:, pq[0]:pq[0] + 2 * th - 1:2, pq[1]:pq[1] + 2 * tw - 1:2, :], z, jnp.zeros_like(z))
-        x = ConvReluMaxPool(128, 2, "phases", name="conv1")(x, between)
-        if between is not None:
+        x = ConvReluMaxPool(128, 2, "phases", name="conv1")(x, mask_phase)
+        if mask_phase is not None:
             x = x / (1.0 - dropout1.rate)
         return ConvReluMaxPool(256, 2, "winograd", name="conv2")(x)
 
@@ -73,68 +78,70 @@ def _resnet_conv_init():
 
 class BasicBlock(nn.Module):
     """torchvision's BasicBlock: two 3x3 convs with BatchNorm, a 1x1 projection when the shape changes."""
-    features: int
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
     strides: int = 1
-    bn_inference: bool = True
-    axis_name: Optional[str] = None
-    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
-        conv = lambda f, k, s, p, name: Conv(f, k, s, p, use_bias=False, impl=self.conv_impl,  # noqa: E731
-                                             kernel_init=_resnet_conv_init(), name=name)
-        norm = lambda name: BatchNorm(self.bn_inference, axis_name=self.axis_name, name=name)  # noqa: E731
-        y = nn.relu(norm("bn1")(conv(self.features, 3, self.strides, 1, "conv1")(x)))
-        y = norm("bn2")(conv(self.features, 3, 1, 1, "conv2")(y))
-        if self.strides != 1 or x.shape[-1] != self.features:
-            x = norm("downsample_bn")(conv(self.features, 1, self.strides, 0, "downsample_conv")(x))
+        y = nn.relu(self.norm(name="bn1")(self.conv(self.filters, 3, self.strides, 1, name="conv1")(x)))
+        y = self.norm(name="bn2")(self.conv(self.filters, 3, 1, 1, name="conv2")(y))
+        if self.strides != 1 or x.shape[-1] != self.filters:
+            x = self.norm(name="downsample_bn")(self.conv(self.filters, 1, self.strides, 0, name="downsample_conv")(x))
         return nn.relu(y + x)
 
 
-class ResNet18Backbone(nn.Module):
-    """ResNet-18 up to the global average pool: returns (N, 512) features.
+class ResNetBackbone(nn.Module):
+    """A torchvision ResNet up to the global average pool: returns (N, channels) features.
 
-    Stage outputs (stem, layer1..layer4) are sown into the 'intermediates' collection.
-    `frozen_bn_stages`: the first k stages of (stem, layer1, ..., layer4) run BatchNorm in inference mode
-    even when `train=True`, so their running statistics never change.
+    Stage outputs (stem, layer1, ...) are sown into the 'intermediates' collection. `frozen_bn_stages`: the
+    first k stages run BatchNorm in inference mode even when `train=True`, so their statistics never change.
     """
+    stage_sizes: Sequence[int]
+    block_cls: ModuleDef
+    num_filters: int = 64
     frozen_bn_stages: int = 0
     axis_name: Optional[str] = None
     conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        inference = [not train or i < self.frozen_bn_stages for i in range(len(RESNET18_STAGES))]
-        x = Conv(64, 7, 2, 3, use_bias=False, impl=self.conv_impl, kernel_init=_resnet_conv_init(), name="conv1")(x)
-        x = nn.relu(BatchNorm(inference[0], axis_name=self.axis_name, name="bn1")(x))
+        conv = partial(Conv, use_bias=False, impl=self.conv_impl, kernel_init=_resnet_conv_init())
+
+        def norm(stage):
+            return partial(BatchNorm, not train or stage < self.frozen_bn_stages, axis_name=self.axis_name)
+
+        x = nn.relu(norm(0)(name="bn1")(conv(self.num_filters, 7, 2, 3, name="conv1")(x)))
         x = max_pool(x, 3, 2, 1)
         self.sow("intermediates", "stem", x)
-        for stage, features in enumerate((64, 128, 256, 512), start=1):
-            name = RESNET18_STAGES[stage]
-            for b in range(2):
-                strides = 2 if (b == 0 and stage > 1) else 1
-                x = BasicBlock(features, strides, inference[stage], self.axis_name, self.conv_impl,
-                               name=f"{name}_block{b}")(x)
-            self.sow("intermediates", name, x)
+        for i, size in enumerate(self.stage_sizes):
+            for b in range(size):
+                x = self.block_cls(self.num_filters * 2 ** i, conv, norm(i + 1), 2 if (b == 0 and i > 0) else 1,
+                                   name=f"layer{i + 1}_block{b}")(x)
+            self.sow("intermediates", f"layer{i + 1}", x)
         return jnp.mean(x, axis=(1, 2))
 
 
-class ResNet18(nn.Module):
-    """torchvision's ResNet-18 with parameters split into 'backbone' and 'head' (the fc layer)."""
+class ResNet(nn.Module):
+    """A torchvision ResNet with parameters split into 'backbone' and 'head' (the fc layer)."""
     num_classes: int = 1000
+    stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    block_cls: ModuleDef = BasicBlock
     frozen_bn_stages: int = 0
     axis_name: Optional[str] = None
     conv_impl: str = "auto"
 
     def setup(self):
-        self.backbone = ResNet18Backbone(self.frozen_bn_stages, self.axis_name, self.conv_impl)
+        self.backbone = ResNetBackbone(self.stage_sizes, self.block_cls, frozen_bn_stages=self.frozen_bn_stages,
+                                       axis_name=self.axis_name, conv_impl=self.conv_impl)
         self.head = Dense(self.num_classes)
 
     def __call__(self, x, train: bool = False):
         return self.head(self.backbone(x, train))
 
     def features(self, x, train: bool = False):
-        """Backbone features (N, 512) after the global average pool."""
+        """Backbone features after the global average pool."""
         return self.backbone(x, train)
 
     def classify(self, features, train: bool = False):
@@ -143,4 +150,42 @@ class ResNet18(nn.Module):
         return self.head(features)
 
 
-MODELS = {"simple_cnn": SimpleCNN, "resnet18": ResNet18}
+ResNet18 = partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
+assert len(STAGES) == 1 + len(ResNet18.keywords["stage_sizes"])
+
+
+@dataclass(frozen=True)
+class Apply:
+    """`model.apply(variables, ..., method=method)` as a value that compares equal for equal models, so steps
+    compiled for one run are reused by the next (bound methods compare by identity)."""
+    model: nn.Module
+    method: Optional[str] = None
+
+    def __call__(self, variables, *args, **kwargs):
+        return self.model.apply(variables, *args, method=self.method, **kwargs)
+
+
+def build_model(config):
+    """The configured model; ResNet-18's BatchNorm modes come from the freezing policy and its statistics are
+    synchronised over the training devices."""
+    if config.model == "simple_cnn":
+        return SimpleCNN(config.num_classes, conv_impl=config.conv_impl)
+    return ResNet18(config.num_classes, frozen_bn_stages=Freezing.from_config(config).frozen_bn_stages,
+                    axis_name=AXIS, conv_impl=config.conv_impl)
+
+
+@lru_cache(maxsize=16)
+def _jitted_init(model, img_size: int):
+    x = jnp.zeros((1, img_size, img_size, 3), jnp.float32)
+    return jax.jit(lambda key: model.init(key, x, train=False))
+
+
+def initialize(model, seed: int = 0, img_size: int = 32) -> dict:
+    """Freshly initialised {'params', 'batch_stats'} (host arrays), seeded. Compiled in one piece: running
+    `init` op by op costs 10-20 s on a CPU (its random normals may differ from op-by-op ones in the last bit)."""
+    return jax.device_get(dict(_jitted_init(model, img_size)(jax.random.PRNGKey(seed))))
+
+
+def init_variables(model, config) -> dict:
+    """Freshly initialised variables of a run's model, seeded by config.seed."""
+    return initialize(model, config.seed, config.img_size)

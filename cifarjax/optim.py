@@ -1,27 +1,59 @@
-"""Adam with a frozen part: `optax.multi_transform` over labels computed from parameter paths."""
+"""The optimizer of a run: Adam (the original), AdamW or SGD with Nesterov momentum, a learning-rate schedule,
+and the frozen part of the model (`optax.multi_transform` over `Freezing.trainable_mask`: frozen leaves get
+`set_to_zero` and no optimizer state)."""
 from __future__ import annotations
 
 import jax
 import optax
 
+from cifarjax.freezing import Freezing
+
 TRAINABLE, FROZEN = "trainable", "frozen"
 
 
-def _is_trainable(path, unfreeze: str) -> bool:
-    names = [getattr(k, "key", str(k)) for k in path]
-    if unfreeze == "all" or names[0] != "backbone":
-        return True
-    return unfreeze == "layer4" and names[1].startswith("layer4")
+def learning_rate(config, steps_per_epoch: int):
+    """The learning rate: a float for 'constant' (the original), else an optax schedule over the run's steps.
+
+    'cosine': linear warm-up from 0 over `warmup_epochs`, then cosine decay to 0.
+    'onecycle': cosine rise from lr/25 to lr over `warmup_epochs` (default 30% of the run), then cosine decay
+    to lr/25e4 (optax.cosine_onecycle_schedule).
+    """
+    total = max(1, config.n_epochs * steps_per_epoch)
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    if config.schedule == "constant":
+        return config.lr
+    if config.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup, total, end_value=0.0)
+    pct_start = min(warmup / total, 0.99) if warmup else 0.3
+    return optax.cosine_onecycle_schedule(total, config.lr, pct_start=pct_start)
 
 
-def freeze_labels(params, unfreeze: str = "all"):
-    """'trainable'/'frozen' per leaf: 'head' trains only the head (the original), 'layer4' also the
-    backbone's layer4, 'all' everything. Models without a 'backbone' are fully trainable."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: TRAINABLE if _is_trainable(path, unfreeze) else FROZEN, params)
+def lr_at(config, steps_per_epoch: int, step: int) -> float:
+    rate = learning_rate(config, steps_per_epoch)
+    return float(rate(step)) if callable(rate) else float(rate)
 
 
-def make_optimizer(params, lr: float, unfreeze: str = "all") -> optax.GradientTransformation:
-    """Adam(lr) on the trainable leaves; frozen leaves get `set_to_zero` and no optimizer state."""
-    return optax.multi_transform({TRAINABLE: optax.adam(lr), FROZEN: optax.set_to_zero()},
-                                 freeze_labels(params, unfreeze))
+def _decays(params):
+    """Weight decay applies to kernels, not to biases or BatchNorm scales."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def base_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+    rate = learning_rate(config, steps_per_epoch)
+    if config.optimizer == "adam":
+        return optax.adam(rate)
+    if config.optimizer == "adamw":
+        return optax.adamw(rate, weight_decay=config.weight_decay, mask=_decays)
+    return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=_decays),
+                       optax.sgd(rate, momentum=config.momentum, nesterov=True))
+
+
+def freeze_labels(params, freezing: Freezing):
+    """'trainable'/'frozen' per parameter leaf, from the freezing policy."""
+    return jax.tree.map(lambda trains: TRAINABLE if trains else FROZEN, freezing.trainable_mask(params))
+
+
+def make_optimizer(config, params, steps_per_epoch: int = 1) -> optax.GradientTransformation:
+    """The configured optimizer on the trainable leaves; frozen leaves get `set_to_zero` and no state."""
+    return optax.multi_transform({TRAINABLE: base_optimizer(config, steps_per_epoch), FROZEN: optax.set_to_zero()},
+                                 freeze_labels(params, Freezing.from_config(config)))

@@ -1,4 +1,6 @@
-"""Figures written to PNG files (headless): the original's two plots, a confusion matrix, sample predictions."""
+"""Figures written to PNG files (headless): training curves, fine-tuning runs, confusion matrices, sample
+predictions and comparisons of runs. Colours come from seaborn's colour-blind palette, and every distinction
+drawn in colour is also drawn in line style or marker."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,6 +13,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+PALETTE = sns.color_palette("colorblind")
+STYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+MIN_SPAN = 10.0  # accuracy axes span at least this many points, so noise does not look like a trend
+
 
 def _save(fig, path) -> Path:
     path = Path(path)
@@ -21,43 +28,94 @@ def _save(fig, path) -> Path:
     return path
 
 
-def plot_training_results(train_loss: Sequence[float], val_accuracy: Sequence[float],
-                          val_epoch: Sequence[float], path) -> Path:
-    """The original's figure: training loss per epoch and validation accuracy, side by side."""
+def _epochs_axis(ax, last_epoch: float) -> None:
+    ax.set_xlim(0, max(1.0, last_epoch) * 1.05)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+
+
+def _accuracy_axis(ax, values: Sequence[float], label: str) -> None:
+    """Percent axis from the data, widened to at least MIN_SPAN points, saying when it does not start at 0."""
+    values = [v for v in values if v is not None]
+    lo, hi = (min(values), max(values)) if values else (0.0, 100.0)
+    if hi - lo < MIN_SPAN:
+        centre = (hi + lo) / 2
+        lo, hi = centre - MIN_SPAN / 2, centre + MIN_SPAN / 2
+    pad = (hi - lo) * 0.08
+    lo, hi = max(0.0, lo - pad), min(100.0, hi + pad)
+    ax.set_ylim(lo, hi)
+    ax.set_ylabel(label + (f" (axis from {lo:.0f}%)" if lo > 0 else ""))
+
+
+def plot_training_results(records: Sequence[dict], path, title: str = "Training") -> Path:
+    """Loss (training and validation) and accuracy (training and validation) against epochs."""
     sns.set_theme(style="whitegrid")
+    ends = [r for r in records if r.get("epoch_end")]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    left.plot(range(1, len(train_loss) + 1), train_loss, marker="o")
-    left.set(title="Training loss", xlabel="epoch", ylabel="cross-entropy (mean over epoch)")
-    right.plot(val_epoch, np.asarray(val_accuracy) * 100, marker="o", color="tab:green")
-    right.set(title="Validation accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    x_end, x_all = [r["epoch"] for r in ends], [r["epoch"] for r in records]
+    left.plot(x_end, [r["train_loss"] for r in ends], marker="o", color=PALETTE[0], label="training (epoch mean)")
+    left.plot(x_all, [r.get("val_loss") for r in records], marker="s", ls="--", color=PALETTE[1], label="validation")
+    left.set(title="Loss", ylabel="cross-entropy")
+    right.plot(x_end, [100 * r["train_accuracy"] for r in ends], marker="o", color=PALETTE[0],
+               label="training (epoch mean)")
+    right.plot(x_all, [100 * r["val_accuracy"] for r in records], marker="s", ls="--", color=PALETTE[1],
+               label="validation")
+    right.set(title="Accuracy")
+    _accuracy_axis(right, [100 * r["train_accuracy"] for r in ends] + [100 * r["val_accuracy"] for r in records],
+                   "accuracy (%)")
+    for ax in (left, right):
+        _epochs_axis(ax, max(x_all, default=1.0))
+        ax.legend()
+    fig.suptitle(title)
     return _save(fig, path)
 
 
-def plot_fine_tuning_results(val_curves: Mapping[str, Sequence[float]], path, title="Fine-tuning: validation accuracy"
-                             ) -> Path:
-    """The original's figure: validation accuracy per epoch, one curve per run (e.g. 20, 50, 100 epochs)."""
+def plot_runs(curves: Mapping[str, Mapping[str, Sequence[float]]], path, title: str) -> Path:
+    """Validation and training accuracy per epoch, one line style, marker and colour per run.
+
+    `curves`: {run label: {'val': [...], 'train': [...]}} (fractions, one value per epoch; 'train' optional).
+    """
     sns.set_theme(style="whitegrid")
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for label, curve in val_curves.items():
-        ax.plot(range(1, len(curve) + 1), np.asarray(curve) * 100, label=label)
-    ax.set(title=title, xlabel="epoch", ylabel="validation accuracy (%)")
-    ax.legend()
+    has_train = any(c.get("train") for c in curves.values())
+    fig, axes = plt.subplots(1, 2 if has_train else 1, figsize=(13 if has_train else 8, 5), squeeze=False)
+    longest = max((len(c["val"]) for c in curves.values()), default=1)
+    every = max(1, longest // 15)
+    for ax, key, name in zip(axes[0], ("val", "train"), ("Validation accuracy", "Training accuracy")):
+        values = []
+        for i, (label, c) in enumerate(curves.items()):
+            y = [100 * v for v in c.get(key) or []]
+            values += y
+            ax.plot(range(1, len(y) + 1), y, ls=STYLES[i % len(STYLES)], marker=MARKERS[i % len(MARKERS)],
+                    markevery=every, color=PALETTE[i % len(PALETTE)], label=f"{label} (final {y[-1]:.1f}%)" if y else label)
+        ax.set_title(name)
+        _epochs_axis(ax, longest)
+        _accuracy_axis(ax, values, "accuracy (%)")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
     return _save(fig, path)
 
 
 def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path, title="Confusion matrix") -> Path:
-    """Heatmap of counts; rows are true classes, columns predicted ones."""
+    """Counts beside the row-normalised matrix (recall per true class); the overall accuracy in the title."""
     sns.set_theme(style="white")
-    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(classes), 0.8 + 0.7 * len(classes)))
-    sns.heatmap(matrix, annot=True, fmt="d", cmap="Blues", xticklabels=classes, yticklabels=classes, ax=ax,
+    matrix = np.asarray(matrix)
+    accuracy = np.trace(matrix) / max(matrix.sum(), 1)
+    size = 1.0 + 0.75 * len(classes)
+    fig, (counts, rates) = plt.subplots(1, 2, figsize=(2 * size + 1, size))
+    sns.heatmap(matrix, annot=True, fmt="d", cmap="viridis", xticklabels=classes, yticklabels=classes, ax=counts,
                 cbar_kws={"label": "images"})
-    ax.set(title=title, xlabel="predicted class", ylabel="true class")
+    counts.set(title="counts", xlabel="predicted class", ylabel="true class")
+    normalised = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    sns.heatmap(100 * normalised, annot=True, fmt=".0f", cmap="viridis", vmin=0, vmax=100, xticklabels=classes,
+                yticklabels=classes, ax=rates, cbar_kws={"label": "% of the true class"})
+    rates.set(title="row-normalised (%)", xlabel="predicted class", ylabel="true class")
+    fig.suptitle(f"{title}: accuracy {100 * accuracy:.2f}%")
     return _save(fig, path)
 
 
 def plot_sample_predictions(images: np.ndarray, predicted: Sequence[int], true: Sequence[int],
                             classes: Sequence[str], path, columns: int = 8) -> Path:
-    """A grid of uint8 images titled 'predicted (true)', green when right and red when wrong."""
+    """A grid of uint8 images titled 'predicted (true)', marked ✓ (blue) when right and ✗ (orange) when wrong."""
     n = len(images)
     rows = -(-n // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.8 * rows), squeeze=False)
@@ -65,10 +123,8 @@ def plot_sample_predictions(images: np.ndarray, predicted: Sequence[int], true: 
         ax.axis("off")
     for ax, image, p, t in zip(axes.ravel(), images, predicted, true):
         ax.imshow(image, interpolation="nearest")
-        ax.set_title(f"{classes[p]}\n({classes[t]})", fontsize=8, color="green" if p == t else "red")
+        right = p == t
+        ax.set_title(f"{'✓' if right else '✗'} {classes[p]}\n({classes[t]})", fontsize=8,
+                     color=PALETTE[0] if right else PALETTE[1])
     fig.suptitle("Sample predictions: predicted (true)")
     return _save(fig, path)
-
-
-def confusion_matrix(true: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
-    return np.bincount(true * n_classes + predicted, minlength=n_classes * n_classes).reshape(n_classes, n_classes)

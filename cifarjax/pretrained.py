@@ -3,7 +3,9 @@
 Conv kernels OIHW → HWIO, fc weight transposed, BatchNorm weight/bias/running_mean/running_var →
 scale/bias/mean/var. Files are read with `torch.load(weights_only=True)`: no pickled code runs.
 ImageNet weights come from torchvision's weights API (downloaded and hash-checked into torch's cache)
-or from a local file; the converted variables are cached as .npz so later runs need no torch at all.
+or from a local file; the converted variables are cached as .npz so later runs need no torch at all (a
+damaged or unwritable cache is rebuilt or skipped, never a blocker). Ported weights are merged into a fresh
+initialisation, so a new head of any size keeps its own seeded initialisation (`merge`).
 """
 from __future__ import annotations
 
@@ -18,17 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from cifarjax.errors import UserError
-from cifarjax.models import ResNet18
+from cifarjax.errors import UserError, warn
+from cifarjax.files import atomic_write, best_effort
+from cifarjax.files import cache_dir as default_cache
+from cifarjax.models import ResNet18, initialize
 
 IMAGENET_FILE = "resnet18-f37072fd.pth"
 IMAGENET_URL = f"https://download.pytorch.org/models/{IMAGENET_FILE}"
 _BN_FIELDS = {"weight": ("params", "scale"), "bias": ("params", "bias"),
               "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("CIFARJAX_CACHE", Path.home() / ".cache" / "cifarjax"))
 
 
 def _flax_path(torch_key: str):
@@ -82,6 +82,14 @@ def _expected_shapes(num_classes: int):
             for path, s in traverse_util.flatten_dict(shapes[col]).items()}
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _load_state_dict(path: Union[str, Path]) -> Mapping[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
@@ -89,7 +97,7 @@ def _load_state_dict(path: Union[str, Path]) -> Mapping[str, np.ndarray]:
                         f"state_dict (.pth), for example {IMAGENET_FILE} from {IMAGENET_URL}")
     m = re.fullmatch(r"resnet18-([0-9a-f]{8,})\.pth", path.name)
     if m:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = _sha256(path)
         if not digest.startswith(m.group(1)):
             raise UserError(f"weights file {path} is corrupt: its SHA-256 starts {digest[:8]}, its name promises "
                             f"{m.group(1)}; download it again from {IMAGENET_URL}")
@@ -97,7 +105,7 @@ def _load_state_dict(path: Union[str, Path]) -> Mapping[str, np.ndarray]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a state dict file"
-        raise UserError(f"{path} is not a PyTorch state_dict file ({type(error).__name__}: {error}); "
+        raise UserError(f"{path} is not a PyTorch state_dict file ({_load_failure(error)}); "
                         "pass a file saved with torch.save(model.state_dict(), path)") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
@@ -105,6 +113,15 @@ def _load_state_dict(path: Union[str, Path]) -> Mapping[str, np.ndarray]:
         raise UserError(f"{path} holds a {type(obj).__name__}, not a state_dict of tensors; "
                         "pass a file saved with torch.save(model.state_dict(), path)")
     return obj
+
+
+def _load_failure(error: Exception) -> str:
+    """Why torch.load refused a file, without torch's advice to retry with weights_only=False."""
+    blocked = re.search(r"GLOBAL (\S+)", str(error))
+    if blocked:
+        return f"it holds pickled code ({blocked.group(1)}), which cifarjax never runs"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first}" if "weights_only" not in first else type(error).__name__
 
 
 def _numpy(value) -> np.ndarray:
@@ -153,12 +170,32 @@ def _from_flax_shape(shape, kind):
     return tuple(reversed(shape)) if kind == "fc" else shape
 
 
-def replace_head(variables: dict, num_classes: int, seed: int = 0) -> dict:
-    """Swap the head for a freshly initialised, seeded `num_classes` head (PyTorch's Linear init)."""
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), num_classes)
-    head = ResNet18(num_classes).init(key, jnp.zeros((1, 32, 32, 3)))["params"]["head"]
-    params = dict(variables["params"], head=jax.device_get(head))
-    return {"params": params, "batch_stats": variables["batch_stats"]}
+def merge(fresh: dict, loaded: dict, dont_load=()) -> dict:
+    """`loaded` variables merged into a `fresh` initialisation: every leaf whose '/'-joined path (collection
+    first) fully matches a pattern of `dont_load` keeps its fresh value (big_vision's `load(..., dont_load=...)`).
+
+    Both trees must have the same structure apart from those leaves; a shape mismatch names the leaf.
+    """
+    fresh_flat, loaded_flat = traverse_util.flatten_dict(fresh), traverse_util.flatten_dict(loaded)
+    merged = {}
+    for key, value in fresh_flat.items():
+        name = "/".join(key)
+        if any(re.fullmatch(p, name) for p in dont_load) or key not in loaded_flat:
+            merged[key] = value
+        elif np.shape(loaded_flat[key]) != np.shape(value):
+            raise UserError(f"weights for {name} have shape {np.shape(loaded_flat[key])}, the model needs "
+                            f"{np.shape(value)}")
+        else:
+            merged[key] = loaded_flat[key]
+    return traverse_util.unflatten_dict(merged)
+
+
+def with_new_head(variables: dict, num_classes: int, seed: int = 0) -> dict:
+    """Ported ResNet-18 variables with their head replaced by a fresh, seeded `num_classes` head (the same
+    initialisation `--weights random` gives, PyTorch's Linear init)."""
+    if variables["params"]["head"]["bias"].shape[0] == num_classes:
+        return variables
+    return merge(initialize(ResNet18(num_classes), seed), variables, dont_load=(r"params/head/.*",))
 
 
 def resnet18_from_torchvision(state_dict_or_path, num_classes: int = 1000, seed: int = 0) -> dict:
@@ -169,19 +206,14 @@ def resnet18_from_torchvision(state_dict_or_path, num_classes: int = 1000, seed:
     state_dict = state_dict_or_path
     if isinstance(state_dict_or_path, (str, os.PathLike)):
         state_dict = _load_state_dict(state_dict_or_path)
-    variables = convert_state_dict(state_dict)
-    if variables["params"]["head"]["bias"].shape[0] != num_classes:
-        variables = replace_head(variables, num_classes, seed)
-    return variables
+    return with_new_head(convert_state_dict(state_dict), num_classes, seed)
 
 
 def save_variables_npz(variables: dict, path: Path) -> None:
     """Write variables to a flat .npz (keys joined with '/'), atomically."""
     flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(variables).items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **flat)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        np.savez(f, **flat)
 
 
 def load_variables_npz(path: Path) -> dict:
@@ -190,11 +222,22 @@ def load_variables_npz(path: Path) -> dict:
 
 
 def _cached_conversion(cached: Path, load_state_dict) -> dict:
-    """Converted variables from the .npz cache, or converted now (needs torch) and cached."""
+    """Converted variables from the .npz cache, or converted now (needs torch) and cached.
+
+    A cache file that cannot be read or does not hold a whole ResNet-18 is converted again and rewritten.
+    """
     if cached.is_file():
-        return load_variables_npz(cached)
+        try:
+            variables = load_variables_npz(cached)
+            expected = _expected_shapes(variables["params"]["head"]["bias"].shape[0])
+            flat = {k: v.shape for k, v in traverse_util.flatten_dict(variables).items()}
+            if flat == expected:
+                return variables
+        except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt
+            pass
+        warn(f"cached converted weights {cached} are damaged; converting the weights again")
     variables = convert_state_dict(load_state_dict())
-    save_variables_npz(variables, cached)
+    best_effort(lambda: save_variables_npz(variables, cached), f"writing converted weights to {cached}")
     return variables
 
 
@@ -216,15 +259,13 @@ def imagenet_resnet18(num_classes: int = 10, weights: Optional[Union[str, Path]]
     (downloaded with a hash check into torch's cache). Either way the converted variables are cached
     (a local file keyed by its SHA-256), so later runs need no torch.
     """
-    cache = (cache_dir or default_cache_dir()) / "weights"
+    cache = (cache_dir or default_cache()) / "weights"
     if weights is not None:
         path = Path(weights)
         if not path.is_file():
             _load_state_dict(path)  # raises the missing-file message
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = _sha256(path)
         variables = _cached_conversion(cache / f"resnet18-{digest[:16]}.npz", lambda: _load_state_dict(path))
     else:
         variables = _cached_conversion(cache / "resnet18_imagenet1k_v1.npz", _fetch_imagenet_state_dict)
-    if variables["params"]["head"]["bias"].shape[0] != num_classes:
-        variables = replace_head(variables, num_classes, seed)
-    return variables
+    return with_new_head(variables, num_classes, seed)

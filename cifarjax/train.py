@@ -1,15 +1,16 @@
-"""Pure per-device train and eval steps over a `TrainState`, and their one-line `jax.pmap` wrapper.
+"""Pure per-device train and eval steps over a `TrainState`, and their `jax.pmap` wrapper over every device of
+every process.
 
-Each step receives the dataset resident on its device and the indices of its share of the batch; the
-`inputs` object (`ImageInputs` or `FeatureInputs`) gathers and augments them on the device. Gradients and
-metrics are averaged over devices with `lax.pmean`; BatchNorm statistics are synchronised by the model
-(`axis_name=AXIS`). Random choices are drawn for the global batch and sliced per device, so augmentation
-is the same whatever the device count; dropout keys differ per device and step.
+Each step receives the data resident on its device and the indices of its share of the global batch; the
+`inputs` object (`cifarjax.inputs`) gathers and augments them on the device. Gradients and metrics are
+averaged over all devices with `lax.pmean`; BatchNorm statistics are synchronised by the model
+(`axis_name=AXIS`). Dropout keys depend on (step, global device index), so a run is the same whether its
+devices sit in one process or several.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Optional
 
 import jax
@@ -20,56 +21,73 @@ from flax.training import train_state
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cifarjax.augment import AugmentSpec, augment, draw, prepare
-from cifarjax.optim import FROZEN
-
-AXIS = "devices"
+from cifarjax.batching import eval_indices
+from cifarjax.models import AXIS
 
 
 class TrainState(train_state.TrainState):
-    """Flax's TrainState plus BatchNorm statistics and the run's base PRNG key."""
+    """Flax's TrainState plus BatchNorm statistics, the run's base PRNG key and, optionally, an exponential
+    moving average of the parameters."""
     batch_stats: Any = None
     key: Any = None
+    ema_params: Any = None
 
     @property
     def variables(self):
         return {"params": self.params, "batch_stats": self.batch_stats}
 
+    @property
+    def eval_variables(self):
+        """The weights evaluation uses: the moving average when the run keeps one."""
+        return {"params": self.params if self.ema_params is None else self.ema_params,
+                "batch_stats": self.batch_stats}
 
-def create_train_state(apply_fn, variables, tx, seed: int) -> TrainState:
-    return TrainState.create(apply_fn=apply_fn, params=variables["params"], tx=tx,
-                             batch_stats=variables.get("batch_stats", {}), key=jax.random.PRNGKey(seed))
 
-
-def device_draw(key, per_device: int, device, n_devices: int, spec: AugmentSpec):
-    """This device's slice of the random choices drawn for the whole global batch."""
-    flips, offsets = draw(key, per_device * n_devices, spec)
-    start = device * per_device
-    return lax.dynamic_slice_in_dim(flips, start, per_device), lax.dynamic_slice_in_dim(offsets, start, per_device)
+def create_train_state(apply_fn, variables, tx, seed: int, ema: bool = False) -> TrainState:
+    params = variables["params"]
+    return TrainState.create(apply_fn=apply_fn, params=params, tx=tx, batch_stats=variables.get("batch_stats", {}),
+                             key=jax.random.PRNGKey(seed), ema_params=params if ema else None)
 
 
 @dataclass(frozen=True)
-class ImageInputs:
-    """Steps over uint8 images: gather by index, then augment (train) or prepare (eval) on the device."""
-    spec: AugmentSpec
+class StepOptions:
+    """Static settings of the steps (hashable, part of the compiled program)."""
+    label_smoothing: float = 0.0
+    ema_decay: float = 0.0
+    tta_flip: bool = False
 
-    def train(self, key, images, idx, device, n_devices):
-        flips, offsets = device_draw(key, idx.shape[0], device, n_devices, self.spec)
-        return augment(images[idx], flips, offsets, self.spec)
-
-    def eval(self, images, idx):
-        return prepare(images[idx], self.spec)
+    @classmethod
+    def from_config(cls, config) -> "StepOptions":
+        return cls(config.label_smoothing, config.ema_decay, config.tta_flip)
 
 
-def _keep_frozen(labels, new, old):
+def cross_entropy(logits, labels, smoothing: float = 0.0):
+    """Per-example cross-entropy against integer labels, optionally label-smoothed."""
+    if not smoothing:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def ema_update(ema, params, decay: float, step):
+    """ema·d + params·(1-d) with d = min(decay, (1 + step) / (10 + step)), so early averages warm up quickly."""
+    d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return jax.tree.map(lambda e, p: e * d + p * (1.0 - d), ema, params)
+
+
+def _keep_frozen(trainable, new, old):
     """Frozen leaves keep their exact old bits (adding a zero update could still flip -0.0)."""
-    if labels is None:
+    if trainable is None:
         return new
-    return jax.tree.map(lambda label, n, o: o if label == FROZEN else n, labels, new, old)
+    return jax.tree.map(lambda trains, n, o: n if trains else o, trainable, new, old)
 
 
-def train_step(state: TrainState, data, idx, *, inputs, n_devices: int, labels=None):
-    """One optimisation step on this device's share `idx` of the global batch (call under `pmap`)."""
+def train_step(state: TrainState, data, idx, *, inputs, n_devices: int, trainable=None,
+               options: StepOptions = StepOptions()):
+    """One optimisation step on this device's share `idx` of the global batch (call under `pmap`).
+
+    `trainable`: the freezing policy's mask (None: everything trains).
+    """
     images, targets = data
     device = lax.axis_index(AXIS)
     step_key = jax.random.fold_in(state.key, state.step)
@@ -80,52 +98,98 @@ def train_step(state: TrainState, data, idx, *, inputs, n_devices: int, labels=N
     def loss_fn(params):
         logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, x, train=True,
                                          rngs={"dropout": dropout_key}, mutable=["batch_stats"])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), (logits, updates)
+        return cross_entropy(logits, y, options.label_smoothing).mean(), (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grads = lax.pmean(grads, AXIS)
     new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
-    new_state = new_state.replace(params=_keep_frozen(labels, new_state.params, state.params))
+    new_state = new_state.replace(params=_keep_frozen(trainable, new_state.params, state.params))
+    if options.ema_decay:
+        new_state = new_state.replace(ema_params=ema_update(state.ema_params, new_state.params, options.ema_decay,
+                                                            state.step))
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
     return new_state, lax.pmean(metrics, AXIS)
 
 
-def eval_step(state: TrainState, data, idx, *, inputs):
-    """Predicted classes for this device's share `idx` (call under `pmap`)."""
-    logits = state.apply_fn(state.variables, inputs.eval(data[0], idx), train=False)
-    return jnp.argmax(logits, -1).astype(jnp.int32)
+def eval_logits(state: TrainState, data, idx, inputs, tta_flip: bool):
+    logits = state.apply_fn(state.eval_variables, inputs.eval(data[0], idx), train=False)
+    if tta_flip:
+        logits = (logits + state.apply_fn(state.eval_variables, inputs.eval(data[0], idx, True), train=False)) / 2
+    return logits
+
+
+def eval_step(state: TrainState, data, idx, *, inputs, options: StepOptions = StepOptions()):
+    """Predicted classes and per-example losses of this device's share `idx`, gathered from every device
+    (call under `pmap`): each is (devices, per_device)."""
+    logits = eval_logits(state, data, idx, inputs, options.tta_flip)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, data[1][idx])
+    preds = jnp.argmax(logits, -1).astype(jnp.int32)
+    return lax.all_gather(preds, AXIS), lax.all_gather(losses, AXIS)
+
+
+@functools.lru_cache(maxsize=32)
+def _pmapped(step, devices: tuple, donate: bool, **static):
+    """One pmap-ed step per (step, devices, static settings), so repeated runs reuse the compiled program."""
+    if "trainable" in static and static["trainable"] is not None:
+        leaves, treedef = static["trainable"]
+        static["trainable"] = jax.tree.unflatten(treedef, leaves)
+    return jax.pmap(functools.partial(step, **static), axis_name=AXIS, devices=list(devices),
+                    donate_argnums=(0,) if donate else ())
 
 
 class DataParallel:
-    """The pmap-ed steps over `devices` (default: all local devices) and the replicate/unreplicate boundary."""
+    """The pmap-ed steps over `devices` (default: every device of every process), and the boundary between
+    host arrays and device-resident ones. Each process passes only its own devices' rows of a batch."""
 
-    def __init__(self, inputs, labels=None, devices: Optional[list] = None):
-        self.devices = list(devices or jax.local_devices())
-        n = len(self.devices)
+    def __init__(self, inputs, trainable=None, devices: Optional[list] = None,
+                 options: StepOptions = StepOptions()):
+        self.devices = list(devices or jax.devices())
+        self.local_rows = [i for i, d in enumerate(self.devices) if d.process_index == jax.process_index()]
         self.sharding = NamedSharding(Mesh(np.array(self.devices), (AXIS,)), PartitionSpec(AXIS))
-        self.train_step = jax.pmap(partial(train_step, inputs=inputs, n_devices=n, labels=labels),
-                                   axis_name=AXIS, devices=self.devices, donate_argnums=(0,))
-        self.eval_step = jax.pmap(partial(eval_step, inputs=inputs), axis_name=AXIS, devices=self.devices)
+        key = None if trainable is None else (tuple(jax.tree.leaves(trainable)), jax.tree.structure(trainable))
+        self.train_step = _pmapped(train_step, tuple(self.devices), True, inputs=inputs, n_devices=self.n_devices,
+                                   trainable=key, options=options)
+        self.eval_step = _pmapped(eval_step, tuple(self.devices), False, inputs=inputs, options=options)
 
     @property
     def n_devices(self) -> int:
         return len(self.devices)
 
+    def mine(self, batch: np.ndarray) -> np.ndarray:
+        """This process's rows of a (devices, ...) global batch."""
+        return batch[self.local_rows]
+
     def replicate(self, tree):
-        """Copy a host pytree onto every device (leading axis = devices)."""
-        n = self.n_devices
-        return jax.tree.map(lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (n,) + np.shape(x)),
-                                                     self.sharding), tree)
+        """Copy a host pytree onto every device of this process (leading axis = devices)."""
+        local = [self.devices[i] for i in self.local_rows]
+
+        def put(x):
+            x = np.asarray(x)
+            return jax.make_array_from_single_device_arrays(
+                (self.n_devices,) + x.shape, self.sharding, [jax.device_put(x[None], d) for d in local])
+        return jax.tree.map(put, tree)
+
+    def shard(self, tree):
+        """Place this process's rows (local devices, ...) of a batch on its devices."""
+        local = [self.devices[i] for i in self.local_rows]
+
+        def put(x):
+            x = np.asarray(x)
+            return jax.make_array_from_single_device_arrays(
+                (self.n_devices,) + x.shape[1:], self.sharding, [jax.device_put(x[i:i + 1], d) for i, d in
+                                                                 enumerate(local)])
+        return jax.tree.map(put, tree)
 
     @staticmethod
     def unreplicate(tree):
-        """The first device's copy, as host numpy arrays. Reads the shard directly: indexing would dispatch
-        a new program that can deadlock against a queued collective step on CPU devices."""
+        """The first local device's copy, as host numpy arrays. Reads the shard directly: indexing would
+        dispatch a new program that can deadlock against a queued collective step on CPU devices."""
         return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
 
-    def predict(self, state, data, n: int, batch_size: int) -> np.ndarray:
-        """Predicted classes for examples 0..n-1 of the resident `data`, each counted exactly once."""
-        from cifarjax.batching import eval_indices
+    def evaluate(self, state, data, n: int, batch_size: int):
+        """(predicted classes, per-example losses) for examples 0..n-1 of the resident `data`, each example
+        counted exactly once; every process gets all of them."""
         idx, mask = eval_indices(n, batch_size, self.n_devices)
-        preds = [self.eval_step(state, data, i) for i in idx]
-        return np.concatenate([np.asarray(p)[m] for p, m in zip(preds, mask)])
+        outputs = [self.eval_step(state, data, self.mine(i)) for i in idx]
+        preds, losses = zip(*[self.unreplicate(o) for o in outputs])
+        return np.concatenate([p[m] for p, m in zip(preds, mask)]), np.concatenate([l[m] for l, m in zip(losses, mask)])

@@ -1,12 +1,18 @@
-"""What the experiment commands share: flags for the Config, loading data, run folders, outputs."""
+"""What the experiment commands share: the command line, a run's start (distributed runtime, run folder,
+configuration, data), and its outputs (scoring, plots, summary.json)."""
 from __future__ import annotations
 
-import argparse
+import importlib.metadata
 import os
 import platform
+import resource
+import shlex
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -14,89 +20,160 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import cifarjax  # noqa: E402
-from cifarjax import plots, runs  # noqa: E402
+from cifarjax import distributed, plots, runs  # noqa: E402
+from cifarjax.augment import with_normalization  # noqa: E402
 from cifarjax.config import Config  # noqa: E402
-from cifarjax.data import SOURCES, load_dataset, train_val_split  # noqa: E402
-from cifarjax.loop import predict  # noqa: E402
+from cifarjax.data import Dataset, Split, load_dataset, train_val_split  # noqa: E402
+from cifarjax.errors import UserError  # noqa: E402
+from cifarjax.evaluation import predict, score  # noqa: E402
+from cifarjax.files import write_json  # noqa: E402
+from cifarjax.flags import Parser, add_config_flags, given, new_config, resumed_config  # noqa: E402
+from cifarjax.phases import Phases  # noqa: E402
+from cifarjax.recipes import recipe_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "torch", "torchvision", "albumentations")
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = positive_int(text) if text.strip() != "0" else 0
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be positive")
-    return value
-
-
-def make_parser(prog: str, description: str, defaults: Config) -> argparse.ArgumentParser:
-    """Flags for every Config field the experiments share, plus data and run-folder flags."""
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("training (the original's Config)")
-    g.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
-                   help="global batch size, split evenly over the devices")
-    g.add_argument("--lr", type=positive_float, default=defaults.lr, help="Adam learning rate")
-    g.add_argument("--eval-every", type=non_negative_int, default=defaults.eval_every,
-                   help="evaluate on the validation split every N steps (0: only at epoch ends)")
-    g.add_argument("--seed", type=int, default=defaults.seed, help="seed of initialisation, split, order, augmentation")
-    g.add_argument("--img-size", type=positive_int, default=defaults.img_size,
-                   help="size the network sees (images are resized on the device)")
-    g.add_argument("--normalize", choices=("none", "imagenet", "dataset"), default=defaults.normalize,
-                   help="per-channel normalisation after scaling to [0, 1]")
-    g.add_argument("--crop-padding", type=non_negative_int, default=defaults.crop_padding,
-                   help="pad-and-random-crop by N pixels (0: off, as in the original)")
-    g.add_argument("--augment", choices=("device", "albumentations"), default=defaults.augment_backend,
-                   help="where augmentation runs: jitted on the device, or albumentations per image on the host")
-    g.add_argument("--conv-impl", choices=("auto", "winograd", "im2col", "xla"), default=defaults.conv_impl,
-                   help="convolution formulation (auto: Winograd-fused SimpleCNN blocks and im2col on CPU, "
-                        "XLA/cuDNN on GPU)")
-    g.add_argument("--checkpoint-every", type=non_negative_int, default=defaults.checkpoint_every,
-                   help="also checkpoint every N steps (0: only at epoch ends)")
-    d = p.add_argument_group("data")
-    d.add_argument("--dataset", choices=SOURCES, default="auto",
-                   help="auto: --data-dir's contents, or CIFAR-10 downloaded when no --data-dir is given")
-    d.add_argument("--data-dir", default=None,
-                   help="a folder holding cifar-10-batches-py or DIR/train/<class>/*.jpg (+ optional DIR/test/...)")
-    d.add_argument("--decode-size", type=positive_int, default=defaults.decode_size,
-                   help="images are decoded and stored at this size")
+def make_parser(command: str, description: str, nargs: Optional[dict] = None) -> Parser:
+    """Flags for the command's Config fields (from their metadata), the run folder and the distributed runtime."""
+    p = Parser(prog=f"python -m experiments.{command}", description=description)
+    add_config_flags(p, command, recipe_config(command if command in ("cnn", "finetune") else "finetune"),
+                     nargs=nargs)
     r = p.add_argument_group("run folder")
     r.add_argument("--out", default=None, help="run folder (default: runs/<experiment>-<timestamp>)")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    r.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (only a folder cifarjax marked as a run; other files stay)")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest intact checkpoint, with its own settings")
+    d = p.add_argument_group("several processes or hosts (jax.distributed)")
+    d.add_argument("--distributed", action="store_true",
+                   help="detect the cluster (SLURM, Open MPI, Kubernetes, TPU, JAX_COORDINATOR_ADDRESS ...)")
+    d.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address")
+    d.add_argument("--num-processes", type=int, default=None, metavar="N", help="how many processes in all")
+    d.add_argument("--process-id", type=int, default=None, metavar="I", help="this process's index, 0..N-1")
     return p
 
 
-def config_from_args(args, **fixed) -> Config:
-    return Config(batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, seed=args.seed,
-                  img_size=args.img_size, normalize=args.normalize, crop_padding=args.crop_padding,
-                  augment_backend=args.augment, conv_impl=args.conv_impl, checkpoint_every=args.checkpoint_every,
-                  dataset=args.dataset, data_dir=args.data_dir, decode_size=args.decode_size, **fixed).validate()
+@dataclass
+class Start:
+    """A command's starting point: its resolved configuration, run folder, data and phase clock."""
+    config: Config
+    run: Path
+    resume: bool
+    overwrite: bool
+    dataset: Dataset
+    train: Split
+    val: Split
+    phases: Phases
 
 
-def load_splits(config: Config):
-    """(dataset, train, val) with the original's seeded 80/20 split."""
-    dataset = load_dataset(config.data_dir, config.dataset, config.decode_size)
-    train, val = train_val_split(dataset, config.val_fraction, config.seed)
-    config.classes = dataset.classes
-    config.num_classes = len(dataset.classes)
-    return dataset, train, val
+def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
+    """Initialise the distributed runtime, check --out, resolve the configuration (a new run: defaults, recipe,
+    flags; --resume: the run's config.json and the flags that may change) and load the data.
+
+    Nothing is written yet: `open_run` creates the run folder once the start has succeeded.
+    """
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
+    phases = Phases(announce=distributed.is_writer())
+    run = runs.check_out(args.out, command, args.overwrite, args.resume)
+    typed = given(args, command) if typed is None else typed
+    if args.resume:
+        saved = Config.from_dict(runs.read_json(run / runs.CONFIG))
+        config = resumed_config(saved, typed, args.recipe, str(run))
+    else:
+        config = new_config(command, args.recipe, typed, **fixed)
+    with phases("data_loading", "loading the data"):
+        dataset = load_dataset(config.data_dir, config.dataset, config.decode_size)
+        train, val = train_val_split(dataset, config.val_fraction, config.seed, config.subset)
+    if args.resume and config.classes and tuple(dataset.classes) != tuple(config.classes):
+        raise UserError(f"the data in {config.data_dir} has classes {list(dataset.classes)}, the run in {run} was "
+                        f"trained on {list(config.classes)}; pass the run's own data folder")
+    config = with_normalization(config.replace(classes=tuple(dataset.classes), num_classes=len(dataset.classes)),
+                                train.images)
+    distributed.agree({"config": config.to_dict(), "data": data_fingerprint(train, val),
+                       "run": str(run.resolve())}, "their settings")
+    return Start(config, run, args.resume, args.overwrite, dataset, train, val, phases)
+
+
+def data_fingerprint(train: Split, val: Split) -> dict:
+    return {"train": [len(train), int(train.labels.sum()), int(train.images[:64].sum())],
+            "val": [len(val), int(val.labels.sum()), int(val.images[:64].sum())]}
+
+
+def open_run(s: Start, command: str, config_json: dict) -> None:
+    """Create (or replace) the run folder now that the run has started, write config.json, and check every
+    process sees the same folder."""
+    if distributed.is_writer():
+        runs.create(s.run, command, replace=s.overwrite)
+        write_json(s.run / runs.CONFIG, config_json)
+    distributed.barrier("run folder created")
+    distributed.agree({"run_id": runs.marker(s.run).get("id")}, f"the run folder {s.run} (it must be the same "
+                      "folder on shared storage for every process)")
+
+
+def resume_hint(command: str, run: Path) -> str:
+    return f"python -m experiments.{command} --resume --out {shlex.quote(str(run))}"
+
+
+def scored_split(s: Start):
+    """(split, name) for the final score: the data's test split when it has one, else validation."""
+    return (s.dataset.test, "test") if s.dataset.test is not None else (s.val, "val")
+
+
+def report_split(config: Config, variables: dict, split: Split, name: str, run: Path, phases: Phases,
+                 n_samples: int = 32) -> dict:
+    """Accuracy on `split`, with its confusion-matrix and sample-prediction plots in run/plots."""
+    with phases("evaluation", f"scoring the {name} split"):
+        preds = predict(config, variables, split)
+    result = score(split.labels, preds, config.classes)
+    if distributed.is_writer():
+        with phases("plotting", "writing plots"):
+            plots.plot_confusion_matrix(np.asarray(result["confusion_matrix"]), config.classes,
+                                        run / runs.PLOTS / "confusion_matrix.png",
+                                        title=f"Confusion matrix ({name} split, {len(split)} images)")
+            pick = np.random.default_rng(0).choice(len(split), min(n_samples, len(split)), replace=False)
+            plots.plot_sample_predictions(split.images[pick], preds[pick], split.labels[pick], config.classes,
+                                          run / runs.PLOTS / "sample_predictions.png")
+    return {f"{name}_accuracy": result["accuracy"], "scored_split": name}
+
+
+def run_summary(experiment: str, config: Config, result, phases: Phases, **extra) -> dict:
+    """summary.json's common part: readings, per-epoch curves, timings, provenance and environment."""
+    h = result.history
+    return {"experiment": experiment, "recipe": config.recipe, "epochs": config.n_epochs, **h.readings(),
+            "train_accuracy": h.train_accuracy[-1], "train_loss": h.train_loss[-1],
+            "val_accuracy_per_epoch": h.epoch_val_accuracy, "train_accuracy_per_epoch": h.train_accuracy,
+            "wall_seconds": round(result.seconds, 2), "images_per_second": round(result.images_per_second, 1),
+            "evaluated_weights": "moving average" if result.average is not None else "final",
+            **extra, **phases.summary(), **provenance(), **environment()}
+
+
+def git_commit() -> Optional[str]:
+    """The checkout's commit (with '+dirty' when it has uncommitted changes), or None outside git."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode:
+            return None
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance() -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    started = Phases().started
+    return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+            "git_commit": git_commit(), "cifarjax": cifarjax.__version__, "packages": versions}
 
 
 def peak_memory_mb() -> float:
@@ -108,30 +185,13 @@ def peak_memory_mb() -> float:
                     return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         pass
-    import resource
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
 def environment() -> dict:
-    """Where a run ran, and its peak memory so far, for summary.json."""
-    devices = jax.local_devices()
-    return {"device_kind": devices[0].device_kind, "device_count": len(devices), "platform": devices[0].platform,
-            "jax": jax.__version__, "cifarjax": cifarjax.__version__, "host": platform.node(),
-            "cpu_count": os.cpu_count(), "peak_rss_mb": peak_memory_mb()}
-
-
-def report_split(config: Config, variables: dict, split, name: str, run: Path, n_samples: int = 32) -> dict:
-    """Accuracy on `split`, with its confusion-matrix and sample-prediction plots in run/plots."""
-    preds = predict(config, variables, split)
-    plots.plot_confusion_matrix(plots.confusion_matrix(split.labels, preds, len(config.classes)), config.classes,
-                                run / runs.PLOTS / "confusion_matrix.png",
-                                title=f"Confusion matrix ({name} split, {len(split)} images)")
-    pick = np.random.default_rng(0).choice(len(split), min(n_samples, len(split)), replace=False)
-    plots.plot_sample_predictions(split.images[pick], preds[pick], split.labels[pick], config.classes,
-                                  run / runs.PLOTS / "sample_predictions.png")
-    return {f"{name}_accuracy": float(np.mean(preds == split.labels)), "scored_split": name}
-
-
-def now() -> float:
-    return time.perf_counter()
+    """Where a run ran (every device of every process), and its peak memory so far."""
+    devices = jax.devices()
+    return {"device_kind": devices[0].device_kind, "device_count": len(devices), "process_count": jax.process_count(),
+            "platform": devices[0].platform, "jax": jax.__version__, "host": platform.node(), "cpu_count": os.cpu_count(),
+            "peak_rss_mb": peak_memory_mb()}

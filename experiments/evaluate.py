@@ -1,56 +1,81 @@
-"""Score a finished run on a dataset split: accuracy, per-class accuracy, confusion matrix.
+"""Score a finished run on a dataset split: accuracy, per-class accuracy, the most confused classes.
 
-    python -m experiments.evaluate RUN_DIR [--data-dir DIR] [--split test|val]
+    python -m experiments.evaluate RUN_DIR [--data-dir DIR] [--split auto|test|val] [--json]
 
-Prints one JSON line and writes RUN_DIR/plots/confusion_matrix_<split>.png. A folder holding only
-test/<class>/* images is enough for --split test.
+Prints a short table (or, with --json, one JSON object) and writes RUN_DIR/plots/confusion_matrix_<split>.png.
+--split auto (the default) scores the data's test split when it has one and the validation split of the
+run's own seeded 80/20 split otherwise, and says which; a folder holding only test/<class>/* is enough for
+--split test. Runs that kept a moving average of their weights are scored with it (--no-average: the final
+weights).
 """
 from __future__ import annotations
 
 import argparse
 import json
-
-import numpy as np
+import sys
 
 from experiments import common  # noqa: F401 - sets the environment before jax
 from cifarjax import plots, runs
 from cifarjax.checkpoint import find_run, load_variables
-from cifarjax.config import Config
-from cifarjax.data import SOURCES, load_dataset, train_val_split
+from cifarjax.config import SOURCES, Config
+from cifarjax.data import load_dataset, train_val_split
 from cifarjax.errors import UserError, exit_on_user_error
-from cifarjax.loop import predict
+from cifarjax.evaluation import format_table, predict, score
+from cifarjax.flags import Parser
+
+
+def choose_split(dataset, config: Config, wanted: str, data_dir):
+    """(split, name) to score; 'auto' takes test when the data has it, else the run's validation split."""
+    if wanted == "test" or (wanted == "auto" and dataset.test is not None):
+        if dataset.test is None:
+            raise UserError(f"{data_dir} has no test split (DIR/test/<class>/*); pass --split val to score the "
+                            "run's validation images, or a folder with a test split")
+        return dataset.test, "test"
+    if dataset.train is None:
+        raise UserError(f"{data_dir} has no training images to take the validation split from; pass --split test")
+    return train_val_split(dataset, config.val_fraction, config.seed, config.subset)[1], "val"
 
 
 @exit_on_user_error
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m experiments.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("run_dir", help="the --out folder of a cnn or finetune run (one sub-run of a multi-run finetune)")
     p.add_argument("--data-dir", default=None, help="data folder (default: the run's own)")
     p.add_argument("--dataset", choices=SOURCES, default=None, help="data source (default: the run's own)")
-    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--split", choices=("auto", "test", "val"), default="auto",
+                   help="what to score (default: auto, the test split when the data has one, else validation)")
+    p.add_argument("--json", action="store_true", help="print the full result as one JSON object")
+    p.add_argument("--average", action=argparse.BooleanOptionalAction, default=None,
+                   help="score the moving average of the weights (default: when the run kept one)")
     args = p.parse_args(argv)
     run = find_run(args.run_dir)
     config = Config.from_dict(runs.read_json(run / runs.CONFIG))
-    variables = load_variables(run)
+    average = config.ema_decay > 0 if args.average is None else args.average
+    variables = load_variables(run, average=average)
     data_dir = args.data_dir if args.data_dir is not None else config.data_dir
     dataset = load_dataset(data_dir, args.dataset or ("auto" if args.data_dir else config.dataset), config.decode_size)
     if tuple(dataset.classes) != tuple(config.classes):
         raise UserError(f"the data's classes {list(dataset.classes)} differ from the run's {list(config.classes)}; "
                         "pass a folder with the same class folders")
-    if args.split == "test":
-        if dataset.test is None:
-            raise UserError(f"{data_dir} has no test split; pass a folder with test/<class>/* images or --split val")
-        split = dataset.test
-    else:
-        split = train_val_split(dataset, config.val_fraction, config.seed)[1]
-    preds = predict(config, variables, split)
-    matrix = plots.confusion_matrix(split.labels, preds, len(config.classes))
-    per_class = {c: float(matrix[i, i] / max(matrix[i].sum(), 1)) for i, c in enumerate(config.classes)}
-    path = plots.plot_confusion_matrix(matrix, config.classes, run / runs.PLOTS / f"confusion_matrix_{args.split}.png",
-                                       title=f"Confusion matrix ({args.split} split, {len(split)} images)")
-    print(json.dumps({"accuracy": float(np.mean(preds == split.labels)), "n": int(len(split)),
-                      "split": args.split, "per_class": per_class, "confusion_matrix": matrix.tolist(),
-                      "run": str(run), "plot": str(path)}))
+    split, name = choose_split(dataset, config, args.split, data_dir)
+    result = score(split.labels, predict(config, variables, split), config.classes)
+    path = plots.plot_confusion_matrix(result["confusion_matrix"], config.classes,
+                                       run / runs.PLOTS / f"confusion_matrix_{name}.png",
+                                       title=f"Confusion matrix ({name} split, {len(split)} images)")
+    result = {**_rounded(result), "split": name, "weights": "moving average" if average else "final",
+              "run": str(run), "plot": str(path)}
+    if args.json:
+        print(json.dumps(result))
+        return
+    if args.split == "auto":
+        print(f"no test split in {data_dir}: scored the run's validation split" if name == "val" else
+              f"scored the test split of {data_dir}", file=sys.stderr)
+    print(f"{run} ({result['weights']} weights), {name} split\n{format_table(result)}\nconfusion matrix: {path}")
+
+
+def _rounded(result: dict) -> dict:
+    return {**result, "accuracy": round(result["accuracy"], 5),
+            "per_class": {k: round(v, 5) for k, v in result["per_class"].items()}}
 
 
 if __name__ == "__main__":

@@ -1,89 +1,96 @@
 """The original's fine-tuning experiment: ResNet-18 with a frozen backbone and a new 10-class head.
 
     python -m experiments.finetune --epochs 100 --weights resnet18-f37072fd.pth --data-dir DIR
+    python -m experiments.finetune --resume --out RUN
 
 With several --epochs values (default 20 50 100, like the original) each is its own run under
---out/epochs-N and their validation curves are overlaid in --out/plots/fine_tuning_results.png.
+--out/epochs-N and their curves are drawn together in --out/plots/fine_tuning_results.png.
 """
 from __future__ import annotations
 
-import jax
+from pathlib import Path
 
 from experiments import common
-from cifarjax import plots, runs
-from cifarjax.config import BN_MODES, UNFREEZE_CHOICES, Config
+from cifarjax import distributed, plots, runs
+from cifarjax.config import Config
 from cifarjax.errors import exit_on_user_error
-from cifarjax.features import cacheable
-from cifarjax.loop import backbone_features, build_model, fine_tune_loop, init_variables, resolve_normalization
-from cifarjax.pretrained import IMAGENET_FILE, imagenet_resnet18
+from cifarjax.features import backbone_features, cacheable
+from cifarjax.files import write_json
+from cifarjax.flags import given
+from cifarjax.loop import fine_tune_loop
+from cifarjax.models import build_model, init_variables
+from cifarjax.pretrained import imagenet_resnet18
+
+DEFAULT_EPOCHS = (20, 50, 100)
 
 
-def load_weights(spec: str, config: Config):
-    """(variables, label) for --weights: 'imagenet', 'random' or a .pth path."""
-    if spec == "random":
+def load_weights(config: Config):
+    """(variables, label) for config.weights: 'imagenet', 'random' or a .pth path."""
+    if config.weights == "random":
         return init_variables(build_model(config), config), "random initialisation (no pretraining)"
-    if spec == "imagenet":
+    if config.weights == "imagenet":
         return imagenet_resnet18(config.num_classes, seed=config.seed), "ImageNet (torchvision IMAGENET1K_V1)"
-    return imagenet_resnet18(config.num_classes, weights=spec, seed=config.seed), f"torchvision file {spec}"
+    return (imagenet_resnet18(config.num_classes, weights=config.weights, seed=config.seed),
+            f"torchvision file {config.weights}")
+
+
+def epoch_counts(args) -> list:
+    """The --epochs values (one run each); on resume without --epochs, the run's own."""
+    if hasattr(args, "n_epochs"):
+        return list(dict.fromkeys(args.n_epochs))
+    saved = Path(args.out or "") / runs.CONFIG
+    if args.resume and saved.is_file():
+        return runs.read_json(saved).get("epoch_counts") or [runs.read_json(saved)["n_epochs"]]
+    return list(DEFAULT_EPOCHS)
 
 
 @exit_on_user_error
 def main(argv=None) -> None:
-    defaults = Config(model="resnet18", unfreeze="head", eval_every=0)
-    parser = common.make_parser("python -m experiments.finetune", __doc__.splitlines()[0], defaults)
-    parser.add_argument("--epochs", type=common.positive_int, nargs="+", default=[20, 50, 100],
-                        help="one run per value; their validation curves are overlaid")
-    parser.add_argument("--weights", default="imagenet",
-                        help=f"'imagenet' (torchvision's weights, downloaded or cached), a local {IMAGENET_FILE}, "
-                             "or 'random' (no pretraining, for comparison)")
-    parser.add_argument("--unfreeze", choices=UNFREEZE_CHOICES, default=defaults.unfreeze,
-                        help="what trains: the head (the original), head + layer4, or everything")
-    parser.add_argument("--bn", choices=BN_MODES, default=defaults.bn,
-                        help="frozen layers' BatchNorm: 'frozen' (inference mode) or 'train' (batch statistics "
-                             "and running-statistics updates, PyTorch's behaviour in the original)")
-    parser.add_argument("--no-feature-cache", action="store_true",
-                        help="run the backbone every step even when its features could be cached")
-    args = parser.parse_args(argv)
-    epochs = list(dict.fromkeys(args.epochs))
-    config = common.config_from_args(args, model="resnet18", unfreeze=args.unfreeze, bn=args.bn,
-                                     cache_features=not args.no_feature_cache, n_epochs=max(epochs))
-    run = runs.prepare_run_dir(args.out, "finetune", args.overwrite, args.resume)
-    dataset, train, val = common.load_splits(config)
-    variables, weights_label = load_weights(args.weights, config)
-    config = resolve_normalization(config, train)
-    if args.resume:
-        runs.check_resume_config(run, config.to_dict())
-    features = backbone_features(config, variables, train, val) if cacheable(config) else None
-    runs.write_json(run / runs.CONFIG, {**config.to_dict(), "epochs": epochs, "weights": weights_label})
-    curves, results = {}, []
-    for n_epochs in epochs:
-        sub = run / f"epochs-{n_epochs}" if len(epochs) > 1 else run
-        (sub / runs.PLOTS).mkdir(parents=True, exist_ok=True)
-        sub_config = Config.from_dict({**config.to_dict(), "n_epochs": n_epochs})
-        runs.write_json(sub / runs.CONFIG, {**sub_config.to_dict(), "weights": weights_label})
-        result = fine_tune_loop(sub_config, variables, train, val, run=sub, resume=args.resume, features=features)
-        h = result.history
-        curves[f"{n_epochs} epochs"] = h.epoch_val_accuracy
-        scored = (dataset.test, "test") if dataset.test is not None else (val, "val")
-        summary = {"experiment": "finetune", "epochs": n_epochs, "weights": weights_label,
-                   "unfreeze": config.unfreeze, "bn": config.bn, "cached_features": features is not None,
-                   "train_accuracy": h.train_accuracy[-1], "val_accuracy": h.epoch_val_accuracy[-1],
-                   "best_val_accuracy": max(h.epoch_val_accuracy), "train_accuracy_per_epoch": h.train_accuracy,
-                   "val_accuracy_per_epoch": h.epoch_val_accuracy, "wall_seconds": round(result.seconds, 2),
-                   "images_per_second": round(result.images_per_second, 1),
-                   **common.report_split(sub_config, result.variables, *scored, sub), **common.environment()}
-        runs.write_json(sub / runs.SUMMARY, summary)
-        results.append(summary)
-        print(f"{n_epochs} epochs: validation accuracy {summary['val_accuracy']:.4f} "
-              f"(best {summary['best_val_accuracy']:.4f}), {summary['wall_seconds']:.0f} s")
-    plots.plot_fine_tuning_results(curves, run / runs.PLOTS / "fine_tuning_results.png",
-                                   title=f"ResNet-18 fine-tuning ({weights_label}; trains: {config.unfreeze})")
-    if len(epochs) > 1:
-        runs.write_json(run / runs.SUMMARY, {"experiment": "finetune", "weights": weights_label, "runs": [
-            {k: r[k] for k in ("epochs", "val_accuracy", "best_val_accuracy", "wall_seconds")} for r in results],
-            **common.environment()})
-    print(f"run folder: {run}")
-    jax.effects_barrier()
+    args = common.make_parser("finetune", __doc__.splitlines()[0], nargs={"n_epochs": "+"}).parse_args(argv)
+    counts = epoch_counts(args)
+    typed = {**given(args, "finetune"), "n_epochs": max(counts)}
+    s = common.start("finetune", args, typed, model="resnet18")
+    with s.phases("weights", f"loading weights ({s.config.weights})"):
+        variables, weights_label = load_weights(s.config)
+    common.open_run(s, "finetune", {**s.config.to_dict(), "epoch_counts": counts, "weights_label": weights_label})
+    features = None
+    if cacheable(s.config):
+        with s.phases("feature_extraction", "extracting backbone features"):
+            features = backbone_features(s.config, build_model(s.config), variables, s.train, s.val)
+    results = [fine_tune_run(s, n, variables, features, weights_label, len(counts) > 1) for n in counts]
+    if distributed.is_writer():
+        with s.phases("plotting", "writing plots"):
+            plots.plot_runs({f"{r['epochs']} epochs": {"val": r["val_accuracy_per_epoch"],
+                                                       "train": r["train_accuracy_per_epoch"]} for r in results},
+                            s.run / runs.PLOTS / "fine_tuning_results.png",
+                            title=f"ResNet-18 fine-tuning ({weights_label}; trains: {s.config.unfreeze})")
+        if len(counts) > 1:
+            write_json(s.run / runs.SUMMARY, {"experiment": "finetune", "weights": weights_label, "runs": [
+                {k: r[k] for k in ("epochs", "val_accuracy", "best_val_accuracy", "last5_mean_val_accuracy",
+                                   "wall_seconds")} for r in results], **s.phases.summary(), **common.provenance(),
+                **common.environment()})
+        print(f"run folder: {s.run}; whole process {s.phases.summary()['process_seconds']:.0f} s")
+
+
+def fine_tune_run(s, n_epochs: int, variables: dict, features, weights_label: str, nested: bool) -> dict:
+    """One fine-tune of `n_epochs` in its own run folder; returns its summary."""
+    sub = s.run / f"epochs-{n_epochs}" if nested else s.run
+    config = s.config.replace(n_epochs=n_epochs)
+    if nested and distributed.is_writer():
+        runs.create(sub, "finetune")
+        write_json(sub / runs.CONFIG, {**config.to_dict(), "weights_label": weights_label})
+    distributed.barrier(f"sub-run {n_epochs}")
+    result = fine_tune_loop(config, variables, s.train, s.val, run=sub, resume=s.resume, features=features,
+                            phases=s.phases, resume_hint=common.resume_hint("finetune", s.run))
+    scored = common.report_split(config, result.eval_variables, *common.scored_split(s), sub, s.phases)
+    summary = common.run_summary("finetune", config, result, s.phases, weights=weights_label,
+                                 unfreeze=config.unfreeze, bn=config.bn, cached_features=features is not None,
+                                 n_train=len(s.train), n_val=len(s.val), **scored)
+    if distributed.is_writer():
+        write_json(sub / runs.SUMMARY, summary)
+        print(f"{n_epochs} epoch{'s' if n_epochs != 1 else ''}: validation accuracy {summary['val_accuracy']:.4f} "
+              f"(best {summary['best_val_accuracy']:.4f}), training {summary['wall_seconds']:.0f} s")
+    return summary
 
 
 if __name__ == "__main__":

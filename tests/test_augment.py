@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cifarjax.augment import (IMAGENET_MEAN, AugmentSpec, HostAugment, augment, crop, draw, flip,
-                              normalization_stats, prepare)
+from cifarjax.augment import (IMAGENET_MEAN, AugmentSpec, HostAugment, augment, crop, draw_choices, eval_view, flip,
+                              normalization_stats)
 
 
 @pytest.fixture
@@ -13,7 +13,7 @@ def images(rng):
 
 
 def test_prepare_scales_to_unit_range_without_randomness(images):
-    x = np.asarray(prepare(jnp.asarray(images), AugmentSpec()))
+    x = np.asarray(eval_view(jnp.asarray(images), AugmentSpec()))
     assert x.dtype == np.float32 and x.min() >= 0 and x.max() <= 1
     np.testing.assert_allclose(x, images / 255.0, rtol=1e-6)
 
@@ -26,16 +26,16 @@ def test_flip_equals_numpy_flip(images):
 
 
 def test_flip_rate_is_one_half():
-    flips, _ = draw(jax.random.PRNGKey(0), 20000, AugmentSpec())
+    flips = draw_choices(jax.random.PRNGKey(0), 20000, AugmentSpec()).flips
     assert abs(float(flips.mean()) - 0.5) < 0.015
-    assert not bool(draw(jax.random.PRNGKey(0), 100, AugmentSpec(flip=False))[0].any())
+    assert not bool(draw_choices(jax.random.PRNGKey(0), 100, AugmentSpec(flip=False)).flips.any())
 
 
 def test_augment_flips_exactly_the_drawn_images(images):
     spec = AugmentSpec()
-    flips, offsets = draw(jax.random.PRNGKey(3), 64, spec)
-    out = np.asarray(augment(jnp.asarray(images), flips, offsets, spec))
-    expected = np.where(np.asarray(flips)[:, None, None, None], images[:, :, ::-1], images) / 255.0
+    choices = draw_choices(jax.random.PRNGKey(3), 64, spec)
+    out = np.asarray(augment(jnp.asarray(images), choices, spec))
+    expected = np.where(np.asarray(choices.flips)[:, None, None, None], images[:, :, ::-1], images) / 255.0
     np.testing.assert_allclose(out, expected, rtol=1e-6)
 
 
@@ -50,9 +50,9 @@ def test_random_crop_shifts_within_padding(images):
 
 def test_resize_and_imagenet_normalisation(images):
     spec = AugmentSpec(img_size=64, mean=IMAGENET_MEAN, std=(0.229, 0.224, 0.225))
-    x = np.asarray(prepare(jnp.asarray(images[:2]), spec))
+    x = np.asarray(eval_view(jnp.asarray(images[:2]), spec))
     assert x.shape == (2, 64, 64, 3)
-    flat = np.asarray(prepare(jnp.full((1, 32, 32, 3), 255, jnp.uint8), spec))
+    flat = np.asarray(eval_view(jnp.full((1, 32, 32, 3), 255, jnp.uint8), spec))
     np.testing.assert_allclose(flat[0, 0, 0], (1 - np.array(IMAGENET_MEAN)) / np.array(spec.std), rtol=1e-5)
 
 

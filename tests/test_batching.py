@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cifarjax.batching import device_batches, eval_indices, per_device, train_indices
+from cifarjax.batching import eval_indices, per_device, train_indices
 from cifarjax.errors import UserError
 
 
@@ -21,13 +21,6 @@ def test_train_batches_shape_order_and_drop_last():
     assert not np.array_equal(idx, train_indices(70, 16, 2, seed=0, epoch=1))
     # the same global order whatever the device count
     np.testing.assert_array_equal(idx.reshape(4, 16), train_indices(70, 16, 1, 0, 0).reshape(4, 16))
-
-
-def test_device_batches_have_device_axis(rng):
-    images = rng.integers(0, 255, (20, 32, 32, 3), dtype=np.uint8)
-    labels = np.arange(20, dtype=np.int32)
-    batch = next(device_batches(images, labels, train_indices(20, 8, 2, 0, 0)))
-    assert batch["image"].shape == (2, 4, 32, 32, 3) and batch["label"].shape == (2, 4)
 
 
 def test_batch_must_split_over_devices():

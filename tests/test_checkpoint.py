@@ -23,17 +23,13 @@ CHILD = textwrap.dedent("""
 
     kill_at = int(sys.argv[2])
     if kill_at:
-        class Killed(loop.DataParallel):
-            def __init__(self, *a, **k):
-                super().__init__(*a, **k)
-                step, calls = self.train_step, [0]
-                def counted(*args):
-                    calls[0] += 1
-                    if calls[0] == kill_at:
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    return step(*args)
-                self.train_step = counted
-        loop.DataParallel = Killed
+        step, calls = loop.Trainer.step, [0]
+        def counted(self, *args):
+            calls[0] += 1
+            if calls[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return step(self, *args)
+        loop.Trainer.step = counted
     config = Config(n_epochs=3, batch_size=8, eval_every=3, num_classes=3, checkpoint_every=2)
     loop.train_loop(config, tiny_split(40), tiny_split(12, seed=1), run=sys.argv[1], resume=bool(int(sys.argv[3])))
 """)

@@ -11,6 +11,7 @@ from PIL import Image
 from cifarjax import data
 from cifarjax.data import describe, load_dataset, split_indices, train_val_split
 from cifarjax.errors import UserError
+from cifarjax.files import cache_dir
 from tests.helpers import make_image_folder
 
 
@@ -56,10 +57,10 @@ def test_train_val_split_of_a_dataset(image_folder):
 
 def test_second_load_comes_from_the_cache(image_folder, monkeypatch):
     first = load_dataset(image_folder)
-    monkeypatch.setattr(data, "_decode_files", lambda *a, **k: pytest.fail("decoded again instead of cache"))
+    monkeypatch.setattr(data.sources, "decode_files", lambda *a, **k: pytest.fail("decoded again instead of cache"))
     second = load_dataset(image_folder)
     np.testing.assert_array_equal(first.train.images, second.train.images)
-    assert list((data.default_cache_dir() / "datasets").glob("folder-*.npz"))
+    assert list((cache_dir() / "datasets").glob("folder-*.npz"))
 
 
 def test_cache_notices_changed_files(image_folder):

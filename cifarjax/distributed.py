@@ -1,0 +1,97 @@
+"""Several processes or hosts with JAX's distributed runtime: start-up, one writer, agreement, and faults.
+
+    from cifarjax import distributed
+    distributed.initialize(auto=True)                       # SLURM, Open MPI, Kubernetes, TPU, JAX_COORDINATOR_*
+    distributed.initialize("host0:1234", num_processes=2, process_id=0)
+
+`initialize` must run before anything touches a JAX backend. Without it, one process uses all its local
+devices and every helper here is a no-op. With it, the pmap-ed steps span every device of every process
+(`train.DataParallel`), process 0 alone writes files and shows progress (`is_writer`), `agree` refuses
+mismatched settings between processes, and a peer that dies ends the others with one clear line.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from cifarjax.errors import UserError, request_hard_exit
+
+HEARTBEAT_SECONDS = 30  # a dead peer is noticed within this, plus the shutdown timeout below
+SHUTDOWN_SECONDS = 30
+_started = False
+
+
+def initialize(coordinator: str = None, num_processes: int = None, process_id: int = None, auto: bool = False,
+               heartbeat_seconds: int = HEARTBEAT_SECONDS, shutdown_seconds: int = SHUTDOWN_SECONDS) -> None:
+    """Start JAX's distributed runtime: from explicit settings, or (`auto`) detected from the cluster."""
+    global _started
+    explicit = (coordinator, num_processes, process_id)
+    if not auto and all(v is None for v in explicit):
+        return
+    if not auto and any(v is None for v in explicit):
+        raise UserError("--coordinator, --num-processes and --process-id go together; pass all three, or "
+                        "--distributed to detect them from the cluster's environment")
+    if not auto and not 0 <= process_id < num_processes:
+        raise UserError(f"--process-id must be in [0, {num_processes}), got {process_id}")
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_seconds,
+                                   shutdown_timeout_seconds=shutdown_seconds)
+    except (RuntimeError, ValueError) as error:
+        raise UserError(f"could not start JAX's distributed runtime ({str(error).splitlines()[0][:300]}); "
+                        "check --coordinator HOST:PORT is reachable from every process, or the cluster's "
+                        "environment for --distributed") from None
+    _started = True
+
+
+def is_writer() -> bool:
+    """Process 0 writes the run's files and shows progress."""
+    return jax.process_index() == 0
+
+
+def process_count() -> int:
+    return jax.process_count()
+
+
+def _fingerprint(value) -> np.ndarray:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8).astype(np.int32)
+
+
+def agree(values: dict, what: str) -> None:
+    """Refuse to go on unless every process has the same `values` (compared by digest, key by key)."""
+    if jax.process_count() == 1:
+        return
+    keys = sorted(values)
+    mine = np.stack([_fingerprint(values[k]) for k in keys])
+    everyone = np.asarray(multihost_utils.process_allgather(mine))  # (processes, keys, 32)
+    differing = [k for i, k in enumerate(keys) if not (everyone[:, i] == everyone[0, i]).all()]
+    if differing:
+        raise UserError(f"the processes of this run disagree on {what}: {', '.join(differing)} differ (this "
+                        f"process, {jax.process_index()}, has {', '.join(f'{k}={values[k]!r}' for k in differing)}); "
+                        "start every process with the same flags and data")
+
+
+def barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether an error from a collective means another process of the run is gone."""
+    if jax.process_count() == 1:
+        return False
+    text = str(error)
+    return any(s in text for s in ("Gloo", "gloo", "Connection reset", "UNAVAILABLE", "heartbeat", "DEADLINE_EXCEEDED",
+                                   "Connection closed", "Socket closed"))
+
+
+def peer_lost(error: BaseException, resume_hint: str) -> UserError:
+    """The one-line error for a dead peer; the process will leave without waiting for the runtime's shutdown."""
+    request_hard_exit()
+    first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+    return UserError(f"another process of this distributed run stopped ({first}); this process {jax.process_index()} "
+                     f"stops too. Restart every process with {resume_hint}")

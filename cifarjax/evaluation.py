@@ -1,0 +1,50 @@
+"""Scoring a model on a split: predictions (with the run's test-time flip averaging), accuracy, per-class
+accuracy, the confusion matrix and its most confused pairs."""
+from __future__ import annotations
+
+import numpy as np
+import optax
+
+from cifarjax.augment import AugmentSpec
+from cifarjax.config import Config
+from cifarjax.data import Split
+from cifarjax.inputs import ImageInputs
+from cifarjax.models import Apply, build_model
+from cifarjax.train import DataParallel, StepOptions, create_train_state
+
+
+def predict(config: Config, variables: dict, split: Split, devices=None) -> np.ndarray:
+    """Predicted classes for every image of `split` (evaluation view, no augmentation)."""
+    parallel = DataParallel(ImageInputs(AugmentSpec.from_config(config)), devices=devices,
+                            options=StepOptions(tta_flip=config.tta_flip))
+    state = parallel.replicate(create_train_state(Apply(build_model(config)), variables, optax.identity(), config.seed))
+    preds, _ = parallel.evaluate(state, parallel.replicate((split.images, split.labels)), len(split),
+                                 config.eval_batch_size)
+    return preds
+
+
+def confusion_matrix(true: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts: rows are true classes, columns predicted ones."""
+    return np.bincount(true * n_classes + predicted, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def score(true: np.ndarray, predicted: np.ndarray, classes, top: int = 5) -> dict:
+    """Accuracy, per-class accuracy, the confusion matrix and the `top` most confused (true, predicted) pairs."""
+    matrix = confusion_matrix(true, predicted, len(classes))
+    per_class = {c: float(matrix[i, i] / max(matrix[i].sum(), 1)) for i, c in enumerate(classes)}
+    off = [(int(matrix[i, j]), classes[i], classes[j]) for i in range(len(classes)) for j in range(len(classes))
+           if i != j and matrix[i, j]]
+    confused = [{"true": t, "predicted": p, "count": n} for n, t, p in sorted(off, key=lambda x: -x[0])[:top]]
+    return {"accuracy": float(np.mean(true == predicted)) if len(true) else 0.0, "n": int(len(true)),
+            "per_class": per_class, "most_confused": confused, "confusion_matrix": matrix.tolist()}
+
+
+def format_table(result: dict) -> str:
+    """A short human-readable report of `score`'s result."""
+    lines = [f"accuracy {100 * result['accuracy']:.2f}% on {result['n']} images", "", "per class:"]
+    width = max(len(c) for c in result["per_class"])
+    lines += [f"  {c:<{width}}  {100 * a:6.2f}%" for c, a in result["per_class"].items()]
+    if result["most_confused"]:
+        lines += ["", "most confused (true → predicted):"]
+        lines += [f"  {p['true']} → {p['predicted']}: {p['count']}" for p in result["most_confused"]]
+    return "\n".join(lines)

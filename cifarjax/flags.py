@@ -1,0 +1,90 @@
+"""Command-line flags generated from `Config`'s fields: names, types, choices and help text in one place.
+
+Flags default to "not given", so a configuration resolves as Config's defaults, then the `--recipe`, then
+the flags the user typed; on `--resume`, the run's config.json, then the flags a user may change on resume.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Optional
+
+from cifarjax.config import Config, fields_for, flag_name, resumable_fields
+from cifarjax.errors import UserError
+from cifarjax.recipes import RECIPES, recipe_config
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one `error: ...` line (a UserError), not a usage dump."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def _number(kind):
+    def convert(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    convert.__name__ = kind.__name__
+    return convert
+
+
+_TYPES = {"int": _number(int), "float": _number(float), "str": str, "Optional[str]": str}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, command: str, base: Config, title: str = "settings",
+                     nargs: Optional[dict] = None) -> None:
+    """One flag per Config field offered by `command`; `base` gives the defaults shown in --help.
+
+    `nargs` maps a field name to argparse's nargs for commands that take several values (finetune's epochs).
+    """
+    group = parser.add_argument_group(title)
+    for f in fields_for(command):
+        m, default = f.metadata, getattr(base, f.name)
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{m['help']} (default: {default})")
+        if f.type == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs.update(type=_TYPES[f.type], choices=m["choices"], metavar=_metavar(f))
+            if nargs and f.name in nargs:
+                kwargs["nargs"] = nargs[f.name]
+        group.add_argument(flag_name(f), **kwargs)
+    parser.add_argument("--recipe", default=None, choices=tuple(RECIPES.get(command, {"original": None})),
+                        help="a named preset of these settings (cifarjax.recipes); flags override it "
+                             "(default: original)")
+
+
+def _metavar(f) -> Optional[str]:
+    if f.metadata["choices"]:
+        return None
+    return {"int": "N", "float": "X"}.get(f.type, "VALUE")
+
+
+def given(args: argparse.Namespace, command: str) -> dict:
+    """The Config values the user typed (field name -> value)."""
+    return {f.name: getattr(args, f.name) for f in fields_for(command) if hasattr(args, f.name)}
+
+
+def new_config(command: str, recipe: Optional[str], typed: dict, **fixed) -> Config:
+    """Config's defaults, then the recipe (default 'original'), then the typed flags, then `fixed`; validated."""
+    return recipe_config(command, recipe or "original", **typed, **fixed).validate()
+
+
+def resumed_config(saved: Config, typed: dict, recipe: Optional[str], where: str) -> Config:
+    """The run's own config with the flags a user may change on resume; anything else that differs is refused.
+
+    `typed` maps field names to the values given beside --resume.
+    """
+    allowed = set(resumable_fields())
+    differing = {k: v for k, v in typed.items() if getattr(saved, k) != v and k not in allowed}
+    if recipe is not None and recipe != saved.recipe:
+        differing["recipe"] = recipe
+    if differing:
+        details = ", ".join(f"{k}: {getattr(saved, k)!r} → {v!r}" for k, v in differing.items())
+        may = ", ".join(flag_name(f) for f in dataclasses.fields(Config) if f.name in allowed)
+        raise UserError(f"--resume with settings that differ from the run in {where} ({details}); on resume only "
+                        f"{may} may change: drop the others, or start a new run with another --out")
+    return saved.replace(**{k: v for k, v in typed.items() if k in allowed}).validate()

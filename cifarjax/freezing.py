@@ -1,0 +1,67 @@
+"""Which parts of a model train, decided once: the optimizer's mask, the BatchNorm modes and whether backbone
+features are fixed all derive from one list of rules (big_vision's style: patterns over parameter paths).
+
+    policy = Freezing.from_config(config)
+    policy.trainable_mask(params)   # True where a parameter trains (the optimizer's mask)
+    policy.frozen_bn_stages         # leading ResNet stages whose BatchNorm runs in inference mode
+    policy.backbone_fixed           # backbone features are a fixed function of the image (cacheable)
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import jax
+
+# --unfreeze value -> patterns (full match) of '/'-joined parameter paths that train.
+TRAINABLE_RULES = {
+    "head": (r"head/.*",),
+    "layer4": (r"head/.*", r"backbone/layer4_.*"),
+    "all": (r".*",),
+}
+# ResNet stages in order, each with a parameter path that belongs to it.
+STAGES = (("stem", "backbone/conv1/kernel"),) + tuple(
+    (f"layer{i}", f"backbone/layer{i}_block0/conv1/kernel") for i in range(1, 5))
+
+
+def path_name(path) -> str:
+    """A pytree key path as 'backbone/layer1_block0/conv1/kernel'."""
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+@dataclass(frozen=True)
+class Freezing:
+    trainable: tuple = TRAINABLE_RULES["all"]  # patterns of parameter paths that train
+    bn_frozen: bool = True  # frozen stages' BatchNorm runs in inference mode (False: PyTorch's train mode)
+
+    @classmethod
+    def from_config(cls, config) -> "Freezing":
+        return cls(TRAINABLE_RULES[config.unfreeze], config.bn == "frozen")
+
+    def trains(self, name: str) -> bool:
+        return any(re.fullmatch(p, name) for p in self.trainable)
+
+    def trainable_mask(self, params):
+        """A pytree of bools over `params`: True where the parameter trains."""
+        return jax.tree_util.tree_map_with_path(lambda path, _: self.trains(path_name(path)), params)
+
+    @property
+    def everything_trains(self) -> bool:
+        return self.trainable == TRAINABLE_RULES["all"]
+
+    @property
+    def frozen_bn_stages(self) -> int:
+        """How many leading ResNet stages (stem, layer1..4) keep BatchNorm in inference mode while training."""
+        if not self.bn_frozen:
+            return 0
+        count = 0
+        for _, sample in STAGES:
+            if self.trains(sample):
+                break
+            count += 1
+        return count
+
+    @property
+    def backbone_fixed(self) -> bool:
+        """No backbone parameter or statistic changes, so features are a fixed function of the image."""
+        return self.frozen_bn_stages == len(STAGES)

@@ -1,0 +1,184 @@
+"""Reading the data sources into uint8 arrays, refusing anything malformed with a message naming the file.
+
+* ImageFolder trees: every image mode Pillow opens becomes the right 8-bit RGB picture (16-bit and float
+  images are scaled, palettes and CMYK converted, alpha dropped as torchvision's loader does) or is refused.
+* CIFAR-10's python batches: read by an unpickler that accepts only numpy objects, then checked (keys,
+  dtype, shape, label count and range).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from cifarjax.errors import UserError, user_error_from_os, warn
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+CIFAR_DIR = "cifar-10-batches-py"
+CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+
+
+class ImageFile(NamedTuple):
+    path: Path
+    label: int
+    size: int
+    mtime_ns: int
+
+
+# ---------------------------------------------------------------------------------------------- folders
+
+def _scan(folder: Path):
+    try:
+        return sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as error:
+        raise user_error_from_os(error, f"cannot list the data folder {folder}") from None
+
+
+def class_files(split_dir: Path):
+    """(classes, [ImageFile]) of DIR/<class>/*; empty class folders are skipped with a warning."""
+    classes, files = [], []
+    for entry in _scan(split_dir):
+        if not entry.is_dir() or entry.name.startswith("."):
+            continue
+        images = [e for e in _scan(Path(entry.path)) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
+        if not images:
+            warn(f"class folder {entry.path} holds no images ({', '.join(IMAGE_EXTENSIONS)}); it is skipped and "
+                 "is not a class")
+            continue
+        for e in images:
+            st = e.stat()
+            files.append(ImageFile(Path(e.path), len(classes), st.st_size, st.st_mtime_ns))
+        classes.append(entry.name)
+    return classes, files
+
+
+def to_rgb8(image) -> np.ndarray:
+    """A Pillow image of any mode as an (H, W, 3) uint8 RGB array with the right brightness.
+
+    16-bit images are scaled from [0, 65535]; 32-bit integer and float images are read as 8-bit when their
+    values fit [0, 255] (float: [0, 1] is scaled), as 16-bit when they fit [0, 65535], and refused otherwise.
+    """
+    mode = image.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if values.size == 0 or not np.isfinite(values).all():
+            raise ValueError(f"mode {mode} image with non-finite values")
+        lo, hi = float(values.min()), float(values.max())
+        if mode == "F" and lo >= 0 and hi <= 1:
+            scale = 255.0  # float images in [0, 1]
+        elif lo >= 0 and hi <= 255 and not mode.startswith("I;16"):
+            scale = 1.0  # 32-bit integer or float images holding 8-bit values
+        elif lo >= 0 and hi <= 65535:
+            scale = 255.0 / 65535.0  # 16-bit images
+        else:
+            raise ValueError(f"mode {mode} image with values in [{lo:g}, {hi:g}], outside 8- or 16-bit ranges")
+        gray = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if mode in ("LA", "La", "PA", "RGBa"):
+        image = image.convert("RGBA")  # then RGB: alpha is dropped, as torchvision's loader does
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)  # Pillow refuses modes it cannot convert
+
+
+def decode_image(path: Path, size: int) -> np.ndarray:
+    """One image file as (size, size, 3) uint8 RGB (bilinear resize when its size differs)."""
+    try:
+        with Image.open(path) as image:
+            image.seek(0)
+            rgb = Image.fromarray(to_rgb8(image))
+        if rgb.size != (size, size):
+            rgb = rgb.resize((size, size), Image.BILINEAR)
+        return np.asarray(rgb, dtype=np.uint8)
+    except Exception as error:  # noqa: BLE001 - PIL raises many types for a bad file
+        raise UserError(f"cannot read image {path} ({type(error).__name__}: {error}); "
+                        "delete or replace that file and run again") from None
+
+
+def decode_files(files: Sequence[ImageFile], size: int, desc: str):
+    """(images (N, size, size, 3) uint8, labels (N,) int32), decoded on a thread pool with a progress bar."""
+    images = np.empty((len(files), size, size, 3), np.uint8)
+
+    def work(i):
+        images[i] = decode_image(files[i].path, size)
+
+    with ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
+        for _ in tqdm(pool.map(work, range(len(files))), total=len(files), desc=desc, unit="img",
+                      leave=False, mininterval=1.0, disable=len(files) < 2000):
+            pass
+    return images, np.array([f.label for f in files], np.int32)
+
+
+# ---------------------------------------------------------------------------------------------- CIFAR-10
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR-10's python batches hold dicts of lists and numpy arrays; nothing else may be unpickled."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype")} | {
+        (module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+_REDOWNLOAD = "download CIFAR-10 again (python version)"
+
+
+def read_cifar_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            value = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: a {CIFAR_DIR} folder needs data_batch_1..5, test_batch and "
+                        f"batches.meta; {_REDOWNLOAD}") from None
+    except OSError as error:
+        raise user_error_from_os(error, f"cannot read {path}") from None
+    except Exception as error:  # noqa: BLE001
+        raise UserError(f"{path} is not a CIFAR-10 python batch ({type(error).__name__}); {_REDOWNLOAD}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} holds a {type(value).__name__}, not a CIFAR-10 batch dict; {_REDOWNLOAD}")
+    return value
+
+
+def cifar_classes(folder: Path) -> tuple:
+    meta = read_cifar_pickle(folder / "batches.meta")
+    names = meta.get("label_names")
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+        raise UserError(f"{folder / 'batches.meta'} has no list of class names ('label_names'); {_REDOWNLOAD}")
+    return tuple(names)
+
+
+def read_cifar_batch(path: Path, num_classes: int):
+    """(images (N, 32, 32, 3) uint8, labels (N,) int32) of one batch file, checked field by field."""
+    batch = read_cifar_pickle(path)
+    missing = [k for k in ("data", "labels") if k not in batch]
+    if missing:
+        raise UserError(f"{path} lacks the key(s) {', '.join(missing)} of a CIFAR-10 batch; {_REDOWNLOAD}")
+    data, labels = batch["data"], batch["labels"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        what = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise UserError(f"{path}: 'data' is a {what}, CIFAR-10 needs uint8 of shape (N, 3072); {_REDOWNLOAD}")
+    try:
+        labels = np.asarray(labels)
+    except Exception:  # noqa: BLE001
+        labels = np.asarray([], object)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{path}: 'labels' is not a list of integers; {_REDOWNLOAD}")
+    if len(labels) != len(data):
+        raise UserError(f"{path} holds {len(data)} images but {len(labels)} labels; {_REDOWNLOAD}")
+    check_labels(labels, num_classes, str(path))
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels.astype(np.int32)
+
+
+def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+    """Refuse labels outside [0, num_classes) before they can become a NaN loss."""
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        raise UserError(f"{where}: {len(bad)} label(s) outside [0, {num_classes}) (for example {int(bad[0])}); "
+                        "fix the labels or the number of classes")

@@ -1,0 +1,40 @@
+"""Scalars (losses, accuracies, learning rate, images per second) as TensorBoard event files in the run folder,
+written with TensorBoard's own numpy-only writer (`tensorboard.summary.Writer`, the `tensorboard` extra).
+
+    tensorboard --logdir runs/          # then open http://localhost:6006
+
+Without the package installed, runs go on and say once how to get it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from cifarjax.errors import warn
+from cifarjax.files import best_effort
+
+
+class ScalarLog:
+    """Write {tag: value} scalars at a step to `folder`; a no-op when TensorBoard is not installed."""
+
+    def __init__(self, folder: Path):
+        self.writer = None
+        try:
+            from tensorboard.summary import Writer
+        except ImportError:
+            warn("TensorBoard is not installed, so no event files are written; pip install 'cifarjax[tensorboard]'",
+                 key="tensorboard")
+            return
+        self.writer = best_effort(lambda: Writer(str(folder)), f"TensorBoard event files in {folder}")
+
+    def write(self, step: int, scalars: dict) -> None:
+        if self.writer is None:
+            return
+        for tag, value in scalars.items():
+            if value is not None:
+                self.writer.add_scalar(tag, float(value), int(step))
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
