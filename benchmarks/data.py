@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cifarjax.data import default_cache_dir
+from cifarjax.files import cache_dir
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
 
@@ -17,7 +17,7 @@ def find_data(data_dir):
     if data_dir:
         return Path(data_dir), f"--data-dir {data_dir}"
     if SHARED.is_file():
-        target = default_cache_dir() / "shared-cifar10-jpeg"
+        target = cache_dir() / "shared-cifar10-jpeg"
         if not (target / "cifar10-jpeg" / "train").is_dir():
             with tarfile.open(SHARED) as tar:
                 tar.extractall(target, filter="data")

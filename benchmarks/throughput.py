@@ -29,10 +29,11 @@ from benchmarks.data import find_data  # noqa: E402
 from cifarjax.augment import AugmentSpec  # noqa: E402
 from cifarjax.config import Config  # noqa: E402
 from cifarjax.data import load_dataset, train_val_split  # noqa: E402
-from cifarjax.features import FeatureInputs  # noqa: E402
-from cifarjax.loop import build_model, init_variables  # noqa: E402
-from cifarjax.optim import freeze_labels, make_optimizer  # noqa: E402
-from cifarjax.train import DataParallel, ImageInputs, create_train_state  # noqa: E402
+from cifarjax.freezing import Freezing  # noqa: E402
+from cifarjax.inputs import FeatureInputs, ImageInputs  # noqa: E402
+from cifarjax.models import Apply, build_model, init_variables  # noqa: E402
+from cifarjax.optim import make_optimizer  # noqa: E402
+from cifarjax.train import DataParallel, create_train_state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,11 +44,11 @@ def jax_rate(parallel, state, data, batch, n_steps, warmup=3):
            for i in range(warmup + n_steps)]
     resident = parallel.replicate(data)
     for i in idx[:warmup]:
-        state, metrics = parallel.train_step(state, resident, i)
+        state, metrics = parallel.train_step(state, resident, parallel.mine(i))
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for i in idx[warmup:]:
-        state, metrics = parallel.train_step(state, resident, i)
+        state, metrics = parallel.train_step(state, resident, parallel.mine(i))
     jax.block_until_ready(metrics)
     return batch * n_steps / (time.perf_counter() - start)
 
@@ -55,11 +56,11 @@ def jax_rate(parallel, state, data, batch, n_steps, warmup=3):
 def cifarjax_step_rate(config: Config, images, labels, batch, n_steps, inputs=None, apply_method=None):
     model = build_model(config)
     variables = init_variables(model, config)
-    labels_tree = freeze_labels(variables["params"], config.unfreeze) if config.unfreeze != "all" else None
-    parallel = DataParallel(inputs or ImageInputs(AugmentSpec.from_config(config)), labels_tree)
-    apply_fn = model.apply if apply_method is None else (lambda v, x, **kw: model.apply(v, x, method=apply_method, **kw))
-    tx = make_optimizer(variables["params"], config.lr, config.unfreeze)
-    state = parallel.replicate(create_train_state(apply_fn, variables, tx, 0))
+    freezing = Freezing.from_config(config)
+    trainable = None if freezing.everything_trains else freezing.trainable_mask(variables["params"])
+    parallel = DataParallel(inputs or ImageInputs(AugmentSpec.from_config(config)), trainable)
+    tx = make_optimizer(config, variables["params"])
+    state = parallel.replicate(create_train_state(Apply(model, apply_method), variables, tx, 0))
     return jax_rate(parallel, state, (images, labels), batch, n_steps)
 
 
@@ -69,12 +70,12 @@ def cifarjax_eval_rate(config: Config, images, labels, batch, repeats=2):
     model = build_model(config)
     variables = init_variables(model, config)
     parallel = DataParallel(ImageInputs(AugmentSpec.from_config(config)))
-    state = parallel.replicate(create_train_state(model.apply, variables, optax.identity(), 0))
+    state = parallel.replicate(create_train_state(Apply(model), variables, optax.identity(), 0))
     resident = parallel.replicate((images, labels))
-    parallel.predict(state, resident, len(labels), batch)
+    parallel.evaluate(state, resident, len(labels), batch)
     start = time.perf_counter()
     for _ in range(repeats):
-        parallel.predict(state, resident, len(labels), batch)
+        parallel.evaluate(state, resident, len(labels), batch)
     return repeats * len(labels) / (time.perf_counter() - start)
 
 

@@ -163,6 +163,23 @@ def find_run(run_dir) -> Path:
     raise UserError(f"{run_dir} holds no checkpoints; pass the --out folder of a run that finished an epoch")
 
 
+def latest_epoch(run_dir) -> Optional[float]:
+    """How many epochs the run's newest checkpoint holds (None without checkpoints), from its metadata alone."""
+    directory = Path(run_dir).resolve() / CHECKPOINTS
+    if not directory.is_dir():
+        return None
+    manager = ocp.CheckpointManager(directory)
+    try:
+        step = manager.latest_step()
+        if step is None:
+            return None
+        return float(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta["epoch"])
+    except Exception:  # noqa: BLE001 - a damaged checkpoint is dealt with (and reported) when restoring
+        return None
+    finally:
+        manager.close()
+
+
 def _frozen_params(run: Path) -> dict:
     path = run / FROZEN
     if not path.is_file():

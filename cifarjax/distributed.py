@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from cifarjax.errors import UserError, request_hard_exit
+from cifarjax.errors import UserError, request_hard_exit, translators
 
 HEARTBEAT_SECONDS = 30  # a dead peer is noticed within this, plus the shutdown timeout below
 SHUTDOWN_SECONDS = 30
@@ -30,7 +30,7 @@ def initialize(coordinator: str = None, num_processes: int = None, process_id: i
     """Start JAX's distributed runtime: from explicit settings, or (`auto`) detected from the cluster."""
     global _started
     explicit = (coordinator, num_processes, process_id)
-    if not auto and all(v is None for v in explicit):
+    if _started or (not auto and all(v is None for v in explicit)):
         return
     if not auto and any(v is None for v in explicit):
         raise UserError("--coordinator, --num-processes and --process-id go together; pass all three, or "
@@ -45,6 +45,8 @@ def initialize(coordinator: str = None, num_processes: int = None, process_id: i
                         "check --coordinator HOST:PORT is reachable from every process, or the cluster's "
                         "environment for --distributed") from None
     _started = True
+    translators.append(lambda error: peer_lost(error, "the same command and --resume") if is_peer_failure(error)
+                       else None)
 
 
 def is_writer() -> bool:

@@ -79,6 +79,11 @@ def exit_on_user_error(main):
             if error.errno not in _OS_ADVICE:
                 raise
             code, message = EXIT_USER_ERROR, f"error: {os_error_message(error)}"
+        except Exception as error:  # noqa: BLE001 - only errors a translator recognises are handled here
+            translated = next((t(error) for t in translators if t(error) is not None), None)
+            if translated is None:
+                raise
+            code, message = translated.exit_code, f"error: {translated}"
         print(message, file=sys.stderr, flush=True)
         if _hard_exit_requested:
             sys.stdout.flush()
@@ -89,6 +94,7 @@ def exit_on_user_error(main):
 
 
 _hard_exit_requested = False
+translators: list = []  # functions error -> UserError or None (distributed.initialize adds one for dead peers)
 
 
 def request_hard_exit() -> None:

@@ -56,6 +56,7 @@ def conv2d(x, kernel, strides: int = 1, padding: int = 0, impl: str = "auto"):
     """NHWC x HWIO convolution with symmetric zero padding, as im2col+matmul or XLA's convolution."""
     kh, kw, cin, cout = kernel.shape
     if resolve_conv_impl(impl) == "xla":
+        x = x.astype(jnp.result_type(x, kernel))  # float32 images meet float64 kernels in the float64 tests
         return lax.conv_general_dilated(x, kernel, (strides, strides), [(padding, padding)] * 2,
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
     if padding:
@@ -149,15 +150,16 @@ maximum_of.defvjp(_maximum_of_fwd, _maximum_of_bwd)
 
 # Winograd F(m x m, 3x3) (Lavin & Gray 2016): out_tile = A^T [(G k G^T) * (B^T d B)] A, for (m+2)x(m+2) input
 # tiles d taken at stride m. F(2,3) needs 16 products per 4 outputs, F(4,3) 36 per 16 (4x fewer than direct).
+# The matrices are exact in float64 (1/6, 1/24, ...); float32 computations round them as before.
 WINOGRAD = {
-    2: (np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32),
-        np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]], np.float32),
-        np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)),
+    2: (np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64),
+        np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]], np.float64),
+        np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)),
     4: (np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
-                  [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], np.float32),
+                  [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], np.float64),
         np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
-                  [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float32),
-        np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], np.float32)),
+                  [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float64),
+        np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], np.float64)),
 }
 
 

@@ -131,10 +131,11 @@ class ResNet(nn.Module):
     frozen_bn_stages: int = 0
     axis_name: Optional[str] = None
     conv_impl: str = "auto"
+    num_filters: int = 64
 
     def setup(self):
-        self.backbone = ResNetBackbone(self.stage_sizes, self.block_cls, frozen_bn_stages=self.frozen_bn_stages,
-                                       axis_name=self.axis_name, conv_impl=self.conv_impl)
+        self.backbone = ResNetBackbone(self.stage_sizes, self.block_cls, self.num_filters, self.frozen_bn_stages,
+                                       self.axis_name, self.conv_impl)
         self.head = Dense(self.num_classes)
 
     def __call__(self, x, train: bool = False):

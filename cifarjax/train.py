@@ -118,10 +118,10 @@ def eval_logits(state: TrainState, data, idx, inputs, tta_flip: bool):
     return logits
 
 
-def eval_step(state: TrainState, data, idx, *, inputs, options: StepOptions = StepOptions()):
+def eval_step(state: TrainState, data, idx, *, inputs, tta_flip: bool = False):
     """Predicted classes and per-example losses of this device's share `idx`, gathered from every device
     (call under `pmap`): each is (devices, per_device)."""
-    logits = eval_logits(state, data, idx, inputs, options.tta_flip)
+    logits = eval_logits(state, data, idx, inputs, tta_flip)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, data[1][idx])
     preds = jnp.argmax(logits, -1).astype(jnp.int32)
     return lax.all_gather(preds, AXIS), lax.all_gather(losses, AXIS)
@@ -149,7 +149,7 @@ class DataParallel:
         key = None if trainable is None else (tuple(jax.tree.leaves(trainable)), jax.tree.structure(trainable))
         self.train_step = _pmapped(train_step, tuple(self.devices), True, inputs=inputs, n_devices=self.n_devices,
                                    trainable=key, options=options)
-        self.eval_step = _pmapped(eval_step, tuple(self.devices), False, inputs=inputs, options=options)
+        self.eval_step = _pmapped(eval_step, tuple(self.devices), False, inputs=inputs, tta_flip=options.tta_flip)
 
     @property
     def n_devices(self) -> int:

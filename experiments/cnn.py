@@ -14,7 +14,7 @@ from cifarjax.loop import train_loop
 
 @exit_on_user_error
 def main(argv=None) -> None:
-    args = common.make_parser("cnn", __doc__.splitlines()[0]).parse_args(argv)
+    args = common.parse("cnn", __doc__.splitlines()[0], argv)
     s = common.start("cnn", args, model="simple_cnn")
     common.open_run(s, "cnn", s.config.to_dict())
     result = train_loop(s.config, s.train, s.val, run=s.run, resume=s.resume, phases=s.phases,
@@ -24,7 +24,7 @@ def main(argv=None) -> None:
             plots.plot_training_results(result.history.records, s.run / runs.PLOTS / "training_results.png",
                                         title=f"SimpleCNN ({s.config.recipe} recipe)")
     scored = common.report_split(s.config, result.eval_variables, *common.scored_split(s), s.run, s.phases)
-    summary = common.run_summary("cnn", s.config, result, s.phases, n_train=len(s.train), n_val=len(s.val), **scored)
+    summary = common.run_summary("cnn", s, s.config, result, n_train=len(s.train), n_val=len(s.val), **scored)
     if distributed.is_writer():
         write_json(s.run / runs.SUMMARY, summary)
         print(f"validation accuracy {summary['val_accuracy']:.4f} after {s.config.n_epochs} epoch"

@@ -3,6 +3,7 @@ configuration, data), and its outputs (scoring, plots, summary.json)."""
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import platform
 import resource
@@ -22,6 +23,8 @@ import numpy as np  # noqa: E402
 import cifarjax  # noqa: E402
 from cifarjax import distributed, plots, runs  # noqa: E402
 from cifarjax.augment import with_normalization  # noqa: E402
+from cifarjax.batching import train_indices  # noqa: E402
+from cifarjax.checkpoint import latest_epoch  # noqa: E402
 from cifarjax.config import Config  # noqa: E402
 from cifarjax.data import Dataset, Split, load_dataset, train_val_split  # noqa: E402
 from cifarjax.errors import UserError  # noqa: E402
@@ -33,6 +36,14 @@ from cifarjax.recipes import recipe_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "torch", "torchvision", "albumentations")
+
+
+def parse(command: str, description: str, argv=None, nargs: Optional[dict] = None):
+    """The command's flags, parsed; `args.command_line` records how it was called (for summary.json)."""
+    args = make_parser(command, description, nargs).parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args.command_line = " ".join([f"python -m experiments.{command}", *map(shlex.quote, map(str, argv))])
+    return args
 
 
 def make_parser(command: str, description: str, nargs: Optional[dict] = None) -> Parser:
@@ -66,6 +77,7 @@ class Start:
     train: Split
     val: Split
     phases: Phases
+    command_line: str
 
 
 def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
@@ -81,6 +93,10 @@ def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
     if args.resume:
         saved = Config.from_dict(runs.read_json(run / runs.CONFIG))
         config = resumed_config(saved, typed, args.recipe, str(run))
+        done = latest_epoch(run)
+        if done is not None and done > config.n_epochs:
+            raise UserError(f"the run in {run} already trained {done:g} epochs; pass --epochs {math.ceil(done)} or "
+                            "more to resume it")
     else:
         config = new_config(command, args.recipe, typed, **fixed)
     with phases("data_loading", "loading the data"):
@@ -91,9 +107,10 @@ def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
                         f"trained on {list(config.classes)}; pass the run's own data folder")
     config = with_normalization(config.replace(classes=tuple(dataset.classes), num_classes=len(dataset.classes)),
                                 train.images)
-    distributed.agree({"config": config.to_dict(), "data": data_fingerprint(train, val),
+    train_indices(len(train), config.batch_size, jax.device_count(), config.seed, 0)  # the batch fits data and devices
+    distributed.agree({"config": {**config.to_dict(), "data_dir": None}, "data": data_fingerprint(train, val),
                        "run": str(run.resolve())}, "their settings")
-    return Start(config, run, args.resume, args.overwrite, dataset, train, val, phases)
+    return Start(config, run, args.resume, args.overwrite, dataset, train, val, phases, args.command_line)
 
 
 def data_fingerprint(train: Split, val: Split) -> dict:
@@ -138,7 +155,7 @@ def report_split(config: Config, variables: dict, split: Split, name: str, run: 
     return {f"{name}_accuracy": result["accuracy"], "scored_split": name}
 
 
-def run_summary(experiment: str, config: Config, result, phases: Phases, **extra) -> dict:
+def run_summary(experiment: str, s: Start, config: Config, result, **extra) -> dict:
     """summary.json's common part: readings, per-epoch curves, timings, provenance and environment."""
     h = result.history
     return {"experiment": experiment, "recipe": config.recipe, "epochs": config.n_epochs, **h.readings(),
@@ -146,7 +163,7 @@ def run_summary(experiment: str, config: Config, result, phases: Phases, **extra
             "val_accuracy_per_epoch": h.epoch_val_accuracy, "train_accuracy_per_epoch": h.train_accuracy,
             "wall_seconds": round(result.seconds, 2), "images_per_second": round(result.images_per_second, 1),
             "evaluated_weights": "moving average" if result.average is not None else "final",
-            **extra, **phases.summary(), **provenance(), **environment()}
+            **extra, **s.phases.summary(), **provenance(s.command_line), **environment()}
 
 
 def git_commit() -> Optional[str]:
@@ -163,7 +180,7 @@ def git_commit() -> Optional[str]:
         return None
 
 
-def provenance() -> dict:
+def provenance(command_line: str) -> dict:
     versions = {}
     for name in PACKAGES:
         try:
@@ -172,7 +189,7 @@ def provenance() -> dict:
             versions[name] = None
     started = Phases().started
     return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-            "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+            "command": command_line,
             "git_commit": git_commit(), "cifarjax": cifarjax.__version__, "packages": versions}
 
 

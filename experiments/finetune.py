@@ -46,7 +46,7 @@ def epoch_counts(args) -> list:
 
 @exit_on_user_error
 def main(argv=None) -> None:
-    args = common.make_parser("finetune", __doc__.splitlines()[0], nargs={"n_epochs": "+"}).parse_args(argv)
+    args = common.parse("finetune", __doc__.splitlines()[0], argv, nargs={"n_epochs": "+"})
     counts = epoch_counts(args)
     typed = {**given(args, "finetune"), "n_epochs": max(counts)}
     s = common.start("finetune", args, typed, model="resnet18")
@@ -67,7 +67,8 @@ def main(argv=None) -> None:
         if len(counts) > 1:
             write_json(s.run / runs.SUMMARY, {"experiment": "finetune", "weights": weights_label, "runs": [
                 {k: r[k] for k in ("epochs", "val_accuracy", "best_val_accuracy", "last5_mean_val_accuracy",
-                                   "wall_seconds")} for r in results], **s.phases.summary(), **common.provenance(),
+                                   "wall_seconds")} for r in results], **s.phases.summary(),
+                **common.provenance(s.command_line),
                 **common.environment()})
         print(f"run folder: {s.run}; whole process {s.phases.summary()['process_seconds']:.0f} s")
 
@@ -83,7 +84,7 @@ def fine_tune_run(s, n_epochs: int, variables: dict, features, weights_label: st
     result = fine_tune_loop(config, variables, s.train, s.val, run=sub, resume=s.resume, features=features,
                             phases=s.phases, resume_hint=common.resume_hint("finetune", s.run))
     scored = common.report_split(config, result.eval_variables, *common.scored_split(s), sub, s.phases)
-    summary = common.run_summary("finetune", config, result, s.phases, weights=weights_label,
+    summary = common.run_summary("finetune", s, config, result, weights=weights_label,
                                  unfreeze=config.unfreeze, bn=config.bn, cached_features=features is not None,
                                  n_train=len(s.train), n_val=len(s.val), **scored)
     if distributed.is_writer():

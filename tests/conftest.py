@@ -36,3 +36,15 @@ def image_folder(tmp_path):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Release each module's compiled programs after it, so memory stays flat over the suite (programs that
+    later modules reuse come back from the persistent compilation cache)."""
+    yield
+    import gc
+
+    import jax
+    jax.clear_caches()
+    gc.collect()

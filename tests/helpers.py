@@ -47,3 +47,19 @@ def randomized_torchvision_resnet18(num_classes=1000, seed=0):
                 fan_in = tensor[0].numel()
                 tensor.copy_(torch.randn_like(tensor) * (2.0 / fan_in) ** 0.5)
     return model
+
+
+def run_module(module, *args, env=None, cwd=None):
+    """`python -m module args` in a fresh process (the project's root on the path), captured."""
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    full_env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONPATH=str(root), **(env or {}))
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or root, env=full_env)
+
+
+def tree_bytes(folder: Path) -> dict:
+    """{relative path: bytes} of every file below `folder`, to show nothing was touched."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}

@@ -4,12 +4,11 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import reference_accuracy
-from benchmarks import torch_reference as ref
 from tests.helpers import make_image_folder
 
 
 def test_reference_accuracy_prints_one_line_per_epoch(tmp_path, capsys):
+    from benchmarks import reference_accuracy
     folder = make_image_folder(tmp_path / "data", n_train=10, n_test=0, learnable=True)
     # No worker processes: forking a process that has started jax can deadlock.
     reference_accuracy.main(["--data-dir", str(folder), "--epochs", "2", "--workers", "0"])
@@ -20,6 +19,7 @@ def test_reference_accuracy_prints_one_line_per_epoch(tmp_path, capsys):
 
 
 def test_original_training_learns_a_learnable_set(tmp_path):
+    from benchmarks import torch_reference as ref
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(2), 64)
     images = np.clip(rng.integers(0, 256, (128, 32, 32, 3)) // 4 + 128 * labels[:, None, None, None], 0, 255)
@@ -29,12 +29,14 @@ def test_original_training_learns_a_learnable_set(tmp_path):
 
 
 def test_reference_accuracy_rejects_zero_epochs(capsys):
+    from benchmarks import reference_accuracy
     with pytest.raises(SystemExit) as exit_info:
         reference_accuracy.main(["--epochs", "0"])
     assert exit_info.value.code == 2 and "--epochs must be at least 1" in capsys.readouterr().err
 
 
 def test_reference_accuracy_names_a_missing_folder(tmp_path, capsys):
+    from benchmarks import reference_accuracy
     with pytest.raises(SystemExit) as exit_info:
         reference_accuracy.main(["--data-dir", str(tmp_path / "nowhere"), "--epochs", "1", "--workers", "0"])
     err = capsys.readouterr().err

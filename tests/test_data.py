@@ -1,7 +1,6 @@
+import errno
 import json
 import pickle
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -168,18 +167,134 @@ def test_describe_counts_per_split(image_folder):
     assert info["splits"]["test"]["per_class"] == {"cat": 4, "dog": 4, "frog": 4}
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "cifarjax.data", *map(str, args)], capture_output=True, text=True)
-
-
-def test_inspection_command_prints_one_json_object(image_folder):
-    result = run_cli(image_folder)
-    assert result.returncode == 0, result.stderr
-    info = json.loads(result.stdout)
+def test_inspection_command_prints_one_json_object(image_folder, capsys):
+    data.main([str(image_folder), "--decode-size", "32"])
+    info = json.loads(capsys.readouterr().out)
     assert info["source"] == "folder" and info["splits"]["test"]["n"] == 12
 
 
-def test_inspection_command_bad_folder_is_one_clear_line(tmp_path):
-    result = run_cli(tmp_path / "missing")
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: data folder") and "Traceback" not in result.stderr
+def test_inspection_command_bad_folder_is_one_clear_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        data.main([str(tmp_path / "missing")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: data folder") and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------------------ malformed data
+
+def write_batch(folder, name, **batch):
+    with open(folder / name, "wb") as f:
+        pickle.dump(batch, f)
+
+
+@pytest.mark.parametrize("name,batch,message", [
+    ("data_batch_2", {"data": np.zeros((10, 3072), np.uint8), "labels": [0] * 9}, "holds 10 images but 9 labels"),
+    ("data_batch_3", {"data": np.zeros((10, 1024), np.uint8), "labels": [0] * 10}, r"shape \(10, 1024\)"),
+    ("data_batch_4", {"data": np.zeros((10, 3072), np.float32), "labels": [0] * 10}, "float32 array"),
+    ("data_batch_5", {"labels": [0] * 10}, "lacks the key.*data"),
+    ("test_batch", {"data": np.zeros((10, 3072), np.uint8), "labels": [0] * 9 + [10]}, r"outside \[0, 10\)"),
+    ("data_batch_1", {"data": np.zeros((10, 3072), np.uint8), "labels": [-1] * 10}, r"outside \[0, 10\)"),
+])
+def test_malformed_cifar_batches_are_named(tmp_path, name, batch, message):
+    write_cifar_batches(tmp_path / "cifar-10-batches-py")
+    write_batch(tmp_path / "cifar-10-batches-py", name, **batch)
+    with pytest.raises(UserError, match=f"{name}.*{message}"):
+        load_dataset(tmp_path)
+
+
+def test_malformed_class_names(tmp_path):
+    write_cifar_batches(tmp_path / "cifar-10-batches-py")
+    write_batch(tmp_path / "cifar-10-batches-py", "batches.meta", names=["a"])
+    with pytest.raises(UserError, match="batches.meta has no list of class names"):
+        load_dataset(tmp_path)
+
+
+def save_mode(folder, name, image):
+    folder.mkdir(parents=True, exist_ok=True)
+    image.save(folder / name)
+
+
+def test_every_image_mode_becomes_the_right_rgb_picture(tmp_path):
+    """Each mode Pillow opens decodes to the 8-bit RGB picture it shows (a 16-bit PNG is not saturated white)."""
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 200, 30, 60
+    gray16 = np.full((32, 32), 32896, np.uint16)  # 32896 / 65535 * 255 = 128
+    cases = {
+        "a_rgb.png": (Image.fromarray(rgb), rgb),
+        "b_rgba.png": (Image.fromarray(np.dstack([rgb, np.full((32, 32), 7, np.uint8)]), "RGBA"), rgb),
+        "c_l.png": (Image.fromarray(np.full((32, 32), 77, np.uint8), "L"), np.full((32, 32, 3), 77)),
+        "d_la.png": (Image.fromarray(np.full((32, 32, 2), 90, np.uint8), "LA"), np.full((32, 32, 3), 90)),
+        "e_one.png": (Image.fromarray(np.ones((32, 32), bool)), np.full((32, 32, 3), 255)),
+        "f_p.png": (Image.fromarray(rgb).quantize(colors=4), rgb),
+        "g_i16.png": (Image.fromarray(gray16), np.full((32, 32, 3), 128)),
+        "h_i32.tif": (Image.fromarray(np.full((32, 32), 40000, np.int32), "I"), np.full((32, 32, 3), 156)),
+        "i_i8.tif": (Image.fromarray(np.full((32, 32), 100, np.int32), "I"), np.full((32, 32, 3), 100)),
+        "j_f.tif": (Image.fromarray(np.full((32, 32), 0.5, np.float32), "F"), np.full((32, 32, 3), 128)),
+        "k_cmyk.jpg": (Image.fromarray(rgb).convert("CMYK"), rgb),
+        "l_ycbcr.jpg": (Image.fromarray(rgb).convert("YCbCr"), rgb),
+    }
+    folder = tmp_path / "d" / "train" / "modes"
+    for name, (image, _) in cases.items():
+        save_mode(folder, name, image)
+    make_image_folder(tmp_path / "d", classes=("other",), n_train=1, n_test=0)
+    ds = load_dataset(tmp_path / "d")
+    assert ds.classes == ("modes", "other")
+    for (name, (_, expected)), got in zip(sorted(cases.items()), ds.train.images[:len(cases)]):
+        tolerance = 6 if name.endswith(".jpg") else 1  # JPEG's lossy colour conversion
+        assert np.abs(got.astype(int) - np.asarray(expected, int)).max() <= tolerance, name
+
+
+@pytest.mark.parametrize("array,mode", [(np.full((8, 8), 1e9, np.float32), "F"), (np.full((8, 8), -5, np.int32), "I")])
+def test_images_outside_known_ranges_are_refused(tmp_path, array, mode):
+    save_mode(tmp_path / "d" / "train" / "c", "odd.tif", Image.fromarray(array, mode))
+    with pytest.raises(UserError, match=r"cannot read image .*odd\.tif.*outside 8- or 16-bit ranges"):
+        load_dataset(tmp_path / "d")
+
+
+def test_empty_class_folder_is_skipped_with_a_warning(tmp_path, capsys):
+    make_image_folder(tmp_path / "d", classes=("cat", "dog"), n_train=2, n_test=0)
+    (tmp_path / "d" / "train" / "bird").mkdir()
+    ds = load_dataset(tmp_path / "d")
+    assert ds.classes == ("cat", "dog") and len(ds.train) == 4
+    assert "bird holds no images" in capsys.readouterr().err
+
+
+def test_labels_outside_the_classes_are_refused_before_training():
+    from cifarjax.loop import train_loop
+    from tests.test_train import fast, tiny_split
+    bad = tiny_split(40)
+    bad.labels[3] = 7
+    with pytest.raises(UserError, match=r"training labels: 1 label\(s\) outside \[0, 3\)"):
+        train_loop(fast(n_epochs=1), bad, tiny_split(12, seed=1))
+
+
+def test_a_cache_file_that_does_not_match_its_source_is_rebuilt(tmp_path, capsys):
+    a = make_image_folder(tmp_path / "a", n_train=2, n_test=0, seed=1)
+    b = make_image_folder(tmp_path / "b", n_train=2, n_test=0, seed=2)
+    load_dataset(a)
+    load_dataset(b)
+    files = sorted((cache_dir() / "datasets").glob("folder-*.npz"))
+    assert len(files) == 2
+    first_bytes, second_bytes = files[0].read_bytes(), files[1].read_bytes()
+    files[0].write_bytes(second_bytes)  # well-formed, but each holds the other source's arrays
+    files[1].write_bytes(first_bytes)
+    first = np.asarray(Image.open(a / "train" / "cat" / "0000.png"))
+    np.testing.assert_array_equal(load_dataset(a).train.images[0], first)
+    assert "do not match their source" in capsys.readouterr().err
+
+
+def test_an_unusable_cache_folder_never_blocks_a_run(tmp_path, monkeypatch, capsys, image_folder):
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("CIFARJAX_CACHE", str(tmp_path / "a-file" / "cache"))
+    assert len(load_dataset(image_folder).train) == 36
+    assert "continuing without the cache" in capsys.readouterr().err
+
+
+def test_a_full_disk_leaves_no_temporary_files(tmp_path, monkeypatch, capsys, image_folder):
+    def full(f, **arrays):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(f.name))
+    monkeypatch.setattr(np, "savez", full)
+    assert len(load_dataset(image_folder).train) == 36
+    assert "No space left" in capsys.readouterr().err
+    assert [p.name for p in (cache_dir() / "datasets").iterdir()] == []

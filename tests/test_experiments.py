@@ -1,20 +1,16 @@
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from experiments import cnn, evaluate, finetune
+from experiments import cnn, compare, evaluate, finetune
 from cifarjax.checkpoint import load_variables
 from cifarjax.pretrained import resnet18_from_torchvision
-from tests.helpers import make_image_folder, randomized_torchvision_resnet18
+from tests.helpers import make_image_folder, randomized_torchvision_resnet18, run_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +57,7 @@ def evaluate_json(run, capsys, *extra):
 
 def test_evaluate_needs_only_a_test_folder(data_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    cnn.main(["--data-dir", str(data_dir), "--epochs", "1", "--batch-size", "8", "--out", str(out)])
+    cnn.main(["--data-dir", str(data_dir), "--epochs", "1", "--batch-size", "8", "--conv-impl", "xla", "--out", str(out)])
     capsys.readouterr()
     test_only = make_image_folder(tmp_path / "held_out", n_train=0, n_test=5, learnable=True, seed=7)
     result = evaluate_json(out, capsys, "--data-dir", str(test_only))
@@ -71,6 +67,7 @@ def test_evaluate_needs_only_a_test_folder(data_dir, tmp_path, capsys):
 
 
 def save_random_resnet(path):
+    import torch
     torch.save(randomized_torchvision_resnet18(seed=3).state_dict(), path)
     return path
 
@@ -79,7 +76,7 @@ def test_finetune_one_epoch_keeps_the_backbone_bit_identical(data_dir, tmp_path)
     weights = save_random_resnet(tmp_path / "resnet18.pth")
     out = tmp_path / "ft"
     finetune.main(["--data-dir", str(data_dir), "--epochs", "1", "--batch-size", "8", "--weights", str(weights),
-                   "--out", str(out)])
+                   "--conv-impl", "xla", "--out", str(out)])
     port = resnet18_from_torchvision(weights, num_classes=3)
     trained = load_variables(out)
     for a, b in zip(jax.tree.leaves(port["params"]["backbone"]), jax.tree.leaves(trained["params"]["backbone"])):
@@ -94,6 +91,7 @@ def test_finetune_one_epoch_keeps_the_backbone_bit_identical(data_dir, tmp_path)
 def test_finetune_several_epoch_counts_overlay_their_curves(data_dir, tmp_path):
     out = tmp_path / "ft"
     finetune.main(["--data-dir", str(data_dir), "--epochs", "1", "2", "--batch-size", "8", "--weights", "random",
+                   "--conv-impl", "xla",
                    "--out", str(out), "--unfreeze", "layer4", "--bn", "train"])
     assert_png(out / "plots" / "fine_tuning_results.png")
     summary = json.loads((out / "summary.json").read_text())
@@ -103,48 +101,52 @@ def test_finetune_several_epoch_counts_overlay_their_curves(data_dir, tmp_path):
         assert not json.loads((out / sub / "summary.json").read_text())["cached_features"]
 
 
-def run_module(module, *args):
-    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env=env)
+COMMANDS = {"cnn": cnn, "finetune": finetune, "evaluate": evaluate, "compare": compare}
 
 
-@pytest.mark.parametrize("module", ["experiments.cnn", "experiments.finetune", "experiments.evaluate"])
-def test_help(module):
-    result = run_module(module, "--help")
-    assert result.returncode == 0 and "usage:" in result.stdout
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        COMMANDS[command].main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "usage:" in out
+    assert "(default: (default" not in out and out.count("(default:") == out.count("(default")
 
 
-@pytest.mark.parametrize("module,args,message", [
-    ("experiments.cnn", ["--batch-size", "0"], "must be at least 1"),
-    ("experiments.cnn", ["--lr", "abc"], "is not a number"),
-    ("experiments.finetune", ["--unfreeze", "everything"], "invalid choice"),
-    ("experiments.cnn", ["--data-dir", "/no/such/folder"], "data folder /no/such/folder does not exist"),
-    ("experiments.cnn", ["--img-size", "16"], "SimpleCNN needs img_size >= 30"),
-    ("experiments.evaluate", ["/no/such/run"], "run folder /no/such/run does not exist"),
+@pytest.mark.parametrize("command,args,message", [
+    ("cnn", ["--batch-size", "0"], "must be at least 1"),
+    ("cnn", ["--lr", "abc"], "is not a number"),
+    ("finetune", ["--unfreeze", "everything"], "invalid choice"),
+    ("cnn", ["--data-dir", "/no/such/folder"], "data folder /no/such/folder does not exist"),
+    ("cnn", ["--img-size", "16"], "SimpleCNN needs img_size >= 30"),
+    ("evaluate", ["/no/such/run"], "run folder /no/such/run does not exist"),
 ])
-def test_bad_input_is_one_clear_message(module, args, message, tmp_path):
-    result = run_module(module, *args, *(["--out", tmp_path / "o"] if module != "experiments.evaluate" else []))
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
+def test_bad_input_is_one_clear_message(command, args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        COMMANDS[command].main([*args, *(["--out", str(tmp_path / "o")] if command != "evaluate" else [])])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == sum(line.startswith("loading") for line in err.splitlines()) + 1
+    assert message in err and "Traceback" not in err
 
 
-def test_bad_weights_file(data_dir, tmp_path):
+def test_bad_weights_file_in_a_real_process(data_dir, tmp_path):
+    """The one command run as a separate process: its real exit status and stderr."""
     bad = tmp_path / "resnet18.pth"
     bad.write_text("junk")
     result = run_module("experiments.finetune", "--data-dir", data_dir, "--weights", bad, "--epochs", "1",
-                        "--out", tmp_path / "o")
+                        "--batch-size", "8", "--out", tmp_path / "o")
     assert result.returncode == 2 and "is not a PyTorch state_dict file" in result.stderr
 
 
-def test_batch_that_does_not_split_over_devices(data_dir, tmp_path):
-    result = run_module("experiments.cnn", "--data-dir", data_dir, "--batch-size", "7", "--out", tmp_path / "o")
-    assert result.returncode == 2 and "does not split evenly over 2 devices" in result.stderr
+def test_batch_that_does_not_split_over_devices(data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cnn.main(["--data-dir", str(data_dir), "--batch-size", "7", "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2 and "does not split evenly over 2 devices" in capsys.readouterr().err
 
 
 def test_existing_run_is_never_overwritten(data_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    cnn.main(["--data-dir", str(data_dir), "--epochs", "1", "--batch-size", "8", "--out", str(out)])
+    cnn.main(["--data-dir", str(data_dir), "--epochs", "1", "--batch-size", "8", "--conv-impl", "xla", "--out", str(out)])
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit) as exit_info:
         cnn.main(["--data-dir", str(data_dir), "--epochs", "1", "--batch-size", "8", "--out", str(out)])
@@ -166,7 +168,7 @@ def test_readme_research_example_runs(data_dir, tmp_path, monkeypatch):
 
 def test_resume_continues_and_refuses_changed_settings(data_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    base = ["--data-dir", str(data_dir), "--batch-size", "8", "--out", str(out)]
+    base = ["--data-dir", str(data_dir), "--batch-size", "8", "--conv-impl", "xla", "--out", str(out)]
     cnn.main(base + ["--epochs", "1"])
     cnn.main(base + ["--epochs", "2", "--resume"])
     assert json.loads((out / "summary.json").read_text())["epochs"] == 2

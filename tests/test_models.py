@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import torch
 
 from cifarjax.layers import Dropout, conv2d, conv3x3_maxpool, conv_phases, materialize, max_pool
 from cifarjax.models import ResNet18, SimpleCNN
@@ -13,6 +12,7 @@ from cifarjax.models import ResNet18, SimpleCNN
 
 def torch_simple_cnn():
     """The original project's SimpleCNNModel, layer for layer."""
+    import torch
     nn = torch.nn
     return nn.Sequential(
         nn.Conv2d(3, 128, 3), nn.ReLU(), nn.Dropout(0.3), nn.MaxPool2d(2),
@@ -26,12 +26,13 @@ def n_params(tree):
 
 
 def test_simple_cnn_has_the_originals_parameter_count():
-    variables = SimpleCNN().init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    variables = jax.eval_shape(lambda: SimpleCNN().init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
     assert n_params(variables["params"]) == 1_025_546 == sum(p.numel() for p in torch_simple_cnn().parameters())
 
 
 @pytest.mark.parametrize("impl", ["winograd", "im2col", "xla"])
 def test_simple_cnn_matches_the_pytorch_original_in_eval_mode(impl):
+    import torch
     torch.manual_seed(0)
     ref = torch_simple_cnn().eval()
     convs = [m for m in ref if isinstance(m, torch.nn.Conv2d)]
@@ -42,8 +43,20 @@ def test_simple_cnn_matches_the_pytorch_original_in_eval_mode(impl):
                    for i, l in enumerate(linears)})
     x = np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)
     expected = ref(torch.from_numpy(x)).detach().numpy()
-    got = SimpleCNN(conv_impl=impl).apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), train=False)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    got = jax.jit(partial(SimpleCNN(conv_impl=impl).apply, train=False))({"params": params},
+                                                                        jnp.asarray(x.transpose(0, 2, 3, 1)))
+    # The port's specification: the largest difference at most 1e-5 of the largest logit, about 100x the rounding
+    # of five float32 layers, and orders of magnitude below any difference of semantics.
+    assert_relative_to_largest(got, expected, 1e-5)
+
+
+F32 = np.finfo(np.float32).eps / 2  # unit roundoff
+
+
+def summation_bound(magnitude, n_terms):
+    """Two float32 sums of the same n products can differ by at most 2 (n + 1) u sum|products| (the standard
+    forward error bound of recursive summation, in any order): a bound that holds on every CPU."""
+    return 2 * (n_terms + 1) * F32 * magnitude
 
 
 @pytest.mark.parametrize("k,stride,pad", [(3, 1, 0), (3, 1, 1), (3, 2, 1), (1, 2, 0), (7, 2, 3)])
@@ -52,58 +65,88 @@ def test_im2col_convolution_equals_xla(k, stride, pad, rng):
     w = jnp.asarray(rng.normal(size=(k, k, 5, 6)).astype(np.float32))
     a = conv2d(x, w, stride, pad, "im2col")
     b = conv2d(x, w, stride, pad, "xla")
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    magnitude = conv2d(jnp.abs(x), jnp.abs(w), stride, pad, "xla")
+    assert (np.abs(a - b) <= summation_bound(magnitude, k * k * 5)).all()
     ga = jax.grad(lambda x: conv2d(x, w, stride, pad, "im2col").sum())(x)
     gb = jax.grad(lambda x: conv2d(x, w, stride, pad, "xla").sum())(x)
-    np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-4)
+    assert (np.abs(ga - gb) <= summation_bound(np.abs(w).sum(axis=(0, 1, 3)), k * k * 6)).all()
 
 
-@pytest.mark.parametrize("size,cin,pool,tile", [(15, 16, 2, 2), (15, 16, 2, 4), (6, 16, 4, 2), (6, 16, 4, 4),
-                                               (17, 8, 2, None), (9, 8, 2, None), (14, 8, 4, None), (13, 8, 2, 2)])
-def test_winograd_conv_maxpool_equals_xla_conv_then_pool(size, cin, pool, tile, rng):
-    x = jnp.asarray(rng.normal(size=(3, size, size, cin)).astype(np.float32))
-    w = jnp.asarray((rng.normal(size=(3, 3, cin, 8)) / np.sqrt(9 * cin)).astype(np.float32))
-    reference = lambda x, w: max_pool(conv2d(x, w, impl="xla"), pool)  # noqa: E731
-    fused = lambda x, w: conv3x3_maxpool(x, w, pool, tile)  # noqa: E731
-    expected, got = reference(x, w), fused(x, w)
-    assert got.shape == expected.shape
+# Tiles 2 and 4, pools 2 and 4, odd sizes whose last row and column pooling drops, and the automatic choice.
+WINOGRAD_SHAPES = [(15, 16, 2, 4), (6, 16, 4, 2), (13, 8, 2, 2), (14, 8, 4, None)]
 
-    def assert_close(b, a):  # error relative to the largest magnitude, as float32 Winograd guarantees
-        assert float(jnp.abs(b - a).max()) <= 1e-5 * float(jnp.abs(a).max())
 
-    assert_close(got, expected)
-    cotangent = jnp.asarray(rng.normal(size=expected.shape).astype(np.float32))
-    grads = [jax.grad(lambda x, w: jnp.sum(f(x, w) * cotangent), (0, 1))(x, w) for f in (reference, fused)]
-    for a, b in zip(*grads):
-        assert_close(b, a)
+def winograd_and_reference(rng, size, cin, pool, tile, dtype):
+    x = jnp.asarray(rng.normal(size=(2, size, size, cin)).astype(dtype))
+    w = jnp.asarray((rng.normal(size=(3, 3, cin, 8)) / np.sqrt(9 * cin)).astype(dtype))
+    reference = jax.jit(lambda x, w: max_pool(conv2d(x, w, impl="xla"), pool))
+    fused = jax.jit(lambda x, w: conv3x3_maxpool(x, w, pool, tile))
+    cotangent = jnp.asarray(rng.normal(size=reference(x, w).shape).astype(dtype))
+    outputs = []
+    for f in (reference, fused):
+        value = f(x, w)
+        outputs.append((value, *jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) * cotangent), (0, 1)))(x, w)))
+    return outputs
+
+
+def assert_relative_to_largest(got, expected, bound):
+    got, expected = np.asarray(got), np.asarray(expected)  # on the host: float64 stays float64
+    assert np.abs(got - expected).max() <= bound * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("size,cin,pool,tile", WINOGRAD_SHAPES)
+def test_winograd_conv_maxpool_is_exactly_conv_then_pool(size, cin, pool, tile, rng):
+    """The formulation (tiles, transforms, pooling over phases, custom gradients) is exact: in float64 it agrees
+    with XLA's convolution then max pool to rounding (~1e-15), forward and both gradients."""
+    with jax.enable_x64(True):
+        expected, got = winograd_and_reference(rng, size, cin, pool, tile, np.float64)
+    assert got[0].dtype == np.float64 and got[0].shape == expected[0].shape
+    for a, b in zip(expected, got):
+        assert_relative_to_largest(b, a, 1e-10)
+
+
+@pytest.mark.parametrize("size,cin,pool,tile", WINOGRAD_SHAPES[:2])
+def test_winograd_conv_maxpool_float32_error_stays_small(size, cin, pool, tile, rng):
+    """In float32, the transforms' coefficients (up to 8 and 1/24) amplify rounding beyond a direct convolution's:
+    measured at most 2e-6 of the largest output on these shapes (AVX2 and AVX-512). The bound, 1e-4, is 50x that;
+    a wrong transform or tile errs by O(1)."""
+    expected, got = winograd_and_reference(rng, size, cin, pool, tile, np.float32)
+    for a, b in zip(expected, got):
+        assert_relative_to_largest(b, a, 1e-4)
 
 
 def test_conv_phases_are_the_strided_convolution_output(rng):
     x = jnp.asarray(rng.normal(size=(2, 11, 11, 3)).astype(np.float32))
     w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)).astype(np.float32))
     full = conv2d(x, w, impl="xla")
+    magnitude = conv2d(jnp.abs(x), jnp.abs(w), impl="xla")
     for (p, q), phase in conv_phases(x, w, 2).items():
-        np.testing.assert_allclose(phase, full[:, p:8:2, q:8:2], rtol=1e-5, atol=1e-5)
+        assert (np.abs(phase - full[:, p:8:2, q:8:2]) <= summation_bound(magnitude[:, p:8:2, q:8:2], 27)).all()
 
 
 def test_fused_simple_cnn_equals_the_unfused_one_in_training(rng):
-    """Same parameters, same dropout masks, same logits and gradients (to float rounding)."""
-    x = jnp.asarray(rng.random((8, 32, 32, 3)).astype(np.float32))
+    """Same parameters, same dropout masks, same logits and gradients: the same function, so in float64 they
+    agree to rounding (~1e-14; a wrong mask or a missing scale would differ by O(1))."""
+    x = jnp.asarray(rng.random((8, 32, 32, 3)))
     y = jnp.arange(8) % 10
     fused, plain = SimpleCNN(conv_impl="winograd"), SimpleCNN(conv_impl="im2col")
-    variables = plain.init(jax.random.PRNGKey(0), x[:1])
-    jax.tree.map(np.testing.assert_array_equal, fused.init(jax.random.PRNGKey(0), x[:1]), variables)
+    variables = jax.jit(plain.init)(jax.random.PRNGKey(0), x[:1])
+    jax.tree.map(np.testing.assert_array_equal, jax.jit(fused.init)(jax.random.PRNGKey(0), x[:1]), variables)
     rngs = {"dropout": jax.random.PRNGKey(3)}
 
     def loss(model, params):
         logits = model.apply({"params": params}, x, train=True, rngs=rngs)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
 
-    (la, za), ga = jax.value_and_grad(partial(loss, plain), has_aux=True)(variables["params"])
-    (lb, zb), gb = jax.value_and_grad(partial(loss, fused), has_aux=True)(variables["params"])
-    np.testing.assert_allclose(zb, za, rtol=1e-5, atol=1e-6)
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), variables["params"])
+        x = jnp.asarray(x, jnp.float64)
+        (la, za), ga = jax.jit(jax.value_and_grad(partial(loss, plain), has_aux=True))(params)
+        (lb, zb), gb = jax.jit(jax.value_and_grad(partial(loss, fused), has_aux=True))(params)
+    assert zb.dtype == np.float64
+    assert_relative_to_largest(zb, za, 1e-10)
     for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(jnp.abs(a).max()))
+        assert_relative_to_largest(b, a, 1e-9)
 
 
 def test_materialize_is_the_identity_with_gradients(rng):
@@ -114,6 +157,7 @@ def test_materialize_is_the_identity_with_gradients(rng):
 
 @pytest.mark.parametrize("window,stride,pad,size", [(2, 2, 0, 30), (2, 2, 0, 13), (4, 4, 0, 4), (3, 2, 1, 16)])
 def test_max_pool_matches_pytorch(window, stride, pad, size, rng):
+    import torch
     x = rng.normal(size=(2, 3, size, size)).astype(np.float32)
     expected = torch.nn.functional.max_pool2d(torch.from_numpy(x), window, stride, pad).numpy()
     got = max_pool(jnp.asarray(x.transpose(0, 2, 3, 1)), window, stride, pad)
@@ -138,13 +182,14 @@ def test_dropout_rate_scaling_and_determinism():
 
 
 def test_simple_cnn_dropout_only_in_training():
-    model = SimpleCNN()
+    model = SimpleCNN(conv_impl="xla")  # the fused path's masks are checked against this one above
     x = jnp.ones((2, 32, 32, 3))
-    v = model.init(jax.random.PRNGKey(0), x)
-    a = model.apply(v, x, train=False)
-    b = model.apply(v, x, train=False)
+    v = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+    apply = jax.jit(model.apply, static_argnames="train")
+    a = apply(v, x, train=False)
+    b = apply(v, x, train=False)
     np.testing.assert_array_equal(a, b)
-    c = model.apply(v, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+    c = apply(v, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
     assert not np.allclose(a, c)
 
 

@@ -2,7 +2,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from cifarjax.errors import UserError
 from cifarjax.models import ResNet18
@@ -22,12 +21,14 @@ def torch_model():
 
 @pytest.fixture(scope="module")
 def ported(torch_model, tmp_path_factory):
+    import torch
     path = tmp_path_factory.mktemp("w") / "random.pth"
     torch.save(torch_model.state_dict(), path)
     return resnet18_from_torchvision(path)
 
 
 def torch_stages(model, x):
+    import torch
     out = {}
     x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
     out["stem"] = x
@@ -39,11 +40,13 @@ def torch_stages(model, x):
 
 @pytest.mark.parametrize("size,impl", [(32, "im2col"), (32, "xla"), (224, "im2col")])
 def test_eval_logits_and_stages_match_torchvision(torch_model, ported, size, impl):
+    import torch
     x = np.random.default_rng(size).normal(size=(2, 3, size, size)).astype(np.float32)
     with torch.no_grad():
         stages, logits = torch_stages(torch_model, torch.from_numpy(x))
     model = ResNet18(1000, conv_impl=impl)
-    ours, state = model.apply(ported, jnp.asarray(x.transpose(0, 2, 3, 1)), train=False, mutable=["intermediates"])
+    ours, state = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]))(
+        ported, jnp.asarray(x.transpose(0, 2, 3, 1)))
     assert max_rel_err(ours, logits.numpy()) <= 1e-5
     for name, ref in stages.items():
         got = state["intermediates"]["backbone"][name][0]
@@ -51,13 +54,14 @@ def test_eval_logits_and_stages_match_torchvision(torch_model, ported, size, imp
 
 
 def test_train_mode_outputs_and_running_stats_match_pytorch():
+    import torch
     torch_model = randomized_torchvision_resnet18(seed=1)
     variables = resnet18_from_torchvision(torch_model.state_dict())
     x = np.random.default_rng(1).normal(size=(16, 3, 32, 32)).astype(np.float32)
     torch_model.train()
     logits = torch_model(torch.from_numpy(x)).detach().numpy()
-    ours, updates = ResNet18(1000).apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1)), train=True,
-                                         mutable=["batch_stats"])
+    ours, updates = jax.jit(lambda v, x: ResNet18(1000).apply(v, x, train=True, mutable=["batch_stats"]))(
+        variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
     assert max_rel_err(ours, logits) <= 1e-5
     after = resnet18_from_torchvision(torch_model.state_dict())["batch_stats"]
     for ref, got in zip(jax.tree.leaves(after), jax.tree.leaves(updates["batch_stats"])):
@@ -76,6 +80,7 @@ def test_new_head_is_seeded_and_sized(torch_model):
 
 
 def test_converted_weights_are_cached_for_a_local_file(torch_model, tmp_path, monkeypatch):
+    import torch
     path = tmp_path / "r.pth"
     torch.save(torch_model.state_dict(), path)
     variables = imagenet_resnet18(num_classes=10, weights=path, cache_dir=tmp_path / "cache")
@@ -95,6 +100,7 @@ def test_missing_file(tmp_path):
 
 
 def test_not_a_state_dict(tmp_path):
+    import torch
     path = tmp_path / "junk.pth"
     path.write_bytes(b"this is not a pickle")
     with pytest.raises(UserError, match="not a PyTorch state_dict"):
@@ -119,6 +125,7 @@ def test_other_network_lists_missing_and_unexpected_keys():
 
 
 def test_shape_mismatch_names_the_tensor():
+    import torch
     import torchvision
     sd = torchvision.models.resnet18().state_dict()
     sd["layer3.1.conv2.weight"] = torch.zeros(256, 256, 5, 5)
@@ -142,3 +149,29 @@ def test_no_network_and_no_cache_says_which_file_to_fetch(monkeypatch, tmp_path)
     monkeypatch.setattr(type(ResNet18_Weights.IMAGENET1K_V1), "get_state_dict", offline)
     with pytest.raises(UserError, match=rf"{IMAGENET_FILE}.*--weights PATH"):
         imagenet_resnet18(num_classes=10, cache_dir=tmp_path / "cache")
+
+
+def test_a_damaged_converted_weights_file_is_rebuilt(torch_model, tmp_path, capsys):
+    import torch
+    path = tmp_path / "r.pth"
+    torch.save(torch_model.state_dict(), path)
+    first = imagenet_resnet18(num_classes=10, weights=path, cache_dir=tmp_path / "cache")
+    cached = next((tmp_path / "cache" / "weights").glob("*.npz"))
+    cached.write_bytes(cached.read_bytes()[:1000])
+    again = imagenet_resnet18(num_classes=10, weights=path, cache_dir=tmp_path / "cache")
+    assert "are damaged; converting the weights again" in capsys.readouterr().err
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(a, b)
+    assert [p.name for p in (tmp_path / "cache" / "weights").iterdir()] == [cached.name]
+
+
+def test_two_conversions_at_once_both_succeed(torch_model, tmp_path):
+    import torch
+    from concurrent.futures import ThreadPoolExecutor
+    path = tmp_path / "r.pth"
+    torch.save(torch_model.state_dict(), path)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: imagenet_resnet18(10, weights=path, cache_dir=tmp_path / "cache"), range(2)))
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        np.testing.assert_array_equal(a, b)
+    assert len(list((tmp_path / "cache" / "weights").iterdir())) == 1  # no temporary files left

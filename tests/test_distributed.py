@@ -1,0 +1,124 @@
+"""Two local processes with JAX's distributed runtime (1 CPU device each, gloo collectives) against one process
+with 2 CPU devices: the same parameters, bit for bit, and the same metrics."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cifarjax import runs
+from cifarjax.checkpoint import load_variables
+from experiments import cnn
+from tests.helpers import make_image_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EPOCHS = 6
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("dist") / "data", n_train=20, n_test=0, learnable=True)
+
+
+def args(data_dir, out, *extra):
+    return ["--data-dir", str(data_dir), "--epochs", str(EPOCHS), "--batch-size", "8", "--conv-impl", "xla",
+            "--eval-every", "4", "--out", str(out), *map(str, extra)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def launch(data_dir, outs, *extra, processes=2, devices_each=1):
+    """Start `processes` cnn processes (one --out each, or one shared), each with `devices_each` CPU devices."""
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONPATH=ROOT,
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}")
+    port = free_port()
+    outs = outs if isinstance(outs, list) else [outs] * processes
+    children = []
+    for i in range(processes):
+        distributed = ["--coordinator", f"localhost:{port}", "--num-processes", processes, "--process-id", i] \
+            if processes > 1 else []
+        per_process = extra[i] if extra and isinstance(extra[0], list) else extra
+        children.append(subprocess.Popen([sys.executable, "-m", "experiments.cnn",
+                                          *args(data_dir, outs[i], *distributed, *per_process)],
+                                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return children
+
+
+def finish(children, timeout=240):
+    return [(c.wait(timeout), *c.communicate()) for c in children]
+
+
+def metrics(run):
+    return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in runs.read_metrics(run)]
+
+
+def same_parameters(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(load_variables(a)), jax.tree.leaves(load_variables(b))))
+
+
+@pytest.fixture(scope="module")
+def one_process(data_dir, tmp_path_factory):
+    """The reference: this process, 2 CPU devices."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    cnn.main(args(data_dir, out))
+    return out
+
+
+def test_two_processes_equal_one_process_with_two_devices(data_dir, one_process, tmp_path):
+    out = tmp_path / "run"
+    results = finish(launch(data_dir, out))
+    assert [r[0] for r in results] == [0, 0], results[1][2][-3000:] + results[0][2][-3000:]
+    assert "validation accuracy" in results[0][1] and results[1][1] == ""  # process 0 alone reports
+    assert same_parameters(one_process, out)  # the arithmetic is the same: a 2-value pmean either way
+    assert metrics(one_process) == metrics(out)
+    summary = json.loads((out / runs.SUMMARY).read_text())
+    assert (summary["process_count"], summary["device_count"]) == (2, 2)
+
+
+def test_negative_control_each_process_alone_differs(data_dir, one_process, tmp_path):
+    """What the old code did under jax.distributed: each process trained alone on its local device. The
+    comparison above must be able to tell: a lone process's run differs."""
+    out = tmp_path / "alone"
+    (code, _, err), = finish(launch(data_dir, out, processes=1, devices_each=1))
+    assert code == 0, err[-3000:]
+    assert not same_parameters(one_process, out)
+
+
+def test_a_killed_peer_ends_the_other_cleanly_and_resume_completes_exactly(data_dir, one_process, tmp_path):
+    out = tmp_path / "run"
+    children = launch(data_dir, out)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(runs.read_metrics(out)) < 2:
+        time.sleep(0.2)
+    children[1].send_signal(signal.SIGKILL)
+    start = time.time()
+    code, _, err = finish(children[:1], timeout=90)[0]
+    assert time.time() - start < 70 and code != 0
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "another process of this distributed run stopped" in errors[0], err[-3000:]
+    assert "Traceback" not in err and "Check failure" not in err
+    children[1].communicate()
+    results = finish(launch(data_dir, out, "--resume"))
+    assert [r[0] for r in results] == [0, 0], results[0][2][-3000:]
+    assert same_parameters(one_process, out)
+    assert metrics(one_process) == metrics(out)
+
+
+def test_mismatched_settings_and_unshared_folders_are_refused(data_dir, tmp_path):
+    results = finish(launch(data_dir, tmp_path / "run", ["--seed", "0"], ["--seed", "1"]))
+    for code, _, err in results:
+        assert code == 2 and "disagree on their settings: config" in err and "Traceback" not in err, err[-2000:]
+    results = finish(launch(data_dir, [tmp_path / "a", tmp_path / "b"]))
+    assert all(code == 2 for code, _, _ in results)
+    assert any("disagree on their settings: run" in err for _, _, err in results)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "a").exists()
