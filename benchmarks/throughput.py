@@ -1,18 +1,19 @@
-"""cifarjax against a PyTorch reference on the same machine, data and networks, measured in one run.
+"""cifarjax against a PyTorch reference on the same machine, data and networks, measured side by side.
 
-    python -m benchmarks.throughput [--data-dir DIR] [--json] [--quick]
+    python -m benchmarks.throughput [--data-dir DIR] [--rows NAME ...] [--json] [--end-to-end]
 
-Reports images/s and the ratio cifarjax/PyTorch for: the SimpleCNN training step (batch 64 and 512), a whole
-SimpleCNN epoch end to end (`python -m experiments.cnn --epochs 1` against the original's recipe:
-albumentations per image through a DataLoader with 4 workers, train then evaluate), the frozen ResNet-18
-fine-tune step (and the cached-feature head step), and evaluation; plus the peak resident memory of the
-experiments.cnn process. Uses ../shared's CIFAR-10 images when present, generated images otherwise.
+Each row runs in its own child process, which measures cifarjax (its pmap-ed step on one device) and PyTorch
+(eager, on every core) interleaved, three rounds each, and reports the median images/s of each, their ratio
+(cifarjax/PyTorch) and the child's peak resident memory. `--end-to-end` adds a whole SimpleCNN epoch
+(`python -m experiments.cnn --epochs 1` against the original's recipe). Uses ../shared's CIFAR-10 images when
+present, generated images otherwise.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,8 +24,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
-from benchmarks import torch_reference as ref  # noqa: E402
 from benchmarks.data import find_data  # noqa: E402
 from cifarjax.augment import AugmentSpec  # noqa: E402
 from cifarjax.config import Config  # noqa: E402
@@ -36,124 +37,155 @@ from cifarjax.optim import make_optimizer  # noqa: E402
 from cifarjax.train import DataParallel, create_train_state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+RESNET = dict(model="resnet18")
+# name: (description, kind, batch, cifarjax Config changes, PyTorch reference arguments)
+ROWS = {
+    "cnn_train_64": ("SimpleCNN train step, batch 64", "train", 64, {}, {"net": "cnn"}),
+    "cnn_train_512": ("SimpleCNN train step, batch 512", "train", 512, {}, {"net": "cnn"}),
+    "cnn_train_64_im2col": ("SimpleCNN train step, batch 64, unfused im2col convolutions", "train", 64,
+                            {"conv_impl": "im2col"}, {"net": "cnn"}),
+    "cnn_eval_500": ("SimpleCNN evaluation, batch 500", "eval", 500, {}, {"net": "cnn"}),
+    "resnet_all_32": ("ResNet-18 train step, everything trains, 32x32, batch 64", "train", 64,
+                      {**RESNET, "unfreeze": "all"}, {"net": "resnet", "trains": "all"}),
+    "resnet_layer4_32": ("ResNet-18 train step, head + layer4 train, 32x32, batch 64", "train", 64,
+                         {**RESNET, "unfreeze": "layer4"}, {"net": "resnet", "trains": "layer4", "frozen_bn": "stages"}),
+    "resnet_head_bntrain_32": ("ResNet-18 train step, head only, BatchNorm in train mode, 32x32, batch 64", "train", 64,
+                               {**RESNET, "unfreeze": "head", "bn": "train"}, {"net": "resnet", "trains": "head"}),
+    "resnet_all_224": ("ResNet-18 train step, everything trains, 224x224, batch 32", "train", 32,
+                       {**RESNET, "unfreeze": "all", "img_size": 224}, {"net": "resnet", "trains": "all", "size": 224}),
+    "resnet_head_bntrain_224": ("ResNet-18 train step, head only, BatchNorm in train mode, 224x224, batch 32", "train",
+                                32, {**RESNET, "unfreeze": "head", "bn": "train", "img_size": 224},
+                                {"net": "resnet", "trains": "head", "size": 224}),
+    "resnet_eval_32": ("ResNet-18 evaluation, 32x32, batch 500", "eval", 500, RESNET, {"net": "resnet"}),
+    "resnet_eval_224": ("ResNet-18 evaluation (feature extraction), 224x224, batch 50", "eval", 50,
+                        {**RESNET, "img_size": 224}, {"net": "resnet", "size": 224}),
+    "resnet_head_cached": ("ResNet-18 head step on cached features (vs PyTorch's frozen step on images), batch 64",
+                           "features", 64, {**RESNET, "unfreeze": "head"},
+                           {"net": "resnet", "trains": "head", "frozen_bn": "all"}),
+}
 
 
-def jax_rate(parallel, state, data, batch, n_steps, warmup=3):
-    n_dev = parallel.n_devices
-    idx = [np.random.default_rng(i).integers(0, len(data[1]), batch).astype(np.int32).reshape(n_dev, -1)
-           for i in range(warmup + n_steps)]
-    resident = parallel.replicate(data)
-    for i in idx[:warmup]:
-        state, metrics = parallel.train_step(state, resident, parallel.mine(i))
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for i in idx[warmup:]:
-        state, metrics = parallel.train_step(state, resident, parallel.mine(i))
-    jax.block_until_ready(metrics)
-    return batch * n_steps / (time.perf_counter() - start)
+def peak_memory_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(round(int(line.split()[1]) / 1024, 1) for line in f if line.startswith("VmHWM:"))
 
 
-def cifarjax_step_rate(config: Config, images, labels, batch, n_steps, inputs=None, apply_method=None):
-    model = build_model(config)
-    variables = init_variables(model, config)
-    freezing = Freezing.from_config(config)
-    trainable = None if freezing.everything_trains else freezing.trainable_mask(variables["params"])
-    parallel = DataParallel(inputs or ImageInputs(AugmentSpec.from_config(config)), trainable)
-    tx = make_optimizer(config, variables["params"])
-    state = parallel.replicate(create_train_state(Apply(model, apply_method), variables, tx, 0))
-    return jax_rate(parallel, state, (images, labels), batch, n_steps)
+class CifarjaxRow:
+    """cifarjax's side of a row: a compiled step over data resident on one device, timed after a warm-up."""
+
+    def __init__(self, kind: str, batch: int, changes: dict, images: np.ndarray, labels: np.ndarray):
+        config = Config(**changes).validate()
+        model = build_model(config)
+        variables = init_variables(model, config)
+        freezing = Freezing.from_config(config)
+        trainable = None if freezing.everything_trains else freezing.trainable_mask(variables["params"])
+        inputs = FeatureInputs(AugmentSpec()) if kind == "features" else ImageInputs(AugmentSpec.from_config(config))
+        apply = Apply(model, "classify" if kind == "features" else None)
+        tx = make_optimizer(config, variables["params"]) if kind != "eval" else optax.identity()
+        self.parallel = DataParallel(inputs, trainable, jax.local_devices()[:1])
+        self.state = self.parallel.replicate(create_train_state(apply, variables, tx, 0))
+        if kind == "features":
+            images = np.random.default_rng(0).normal(size=(len(labels), 2, 512)).astype(np.float32)
+        self.data = self.parallel.replicate((images, labels))
+        self.kind, self.batch, self.n = kind, batch, len(labels)
+        self.steps = 200 if kind == "features" else 3
+        self.rate()  # compile and warm up
+
+    def rate(self) -> float:
+        rng = np.random.default_rng(0)
+        idx = [rng.integers(0, self.n, self.batch).astype(np.int32).reshape(1, -1) for _ in range(self.steps)]
+        start = time.perf_counter()
+        if self.kind == "eval":
+            for i in idx:
+                out = self.parallel.eval_step(self.state, self.data, i)
+        else:
+            for i in idx:
+                self.state, out = self.parallel.train_step(self.state, self.data, i)
+        jax.block_until_ready(out)
+        return self.batch * self.steps / (time.perf_counter() - start)
 
 
-def cifarjax_eval_rate(config: Config, images, labels, batch, repeats=2):
-    """Steady-state evaluation: one compiled eval step over resident data, timed after a warm-up pass."""
-    import optax
-    model = build_model(config)
-    variables = init_variables(model, config)
-    parallel = DataParallel(ImageInputs(AugmentSpec.from_config(config)))
-    state = parallel.replicate(create_train_state(Apply(model), variables, optax.identity(), 0))
-    resident = parallel.replicate((images, labels))
-    parallel.evaluate(state, resident, len(labels), batch)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        parallel.evaluate(state, resident, len(labels), batch)
-    return repeats * len(labels) / (time.perf_counter() - start)
+class TorchRow:
+    """PyTorch's side: eager steps on random data of the same shapes, every core."""
+
+    def __init__(self, kind: str, batch: int, net: str, trains: str = "all", size: int = 32, frozen_bn=None):
+        import torch
+        from benchmarks import torch_reference as ref
+        torch.set_num_threads(os.cpu_count() or 1)
+        self.torch, self.ref, self.kind, self.batch, self.size = torch, ref, kind, batch, size
+        self.model = ref.simple_cnn() if net == "cnn" else ref.resnet18(10, trains)
+        self.frozen = None
+        if frozen_bn == "all":
+            self.frozen = True
+        elif frozen_bn == "stages":  # cifarjax's frozen stages: stem, layer1..layer3
+            m = self.model
+            self.frozen = [m.bn1, m.layer1, m.layer2, m.layer3]
+        self.steps = 3 if size > 32 else 10
+        self.rate()
+
+    def rate(self) -> float:
+        if self.kind == "eval":
+            return self.ref.eval_rate(self.model, self.batch, self.steps, self.size)
+        return self.ref.train_step_rate(self.model, self.batch, self.steps, self.size, frozen_bn=self.frozen or False)
 
 
-def end_to_end(folder: Path, n_train: int) -> dict:
-    """`python -m experiments.cnn --epochs 1` in a child process: epoch wall time and peak RSS."""
+def measure_row(name: str, images, labels, rounds: int = 3) -> dict:
+    """One row, interleaved: cifarjax then PyTorch, `rounds` times; medians and this process's peak memory."""
+    description, kind, batch, changes, torch_args = ROWS[name]
+    ours, theirs = CifarjaxRow(kind, batch, changes, images, labels), TorchRow(kind if kind != "features" else "train",
+                                                                              batch, **torch_args)
+    rates = [(ours.rate(), theirs.rate()) for _ in range(rounds)]
+    a, b = statistics.median(r[0] for r in rates), statistics.median(r[1] for r in rates)
+    return {"name": name, "description": description, "cifarjax": round(a, 1), "pytorch": round(b, 1),
+            "ratio": round(a / b, 3), "unit": "images/s", "peak_rss_mb": peak_memory_mb()}
+
+
+def end_to_end(folder: Path, images, labels, val) -> dict:
+    """`python -m experiments.cnn --epochs 1` in a child process against the original's recipe for one epoch."""
+    from benchmarks import torch_reference as ref
     out = Path(tempfile.mkdtemp()) / "run"
-    start = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "experiments.cnn", "--data-dir", str(folder), "--epochs", "1",
                              "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
-    process_seconds = time.perf_counter() - start
     if result.returncode:
         raise SystemExit(f"experiments.cnn failed:\n{result.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
-    # The child's own figure: getrusage(RUSAGE_CHILDREN) would count this process's memory, which the
-    # child shares between fork and exec.
-    return {"seconds": summary["wall_seconds"], "images_per_second": n_train / summary["wall_seconds"],
-            "process_seconds": round(process_seconds, 1), "val_accuracy": summary["val_accuracy"],
+    theirs = ref.original_training(images, labels, val.images, val.labels, epochs=1)
+    return {"name": "cnn_epoch_end_to_end", "description": "SimpleCNN epoch end to end (whole process vs original)",
+            "cifarjax": round(len(labels) / summary["process_seconds"], 1),
+            "pytorch": round(len(labels) / theirs["seconds"], 1),
+            "ratio": round(theirs["seconds"] / summary["process_seconds"], 3), "unit": "images/s",
             "peak_rss_mb": summary["peak_rss_mb"]}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=None, help="an ImageFolder or cifar-10-batches-py folder")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="rows to measure (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--quick", action="store_true", help="fewer steps and no end-to-end epoch (a smoke run)")
-    p.add_argument("--steps", type=int, default=30, help="timed steps per step benchmark at batch 64")
+    p.add_argument("--end-to-end", action="store_true", help="add a whole SimpleCNN epoch against the original's")
+    p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # a child process measuring one row
     args = p.parse_args(argv)
     folder, data_label = find_data(args.data_dir)
-    dataset = load_dataset(folder)
-    train, val = train_val_split(dataset)
-    images, labels = train.images, train.labels
-    steps = 5 if args.quick else args.steps
-    dev = jax.local_devices()
-    results = {"data": data_label, "device": f"{len(dev)} x {dev[0].device_kind}", "torch_device": str(ref.device()),
-               "threads": os.cpu_count(), "rows": []}
-
-    def row(name, ours, theirs, unit="images/s"):
-        results["rows"].append({"name": name, "cifarjax": round(ours, 1), "pytorch": round(theirs, 1),
-                                "ratio": round(ours / theirs, 3), "unit": unit})
+    train, val = train_val_split(load_dataset(folder))
+    if args.row:
+        print(json.dumps(measure_row(args.row, train.images, train.labels)))
+        return
+    dev = jax.local_devices()[0]
+    results = {"data": data_label, "cifarjax_device": f"1 x {dev.device_kind}", "threads": os.cpu_count(), "rows": []}
+    for name in args.rows:
+        child = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--data-dir", str(folder), "--row", name],
+                               cwd=ROOT, capture_output=True, text=True)
+        if child.returncode:
+            raise SystemExit(f"row {name} failed:\n{child.stderr[-3000:]}")
+        results["rows"].append(json.loads(child.stdout.strip().splitlines()[-1]))
         if not args.json:
-            print(f"{name:58s} cifarjax {ours:9.1f}  pytorch {theirs:9.1f}  ratio {ours / theirs:5.2f}", flush=True)
-
-    cnn = Config()
-    for batch, n in ((64, steps), (512, max(2, steps // 6))):
-        row(f"SimpleCNN train step, batch {batch}", cifarjax_step_rate(cnn, images, labels, batch, n),
-            ref.train_step_rate(ref.simple_cnn(), batch, n))
-    if jax.default_backend() == "cpu":  # what the fused Winograd blocks add over plain im2col convolutions
-        row("SimpleCNN train step, batch 64, unfused im2col convolutions",
-            cifarjax_step_rate(Config(conv_impl="im2col"), images, labels, 64, steps),
-            ref.train_step_rate(ref.simple_cnn(), 64, steps))
-    resnet = Config(model="resnet18", unfreeze="head")
-    row("frozen ResNet-18 fine-tune step, batch 64, 32x32 (images)",
-        cifarjax_step_rate(resnet, images, labels, 64, steps),
-        ref.train_step_rate(ref.frozen_resnet18(), 64, steps, frozen_bn=True))
-    features = np.random.default_rng(0).normal(size=(len(labels), 2, 512)).astype(np.float32)
-    row("frozen ResNet-18 head step on cached features, batch 64",
-        cifarjax_step_rate(resnet, features, labels, 64, steps * 20, inputs=FeatureInputs(AugmentSpec()),
-                           apply_method="classify"),
-        ref.train_step_rate(ref.frozen_resnet18(), 64, steps, frozen_bn=True))
-    n_eval = min(len(val), 2000 if args.quick else 5000)
-    row("SimpleCNN evaluation, batch 500", cifarjax_eval_rate(Config(), val.images[:n_eval], val.labels[:n_eval], 500),
-        ref.eval_rate(ref.simple_cnn(), 500, max(1, n_eval // 500)))
-    row("ResNet-18 evaluation, batch 500, 32x32",
-        cifarjax_eval_rate(Config(model="resnet18"), val.images[:n_eval], val.labels[:n_eval], 500),
-        ref.eval_rate(ref.frozen_resnet18(), 500, max(1, n_eval // 500)))
-    if not args.quick:
-        ours = end_to_end(folder, len(train))
-        theirs = ref.original_training(images, labels, val.images, val.labels, epochs=1)
-        row(f"SimpleCNN epoch end to end ({len(train)} train + {len(val)} val images)", ours["images_per_second"],
-            len(train) / theirs["seconds"])
-        results["end_to_end"] = {"cifarjax": ours, "pytorch_original": theirs}
-        results["peak_rss_mb_experiments_cnn"] = ours["peak_rss_mb"]
-        if not args.json:
-            print(f"peak resident memory of python -m experiments.cnn: {ours['peak_rss_mb']:.0f} MB")
-    if args.json:
-        print(json.dumps(results))
-    else:
-        print(f"data: {data_label}; cifarjax on {results['device']}, pytorch on {results['torch_device']}")
+            r = results["rows"][-1]
+            print(f"{r['description']:88s} cifarjax {r['cifarjax']:9.1f}  pytorch {r['pytorch']:9.1f}  "
+                  f"ratio {r['ratio']:5.2f}  peak {r['peak_rss_mb']:6.0f} MB", flush=True)
+    if args.end_to_end:
+        results["rows"].append(end_to_end(folder, train.images, train.labels, val))
+    print(json.dumps(results) if args.json else f"data: {data_label}; cifarjax on {results['cifarjax_device']}, "
+          f"PyTorch eager with {results['threads']} threads")
 
 
 if __name__ == "__main__":

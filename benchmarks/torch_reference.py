@@ -18,14 +18,27 @@ def simple_cnn(num_classes: int = 10) -> nn.Module:
         nn.Flatten(), nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, num_classes))
 
 
-def frozen_resnet18(num_classes: int = 10) -> nn.Module:
-    """The original ModifiedResNet18: frozen backbone (BatchNorm in eval mode, as cifarjax's default), new fc."""
+def resnet18(num_classes: int = 10, trains: str = "all") -> nn.Module:
+    """torchvision's ResNet-18 with a new head; `trains`: 'all', 'layer4' (and the head) or 'head' (the original's
+    ModifiedResNet18). Frozen parameters get requires_grad=False, as cifarjax's freezing policy."""
     import torchvision
     model = torchvision.models.resnet18()
-    for p in model.parameters():
-        p.requires_grad = False
     model.fc = nn.Linear(512, num_classes)
+    for name, p in model.named_parameters():
+        p.requires_grad = trains == "all" or name.startswith("fc.") or (trains == "layer4" and name.startswith("layer4."))
     return model
+
+
+def frozen_resnet18(num_classes: int = 10) -> nn.Module:
+    """The original ModifiedResNet18: frozen backbone, new fc."""
+    return resnet18(num_classes, "head")
+
+
+def freeze_batchnorm(model: nn.Module, modules=None) -> None:
+    """Put the BatchNorm layers of `modules` (default: all) in eval mode: cifarjax's frozen BatchNorm."""
+    for m in (modules or model).modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
 
 
 def _time_steps(step, n_steps: int, warmup: int = 3) -> float:
@@ -48,14 +61,16 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def train_step_rate(model: nn.Module, batch: int, n_steps: int, size: int = 32, frozen_bn: bool = False) -> float:
-    """Images per second of eager Adam steps on random data held in memory."""
+def train_step_rate(model: nn.Module, batch: int, n_steps: int, size: int = 32, frozen_bn=False) -> float:
+    """Images per second of eager Adam steps on random data held in memory. `frozen_bn`: True (every
+    BatchNorm in eval mode) or a list of modules whose BatchNorm is (cifarjax's frozen stages)."""
     model = model.to(device())
     model.train()
-    if frozen_bn:
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.eval()
+    if frozen_bn is True:
+        freeze_batchnorm(model)
+    elif frozen_bn:
+        for module in frozen_bn:
+            freeze_batchnorm(module)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], 1e-3)
     x, y = torch.rand(batch, 3, size, size, device=device()), torch.randint(0, 10, (batch,), device=device())
 

@@ -18,6 +18,10 @@ from typing import Callable, Iterator
 from cifarjax.errors import os_error_message, warn
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def cache_dir() -> Path:
     """The cache folder: $CIFARJAX_CACHE, default ~/.cache/cifarjax."""
     return Path(os.environ.get("CIFARJAX_CACHE", Path.home() / ".cache" / "cifarjax")).expanduser()
@@ -30,6 +34,7 @@ def atomic_write(path, mode: str = "w") -> Iterator:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the result is an ordinary file
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

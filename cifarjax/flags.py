@@ -36,13 +36,13 @@ _TYPES = {"int": _number(int), "float": _number(float), "str": str, "Optional[st
 
 
 def add_config_flags(parser: argparse.ArgumentParser, command: str, base: Config, title: str = "settings",
-                     nargs: Optional[dict] = None) -> None:
-    """One flag per Config field offered by `command`; `base` gives the defaults shown in --help.
-
-    `nargs` maps a field name to argparse's nargs for commands that take several values (finetune's epochs).
-    """
+                     nargs: Optional[dict] = None, only: Optional[tuple] = None) -> None:
+    """One flag per Config field offered by `command` (or just the fields in `only`); `base` gives the defaults
+    shown in --help. `nargs` maps a field name to argparse's nargs (finetune's several epoch counts)."""
     group = parser.add_argument_group(title)
     for f in fields_for(command):
+        if only is not None and f.name not in only:
+            continue
         m, default = f.metadata, getattr(base, f.name)
         kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{m['help']} (default: {default})")
         if f.type == "bool":
@@ -52,9 +52,10 @@ def add_config_flags(parser: argparse.ArgumentParser, command: str, base: Config
             if nargs and f.name in nargs:
                 kwargs["nargs"] = nargs[f.name]
         group.add_argument(flag_name(f), **kwargs)
-    parser.add_argument("--recipe", default=None, choices=tuple(RECIPES.get(command, {"original": None})),
-                        help="a named preset of these settings (cifarjax.recipes); flags override it "
-                             "(default: original)")
+    if command in RECIPES:
+        parser.add_argument("--recipe", default=None, choices=tuple(RECIPES[command]),
+                            help="a named preset of these settings (cifarjax.recipes); flags override it "
+                                 "(default: original)")
 
 
 def _metavar(f) -> Optional[str]:

@@ -39,6 +39,7 @@ class ImageInputs:
 @dataclass(frozen=True)
 class FeatureInputs:
     spec: AugmentSpec
+    cheap_steps = True  # a head on cached features: the loop runs many steps per call (train.train_steps)
 
     def train(self, key, features, idx, device, n_devices):
         flips = device_choices(key, idx.shape[0], device, n_devices, self.spec).flips

@@ -42,8 +42,8 @@ def _torch_bias_init(fan_in: int):
 def resolve_conv_impl(impl: str) -> str:
     """'auto' means Winograd/im2col on CPU and XLA's convolution elsewhere.
 
-    'winograd' selects the fused conv+ReLU+max-pool blocks where a model has them (SimpleCNN); plain
-    convolutions then run as im2col.
+    'winograd' selects the fused conv+ReLU+max-pool blocks where a model has them (SimpleCNN), runs 3x3
+    stride-1 'same' convolutions (ResNet's) as `conv3x3_same`, and the others as im2col.
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
@@ -52,13 +52,17 @@ def resolve_conv_impl(impl: str) -> str:
     return impl
 
 
-def conv2d(x, kernel, strides: int = 1, padding: int = 0, impl: str = "auto"):
-    """NHWC x HWIO convolution with symmetric zero padding, as im2col+matmul or XLA's convolution."""
+LARGE_MAP = 32  # from this width XLA's own convolution computes a forward pass faster than Winograd on CPU
+
+
+def _xla_conv(x, kernel, strides: int, padding: int):
+    x = x.astype(jnp.result_type(x, kernel))  # float32 images meet float64 kernels in the float64 tests
+    return lax.conv_general_dilated(x, kernel, (strides, strides), [(padding, padding)] * 2,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _im2col_conv(x, kernel, strides: int, padding: int):
     kh, kw, cin, cout = kernel.shape
-    if resolve_conv_impl(impl) == "xla":
-        x = x.astype(jnp.result_type(x, kernel))  # float32 images meet float64 kernels in the float64 tests
-        return lax.conv_general_dilated(x, kernel, (strides, strides), [(padding, padding)] * 2,
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
     if padding:
         x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     n, h, w, _ = x.shape
@@ -68,6 +72,63 @@ def conv2d(x, kernel, strides: int = 1, padding: int = 0, impl: str = "auto"):
     patches = patches[0] if len(patches) == 1 else jnp.concatenate(patches, axis=-1)
     y = patches.reshape(n * ho * wo, kh * kw * cin) @ kernel.reshape(kh * kw * cin, cout)
     return y.reshape(n, ho, wo, cout)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def xla_forward_im2col_backward(x, kernel, strides: int, padding: int):
+    """A convolution computed by XLA (its CPU forward is fast on large maps) and differentiated through im2col
+    (XLA's CPU backward convolutions are not)."""
+    return _xla_conv(x, kernel, strides, padding)
+
+
+def _xla_im2col_fwd(x, kernel, strides, padding):
+    return _xla_conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _xla_im2col_bwd(strides, padding, residuals, dy):
+    return jax.vjp(lambda x, k: _im2col_conv(x, k, strides, padding), *residuals)[1](dy)
+
+
+xla_forward_im2col_backward.defvjp(_xla_im2col_fwd, _xla_im2col_bwd)
+
+
+@jax.custom_vjp
+def xla_forward_winograd_backward(x, kernel):
+    """A 3x3 'same' convolution computed by XLA and differentiated with Winograd: the input gradient is the same
+    convolution of dy with the flipped, transposed kernel, the kernel gradient Winograd's own transpose."""
+    return _xla_conv(x, kernel, 1, 1)
+
+
+def _xla_winograd_fwd(x, kernel):
+    return _xla_conv(x, kernel, 1, 1), (x, kernel)
+
+
+def _xla_winograd_bwd(residuals, dy):
+    x, kernel = residuals
+    dx = conv3x3_same(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+    dk = jax.vjp(lambda k: conv3x3_same(x, k), kernel)[1](dy)[0]
+    return dx, dk
+
+
+xla_forward_winograd_backward.defvjp(_xla_winograd_fwd, _xla_winograd_bwd)
+
+
+def conv2d(x, kernel, strides: int = 1, padding: int = 0, impl: str = "auto"):
+    """NHWC x HWIO convolution with symmetric zero padding: XLA's convolution, im2col+matmul, or (CPU's
+    'winograd') the fastest measured formulation for the shape: 3x3 stride-1 'same' convolutions as
+    `conv3x3_same` (forward by XLA on maps of `LARGE_MAP` and wider), the others by XLA on large maps and im2col
+    on small ones, each differentiated through the formulation whose backward pass is fastest."""
+    kh, kw, cin, cout = kernel.shape
+    impl = resolve_conv_impl(impl)
+    if impl == "xla":
+        return _xla_conv(x, kernel, strides, padding)
+    if impl == "im2col":
+        return _im2col_conv(x, kernel, strides, padding)
+    large = min(x.shape[1], x.shape[2]) >= LARGE_MAP
+    if (kh, kw, strides, padding) == (3, 3, 1, 1):
+        return xla_forward_winograd_backward(x, kernel) if large else conv3x3_same(x, kernel)
+    return xla_forward_im2col_backward(x, kernel, strides, padding) if large else \
+        _im2col_conv(x, kernel, strides, padding)
 
 
 class Conv(nn.Module):
@@ -225,6 +286,35 @@ def _winograd_input_bwd(m, th, tw, shape, dv):
 winograd_input_tiles.defvjp(_winograd_input_fwd, _winograd_input_bwd)
 
 
+def winograd_phases(x, kernel, m: int, th: int, tw: int):
+    """The unpadded 3x3 convolution of x's th x tw grid of m x m output tiles, by output phase:
+    y[i][j] (n, th, tw, cout) holds outputs (m*t + i, m*u + j). x needs m*th + 2 rows and m*tw + 2 columns."""
+    n, cin, cout = x.shape[0], x.shape[-1], kernel.shape[-1]
+    _, g, at = WINOGRAD[m]
+    v = winograd_input_tiles(materialize(x), m, th, tw)                  # B^T d B
+    u = _sandwich(g, [[kernel[i, j] for j in range(3)] for i in range(3)])  # G k G^T
+    prods = [[(v[a][b].reshape(n * th * tw, cin) @ u[a][b]).reshape(n, th, tw, cout) for b in range(m + 2)]
+             for a in range(m + 2)]
+    return materialize(_sandwich(at, prods))
+
+
+def conv3x3_same(x, kernel, tile: Optional[int] = None):
+    """``conv2d(x, kernel, strides=1, padding=1)`` for a 3x3 kernel, formulated for small and large maps alike.
+
+    A 1x1 map meets only the kernel's centre (the other taps see padding): one matmul, 9x fewer products than
+    im2col. Larger maps run Winograd F(m x m, 3x3) over zero-padded tiles: F(4x4) (4x fewer products than
+    im2col, where most of a ResNet's work is) on maps at least 14 wide, F(2x2) (2.25x fewer, and half the
+    rounding error, which train-mode BatchNorm over a few values amplifies) on smaller ones.
+    """
+    n, h, w, cin = x.shape
+    if h == w == 1:
+        return (x.reshape(n, cin) @ kernel[1, 1]).reshape(n, 1, 1, -1)
+    m = tile or (4 if min(h, w) >= 14 else 2)
+    th, tw = -(-h // m), -(-w // m)
+    x = jnp.pad(x, ((0, 0), (1, m * th + 1 - h), (1, m * tw + 1 - w), (0, 0)))
+    return _interleave(winograd_phases(x, kernel, m, th, tw))[:, :h, :w, :]
+
+
 def conv3x3_maxpool(x, kernel, pool: int, tile: Optional[int] = None):
     """``max_pool(conv2d(x, kernel), pool)`` for an unpadded 3x3 convolution and an even pool, via Winograd.
 
@@ -234,18 +324,13 @@ def conv3x3_maxpool(x, kernel, pool: int, tile: Optional[int] = None):
     """
     if pool % 2:
         raise ValueError(f"Winograd pooling needs an even pool, got {pool}")
-    n, h, w, cin = x.shape
+    n, h, w, _ = x.shape
     cout = kernel.shape[-1]
     kept_h, kept_w = (h - 2) // pool * pool, (w - 2) // pool * pool
     big_tiles = kept_h % 4 == 0 and kept_w % 4 == 0 and kept_h * kept_w >= 64 and (pool % 4 == 0 or 4 % pool == 0)
     m = tile or (4 if big_tiles else 2)
     th, tw = kept_h // m, kept_w // m
-    _, g, at = WINOGRAD[m]
-    v = winograd_input_tiles(materialize(x), m, th, tw)
-    u = _sandwich(g, [[kernel[i, j] for j in range(3)] for i in range(3)])           # G k G^T
-    prods = [[(v[a][b].reshape(n * th * tw, cin) @ u[a][b]).reshape(n, th, tw, cout) for b in range(m + 2)]
-             for a in range(m + 2)]
-    y = materialize(_sandwich(at, prods))                             # y[i][j]: output phase (i, j)
+    y = winograd_phases(x, kernel, m, th, tw)
     if pool >= m:
         out = maximum_of(*[y[i][j] for i in range(m) for j in range(m)])
         if pool > m:

@@ -7,7 +7,6 @@ same machine: the same numbers, whether the devices sit in one process or severa
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import signal
 import time
@@ -79,10 +78,18 @@ class FitResult:
     average: Optional[dict]  # the moving average of the weights, as variables, when the run kept one
     seconds: float  # training wall time, evaluations included (this process and any resumed ones)
     images_per_second: float  # trained images per second of the training phase
+    val_predictions: Optional[np.ndarray] = None  # the final evaluation's predicted classes (None if none ran)
 
     @property
     def eval_variables(self) -> dict:
         return self.average if self.average is not None else self.variables
+
+
+def cheap_chunk(config: Config, steps_per_epoch: int, most: int = 64) -> int:
+    """How many cheap steps go in one call: the largest number up to `most` that divides the epoch and the
+    evaluation and checkpoint intervals, so no event falls inside a call."""
+    limit = math.gcd(steps_per_epoch, config.eval_every or steps_per_epoch, config.checkpoint_every or steps_per_epoch)
+    return max(d for d in range(1, min(most, limit) + 1) if limit % d == 0)
 
 
 class LossTracker:
@@ -96,17 +103,20 @@ class LossTracker:
         self.pending.append((step, metrics))
 
     def flush(self) -> Optional[tuple]:
-        """Fold pending metrics into the sums; returns (step, loss) of the first non-finite loss, if any."""
+        """Fold pending metrics into the sums; returns (step, loss) of the first non-finite loss, if any.
+
+        Each pending entry is the metrics of the call ending at its step (one step, or several: arrays)."""
         fetched = jax.device_get([m for _, m in self.pending])
         pending, self.pending = self.pending, []
-        for (step, _), m in zip(pending, fetched):
-            loss = float(m["loss"][0])
-            if not math.isfinite(loss):
-                return step, loss
-            self.first_loss = loss if self.first_loss is None else self.first_loss
-            self.loss_sum += loss
-            self.acc_sum += float(m["accuracy"][0])
-            self.count += 1
+        for (end, _), m in zip(pending, fetched):
+            losses, accs = np.atleast_1d(m["loss"][0]), np.atleast_1d(m["accuracy"][0])
+            for step, loss, acc in zip(range(end - len(losses) + 1, end + 1), losses.tolist(), accs.tolist()):
+                if not math.isfinite(loss):
+                    return step, loss
+                self.first_loss = loss if self.first_loss is None else self.first_loss
+                self.loss_sum += loss
+                self.acc_sum += acc
+                self.count += 1
         return None
 
     def mean(self):
@@ -123,7 +133,7 @@ class ResidentFeed:
         self.parallel, self.data = parallel, parallel.replicate((split.images, split.labels))
 
     def __call__(self, idx: np.ndarray, step: int):
-        return self.data, self.parallel.mine(idx)
+        return self.data, self.parallel.mine(idx, axis=idx.ndim - 2)
 
 
 class HostAugmentFeed:
@@ -185,8 +195,10 @@ class Trainer:
         self.writer = run is not None and distributed.is_writer()
         self.checkpointer = Checkpointer(run, config.keep_checkpoints, trainable) if run is not None else None
         self.tracker, self.records, self.elapsed, self.saved = LossTracker(), [], 0.0, None
+        self.val_predictions = None
         self.log = ScalarLog(run / runs.TENSORBOARD) if self.writer else None
         self.host_augment = host_augment
+        self.chunk = cheap_chunk(config, self.steps_per_epoch) if getattr(inputs, "cheap_steps", False) else 1
 
     # -- start
     def restore(self, resume: bool) -> None:
@@ -204,6 +216,7 @@ class Trainer:
                             f"--epochs {math.ceil(done / self.steps_per_epoch)} or more to resume it")
         self.records = meta["records"]
         self.tracker = LossTracker(meta["loss_sum"], meta["acc_sum"], meta["count"])
+        self.tracker.first_loss = meta.get("first_loss")
         self.elapsed, self.saved = meta["seconds"], (done, meta.get("train_loss"))
 
     def start(self) -> None:
@@ -214,31 +227,45 @@ class Trainer:
         self.feed = (HostAugmentFeed(p, self.train, self.host_augment) if self.host_augment
                      else ResidentFeed(p, self.train))
         self.val_data = p.replicate((self.val.images, self.val.labels))
-        self.rstate = p.replicate(self.state)
+        self.device_state = p.replicate(self.state)
         with self.phases("compilation", "compiling the evaluation step"):
             eval_idx = eval_indices(len(self.val), self.config.eval_batch_size, p.n_devices)[0][0]
-            jax.block_until_ready(p.eval_step(self.rstate, self.val_data, p.mine(eval_idx)))
+            jax.block_until_ready(p.eval_step(self.device_state, self.val_data, p.mine(eval_idx)))
         self.start_step = self.last_step = int(self.state.step)
+        self.compiled_steps = 0
         self.t0 = time.perf_counter() - self.elapsed
 
     # -- the loop's jobs
     def batches(self):
-        """(step, indices) from the restored step to the end, epoch by epoch (step counts from 1)."""
-        start, per_epoch = int(self.state.step), self.steps_per_epoch
+        """(last step, indices) per call from the restored step to the end, epoch by epoch (steps count from 1).
+
+        Indices are (devices, per_device) for one step, or (steps, devices, per_device) when cheap steps go
+        `self.chunk` at a time; a chunk never crosses an evaluation, a checkpoint or an epoch end.
+        """
+        start, per_epoch, chunk = int(self.state.step), self.steps_per_epoch, self.chunk
         for epoch in range(start // per_epoch, self.config.n_epochs):
             epoch_idx = train_indices(len(self.train), self.config.batch_size, self.parallel.n_devices,
                                       self.config.seed, epoch)
             first = epoch * per_epoch
-            for done in range(max(start, first), first + per_epoch):
-                yield done + 1, epoch_idx[done - first]
+            done = max(start, first)
+            while done < first + per_epoch:
+                end = min(first + per_epoch, (done // chunk + 1) * chunk)
+                yield end, epoch_idx[done - first] if chunk == 1 else epoch_idx[done - first:end - first]
+                done = end
 
     def step(self, step: int, idx: np.ndarray) -> None:
-        """One training step; this session's first one compiles the step and is timed as compilation."""
-        first = step == self.start_step + 1
+        """One call of training steps ending at `step`; this session's first call compiles the step and is timed
+        as compilation."""
+        first = self.last_step == self.start_step
         with self.phases("compilation" if first else "training", "compiling the training step" if first else None):
-            self.rstate, metrics = self.parallel.train_step(self.rstate, *self.feed(idx, step - 1))
+            if idx.ndim == 2:
+                self.device_state, metrics = self.parallel.train_step(self.device_state, *self.feed(idx, step - 1))
+            else:
+                data, local = self.feed(idx, step - len(idx))
+                self.device_state, metrics = self.parallel.train_steps(self.device_state, data, np.swapaxes(local, 0, 1))
             if first:
                 jax.block_until_ready(metrics)
+                self.compiled_steps = step - self.start_step
             self.tracker.add(step, metrics)
             self.last_step = step
             if len(self.tracker.pending) >= 25:
@@ -250,7 +277,7 @@ class Trainer:
     def sync(self) -> None:
         """Wait for the queued training steps, so their time counts as training (dispatch is asynchronous)."""
         with self.phases("training"):
-            jax.block_until_ready(self.rstate)
+            jax.block_until_ready(self.device_state)
 
     def check_finite(self) -> None:
         bad = self.tracker.flush()
@@ -261,8 +288,9 @@ class Trainer:
         self.sync()
         self.check_finite()
         with self.phases("evaluation"):
-            preds, losses = self.parallel.evaluate(self.rstate, self.val_data, len(self.val),
+            preds, losses = self.parallel.evaluate(self.device_state, self.val_data, len(self.val),
                                                    self.config.eval_batch_size)
+        self.val_predictions = preds if step == self.total_steps else None
         loss, acc = self.tracker.mean()
         record = {"step": step, "epoch": round(step / self.steps_per_epoch, 4), "train_loss": loss,
                   "train_accuracy": acc, "val_accuracy": float(np.mean(preds == self.val.labels)),
@@ -288,9 +316,10 @@ class Trainer:
         with self.phases("checkpoints"):
             loss = self.records[-1]["train_loss"] if self.records and self.records[-1]["step"] == step else None
             meta = {"records": self.records, "loss_sum": self.tracker.loss_sum, "acc_sum": self.tracker.acc_sum,
-                    "count": self.tracker.count, "seconds": time.perf_counter() - self.t0, "step": step,
-                    "epoch": step / self.steps_per_epoch, "train_loss": loss, "config": self.config.to_dict()}
-            self.checkpointer.save(self.parallel.unreplicate(self.rstate), meta)
+                    "count": self.tracker.count, "first_loss": self.tracker.first_loss,
+                    "seconds": time.perf_counter() - self.t0, "epoch": step / self.steps_per_epoch,
+                    "train_loss": loss}
+            self.checkpointer.save(self.parallel.unreplicate(self.device_state), meta)
             self.saved = (step, loss)
 
     def non_finite(self, step: int, loss: float) -> NonFiniteLossError:
@@ -321,14 +350,14 @@ class Trainer:
     def images_per_second(self) -> float:
         """Images per second of this process's training phase (compilation and evaluation excluded)."""
         seconds = self.phases.seconds.get("training", 0.0)
-        steps = max(0, self.last_step - self.start_step - 1)  # the first one is timed as compilation
+        steps = max(0, self.last_step - self.start_step - self.compiled_steps)  # the first call is compilation
         return steps * self.config.batch_size / seconds if seconds > 0 else 0.0
 
     def result(self) -> FitResult:
-        final = self.parallel.unreplicate(self.rstate)
+        final = self.parallel.unreplicate(self.device_state)
         average = None if final.ema_params is None else {"params": final.ema_params, "batch_stats": final.batch_stats}
         return FitResult(History(self.records), {"params": final.params, "batch_stats": final.batch_stats}, average,
-                         time.perf_counter() - self.t0, self.images_per_second())
+                         time.perf_counter() - self.t0, self.images_per_second(), self.val_predictions)
 
     def close(self, graceful: bool) -> None:
         if self.log is not None:
@@ -368,13 +397,15 @@ def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inp
 
 def _train(trainer: Trainer, desc: str) -> None:
     """The loop itself: step, evaluate when it is time, checkpoint at epoch ends, stop cleanly on Ctrl-C."""
-    config = trainer.config
-    bar = tqdm(total=trainer.total_steps, initial=int(trainer.state.step), desc=desc, unit="step", mininterval=1.0,
-               dynamic_ncols=True, disable=not distributed.is_writer())
-    with _StopRequest() as stop, contextlib.closing(bar):
+    config, bar = trainer.config, None
+    with _StopRequest() as stop:
         for step, idx in trainer.batches():
             trainer.step(step, idx)
-            bar.update(1)
+            if bar is None:  # made after the first step, which compiled it, so the ETA never counts compilation
+                bar = tqdm(total=trainer.total_steps, initial=step, desc=desc, unit="step", mininterval=1.0,
+                           dynamic_ncols=True, disable=not distributed.is_writer())
+            else:
+                bar.update(1)
             if itstime(step, config.eval_every) or trainer.epoch_end(step):
                 bar.set_postfix_str("evaluating", refresh=True)
                 record = trainer.evaluate(step)
@@ -385,6 +416,8 @@ def _train(trainer: Trainer, desc: str) -> None:
             if stop.requested:
                 trainer.save(step)
                 raise trainer.interrupted(step)
+        if bar is not None:
+            bar.close()
         trainer.sync()
         trainer.check_finite()
 

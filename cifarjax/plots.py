@@ -128,3 +128,25 @@ def plot_sample_predictions(images: np.ndarray, predicted: Sequence[int], true: 
                      color=PALETTE[0] if right else PALETTE[1])
     fig.suptitle("Sample predictions: predicted (true)")
     return _save(fig, path)
+
+
+def plot_study_effects(cells: Sequence[dict], noise: float, reference: float, baseline: float, path, title: str) -> Path:
+    """Each cell's change in validation accuracy against the baseline (points), the noise band (twice the noise),
+    and the SimpleCNN reference as a line."""
+    sns.set_theme(style="whitegrid")
+    cells = sorted(cells, key=lambda c: -c["effect_points"])
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(cells) + 2))
+    colours = [PALETTE[2] if c["effect_points"] > 2 * noise else PALETTE[3] if c["effect_points"] < -2 * noise
+               else PALETTE[7] for c in cells]
+    sns.barplot(x=[c["effect_points"] for c in cells], y=[c["name"] for c in cells], hue=[c["name"] for c in cells],
+                palette=colours, legend=False, ax=ax, orient="h")
+    ax.axvspan(-2 * noise, 2 * noise, color="0.85", zorder=0, label=f"within noise (±{2 * noise:.1f} points)")
+    if reference is not None:
+        ax.axvline(100 * (reference - baseline), color=PALETTE[0], ls="--", lw=2,
+                   label=f"SimpleCNN reference ({100 * reference:.1f}%)")
+    for y, c in enumerate(cells):
+        ax.text(c["effect_points"], y, f" {100 * c['val_accuracy']:.1f}%", va="center", fontsize=8)
+    ax.set(xlabel=f"change in validation accuracy against the baseline ({100 * baseline:.1f}%), points", ylabel="cell",
+           title=title)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)

@@ -23,7 +23,7 @@ from flax import traverse_util
 from cifarjax.errors import UserError, warn
 from cifarjax.files import atomic_write, best_effort
 from cifarjax.files import cache_dir as default_cache
-from cifarjax.models import ResNet18, initialize
+from cifarjax.models import ResNet18, build_model, init_variables, initialize
 
 IMAGENET_FILE = "resnet18-f37072fd.pth"
 IMAGENET_URL = f"https://download.pytorch.org/models/{IMAGENET_FILE}"
@@ -269,3 +269,13 @@ def imagenet_resnet18(num_classes: int = 10, weights: Optional[Union[str, Path]]
     else:
         variables = _cached_conversion(cache / "resnet18_imagenet1k_v1.npz", _fetch_imagenet_state_dict)
     return with_new_head(variables, num_classes, seed)
+
+
+def starting_weights(config) -> tuple:
+    """(variables, label) of a run's starting weights from config.weights: 'imagenet', 'random' or a .pth path."""
+    if config.weights == "random":
+        return init_variables(build_model(config), config), "random initialisation (no pretraining)"
+    if config.weights == "imagenet":
+        return imagenet_resnet18(config.num_classes, seed=config.seed), "ImageNet (torchvision IMAGENET1K_V1)"
+    return (imagenet_resnet18(config.num_classes, weights=config.weights, seed=config.seed),
+            f"torchvision file {config.weights}")

@@ -111,6 +111,14 @@ def train_step(state: TrainState, data, idx, *, inputs, n_devices: int, trainabl
     return new_state, lax.pmean(metrics, AXIS)
 
 
+def train_steps(state: TrainState, data, idxs, **kwargs):
+    """Several `train_step`s in one call (`lax.scan` over idxs' leading axis): for steps so cheap (a head on
+    cached features) that dispatching each one would cost more than running it. Metrics are per step."""
+    def one(state, idx):
+        return train_step(state, data, idx, **kwargs)
+    return lax.scan(one, state, idxs)
+
+
 def eval_logits(state: TrainState, data, idx, inputs, tta_flip: bool):
     logits = state.apply_fn(state.eval_variables, inputs.eval(data[0], idx), train=False)
     if tta_flip:
@@ -147,17 +155,18 @@ class DataParallel:
         self.local_rows = [i for i, d in enumerate(self.devices) if d.process_index == jax.process_index()]
         self.sharding = NamedSharding(Mesh(np.array(self.devices), (AXIS,)), PartitionSpec(AXIS))
         key = None if trainable is None else (tuple(jax.tree.leaves(trainable)), jax.tree.structure(trainable))
-        self.train_step = _pmapped(train_step, tuple(self.devices), True, inputs=inputs, n_devices=self.n_devices,
-                                   trainable=key, options=options)
+        static = dict(inputs=inputs, n_devices=self.n_devices, trainable=key, options=options)
+        self.train_step = _pmapped(train_step, tuple(self.devices), True, **static)
+        self.train_steps = _pmapped(train_steps, tuple(self.devices), True, **static)
         self.eval_step = _pmapped(eval_step, tuple(self.devices), False, inputs=inputs, tta_flip=options.tta_flip)
 
     @property
     def n_devices(self) -> int:
         return len(self.devices)
 
-    def mine(self, batch: np.ndarray) -> np.ndarray:
-        """This process's rows of a (devices, ...) global batch."""
-        return batch[self.local_rows]
+    def mine(self, batch: np.ndarray, axis: int = 0) -> np.ndarray:
+        """This process's rows of a global batch whose `axis` runs over the devices."""
+        return np.take(batch, self.local_rows, axis=axis)
 
     def replicate(self, tree):
         """Copy a host pytree onto every device of this process (leading axis = devices)."""

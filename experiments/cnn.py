@@ -23,7 +23,7 @@ def main(argv=None) -> None:
         with s.phases("plotting", "writing plots"):
             plots.plot_training_results(result.history.records, s.run / runs.PLOTS / "training_results.png",
                                         title=f"SimpleCNN ({s.config.recipe} recipe)")
-    scored = common.report_split(s.config, result.eval_variables, *common.scored_split(s), s.run, s.phases)
+    scored = common.report_split(s.config, result, *common.scored_split(s), s.run, s.phases)
     summary = common.run_summary("cnn", s, s.config, result, n_train=len(s.train), n_val=len(s.val), **scored)
     if distributed.is_writer():
         write_json(s.run / runs.SUMMARY, summary)

@@ -29,12 +29,24 @@ from cifarjax.config import Config  # noqa: E402
 from cifarjax.data import Dataset, Split, load_dataset, train_val_split  # noqa: E402
 from cifarjax.errors import UserError  # noqa: E402
 from cifarjax.evaluation import predict, score  # noqa: E402
-from cifarjax.files import write_json  # noqa: E402
+from cifarjax.files import cache_dir, write_json  # noqa: E402
 from cifarjax.flags import Parser, add_config_flags, given, new_config, resumed_config  # noqa: E402
 from cifarjax.phases import Phases  # noqa: E402
 from cifarjax.recipes import recipe_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def enable_compilation_cache() -> None:
+    """Keep compiled programs in the cache folder, so a second run of a command skips most compilation
+    (JAX's persistent cache; CIFARJAX_COMPILATION_CACHE=0 turns it off, JAX_COMPILATION_CACHE_DIR moves it)."""
+    if os.environ.get("CIFARJAX_COMPILATION_CACHE", "1") == "0" or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax-compilation"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+enable_compilation_cache()
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "torch", "torchvision", "albumentations")
 
 
@@ -138,11 +150,14 @@ def scored_split(s: Start):
     return (s.dataset.test, "test") if s.dataset.test is not None else (s.val, "val")
 
 
-def report_split(config: Config, variables: dict, split: Split, name: str, run: Path, phases: Phases,
+def report_split(config: Config, result, split: Split, name: str, run: Path, phases: Phases,
                  n_samples: int = 32) -> dict:
-    """Accuracy on `split`, with its confusion-matrix and sample-prediction plots in run/plots."""
-    with phases("evaluation", f"scoring the {name} split"):
-        preds = predict(config, variables, split)
+    """Accuracy on `split`, with its confusion-matrix and sample-prediction plots in run/plots (the validation
+    split reuses the training's final evaluation when there was one)."""
+    preds = result.val_predictions if name == "val" else None
+    if preds is None:
+        with phases("evaluation", f"scoring the {name} split"):
+            preds = predict(config, result.eval_variables, split)
     result = score(split.labels, preds, config.classes)
     if distributed.is_writer():
         with phases("plotting", "writing plots"):

@@ -47,9 +47,12 @@ def main(argv=None) -> None:
     p.add_argument("--json", action="store_true", help="print the full result as one JSON object")
     p.add_argument("--average", action=argparse.BooleanOptionalAction, default=None,
                    help="score the moving average of the weights (default: when the run kept one)")
+    p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="average each image's and its mirror image's logits (default: as the run did)")
     args = p.parse_args(argv)
     run = find_run(args.run_dir)
     config = Config.from_dict(runs.read_json(run / runs.CONFIG))
+    config = config if args.tta_flip is None else config.replace(tta_flip=args.tta_flip)
     average = config.ema_decay > 0 if args.average is None else args.average
     variables = load_variables(run, average=average)
     data_dir = args.data_dir if args.data_dir is not None else config.data_dir
@@ -63,6 +66,7 @@ def main(argv=None) -> None:
                                        run / runs.PLOTS / f"confusion_matrix_{name}.png",
                                        title=f"Confusion matrix ({name} split, {len(split)} images)")
     result = {**_rounded(result), "split": name, "weights": "moving average" if average else "final",
+              "tta_flip": config.tta_flip,
               "run": str(run), "plot": str(path)}
     if args.json:
         print(json.dumps(result))

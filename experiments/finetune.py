@@ -12,26 +12,15 @@ from pathlib import Path
 
 from experiments import common
 from cifarjax import distributed, plots, runs
-from cifarjax.config import Config
 from cifarjax.errors import exit_on_user_error
 from cifarjax.features import backbone_features, cacheable
 from cifarjax.files import write_json
 from cifarjax.flags import given
 from cifarjax.loop import fine_tune_loop
-from cifarjax.models import build_model, init_variables
-from cifarjax.pretrained import imagenet_resnet18
+from cifarjax.models import build_model
+from cifarjax.pretrained import starting_weights
 
 DEFAULT_EPOCHS = (20, 50, 100)
-
-
-def load_weights(config: Config):
-    """(variables, label) for config.weights: 'imagenet', 'random' or a .pth path."""
-    if config.weights == "random":
-        return init_variables(build_model(config), config), "random initialisation (no pretraining)"
-    if config.weights == "imagenet":
-        return imagenet_resnet18(config.num_classes, seed=config.seed), "ImageNet (torchvision IMAGENET1K_V1)"
-    return (imagenet_resnet18(config.num_classes, weights=config.weights, seed=config.seed),
-            f"torchvision file {config.weights}")
 
 
 def epoch_counts(args) -> list:
@@ -51,7 +40,7 @@ def main(argv=None) -> None:
     typed = {**given(args, "finetune"), "n_epochs": max(counts)}
     s = common.start("finetune", args, typed, model="resnet18")
     with s.phases("weights", f"loading weights ({s.config.weights})"):
-        variables, weights_label = load_weights(s.config)
+        variables, weights_label = starting_weights(s.config)
     common.open_run(s, "finetune", {**s.config.to_dict(), "epoch_counts": counts, "weights_label": weights_label})
     features = None
     if cacheable(s.config):
@@ -83,7 +72,7 @@ def fine_tune_run(s, n_epochs: int, variables: dict, features, weights_label: st
     distributed.barrier(f"sub-run {n_epochs}")
     result = fine_tune_loop(config, variables, s.train, s.val, run=sub, resume=s.resume, features=features,
                             phases=s.phases, resume_hint=common.resume_hint("finetune", s.run))
-    scored = common.report_split(config, result.eval_variables, *common.scored_split(s), sub, s.phases)
+    scored = common.report_split(config, result, *common.scored_split(s), sub, s.phases)
     summary = common.run_summary("finetune", s, config, result, weights=weights_label,
                                  unfreeze=config.unfreeze, bn=config.bn, cached_features=features is not None,
                                  n_train=len(s.train), n_val=len(s.val), **scored)

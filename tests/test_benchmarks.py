@@ -7,6 +7,7 @@ import pytest
 from tests.helpers import make_image_folder
 
 
+@pytest.mark.slow
 def test_reference_accuracy_prints_one_line_per_epoch(tmp_path, capsys):
     from benchmarks import reference_accuracy
     folder = make_image_folder(tmp_path / "data", n_train=10, n_test=0, learnable=True)
@@ -18,6 +19,7 @@ def test_reference_accuracy_prints_one_line_per_epoch(tmp_path, capsys):
     assert all(0.0 <= line["val_accuracy"] <= 1.0 for line in lines[1:])
 
 
+@pytest.mark.slow
 def test_original_training_learns_a_learnable_set(tmp_path):
     from benchmarks import torch_reference as ref
     rng = np.random.default_rng(0)

@@ -43,6 +43,7 @@ def run_child(tmp_path, run_dir, kill_at, resume):
                           capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     train_loop(fast(n_epochs=3, eval_every=3, checkpoint_every=2), tiny_split(40), tiny_split(12, seed=1),
                run=tmp_path / "straight")

@@ -88,6 +88,7 @@ def test_finetune_one_epoch_keeps_the_backbone_bit_identical(data_dir, tmp_path)
     assert summary["cached_features"] and "torchvision file" in summary["weights"]
 
 
+@pytest.mark.slow
 def test_finetune_several_epoch_counts_overlay_their_curves(data_dir, tmp_path):
     out = tmp_path / "ft"
     finetune.main(["--data-dir", str(data_dir), "--epochs", "1", "2", "--batch-size", "8", "--weights", "random",
@@ -129,6 +130,7 @@ def test_bad_input_is_one_clear_message(command, args, message, tmp_path, capsys
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_bad_weights_file_in_a_real_process(data_dir, tmp_path):
     """The one command run as a separate process: its real exit status and stderr."""
     bad = tmp_path / "resnet18.pth"
@@ -155,6 +157,7 @@ def test_existing_run_is_never_overwritten(data_dir, tmp_path, capsys):
     assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_readme_research_example_runs(data_dir, tmp_path, monkeypatch):
     readme = (ROOT / "README.md").read_text()
     code = re.search(r"<!-- research-example -->\s*```python\n(.*?)```", readme, re.S).group(1)

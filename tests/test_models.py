@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from cifarjax.layers import Dropout, conv2d, conv3x3_maxpool, conv_phases, materialize, max_pool
+from cifarjax.layers import Dropout, conv2d, conv3x3_maxpool, conv3x3_same, conv_phases, materialize, max_pool
 from cifarjax.models import ResNet18, SimpleCNN
 
 
@@ -113,6 +113,36 @@ def test_winograd_conv_maxpool_float32_error_stays_small(size, cin, pool, tile, 
     expected, got = winograd_and_reference(rng, size, cin, pool, tile, np.float32)
     for a, b in zip(expected, got):
         assert_relative_to_largest(b, a, 1e-4)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 8])
+def test_conv3x3_same_is_exactly_the_padded_convolution(size, rng):
+    """1x1 maps (centre tap), F(2x2) and F(4x4) tiles, sizes that do not divide into tiles: exact in float64,
+    forward and both gradients."""
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=(2, size, size, 5)))
+        w = jnp.asarray(rng.normal(size=(3, 3, 5, 6)))
+        cotangent = jnp.asarray(rng.normal(size=(2, size, size, 6)))
+        outputs = [(jax.jit(f)(x, w), *jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) * cotangent), (0, 1)))(x, w))
+                   for f in (lambda x, w: conv2d(x, w, 1, 1, "xla"), conv3x3_same)]
+    for a, b in zip(*outputs):
+        assert_relative_to_largest(b, a, 1e-10)
+
+
+@pytest.mark.parametrize("size,k,stride,pad", [(32, 3, 1, 1), (33, 3, 2, 1), (32, 1, 2, 0), (34, 7, 2, 3), (8, 3, 2, 1)])
+def test_the_cpu_formulations_are_exactly_the_convolution(size, k, stride, pad, rng):
+    """conv_impl 'winograd' picks a formulation per shape (XLA forward with a Winograd or im2col backward on large
+    maps, im2col on small ones): exact in float64, forward and both gradients."""
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=(2, size, size, 3)))
+        w = jnp.asarray(rng.normal(size=(k, k, 3, 4)))
+        out = (size + 2 * pad - k) // stride + 1
+        cotangent = jnp.asarray(rng.normal(size=(2, out, out, 4)))
+        outputs = [(jax.jit(f)(x, w), *jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) * cotangent), (0, 1)))(x, w))
+                   for f in (lambda x, w: conv2d(x, w, stride, pad, "xla"),
+                             lambda x, w: conv2d(x, w, stride, pad, "winograd"))]
+    for a, b in zip(*outputs):
+        assert_relative_to_largest(b, a, 1e-10)
 
 
 def test_conv_phases_are_the_strided_convolution_output(rng):

@@ -1,6 +1,8 @@
 """What a researcher reads: summaries whose timings add up, TensorBoard files, the evaluation table, the
 comparison of runs, and plots that show the data."""
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -25,13 +27,20 @@ def test_summary_phases_add_up_to_the_process_and_record_provenance(two_runs):
     summary = json.loads((two_runs[0] / "a" / runs.SUMMARY).read_text())
     phases = summary["phases"]
     assert {"data_loading", "compilation", "training", "evaluation", "plotting", "other"} <= set(phases)
-    assert abs(sum(phases.values()) - summary["process_seconds"]) < 0.05 * summary["process_seconds"] + 0.1
+    assert abs(sum(phases.values()) - summary["process_seconds"]) <= 0.01 * len(phases)  # each rounded to 0.01 s
     assert all(v >= 0 for v in phases.values())
     assert summary["images_per_second"] > 0 and summary["process_seconds"] > summary["wall_seconds"] * 0.5
     assert summary["command"].startswith("python -m experiments.cnn --data-dir") and "--lr" not in summary["command"]
     for key in ("started", "command", "git_commit", "packages", "process_count", "device_count"):
         assert key in summary, key
     assert summary["packages"]["jax"] and summary["packages"]["flax"]
+
+
+def test_run_files_are_ordinary_files_a_team_can_read(two_runs):
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in (runs.CONFIG, runs.SUMMARY, runs.METRICS):
+        assert stat.S_IMODE((two_runs[0] / "a" / name).stat().st_mode) == 0o666 & ~umask, name
 
 
 def test_metrics_record_validation_loss_and_learning_rate(two_runs):

@@ -127,8 +127,10 @@ def test_test_time_flip_averages_the_two_views_logits():
     idx = jnp.arange(6)
     plain = eval_logits(state, (images, None), idx, inputs, False)
     averaged = eval_logits(state, (images, None), idx, inputs, True)
-    mirrored = (images[:, :, ::-1] / 255.0).reshape(6, -1) @ Model.weights
-    np.testing.assert_allclose(averaged, (plain + mirrored) / 2, rtol=1e-5, atol=1e-6)
+    mirrored = eval_logits(state, (np.ascontiguousarray(images[:, :, ::-1]), None), idx, inputs, False)
+    assert not np.allclose(plain, mirrored, rtol=1e-2)
+    # The same float32 products, summed in one program or two: within a few ulps of the largest logit.
+    np.testing.assert_allclose(averaged, (plain + mirrored) / 2, rtol=0, atol=1e-6 * float(np.abs(plain).max()))
 
 
 def test_cutout_zeroes_one_square_per_image():

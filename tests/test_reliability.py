@@ -183,6 +183,7 @@ def test_malicious_pickle_message_gives_no_unsafe_advice(tmp_path, data_dir, cap
     assert "pickled code" in message and "weights_only" not in message
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path, data_dir):
     out = tmp_path / "run"
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONPATH=ROOT)

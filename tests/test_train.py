@@ -10,7 +10,7 @@ from cifarjax.errors import UserError
 from cifarjax.freezing import Freezing
 from cifarjax.inputs import FeatureInputs, ImageInputs
 from cifarjax.features import backbone_features, cacheable
-from cifarjax.loop import NonFiniteLossError, fit, train_loop
+from cifarjax.loop import NonFiniteLossError, cheap_chunk, fit, train_loop
 from cifarjax.models import AXIS, Apply, ResNet, ResNet18, SimpleCNN, initialize
 from cifarjax.optim import make_optimizer
 from cifarjax.train import DataParallel, create_train_state
@@ -198,6 +198,13 @@ def test_cached_features_follow_the_same_curve_as_the_image_path():
     assert not np.allclose(cached.variables["params"]["head"]["kernel"], variables["params"]["head"]["kernel"])
     assert cacheable(config) and not cacheable(config.replace(crop_padding=2)) and \
         not cacheable(config.replace(bn="train")) and not cacheable(config.replace(unfreeze="layer4"))
+
+
+def test_cheap_steps_go_several_per_call_without_crossing_an_event():
+    assert cheap_chunk(fast(eval_every=0), 625) == 25
+    assert cheap_chunk(fast(eval_every=100), 625) == 25
+    assert cheap_chunk(fast(eval_every=0, checkpoint_every=10), 600) == 10
+    assert cheap_chunk(fast(eval_every=7), 625) == 1
 
 
 def test_albumentations_host_pipeline_trains():

@@ -1,0 +1,308 @@
+"""The study of the original's question: why did the fine-tuned ResNet-18 do worse than the small CNN?
+
+A grid is data: named `Cell`s, each a set of Config changes to the baseline (the original's setting). The
+default grid changes one thing at a time for each hypothesis, then combines the changes that helped:
+
+    from cifarjax.study import DEFAULT_GRID, Cell, study
+    grid = DEFAULT_GRID + (Cell("crop", "augmentation", {"crop_padding": 4}),)
+    answer = study("DIR", "imagenet", grid, epochs=5, subset=2000, out="runs/my-study")
+
+Each cell is its own run folder under out/cells/ (resumable), cells with a fixed backbone share cached
+features, and the answer is written as study.json, study.md and plots/.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from cifarjax import plots, runs
+from cifarjax.augment import AugmentSpec, with_normalization
+from cifarjax.checkpoint import find_run
+from cifarjax.config import Config
+from cifarjax.data import Dataset, Split, load_dataset, train_val_split
+from cifarjax.evaluation import predict
+from cifarjax.features import backbone_features, cacheable
+from cifarjax.files import write_json, write_text
+from cifarjax.freezing import Freezing
+from cifarjax.inputs import ImageInputs
+from cifarjax.loop import fine_tune_loop, train_loop
+from cifarjax.models import Apply, build_model, init_variables
+from cifarjax.optim import make_optimizer
+from cifarjax.phases import Phases
+from cifarjax.pretrained import starting_weights
+from cifarjax.recipes import recipe_config
+from cifarjax.train import DataParallel, StepOptions, create_train_state
+
+BASELINE = {"bn": "train"}  # the finetune recipe with PyTorch's BatchNorm behaviour: the original's setting
+DEFAULT_EPOCHS = 10
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    hypothesis: str
+    changes: Mapping = field(default_factory=dict)  # Config changes relative to the baseline
+    model: str = "resnet18"  # 'simple_cnn': the reference, trained with the cnn command's original recipe
+
+    def __post_init__(self):
+        object.__setattr__(self, "changes", MappingProxyType(dict(self.changes)))
+
+
+H1, H2, H3 = "(1) 32x32 inputs where ImageNet used 224", "(2) only the head trains", "(3) untuned hyperparameters"
+H4, H5 = "(4) no ImageNet mean/std normalisation", "(5) the frozen backbone's BatchNorm updates in train mode"
+DEFAULT_GRID = (
+    Cell("baseline", "the original's setting: 32x32, head only, BatchNorm in train mode, no normalisation, Adam 1e-3"),
+    Cell("img224", H1, {"img_size": 224}),
+    Cell("unfreeze_layer4", H2, {"unfreeze": "layer4"}),
+    Cell("unfreeze_all", H2, {"unfreeze": "all"}),
+    Cell("lr_1e-4", H3, {"lr": 1e-4}),
+    Cell("lr_1e-2", H3, {"lr": 1e-2}),
+    Cell("normalize", H4, {"normalize": "imagenet"}),
+    Cell("bn_frozen", H5, {"bn": "frozen"}),
+)
+REFERENCE = Cell("simple_cnn", "reference: the original's SimpleCNN from scratch", model="simple_cnn")
+COMBINED = "combined"
+
+
+def cell_config(cell: Cell, base: Config) -> Config:
+    """The cell's configuration: the baseline with the cell's changes (the reference: the cnn recipe)."""
+    if cell.model == "simple_cnn":
+        return recipe_config("cnn", "original", **{k: getattr(base, k) for k in (
+            "seed", "n_epochs", "batch_size", "eval_batch_size", "data_dir", "dataset", "decode_size", "subset",
+            "num_classes", "classes", "conv_impl", "eval_every")}).replace(**cell.changes).validate()
+    return base.replace(**cell.changes, norm_mean=None, norm_std=None).validate()
+
+
+def noise_points(results: Sequence[dict], n_val: int) -> float:
+    """Accuracy noise in points: the larger of the validation set's sampling error of a difference of two
+    accuracies and the pooled epoch-to-epoch spread over each cell's last quarter of epochs."""
+    accs = [r["val_accuracy"] for r in results]
+    p = float(np.mean(accs)) if accs else 0.5
+    sampling = math.sqrt(2 * p * (1 - p) / max(n_val, 1))
+    tails = [np.asarray(r["val_accuracy_per_epoch"][-max(2, len(r["val_accuracy_per_epoch"]) // 4):])
+             for r in results if len(r["val_accuracy_per_epoch"]) >= 2]
+    spread = float(np.sqrt(np.mean([np.var(t, ddof=1) for t in tails]))) if tails else 0.0
+    return 100 * max(sampling, spread)
+
+
+def verdict(effect: float, noise: float) -> str:
+    if effect > 2 * noise:
+        return "supported"
+    if effect < -2 * noise:
+        return "refuted"
+    return "within noise"
+
+
+def combined_changes(results: Sequence[dict], noise: float) -> dict:
+    """Every single change that helped beyond noise; of alternatives for one setting, the best."""
+    best = {}
+    for r in results:
+        if r["name"] in ("baseline", COMBINED) or r.get("model") == "simple_cnn" or r["effect_points"] <= 2 * noise:
+            continue
+        for key, value in r["changes"].items():
+            if key not in best or r["effect_points"] > best[key][0]:
+                best[key] = (r["effect_points"], value)
+    return {k: v for k, (_, v) in best.items()}
+
+
+@dataclass
+class Study:
+    """One study: its data, the baseline config, the weights, and where it writes."""
+    out: Path
+    dataset: Dataset
+    train: Split
+    val: Split
+    base: Config
+    weights_label: str
+    resume: bool = False
+    phases: Phases = field(default_factory=Phases)
+    features: dict = field(default_factory=dict)
+
+    @property
+    def pretrained(self) -> bool:
+        return not self.weights_label.startswith("random")
+
+    def folder(self, cell: Cell) -> Path:
+        return self.out / "cells" / cell.name
+
+    def finished(self, cell: Cell) -> Optional[dict]:
+        path = self.folder(cell) / runs.SUMMARY
+        return runs.read_json(path) if self.resume and path.is_file() else None
+
+    def variables(self, cell: Cell, config: Config) -> dict:
+        return init_variables(build_model(config), config) if cell.model == "simple_cnn" else \
+            starting_weights(config)[0]
+
+    def estimate_seconds(self, cell: Cell, steps: int = 3) -> float:
+        """The cell's training time (evaluation excluded) from a few measured steps after compilation: epochs x
+        training images x seconds per image; with cached features, the extraction's 2 x train + val images."""
+        config = with_normalization(cell_config(cell, self.base), self.train.images)
+        model, variables = build_model(config), self.variables(cell, config)
+        freezing = Freezing.from_config(config)
+        trainable = None if freezing.everything_trains else freezing.trainable_mask(variables["params"])
+        parallel = DataParallel(ImageInputs(AugmentSpec.from_config(config)), trainable,
+                                options=StepOptions.from_config(config))
+        state = parallel.replicate(create_train_state(Apply(model), variables, make_optimizer(config, variables["params"]),
+                                                      config.seed))
+        batch = min(config.batch_size, len(self.train) - len(self.train) % parallel.n_devices)
+        data = parallel.replicate((self.train.images[:batch], self.train.labels[:batch]))
+        idx = parallel.mine(np.arange(batch, dtype=np.int32).reshape(parallel.n_devices, -1))
+        state, metrics = parallel.train_step(state, data, idx)
+        metrics["loss"].block_until_ready()
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = parallel.train_step(state, data, idx)
+        metrics["loss"].block_until_ready()
+        per_image = (time.perf_counter() - start) / (steps * batch)
+        if cacheable(config):  # the head then trains on cached features in a negligible time
+            return per_image * (2 * len(self.train) + len(self.val))
+        return per_image * len(self.train) * config.n_epochs
+
+    def run_cell(self, cell: Cell) -> dict:
+        """Train one cell in its own run folder (resuming it when asked) and summarise it."""
+        done = self.finished(cell)
+        if done is not None:
+            return done
+        config = with_normalization(cell_config(cell, self.base), self.train.images)
+        folder = self.folder(cell)
+        if not (self.resume and runs.is_run(folder)):
+            runs.create(folder, "study", replace=runs.is_run(folder))
+        write_json(folder / runs.CONFIG, config.to_dict())
+        start = time.perf_counter()
+        variables = self.variables(cell, config)
+        if cell.model == "simple_cnn":
+            result = train_loop(config, self.train, self.val, variables, run=folder, resume=self.resume,
+                                phases=self.phases)
+        else:
+            result = fine_tune_loop(config, variables, self.train, self.val, run=folder, resume=self.resume,
+                                    features=self.shared_features(config, variables), phases=self.phases)
+        summary = {"name": cell.name, "hypothesis": cell.hypothesis, "model": cell.model, "changes": dict(cell.changes),
+                   "settings": {k: getattr(config, k) for k in ("img_size", "unfreeze", "bn", "normalize", "lr",
+                                                                 "batch_size", "n_epochs", "optimizer")},
+                   **result.history.readings(), "val_accuracy_per_epoch": result.history.epoch_val_accuracy,
+                   "wall_seconds": round(time.perf_counter() - start, 2),
+                   "images_per_second": round(result.images_per_second, 1)}
+        if self.dataset.test is not None:
+            preds = predict(config, result.eval_variables, self.dataset.test)
+            summary["test_accuracy"] = float(np.mean(preds == self.dataset.test.labels))
+        write_json(folder / runs.SUMMARY, summary)
+        return summary
+
+    def shared_features(self, config: Config, variables: dict):
+        """Cells whose backbone is fixed and sees the same inputs share one feature extraction."""
+        if not cacheable(config):
+            return None
+        key = (config.img_size, config.norm_mean, config.norm_std, config.weights, config.tta_flip)
+        if key not in self.features:
+            with self.phases("feature_extraction", "extracting backbone features"):
+                self.features[key] = backbone_features(config, build_model(config), variables, self.train, self.val)
+        return self.features[key]
+
+
+def run_study(study: Study, grid: Sequence[Cell] = DEFAULT_GRID, reference: Optional[dict] = None,
+              train_reference: bool = True, combine: bool = True, announce: Callable = print) -> dict:
+    """Run every cell (then, with `combine`, the combination of the changes that helped) and write the answer.
+
+    The SimpleCNN reference is trained as a cell (`train_reference`) unless `reference` gives the summary of an
+    existing experiments.cnn run."""
+    cells = list(grid) + ([REFERENCE] if train_reference and reference is None else [])
+    todo = [c for c in cells if study.finished(c) is None]
+    if todo:
+        estimates = {c.name: study.estimate_seconds(c) for c in todo}
+        announce("estimated training time per cell (from a short warm-up, compilation excluded): " +
+                 ", ".join(f"{k} {v / 60:.1f} min" for k, v in estimates.items()) +
+                 f"; total {sum(estimates.values()) / 60:.1f} min")
+    results = [study.run_cell(c) for c in cells]
+    if reference is not None:
+        results.append({**reference, "name": REFERENCE.name, "hypothesis": REFERENCE.hypothesis, "model": "simple_cnn"})
+    answer = summarise(study, results)
+    extra = combined_changes(answer["cells"], answer["noise_points"]) if combine else {}
+    if extra:
+        answer = summarise(study, results + [study.run_cell(Cell(COMBINED, "every change that helped, together",
+                                                                   extra))])
+    write_outputs(study, answer)
+    return answer
+
+
+def study(data_dir, weights: str = "imagenet", grid: Sequence[Cell] = DEFAULT_GRID, *, epochs: int = DEFAULT_EPOCHS,
+          subset: int = 0, out=None, resume: bool = False, overwrite: bool = False, cnn_run=None,
+          train_reference: bool = True, combine: bool = True, announce: Callable = print, **baseline) -> dict:
+    """Run a study in one call: load the data and weights, make (or resume) the study folder `out`, run the grid
+    and write the answer (study.json, study.md, plots/). `baseline`: Config changes to the baseline (seed,
+    batch_size, dataset, ...); `cnn_run`: a finished experiments.cnn run to take the SimpleCNN reference from."""
+    out = runs.check_out(out, "study", overwrite, resume)
+    phases = Phases(announce=True)
+    base = recipe_config("finetune", **{**BASELINE, **baseline}, data_dir=None if data_dir is None else str(data_dir),
+                         weights=weights, n_epochs=epochs, subset=subset)
+    with phases("data_loading", "loading the data"):
+        dataset = load_dataset(base.data_dir, base.dataset, base.decode_size)
+        train, val = train_val_split(dataset, base.val_fraction, base.seed, base.subset)
+    base = base.replace(classes=tuple(dataset.classes), num_classes=len(dataset.classes)).validate()
+    reference = None if cnn_run is None else runs.read_json(find_run(cnn_run) / runs.SUMMARY)
+    with phases("weights", f"loading weights ({weights})"):
+        label = starting_weights(base)[1]
+    if not resume:
+        runs.create(out, "study", replace=overwrite)
+    the_study = Study(out, dataset, train, val, base, label, resume=resume, phases=phases)
+    if not the_study.pretrained:
+        announce("note: --weights random uses no pretraining; the study then tests the pipeline, not the original's "
+                 "question")
+    return run_study(the_study, grid, reference, train_reference, combine, announce)
+
+
+def summarise(study: Study, results: Sequence[dict]) -> dict:
+    """study.json's content: each cell with its change against the baseline, the noise, and the verdicts."""
+    baseline = next(r for r in results if r["name"] == "baseline")
+    noise = noise_points([r for r in results if r.get("model") != "simple_cnn"], len(study.val))
+    cells = [{**r, "effect_points": round(100 * (r["val_accuracy"] - baseline["val_accuracy"]), 2)} for r in results]
+    for c in cells:
+        c["verdict"] = "baseline" if c["name"] == "baseline" else "reference" if c.get("model") == "simple_cnn" else \
+            verdict(c["effect_points"], noise)
+    return {"folder": str(study.out), "weights": study.weights_label, "pretrained": study.pretrained,
+            "answers_the_question": study.pretrained, "epochs": study.base.n_epochs, "subset": study.base.subset,
+            "n_train": len(study.train), "n_val": len(study.val), "noise_points": round(noise, 2), "cells": cells}
+
+
+def write_outputs(study: Study, answer: dict) -> None:
+    write_json(study.out / "study.json", answer)
+    write_text(study.out / "study.md", markdown(answer))
+    cells = [c for c in answer["cells"] if c.get("model") != "simple_cnn"]
+    reference = next((c for c in answer["cells"] if c.get("model") == "simple_cnn"), None)
+    title = f"ResNet-18 fine-tuning study ({answer['weights']})"
+    plots.plot_study_effects(cells, answer["noise_points"], reference["val_accuracy"] if reference else None,
+                             next(c for c in cells if c["name"] == "baseline")["val_accuracy"],
+                             study.out / runs.PLOTS / "study.png", title)
+    plots.plot_runs({c["name"]: {"val": c["val_accuracy_per_epoch"]} for c in answer["cells"]},
+                    study.out / runs.PLOTS / "study_curves.png", f"Validation accuracy per epoch: {title}")
+
+
+def markdown(answer: dict) -> str:
+    """study.md: the weights first, then the table sorted by effect, then one sentence per hypothesis."""
+    if answer["pretrained"]:
+        lines = [f"Weights: {answer['weights']}.", ""]
+    else:
+        lines = [f"Weights: {answer['weights']}: NO PRETRAINING was used, so these numbers do not answer the "
+                 "original's question (which is about ImageNet features); they only show the pipeline works.", ""]
+    lines += [f"{answer['epochs']} epochs per cell; {answer['n_train']} training and {answer['n_val']} validation "
+              f"images; noise ±{answer['noise_points']:.2f} points (changes beyond twice that count).", "",
+              "| cell | tests | validation accuracy | change (points) | verdict |", "|---|---|---|---|---|"]
+    for c in sorted(answer["cells"], key=lambda c: -c["effect_points"]):
+        lines.append(f"| {c['name']} | {c['hypothesis']} | {100 * c['val_accuracy']:.2f}% | "
+                     f"{c['effect_points']:+.2f} | {c['verdict']} |")
+    lines += ["", "What the numbers say:", ""]
+    by_hypothesis = {}
+    for c in answer["cells"]:
+        if c["verdict"] not in ("baseline", "reference") and c["name"] != COMBINED:
+            by_hypothesis.setdefault(c["hypothesis"], []).append(c)
+    for hypothesis, cs in by_hypothesis.items():
+        parts = "; ".join(f"{c['name']} {c['effect_points']:+.2f} points ({c['verdict']})" for c in cs)
+        best = max(cs, key=lambda c: c["effect_points"])
+        lines.append(f"- {hypothesis}: {parts}. The hypothesis is {best['verdict']}"
+                     f"{'' if answer['pretrained'] else ' for these random weights'}.")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,65 @@
+"""Answer the original's question: why did the fine-tuned ResNet-18 do worse than the small CNN?
+
+    python -m experiments.study --data-dir DIR --weights imagenet|PATH|random [--epochs 10] [--subset N]
+    python -m experiments.study --resume --out STUDY
+
+Runs the baseline (the original's setting: 32x32, head only, BatchNorm in train mode, no normalisation,
+Adam 1e-3, batch 64), one change per hypothesis (224x224 inputs; layer4 or everything trains; lr 1e-4 and
+1e-2; ImageNet normalisation; frozen BatchNorm), the changes that helped combined, and the SimpleCNN
+reference. Writes study.json, study.md, plots/study.png and plots/study_curves.png; each cell is a run folder
+under STUDY/cells/. Default 10 epochs per cell: several hours on a GPU-less laptop at full size (use --subset),
+a short run on one GPU.
+"""
+from __future__ import annotations
+
+from experiments import common  # noqa: F401 - sets the environment before jax
+from cifarjax.errors import UserError, exit_on_user_error
+from cifarjax.flags import Parser, add_config_flags, given
+from cifarjax.recipes import recipe_config
+from cifarjax.study import BASELINE, DEFAULT_EPOCHS, DEFAULT_GRID, REFERENCE, study
+
+FLAGS = ("seed", "batch_size", "weights", "conv_impl", "dataset", "data_dir", "decode_size", "subset", "eval_batch_size")
+
+
+def parser():
+    p = Parser(prog="python -m experiments.study", description=__doc__.splitlines()[0])
+    add_config_flags(p, "study", recipe_config("finetune").replace(**BASELINE), "the baseline's settings", only=FLAGS)
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"epochs per cell (default: {DEFAULT_EPOCHS})")
+    p.add_argument("--cells", nargs="+", default=None, metavar="NAME",
+                   help=f"run only these cells (baseline always): {', '.join(c.name for c in DEFAULT_GRID)}, "
+                        f"{REFERENCE.name}")
+    p.add_argument("--cnn-run", default=None, metavar="RUN",
+                   help="take the SimpleCNN reference from this finished experiments.cnn run instead of training it")
+    p.add_argument("--out", default=None, help="the study folder (default: runs/study-<timestamp>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the study in --out (only one cifarjax made)")
+    p.add_argument("--resume", action="store_true", help="skip finished cells and resume an interrupted one")
+    return p
+
+
+def grid_for(names):
+    """The default grid, or the named part of it (the baseline is always included)."""
+    if names is None:
+        return DEFAULT_GRID, True
+    known = {c.name: c for c in DEFAULT_GRID + (REFERENCE,)}
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise UserError(f"unknown cell(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return tuple(c for c in DEFAULT_GRID if c.name == "baseline" or c.name in names), REFERENCE.name in names
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    if args.epochs < 1:
+        raise UserError(f"--epochs must be at least 1, got {args.epochs}")
+    grid, want_reference = grid_for(args.cells)
+    typed = given(args, "study")
+    answer = study(typed.pop("data_dir", None), typed.pop("weights", "imagenet"), grid, epochs=args.epochs,
+                   subset=typed.pop("subset", 0), out=args.out, resume=args.resume, overwrite=args.overwrite,
+                   cnn_run=args.cnn_run, train_reference=want_reference, combine=args.cells is None, **typed)
+    print(f"study folder: {answer['folder']} (study.md, study.json, plots/); noise ±{answer['noise_points']:.2f} "
+          "points")
+
+
+if __name__ == "__main__":
+    main()

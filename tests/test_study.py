@@ -1,0 +1,72 @@
+"""The study command: a tiny grid end to end, resume, honest labelling, and the default grid's definition."""
+import json
+import time
+
+import pytest
+
+from cifarjax.recipes import recipe_config
+from cifarjax.study import BASELINE, DEFAULT_GRID, cell_config, combined_changes, verdict
+from experiments import study
+from tests.helpers import make_image_folder
+
+# The setting each default cell's name says it changes.
+NAMED = {"img224": "img_size", "unfreeze_layer4": "unfreeze", "unfreeze_all": "unfreeze", "lr_1e-4": "lr",
+         "lr_1e-2": "lr", "normalize": "normalize", "bn_frozen": "bn"}
+
+
+def test_every_default_cell_changes_exactly_the_setting_it_names():
+    base = recipe_config("finetune", **BASELINE, n_epochs=1).validate()
+    assert (base.img_size, base.unfreeze, base.bn, base.normalize, base.lr, base.batch_size) == \
+        (32, "head", "train", "none", 1e-3, 64)  # the original's setting
+    for cell in DEFAULT_GRID:
+        config = cell_config(cell, base).to_dict()
+        differing = {k for k, v in base.to_dict().items() if config[k] != v}
+        assert differing == (set() if cell.name == "baseline" else {NAMED[cell.name]}), cell.name
+
+
+def test_verdicts_and_the_combination():
+    assert [verdict(e, 1.0) for e in (3.0, -2.5, 1.5)] == ["supported", "refuted", "within noise"]
+    cells = [{"name": "baseline", "changes": {}, "effect_points": 0},
+             {"name": "unfreeze_layer4", "changes": {"unfreeze": "layer4"}, "effect_points": 5},
+             {"name": "unfreeze_all", "changes": {"unfreeze": "all"}, "effect_points": 9},
+             {"name": "lr_1e-2", "changes": {"lr": 1e-2}, "effect_points": -4},
+             {"name": "normalize", "changes": {"normalize": "imagenet"}, "effect_points": 0.5}]
+    assert combined_changes(cells, noise=1.0) == {"unfreeze": "all"}
+
+
+@pytest.mark.slow
+def test_a_tiny_study_end_to_end_then_resume_skips_finished_cells(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", n_train=20, n_test=4, learnable=True)
+    out = tmp_path / "study"
+    args = ["--data-dir", str(data), "--weights", "random", "--epochs", "2", "--batch-size", "8", "--conv-impl", "xla",
+            "--cells", "bn_frozen", "lr_1e-2", "simple_cnn", "--out", str(out)]
+    start = time.perf_counter()
+    study.main(args)
+    first = time.perf_counter() - start
+    printed = capsys.readouterr().out
+    assert "estimated training time per cell" in printed and "no pretraining" in printed
+    answer = json.loads((out / "study.json").read_text())
+    assert {c["name"] for c in answer["cells"]} == {"baseline", "bn_frozen", "lr_1e-2", "simple_cnn"}
+    assert answer["pretrained"] is False and answer["answers_the_question"] is False
+    for c in answer["cells"]:
+        assert {"hypothesis", "settings", "val_accuracy_per_epoch", "val_accuracy", "best_val_accuracy",
+                "effect_points", "test_accuracy", "wall_seconds", "images_per_second", "verdict"} <= set(c)
+        assert (out / "cells" / c["name"] / "summary.json").is_file()
+    markdown = (out / "study.md").read_text().splitlines()
+    assert "NO PRETRAINING" in markdown[0] and "do not answer the original's question" in markdown[0]
+    assert sum(line.startswith("| ") for line in markdown) == 5  # header and 4 cells
+    assert any(line.startswith("- (5)") for line in markdown)
+    for plot in ("study.png", "study_curves.png"):
+        assert (out / "plots" / plot).stat().st_size > 10_000
+    before = (out / "study.json").read_bytes()
+    start = time.perf_counter()
+    study.main(args + ["--resume"])
+    assert "estimated training time" not in capsys.readouterr().out  # nothing left to train
+    assert (out / "study.json").read_bytes() == before
+    assert time.perf_counter() - start < first / 3
+
+
+def test_unknown_cells_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        study.main(["--cells", "bigger_model", "--out", str(tmp_path / "s")])
+    assert exit_info.value.code == 2 and "unknown cell(s) bigger_model" in capsys.readouterr().err
