@@ -12,6 +12,7 @@ Named presets of these values live in `cifarjax.recipes`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -47,7 +48,7 @@ def internal(default, help: str):
 @dataclass(frozen=True)
 class Config:
     # The original project's settings.
-    seed: int = option(0, "seed of the split, initialisation, data order, augmentation and dropout")
+    seed: int = option(0, "seed of the split, initialisation, data order, augmentation and dropout", minimum=0)
     batch_size: int = option(64, "global batch size, split evenly over all devices", minimum=1)
     n_epochs: int = option(20, "training epochs", flag="epochs", minimum=1, resumable=True)
     lr: float = option(1e-3, "(peak) learning rate", positive=True, resumable=True)
@@ -155,6 +156,8 @@ def _check_field(f, value) -> None:
         raise UserError(f"{name} must be one of {', '.join(m['choices'])}; got {value!r}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return
+    if not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number, got {value}")
     if m["positive"] and not value > 0:
         raise UserError(f"{name} must be positive, got {value}")
     if m["minimum"] is not None and value < m["minimum"]:

@@ -88,8 +88,12 @@ def train_val_split(dataset: Dataset, val_fraction: float = 0.2, seed: int = 0, 
     train_idx, val_idx = split_indices(len(dataset.train), val_fraction, seed)
     train, val = dataset.train.subset(train_idx), dataset.train.subset(val_idx)
     if subset:
-        train = train.subset(balanced_indices(train.labels, min(subset, len(train)), seed))
-        val = val.subset(balanced_indices(val.labels, min(max(1, subset // 4), len(val)), seed + 1))
+        if subset >= len(train):
+            warn(f"--subset {subset} is not less than the {len(train)} training images of this split; all of them "
+                 f"are used")
+        else:
+            train = train.subset(balanced_indices(train.labels, subset, seed))
+            val = val.subset(balanced_indices(val.labels, min(max(1, subset // 4), len(val)), seed + 1))
     return train, val
 
 
@@ -237,6 +241,8 @@ def load_dataset(data_dir=None, dataset: str = "auto", size: int = 32) -> Datase
         raise UserError(f"dataset must be one of {', '.join(SOURCES)}, got {dataset!r}")
     if dataset == "fake":
         return _load_fake(size)
+    if data_dir is not None and not str(data_dir).strip():
+        raise UserError("--data-dir is empty; pass the folder that holds your images")
     root = Path(data_dir).expanduser() if data_dir is not None else None
     if dataset == "folder" and root is None:
         raise UserError("--dataset folder needs --data-dir DIR (a folder with DIR/train/<class>/*.jpg)")

@@ -92,6 +92,9 @@ def _sha256(path: Path) -> str:
 
 def _load_state_dict(path: Union[str, Path]) -> Mapping[str, np.ndarray]:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"weights file {path} is a folder; pass the path of the .pth file itself, for example "
+                        f"{path / IMAGENET_FILE}")
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist; pass the path of a torchvision ResNet-18 "
                         f"state_dict (.pth), for example {IMAGENET_FILE} from {IMAGENET_URL}")

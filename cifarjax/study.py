@@ -37,6 +37,7 @@ from cifarjax.optim import make_optimizer
 from cifarjax.phases import Phases
 from cifarjax.pretrained import starting_weights
 from cifarjax.recipes import recipe_config
+from cifarjax.text import duration, plural
 from cifarjax.train import DataParallel, StepOptions, create_train_state
 
 BASELINE = {"bn": "train"}  # the finetune recipe with PyTorch's BatchNorm behaviour: the original's setting
@@ -216,8 +217,8 @@ def run_study(study: Study, grid: Sequence[Cell] = DEFAULT_GRID, reference: Opti
     if todo:
         estimates = {c.name: study.estimate_seconds(c) for c in todo}
         announce("estimated training time per cell (from a short warm-up, compilation excluded): " +
-                 ", ".join(f"{k} {v / 60:.1f} min" for k, v in estimates.items()) +
-                 f"; total {sum(estimates.values()) / 60:.1f} min")
+                 ", ".join(f"{k} {duration(v)}" for k, v in estimates.items()) +
+                 f"; total {duration(sum(estimates.values()))}")
     results = [study.run_cell(c) for c in cells]
     if reference is not None:
         results.append({**reference, "name": REFERENCE.name, "hypothesis": REFERENCE.hypothesis, "model": "simple_cnn"})
@@ -226,6 +227,8 @@ def run_study(study: Study, grid: Sequence[Cell] = DEFAULT_GRID, reference: Opti
     if extra:
         answer = summarise(study, results + [study.run_cell(Cell(COMBINED, "every change that helped, together",
                                                                    extra))])
+    if combine:
+        answer["combined_changes"] = extra  # empty: no change helped beyond the noise, so nothing to combine
     write_outputs(study, answer)
     return answer
 
@@ -289,8 +292,8 @@ def markdown(answer: dict) -> str:
     else:
         lines = [f"Weights: {answer['weights']}: NO PRETRAINING was used, so these numbers do not answer the "
                  "original's question (which is about ImageNet features); they only show the pipeline works.", ""]
-    lines += [f"{answer['epochs']} epochs per cell; {answer['n_train']} training and {answer['n_val']} validation "
-              f"images; noise ±{answer['noise_points']:.2f} points (changes beyond twice that count).", "",
+    lines += [f"{plural(answer['epochs'], 'epoch')} per cell; {answer['n_train']} training and {answer['n_val']} "
+              f"validation images; noise ±{answer['noise_points']:.2f} points (changes beyond twice that count).", "",
               "| cell | tests | validation accuracy | change (points) | verdict |", "|---|---|---|---|---|"]
     for c in sorted(answer["cells"], key=lambda c: -c["effect_points"]):
         lines.append(f"| {c['name']} | {c['hypothesis']} | {100 * c['val_accuracy']:.2f}% | "
@@ -305,4 +308,6 @@ def markdown(answer: dict) -> str:
         best = max(cs, key=lambda c: c["effect_points"])
         lines.append(f"- {hypothesis}: {parts}. The hypothesis is {best['verdict']}"
                      f"{'' if answer['pretrained'] else ' for these random weights'}.")
+    if answer.get("combined_changes") == {}:
+        lines.append(f"- No change helped by more than twice the noise, so no `{COMBINED}` cell was run.")
     return "\n".join(lines) + "\n"

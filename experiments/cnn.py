@@ -10,6 +10,7 @@ from cifarjax import distributed, plots, runs
 from cifarjax.errors import exit_on_user_error
 from cifarjax.files import write_json
 from cifarjax.loop import train_loop
+from cifarjax.text import plural
 
 
 @exit_on_user_error
@@ -27,8 +28,8 @@ def main(argv=None) -> None:
     summary = common.run_summary("cnn", s, s.config, result, n_train=len(s.train), n_val=len(s.val), **scored)
     if distributed.is_writer():
         write_json(s.run / runs.SUMMARY, summary)
-        print(f"validation accuracy {summary['val_accuracy']:.4f} after {s.config.n_epochs} epoch"
-              f"{'s' if s.config.n_epochs != 1 else ''} (best {summary['best_val_accuracy']:.4f}, last-five mean "
+        print(f"validation accuracy {summary['val_accuracy']:.4f} after {plural(s.config.n_epochs, 'epoch')} "
+              f"(best {summary['best_val_accuracy']:.4f}, last-five mean "
               f"{summary['last5_mean_val_accuracy']:.4f}); training {summary['wall_seconds']:.0f} s "
               f"({summary['images_per_second']:.0f} images/s), whole process {summary['process_seconds']:.0f} s; "
               f"run folder: {s.run}")

@@ -19,6 +19,7 @@ from cifarjax.flags import given
 from cifarjax.loop import fine_tune_loop
 from cifarjax.models import build_model
 from cifarjax.pretrained import starting_weights
+from cifarjax.text import plural
 
 DEFAULT_EPOCHS = (20, 50, 100)
 
@@ -78,7 +79,7 @@ def fine_tune_run(s, n_epochs: int, variables: dict, features, weights_label: st
                                  n_train=len(s.train), n_val=len(s.val), **scored)
     if distributed.is_writer():
         write_json(sub / runs.SUMMARY, summary)
-        print(f"{n_epochs} epoch{'s' if n_epochs != 1 else ''}: validation accuracy {summary['val_accuracy']:.4f} "
+        print(f"{plural(n_epochs, 'epoch')}: validation accuracy {summary['val_accuracy']:.4f} "
               f"(best {summary['best_val_accuracy']:.4f}), training {summary['wall_seconds']:.0f} s")
     return summary
 

@@ -117,6 +117,8 @@ def test_help(command, capsys):
 @pytest.mark.parametrize("command,args,message", [
     ("cnn", ["--batch-size", "0"], "must be at least 1"),
     ("cnn", ["--lr", "abc"], "is not a number"),
+    ("cnn", ["--lr", "inf"], "lr must be a finite number"),
+    ("cnn", ["--seed", "-1"], "seed must be at least 0"),
     ("finetune", ["--unfreeze", "everything"], "invalid choice"),
     ("cnn", ["--data-dir", "/no/such/folder"], "data folder /no/such/folder does not exist"),
     ("cnn", ["--img-size", "16"], "SimpleCNN needs img_size >= 30"),

@@ -170,6 +170,22 @@ def test_full_disk_under_out_names_the_path(tmp_path, data_dir, capsys, monkeypa
     assert "No space left on device" in message and str(tmp_path / "run") in message and "disk is full" in message
 
 
+def test_empty_data_path_and_a_folder_as_weights_are_named(tmp_path, data_dir, capsys):
+    message = fails(cnn.main, ["--data-dir", "", "--out", str(tmp_path / "o")], capsys)
+    assert "--data-dir is empty" in message  # not silently the current folder
+    (tmp_path / "w.pth").mkdir()
+    message = fails(finetune.main, ["--data-dir", str(data_dir), "--weights", str(tmp_path / "w.pth"),
+                                    "--batch-size", "8", "--out", str(tmp_path / "o")], capsys)
+    assert "is a folder" in message
+
+
+def test_a_subset_larger_than_the_data_says_so(data_dir, capsys):
+    from cifarjax.data import load_dataset, train_val_split
+    train, _ = train_val_split(load_dataset(str(data_dir)), subset=10_000)
+    assert len(train) == len(train_val_split(load_dataset(str(data_dir)))[0])
+    assert "all of them are used" in capsys.readouterr().err
+
+
 def test_malicious_pickle_message_gives_no_unsafe_advice(tmp_path, data_dir, capsys):
     import torch
 

@@ -52,6 +52,7 @@ def test_a_tiny_study_end_to_end_then_resume_skips_finished_cells(tmp_path, caps
         assert {"hypothesis", "settings", "val_accuracy_per_epoch", "val_accuracy", "best_val_accuracy",
                 "effect_points", "test_accuracy", "wall_seconds", "images_per_second", "verdict"} <= set(c)
         assert (out / "cells" / c["name"] / "summary.json").is_file()
+        assert c["images_per_second"] > 0  # each cell's own rate, also when one call trained every step
     markdown = (out / "study.md").read_text().splitlines()
     assert "NO PRETRAINING" in markdown[0] and "do not answer the original's question" in markdown[0]
     assert sum(line.startswith("| ") for line in markdown) == 5  # header and 4 cells
