@@ -43,7 +43,8 @@ CNN_IMPROVED = Recipe(
     {"model": "simple_cnn", "crop_padding": 4, "normalize": "dataset", "optimizer": "adamw", "weight_decay": 0.05,
      "lr": 2e-3, "schedule": "onecycle", "warmup_epochs": 3.0, "label_smoothing": 0.1, "ema_decay": 0.999,
      "tta_flip": True, "eval_every": 0},
-    "python -m experiments.cnn --recipe improved --data-dir DIR: see docs/results.md for the measured accuracy.")
+    "python -m experiments.cnn --recipe improved --data-dir DIR: about 79% validation accuracy after 20 epochs "
+    "(79.0%, 79.5% and 79.1% for seeds 0, 1, 2 on the shared CIFAR-10 JPEGs; docs/results.md).")
 
 FINETUNE_ORIGINAL = Recipe(
     "original",
