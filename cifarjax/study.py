@@ -242,7 +242,7 @@ def study(data_dir, weights: str = "imagenet", grid: Sequence[Cell] = DEFAULT_GR
     out = runs.check_out(out, "study", overwrite, resume)
     phases = Phases(announce=True)
     base = recipe_config("finetune", **{**BASELINE, **baseline}, data_dir=None if data_dir is None else str(data_dir),
-                         weights=weights, n_epochs=epochs, subset=subset)
+                         weights=weights, n_epochs=epochs, subset=subset).validate()  # before any loading
     with phases("data_loading", "loading the data"):
         dataset = load_dataset(base.data_dir, base.dataset, base.decode_size)
         train, val = train_val_split(dataset, base.val_fraction, base.seed, base.subset)

@@ -50,8 +50,6 @@ def grid_for(names):
 @exit_on_user_error
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    if args.epochs < 1:
-        raise UserError(f"--epochs must be at least 1, got {args.epochs}")
     grid, want_reference = grid_for(args.cells)
     typed = given(args, "study")
     answer = study(typed.pop("data_dir", None), typed.pop("weights", "imagenet"), grid, epochs=args.epochs,
