@@ -160,8 +160,9 @@ def _load_fake(size: int, seed: int = 0, n_train: int = 1000, n_test: int = 200)
 
     def split(n, offset):
         fake = FakeData(size=n, image_size=(3, size, size), num_classes=10, random_offset=offset)
-        images = np.stack([np.asarray(fake[i][0], np.uint8) for i in range(n)])
-        return Split(images, np.array([int(fake[i][1]) for i in range(n)], np.int32))
+        items = [fake[i] for i in range(n)]  # each item draws its image and label afresh: draw once
+        return Split(np.stack([np.asarray(image, np.uint8) for image, _ in items]),
+                     np.array([int(label) for _, label in items], np.int32))
 
     return Dataset("fake", tuple(f"class{i}" for i in range(10)), split(n_train, seed), split(n_test, seed + n_train))
 

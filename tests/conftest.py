@@ -22,6 +22,17 @@ import pytest  # noqa: E402
 from tests.helpers import make_image_folder  # noqa: E402
 
 
+# The longest files first, so that with pytest-xdist (`-n 2 --dist loadfile`) no worker starts a long file while
+# the other has nothing left: order changes nothing else, every test makes its own state.
+LONGEST_FIRST = ("test_experiments.py", "test_models.py", "test_train.py", "test_distributed.py", "test_reliability.py",
+                 "test_pretrained.py", "test_study.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files keep their own order
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Every test gets its own cifarjax cache folder."""
