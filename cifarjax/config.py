@@ -71,6 +71,9 @@ class Config:
                                   "and BatchNorm is frozen", commands=FINETUNE, flag="feature-cache")
     conv_impl: str = option("auto", "convolution formulation (auto: Winograd-fused SimpleCNN blocks and im2col "
                             "on CPU, XLA/cuDNN on GPU)", choices=CONV_IMPLS)
+    dropout: float = option(0.3, "SimpleCNN's dropout rate, a training-time regulariser (0.3 in the original; "
+                            "the layers and parameters do not change)", commands=("cnn",), minimum=0.0,
+                            maximum=0.9)
     # Optimisation.
     optimizer: str = option("adam", "optimizer", choices=OPTIMIZERS)
     momentum: float = option(0.9, "SGD momentum (Nesterov); Adam's b1 is fixed at 0.9", minimum=0.0, maximum=0.999)

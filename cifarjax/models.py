@@ -170,7 +170,7 @@ def build_model(config):
     """The configured model; ResNet-18's BatchNorm modes come from the freezing policy and its statistics are
     synchronised over the training devices."""
     if config.model == "simple_cnn":
-        return SimpleCNN(config.num_classes, conv_impl=config.conv_impl)
+        return SimpleCNN(config.num_classes, dropout_rate=config.dropout, conv_impl=config.conv_impl)
     return ResNet18(config.num_classes, frozen_bn_stages=Freezing.from_config(config).frozen_bn_stages,
                     axis_name=AXIS, conv_impl=config.conv_impl)
 

@@ -24,7 +24,7 @@ ORIGINAL = dict(seed=0, batch_size=64, img_size=32, n_epochs=20, eval_every=2000
                 data_dir=None, decode_size=32, val_fraction=0.2, flip=True, crop_padding=0, normalize="none",
                 norm_mean=None, norm_std=None, augment_backend="device", eval_batch_size=500, checkpoint_every=0,
                 keep_checkpoints=3, classes=(), optimizer="adam", schedule="constant", label_smoothing=0.0,
-                ema_decay=0.0, tta_flip=False, cutout=0, weight_decay=0.0, subset=0)
+                ema_decay=0.0, tta_flip=False, cutout=0, weight_decay=0.0, subset=0, dropout=0.3)
 
 
 def parse(command, argv):
@@ -53,6 +53,18 @@ def test_improved_recipe_keeps_the_network():
     assert config.model == "simple_cnn" and config.n_epochs <= 20
     changes = RECIPES["cnn"]["improved"].changes
     assert changes["model"] == "simple_cnn" and not set(changes) & {"num_classes", "conv_impl"}
+
+
+def test_dropout_flag_sets_the_rate_and_keeps_the_parameters():
+    from cifarjax.models import build_model, initialize
+    config = parse("cnn", ["--dropout", "0"])
+    model = build_model(config)
+    assert model.dropout_rate == 0.0 and build_model(Config()).dropout_rate == 0.3
+    variables = initialize(model)
+    assert sum(leaf.size for leaf in jax.tree.leaves(variables["params"])) == 1_025_546
+    x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    train = model.apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+    np.testing.assert_array_equal(train, model.apply(variables, x, train=False))  # rate 0: nothing dropped
 
 
 def test_unknown_recipe_is_refused():
