@@ -1,6 +1,7 @@
 """Builders of tiny datasets and reference models for the tests."""
 from pathlib import Path
 
+import jax
 import numpy as np
 from PIL import Image
 
@@ -58,6 +59,11 @@ def run_module(module, *args, env=None, cwd=None):
     full_env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONPATH=str(root), **(env or {}))
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
                           cwd=cwd or root, env=full_env)
+
+
+def n_params(tree) -> int:
+    """The number of parameters in a pytree of arrays (or shapes from `jax.eval_shape`)."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 def tree_bytes(folder: Path) -> dict:

@@ -8,6 +8,7 @@ import pytest
 
 from cifarjax.layers import Dropout, conv2d, conv3x3_maxpool, conv3x3_same, conv_phases, materialize, max_pool
 from cifarjax.models import ResNet18, SimpleCNN
+from tests.helpers import n_params
 
 
 def torch_simple_cnn():
@@ -19,10 +20,6 @@ def torch_simple_cnn():
         nn.Conv2d(128, 256, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.3),
         nn.Conv2d(256, 256, 3), nn.ReLU(), nn.MaxPool2d(4), nn.Dropout(0.3),
         nn.Flatten(), nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10))
-
-
-def n_params(tree):
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 def test_simple_cnn_has_the_originals_parameter_count():

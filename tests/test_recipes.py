@@ -12,11 +12,12 @@ from cifarjax.augment import AugmentSpec, cut_out, draw_choices
 from cifarjax.config import Config
 from cifarjax.errors import UserError
 from cifarjax.flags import Parser, add_config_flags, given, new_config
+from cifarjax.models import build_model, initialize
 from cifarjax.optim import learning_rate
 from cifarjax.recipes import RECIPES, recipe_config
 from cifarjax.train import cross_entropy, ema_update, eval_logits
 from experiments import cnn
-from tests.helpers import make_image_folder
+from tests.helpers import make_image_folder, n_params
 
 # The original project's settings, as the config had them before recipes existed.
 ORIGINAL = dict(seed=0, batch_size=64, img_size=32, n_epochs=20, eval_every=2000, lr=1e-3, model="simple_cnn",
@@ -56,12 +57,11 @@ def test_improved_recipe_keeps_the_network():
 
 
 def test_dropout_flag_sets_the_rate_and_keeps_the_parameters():
-    from cifarjax.models import build_model, initialize
     config = parse("cnn", ["--dropout", "0"])
     model = build_model(config)
     assert model.dropout_rate == 0.0 and build_model(Config()).dropout_rate == 0.3
     variables = initialize(model)
-    assert sum(leaf.size for leaf in jax.tree.leaves(variables["params"])) == 1_025_546
+    assert n_params(variables["params"]) == 1_025_546
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
     train = model.apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
     np.testing.assert_array_equal(train, model.apply(variables, x, train=False))  # rate 0: nothing dropped
