@@ -379,6 +379,55 @@ class Dense(nn.Module):
         return x @ kernel + bias
 
 
+def _batch_moments(x, axis_name: Optional[str]):
+    """Per-channel mean and biased variance over every axis but the last (and over devices with `axis_name`),
+    in two passes as PyTorch computes them."""
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axes)
+    if axis_name is not None:
+        mean = lax.pmean(mean, axis_name)
+    var = jnp.square(x - mean).mean(axes)
+    if axis_name is not None:
+        var = lax.pmean(var, axis_name)
+    return mean, var
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(x, scale, bias, epsilon: float, axis_name: Optional[str]):
+    """Train-mode batch normalisation: (y, mean, biased variance), the statistics over the (global) batch.
+
+    Differentiated by hand: the backward pass reads x and dy once for two per-channel sums and once more for dx,
+    and keeps only x, which the convolution before it produced anyway (autodiff keeps x - mean and more, and
+    XLA materialises them). The statistics are returned for the running averages only; their cotangents are
+    ignored, so they must not feed the loss.
+    """
+    return _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name)[0]
+
+
+def _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name):
+    mean, var = _batch_moments(x, axis_name)
+    inv = lax.rsqrt(var + epsilon)
+    return ((x - mean) * inv * scale + bias, mean, var), (x, mean, inv, scale)
+
+
+def _batch_norm_train_bwd(epsilon, axis_name, residuals, cotangents):
+    x, mean, inv, scale = residuals
+    dy = cotangents[0]
+    axes = tuple(range(x.ndim - 1))
+    xhat = (x - mean) * inv
+    dbias, dscale = dy.sum(axes), (dy * xhat).sum(axes)  # this device's share: its parameters' gradients
+    count = math.prod(x.shape[:-1])
+    sum_dy, sum_dy_xhat = dbias, dscale
+    if axis_name is not None:  # the statistics span every device, so dx needs the sums over every device
+        sum_dy, sum_dy_xhat = lax.psum((sum_dy, sum_dy_xhat), axis_name)
+        count = count * lax.psum(1, axis_name)
+    dx = (scale * inv) * (dy - sum_dy / count - xhat * (sum_dy_xhat / count))
+    return dx, dscale, dbias
+
+
+batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
 class BatchNorm(nn.Module):
     """PyTorch BatchNorm2d: eps 1e-5, momentum 0.1, running_var updated with the unbiased variance.
 
@@ -398,23 +447,15 @@ class BatchNorm(nn.Module):
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,))
         ra_var = self.variable("batch_stats", "var", jnp.ones, (c,))
         if self.use_running_average:
-            mean, var = ra_mean.value, ra_var.value
-        else:
-            axes = tuple(range(x.ndim - 1))
-            count = math.prod(x.shape[:-1])
-            synced = self.axis_name is not None and not self.is_initializing()
-            mean = x.mean(axes)
-            if synced:
-                mean = lax.pmean(mean, self.axis_name)
-            var = jnp.square(x - mean).mean(axes)
-            if synced:
-                var = lax.pmean(var, self.axis_name)
-                count = count * lax.psum(1, self.axis_name)
-            if not self.is_initializing():
-                unbiased = var * (count / (count - 1))
-                ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
-                ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
-        return (x - mean) * lax.rsqrt(var + self.epsilon) * scale + bias
+            return (x - ra_mean.value) * lax.rsqrt(ra_var.value + self.epsilon) * scale + bias
+        synced = self.axis_name if not self.is_initializing() else None
+        y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, synced)
+        if not self.is_initializing():
+            count = math.prod(x.shape[:-1]) * (lax.psum(1, synced) if synced is not None else 1)
+            unbiased = var * (count / (count - 1))
+            ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
+            ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+        return y
 
 
 def hash_uniform_bits(key, shape):
@@ -453,21 +494,61 @@ class Dropout(nn.Module):
 
 
 def max_pool(x, window: int, strides: Optional[int] = None, padding: int = 0):
-    """Max pooling (PyTorch MaxPool2d semantics: floor output size, padding counts as -inf), NHWC."""
+    """Max pooling (PyTorch MaxPool2d semantics: floor output size, padding counts as -inf), NHWC.
+
+    Non-overlapping windows are a reshape and a maximum (a tie shares its gradient); others `window_max_pool`.
+    """
     strides = strides or window
     if strides == window and padding == 0:
         n, h, w, c = x.shape
         ho, wo = h // window, w // window
         x = x[:, :ho * window, :wo * window, :]
         return x.reshape(n, ho, window, wo, window, c).max(axis=(2, 4))
+    return window_max_pool(x, window, strides, padding)
+
+
+def _window_taps(x, window: int, strides: int, padding: int):
+    """The window's window*window strided slices of the -inf-padded input, in row-major order."""
     if padding:
         x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
     n, h, w, c = x.shape
     ho, wo = (h - window) // strides + 1, (w - window) // strides + 1
     span_h, span_w = strides * (ho - 1) + 1, strides * (wo - 1) + 1
-    out = None
-    for i in range(window):
-        for j in range(window):
-            s = x[:, i:i + span_h:strides, j:j + span_w:strides, :]
-            out = s if out is None else jnp.maximum(out, s)
-    return out
+    return [x[:, i:i + span_h:strides, j:j + span_w:strides, :] for i in range(window) for j in range(window)]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def window_max_pool(x, window: int, strides: int, padding: int):
+    """Max pooling over (possibly overlapping, padded) windows, differentiated like PyTorch: the gradient of
+    each output goes to the first maximum of its window (row-major), located by an index saved in the forward
+    pass, and is added into the input by output phase instead of through window*window selects."""
+    return _window_max_pool_fwd(x, window, strides, padding)[0]
+
+
+def _window_max_pool_fwd(x, window, strides, padding):
+    taps = _window_taps(x, window, strides, padding)
+    out, first = taps[0], jnp.zeros(taps[0].shape, jnp.int8)
+    for t, tap in enumerate(taps[1:], 1):
+        first = jnp.where(tap > out, jnp.int8(t), first)
+        out = jnp.maximum(out, tap)
+    out, first = materialize((out, first))  # or XLA recomputes the comparisons inside the backward pass
+    return out, (first, x.shape)
+
+
+def _window_max_pool_bwd(window, strides, padding, residuals, g):
+    first, (n, h, w, c) = residuals
+    s, reach = strides, (window - 1) // strides + 1  # a phase row gathers from `reach` output rows
+    zero = jnp.zeros_like(g)
+    phases = [[None] * s for _ in range(s)]
+    for t in range(window * window):
+        (di, p), (dj, q) = divmod(t // window, s), divmod(t % window, s)
+        part = jnp.pad(jnp.where(first == t, g, zero), ((0, 0), (di, reach - 1 - di), (dj, reach - 1 - dj), (0, 0)))
+        phases[p][q] = part if phases[p][q] is None else phases[p][q] + part
+    shape = (n, g.shape[1] + reach - 1, g.shape[2] + reach - 1, c)
+    dx = _interleave([[a if a is not None else jnp.zeros(shape, g.dtype) for a in row] for row in phases])
+    hp, wp = h + 2 * padding, w + 2 * padding  # dx covers the padded input's first rows and columns
+    dx = jnp.pad(dx, ((0, 0), (0, max(0, hp - dx.shape[1])), (0, max(0, wp - dx.shape[2])), (0, 0)))
+    return (dx[:, padding:padding + h, padding:padding + w, :],)
+
+
+window_max_pool.defvjp(_window_max_pool_fwd, _window_max_pool_bwd)

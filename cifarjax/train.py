@@ -101,7 +101,8 @@ def train_step(state: TrainState, data, idx, *, inputs, n_devices: int, trainabl
         return cross_entropy(logits, y, options.label_smoothing).mean(), (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grads = lax.pmean(grads, AXIS)
+    if n_devices > 1:  # over one device the mean is the identity, but XLA would still copy every gradient
+        grads = lax.pmean(grads, AXIS)
     new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
     new_state = new_state.replace(params=_keep_frozen(trainable, new_state.params, state.params))
     if options.ema_decay:

@@ -182,13 +182,25 @@ def test_materialize_is_the_identity_with_gradients(rng):
     np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(materialize(x) * 3.0))(x), np.full((4, 5), 3.0))
 
 
-@pytest.mark.parametrize("window,stride,pad,size", [(2, 2, 0, 30), (2, 2, 0, 13), (4, 4, 0, 4), (3, 2, 1, 16)])
-def test_max_pool_matches_pytorch(window, stride, pad, size, rng):
+@pytest.mark.parametrize("window,stride,pad,size", [(2, 2, 0, 30), (2, 2, 0, 13), (4, 4, 0, 4), (3, 2, 1, 16),
+                                                     (3, 2, 1, 15), (3, 2, 0, 17), (3, 1, 1, 6), (5, 2, 2, 13)])
+def test_max_pool_and_its_gradient_match_pytorch(window, stride, pad, size, rng):
+    """Values exactly; gradients up to the order in which overlapping windows' contributions are added. Padded or
+    overlapping windows (ResNet's stem) send a tie's gradient to the first maximum, as PyTorch; non-overlapping
+    ones (only after a ReLU, where ties are zeros with zero gradient) share it, as XLA's reduce-max does."""
     import torch
     x = rng.normal(size=(2, 3, size, size)).astype(np.float32)
-    expected = torch.nn.functional.max_pool2d(torch.from_numpy(x), window, stride, pad).numpy()
-    got = max_pool(jnp.asarray(x.transpose(0, 2, 3, 1)), window, stride, pad)
-    np.testing.assert_array_equal(np.asarray(got).transpose(0, 3, 1, 2), expected)
+    if stride < window or pad:
+        x[0, 0, :4, :4] = 0.5  # ties
+    xt = torch.from_numpy(x).requires_grad_(True)
+    expected = torch.nn.functional.max_pool2d(xt, window, stride, pad)
+    dy = rng.normal(size=expected.shape).astype(np.float32)
+    (expected * torch.from_numpy(dy)).sum().backward()
+    xj = jnp.asarray(x.transpose(0, 2, 3, 1))
+    got = max_pool(xj, window, stride, pad)
+    np.testing.assert_array_equal(np.asarray(got).transpose(0, 3, 1, 2), expected.detach().numpy())
+    dx = jax.grad(lambda x: jnp.sum(max_pool(x, window, stride, pad) * dy.transpose(0, 2, 3, 1)))(xj)
+    np.testing.assert_allclose(np.asarray(dx).transpose(0, 3, 1, 2), xt.grad.numpy(), rtol=1e-6, atol=1e-6)
 
 
 def test_dropout_rate_scaling_and_determinism():
