@@ -286,13 +286,36 @@ def _winograd_input_bwd(m, th, tw, shape, dv):
 winograd_input_tiles.defvjp(_winograd_input_fwd, _winograd_input_bwd)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def winograd_kernel(kernel, m: int):
+    """G k G^T for a (3, 3, cin, cout) kernel: nested lists of (cin, cout) arrays.
+
+    The custom gradient assembles the kernel's gradient once, as one array; differentiating the taps
+    `kernel[i, j]` would pad each tap's gradient to the kernel's full size and sum nine of them inside every
+    consumer (the optimizer's moment and parameter updates each recomputed it).
+    """
+    return _sandwich(WINOGRAD[m][1], [[kernel[i, j] for j in range(3)] for i in range(3)])
+
+
+def _winograd_kernel_fwd(kernel, m):
+    return winograd_kernel(kernel, m), None
+
+
+def _winograd_kernel_bwd(m, _, du):
+    taps = _sandwich(WINOGRAD[m][1].T, du)  # G^T du G
+    return (materialize(jnp.stack([jnp.stack(row) for row in taps])),)
+
+
+winograd_kernel.defvjp(_winograd_kernel_fwd, _winograd_kernel_bwd)
+
+
 def winograd_phases(x, kernel, m: int, th: int, tw: int):
     """The unpadded 3x3 convolution of x's th x tw grid of m x m output tiles, by output phase:
     y[i][j] (n, th, tw, cout) holds outputs (m*t + i, m*u + j). x needs m*th + 2 rows and m*tw + 2 columns."""
     n, cin, cout = x.shape[0], x.shape[-1], kernel.shape[-1]
-    _, g, at = WINOGRAD[m]
-    v = winograd_input_tiles(materialize(x), m, th, tw)                  # B^T d B
-    u = _sandwich(g, [[kernel[i, j] for j in range(3)] for i in range(3)])  # G k G^T
+    at = WINOGRAD[m][2]
+    v = winograd_input_tiles(materialize(x), m, th, tw)  # B^T d B
+    u = winograd_kernel(kernel, m)                       # G k G^T
     prods = [[(v[a][b].reshape(n * th * tw, cin) @ u[a][b]).reshape(n, th, tw, cout) for b in range(m + 2)]
              for a in range(m + 2)]
     return materialize(_sandwich(at, prods))
