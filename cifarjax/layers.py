@@ -545,7 +545,11 @@ def window_max_pool(x, window: int, strides: int, padding: int):
     """Max pooling over (possibly overlapping, padded) windows, differentiated like PyTorch: the gradient of
     each output goes to the first maximum of its window (row-major), located by an index saved in the forward
     pass, and is added into the input by output phase instead of through window*window selects."""
-    return _window_max_pool_fwd(x, window, strides, padding)[0]
+    taps = _window_taps(x, window, strides, padding)
+    out = taps[0]
+    for tap in taps[1:]:
+        out = jnp.maximum(out, tap)
+    return out  # without a gradient, no index
 
 
 def _window_max_pool_fwd(x, window, strides, padding):
