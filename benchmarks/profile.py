@@ -1,0 +1,86 @@
+"""Where one benchmark row's cifarjax step spends its time, by XLA operation and by kind of layer.
+
+    python -m benchmarks.profile ROW [--top N]
+
+ROW is a `benchmarks.throughput` row name (e.g. resnet_all_224). The step is compiled and warmed up, then one
+`rate()` (its usual number of steps) runs under `jax.profiler`; each XLA operation's time is summed over the
+CPU runtime's threads (operations that run side by side both count, so the total exceeds the wall time) and
+named by the model code it came from (the HLO metadata of the optimised program, dumped to a temporary folder).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+DUMP = Path(tempfile.mkdtemp(prefix="cifarjax-hlo-"))
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={DUMP}"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.throughput import ROWS, CifarjaxRow  # noqa: E402
+
+
+def kind_of(op_name: str) -> tuple:
+    """(forward or backward, layer kind) of an HLO op's metadata name."""
+    phase = "backward" if "transpose(" in op_name else "forward"
+    if "ResNet" not in op_name and "SimpleCNN" not in op_name:
+        return phase, "optimizer and other"
+    if re.search(r"/bn\d|_bn/|bn1/", op_name):
+        return phase, "BatchNorm"
+    if "conv" in op_name:
+        return phase, "convolution"
+    if "backbone/max" in op_name or "window_max_pool" in op_name or re.search(r"backbone/(select_n|eq|gt)$", op_name):
+        return phase, "max pool"
+    return phase, "ReLU, residual add, other"
+
+
+def op_times(trace_dir: Path) -> collections.Counter:
+    from jax._src.lib import _profile_data
+    data = _profile_data.ProfileData.from_file(str(next(trace_dir.rglob("*.xplane.pb"))))
+    times = collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            if line.name.startswith("tf_XLAEigen"):
+                for event in line.events:
+                    if not event.name.startswith(("ThunkExecutor", "Slinky")):
+                        times[event.name] += event.duration_ns
+    return times
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__.splitlines()[0])
+    p.add_argument("row", choices=list(ROWS))
+    p.add_argument("--top", type=int, default=15, help="how many single operations to list")
+    args = p.parse_args(argv)
+    _, kind, batch, changes, _ = ROWS[args.row]
+    rng = np.random.default_rng(0)
+    row = CifarjaxRow(kind, batch, changes, rng.integers(0, 256, (512, 32, 32, 3), dtype=np.uint8),
+                      rng.integers(0, 10, 512).astype(np.int32))
+    trace = Path(tempfile.mkdtemp(prefix="cifarjax-trace-"))
+    jax.profiler.start_trace(str(trace))
+    rate = row.rate()
+    jax.profiler.stop_trace()
+    hlo = max(DUMP.glob("*after_optimizations.txt"), key=lambda f: f.stat().st_size).read_text()
+    names = {m[1]: (m[2], m[3]) for m in re.finditer(r"^\s*(?:ROOT )?%(\S+) = (\S+) .*?op_name=\"([^\"]+)\"", hlo, re.M)}
+    times, steps = op_times(trace), row.steps
+    print(f"{args.row}: {rate:.1f} images/s under the profiler; operation time per step, ms (summed over threads)")
+    by_kind = collections.Counter()
+    for op, ns in times.items():
+        by_kind[kind_of(names.get(op, ("", ""))[1])] += ns
+    for (phase, kind_), ns in by_kind.most_common():
+        print(f"{ns / 1e6 / steps:9.1f}  {kind_} ({phase})")
+    print(f"{sum(times.values()) / 1e6 / steps:9.1f}  total")
+    print("largest operations:")
+    for op, ns in times.most_common(args.top):
+        shape, name = names.get(op, ("?", "?"))
+        print(f"{ns / 1e6 / steps:9.1f}  {op[:28]:28s} {shape[:36]:36s} {name[-70:]}")
+
+
+if __name__ == "__main__":
+    main()
