@@ -13,6 +13,7 @@ import argparse
 import collections
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -57,19 +58,27 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__.splitlines()[0])
     p.add_argument("row", choices=list(ROWS))
     p.add_argument("--top", type=int, default=15, help="how many single operations to list")
-    args = p.parse_args(argv)
-    _, kind, batch, changes, _ = ROWS[args.row]
+    try:
+        args = p.parse_args(argv)
+        report(args.row, args.top)
+    finally:  # the HLO dump and the trace are this run's own temporary files
+        shutil.rmtree(DUMP, ignore_errors=True)
+
+
+def report(name: str, top: int):
+    _, kind, batch, changes, _ = ROWS[name]
     rng = np.random.default_rng(0)
     row = CifarjaxRow(kind, batch, changes, rng.integers(0, 256, (512, 32, 32, 3), dtype=np.uint8),
                       rng.integers(0, 10, 512).astype(np.int32))
-    trace = Path(tempfile.mkdtemp(prefix="cifarjax-trace-"))
-    jax.profiler.start_trace(str(trace))
-    rate = row.rate()
-    jax.profiler.stop_trace()
+    with tempfile.TemporaryDirectory(prefix="cifarjax-trace-") as trace:
+        jax.profiler.start_trace(trace)
+        rate = row.rate()
+        jax.profiler.stop_trace()
+        times = op_times(Path(trace))
     hlo = max(DUMP.glob("*after_optimizations.txt"), key=lambda f: f.stat().st_size).read_text()
     names = {m[1]: (m[2], m[3]) for m in re.finditer(r"^\s*(?:ROOT )?%(\S+) = (\S+) .*?op_name=\"([^\"]+)\"", hlo, re.M)}
-    times, steps = op_times(trace), row.steps
-    print(f"{args.row}: {rate:.1f} images/s under the profiler; operation time per step, ms (summed over threads)")
+    steps = row.steps
+    print(f"{name}: {rate:.1f} images/s under the profiler; operation time per step, ms (summed over threads)")
     by_kind = collections.Counter()
     for op, ns in times.items():
         by_kind[kind_of(names.get(op, ("", ""))[1])] += ns
@@ -77,9 +86,9 @@ def main(argv=None):
         print(f"{ns / 1e6 / steps:9.1f}  {kind_} ({phase})")
     print(f"{sum(times.values()) / 1e6 / steps:9.1f}  total")
     print("largest operations:")
-    for op, ns in times.most_common(args.top):
-        shape, name = names.get(op, ("?", "?"))
-        print(f"{ns / 1e6 / steps:9.1f}  {op[:28]:28s} {shape[:36]:36s} {name[-70:]}")
+    for op, ns in times.most_common(top):
+        shape, source = names.get(op, ("?", "?"))
+        print(f"{ns / 1e6 / steps:9.1f}  {op[:28]:28s} {shape[:36]:36s} {source[-70:]}")
 
 
 if __name__ == "__main__":
