@@ -10,7 +10,9 @@
   optional synchronisation across devices.
 * `Dropout`: inverted dropout whose mask comes from a counter-based integer hash seeded by the PRNG key;
   on CPU this is ~50x cheaper than drawing threefry bits for every activation.
-* `max_pool`: max pooling as reshape+max (non-overlapping windows) or as a max of strided slices.
+* `max_pool`: max pooling as reshape+max (non-overlapping windows) or as a max of strided slices whose
+  gradient goes to each window's first maximum, as PyTorch's (`window_max_pool`).
+* `batch_norm_train`: train-mode BatchNorm with a hand-written backward pass (what `BatchNorm` trains with).
 """
 from __future__ import annotations
 
@@ -554,9 +556,10 @@ def window_max_pool(x, window: int, strides: int, padding: int):
 
 def _window_max_pool_fwd(x, window, strides, padding):
     taps = _window_taps(x, window, strides, padding)
-    out, first = taps[0], jnp.zeros(taps[0].shape, jnp.int8)
+    index = jnp.int8 if len(taps) <= 127 else jnp.int32
+    out, first = taps[0], jnp.zeros(taps[0].shape, index)
     for t, tap in enumerate(taps[1:], 1):
-        first = jnp.where(tap > out, jnp.int8(t), first)
+        first = jnp.where(tap > out, index(t), first)
         out = jnp.maximum(out, tap)
     out, first = materialize((out, first))  # or XLA recomputes the comparisons inside the backward pass
     return out, (first, x.shape)
