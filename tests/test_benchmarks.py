@@ -43,3 +43,15 @@ def test_reference_accuracy_names_a_missing_folder(tmp_path, capsys):
         reference_accuracy.main(["--data-dir", str(tmp_path / "nowhere"), "--epochs", "1", "--workers", "0"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("error: ") and "nowhere" in err and "Traceback" not in err
+
+
+def test_profile_sorts_operations_by_the_model_code_they_came_from():
+    from benchmarks.profile import kind_of
+    assert kind_of("jit(_fun)/transpose(jvp(ResNet))/backbone/layer1_block0/conv2/dot_general") == \
+        ("backward", "convolution")
+    assert kind_of("jit(_fun)/jvp(ResNet)/backbone/layer2_block1/bn2/sub") == ("forward", "BatchNorm")
+    assert kind_of("jit(_fun)/jvp(ResNet)/backbone/max") == ("forward", "max pool")
+    assert kind_of("jit(_fun)/transpose(jvp(ResNet))/backbone/select_n") == ("backward", "max pool")
+    assert kind_of("jit(_fun)/jvp(ResNet)/backbone/layer1_block1/jit(relu)/max") == \
+        ("forward", "ReLU, residual add, other")
+    assert kind_of("jit(_fun)/add") == ("forward", "optimizer and other")
