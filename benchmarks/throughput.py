@@ -32,11 +32,13 @@ from cifarjax.config import Config  # noqa: E402
 from cifarjax.data import load_dataset, train_val_split  # noqa: E402
 from cifarjax.freezing import Freezing  # noqa: E402
 from cifarjax.inputs import FeatureInputs, ImageInputs  # noqa: E402
+from cifarjax.memory import trim_after_compiling  # noqa: E402
 from cifarjax.models import Apply, build_model, init_variables  # noqa: E402
 from cifarjax.optim import make_optimizer  # noqa: E402
 from cifarjax.train import DataParallel, create_train_state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+trim_after_compiling()  # as the experiments' commands do
 RESNET = dict(model="resnet18")
 # name: (description, kind, batch, cifarjax Config changes, PyTorch reference arguments)
 ROWS = {

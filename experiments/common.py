@@ -31,6 +31,7 @@ from cifarjax.errors import UserError  # noqa: E402
 from cifarjax.evaluation import predict, score  # noqa: E402
 from cifarjax.files import cache_dir, write_json  # noqa: E402
 from cifarjax.flags import Parser, add_config_flags, given, new_config, resumed_config  # noqa: E402
+from cifarjax.memory import trim_after_compiling  # noqa: E402
 from cifarjax.phases import Phases  # noqa: E402
 from cifarjax.recipes import recipe_config  # noqa: E402
 
@@ -47,6 +48,7 @@ def enable_compilation_cache() -> None:
 
 
 enable_compilation_cache()
+trim_after_compiling()  # a command's peak memory is not its compiler's garbage
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "torch", "torchvision", "albumentations")
 
 
