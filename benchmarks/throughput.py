@@ -32,7 +32,7 @@ from cifarjax.config import Config  # noqa: E402
 from cifarjax.data import load_dataset, train_val_split  # noqa: E402
 from cifarjax.freezing import Freezing  # noqa: E402
 from cifarjax.inputs import FeatureInputs, ImageInputs  # noqa: E402
-from cifarjax.memory import trim_after_compiling  # noqa: E402
+from cifarjax.memory import peak_memory_mb, trim_after_compiling  # noqa: E402
 from cifarjax.models import Apply, build_model, init_variables  # noqa: E402
 from cifarjax.optim import make_optimizer  # noqa: E402
 from cifarjax.train import DataParallel, create_train_state  # noqa: E402
@@ -65,11 +65,6 @@ ROWS = {
                            "features", 64, {**RESNET, "unfreeze": "head"},
                            {"net": "resnet", "trains": "head", "frozen_bn": "all"}),
 }
-
-
-def peak_memory_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(round(int(line.split()[1]) / 1024, 1) for line in f if line.startswith("VmHWM:"))
 
 
 class CifarjaxRow:

@@ -6,7 +6,6 @@ import importlib.metadata
 import math
 import os
 import platform
-import resource
 import shlex
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from cifarjax.errors import UserError  # noqa: E402
 from cifarjax.evaluation import predict, score  # noqa: E402
 from cifarjax.files import cache_dir, write_json  # noqa: E402
 from cifarjax.flags import Parser, add_config_flags, given, new_config, resumed_config  # noqa: E402
-from cifarjax.memory import trim_after_compiling  # noqa: E402
+from cifarjax.memory import peak_memory_mb, trim_after_compiling  # noqa: E402
 from cifarjax.phases import Phases  # noqa: E402
 from cifarjax.recipes import recipe_config  # noqa: E402
 
@@ -208,19 +207,6 @@ def provenance(command_line: str) -> dict:
     return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "command": command_line,
             "git_commit": git_commit(), "cifarjax": cifarjax.__version__, "packages": versions}
-
-
-def peak_memory_mb() -> float:
-    """This process's peak resident memory in MB (Linux VmHWM: not inflated by a parent that forked it)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
 def environment() -> dict:
