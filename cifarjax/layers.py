@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax import lax
 
+from cifarjax.fusion import materialize
+
 CONV_IMPLS = ("auto", "winograd", "im2col", "xla")
 
 
@@ -172,19 +174,6 @@ def conv_phases(x, kernel, pool: int):
             patches = jnp.concatenate(patches, axis=-1).reshape(n * th * tw, kh * kw * cin)
             phases[(p, q)] = (patches @ flat_kernel).reshape(n, th, tw, cout)
     return phases
-
-
-def materialize(tree):
-    """`tree` unchanged, but computed once into memory rather than recomputed inside each consumer fusion.
-
-    XLA's CPU fusion re-evaluates cheap elementwise producers inside every consumer; for the Winograd
-    transforms that repeats most of the arithmetic. A conditional is a fusion boundary, in the forward pass
-    and, transposed, in the backward pass. Its predicate is data-dependent so it cannot be folded, and its
-    branches differ in form (XLA would merge identical ones) but both return `tree`: the second runs only
-    when the first element is NaN, and adding zero changes nothing there.
-    """
-    first = jax.tree.leaves(tree)[0].ravel()[0]
-    return lax.cond(first == first, lambda t: t, lambda t: jax.tree.map(lambda v: v + 0, t), tree)
 
 
 @jax.custom_vjp

@@ -1,11 +1,19 @@
 """The optimizer of a run: Adam (the original), AdamW or SGD with Nesterov momentum, a learning-rate schedule,
 and the frozen part of the model (`optax.multi_transform` over `Freezing.trainable_mask`: frozen leaves get
-`set_to_zero` and no optimizer state)."""
+`set_to_zero` and no optimizer state).
+
+Adam's moments and SGD's momentum are optax's, bit for bit, but computed once into memory before the update
+reads them (`scale_by_adam`, `nesterov_momentum`): XLA's CPU fusion otherwise recomputes them inside the
+update's fusion and, as they are written over the donated old state, first copies all of that state. A
+ResNet-18 step at 32x32 ran 7% faster with everything training, 13% with layer4 training.
+"""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
+from cifarjax.fusion import materialize
 from cifarjax.freezing import Freezing
 
 TRAINABLE, FROZEN = "trainable", "frozen"
@@ -38,14 +46,38 @@ def _decays(params):
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
+    """`optax.scale_by_adam(b1, b2, eps)` with its new moments computed once (the module's docstring)."""
+    def update(grads, state, params=None):
+        del params
+        mu, nu = materialize((optax.tree.update_moment(grads, state.mu, b1, 1),
+                              optax.tree.update_moment_per_elem_norm(grads, state.nu, b2, 2)))
+        count = optax.safe_increment(state.count)
+        updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), optax.tree.bias_correction(mu, b1, count),
+                               optax.tree.bias_correction(nu, b2, count))
+        return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+    return optax.GradientTransformation(optax.scale_by_adam(b1, b2, eps).init, update)
+
+
+def nesterov_momentum(decay: float) -> optax.GradientTransformation:
+    """`optax.trace(decay, nesterov=True)` with its new trace computed once (the module's docstring)."""
+    def update(grads, state, params=None):
+        del params
+        trace = materialize(jax.tree.map(lambda g, t: g + decay * t, grads, state.trace))
+        return jax.tree.map(lambda g, t: g + decay * t, grads, trace), optax.TraceState(trace=trace)
+    return optax.GradientTransformation(optax.trace(decay, nesterov=True).init, update)
+
+
 def base_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Adam (optax.adam), AdamW (optax.adamw, decay on kernels) or SGD with Nesterov momentum and L2 decay."""
     rate = learning_rate(config, steps_per_epoch)
     if config.optimizer == "adam":
-        return optax.adam(rate)
+        return optax.chain(scale_by_adam(), optax.scale_by_learning_rate(rate))
     if config.optimizer == "adamw":
-        return optax.adamw(rate, weight_decay=config.weight_decay, mask=_decays)
-    return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=_decays),
-                       optax.sgd(rate, momentum=config.momentum, nesterov=True))
+        return optax.chain(scale_by_adam(), optax.add_decayed_weights(config.weight_decay, mask=_decays),
+                           optax.scale_by_learning_rate(rate))
+    return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=_decays),  # optax.sgd's nesting
+                       optax.chain(nesterov_momentum(config.momentum), optax.scale_by_learning_rate(rate)))
 
 
 def freeze_labels(params, freezing: Freezing):

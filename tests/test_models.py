@@ -6,7 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from cifarjax.layers import Dropout, conv2d, conv3x3_maxpool, conv3x3_same, conv_phases, materialize, max_pool
+from cifarjax.fusion import materialize
+from cifarjax.layers import Dropout, conv2d, conv3x3_maxpool, conv3x3_same, conv_phases, max_pool
 from cifarjax.models import ResNet18, SimpleCNN
 from tests.helpers import n_params
 

@@ -1,4 +1,5 @@
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -12,7 +13,7 @@ from cifarjax.inputs import FeatureInputs, ImageInputs
 from cifarjax.features import backbone_features, cacheable
 from cifarjax.loop import NonFiniteLossError, cheap_chunk, fit, train_loop
 from cifarjax.models import AXIS, Apply, ResNet, ResNet18, SimpleCNN, initialize
-from cifarjax.optim import make_optimizer
+from cifarjax.optim import base_optimizer, make_optimizer
 from cifarjax.train import DataParallel, create_train_state
 
 
@@ -123,6 +124,31 @@ def test_frozen_parameters_get_no_optimizer_state():
     state = jax.eval_shape(make_optimizer(config, variables["params"]).init, variables["params"])
     sizes = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
     assert sizes == 2 * (512 * 10 + 10) + 1  # Adam's mu and nu for the head, and its step count
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_optimizers_equal_optax_bit_for_bit(name, rng):
+    """cifarjax's Adam and Nesterov momentum only move a fusion boundary: the same arithmetic in the same order,
+    so jitted updates and states equal optax's exactly, and checkpoints keep optax's state structure."""
+    config = Config(optimizer=name, lr=1e-2, weight_decay=5e-4 if name != "adam" else 0.0)
+    params = {"kernel": jnp.asarray(rng.normal(size=(3, 3, 4, 8)), jnp.float32), "bias": jnp.zeros(8)}
+    if name == "adam":
+        reference = optax.adam(1e-2)
+    elif name == "adamw":
+        reference = optax.adamw(1e-2, weight_decay=5e-4, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
+    else:
+        reference = optax.chain(optax.add_decayed_weights(5e-4, lambda p: jax.tree.map(lambda x: x.ndim > 1, p)),
+                                optax.sgd(1e-2, momentum=config.momentum, nesterov=True))
+    ours = base_optimizer(config, 1)
+    states = [tx.init(params) for tx in (ours, reference)]
+    assert jax.tree.structure(states[0]) == jax.tree.structure(states[1])
+    for _ in range(3):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+        (u0, states[0]), (u1, states[1]) = [jax.jit(tx.update)(grads, s, params) for tx, s in zip((ours, reference),
+                                                                                                    states)]
+        for a, b in zip(jax.tree.leaves((u0, states[0])), jax.tree.leaves((u1, states[1]))):
+            np.testing.assert_array_equal(a, b)
+        params = optax.apply_updates(params, u0)
 
 
 def test_frozen_step_skips_the_backbone_backward_pass():

@@ -1,0 +1,20 @@
+"""A fusion boundary for XLA's CPU compiler, which the model's layers and the optimizer both need."""
+from __future__ import annotations
+
+import jax
+from jax import lax
+
+
+def materialize(tree):
+    """`tree` unchanged, but computed once into memory rather than recomputed inside each consumer fusion.
+
+    XLA's CPU fusion re-evaluates cheap elementwise producers inside every consumer: for the Winograd
+    transforms that repeats most of the arithmetic, and for an optimizer's new moments (outputs written over
+    the donated old ones) it also makes XLA copy every old moment first. `lax.optimization_barrier` does not
+    stop it (the CPU compiler expands barriers before fusion); a conditional does, in the forward pass and,
+    transposed, in the backward pass. Its predicate is data-dependent so it cannot be folded, and its branches
+    differ in form (XLA would merge identical ones) but both return `tree`: the second runs only when the
+    first element is NaN, and adding zero changes nothing there.
+    """
+    first = jax.tree.leaves(tree)[0].ravel()[0]
+    return lax.cond(first == first, lambda t: t, lambda t: jax.tree.map(lambda v: v + 0, t), tree)
