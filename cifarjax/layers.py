@@ -65,17 +65,27 @@ def _xla_conv(x, kernel, strides: int, padding: int):
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def _reached_taps(size: int, k: int, strides: int, padding: int) -> range:
+    """The kernel offsets along one axis that meet the input (not only padding) at some output position."""
+    outputs = (size + 2 * padding - k) // strides + 1
+    return range(min(i for i in range(k) if any(0 <= o * strides + i - padding < size for o in range(outputs))),
+                 max(i for i in range(k) if any(0 <= o * strides + i - padding < size for o in range(outputs))) + 1)
+
+
 def _im2col_conv(x, kernel, strides: int, padding: int):
+    """Shifted slices concatenated, then one matmul. Taps that meet only padding (ResNet's stride-2 convolution
+    of a 2x2 map reaches 4 of its 9) are left out: their products are all zero."""
     kh, kw, cin, cout = kernel.shape
+    n, h, w, _ = x.shape
+    rows, cols = _reached_taps(h, kh, strides, padding), _reached_taps(w, kw, strides, padding)
     if padding:
         x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    n, h, w, _ = x.shape
-    ho, wo = (h - kh) // strides + 1, (w - kw) // strides + 1
+    ho, wo = (x.shape[1] - kh) // strides + 1, (x.shape[2] - kw) // strides + 1
     span_h, span_w = strides * (ho - 1) + 1, strides * (wo - 1) + 1
-    patches = [x[:, i:i + span_h:strides, j:j + span_w:strides, :] for i in range(kh) for j in range(kw)]
+    patches = [x[:, i:i + span_h:strides, j:j + span_w:strides, :] for i in rows for j in cols]
     patches = patches[0] if len(patches) == 1 else jnp.concatenate(patches, axis=-1)
-    y = patches.reshape(n * ho * wo, kh * kw * cin) @ kernel.reshape(kh * kw * cin, cout)
-    return y.reshape(n, ho, wo, cout)
+    taps = kernel[rows.start:rows.stop, cols.start:cols.stop].reshape(len(rows) * len(cols) * cin, cout)
+    return (patches.reshape(n * ho * wo, len(rows) * len(cols) * cin) @ taps).reshape(n, ho, wo, cout)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -312,17 +322,54 @@ def winograd_phases(x, kernel, m: int, th: int, tw: int):
     return materialize(_sandwich(at, prods))
 
 
+@jax.custom_vjp
+def whole_map_conv3x3(x, kernel):
+    """``conv2d(x, kernel, strides=1, padding=1)`` of maps at most 2x2, where every output meets every input.
+
+    Output (i, j) is one matmul of the whole flattened map by the kernel's 2x2 (or smaller) block of taps
+    (p - i + 1, q - j + 1) that it reaches: a 1x1 map meets only the centre (9x fewer products than im2col), a
+    2x2 map needs as many products as Winograd F(2x2), exactly. The input gradient is the same convolution of
+    the output gradient by the flipped, transposed kernel; the kernel gradient one matmul of the flattened
+    maps, whose blocks add up per tap (autodiff would pad each block to the kernel's size first).
+    """
+    n, h, w, cin = x.shape
+    if h > 2 or w > 2:
+        raise ValueError(f"whole-map convolution is for maps of at most 2x2, got {h}x{w}")
+    outputs = [lax.dot_general(x, kernel[1 - i:1 - i + h, 1 - j:1 - j + w], (((1, 2, 3), (0, 1, 2)), ((), ())))
+               for i in range(h) for j in range(w)]
+    return jnp.stack(outputs, axis=1).reshape(n, h, w, -1)
+
+
+def _whole_map_fwd(x, kernel):
+    return whole_map_conv3x3(x, kernel), (x, kernel)
+
+
+def _whole_map_bwd(residuals, dy):
+    x, kernel = residuals
+    n, h, w, cin = x.shape
+    dx = whole_map_conv3x3(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+    products = (x.reshape(n, h * w * cin).T @ dy.reshape(n, -1)).reshape(h, w, cin, h, w, -1)  # [p, q, :, i, j, :]
+    taps = [[sum(products[p, q, :, i, j] for p in range(h) for q in range(w) for i in range(h) for j in range(w)
+                 if (p - i + 1, q - j + 1) == (a, b)) for b in range(3)] for a in range(3)]
+    zero = jnp.zeros_like(kernel[0, 0])
+    dk = jnp.stack([jnp.stack([t if not isinstance(t, int) else zero for t in row]) for row in taps])
+    return dx, dk
+
+
+whole_map_conv3x3.defvjp(_whole_map_fwd, _whole_map_bwd)
+
+
 def conv3x3_same(x, kernel, tile: Optional[int] = None):
     """``conv2d(x, kernel, strides=1, padding=1)`` for a 3x3 kernel, formulated for small and large maps alike.
 
-    A 1x1 map meets only the kernel's centre (the other taps see padding): one matmul, 9x fewer products than
-    im2col. Larger maps run Winograd F(m x m, 3x3) over zero-padded tiles: F(4x4) (4x fewer products than
-    im2col, where most of a ResNet's work is) on maps at least 14 wide, F(2x2) (2.25x fewer, and half the
-    rounding error, which train-mode BatchNorm over a few values amplifies) on smaller ones.
+    Maps of at most 2x2 run as `whole_map_conv3x3`. Larger ones run Winograd F(m x m, 3x3) over zero-padded
+    tiles: F(4x4) (4x fewer products than im2col, where most of a ResNet's work is) on maps at least 14 wide,
+    F(2x2) (2.25x fewer, and half the rounding error, which train-mode BatchNorm over a few values amplifies) on
+    smaller ones.
     """
     n, h, w, cin = x.shape
-    if h == w == 1:
-        return (x.reshape(n, cin) @ kernel[1, 1]).reshape(n, 1, 1, -1)
+    if h <= 2 and w <= 2 and tile is None:
+        return whole_map_conv3x3(x, kernel)
     m = tile or (4 if min(h, w) >= 14 else 2)
     th, tw = -(-h // m), -(-w // m)
     x = jnp.pad(x, ((0, 0), (1, m * th + 1 - h), (1, m * tw + 1 - w), (0, 0)))

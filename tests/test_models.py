@@ -57,9 +57,11 @@ def summation_bound(magnitude, n_terms):
     return 2 * (n_terms + 1) * F32 * magnitude
 
 
-@pytest.mark.parametrize("k,stride,pad", [(3, 1, 0), (3, 1, 1), (3, 2, 1), (1, 2, 0), (7, 2, 3)])
-def test_im2col_convolution_equals_xla(k, stride, pad, rng):
-    x = jnp.asarray(rng.normal(size=(2, 17, 17, 5)).astype(np.float32))
+@pytest.mark.parametrize("size,k,stride,pad", [(17, 3, 1, 0), (17, 3, 1, 1), (17, 3, 2, 1), (17, 1, 2, 0), (17, 7, 2, 3),
+                                             (2, 3, 2, 1), (1, 3, 1, 1), (3, 7, 2, 3)])
+def test_im2col_convolution_equals_xla(size, k, stride, pad, rng):
+    """Including small maps where some taps meet only padding and are left out."""
+    x = jnp.asarray(rng.normal(size=(2, size, size, 5)).astype(np.float32))
     w = jnp.asarray(rng.normal(size=(k, k, 5, 6)).astype(np.float32))
     a = conv2d(x, w, stride, pad, "im2col")
     b = conv2d(x, w, stride, pad, "xla")
@@ -113,14 +115,15 @@ def test_winograd_conv_maxpool_float32_error_stays_small(size, cin, pool, tile, 
         assert_relative_to_largest(b, a, 1e-4)
 
 
-@pytest.mark.parametrize("size", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("size", [1, 2, (1, 2), (2, 1), 3, 5, 8])
 def test_conv3x3_same_is_exactly_the_padded_convolution(size, rng):
-    """1x1 maps (centre tap), F(2x2) and F(4x4) tiles, sizes that do not divide into tiles: exact in float64,
-    forward and both gradients."""
+    """Whole maps of at most 2x2 (one matmul per output), F(2x2) and F(4x4) tiles, sizes that do not divide into
+    tiles: exact in float64, forward and both gradients."""
+    height, width = size if isinstance(size, tuple) else (size, size)
     with jax.enable_x64(True):
-        x = jnp.asarray(rng.normal(size=(2, size, size, 5)))
+        x = jnp.asarray(rng.normal(size=(2, height, width, 5)))
         w = jnp.asarray(rng.normal(size=(3, 3, 5, 6)))
-        cotangent = jnp.asarray(rng.normal(size=(2, size, size, 6)))
+        cotangent = jnp.asarray(rng.normal(size=(2, height, width, 6)))
         outputs = [(jax.jit(f)(x, w), *jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) * cotangent), (0, 1)))(x, w))
                    for f in (lambda x, w: conv2d(x, w, 1, 1, "xla"), conv3x3_same)]
     for a, b in zip(*outputs):
