@@ -68,8 +68,8 @@ def _xla_conv(x, kernel, strides: int, padding: int):
 def _reached_taps(size: int, k: int, strides: int, padding: int) -> range:
     """The kernel offsets along one axis that meet the input (not only padding) at some output position."""
     outputs = (size + 2 * padding - k) // strides + 1
-    return range(min(i for i in range(k) if any(0 <= o * strides + i - padding < size for o in range(outputs))),
-                 max(i for i in range(k) if any(0 <= o * strides + i - padding < size for o in range(outputs))) + 1)
+    reached = [i for i in range(k) if any(0 <= o * strides + i - padding < size for o in range(outputs))]
+    return range(reached[0], reached[-1] + 1)
 
 
 def _im2col_conv(x, kernel, strides: int, padding: int):

@@ -4,8 +4,8 @@ and the frozen part of the model (`optax.multi_transform` over `Freezing.trainab
 
 Adam's moments and SGD's momentum are optax's, bit for bit, but computed once into memory before the update
 reads them (`scale_by_adam`, `nesterov_momentum`): XLA's CPU fusion otherwise recomputes them inside the
-update's fusion and, as they are written over the donated old state, first copies all of that state. A
-ResNet-18 step at 32x32 ran 7% faster with everything training, 13% with layer4 training.
+fusion that forms each update. ResNet-18's step at 32x32 ran 1.09x faster with everything training, 1.07x
+with layer4 training (and more where the old state is donated, which then had to be copied first).
 """
 from __future__ import annotations
 
