@@ -404,28 +404,30 @@ def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inp
 def _train(trainer: Trainer, desc: str) -> None:
     """The loop itself: step, evaluate when it is time, checkpoint at epoch ends, stop cleanly on Ctrl-C."""
     config, bar = trainer.config, None
-    with _StopRequest() as stop:
-        for step, idx in trainer.batches():
-            trainer.step(step, idx)
-            if bar is None:  # made after the first step, which compiled it, so the ETA never counts compilation
-                bar = tqdm(total=trainer.total_steps, initial=step, desc=desc, unit="step", mininterval=1.0,
-                           dynamic_ncols=True, disable=not distributed.is_writer())
-            else:
-                bar.update(1)
-            if itstime(step, config.eval_every) or trainer.epoch_end(step):
-                bar.set_postfix_str("evaluating", refresh=True)
-                record = trainer.evaluate(step)
-                bar.set_postfix(epoch=f"{record['epoch']:g}", loss=f"{record['train_loss']:.4f}",
-                                val=f"{record['val_accuracy']:.3f}")
-            if trainer.epoch_end(step) or itstime(step, config.checkpoint_every):
-                trainer.save(step)
-            if stop.requested:
-                trainer.save(step)
-                raise trainer.interrupted(step)
+    try:
+        with _StopRequest() as stop:
+            for step, idx in trainer.batches():
+                trainer.step(step, idx)
+                if bar is None:  # made after the first step, which compiled it: the ETA never counts compilation
+                    bar = tqdm(total=trainer.total_steps, initial=step, desc=desc, unit="step", mininterval=1.0,
+                               dynamic_ncols=True, disable=not distributed.is_writer())
+                else:
+                    bar.update(1)
+                if itstime(step, config.eval_every) or trainer.epoch_end(step):
+                    bar.set_postfix_str("evaluating", refresh=True)
+                    record = trainer.evaluate(step)
+                    bar.set_postfix(epoch=f"{record['epoch']:g}", loss=f"{record['train_loss']:.4f}",
+                                    val=f"{record['val_accuracy']:.3f}")
+                if trainer.epoch_end(step) or itstime(step, config.checkpoint_every):
+                    trainer.save(step)
+                if stop.requested:
+                    trainer.save(step)
+                    raise trainer.interrupted(step)
+    finally:  # however the loop ends, so that an error message that follows starts on a line of its own
         if bar is not None:
             bar.close()
-        trainer.sync()
-        trainer.check_finite()
+    trainer.sync()
+    trainer.check_finite()
 
 
 # ---------------------------------------------------------------------------------------------- the original's loops
