@@ -132,8 +132,8 @@ def test_conv3x3_same_is_exactly_the_padded_convolution(size, rng):
 
 @pytest.mark.parametrize("size,k,stride,pad", [(32, 3, 1, 1), (33, 3, 2, 1), (32, 1, 2, 0), (34, 7, 2, 3), (8, 3, 2, 1)])
 def test_the_cpu_formulations_are_exactly_the_convolution(size, k, stride, pad, rng):
-    """conv_impl 'winograd' picks a formulation per shape (XLA forward with a Winograd or im2col backward on large
-    maps, im2col on small ones): exact in float64, forward and both gradients."""
+    """conv_impl 'winograd' picks a formulation per shape (Winograd for 3x3 stride-1 'same', else XLA forward with
+    an im2col backward on large maps, im2col on small ones): exact in float64, forward and both gradients."""
     with jax.enable_x64(True):
         x = jnp.asarray(rng.normal(size=(2, size, size, 3)))
         w = jnp.asarray(rng.normal(size=(k, k, 3, 4)))
