@@ -302,7 +302,11 @@ def winograd_phases(x, kernel, m: int, th: int, tw: int):
     u = winograd_kernel(kernel, m)                       # G k G^T
     prods = [[(v[a][b].reshape(n * th * tw, cin) @ u[a][b]).reshape(n, th, tw, cout) for b in range(m + 2)]
              for a in range(m + 2)]
-    return materialize(_sandwich(at, prods))
+    if m == 2:
+        return materialize(_sandwich(at, prods))
+    rows = materialize([_combine(at, row) for row in prods])  # rows[a][j]: (prods A)[a][j]
+    cols = [_combine(at, [row[j] for row in rows]) for j in range(m)]
+    return materialize([[col[i] for col in cols] for i in range(m)])
 
 
 @jax.custom_vjp
