@@ -4,9 +4,9 @@
 
 Each row runs in its own child process, which measures cifarjax (its pmap-ed step on one device) and PyTorch
 (eager, on every core) interleaved, three rounds each, and reports the median images/s of each, their ratio
-(cifarjax/PyTorch) and the child's peak resident memory. `--end-to-end` adds a whole SimpleCNN epoch
-(`python -m experiments.cnn --epochs 1` against the original's recipe). Uses ../shared's CIFAR-10 images when
-present, generated images otherwise.
+(cifarjax/PyTorch) and the child's peak resident memory: both sides together, and cifarjax's alone (taken before
+PyTorch's side starts). `--end-to-end` adds a whole SimpleCNN epoch (`python -m experiments.cnn --epochs 1`
+against the original's recipe). Uses ../shared's CIFAR-10 images when present, generated images otherwise.
 """
 from __future__ import annotations
 
@@ -127,14 +127,18 @@ class TorchRow:
 
 
 def measure_row(name: str, images, labels, rounds: int = 3) -> dict:
-    """One row, interleaved: cifarjax then PyTorch, `rounds` times; medians and this process's peak memory."""
+    """One row, interleaved: cifarjax then PyTorch, `rounds` times; medians and this process's peak memory, both
+    sides together and cifarjax's alone (measured after its step compiled and ran, before PyTorch's side starts;
+    later rounds run the same step)."""
     description, kind, batch, changes, torch_args = ROWS[name]
-    ours, theirs = CifarjaxRow(kind, batch, changes, images, labels), TorchRow(kind if kind != "features" else "train",
-                                                                              batch, **torch_args)
+    ours = CifarjaxRow(kind, batch, changes, images, labels)
+    ours_peak = peak_memory_mb()
+    theirs = TorchRow(kind if kind != "features" else "train", batch, **torch_args)
     rates = [(ours.rate(), theirs.rate()) for _ in range(rounds)]
     a, b = statistics.median(r[0] for r in rates), statistics.median(r[1] for r in rates)
     return {"name": name, "description": description, "cifarjax": round(a, 1), "pytorch": round(b, 1),
-            "ratio": round(a / b, 3), "unit": "images/s", "peak_rss_mb": peak_memory_mb()}
+            "ratio": round(a / b, 3), "unit": "images/s", "peak_rss_mb": peak_memory_mb(),
+            "cifarjax_peak_rss_mb": ours_peak}
 
 
 def end_to_end(folder: Path, images, labels, val) -> dict:
@@ -178,7 +182,8 @@ def main(argv=None):
         if not args.json:
             r = results["rows"][-1]
             print(f"{r['description']:88s} cifarjax {r['cifarjax']:9.1f}  pytorch {r['pytorch']:9.1f}  "
-                  f"ratio {r['ratio']:5.2f}  peak {r['peak_rss_mb']:6.0f} MB", flush=True)
+                  f"ratio {r['ratio']:5.2f}  peak {r['peak_rss_mb']:6.0f} MB (cifarjax alone "
+                  f"{r['cifarjax_peak_rss_mb']:5.0f} MB)", flush=True)
     if args.end_to_end:
         results["rows"].append(end_to_end(folder, train.images, train.labels, val))
     print(json.dumps(results) if args.json else f"data: {data_label}; cifarjax on {results['cifarjax_device']}, "
