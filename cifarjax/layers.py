@@ -117,11 +117,11 @@ def conv2d(x, kernel, strides: int = 1, padding: int = 0, impl: str = "auto"):
         return _xla_conv(x, kernel, strides, padding)
     if impl == "im2col":
         return _im2col_conv(x, kernel, strides, padding)
-    large = min(x.shape[1], x.shape[2]) >= LARGE_MAP
     if (kh, kw, strides, padding) == (3, 3, 1, 1):
         return conv3x3_same(x, kernel)
-    return xla_forward_im2col_backward(x, kernel, strides, padding) if large else \
-        _im2col_conv(x, kernel, strides, padding)
+    if min(x.shape[1], x.shape[2]) >= LARGE_MAP:
+        return xla_forward_im2col_backward(x, kernel, strides, padding)
+    return _im2col_conv(x, kernel, strides, padding)
 
 
 class Conv(nn.Module):
@@ -218,9 +218,11 @@ def _combine(matrix, xs):
     return out
 
 
-def _sandwich(matrix, grid):
-    """matrix @ grid @ matrix^T for a square nested list `grid` of equally shaped arrays."""
+def _sandwich(matrix, grid, keep_first_pass: bool = False):
+    """matrix @ grid @ matrix^T for a square nested list `grid` of equally shaped arrays; `keep_first_pass`
+    computes grid @ matrix^T into memory first, where fusing both passes would re-read many inputs per output."""
     rows = [_combine(matrix, row) for row in grid]
+    rows = materialize(rows) if keep_first_pass else rows
     cols = [_combine(matrix, [row[j] for row in rows]) for j in range(len(rows[0]))]
     return [[col[i] for col in cols] for i in range(len(cols[0]))]
 
@@ -302,11 +304,8 @@ def winograd_phases(x, kernel, m: int, th: int, tw: int):
     u = winograd_kernel(kernel, m)                       # G k G^T
     prods = [[(v[a][b].reshape(n * th * tw, cin) @ u[a][b]).reshape(n, th, tw, cout) for b in range(m + 2)]
              for a in range(m + 2)]
-    if m == 2:
-        return materialize(_sandwich(at, prods))
-    rows = materialize([_combine(at, row) for row in prods])  # rows[a][j]: (prods A)[a][j]
-    cols = [_combine(at, [row[j] for row in rows]) for j in range(m)]
-    return materialize([[col[i] for col in cols] for i in range(m)])
+    # F(4x4)'s outputs each combine up to 25 products, F(2x2)'s 9 (two passes measured slower there)
+    return materialize(_sandwich(at, prods, keep_first_pass=m == 4))
 
 
 @jax.custom_vjp
