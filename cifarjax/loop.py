@@ -21,7 +21,7 @@ from tqdm import tqdm
 from cifarjax import distributed, runs
 from cifarjax.augment import AugmentSpec, HostAugment, with_normalization
 from cifarjax.batching import eval_indices, train_indices
-from cifarjax.checkpoint import Checkpointer
+from cifarjax.checkpoint import Checkpointer, continue_run, latest_epoch
 from cifarjax.config import Config
 from cifarjax.data import Split
 from cifarjax.errors import Interrupted, UserError
@@ -374,15 +374,26 @@ class Trainer:
 
 def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inputs, *, run: Optional[Path] = None,
         resume: bool = False, devices=None, desc: str = "train", host_augment: Optional[HostAugment] = None,
-        phases: Optional[Phases] = None, resume_hint: str = "--resume") -> FitResult:
+        phases: Optional[Phases] = None, resume_hint: str = "--resume",
+        continue_from: Optional[Path] = None) -> FitResult:
     """Train `variables` under `apply_fn` on `train` (images or features), evaluating on `val`.
 
     With `run`, metrics go to run/metrics.jsonl, scalars to run/tensorboard and checkpoints to run/checkpoints;
     with `resume`, training continues from the newest intact checkpoint and ends exactly where an
-    uninterrupted run would.
+    uninterrupted run would. `continue_from`, the folder of a finished run of the same configuration but fewer
+    epochs, makes a run without checkpoints of its own start as that run resumed here (`continue_run`): only
+    exact when the learning rate does not depend on the number of epochs (`optim.rate_depends_on_length`).
     """
     check_labels(train.labels, config.num_classes, "training labels")
     check_labels(val.labels, config.num_classes, "validation labels")
+    if run is not None and continue_from is not None:
+        fresh = latest_epoch(run) is None
+        distributed.barrier(f"checked {run}")  # every process decides before process 0 copies anything
+        if fresh:
+            if distributed.is_writer():
+                continue_run(continue_from, run)
+            distributed.barrier(f"continued {run}")
+            resume = True
     trainer = Trainer(config, apply_fn, variables, train, val, inputs, run=Path(run) if run else None,
                       devices=devices, host_augment=host_augment, phases=phases or Phases(announce=False),
                       resume_hint=resume_hint)
@@ -456,16 +467,17 @@ def train_loop(config: Config, train: Split, val: Split, variables: Optional[dic
 
 def fine_tune_loop(config: Config, variables: dict, train: Split, val: Split, *, run: Optional[Path] = None,
                    resume: bool = False, devices=None, features=None, phases: Optional[Phases] = None,
-                   resume_hint: str = "--resume") -> FitResult:
+                   resume_hint: str = "--resume", continue_from: Optional[Path] = None) -> FitResult:
     """The original's fine_tune_loop: train a ResNet-18's unfrozen part (default: the head).
 
     When the backbone is fixed (`features.cacheable`), the head trains on cached backbone features (pass
     `features` from `features.backbone_features` to share them between runs); otherwise every step runs the
-    network on the images.
+    network on the images. `continue_from`: as `fit`'s.
     """
     config = with_normalization(config.validate(), train.images)
     model = build_model(config)
-    kw = dict(run=run, resume=resume, devices=devices, phases=phases, resume_hint=resume_hint)
+    kw = dict(run=run, resume=resume, devices=devices, phases=phases, resume_hint=resume_hint,
+              continue_from=continue_from)
     if cacheable(config):
         if features is None:
             with (phases or Phases(announce=False))("feature_extraction", "extracting backbone features"):

@@ -36,6 +36,12 @@ def learning_rate(config, steps_per_epoch: int):
     return optax.cosine_onecycle_schedule(total, config.lr, pct_start=pct_start)
 
 
+def rate_depends_on_length(config) -> bool:
+    """Whether the learning rate at a step depends on the number of epochs (every schedule but 'constant'):
+    when it does not, a run's first epochs are those of the same run made shorter."""
+    return config.schedule != "constant"
+
+
 def lr_at(config, steps_per_epoch: int, step: int) -> float:
     rate = learning_rate(config, steps_per_epoch)
     return float(rate(step)) if callable(rate) else float(rate)

@@ -4,11 +4,14 @@
     python -m experiments.finetune --resume --out RUN
 
 With several --epochs values (default 20 50 100, like the original) each is its own run under
---out/epochs-N and their curves are drawn together in --out/plots/fine_tuning_results.png.
+--out/epochs-N and their curves are drawn together in --out/plots/fine_tuning_results.png. With a constant
+learning rate a longer run's first epochs are exactly a shorter one's, so it starts from the shorter run's
+final checkpoint, as resuming it would (bit for bit the same as training it from the start).
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from experiments import common
 from cifarjax import distributed, plots, runs
@@ -17,6 +20,7 @@ from cifarjax.features import backbone_features, cacheable
 from cifarjax.files import write_json
 from cifarjax.flags import given
 from cifarjax.loop import fine_tune_loop
+from cifarjax.optim import rate_depends_on_length
 from cifarjax.models import build_model
 from cifarjax.pretrained import starting_weights
 from cifarjax.text import plural
@@ -47,7 +51,11 @@ def main(argv=None) -> None:
     if cacheable(s.config):
         with s.phases("feature_extraction", "extracting backbone features"):
             features = backbone_features(s.config, build_model(s.config), variables, s.train, s.val)
-    results = [fine_tune_run(s, n, variables, features, weights_label, len(counts) > 1) for n in counts]
+    results, folders = [], {}
+    for n in counts:
+        results.append(fine_tune_run(s, n, variables, features, weights_label, len(counts) > 1,
+                                     shorter_run(s.config, folders, n)))
+        folders[n] = run_folder(s, n, len(counts) > 1)
     if distributed.is_writer():
         with s.phases("plotting", "writing plots"):
             plots.plot_runs({f"{r['epochs']} epochs": {"val": r["val_accuracy_per_epoch"],
@@ -63,24 +71,40 @@ def main(argv=None) -> None:
         print(f"run folder: {s.run}; whole process {s.phases.summary()['process_seconds']:.0f} s")
 
 
-def fine_tune_run(s, n_epochs: int, variables: dict, features, weights_label: str, nested: bool) -> dict:
-    """One fine-tune of `n_epochs` in its own run folder; returns its summary."""
-    sub = s.run / f"epochs-{n_epochs}" if nested else s.run
+def run_folder(s, n_epochs: int, nested: bool) -> Path:
+    return s.run / f"epochs-{n_epochs}" if nested else s.run
+
+
+def shorter_run(config, folders: dict, n_epochs: int) -> Optional[Path]:
+    """The folder of the finished run with the most epochs under `n_epochs` (`folders`: epochs -> folder), when
+    its steps are this run's first ones (the learning rate does not depend on the run's length); else None."""
+    shorter = [n for n in folders if n < n_epochs]
+    return folders[max(shorter)] if shorter and not rate_depends_on_length(config) else None
+
+
+def fine_tune_run(s, n_epochs: int, variables: dict, features, weights_label: str, nested: bool,
+                  continue_from: Optional[Path] = None) -> dict:
+    """One fine-tune of `n_epochs` in its own run folder, from `continue_from`'s end when given; returns its
+    summary."""
+    sub = run_folder(s, n_epochs, nested)
     config = s.config.replace(n_epochs=n_epochs)
     if nested and distributed.is_writer():
         runs.create(sub, "finetune")
         write_json(sub / runs.CONFIG, {**config.to_dict(), "weights_label": weights_label})
     distributed.barrier(f"sub-run {n_epochs}")
     result = fine_tune_loop(config, variables, s.train, s.val, run=sub, resume=s.resume, features=features,
-                            phases=s.phases, resume_hint=common.resume_hint("finetune", s.run))
+                            phases=s.phases, resume_hint=common.resume_hint("finetune", s.run),
+                            continue_from=continue_from)
     scored = common.report_split(config, result, *common.scored_split(s), sub, s.phases)
     summary = common.run_summary("finetune", s, config, result, weights=weights_label,
                                  unfreeze=config.unfreeze, bn=config.bn, cached_features=features is not None,
-                                 n_train=len(s.train), n_val=len(s.val), **scored)
+                                 n_train=len(s.train), n_val=len(s.val),
+                                 continues=continue_from.name if continue_from else None, **scored)
     if distributed.is_writer():
         write_json(sub / runs.SUMMARY, summary)
         print(f"{plural(n_epochs, 'epoch')}: validation accuracy {summary['val_accuracy']:.4f} "
-              f"(best {summary['best_val_accuracy']:.4f}), training {summary['wall_seconds']:.0f} s")
+              f"(best {summary['best_val_accuracy']:.4f}), training {summary['wall_seconds']:.0f} s"
+              + (f" (continuing {continue_from.name})" if continue_from else ""))
     return summary
 
 

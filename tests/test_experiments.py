@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from experiments import cnn, compare, evaluate, finetune
+from cifarjax import runs
 from cifarjax.checkpoint import load_variables
 from cifarjax.pretrained import resnet18_from_torchvision
 from tests.helpers import make_image_folder, randomized_torchvision_resnet18, run_module
@@ -100,6 +101,35 @@ def test_finetune_several_epoch_counts_overlay_their_curves(data_dir, tmp_path):
     for sub in ("epochs-1", "epochs-2"):
         assert (out / sub / "checkpoints").is_dir() and (out / sub / "metrics.jsonl").is_file()
         assert not json.loads((out / sub / "summary.json").read_text())["cached_features"]
+
+
+def test_a_longer_finetune_continues_the_shorter_one_bit_for_bit(data_dir, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    args = ["--data-dir", str(data_dir), "--batch-size", "4", "--weights", "random", "--conv-impl", "xla"]
+    finetune.main(args + ["--epochs", "1", "3", "--out", str(tmp_path / "both")])
+    assert "3 epochs: validation accuracy" in capsys.readouterr().out
+    finetune.main(args + ["--epochs", "3", "--out", str(tmp_path / "alone")])
+    continued, alone = tmp_path / "both" / "epochs-3", tmp_path / "alone"
+
+    def records(run):
+        return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in runs.read_metrics(run)]
+    assert len(records(alone)) == 3 and records(continued) == records(alone)
+    for a, b in zip(jax.tree.leaves(load_variables(alone)), jax.tree.leaves(load_variables(continued))):
+        np.testing.assert_array_equal(a, b)
+    assert sorted(p.name for p in (continued / "checkpoints").iterdir()) == \
+        sorted(p.name for p in (alone / "checkpoints").iterdir())
+    assert json.loads((continued / "summary.json").read_text())["continues"] == "epochs-1"
+    events = EventAccumulator(str(continued / runs.TENSORBOARD))
+    events.Reload()
+    values = events.Tensors("val/accuracy") if "val/accuracy" in events.Tags()["tensors"] else \
+        events.Scalars("val/accuracy")
+    assert [v.step for v in values] == [r["step"] for r in records(alone)]
+
+
+def test_a_finetune_with_a_schedule_over_the_run_trains_each_length_from_the_start(data_dir, tmp_path):
+    finetune.main(["--data-dir", str(data_dir), "--batch-size", "4", "--weights", "random", "--conv-impl", "xla",
+                   "--epochs", "1", "2", "--schedule", "cosine", "--out", str(tmp_path / "ft")])
+    assert json.loads((tmp_path / "ft" / "epochs-2" / "summary.json").read_text())["continues"] is None
 
 
 COMMANDS = {"cnn": cnn, "finetune": finetune, "evaluate": evaluate, "compare": compare}
