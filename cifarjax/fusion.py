@@ -1,4 +1,4 @@
-"""A fusion boundary for XLA's CPU compiler, which the model's layers and the optimizer both need."""
+"""Fusion boundaries for XLA's CPU compiler, which the model's layers and the optimizer both need."""
 from __future__ import annotations
 
 import jax
@@ -16,5 +16,16 @@ def materialize(tree):
     differ in form (XLA would merge identical ones) but both return `tree`: the second runs only when the
     first element is NaN, and adding zero changes nothing there.
     """
-    first = jax.tree.leaves(tree)[0].ravel()[0]
-    return lax.cond(first == first, lambda t: t, lambda t: jax.tree.map(lambda v: v + 0, t), tree)
+    return apart(lambda t: t, tree)
+
+
+def apart(fn, tree, witness=None):
+    """`fn(tree)` computed inside a conditional (`materialize`'s): into memory, and never merged with the same
+    computation elsewhere in the program, as XLA's common-subexpression elimination would otherwise do with a
+    value recomputed on purpose (it would keep the first one alive instead).
+
+    The predicate reads the first element of `witness` (default: `tree`'s first leaf). It must be data: where
+    XLA can fold it (the first element of a zero-padded map is a constant zero) it removes the conditional.
+    """
+    first = jax.tree.leaves(tree if witness is None else witness)[0].ravel()[0]
+    return lax.cond(first == first, fn, lambda t: fn(jax.tree.map(lambda v: v + 0, t)), tree)

@@ -7,7 +7,8 @@ import optax
 import pytest
 
 from cifarjax.fusion import materialize
-from cifarjax.layers import Dropout, conv2d, conv3x3_maxpool, conv3x3_same, conv_phases, max_pool
+from cifarjax.layers import (Dropout, conv2d, conv3x3_maxpool, conv3x3_same, conv_phases, max_pool,
+                             winograd_phases)
 from cifarjax.models import ResNet18, SimpleCNN
 from tests.helpers import n_params
 
@@ -115,7 +116,7 @@ def test_winograd_conv_maxpool_float32_error_stays_small(size, cin, pool, tile, 
         assert_relative_to_largest(b, a, 1e-4)
 
 
-@pytest.mark.parametrize("size", [1, 2, (1, 2), (2, 1), 3, 5, 8])
+@pytest.mark.parametrize("size", [1, 2, (1, 2), (2, 1), 3, 5, 8, 14, 17])
 def test_conv3x3_same_is_exactly_the_padded_convolution(size, rng):
     """Whole maps of at most 2x2 (one matmul per output), F(2x2) and F(4x4) tiles, sizes that do not divide into
     tiles: exact in float64, forward and both gradients."""
@@ -128,6 +129,22 @@ def test_conv3x3_same_is_exactly_the_padded_convolution(size, rng):
                    for f in (lambda x, w: conv2d(x, w, 1, 1, "xla"), conv3x3_same)]
     for a, b in zip(*outputs):
         assert_relative_to_largest(b, a, 1e-10)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_recomputing_the_winograd_tiles_changes_no_bit(m, rng):
+    """`keep_tiles=False` recomputes B^T d B for the kernel's gradient instead of keeping it: the same
+    computation, so the forward pass and both gradients are bitwise those of keeping the tiles."""
+    x = jnp.asarray(rng.normal(size=(3, 4 * m + 2, 3 * m + 2, 5)).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(3, 3, 5, 6)).astype(np.float32))
+    cotangent = jnp.asarray(rng.normal(size=(m, m, 3, 4, 3, 6)).astype(np.float32))
+
+    def conv(keep_tiles):
+        def f(x, w):
+            return jnp.stack([jnp.stack(row) for row in winograd_phases(x, w, m, 4, 3, keep_tiles=keep_tiles)])
+        return jax.jit(lambda x, w: (f(x, w), *jax.grad(lambda x, w: jnp.sum(f(x, w) * cotangent), (0, 1))(x, w)))
+    for a, b in zip(conv(True)(x, w), conv(False)(x, w)):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("size,k,stride,pad", [(32, 3, 1, 1), (33, 3, 2, 1), (32, 1, 2, 0), (34, 7, 2, 3), (8, 3, 2, 1)])
