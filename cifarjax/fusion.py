@@ -12,9 +12,9 @@ def materialize(tree):
     transforms that repeats most of the arithmetic, for an optimizer's new moments the moment updates (and
     where the old moments are donated, it copies them first, as the recomputation still reads them).
     `lax.optimization_barrier` does not stop it (the CPU compiler expands barriers before fusion); a
-    conditional does, in the forward pass and, transposed, in the backward pass. Its predicate is data-dependent so it cannot be folded, and its branches
-    differ in form (XLA would merge identical ones) but both return `tree`: the second runs only when the
-    first element is NaN, and adding zero changes nothing there.
+    conditional does, in the forward pass and, transposed, in the backward pass. Its predicate is data-dependent
+    so it cannot be folded, and its branches differ in form (XLA would merge identical ones) but both return
+    `tree`: the second runs only when the first element is NaN, and adding zero changes nothing there.
     """
     return apart(lambda t: t, tree)
 
