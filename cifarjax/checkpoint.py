@@ -23,7 +23,7 @@ from flax import traverse_util
 
 from cifarjax.errors import UserError, user_error_from_os, warn
 from cifarjax.files import atomic_write
-from cifarjax.runs import METRICS, TENSORBOARD
+from cifarjax.runs import TENSORBOARD
 
 CHECKPOINTS, FROZEN = "checkpoints", "frozen_params.npz"
 logging.getLogger("absl").setLevel(logging.ERROR)
@@ -183,16 +183,16 @@ def latest_epoch(run_dir) -> Optional[float]:
 
 
 def continue_run(source, run) -> None:
-    """Copy a finished run's training state (checkpoints, frozen parameters, metrics, TensorBoard scalars) into
-    the new run folder `run`, where resuming then continues it: a longer run whose first epochs are `source`'s."""
+    """Copy a finished run's training state (checkpoints, frozen parameters, TensorBoard scalars; the metrics
+    come back from the newest checkpoint) into the new run folder `run`, where resuming then continues it: a
+    longer run whose first epochs are `source`'s."""
     source, run = Path(source), Path(run)
     try:
         for name in (CHECKPOINTS, TENSORBOARD):
             if (source / name).is_dir():
                 shutil.copytree(source / name, run / name, dirs_exist_ok=True)
-        for name in (FROZEN, METRICS):
-            if (source / name).is_file():
-                shutil.copy2(source / name, run / name)
+        if (source / FROZEN).is_file():
+            shutil.copy2(source / FROZEN, run / FROZEN)
     except OSError as error:
         raise user_error_from_os(error, f"cannot continue {source} in {run}") from None
 

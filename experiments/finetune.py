@@ -20,8 +20,8 @@ from cifarjax.features import backbone_features, cacheable
 from cifarjax.files import write_json
 from cifarjax.flags import given
 from cifarjax.loop import fine_tune_loop
-from cifarjax.optim import rate_depends_on_length
 from cifarjax.models import build_model
+from cifarjax.optim import rate_depends_on_length
 from cifarjax.pretrained import starting_weights
 from cifarjax.text import plural
 
@@ -72,6 +72,7 @@ def main(argv=None) -> None:
 
 
 def run_folder(s, n_epochs: int, nested: bool) -> Path:
+    """Where the `n_epochs` run writes: --out itself, or --out/epochs-N when there are several."""
     return s.run / f"epochs-{n_epochs}" if nested else s.run
 
 
