@@ -27,8 +27,8 @@ def data_dir(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("dist") / "data", n_train=20, n_test=0, learnable=True)
 
 
-def args(data_dir, out, *extra):
-    return ["--data-dir", str(data_dir), "--epochs", str(EPOCHS), "--batch-size", "8", "--conv-impl", "xla",
+def args(data_dir, out, *extra, epochs=(EPOCHS,)):
+    return ["--data-dir", str(data_dir), "--epochs", *map(str, epochs), "--batch-size", "8", "--conv-impl", "xla",
             "--eval-every", "4", "--out", str(out), *map(str, extra)]
 
 
@@ -38,8 +38,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(data_dir, outs, *extra, processes=2, devices_each=1):
-    """Start `processes` cnn processes (one --out each, or one shared), each with `devices_each` CPU devices."""
+def launch(data_dir, outs, *extra, processes=2, devices_each=1, command="cnn", epochs=(EPOCHS,)):
+    """Start `processes` processes of experiments.`command` (one --out each, or one shared), each with
+    `devices_each` CPU devices."""
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONPATH=ROOT,
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}")
     port = free_port()
@@ -49,8 +50,8 @@ def launch(data_dir, outs, *extra, processes=2, devices_each=1):
         distributed = ["--coordinator", f"localhost:{port}", "--num-processes", processes, "--process-id", i] \
             if processes > 1 else []
         per_process = extra[i] if extra and isinstance(extra[0], list) else extra
-        children.append(subprocess.Popen([sys.executable, "-m", "experiments.cnn",
-                                          *args(data_dir, outs[i], *distributed, *per_process)],
+        children.append(subprocess.Popen([sys.executable, "-m", f"experiments.{command}",
+                                          *args(data_dir, outs[i], *distributed, *per_process, epochs=epochs)],
                                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return children
 
@@ -123,3 +124,12 @@ def test_mismatched_settings_and_unshared_folders_are_refused(data_dir, tmp_path
     assert all(code == 2 for code, _, _ in results)
     assert any("disagree on their settings: run" in err for _, _, err in results)
     assert not (tmp_path / "run").exists() and not (tmp_path / "a").exists()
+
+
+def test_a_finetune_continues_its_shorter_run_across_processes(data_dir, tmp_path):
+    """Process 0 copies the shorter run's state while the other waits; both then resume it in the new folder."""
+    out = tmp_path / "ft"
+    results = finish(launch(data_dir, out, "--weights", "random", command="finetune", epochs=(1, 2)))
+    assert [r[0] for r in results] == [0, 0], results[1][2][-3000:] + results[0][2][-3000:]
+    assert json.loads((out / "epochs-2" / runs.SUMMARY).read_text())["continues"] == "epochs-1"
+    assert metrics(out / "epochs-2")[:len(metrics(out / "epochs-1"))] == metrics(out / "epochs-1")
