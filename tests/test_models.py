@@ -147,6 +147,25 @@ def test_recomputing_the_winograd_tiles_changes_no_bit(m, rng):
         np.testing.assert_array_equal(a, b)
 
 
+def test_recomputed_winograd_tiles_are_not_kept_for_the_backward_pass():
+    """Four F(4x4) convolutions of padded maps, differentiated: recomputing the tiles must leave XLA fewer bytes of
+    temporaries than keeping them, by at least one convolution's tiles. XLA would silently keep the forward's
+    tiles (and the bits would still match) if the recomputation were merged with them or its conditional folded
+    away, as it is when the predicate reads a padded map's constant first element. Buffer sizes, not timings."""
+    x, w = jnp.ones((4, 34, 34, 16)), jnp.full((3, 3, 16, 16), 0.01)
+
+    def temporaries(keep_tiles):
+        def f(x, w):
+            for _ in range(4):
+                y = winograd_phases(x, w, 4, 8, 8, keep_tiles=keep_tiles)
+                x = jnp.pad(jax.nn.relu(jnp.concatenate([jnp.concatenate(row, 2) for row in y], 1)),
+                            ((0, 0), (1, 1), (1, 1), (0, 0)))
+            return jnp.sum(x ** 2)
+        return jax.jit(jax.grad(f, (0, 1))).lower(x, w).compile().memory_analysis().temp_size_in_bytes
+    one_convolutions_tiles = 36 * 4 * 8 * 8 * 16 * 4
+    assert temporaries(False) <= temporaries(True) - one_convolutions_tiles
+
+
 @pytest.mark.parametrize("size,k,stride,pad", [(32, 3, 1, 1), (33, 3, 2, 1), (32, 1, 2, 0), (34, 7, 2, 3), (8, 3, 2, 1)])
 def test_the_cpu_formulations_are_exactly_the_convolution(size, k, stride, pad, rng):
     """conv_impl 'winograd' picks a formulation per shape (Winograd for 3x3 stride-1 'same', else XLA forward with
