@@ -107,17 +107,22 @@ class ResNetBackbone(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = partial(Conv, use_bias=False, impl=self.conv_impl, kernel_init=_resnet_conv_init())
+        def inference(stage):
+            return not train or stage < self.frozen_bn_stages
+
+        def conv(stage):
+            return partial(Conv, use_bias=False, impl=self.conv_impl, kernel_init=_resnet_conv_init(),
+                           inference=inference(stage))
 
         def norm(stage):
-            return partial(BatchNorm, not train or stage < self.frozen_bn_stages, axis_name=self.axis_name)
+            return partial(BatchNorm, inference(stage), axis_name=self.axis_name)
 
-        x = nn.relu(norm(0)(name="bn1")(conv(self.num_filters, 7, 2, 3, name="conv1")(x)))
+        x = nn.relu(norm(0)(name="bn1")(conv(0)(self.num_filters, 7, 2, 3, name="conv1")(x)))
         x = max_pool(x, 3, 2, 1)
         self.sow("intermediates", "stem", x)
         for i, size in enumerate(self.stage_sizes):
             for b in range(size):
-                x = self.block_cls(self.num_filters * 2 ** i, conv, norm(i + 1), 2 if (b == 0 and i > 0) else 1,
+                x = self.block_cls(self.num_filters * 2 ** i, conv(i + 1), norm(i + 1), 2 if (b == 0 and i > 0) else 1,
                                    name=f"layer{i + 1}_block{b}")(x)
             self.sow("intermediates", f"layer{i + 1}", x)
         return jnp.mean(x, axis=(1, 2))

@@ -3,11 +3,12 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import optax
 import pytest
 
 from cifarjax.fusion import materialize
-from cifarjax.layers import (Dropout, conv2d, conv3x3_maxpool, conv3x3_same, conv_phases, max_pool,
+from cifarjax.layers import (Conv, Dropout, conv2d, conv3x3_maxpool, conv3x3_same, conv_phases, max_pool,
                              winograd_phases)
 from cifarjax.models import ResNet18, SimpleCNN
 from tests.helpers import n_params
@@ -164,6 +165,35 @@ def test_recomputed_winograd_tiles_are_not_kept_for_the_backward_pass():
         return jax.jit(jax.grad(f, (0, 1))).lower(x, w).compile().memory_analysis().temp_size_in_bytes
     one_convolutions_tiles = 36 * 4 * 8 * 8 * 16 * 4
     assert temporaries(False) <= temporaries(True) - one_convolutions_tiles
+
+
+def test_inference_convolutions_use_f4x4_tiles_from_8x8_maps(rng):
+    """Where no train-mode BatchNorm follows (`inference`), 8x8 maps run F(4x4); otherwise F(2x2), whose half
+    rounding error train-mode BatchNorm over few values would amplify. Bitwise the chosen formulation."""
+    x = jnp.asarray(rng.normal(size=(2, 8, 8, 5)).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(3, 3, 5, 6)).astype(np.float32))
+    for inference, tile in ((True, 4), (False, 2)):
+        got = jax.jit(lambda x, w: conv2d(x, w, 1, 1, "winograd", inference=inference))(x, w)
+        np.testing.assert_array_equal(got, jax.jit(lambda x, w: conv3x3_same(x, w, tile=tile))(x, w))
+
+
+@pytest.mark.parametrize("train,frozen_bn_stages,expected", [
+    (False, 0, [True] * 5), (True, 0, [False] * 5), (True, 2, [True, True, False, False, False])])
+def test_resnet_convolutions_know_whether_their_batchnorm_trains(train, frozen_bn_stages, expected):
+    """Each stage's convolutions (stem, layer1..4) run in inference exactly where its BatchNorm does."""
+    seen = {}
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, Conv) and context.method_name == "__call__":
+            stage = context.module.path[1] if len(context.module.path) > 2 else "stem"
+            seen.setdefault(stage.split("_")[0], set()).add(context.module.inference)
+        return next_fun(*args, **kwargs)
+    model = ResNet18(10, frozen_bn_stages=frozen_bn_stages)
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, 32, 32, 3)))
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, 32, 32, 3)), train=train, mutable=["batch_stats"]),
+                       variables)
+    assert [seen[s] for s in ("stem", "layer1", "layer2", "layer3", "layer4")] == [{e} for e in expected]
 
 
 @pytest.mark.parametrize("size,k,stride,pad", [(32, 3, 1, 1), (33, 3, 2, 1), (32, 1, 2, 0), (34, 7, 2, 3), (8, 3, 2, 1)])
