@@ -56,7 +56,9 @@ def resolve_conv_impl(impl: str) -> str:
     return impl
 
 
-LARGE_MAP = 32  # from this width XLA's own convolution computes a forward pass faster than im2col on CPU
+# From this width XLA's own (Eigen) convolution computes a forward pass faster than im2col on CPU: 1.3-4.6x on
+# ResNet-18's strided convolutions of 8x8 to 224x224 maps. On 2x2 maps it is far slower.
+LARGE_MAP = 8
 
 
 def _xla_conv(x, kernel, strides: int, padding: int):
@@ -109,8 +111,9 @@ xla_forward_im2col_backward.defvjp(_xla_im2col_fwd, _xla_im2col_bwd)
 def conv2d(x, kernel, strides: int = 1, padding: int = 0, impl: str = "auto", inference: bool = False):
     """NHWC x HWIO convolution with symmetric zero padding: XLA's convolution, im2col+matmul, or (CPU's
     'winograd') the fastest measured formulation for the shape: 3x3 stride-1 'same' convolutions as
-    `conv3x3_same` (on 56x56x64 maps, batch 50, its forward took 0.85x the time of XLA's), the others by XLA on
-    maps of `LARGE_MAP` and wider and im2col on smaller ones, differentiated through im2col either way.
+    `conv3x3_same`, the others by XLA on maps of `LARGE_MAP` and wider and im2col on smaller ones, differentiated
+    through im2col either way (XLA's own backward convolutions ran at 0.06-1.4x im2col's speed, slowest on small
+    maps). XLA's convolution is Eigen's where `cifarjax.xla_flags` took effect.
     `inference`: no train-mode BatchNorm follows, which lets `conv3x3_same` use larger Winograd tiles."""
     kh, kw, cin, cout = kernel.shape
     impl = resolve_conv_impl(impl)
