@@ -56,7 +56,7 @@ def resolve_conv_impl(impl: str) -> str:
     return impl
 
 
-# From this width XLA's own (Eigen) convolution computes a forward pass faster than im2col on CPU: 1.3-4.6x on
+# From this width XLA's own (Eigen) convolution computes a forward pass faster than im2col on CPU: 1.0-4.6x on
 # ResNet-18's strided convolutions of 8x8 to 224x224 maps. On 2x2 maps it is far slower.
 LARGE_MAP = 8
 
@@ -394,7 +394,7 @@ def conv3x3_same(x, kernel, tile: Optional[int] = None, large_tiles_from: int = 
     `large_tiles_from` wide, recomputing its input tiles for the gradient, F(2x2) (2.25x fewer, and half the
     rounding error, which train-mode BatchNorm over a few values amplifies) on smaller ones, keeping them
     (recomputing measured 0.99-1.02x at 32x32, where memory is no concern). In inference, F(4x4) from 8x8 maps
-    made ResNet-18's 32x32 evaluation 1.05x faster; in training it gained nothing and doubled the error.
+    made ResNet-18's 32x32 evaluation 1.05-1.08x faster; in training it gained nothing and doubled the error.
     """
     n, h, w, cin = x.shape
     if h <= 2 and w <= 2 and tile is None:

@@ -1,8 +1,9 @@
 """XLA flags cifarjax adds for the CPU backend, before JAX starts it (importing cifarjax does this).
 
 jaxlib 0.10 runs CPU convolutions through YNNPACK by default. XLA's own (Eigen) convolutions ran ResNet-18's
-strided ones 1.3-4x faster, which made its 224x224 evaluation 1.25-1.33x and its train-mode forward pass 1.1x faster
-(docs/results.md). Matrix products and reductions stay with YNNPACK, as by default.
+strided ones 1.3-3.1x faster (not the stem on 32x32 images at batch 500: 0.95x), which made its 224x224 evaluation
+1.12-1.25x and its train-mode forward pass 1.1x faster (docs/results.md). Matrix products and reductions stay with
+YNNPACK, as by default.
 """
 from __future__ import annotations
 
