@@ -1,8 +1,8 @@
 """Layers whose numerics match PyTorch and whose CPU formulation is fast.
 
-* `Conv`: a convolution with symmetric padding and PyTorch's default initialisation. On CPU it runs as
-  im2col (shifted slices concatenated, then one matmul), which XLA executes faster than its own CPU
-  convolution; on GPU it uses XLA's convolution (cuDNN).
+* `Conv`: a convolution with symmetric padding and PyTorch's default initialisation. On CPU it runs as the
+  fastest measured formulation for its shape (`conv2d`: Winograd, im2col, or XLA's forward with an im2col
+  gradient); on GPU it uses XLA's convolution (cuDNN).
 * `ConvReluMaxPool`: max_pool(relu(conv3x3(x))) computed without forming the full convolution output,
   either per output phase (im2col) or with Winograd F(2x2, 3x3) on pool-aligned tiles, which needs
   2.25x fewer multiplications than im2col. This is SimpleCNN's fast path on CPU.
@@ -47,7 +47,7 @@ def resolve_conv_impl(impl: str) -> str:
     """'auto' means Winograd/im2col on CPU and XLA's convolution elsewhere.
 
     'winograd' selects the fused conv+ReLU+max-pool blocks where a model has them (SimpleCNN), runs 3x3
-    stride-1 'same' convolutions (ResNet's) as `conv3x3_same`, and the others as im2col.
+    stride-1 'same' convolutions (ResNet's) as `conv3x3_same`, and the others as `conv2d` chooses.
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
@@ -122,7 +122,7 @@ def conv2d(x, kernel, strides: int = 1, padding: int = 0, impl: str = "auto", in
     if impl == "im2col":
         return _im2col_conv(x, kernel, strides, padding)
     if (kh, kw, strides, padding) == (3, 3, 1, 1):
-        return conv3x3_same(x, kernel, large_tiles_from=F4_FROM_INFERENCE if inference else F4_FROM)
+        return conv3x3_same(x, kernel, inference=inference)
     if min(x.shape[1], x.shape[2]) >= LARGE_MAP:
         return xla_forward_im2col_backward(x, kernel, strides, padding)
     return _im2col_conv(x, kernel, strides, padding)
@@ -386,20 +386,21 @@ F4_FROM = 14  # map width from which `conv3x3_same` uses F(4x4) tiles
 F4_FROM_INFERENCE = 8  # the same where no train-mode BatchNorm amplifies F(4x4)'s rounding
 
 
-def conv3x3_same(x, kernel, tile: Optional[int] = None, large_tiles_from: int = F4_FROM):
+def conv3x3_same(x, kernel, tile: Optional[int] = None, inference: bool = False):
     """``conv2d(x, kernel, strides=1, padding=1)`` for a 3x3 kernel, formulated for small and large maps alike.
 
     Maps of at most 2x2 run as `whole_map_conv3x3`. Larger ones run Winograd F(m x m, 3x3) over zero-padded
-    tiles: F(4x4) (4x fewer products than im2col, where most of a ResNet's work is) on maps at least
-    `large_tiles_from` wide, recomputing its input tiles for the gradient, F(2x2) (2.25x fewer, and half the
-    rounding error, which train-mode BatchNorm over a few values amplifies) on smaller ones, keeping them
-    (recomputing measured 0.99-1.02x at 32x32, where memory is no concern). In inference, F(4x4) from 8x8 maps
-    made ResNet-18's 32x32 evaluation 1.05-1.08x faster; in training it gained nothing and doubled the error.
+    tiles: F(4x4) (4x fewer products than im2col, where most of a ResNet's work is) on maps at least `F4_FROM`
+    wide (`F4_FROM_INFERENCE` with `inference`: no train-mode BatchNorm follows), recomputing its input tiles for
+    the gradient, F(2x2) (2.25x fewer, and half the rounding error, which train-mode BatchNorm over a few values
+    amplifies) on smaller ones, keeping them (recomputing measured 0.99-1.02x at 32x32, where memory is no
+    concern). In inference, F(4x4) from 8x8 maps made ResNet-18's 32x32 evaluation 1.05-1.08x faster; in
+    training it gained nothing and doubled the error.
     """
     n, h, w, cin = x.shape
     if h <= 2 and w <= 2 and tile is None:
         return whole_map_conv3x3(x, kernel)
-    m = tile or (4 if min(h, w) >= large_tiles_from else 2)
+    m = tile or (4 if min(h, w) >= (F4_FROM_INFERENCE if inference else F4_FROM) else 2)
     th, tw = -(-h // m), -(-w // m)
     x = jnp.pad(x, ((0, 0), (1, m * th + 1 - h), (1, m * tw + 1 - w), (0, 0)))
     return _interleave(winograd_phases(x, kernel, m, th, tw, keep_tiles=m == 2))[:, :h, :w, :]
