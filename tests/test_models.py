@@ -196,13 +196,15 @@ def test_resnet_convolutions_know_whether_their_batchnorm_trains(train, frozen_b
     assert [seen[s] for s in ("stem", "layer1", "layer2", "layer3", "layer4")] == [{e} for e in expected]
 
 
+@pytest.mark.parametrize("cin", [3, 8])
 @pytest.mark.parametrize("size,k,stride,pad", [(32, 3, 1, 1), (33, 3, 2, 1), (32, 1, 2, 0), (34, 7, 2, 3), (8, 3, 2, 1)])
-def test_the_cpu_formulations_are_exactly_the_convolution(size, k, stride, pad, rng):
+def test_the_cpu_formulations_are_exactly_the_convolution(size, k, stride, pad, cin, rng):
     """conv_impl 'winograd' picks a formulation per shape (Winograd for 3x3 stride-1 'same', else XLA forward with
-    an im2col backward on large maps, im2col on small ones): exact in float64, forward and both gradients."""
+    an im2col backward on large maps, im2col on small ones; XLA's kernel gradient for images' few channels): exact
+    in float64, forward and both gradients."""
     with jax.enable_x64(True):
-        x = jnp.asarray(rng.normal(size=(2, size, size, 3)))
-        w = jnp.asarray(rng.normal(size=(k, k, 3, 4)))
+        x = jnp.asarray(rng.normal(size=(2, size, size, cin)))
+        w = jnp.asarray(rng.normal(size=(k, k, cin, 4)))
         out = (size + 2 * pad - k) // stride + 1
         cotangent = jnp.asarray(rng.normal(size=(2, out, out, 4)))
         outputs = [(jax.jit(f)(x, w), *jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) * cotangent), (0, 1)))(x, w))
@@ -210,6 +212,16 @@ def test_the_cpu_formulations_are_exactly_the_convolution(size, k, stride, pad, 
                              lambda x, w: conv2d(x, w, stride, pad, "winograd"))]
     for a, b in zip(*outputs):
         assert_relative_to_largest(b, a, 1e-10)
+
+
+@pytest.mark.parametrize("cin,convolutions", [(3, 1), (8, 0)])
+def test_the_stems_kernel_gradient_is_xlas_convolution(cin, convolutions):
+    """On large maps with few input channels (the stem's images) the kernel gradient is XLA's own convolution,
+    2.2x faster than im2col's there; with more channels it stays im2col. (The forward convolution, unused by the
+    gradient, is left out of the lowered program.)"""
+    x, w = jnp.zeros((2, 32, 32, cin)), jnp.zeros((7, 7, cin, 4))
+    program = jax.jit(jax.grad(lambda w: jnp.sum(conv2d(x, w, 2, 3, "winograd")))).lower(w).as_text()
+    assert program.count("stablehlo.convolution") == convolutions
 
 
 def test_conv_phases_are_the_strided_convolution_output(rng):
