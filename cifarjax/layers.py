@@ -91,7 +91,9 @@ def _im2col_conv(x, kernel, strides: int, padding: int):
 
 
 # Up to this many input channels (images), XLA's (Eigen's) kernel gradient is faster than im2col's: 2.2x for the
-# stem's 7x7 stride-2 kernel at 32x32 and 224x224. With more channels it was 0.5-1.0x.
+# stem's 7x7 stride-2 kernel at 32x32 and 224x224 alone, and ResNet-18's 224x224 step 1.16x faster. Alone, it was
+# also 1.14-1.75x faster for the 3x3 stride-2 kernels (64-256 channels), but their steps ran 0.97x (224x224) and
+# 0.90x (32x32) as fast.
 FEW_CHANNELS = 4
 
 
@@ -123,7 +125,8 @@ def conv2d(x, kernel, strides: int = 1, padding: int = 0, impl: str = "auto", in
     'winograd') the fastest measured formulation for the shape: 3x3 stride-1 'same' convolutions as
     `conv3x3_same`, the others by XLA on maps of `LARGE_MAP` and wider and im2col on smaller ones, differentiated
     through im2col either way (XLA's own backward convolutions ran at 0.06-1.4x im2col's speed, slowest on small
-    maps). XLA's convolution is Eigen's where `cifarjax.xla_flags` took effect.
+    maps), but for the kernel gradient of inputs with `FEW_CHANNELS` (the stem's images: XLA's, 2.2x faster).
+    XLA's convolution is Eigen's where `cifarjax.xla_flags` took effect.
     `inference`: no train-mode BatchNorm follows, which lets `conv3x3_same` use larger Winograd tiles."""
     kh, kw, cin, cout = kernel.shape
     impl = resolve_conv_impl(impl)
