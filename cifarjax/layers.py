@@ -111,9 +111,10 @@ def _xla_im2col_fwd(x, kernel, strides, padding):
 
 def _xla_im2col_bwd(strides, padding, residuals, dy):
     x, kernel = residuals
-    dx, dkernel = jax.vjp(lambda x, k: _im2col_conv(x, k, strides, padding), x, kernel)[1](dy)
-    if x.shape[-1] <= FEW_CHANNELS:
-        dkernel, = jax.vjp(lambda k: _xla_conv(x, k, strides, padding), kernel)[1](dy)
+    if x.shape[-1] > FEW_CHANNELS:
+        return jax.vjp(lambda x, k: _im2col_conv(x, k, strides, padding), x, kernel)[1](dy)
+    dx, = jax.vjp(lambda x: _im2col_conv(x, kernel, strides, padding), x)[1](dy)
+    dkernel, = jax.vjp(lambda k: _xla_conv(x, k, strides, padding), kernel)[1](dy)
     return dx, dkernel
 
 
@@ -125,7 +126,7 @@ def conv2d(x, kernel, strides: int = 1, padding: int = 0, impl: str = "auto", in
     'winograd') the fastest measured formulation for the shape: 3x3 stride-1 'same' convolutions as
     `conv3x3_same`, the others by XLA on maps of `LARGE_MAP` and wider and im2col on smaller ones, differentiated
     through im2col either way (XLA's own backward convolutions ran at 0.06-1.4x im2col's speed, slowest on small
-    maps), but for the kernel gradient of inputs with `FEW_CHANNELS` (the stem's images: XLA's, 2.2x faster).
+    maps), but for the kernel gradient of inputs with at most `FEW_CHANNELS` (the stem's images: XLA's, 2.2x faster).
     XLA's convolution is Eigen's where `cifarjax.xla_flags` took effect.
     `inference`: no train-mode BatchNorm follows, which lets `conv3x3_same` use larger Winograd tiles."""
     kh, kw, cin, cout = kernel.shape
