@@ -126,7 +126,7 @@ def conv2d(x, kernel, strides: int = 1, padding: int = 0, impl: str = "auto", in
     'winograd') the fastest measured formulation for the shape: 3x3 stride-1 'same' convolutions as
     `conv3x3_same`, the others by XLA on maps of `LARGE_MAP` and wider and im2col on smaller ones, differentiated
     through im2col either way (XLA's own backward convolutions ran at 0.06-1.4x im2col's speed, slowest on small
-    maps), but for the kernel gradient of inputs with at most `FEW_CHANNELS` (the stem's images: XLA's, 2.2x faster).
+    maps), but for the kernel gradient of few-channel inputs (see `xla_forward_im2col_backward`).
     XLA's convolution is Eigen's where `cifarjax.xla_flags` took effect.
     `inference`: no train-mode BatchNorm follows, which lets `conv3x3_same` use larger Winograd tiles."""
     kh, kw, cin, cout = kernel.shape
