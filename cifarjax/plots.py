@@ -1,8 +1,14 @@
 """Figures written to PNG files (headless): training curves, fine-tuning runs, confusion matrices, sample
 predictions and comparisons of runs. Colours come from seaborn's colour-blind palette, and every distinction
-drawn in colour is also drawn in line style or marker."""
+drawn in colour is also drawn in line style or marker.
+
+Seaborn itself is imported only by the plot that needs it (the study's bar chart): with pandas and scipy it takes
+2 s to import, longer than drawing the other figures. The others draw in matplotlib's copy of seaborn's styles,
+inside a style context, so the caller's own matplotlib settings are left as they were.
+"""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -11,12 +17,23 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import seaborn as sns  # noqa: E402
 
-PALETTE = sns.color_palette("colorblind")
+PALETTE = ("#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133",
+           "#56b4e9")  # seaborn.color_palette("colorblind")
 STYLES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 MIN_SPAN = 10.0  # accuracy axes span at least this many points, so noise does not look like a trend
+
+
+def _styled(style: str):
+    """Draw the decorated plot in seaborn's `style` ('whitegrid', 'white'), as matplotlib ships it."""
+    def decorate(plot):
+        @functools.wraps(plot)
+        def styled(*args, **kwargs):
+            with plt.style.context(f"seaborn-v0_8-{style}"):
+                return plot(*args, **kwargs)
+        return styled
+    return decorate
 
 
 def _save(fig, path) -> Path:
@@ -47,9 +64,9 @@ def _accuracy_axis(ax, values: Sequence[float], label: str) -> None:
     ax.set_ylabel(label + (f" (axis from {lo:.0f}%)" if lo > 0 else ""))
 
 
+@_styled("whitegrid")
 def plot_training_results(records: Sequence[dict], path, title: str = "Training") -> Path:
     """Loss (training and validation) and accuracy (training and validation) against epochs."""
-    sns.set_theme(style="whitegrid")
     ends = [r for r in records if r.get("epoch_end")]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     x_end, x_all = [r["epoch"] for r in ends], [r["epoch"] for r in records]
@@ -70,12 +87,12 @@ def plot_training_results(records: Sequence[dict], path, title: str = "Training"
     return _save(fig, path)
 
 
+@_styled("whitegrid")
 def plot_runs(curves: Mapping[str, Mapping[str, Sequence[float]]], path, title: str) -> Path:
     """Validation and training accuracy per epoch, one line style, marker and colour per run.
 
     `curves`: {run label: {'val': [...], 'train': [...]}} (fractions, one value per epoch; 'train' optional).
     """
-    sns.set_theme(style="whitegrid")
     has_train = any(c.get("train") for c in curves.values())
     fig, axes = plt.subplots(1, 2 if has_train else 1, figsize=(13 if has_train else 8, 5), squeeze=False)
     longest = max((len(c["val"]) for c in curves.values()), default=1)
@@ -95,19 +112,30 @@ def plot_runs(curves: Mapping[str, Mapping[str, Sequence[float]]], path, title: 
     return _save(fig, path)
 
 
+def _heatmap(fig, ax, values: np.ndarray, classes: Sequence[str], fmt: str, label: str, vmax=None) -> None:
+    """`values` as coloured cells, each annotated in black or white (whichever reads on its colour), with a
+    colour bar: seaborn's annotated heatmap, drawn by matplotlib alone."""
+    image = ax.imshow(values, cmap="viridis", vmin=0, vmax=vmax if vmax is not None else max(values.max(), 1))
+    for (i, j), v in np.ndenumerate(values):
+        r, g, b, _ = image.cmap(image.norm(v))
+        ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=9,
+                color="black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.408 else "white")
+    ax.set_xticks(range(len(classes)), classes, rotation=90)
+    ax.set_yticks(range(len(classes)), classes)
+    fig.colorbar(image, ax=ax, label=label)
+
+
+@_styled("white")
 def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path, title="Confusion matrix") -> Path:
     """Counts beside the row-normalised matrix (recall per true class); the overall accuracy in the title."""
-    sns.set_theme(style="white")
     matrix = np.asarray(matrix)
     accuracy = np.trace(matrix) / max(matrix.sum(), 1)
     size = 1.0 + 0.75 * len(classes)
     fig, (counts, rates) = plt.subplots(1, 2, figsize=(2 * size + 1, size))
-    sns.heatmap(matrix, annot=True, fmt="d", cmap="viridis", xticklabels=classes, yticklabels=classes, ax=counts,
-                cbar_kws={"label": "images"})
+    _heatmap(fig, counts, matrix, classes, "d", "images")
     counts.set(title="counts", xlabel="predicted class", ylabel="true class")
     normalised = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    sns.heatmap(100 * normalised, annot=True, fmt=".0f", cmap="viridis", vmin=0, vmax=100, xticklabels=classes,
-                yticklabels=classes, ax=rates, cbar_kws={"label": "% of the true class"})
+    _heatmap(fig, rates, 100 * normalised, classes, ".0f", "% of the true class", vmax=100)
     rates.set(title="row-normalised (%)", xlabel="predicted class", ylabel="true class")
     fig.suptitle(f"{title}: accuracy {100 * accuracy:.2f}%")
     return _save(fig, path)
@@ -115,25 +143,33 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path, titl
 
 def plot_sample_predictions(images: np.ndarray, predicted: Sequence[int], true: Sequence[int],
                             classes: Sequence[str], path, columns: int = 8) -> Path:
-    """A grid of uint8 images titled 'predicted (true)', marked ✓ (blue) when right and ✗ (orange) when wrong."""
-    n = len(images)
+    """A grid of uint8 images titled 'predicted (true)', marked ✓ (blue) when right and ✗ (orange) when wrong.
+
+    The images are tiled into one picture on one axes: an axes per image took 2.8 s to draw, this takes 0.3 s."""
+    images = np.asarray(images)
+    n, h, w = images.shape[:3]
     rows = -(-n // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.8 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, image, p, t in zip(axes.ravel(), images, predicted, true):
-        ax.imshow(image, interpolation="nearest")
+    gap_x, gap_y = w // 4, h  # room between images, and above each for its two-line title
+    canvas = np.full((rows * (gap_y + h), columns * (w + gap_x)) + images.shape[3:], 255, images.dtype)
+    fig, ax = plt.subplots(figsize=(1.6 * columns, 1.6 * columns * canvas.shape[0] / canvas.shape[1] + 0.5))
+    for k, (image, p, t) in enumerate(zip(images, predicted, true)):
+        top, left = (k // columns) * (gap_y + h) + gap_y, (k % columns) * (w + gap_x) + gap_x // 2
+        canvas[top:top + h, left:left + w] = image
         right = p == t
-        ax.set_title(f"{'✓' if right else '✗'} {classes[p]}\n({classes[t]})", fontsize=8,
-                     color=PALETTE[0] if right else PALETTE[1])
+        ax.text(left + w / 2, top - 1, f"{'✓' if right else '✗'} {classes[p]}\n({classes[t]})", ha="center",
+                va="bottom", fontsize=8, color=PALETTE[0] if right else PALETTE[1])
+    ax.imshow(canvas, interpolation="nearest", cmap="gray" if canvas.ndim == 2 else None)
+    ax.axis("off")
     fig.suptitle("Sample predictions: predicted (true)")
     return _save(fig, path)
 
 
+@_styled("whitegrid")
 def plot_study_effects(cells: Sequence[dict], noise: float, reference: float, baseline: float, path, title: str) -> Path:
     """Each cell's change in validation accuracy against the baseline (points), the noise band (twice the noise),
     and the SimpleCNN reference as a line."""
-    sns.set_theme(style="whitegrid")
+    import seaborn as sns  # only here (see the module's docstring)
+
     cells = sorted(cells, key=lambda c: -c["effect_points"])
     fig, ax = plt.subplots(figsize=(9, 0.55 * len(cells) + 2))
     colours = [PALETTE[2] if c["effect_points"] > 2 * noise else PALETTE[3] if c["effect_points"] < -2 * noise

@@ -120,6 +120,20 @@ def test_training_plot_shares_the_epoch_axis_and_a_single_epoch_is_readable(monk
     assert len(loss_ax.get_lines()) == 2 and len(acc_ax.get_lines()) == 2  # training and validation in both
 
 
+def test_sample_predictions_place_every_image_under_its_marked_title(monkeypatch):
+    figures = captured_figure(monkeypatch)
+    images = np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    plots.plot_sample_predictions(images, [0, 1] * 5, [0] * 10, ["a", "b"], "x.png", columns=4)
+    ax, = figures[0].axes
+    titles = [t.get_text() for t in ax.texts]
+    assert len(titles) == 10 and titles[:2] == ["✓ a\n(a)", "✗ b\n(a)"]
+    assert {t.get_color() for t in ax.texts} == {plots.PALETTE[0], plots.PALETTE[1]}
+    canvas = ax.get_images()[0].get_array()
+    assert canvas.shape == (3 * 64, 4 * 40, 3)  # 3 rows of 4, each image with room for its title
+    np.testing.assert_array_equal(canvas[32:64, 4:36], images[0])
+    np.testing.assert_array_equal(canvas[2 * 64 + 32:3 * 64, 40 + 4:40 + 36], images[9])
+
+
 def test_confusion_plot_has_counts_rates_and_accuracy(monkeypatch):
     figures = captured_figure(monkeypatch)
     plots.plot_confusion_matrix(np.array([[8, 2], [1, 9]]), ["a", "b"], "x.png", title="Confusion")
