@@ -77,6 +77,14 @@ def agree(values: dict, what: str) -> None:
                         "start every process with the same flags and data")
 
 
+def writer_decides(flag: bool) -> bool:
+    """Process 0's `flag`, in every process: for a choice that every process must make alike (such as when to
+    checkpoint: every process joins a save) but that reads something local (such as a clock)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
 def barrier(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)

@@ -1,7 +1,8 @@
 """Training loops with the original's semantics: `train_loop` (SimpleCNN) and `fine_tune_loop` (ResNet-18).
 
 Both run `fit`: epochs over a seeded permutation, evaluation every `eval_every` steps and at each epoch end,
-checkpoints at epoch ends (and every `checkpoint_every` steps), resumption from the newest intact checkpoint,
+checkpoints at epoch ends (at most one per `checkpoint_seconds`, and the last epoch's always; and every
+`checkpoint_every` steps), resumption from the newest intact checkpoint,
 a guard that stops on a non-finite loss, and Ctrl-C that stops cleanly with a resumable checkpoint. Same seed,
 same machine: the same numbers, whether the devices sit in one process or several.
 """
@@ -232,6 +233,7 @@ class Trainer:
             eval_idx = eval_indices(len(self.val), self.config.eval_batch_size, p.n_devices)[0][0]
             jax.block_until_ready(p.eval_step(self.device_state, self.val_data, p.mine(eval_idx)))
         self.start_step = self.last_step = int(self.state.step)
+        self.last_checkpoint = time.perf_counter()
         self.compiled_steps = 0
         self.step_seconds = {True: 0.0, False: 0.0}  # this fit's compiling first call, and the calls after it
         self.t0 = time.perf_counter() - self.elapsed
@@ -276,6 +278,20 @@ class Trainer:
 
     def epoch_end(self, step: int) -> bool:
         return step % self.steps_per_epoch == 0
+
+    def checkpoint_due(self, step: int) -> bool:
+        """Whether to checkpoint after `step`: every `checkpoint_every` steps and after the last; at the other
+        epoch ends, once `checkpoint_seconds` passed since the last checkpoint (process 0's clock decides for
+        every process). A checkpoint costs about as much as an epoch of a head on cached features (orbax: 0.1 s
+        for 5,000 parameters), so short epochs are not each checkpointed."""
+        if self.checkpointer is None:
+            return False
+        if itstime(step, self.config.checkpoint_every) or step == self.total_steps:
+            return True
+        if not self.epoch_end(step):
+            return False
+        self.sync()  # no step may be queued when process 0's choice is broadcast
+        return distributed.writer_decides(time.perf_counter() - self.last_checkpoint >= self.config.checkpoint_seconds)
 
     def sync(self) -> None:
         """Wait for the queued training steps, so their time counts as training (dispatch is asynchronous)."""
@@ -324,6 +340,7 @@ class Trainer:
                     "train_loss": loss}
             self.checkpointer.save(self.parallel.unreplicate(self.device_state), meta)
             self.saved = (step, loss)
+            self.last_checkpoint = time.perf_counter()
 
     def non_finite(self, step: int, loss: float) -> NonFiniteLossError:
         """The error for a non-finite loss, with advice that works when followed."""
@@ -413,7 +430,7 @@ def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inp
 
 
 def _train(trainer: Trainer, desc: str) -> None:
-    """The loop itself: step, evaluate when it is time, checkpoint at epoch ends, stop cleanly on Ctrl-C."""
+    """The loop itself: step, evaluate when it is time, checkpoint when due, stop cleanly on Ctrl-C."""
     config, bar = trainer.config, None
     try:
         with _StopRequest() as stop:
@@ -429,7 +446,7 @@ def _train(trainer: Trainer, desc: str) -> None:
                     record = trainer.evaluate(step)
                     bar.set_postfix(epoch=f"{record['epoch']:g}", loss=f"{record['train_loss']:.4f}",
                                     val=f"{record['val_accuracy']:.3f}")
-                if trainer.epoch_end(step) or itstime(step, config.checkpoint_every):
+                if trainer.checkpoint_due(step):
                     trainer.save(step)
                 if stop.requested:
                     trainer.save(step)

@@ -71,6 +71,12 @@ def test_resume_in_process_equals_uninterrupted(tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.parametrize("seconds, steps", [(3600, [15]), (1e-9, [5, 10, 15])])
+def test_epochs_are_checkpointed_once_checkpoint_seconds_passed_and_the_last_always(tmp_path, seconds, steps):
+    train_loop(fast(n_epochs=3, checkpoint_seconds=seconds), tiny_split(40), tiny_split(12, seed=1), run=tmp_path)
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == steps  # 5 steps per epoch
+
+
 def test_load_variables_returns_the_latest_params(tmp_path):
     result = train_loop(fast(n_epochs=2, keep_checkpoints=1), tiny_split(40), tiny_split(12, seed=1), run=tmp_path)
     loaded = load_variables(tmp_path)

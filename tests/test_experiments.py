@@ -105,7 +105,8 @@ def test_finetune_several_epoch_counts_overlay_their_curves(data_dir, tmp_path):
 
 def test_a_longer_finetune_continues_the_shorter_one_bit_for_bit(data_dir, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    args = ["--data-dir", str(data_dir), "--batch-size", "4", "--weights", "random", "--conv-impl", "xla"]
+    args = ["--data-dir", str(data_dir), "--batch-size", "4", "--weights", "random", "--conv-impl", "xla",
+            "--checkpoint-seconds", "0"]  # every epoch end, so that the checkpoints kept can be compared too
     finetune.main(args + ["--epochs", "1", "3", "--out", str(tmp_path / "both")])
     assert "3 epochs: validation accuracy" in capsys.readouterr().out
     finetune.main(args + ["--epochs", "3", "--out", str(tmp_path / "alone")])

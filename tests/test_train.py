@@ -20,7 +20,8 @@ from cifarjax.train import DataParallel, create_train_state
 def fast(**changes) -> Config:
     """The tests' training config: XLA's convolution compiles 5x faster than the fused CPU blocks, whose
     equivalence tests/test_models.py checks; loop behaviour does not depend on the formulation."""
-    return Config(**{"batch_size": 8, "num_classes": 3, "eval_every": 0, "conv_impl": "xla", **changes})
+    return Config(**{"batch_size": 8, "num_classes": 3, "eval_every": 0, "conv_impl": "xla", "checkpoint_seconds": 0,
+                     **changes})
 
 
 def small_resnet(**kw):
