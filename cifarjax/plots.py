@@ -145,7 +145,7 @@ def plot_sample_predictions(images: np.ndarray, predicted: Sequence[int], true: 
                             classes: Sequence[str], path, columns: int = 8) -> Path:
     """A grid of uint8 images titled 'predicted (true)', marked ✓ (blue) when right and ✗ (orange) when wrong.
 
-    The images are tiled into one picture on one axes: an axes per image took 2.8 s to draw, this takes 0.3 s."""
+    The images are tiled into one picture on one axes: an axes per image took 2.8 s to draw 32, this 0.35 s."""
     images = np.asarray(images)
     n, h, w = images.shape[:3]
     rows = -(-n // columns)
