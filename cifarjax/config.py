@@ -108,8 +108,8 @@ class Config:
     # Checkpoints.
     checkpoint_every: int = option(0, "also checkpoint every N steps (0: only at epoch ends)", minimum=0,
                                    resumable=True)
-    checkpoint_seconds: float = option(30.0, "checkpoint at an epoch end once N seconds passed since the last "
-                                       "checkpoint (0: at every epoch end); the last epoch and Ctrl-C always "
+    checkpoint_seconds: float = option(30.0, "checkpoint at an epoch end once this many seconds passed since the "
+                                       "last checkpoint (0: at every epoch end); the last epoch and Ctrl-C always "
                                        "checkpoint", minimum=0, resumable=True)
     keep_checkpoints: int = option(3, "checkpoints kept", minimum=1, resumable=True)
     recipe: str = internal("original", "the named preset the values started from (cifarjax.recipes)")
