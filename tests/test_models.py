@@ -8,8 +8,8 @@ import optax
 import pytest
 
 from cifarjax.fusion import materialize
-from cifarjax.layers import (Conv, Dropout, conv2d, conv3x3_maxpool, conv3x3_same, conv_phases, max_pool,
-                             winograd_phases)
+from cifarjax.layers import (Conv, Dropout, conv2d, conv3x3_maxpool, conv3x3_same, conv_phases,
+                             dense_transposed_backward, max_pool, winograd_phases)
 from cifarjax.models import ResNet18, SimpleCNN
 from tests.helpers import n_params
 
@@ -320,3 +320,18 @@ def test_resnet_parameter_names_split_backbone_and_head():
     assert v["params"]["head"]["kernel"].shape == (512, 10)
     assert "layer4_block1" in v["params"]["backbone"] and "bn1" in v["batch_stats"]["backbone"]
     assert n_params(v["params"]) == sum(p.numel() for p in __import__("torchvision").models.resnet18(num_classes=10).parameters())
+
+
+def test_dense_transposed_backward_is_exact():
+    """Dense's CPU gradient (a transposed copy of x times g) equals autodiff of x @ k + b. In float64 both sum the
+    same 64 products per kernel entry in possibly different orders: a relative difference near 1e-15, so 1e-12
+    says "the same formula" on any CPU, while a wrong transpose or missing term is off by O(1)."""
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        x, k, b = (jnp.asarray(rng.standard_normal(s)) for s in ((64, 512), (512, 10), (10,)))
+        loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731 - a gradient that varies per entry
+        got = jax.grad(loss(dense_transposed_backward), argnums=(0, 1, 2))(x, k, b)
+        expected = jax.grad(loss(lambda x, k, b: x @ k + b), argnums=(0, 1, 2))(x, k, b)
+    for g, e in zip(got, expected):
+        assert g.dtype == np.float64 and g.shape == e.shape
+        np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
