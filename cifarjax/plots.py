@@ -112,7 +112,7 @@ def plot_runs(curves: Mapping[str, Mapping[str, Sequence[float]]], path, title: 
     return _save(fig, path)
 
 
-def _heatmap(fig, ax, values: np.ndarray, classes: Sequence[str], fmt: str, label: str, vmax=None) -> None:
+def _heatmap(ax, values: np.ndarray, classes: Sequence[str], fmt: str, label: str, vmax=None) -> None:
     """`values` as coloured cells, each annotated in black or white (whichever reads on its colour), with a
     colour bar: seaborn's annotated heatmap, drawn by matplotlib alone."""
     image = ax.imshow(values, cmap="viridis", vmin=0, vmax=vmax if vmax is not None else max(values.max(), 1))
@@ -122,7 +122,7 @@ def _heatmap(fig, ax, values: np.ndarray, classes: Sequence[str], fmt: str, labe
                 color="black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.408 else "white")
     ax.set_xticks(range(len(classes)), classes, rotation=90)
     ax.set_yticks(range(len(classes)), classes)
-    fig.colorbar(image, ax=ax, label=label)
+    ax.figure.colorbar(image, ax=ax, label=label)
 
 
 @_styled("white")
@@ -132,10 +132,10 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path, titl
     accuracy = np.trace(matrix) / max(matrix.sum(), 1)
     size = 1.0 + 0.75 * len(classes)
     fig, (counts, rates) = plt.subplots(1, 2, figsize=(2 * size + 1, size))
-    _heatmap(fig, counts, matrix, classes, "d", "images")
+    _heatmap(counts, matrix, classes, "d", "images")
     counts.set(title="counts", xlabel="predicted class", ylabel="true class")
     normalised = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    _heatmap(fig, rates, 100 * normalised, classes, ".0f", "% of the true class", vmax=100)
+    _heatmap(rates, 100 * normalised, classes, ".0f", "% of the true class", vmax=100)
     rates.set(title="row-normalised (%)", xlabel="predicted class", ylabel="true class")
     fig.suptitle(f"{title}: accuracy {100 * accuracy:.2f}%")
     return _save(fig, path)
