@@ -20,7 +20,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import cifarjax  # noqa: E402
-from cifarjax import distributed, plots, runs  # noqa: E402
+from cifarjax import distributed, hugepages, plots, runs  # noqa: E402
 from cifarjax.augment import with_normalization  # noqa: E402
 from cifarjax.batching import train_indices  # noqa: E402
 from cifarjax.checkpoint import latest_epoch  # noqa: E402
@@ -214,4 +214,4 @@ def environment() -> dict:
     devices = jax.devices()
     return {"device_kind": devices[0].device_kind, "device_count": len(devices), "process_count": jax.process_count(),
             "platform": devices[0].platform, "jax": jax.__version__, "host": platform.node(), "cpu_count": os.cpu_count(),
-            "peak_rss_mb": peak_memory_mb()}
+            "huge_pages": hugepages.in_effect(), "peak_rss_mb": peak_memory_mb()}

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from cifarjax import runs
+from cifarjax import hugepages, runs
 from cifarjax.checkpoint import load_variables
 from experiments import cnn
 from tests.helpers import make_image_folder
@@ -86,6 +86,10 @@ def test_two_processes_equal_one_process_with_two_devices(data_dir, one_process,
     assert metrics(one_process) == metrics(out)
     summary = json.loads((out / runs.SUMMARY).read_text())
     assert (summary["process_count"], summary["device_count"]) == (2, 2)
+    # Started as commands, the processes relaunched with huge pages where that changes something; this process
+    # did not: the same numbers either way.
+    assert summary["huge_pages"] == hugepages.in_effect(
+        hugepages.relaunch_environ(os.environ, hugepages.kernel_mode()) or os.environ)
 
 
 def test_negative_control_each_process_alone_differs(data_dir, one_process, tmp_path):

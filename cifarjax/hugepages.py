@@ -1,0 +1,69 @@
+"""Transparent huge pages for a command's buffers (Linux, glibc 2.35+), by relaunching it with glibc's tunable.
+
+XLA allocates each step's temporary buffers anew: glibc maps large ones from the kernel and unmaps them when
+freed, so every step page-faults each 4 KB page again (ResNet-18's step at 224x224: 275,000 faults and about
+1 s of system time a step on a 2-core CPU). With `glibc.malloc.hugetlb=1` glibc asks for 2 MB transparent
+huge pages where the kernel grants them on request ("madvise", a common default): 500 times fewer faults, no
+change in the arithmetic or in peak memory (docs/results.md). glibc reads its tunables only when a process
+starts, so a command started without it execs itself again (same process id, same arguments) before it imports
+anything else. `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` keeps a command from doing so.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+TUNABLE = "glibc.malloc.hugetlb"
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+FIRST_GLIBC = (2, 35)  # the first glibc with the tunable
+
+
+def kernel_mode(setting: Path = THP_SETTING) -> Optional[str]:
+    """The kernel's transparent-huge-page mode ("always", "madvise" or "never"), None where there is none."""
+    try:
+        text = setting.read_text()
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")] if "[" in text and "]" in text else None
+
+
+def _glibc_has_tunable(libc: Sequence[str]) -> bool:
+    name, version = libc
+    try:
+        return name == "glibc" and tuple(int(p) for p in version.split(".")[:2]) >= FIRST_GLIBC
+    except ValueError:
+        return False
+
+
+def relaunch_environ(environ: Mapping[str, str], mode: Optional[str],
+                     libc: Sequence[str] = platform.libc_ver()) -> Optional[dict]:
+    """The environment to relaunch with (`environ` plus the tunable), or None where relaunching changes nothing:
+    the kernel grants huge pages to every mapping anyway ("always") or to none, glibc is too old or absent, or
+    GLIBC_TUNABLES already sets the tunable (the user's choice)."""
+    current = environ.get("GLIBC_TUNABLES", "")
+    if mode != "madvise" or not _glibc_has_tunable(libc) or f"{TUNABLE}=" in current:
+        return None
+    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [current, f"{TUNABLE}=1"]))}
+
+
+def in_effect(environ: Mapping[str, str] = os.environ, mode: Optional[str] = None) -> bool:
+    """Whether a process started with `environ` gets huge pages for its large buffers."""
+    mode = kernel_mode() if mode is None else mode
+    return mode == "always" or (mode == "madvise" and f"{TUNABLE}=1" in environ.get("GLIBC_TUNABLES", "").split(":"))
+
+
+def relaunch_command(package: str, argv: Optional[Sequence[str]] = None) -> None:
+    """Exec this process again with huge pages where it was started as `python -m <package>.NAME` and that would
+    change something; otherwise (and if the exec fails) return. Call it before anything else is imported."""
+    argv = list(sys.orig_argv if argv is None else argv)
+    launched = any(a == "-m" and b.startswith(f"{package}.") for a, b in zip(argv, argv[1:]))
+    environ = relaunch_environ(os.environ, kernel_mode()) if launched else None
+    if environ is None:
+        return
+    try:
+        os.execve(sys.executable, argv, environ)
+    except OSError:  # run as started
+        return
