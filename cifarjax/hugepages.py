@@ -3,15 +3,14 @@
 XLA allocates each step's temporary buffers anew: glibc maps large ones from the kernel and unmaps them when
 freed, so every step page-faults each 4 KB page again (ResNet-18's step at 224x224: 275,000 faults and about
 1 s of system time a step on a 2-core CPU). With `glibc.malloc.hugetlb=1` glibc asks for 2 MB transparent
-huge pages where the kernel grants them on request ("madvise", a common default): 500 times fewer faults, no
-change in the arithmetic or in peak memory (docs/results.md). glibc reads its tunables only when a process
+huge pages where the kernel grants them on request ("madvise", a common default): 40-125 times fewer faults,
+the same arithmetic and peak memory (docs/results.md). glibc reads its tunables only when a process
 starts, so a command started without it execs itself again (same process id, same arguments) before it imports
 anything else. `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` keeps a command from doing so.
 """
 from __future__ import annotations
 
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -30,21 +29,28 @@ def kernel_mode(setting: Path = THP_SETTING) -> Optional[str]:
     return text[text.index("[") + 1:text.index("]")] if "[" in text and "]" in text else None
 
 
-def _glibc_has_tunable(libc: Sequence[str]) -> bool:
-    name, version = libc
+def running_libc() -> str:
+    """This process's C library and version ("glibc 2.36"), "" where it does not say."""
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (AttributeError, ValueError, OSError):
+        return ""
+
+
+def _glibc_has_tunable(libc: str) -> bool:
+    name, _, version = libc.partition(" ")
     try:
         return name == "glibc" and tuple(int(p) for p in version.split(".")[:2]) >= FIRST_GLIBC
     except ValueError:
         return False
 
 
-def relaunch_environ(environ: Mapping[str, str], mode: Optional[str],
-                     libc: Sequence[str] = platform.libc_ver()) -> Optional[dict]:
+def relaunch_environ(environ: Mapping[str, str], mode: Optional[str], libc: Optional[str] = None) -> Optional[dict]:
     """The environment to relaunch with (`environ` plus the tunable), or None where relaunching changes nothing:
     the kernel grants huge pages to every mapping anyway ("always") or to none, glibc is too old or absent, or
     GLIBC_TUNABLES already sets the tunable (the user's choice)."""
     current = environ.get("GLIBC_TUNABLES", "")
-    if mode != "madvise" or not _glibc_has_tunable(libc) or f"{TUNABLE}=" in current:
+    if mode != "madvise" or f"{TUNABLE}=" in current or not _glibc_has_tunable(libc or running_libc()):
         return None
     return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [current, f"{TUNABLE}=1"]))}
 
