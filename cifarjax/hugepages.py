@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional
 
 TUNABLE = "glibc.malloc.hugetlb"
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -61,10 +61,10 @@ def in_effect(environ: Mapping[str, str] = os.environ, mode: Optional[str] = Non
     return mode == "always" or (mode == "madvise" and f"{TUNABLE}=1" in environ.get("GLIBC_TUNABLES", "").split(":"))
 
 
-def relaunch_command(package: str, argv: Optional[Sequence[str]] = None) -> None:
+def relaunch_command(package: str) -> None:
     """Exec this process again with huge pages where it was started as `python -m <package>.NAME` and that would
     change something; otherwise (and if the exec fails) return. Call it before anything else is imported."""
-    argv = list(sys.orig_argv if argv is None else argv)
+    argv = sys.orig_argv
     launched = any(a == "-m" and b.startswith(f"{package}.") for a, b in zip(argv, argv[1:]))
     environ = relaunch_environ(os.environ, kernel_mode()) if launched else None
     if environ is None:
