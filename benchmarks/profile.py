@@ -6,6 +6,8 @@ ROW is a `benchmarks.throughput` row name (e.g. resnet_all_224). The step is com
 `rate()` (its usual number of steps) runs under `jax.profiler`; each XLA operation's time is summed over the
 CPU runtime's threads (operations that run side by side both count, so the total exceeds the wall time) and
 named by the model code it came from (the HLO metadata of the optimised program, dumped to a temporary folder).
+It also splits the wall time by how many of the runtime's threads were inside an operation: time with none is
+spent between operations (scheduling and waking threads), not in them.
 """
 from __future__ import annotations
 
@@ -44,17 +46,39 @@ def hlo_names(hlo: str) -> dict:
     return {m[1]: (m[2], m[3]) for m in re.finditer(r"^\s*(?:ROOT )?%(\S+) = (\S+) .*?op_name=\"([^\"]+)\"", hlo, re.M)}
 
 
-def op_times(trace_dir: Path) -> collections.Counter:
+def op_times(trace_dir: Path) -> tuple:
+    """({operation: ns summed over the runtime's threads}, {thread: [(start ns, end ns) of its operations]})."""
     from jax._src.lib import _profile_data
     data = _profile_data.ProfileData.from_file(str(next(trace_dir.rglob("*.xplane.pb"))))
-    times = collections.Counter()
+    times, spans = collections.Counter(), collections.defaultdict(list)
     for plane in data.planes:
         for line in plane.lines:
             if line.name.startswith("tf_XLAEigen"):
                 for event in line.events:
-                    if not event.name.startswith(("ThunkExecutor", "Slinky")):
+                    if not event.name.startswith(("ThunkExecutor", "Slinky", "ThreadpoolListener")):
                         times[event.name] += event.duration_ns
-    return times
+                        spans[line.name].append((event.start_ns, event.start_ns + event.duration_ns))
+    return times, spans
+
+
+def threads_busy(spans: dict) -> collections.Counter:
+    """{k: ns of wall time during which exactly k threads were inside an operation}, from the first operation's
+    start to the last one's end. A thread's nested or overlapping spans count once."""
+    edges = []
+    for intervals in spans.values():
+        merged = []
+        for start, end in sorted(intervals):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        edges += [(start, 1) for start, _ in merged] + [(end, -1) for _, end in merged]
+    busy, count, last = collections.Counter(), 0, None
+    for t, step in sorted(edges):
+        if last is not None and t > last:
+            busy[count] += t - last
+        count, last = count + step, t
+    return busy
 
 
 def main(argv=None):
@@ -80,7 +104,7 @@ def report(name: str, top: int, dump: Path):
         jax.profiler.start_trace(trace)
         rate = row.rate()
         jax.profiler.stop_trace()
-        times = op_times(Path(trace))
+        times, spans = op_times(Path(trace))
     names = max((hlo_names(f.read_text()) for f in dump.glob("*after_optimizations.txt")),
                 key=lambda n: sum(ns for op, ns in times.items() if op in n))  # the program the trace ran
     steps = row.steps
@@ -91,6 +115,9 @@ def report(name: str, top: int, dump: Path):
     for (phase, kind_), ns in by_kind.most_common():
         print(f"{ns / 1e6 / steps:9.1f}  {kind_} ({phase})")
     print(f"{sum(times.values()) / 1e6 / steps:9.1f}  total")
+    busy = threads_busy(spans)
+    print("wall time per step, ms, by how many runtime threads were inside an operation: " +
+          ", ".join(f"{k}: {ns / 1e6 / steps:.1f}" for k, ns in sorted(busy.items())))
     print("largest operations:")
     for op, ns in times.most_common(top):
         shape, source = names.get(op, ("?", "?"))

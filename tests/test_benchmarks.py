@@ -55,3 +55,10 @@ def test_profile_sorts_operations_by_the_model_code_they_came_from():
     assert kind_of("jit(_fun)/jvp(ResNet)/backbone/layer1_block1/jit(relu)/max") == \
         ("forward", "ReLU, residual add, other")
     assert kind_of("jit(_fun)/add") == ("forward", "optimizer and other")
+
+
+def test_profile_splits_wall_time_by_busy_threads():
+    """Thread a: 0-10 and a nested 2-4 (once); thread b: 5-15; then a gap; a: 20-30."""
+    from benchmarks.profile import threads_busy
+    busy = threads_busy({"a": [(0, 10), (2, 4), (20, 30)], "b": [(5, 15)]})
+    assert busy == {1: 10 + 10, 2: 5, 0: 5}
