@@ -5,8 +5,9 @@
 Each row runs in its own child process, which measures cifarjax (its pmap-ed step on one device) and PyTorch
 (eager, on every core) interleaved, three rounds each, and reports the median images/s of each, their ratio
 (cifarjax/PyTorch) and the child's peak resident memory: both sides together, and cifarjax's alone (taken before
-PyTorch's side starts). `--end-to-end` adds a whole SimpleCNN epoch (`python -m experiments.cnn --epochs 1`
-against the original's recipe). Uses ../shared's CIFAR-10 images when present, generated images otherwise.
+PyTorch's side starts). Each child asks XLA for the schedule the commands choose for the row's settings
+(`cifarjax.xla_flags.schedule_for`). `--end-to-end` adds a whole SimpleCNN epoch (`python -m experiments.cnn
+--epochs 1` against the original's recipe). Uses ../shared's CIFAR-10 images when present, generated images otherwise.
 The rows run under the allocator settings this command was started with: the experiment commands' huge pages
 (`cifarjax.hugepages`) are not added, since they speed both frameworks alike (the 224x224 step where everything
 trains, docs/results.md); start it with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` to measure with them.
@@ -31,6 +32,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks.data import find_data  # noqa: E402
+from cifarjax import xla_flags  # noqa: E402
 from cifarjax.augment import AugmentSpec  # noqa: E402
 from cifarjax.config import Config  # noqa: E402
 from cifarjax.data import load_dataset, train_val_split  # noqa: E402
@@ -142,7 +144,7 @@ def measure_row(name: str, images, labels, rounds: int = 3) -> dict:
     a, b = statistics.median(r[0] for r in rates), statistics.median(r[1] for r in rates)
     return {"name": name, "description": description, "cifarjax": round(a, 1), "pytorch": round(b, 1),
             "ratio": round(a / b, 3), "unit": "images/s", "peak_rss_mb": peak_memory_mb(),
-            "cifarjax_peak_rss_mb": ours_peak}
+            "cifarjax_peak_rss_mb": ours_peak, "xla_cpu_scheduler": xla_flags.scheduler()}
 
 
 def end_to_end(folder: Path, images, labels, val) -> dict:
@@ -170,6 +172,8 @@ def main(argv=None):
     p.add_argument("--end-to-end", action="store_true", help="add a whole SimpleCNN epoch against the original's")
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # a child process measuring one row
     args = p.parse_args(argv)
+    if args.row:  # XLA's schedule as the experiment commands choose it for the row's settings
+        xla_flags.schedule_for(Config(**ROWS[args.row][3]))
     folder, data_label = find_data(args.data_dir)
     train, val = train_val_split(load_dataset(folder))
     if args.row:

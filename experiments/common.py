@@ -20,7 +20,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import cifarjax  # noqa: E402
-from cifarjax import distributed, hugepages, plots, runs  # noqa: E402
+from cifarjax import distributed, hugepages, plots, runs, xla_flags  # noqa: E402
 from cifarjax.augment import with_normalization  # noqa: E402
 from cifarjax.batching import train_indices  # noqa: E402
 from cifarjax.checkpoint import latest_epoch  # noqa: E402
@@ -100,18 +100,18 @@ def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
     Nothing is written yet: `open_run` creates the run folder once the start has succeeded.
     """
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
-    phases = Phases(announce=distributed.is_writer())
     run = runs.check_out(args.out, command, args.overwrite, args.resume)
     typed = given(args, command) if typed is None else typed
     if args.resume:
-        saved = Config.from_dict(runs.read_json(run / runs.CONFIG))
-        config = resumed_config(saved, typed, args.recipe, str(run))
-        done = latest_epoch(run)
-        if done is not None and done > config.n_epochs:
-            raise UserError(f"the run in {run} already trained {done:g} epochs; pass --epochs {math.ceil(done)} or "
-                            "more to resume it")
+        config = resumed_config(Config.from_dict(runs.read_json(run / runs.CONFIG)), typed, args.recipe, str(run))
     else:
         config = new_config(command, args.recipe, typed, **fixed)
+    xla_flags.schedule_for(config)  # before anything starts JAX's backend (orbax, `is_writer`)
+    done = latest_epoch(run) if args.resume else None
+    if done is not None and done > config.n_epochs:
+        raise UserError(f"the run in {run} already trained {done:g} epochs; pass --epochs {math.ceil(done)} or more "
+                        "to resume it")
+    phases = Phases(announce=distributed.is_writer())
     with phases("data_loading", "loading the data"):
         dataset = load_dataset(config.data_dir, config.dataset, config.decode_size)
         train, val = train_val_split(dataset, config.val_fraction, config.seed, config.subset)
@@ -214,4 +214,5 @@ def environment() -> dict:
     devices = jax.devices()
     return {"device_kind": devices[0].device_kind, "device_count": len(devices), "process_count": jax.process_count(),
             "platform": devices[0].platform, "jax": jax.__version__, "host": platform.node(), "cpu_count": os.cpu_count(),
-            "huge_pages": hugepages.in_effect(), "peak_rss_mb": peak_memory_mb()}
+            "huge_pages": hugepages.in_effect(), "xla_cpu_scheduler": xla_flags.scheduler(),
+            "peak_rss_mb": peak_memory_mb()}

@@ -1,5 +1,8 @@
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -212,3 +215,20 @@ def test_resume_continues_and_refuses_changed_settings(data_dir, tmp_path, capsy
     with pytest.raises(SystemExit):
         cnn.main(base + ["--epochs", "3", "--resume", "--crop-padding", "2"])
     assert "crop_padding: 0 → 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("unfreeze, scheduler", [("all", "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"), ("head", "default")])
+def test_a_fresh_fine_tune_asks_for_its_schedule_before_the_backend_starts(data_dir, tmp_path, unfreeze, scheduler):
+    """The run's settings decide XLA's schedule (`cifarjax.xla_flags`) before anything starts JAX's backend, which
+    reads its flags once. The start is cut short where the data loads."""
+    program = ("import sys, experiments.common as common\n"
+               "from cifarjax import xla_flags\n"
+               "def stop(*args, **kwargs):\n"
+               "    print('scheduler', xla_flags.scheduler()); raise SystemExit(0)\n"
+               "common.load_dataset = stop\n"
+               "from experiments import finetune\n"
+               "finetune.main(sys.argv[1:])\n")
+    argv = ["--weights", "random", "--unfreeze", unfreeze, "--data-dir", str(data_dir), "--out", str(tmp_path / "r")]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run([sys.executable, "-c", program, *argv], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert result.stdout.split() == ["scheduler", scheduler], result.stderr[-2000:]
