@@ -7,7 +7,7 @@ ROW is a `benchmarks.throughput` row name (e.g. resnet_all_224). The step is com
 CPU runtime's threads (operations that run side by side both count, so the total exceeds the wall time) and
 named by the model code it came from (the HLO metadata of the optimised program, dumped to a temporary folder).
 It also splits the wall time by how many of the runtime's threads were inside an operation: time with none is
-spent between operations (scheduling and waking threads), not in them.
+spent between operations, not in them.
 """
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ Each row runs in its own child process, which measures cifarjax (its pmap-ed ste
 (cifarjax/PyTorch) and the child's peak resident memory: both sides together, and cifarjax's alone (taken before
 PyTorch's side starts). Each child asks XLA for the schedule the commands choose for the row's settings
 (`cifarjax.xla_flags.schedule_for`). `--end-to-end` adds a whole SimpleCNN epoch (`python -m experiments.cnn
---epochs 1` against the original's recipe). Uses ../shared's CIFAR-10 images when present, generated images otherwise.
-The rows run under the allocator settings this command was started with: the experiment commands' huge pages
+--epochs 1` against the original's recipe). Uses ../shared's CIFAR-10 images when present, generated images
+otherwise. The rows run under the allocator settings this command was started with: the experiment commands' huge pages
 (`cifarjax.hugepages`) are not added, since they speed both frameworks alike (the 224x224 step where everything
 trains, docs/results.md); start it with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` to measure with them.
 `--end-to-end` runs the command as a user does, huge pages included.

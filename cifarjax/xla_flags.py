@@ -7,8 +7,9 @@
 * `MEMORY_SCHEDULE`, added by a command whose run trains all of a ResNet (`schedule_for`): XLA's memory-optimised
   schedule. It made ResNet-18's steps where everything trains 1.05-1.2x faster (32x32 and 224x224) and cut the
   224x224 one's XLA temporaries from 1,133 to 685 MB, but slowed SimpleCNN's step (0.8-0.9x), and the steps where
-  only the head or head and layer4 train gained nothing or lost. XLA reads its flags once, when the backend starts, so one process has one schedule for all its programs.
-  The order of operations changes, not their arithmetic.
+  only the head or head and layer4 train gained nothing or lost. XLA reads its flags once, when the backend
+  starts, so one process has one schedule for all its programs. The order of operations changes, not their
+  arithmetic.
 """
 from __future__ import annotations
 
