@@ -24,9 +24,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.throughput import ROWS, CifarjaxRow  # noqa: E402
-from cifarjax import xla_flags  # noqa: E402
-from cifarjax.config import Config  # noqa: E402
+from benchmarks.throughput import ROWS, CifarjaxRow, schedule_row  # noqa: E402
 
 
 def kind_of(op_name: str) -> tuple:
@@ -91,7 +89,7 @@ def main(argv=None):
     dump = Path(tempfile.mkdtemp(prefix="cifarjax-hlo-"))
     # Read when the CPU backend starts, which nothing has done yet in this process.
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump}"
-    xla_flags.schedule_for(Config(**ROWS[args.row][3]))  # as the benchmark's child for this row
+    schedule_row(args.row)  # as the benchmark's child for this row
     try:
         report(args.row, args.top, dump)
     finally:  # the HLO dump and the trace are this run's own temporary files

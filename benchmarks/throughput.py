@@ -132,6 +132,12 @@ class TorchRow:
         return self.ref.train_step_rate(self.model, self.batch, self.steps, self.size, frozen_bn=self.frozen or False)
 
 
+def schedule_row(name: str) -> str:
+    """Ask XLA for the schedule the experiment commands choose for the row's settings (before JAX's backend
+    starts: `cifarjax.xla_flags.schedule_for`); returns the scheduler asked for."""
+    return xla_flags.schedule_for(Config(**ROWS[name][3]))
+
+
 def measure_row(name: str, images, labels, rounds: int = 3) -> dict:
     """One row, interleaved: cifarjax then PyTorch, `rounds` times; medians and this process's peak memory, both
     sides together and cifarjax's alone (measured after its step compiled and ran, before PyTorch's side starts;
@@ -172,8 +178,8 @@ def main(argv=None):
     p.add_argument("--end-to-end", action="store_true", help="add a whole SimpleCNN epoch against the original's")
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # a child process measuring one row
     args = p.parse_args(argv)
-    if args.row:  # XLA's schedule as the experiment commands choose it for the row's settings
-        xla_flags.schedule_for(Config(**ROWS[args.row][3]))
+    if args.row:
+        schedule_row(args.row)
     folder, data_label = find_data(args.data_dir)
     train, val = train_val_split(load_dataset(folder))
     if args.row:
