@@ -6,12 +6,13 @@ ROW is a `benchmarks.throughput` row name (e.g. resnet_all_224). The step is com
 `rate()` (its usual number of steps) runs under `jax.profiler`; each XLA operation's time is summed over the
 CPU runtime's threads (operations that run side by side both count, so the total exceeds the wall time) and
 named by the model code it came from (the HLO metadata of the optimised program, dumped to a temporary folder).
-It also splits the wall time by how many of the runtime's threads were inside an operation: time with none is
-spent between operations, not in them.
+It also splits the wall time by how many of the runtime's threads were inside an operation (an asynchronous one in
+flight, such as XLA's own convolutions, counting as one): time with none is spent between operations, not in them.
 """
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import os
 import re
@@ -46,19 +47,71 @@ def hlo_names(hlo: str) -> dict:
     return {m[1]: (m[2], m[3]) for m in re.finditer(r"^\s*(?:ROOT )?%(\S+) = (\S+) .*?op_name=\"([^\"]+)\"", hlo, re.M)}
 
 
-def op_times(trace_dir: Path) -> tuple:
-    """({operation: ns summed over the runtime's threads}, {thread: [(start ns, end ns) of its operations]})."""
+def trace_lines(trace_dir: Path) -> dict:
+    """{runtime thread: [(event name, start ns, end ns)]} of the XLA CPU runtime's threads in a trace."""
     from jax._src.lib import _profile_data
     data = _profile_data.ProfileData.from_file(str(next(trace_dir.rglob("*.xplane.pb"))))
-    times, spans = collections.Counter(), collections.defaultdict(list)
-    for plane in data.planes:
-        for line in plane.lines:
-            if line.name.startswith("tf_XLAEigen"):
-                for event in line.events:
-                    if not event.name.startswith(("ThunkExecutor", "Slinky", "ThreadpoolListener")):
-                        times[event.name] += event.duration_ns
-                        spans[line.name].append((event.start_ns, event.start_ns + event.duration_ns))
+    return {line.name: [(e.name, e.start_ns, e.start_ns + e.duration_ns) for e in line.events]
+            for plane in data.planes for line in plane.lines if line.name.startswith("tf_XLAEigen")}
+
+
+def op_times(lines: dict) -> tuple:
+    """({operation: ns summed over the runtime's threads}, {lane: [(start ns, end ns) of its operations]}).
+
+    An operation XLA runs asynchronously (its own convolutions, matrix products outside YNNPACK) shows only as a
+    short launch on one thread; the pool threads that compute it are not in the trace. It is done when its
+    completion callback starts: the `ThunkExecutor::Execute` event that runs the operations that waited for it,
+    just before its `end: NAME` marker on the same thread. Its time counts from launch to there, and while in flight it fills the lane
+    'in flight'. A synchronous operation's marker follows its own event, inside an Execute that began before it,
+    so it keeps its own event's time."""
+    executes, launches, ends = (collections.defaultdict(list) for _ in range(3))
+    for thread, events in lines.items():
+        for name, start, end in events:
+            if name.startswith("end: "):
+                ends[name[5:]].append((start, thread))
+            elif name.startswith("ThunkExecutor::Execute"):
+                executes[thread].append(start)
+            elif not name.startswith(("ThunkExecutor", "Slinky", "ThreadpoolListener")):
+                launches[name].append((start, end, thread))
+    for intervals in executes.values():
+        intervals.sort()
+    times, spans, in_flight = collections.Counter(), collections.defaultdict(list), []
+    for name, events in launches.items():
+        for (start, end, thread), (marker, marker_thread) in zip(sorted(events), _padded(sorted(ends[name]), events)):
+            done = _last_start(executes[marker_thread], marker) if marker is not None else None
+            times[name] += end - start
+            spans[thread].append((start, end))
+            if done is not None and done > end:
+                in_flight.append((end, done, name))
+    times.update(shared_time(in_flight))
+    spans["in flight"] = [(start, end) for start, end, _ in in_flight]
     return times, spans
+
+
+def shared_time(intervals: list) -> collections.Counter:
+    """{name: ns} of (start, end, name) intervals, each stretch of time split evenly among the intervals open
+    then: operations in flight together share the pool threads, so their sum is the time any was in flight."""
+    edges = sorted([(start, 1, i) for i, (start, _, _) in enumerate(intervals)] +
+                   [(end, -1, i) for i, (_, end, _) in enumerate(intervals)])
+    shares, open_, last = collections.Counter(), set(), None
+    for t, step, i in edges:
+        if open_ and t > last:
+            for j in open_:
+                shares[intervals[j][2]] += (t - last) / len(open_)
+        (open_.add if step > 0 else open_.discard)(i)
+        last = t
+    return shares
+
+
+def _last_start(starts: list, t: int):
+    """The latest of the sorted times `starts` at or before t, or None."""
+    i = bisect.bisect_right(starts, t)
+    return starts[i - 1] if i else None
+
+
+def _padded(ends: list, launches: list) -> list:
+    """One completion marker per launch (a launch without one, at the trace's edge, gets None: its own time)."""
+    return ends + [(None, None)] * (len(launches) - len(ends))
 
 
 def threads_busy(spans: dict) -> collections.Counter:
@@ -105,7 +158,7 @@ def report(name: str, top: int, dump: Path):
         jax.profiler.start_trace(trace)
         rate = row.rate()
         jax.profiler.stop_trace()
-        times, spans = op_times(Path(trace))
+        times, spans = op_times(trace_lines(Path(trace)))
     names = max((hlo_names(f.read_text()) for f in dump.glob("*after_optimizations.txt")),
                 key=lambda n: sum(ns for op, ns in times.items() if op in n))  # the program the trace ran
     steps = row.steps
@@ -117,7 +170,8 @@ def report(name: str, top: int, dump: Path):
         print(f"{ns / 1e6 / steps:9.1f}  {kind_} ({phase})")
     print(f"{sum(times.values()) / 1e6 / steps:9.1f}  total")
     busy = threads_busy(spans)
-    print("wall time per step, ms, by how many runtime threads were inside an operation: " +
+    print("wall time per step, ms, by how many runtime threads were inside an operation (an asynchronous one in "
+          "flight counting as one): " +
           ", ".join(f"{k}: {ns / 1e6 / steps:.1f}" for k, ns in sorted(busy.items())))
     print("largest operations:")
     for op, ns in times.most_common(top):

@@ -57,6 +57,25 @@ def test_profile_sorts_operations_by_the_model_code_they_came_from():
     assert kind_of("jit(_fun)/add") == ("forward", "optimizer and other")
 
 
+def test_profile_counts_asynchronous_operations_until_their_completion_runs():
+    """As XLA's CPU runtime traces them: 'sync' runs inside an Execute that began before it and its marker follows
+    it; 'conv' and 'dot' launch (1 ns each), run unseen on the pool, and are done when the Execute that runs what
+    waited for them starts (30 and 50: 'dot''s marker is on the other thread). Both in flight 11-30, so they share
+    those 19 ns; 'dot' alone 30-50."""
+    from benchmarks.profile import op_times, shared_time, threads_busy
+    lines = {"a": [("ThunkExecutor::Execute", 0, 12), ("sync", 2, 8), ("end: sync", 8, 8), ("conv", 9, 10),
+                   ("dot", 10, 11), ("ThunkExecutor::Execute", 30, 40), ("after_conv", 31, 39),
+                   ("end: conv", 40, 40)],
+             "b": [("ThunkExecutor::Execute", 50, 60), ("after_dot", 51, 59), ("end: dot", 60, 60)]}
+    times, spans = op_times(lines)
+    assert times == {"sync": 6, "conv": 1 + 1 + 19 / 2, "dot": 1 + 19 / 2 + 20, "after_conv": 8, "after_dot": 8}
+    assert sorted(spans["in flight"]) == [(10, 30), (11, 50)]
+    # one lane busy: 'sync', 'conv''s launch, the flights alone, 'after_dot'; two: 'dot''s launch and 'after_conv'
+    # while 'dot' is in flight; none: 8-9 and 50-51
+    assert threads_busy(spans) == {1: 6 + 1 + 20 + 11 + 8, 2: 1 + 8, 0: 1 + 1}
+    assert shared_time([(0, 4, "x"), (2, 6, "y"), (2, 6, "y")]) == {"x": 2 + 2 / 3, "y": 2 * (2 / 3) + 2}  # the union: 6
+
+
 def test_profile_splits_wall_time_by_busy_threads():
     """Thread a: 0-10 and a nested 2-4 (once); thread b: 5-15; then a gap; a: 20-30."""
     from benchmarks.profile import threads_busy
