@@ -18,12 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -170,6 +172,23 @@ def end_to_end(folder: Path, images, labels, val) -> dict:
             "peak_rss_mb": summary["peak_rss_mb"]}
 
 
+def cpu_description(cpuinfo: Optional[str] = None) -> str:
+    """The CPU's model and its widest vector instructions, e.g. 'AMD EPYC, AVX-512': PyTorch's convolutions use
+    AVX-512 where there is one, and the ratios moved with it (docs/results.md). Read from /proc/cpuinfo."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux
+            return platform.processor() or platform.machine()
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first processor's
+    flags = set(fields.get("flags", "").split())
+    isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")) if flag in flags), "")
+    return ", ".join(part for part in (fields.get("model name") or platform.machine(), isa) if part)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=None, help="an ImageFolder or cifar-10-batches-py folder")
@@ -186,7 +205,8 @@ def main(argv=None):
         print(json.dumps(measure_row(args.row, train.images, train.labels)))
         return
     dev = jax.local_devices()[0]
-    results = {"data": data_label, "cifarjax_device": f"1 x {dev.device_kind}", "threads": os.cpu_count(), "rows": []}
+    results = {"data": data_label, "cpu": cpu_description(), "cifarjax_device": f"1 x {dev.device_kind}",
+               "threads": os.cpu_count(), "rows": []}
     for name in args.rows:
         child = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--data-dir", str(folder), "--row", name],
                                cwd=ROOT, capture_output=True, text=True)
@@ -201,7 +221,7 @@ def main(argv=None):
     if args.end_to_end:
         results["rows"].append(end_to_end(folder, train.images, train.labels, val))
     print(json.dumps(results) if args.json else f"data: {data_label}; cifarjax on {results['cifarjax_device']}, "
-          f"PyTorch eager with {results['threads']} threads")
+          f"PyTorch eager with {results['threads']} threads; CPU: {results['cpu']}")
 
 
 if __name__ == "__main__":

@@ -81,3 +81,13 @@ def test_profile_splits_wall_time_by_busy_threads():
     from benchmarks.profile import threads_busy
     busy = threads_busy({"a": [(0, 10), (2, 4), (20, 30)], "b": [(5, 15)]})
     assert busy == {1: 10 + 10, 2: 5, 0: 5}
+
+
+def test_benchmark_names_the_cpu_and_its_widest_vector_instructions():
+    """The ratios against PyTorch depend on AVX-512 (docs/results.md), so a result says which CPU it ran on."""
+    from benchmarks.throughput import cpu_description
+    zen4 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx avx2 avx512f avx512bw\n\nprocessor\t: 1\n"
+    assert cpu_description(zen4) == "AMD EPYC, AVX-512"
+    assert cpu_description("model name : Xeon\nflags : sse4_2 avx avx2 fma\n") == "Xeon, AVX2"
+    assert cpu_description("model name : Old\nflags : sse2\n") == "Old"
+    assert cpu_description("processor : 0\nflags : avx\n").endswith(", AVX")  # no model name: the architecture's
