@@ -61,9 +61,9 @@ def op_times(lines: dict) -> tuple:
     An operation XLA runs asynchronously (its own convolutions, matrix products outside YNNPACK) shows only as a
     short launch on one thread; the pool threads that compute it are not in the trace. It is done when its
     completion callback starts: the `ThunkExecutor::Execute` event that runs the operations that waited for it,
-    just before its `end: NAME` marker on the same thread. Its time counts from launch to there, and while in flight it fills the lane
-    'in flight'. A synchronous operation's marker follows its own event, inside an Execute that began before it,
-    so it keeps its own event's time."""
+    just before its `end: NAME` marker on the same thread. Its time counts from launch to there (shared with the
+    operations in flight alongside it), and while in flight it fills the lane 'in flight'. A synchronous
+    operation's marker follows its own event, inside an Execute that began before it, so it keeps its own time."""
     executes, launches, ends = (collections.defaultdict(list) for _ in range(3))
     for thread, events in lines.items():
         for name, start, end in events:

@@ -3,9 +3,9 @@
     python -m benchmarks.throughput [--data-dir DIR] [--rows NAME ...] [--json] [--end-to-end]
 
 Each row runs in its own child process, which measures cifarjax (its pmap-ed step on one device) and PyTorch
-(eager, on every core) interleaved, three rounds each, and reports the median images/s of each, their ratio
-(cifarjax/PyTorch) and the child's peak resident memory: both sides together, and cifarjax's alone (taken before
-PyTorch's side starts). Each child asks XLA for the schedule the commands choose for the row's settings
+(eager, on every core) interleaved, five rounds each, every timing at least `MIN_SECONDS` long, and reports the
+median images/s of each, their ratio (cifarjax/PyTorch: the median of the rounds' ratios, with their range) and
+the child's peak resident memory: both sides together, and cifarjax's alone (taken before PyTorch's side starts). Each child asks XLA for the schedule the commands choose for the row's settings
 (`cifarjax.xla_flags.schedule_for`). `--end-to-end` adds a whole SimpleCNN epoch (`python -m experiments.cnn
 --epochs 1` against the original's recipe). Uses ../shared's CIFAR-10 images when present, generated images
 otherwise. The rows run under the allocator settings this command was started with: the experiment commands' huge pages
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -48,6 +49,11 @@ from cifarjax.train import DataParallel, create_train_state  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 trim_after_compiling()  # as the experiments' commands do
 RESNET = dict(model="resnet18")
+# Each timing lasts at least this long. A 32x32 row's few steps took 0.1 s, and the machines' speed moves from one
+# second to the next (a row's cifarjax side alone ran at 1,290-2,200 images/s within minutes): short timings made
+# the ratios noise.
+MIN_SECONDS = 1.0
+ROUNDS = 5
 # name: (description, kind, batch, cifarjax Config changes, PyTorch reference arguments)
 ROWS = {
     "cnn_train_64": ("SimpleCNN train step, batch 64", "train", 64, {}, {"net": "cnn"}),
@@ -94,7 +100,7 @@ class CifarjaxRow:
         self.data = self.parallel.replicate((images, labels))
         self.kind, self.batch, self.n = kind, batch, len(labels)
         self.steps = 200 if kind == "features" else 3
-        self.rate()  # compile and warm up
+        self.steps = steps_lasting(MIN_SECONDS, batch, self.rate(), self.steps)  # the first compiles and warms up
 
     def rate(self) -> float:
         rng = np.random.default_rng(0)
@@ -126,12 +132,26 @@ class TorchRow:
             m = self.model
             self.frozen = [m.bn1, m.layer1, m.layer2, m.layer3]
         self.steps = 3 if size > 32 else 10
-        self.rate()
+        self.steps = steps_lasting(MIN_SECONDS, batch, self.rate(), self.steps)  # the first warms up
 
     def rate(self) -> float:
         if self.kind == "eval":
             return self.ref.eval_rate(self.model, self.batch, self.steps, self.size)
         return self.ref.train_step_rate(self.model, self.batch, self.steps, self.size, frozen_bn=self.frozen or False)
+
+
+def steps_lasting(seconds: float, batch: int, rate: float, at_least: int) -> int:
+    """Steps of `batch` images that take `seconds` at `rate` images/s, and never fewer than `at_least`."""
+    return max(at_least, math.ceil(seconds * rate / batch))
+
+
+def paired_ratio(rates: list) -> dict:
+    """Medians of interleaved (cifarjax, PyTorch) rates and the median of each round's ratio, with the ratios'
+    range: a change in the machine's speed between rounds moves both sides of a round alike."""
+    ratios = [a / b for a, b in rates]
+    return {"cifarjax": round(statistics.median(a for a, _ in rates), 1),
+            "pytorch": round(statistics.median(b for _, b in rates), 1),
+            "ratio": round(statistics.median(ratios), 3), "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)]}
 
 
 def schedule_row(name: str) -> str:
@@ -140,7 +160,7 @@ def schedule_row(name: str) -> str:
     return xla_flags.schedule_for(Config(**ROWS[name][3]))
 
 
-def measure_row(name: str, images, labels, rounds: int = 3) -> dict:
+def measure_row(name: str, images, labels, rounds: int = ROUNDS) -> dict:
     """One row, interleaved: cifarjax then PyTorch, `rounds` times; medians and this process's peak memory, both
     sides together and cifarjax's alone (measured after its step compiled and ran, before PyTorch's side starts;
     later rounds run the same step)."""
@@ -149,10 +169,8 @@ def measure_row(name: str, images, labels, rounds: int = 3) -> dict:
     ours_peak = peak_memory_mb()
     theirs = TorchRow(kind if kind != "features" else "train", batch, **torch_args)
     rates = [(ours.rate(), theirs.rate()) for _ in range(rounds)]
-    a, b = statistics.median(r[0] for r in rates), statistics.median(r[1] for r in rates)
-    return {"name": name, "description": description, "cifarjax": round(a, 1), "pytorch": round(b, 1),
-            "ratio": round(a / b, 3), "unit": "images/s", "peak_rss_mb": peak_memory_mb(),
-            "cifarjax_peak_rss_mb": ours_peak, "xla_cpu_scheduler": xla_flags.scheduler()}
+    return {"name": name, "description": description, **paired_ratio(rates), "unit": "images/s",
+            "peak_rss_mb": peak_memory_mb(), "cifarjax_peak_rss_mb": ours_peak, "xla_cpu_scheduler": xla_flags.scheduler()}
 
 
 def end_to_end(folder: Path, images, labels, val) -> dict:
@@ -215,8 +233,9 @@ def main(argv=None):
         results["rows"].append(json.loads(child.stdout.strip().splitlines()[-1]))
         if not args.json:
             r = results["rows"][-1]
+            low, high = r["ratio_range"]
             print(f"{r['description']:88s} cifarjax {r['cifarjax']:9.1f}  pytorch {r['pytorch']:9.1f}  "
-                  f"ratio {r['ratio']:5.2f}  peak {r['peak_rss_mb']:6.0f} MB (cifarjax alone "
+                  f"ratio {r['ratio']:5.2f} ({low:.2f}-{high:.2f})  peak {r['peak_rss_mb']:6.0f} MB (cifarjax alone "
                   f"{r['cifarjax_peak_rss_mb']:5.0f} MB)", flush=True)
     if args.end_to_end:
         results["rows"].append(end_to_end(folder, train.images, train.labels, val))

@@ -91,3 +91,19 @@ def test_benchmark_names_the_cpu_and_its_widest_vector_instructions():
     assert cpu_description("model name : Xeon\nflags : sse4_2 avx avx2 fma\n") == "Xeon, AVX2"
     assert cpu_description("model name : Old\nflags : sse2\n") == "Old"
     assert cpu_description("processor : 0\nflags : avx\n").endswith(", AVX")  # no model name: the architecture's
+
+
+def test_benchmark_times_every_measurement_for_at_least_its_minimum():
+    """A 32x32 row's three steps took 0.1 s: the steps are raised until a timing lasts `MIN_SECONDS`."""
+    from benchmarks.throughput import steps_lasting
+    assert steps_lasting(1.0, batch=64, rate=1920.0, at_least=3) == 30
+    assert steps_lasting(1.0, batch=32, rate=13.0, at_least=3) == 3  # 224x224: three steps already take 7 s
+
+
+def test_benchmark_ratio_pairs_each_rounds_two_sides():
+    """Rounds at different machine speeds move both of their sides: three of five rounds at 2.0 make the ratio 2.0,
+    where the ratio of the medians would say 1.0."""
+    from benchmarks.throughput import paired_ratio
+    result = paired_ratio([(200.0, 100.0), (400.0, 200.0), (100.0, 50.0), (90.0, 300.0), (200.0, 400.0)])
+    assert result["cifarjax"] == 200.0 and result["pytorch"] == 200.0
+    assert result["ratio"] == 2.0 and result["ratio_range"] == [0.3, 2.0]
