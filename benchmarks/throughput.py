@@ -100,7 +100,8 @@ class CifarjaxRow:
         self.data = self.parallel.replicate((images, labels))
         self.kind, self.batch, self.n = kind, batch, len(labels)
         self.steps = 200 if kind == "features" else 3
-        self.steps = steps_lasting(MIN_SECONDS, batch, self.rate(), self.steps)  # the first compiles and warms up
+        self.rate()  # compile and warm up
+        self.steps = steps_lasting(MIN_SECONDS, batch, self.rate(), self.steps)
 
     def rate(self) -> float:
         rng = np.random.default_rng(0)
@@ -132,7 +133,7 @@ class TorchRow:
             m = self.model
             self.frozen = [m.bn1, m.layer1, m.layer2, m.layer3]
         self.steps = 3 if size > 32 else 10
-        self.steps = steps_lasting(MIN_SECONDS, batch, self.rate(), self.steps)  # the first warms up
+        self.steps = steps_lasting(MIN_SECONDS, batch, self.rate(), self.steps)  # `rate` warms up before it times
 
     def rate(self) -> float:
         if self.kind == "eval":
