@@ -5,11 +5,12 @@
 Each row runs in its own child process, which measures cifarjax (its pmap-ed step on one device) and PyTorch
 (eager, on every core) interleaved, five rounds each, every timing at least `MIN_SECONDS` long, and reports the
 median images/s of each, their ratio (cifarjax/PyTorch: the median of the rounds' ratios, with their range) and
-the child's peak resident memory: both sides together, and cifarjax's alone (taken before PyTorch's side starts). Each child asks XLA for the schedule the commands choose for the row's settings
+the child's peak resident memory: both sides together, and cifarjax's alone (taken before PyTorch's side starts).
+Each child asks XLA for the schedule the commands choose for the row's settings
 (`cifarjax.xla_flags.schedule_for`). `--end-to-end` adds a whole SimpleCNN epoch (`python -m experiments.cnn
 --epochs 1` against the original's recipe). Uses ../shared's CIFAR-10 images when present, generated images
-otherwise. The rows run under the allocator settings this command was started with: the experiment commands' huge pages
-(`cifarjax.hugepages`) are not added, since they speed both frameworks alike (the 224x224 step where everything
+otherwise. The rows run under the allocator settings this command was started with: the experiment commands' huge
+pages (`cifarjax.hugepages`) are not added, since they speed both frameworks alike (the 224x224 step where everything
 trains, docs/results.md); start it with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` to measure with them.
 `--end-to-end` runs the command as a user does, huge pages included.
 """
@@ -162,8 +163,8 @@ def schedule_row(name: str) -> str:
 
 
 def measure_row(name: str, images, labels, rounds: int = ROUNDS) -> dict:
-    """One row, interleaved: cifarjax then PyTorch, `rounds` times; medians and this process's peak memory, both
-    sides together and cifarjax's alone (measured after its step compiled and ran, before PyTorch's side starts;
+    """One row, interleaved: cifarjax then PyTorch, `rounds` times; `paired_ratio` and this process's peak memory,
+    both sides together and cifarjax's alone (measured after its step compiled and ran, before PyTorch's side starts;
     later rounds run the same step)."""
     description, kind, batch, changes, torch_args = ROWS[name]
     ours = CifarjaxRow(kind, batch, changes, images, labels)
