@@ -168,13 +168,33 @@ def test_recomputed_winograd_tiles_are_not_kept_for_the_backward_pass():
 
 
 def test_inference_convolutions_use_f4x4_tiles_from_8x8_maps(rng):
-    """Where no train-mode BatchNorm follows (`inference`), 8x8 maps run F(4x4); otherwise F(2x2), whose half
-    rounding error train-mode BatchNorm over few values would amplify. Bitwise the chosen formulation."""
+    """Where no train-mode BatchNorm follows (`inference`), differentiated 8x8 maps run F(4x4); otherwise F(2x2),
+    whose half rounding error train-mode BatchNorm over few values would amplify. Bitwise the chosen formulation."""
     x = jnp.asarray(rng.normal(size=(2, 8, 8, 5)).astype(np.float32))
     w = jnp.asarray(rng.normal(size=(3, 3, 5, 6)).astype(np.float32))
     for inference, tile in ((True, 4), (False, 2)):
-        got = jax.jit(lambda x, w: conv2d(x, w, 1, 1, "winograd", inference=inference))(x, w)
+        got = jax.jit(lambda x, w: jax.vjp(lambda x: conv2d(x, w, 1, 1, "winograd", inference=inference), x)[0])(x, w)
         np.testing.assert_array_equal(got, jax.jit(lambda x, w: conv3x3_same(x, w, tile=tile))(x, w))
+
+
+@pytest.mark.parametrize("size", [4, 8, 13, 14])
+def test_undifferentiated_convolutions_of_8_to_13_wide_maps_are_xlas(size, rng):
+    """3x3 'same' convolutions of 8x8 to 13x13 maps that nothing differentiates (evaluation) run XLA's forward,
+    others and all differentiated ones `conv3x3_same`, bitwise; the gradients are always `conv3x3_same`'s."""
+    x = jnp.asarray(rng.normal(size=(2, size, size, 5)).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(3, 3, 5, 6)).astype(np.float32))
+    dy = jnp.asarray(rng.normal(size=(2, size, size, 6)).astype(np.float32))
+    for inference in (True, False):
+        def chosen(x, w):
+            return conv2d(x, w, 1, 1, "winograd", inference=inference)
+
+        def winograd(x, w):
+            return conv3x3_same(x, w, inference=inference)
+        expected = (lambda x, w: conv2d(x, w, 1, 1, "xla")) if 8 <= size <= 13 else winograd
+        np.testing.assert_array_equal(jax.jit(chosen)(x, w), jax.jit(expected)(x, w))
+        for a, b in zip(jax.jit(lambda x, w: jax.vjp(chosen, x, w)[1](dy))(x, w),
+                        jax.jit(lambda x, w: jax.vjp(winograd, x, w)[1](dy))(x, w)):
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("train,frozen_bn_stages,expected", [
@@ -281,6 +301,8 @@ def test_max_pool_and_its_gradient_match_pytorch(window, stride, pad, size, rng)
     xj = jnp.asarray(x.transpose(0, 2, 3, 1))
     got = max_pool(xj, window, stride, pad)
     np.testing.assert_array_equal(np.asarray(got).transpose(0, 3, 1, 2), expected.detach().numpy())
+    differentiated, _ = jax.vjp(lambda x: max_pool(x, window, stride, pad), xj)  # the forward that keeps an index
+    np.testing.assert_array_equal(differentiated, got)
     dx = jax.grad(lambda x: jnp.sum(max_pool(x, window, stride, pad) * dy.transpose(0, 2, 3, 1)))(xj)
     np.testing.assert_allclose(np.asarray(dx).transpose(0, 3, 1, 2), xt.grad.numpy(), rtol=1e-6, atol=1e-6)
 
