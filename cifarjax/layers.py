@@ -124,9 +124,10 @@ xla_forward_im2col_backward.defvjp(_xla_im2col_fwd, _xla_im2col_bwd)
 def conv2d(x, kernel, strides: int = 1, padding: int = 0, impl: str = "auto", inference: bool = False):
     """NHWC x HWIO convolution with symmetric zero padding: XLA's convolution, im2col+matmul, or (CPU's
     'winograd') the fastest measured formulation for the shape: 3x3 stride-1 'same' convolutions as
-    `conv3x3_same`, the others by XLA on maps of `LARGE_MAP` and wider and im2col on smaller ones, differentiated
-    through im2col either way (XLA's own backward convolutions ran at 0.06-1.4x im2col's speed, slowest on small
-    maps), but for the kernel gradient of few-channel inputs (see `xla_forward_im2col_backward`).
+    `conv3x3_same` (by XLA's forward where undifferentiated on maps of `XLA_FORWARD_WIDTHS`), the others by XLA on
+    maps of `LARGE_MAP` and wider and im2col on smaller ones, differentiated through im2col either way (XLA's own
+    backward convolutions ran at 0.06-1.4x im2col's speed, slowest on small maps), but for the kernel gradient of
+    few-channel inputs (see `xla_forward_im2col_backward`).
     XLA's convolution is Eigen's where `cifarjax.xla_flags` took effect.
     `inference`: no train-mode BatchNorm follows, which lets `conv3x3_same` use larger Winograd tiles."""
     kh, kw, cin, cout = kernel.shape
