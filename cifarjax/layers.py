@@ -426,7 +426,7 @@ def conv3x3_same(x, kernel, tile: Optional[int] = None, inference: bool = False)
 # Maps of these widths run an undifferentiated 3x3 'same' convolution by XLA's (Eigen's) forward: ResNet-18's
 # 32x32 evaluation (layer1's 8x8 maps, batch 500) ran 1.08-1.10x faster. Alone XLA's forward was also faster on
 # 28x28 and 56x56 maps, but in whole networks Winograd stays faster on ResNet-18's 224x224 maps (7x7 to 56x56:
-# feature extraction 0.86-0.91x with XLA's), and on 4x4 maps they tie.
+# feature extraction 0.85-0.89x with XLA's), and on 4x4 maps they tie.
 XLA_FORWARD_WIDTHS = range(8, 14)
 
 
