@@ -46,8 +46,9 @@ def _torch_bias_init(fan_in: int):
 def resolve_conv_impl(impl: str) -> str:
     """'auto' means Winograd/im2col on CPU and XLA's convolution elsewhere.
 
-    'winograd' selects the fused conv+ReLU+max-pool blocks where a model has them (SimpleCNN), runs 3x3
-    stride-1 'same' convolutions (ResNet's) as `conv3x3_same`, and the others as `conv2d` chooses.
+    'winograd' selects the fused conv+ReLU+max-pool blocks where a model has them (SimpleCNN), and elsewhere the
+    formulation `conv2d` chooses per shape (ResNet's 3x3 stride-1 'same' convolutions: `conv3x3_same`, or XLA's
+    forward where nothing differentiates them on maps of `XLA_FORWARD_WIDTHS`).
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
