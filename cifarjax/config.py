@@ -28,6 +28,7 @@ CONV_IMPLS = ("auto", "winograd", "im2col", "xla")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
 SOURCES = ("auto", "cifar10", "folder", "fake")
+PRECISIONS = ("fp32", "bf16")
 
 
 def option(default, help: str, *, commands=TRAINING, flag: Optional[str] = None, choices=None, minimum=None,
@@ -71,6 +72,9 @@ class Config:
                                   "and BatchNorm is frozen", commands=FINETUNE, flag="feature-cache")
     conv_impl: str = option("auto", "convolution formulation (auto: Winograd-fused SimpleCNN blocks and im2col "
                             "on CPU, XLA/cuDNN on GPU)", choices=CONV_IMPLS)
+    precision: str = option("fp32", "arithmetic of convolutions and matrix products: fp32 (the original's) or bf16 "
+                            "(bfloat16 operands; parameters, optimizer state, BatchNorm statistics, softmax and "
+                            "loss stay float32)", choices=PRECISIONS)
     dropout: float = option(0.3, "SimpleCNN's dropout rate, a training-time regulariser (0.3 in the original; "
                             "the layers and parameters do not change)", commands=("cnn",), minimum=0.0,
                             maximum=0.9)
