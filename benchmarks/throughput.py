@@ -7,10 +7,10 @@ Each row runs in its own child process, which measures cifarjax (its pmap-ed ste
 median images/s of each, their ratio (cifarjax/PyTorch: the median of the rounds' ratios, with their range) and
 the child's peak resident memory: both sides together, and cifarjax's alone (taken before PyTorch's side starts).
 Each child asks XLA for the schedule the commands choose for the row's settings
-(`cifarjax.xla_flags.schedule_for`). `--end-to-end` adds a whole SimpleCNN epoch (`python -m experiments.cnn
+(`cifarjax.cpu.xla_flags.schedule_for`). `--end-to-end` adds a whole SimpleCNN epoch (`python -m experiments.cnn
 --epochs 1` against the original's recipe). Uses ../shared's CIFAR-10 images when present, generated images
 otherwise. The rows run under the allocator settings this command was started with: the experiment commands' huge
-pages (`cifarjax.hugepages`) are not added, since they speed both frameworks alike (the 224x224 step where everything
+pages (`cifarjax.cpu.hugepages`) are not added, since they speed both frameworks alike (the 224x224 step where everything
 trains, docs/results.md); start it with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` to measure with them.
 `--end-to-end` runs the command as a user does, huge pages included.
 """
@@ -36,19 +36,20 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks.data import find_data  # noqa: E402
-from cifarjax import xla_flags  # noqa: E402
 from cifarjax.augment import AugmentSpec  # noqa: E402
 from cifarjax.config import Config  # noqa: E402
+from cifarjax.cpu import xla_flags  # noqa: E402
+from cifarjax.cpu.malloc import trim_after_compiling  # noqa: E402
 from cifarjax.data import load_dataset, train_val_split  # noqa: E402
 from cifarjax.freezing import Freezing  # noqa: E402
 from cifarjax.inputs import FeatureInputs, ImageInputs  # noqa: E402
-from cifarjax.memory import peak_memory_mb, trim_after_compiling  # noqa: E402
+from cifarjax.memory import peak_memory_mb  # noqa: E402
 from cifarjax.models import Apply, build_model, init_variables  # noqa: E402
 from cifarjax.optim import make_optimizer  # noqa: E402
+from cifarjax.platform import runs_on_cpu  # noqa: E402
 from cifarjax.train import DataParallel, create_train_state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-trim_after_compiling()  # as the experiments' commands do
 RESNET = dict(model="resnet18")
 # Each timing lasts at least this long. A 32x32 row's few steps took 0.1 s, and the machines' speed moves from one
 # second to the next (a row's cifarjax side alone ran at 1,290-2,200 images/s within minutes): short timings made
@@ -157,8 +158,13 @@ def paired_ratio(rates: list) -> dict:
 
 
 def schedule_row(name: str) -> str:
-    """Ask XLA for the schedule the experiment commands choose for the row's settings (before JAX's backend
-    starts: `cifarjax.xla_flags.schedule_for`); returns the scheduler asked for."""
+    """Before JAX's backend starts, apply the CPU settings the experiment commands apply at their start (huge pages
+    aside: `cifarjax.cpu.process`) and ask XLA for the schedule they choose for the row's settings
+    (`cifarjax.cpu.xla_flags.schedule_for`); returns the scheduler asked for."""
+    if not runs_on_cpu():
+        return "default"
+    xla_flags.add_cpu_flags()
+    trim_after_compiling()
     return xla_flags.schedule_for(Config(**ROWS[name][3]))
 
 

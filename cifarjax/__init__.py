@@ -1,5 +1,6 @@
-"""cifarjax: train and fine-tune CIFAR-10 classifiers in pure-functional JAX/Flax."""
-from cifarjax.xla_flags import add_cpu_flags
+"""cifarjax: train and fine-tune CIFAR-10 classifiers in pure-functional JAX/Flax.
+
+Importing it changes nothing in the process: the CPU's process-wide settings are a command's, at its start
+(`cifarjax.cpu.process`)."""
 
 __version__ = "0.1.0"
-add_cpu_flags()

@@ -2,19 +2,18 @@
 and the frozen part of the model (`optax.multi_transform` over `Freezing.trainable_mask`: frozen leaves get
 `set_to_zero` and no optimizer state).
 
-Adam's moments and SGD's momentum are optax's, bit for bit, but computed once into memory before the update
-reads them (`scale_by_adam`, `nesterov_momentum`): XLA's CPU fusion otherwise recomputes them inside the
-fusion that forms each update. ResNet-18's step at 32x32 ran 1.09x faster with everything training, 1.07x
-with layer4 training (and more where the old state is donated, which then had to be copied first).
+Built for the CPU, the same optimizers come from `cifarjax.cpu.optim` (optax's arithmetic, bit for bit, with
+the moments computed once into memory); elsewhere they are optax's own.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
-import jax.numpy as jnp
 import optax
 
-from cifarjax.fusion import materialize
 from cifarjax.freezing import Freezing
+from cifarjax.platform import resolve
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 
@@ -52,38 +51,21 @@ def _decays(params):
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
-    """`optax.scale_by_adam(b1, b2, eps)` with its new moments computed once (the module's docstring)."""
-    def update(grads, state, params=None):
-        del params
-        mu, nu = materialize((optax.tree.update_moment(grads, state.mu, b1, 1),
-                              optax.tree.update_moment_per_elem_norm(grads, state.nu, b2, 2)))
-        count = optax.safe_increment(state.count)
-        updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), optax.tree.bias_correction(mu, b1, count),
-                               optax.tree.bias_correction(nu, b2, count))
-        return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
-    return optax.GradientTransformation(optax.scale_by_adam(b1, b2, eps).init, update)
-
-
-def nesterov_momentum(decay: float) -> optax.GradientTransformation:
-    """`optax.trace(decay, nesterov=True)` with its new trace computed once (the module's docstring)."""
-    def update(grads, state, params=None):
-        del params
-        trace = materialize(jax.tree.map(lambda g, t: g + decay * t, grads, state.trace))
-        return jax.tree.map(lambda g, t: g + decay * t, grads, trace), optax.TraceState(trace=trace)
-    return optax.GradientTransformation(optax.trace(decay, nesterov=True).init, update)
-
-
-def base_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
-    """Adam (optax.adam), AdamW (optax.adamw, decay on kernels) or SGD with Nesterov momentum and L2 decay."""
+def base_optimizer(config, steps_per_epoch: int, platform: Optional[str] = None) -> optax.GradientTransformation:
+    """Adam (optax.adam), AdamW (optax.adamw, decay on kernels) or SGD with Nesterov momentum and L2 decay; built
+    for the CPU (`platform`, default `cifarjax.platform.resolve()`), `cifarjax.cpu.optim`'s (the same arithmetic
+    and state)."""
+    if resolve(platform) == "cpu":
+        from cifarjax.cpu import optim as optimizers
+    else:
+        optimizers = optax
     rate = learning_rate(config, steps_per_epoch)
     if config.optimizer == "adam":
-        return optax.chain(scale_by_adam(), optax.scale_by_learning_rate(rate))
+        return optimizers.adam(rate)
     if config.optimizer == "adamw":
-        return optax.chain(scale_by_adam(), optax.add_decayed_weights(config.weight_decay, mask=_decays),
-                           optax.scale_by_learning_rate(rate))
-    return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=_decays),  # optax.sgd's nesting
-                       optax.chain(nesterov_momentum(config.momentum), optax.scale_by_learning_rate(rate)))
+        return optimizers.adamw(rate, weight_decay=config.weight_decay, mask=_decays)
+    return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=_decays),
+                       optimizers.sgd(rate, config.momentum, nesterov=True))
 
 
 def freeze_labels(params, freezing: Freezing):
@@ -91,7 +73,9 @@ def freeze_labels(params, freezing: Freezing):
     return jax.tree.map(lambda trains: TRAINABLE if trains else FROZEN, freezing.trainable_mask(params))
 
 
-def make_optimizer(config, params, steps_per_epoch: int = 1) -> optax.GradientTransformation:
-    """The configured optimizer on the trainable leaves; frozen leaves get `set_to_zero` and no state."""
-    return optax.multi_transform({TRAINABLE: base_optimizer(config, steps_per_epoch), FROZEN: optax.set_to_zero()},
-                                 freeze_labels(params, Freezing.from_config(config)))
+def make_optimizer(config, params, steps_per_epoch: int = 1, platform: Optional[str] = None
+                   ) -> optax.GradientTransformation:
+    """The configured optimizer on the trainable leaves, built for `platform` (default:
+    `cifarjax.platform.resolve()`); frozen leaves get `set_to_zero` and no state."""
+    return optax.multi_transform({TRAINABLE: base_optimizer(config, steps_per_epoch, platform),
+                                  FROZEN: optax.set_to_zero()}, freeze_labels(params, Freezing.from_config(config)))

@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cifarjax.batching import eval_indices
 from cifarjax.models import AXIS
+from cifarjax.platform import resolve
 
 
 class TrainState(train_state.TrainState):
@@ -136,58 +137,21 @@ def eval_step(state: TrainState, data, idx, *, inputs, tta_flip: bool = False):
     return lax.all_gather(preds, AXIS), lax.all_gather(losses, AXIS)
 
 
-def _split_params(state, frozen: tuple):
-    """(the state holding only its training parameters, as a list; its frozen parameters, as a list)."""
-    leaves = jax.tree.leaves(state.params)
-    return (state.replace(params=[p for p, f in zip(leaves, frozen) if not f]),
-            [p for p, f in zip(leaves, frozen) if f])
-
-
-def _join_params(state, frozen_params, frozen: tuple, treedef):
-    """`_split_params`'s inverse: `treedef` is the parameter tree's structure."""
-    training, kept = iter(state.params), iter(frozen_params)
-    return state.replace(params=jax.tree.unflatten(treedef, [next(kept) if f else next(training) for f in frozen]))
-
-
 @functools.lru_cache(maxsize=32)
-def _pmapped_train(step, devices: tuple, trainable, **static):
-    """One pmap-ed training step per (step, devices, freezing, static settings), reused by repeated runs.
+def _pmapped_train(step, devices: tuple, trainable, platform: str = "gpu", **static):
+    """One pmap-ed training step per (step, devices, freezing, platform, static settings), reused by repeated runs.
 
-    Only the frozen parameters are donated, as a separate first argument and result: they pass through
-    unchanged, so XLA returns them in place. Donating what the step rewrites costs more than it saves: XLA's
-    CPU copy insertion copied every donated parameter and moment it rewrites (ResNet-18 at 32x32, undonated:
-    1.26x faster with everything training, 1.15x with layer4 training), and not donating the frozen ones
-    copied those (head-only steps 0.87x).
+    The state is donated: the step returns its successor in the same buffers. Built for the CPU, only the frozen
+    parameters are (`cifarjax.cpu.donation`).
     """
-    if trainable is None:
-        return jax.pmap(functools.partial(step, trainable=None, **static), axis_name=AXIS, devices=list(devices))
-    leaves, treedef = trainable
-    frozen = tuple(not t for t in leaves)
-    mask = jax.tree.unflatten(treedef, leaves)
-
-    def apart(frozen_params, state, *args):
-        new_state, metrics = step(_join_params(state, frozen_params, frozen, treedef), *args, trainable=mask, **static)
-        rest, kept = _split_params(new_state, frozen)
-        return kept, rest, metrics
-
-    return _FrozenApart(jax.pmap(apart, axis_name=AXIS, devices=list(devices), donate_argnums=(0,)), frozen, treedef)
-
-
-@dataclass(frozen=True)
-class _FrozenApart:
-    """A pmap-ed step taking (frozen parameters, the rest of the state, ...), called like the plain step."""
-    pmapped: Any
-    frozen: tuple
-    treedef: Any
-
-    def __call__(self, state, *args):
-        rest, kept = _split_params(state, self.frozen)
-        kept, rest, metrics = self.pmapped(kept, rest, *args)
-        return _join_params(rest, kept, self.frozen, self.treedef), metrics
-
-    def lower(self, state, *args):
-        rest, kept = _split_params(state, self.frozen)
-        return self.pmapped.lower(kept, rest, *args)
+    mask = None if trainable is None else jax.tree.unflatten(trainable[1], trainable[0])
+    if platform == "cpu":
+        if mask is None:
+            return jax.pmap(functools.partial(step, trainable=None, **static), axis_name=AXIS, devices=list(devices))
+        from cifarjax.cpu.donation import frozen_apart
+        return frozen_apart(step, mask, AXIS, list(devices), **static)
+    return jax.pmap(functools.partial(step, trainable=mask, **static), axis_name=AXIS, devices=list(devices),
+                    donate_argnums=(0,))
 
 
 @functools.lru_cache(maxsize=32)
@@ -200,14 +164,15 @@ class DataParallel:
     host arrays and device-resident ones. Each process passes only its own devices' rows of a batch."""
 
     def __init__(self, inputs, trainable=None, devices: Optional[list] = None,
-                 options: StepOptions = StepOptions()):
+                 options: StepOptions = StepOptions(), platform: Optional[str] = None):
         self.devices = list(devices or jax.devices())
+        self.platform = resolve(platform)
         self.local_rows = [i for i, d in enumerate(self.devices) if d.process_index == jax.process_index()]
         self.sharding = NamedSharding(Mesh(np.array(self.devices), (AXIS,)), PartitionSpec(AXIS))
         key = None if trainable is None else (tuple(jax.tree.leaves(trainable)), jax.tree.structure(trainable))
         static = dict(inputs=inputs, n_devices=self.n_devices, options=options)
-        self.train_step = _pmapped_train(train_step, tuple(self.devices), key, **static)
-        self.train_steps = _pmapped_train(train_steps, tuple(self.devices), key, **static)
+        self.train_step = _pmapped_train(train_step, tuple(self.devices), key, self.platform, **static)
+        self.train_steps = _pmapped_train(train_steps, tuple(self.devices), key, self.platform, **static)
         self.eval_step = _pmapped_eval(tuple(self.devices), inputs=inputs, tta_flip=options.tta_flip)
 
     @property

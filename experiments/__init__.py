@@ -1,5 +1,2 @@
-"""The experiment commands: `python -m experiments.NAME`. Started that way, one relaunches itself with huge pages
-for its buffers first (`cifarjax.hugepages`)."""
-from cifarjax.hugepages import relaunch_command
-
-relaunch_command(__name__)
+"""The experiment commands: `python -m experiments.NAME`. Importing them changes nothing in the process; started
+as a command, one applies its process-wide settings first (`experiments.common.launch`)."""

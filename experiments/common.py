@@ -12,27 +12,27 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-import cifarjax  # noqa: E402
-from cifarjax import distributed, hugepages, plots, runs, xla_flags  # noqa: E402
-from cifarjax.augment import with_normalization  # noqa: E402
-from cifarjax.batching import train_indices  # noqa: E402
-from cifarjax.checkpoint import latest_epoch  # noqa: E402
-from cifarjax.config import Config  # noqa: E402
-from cifarjax.data import Dataset, Split, load_dataset, train_val_split  # noqa: E402
-from cifarjax.errors import UserError  # noqa: E402
-from cifarjax.evaluation import predict, score  # noqa: E402
-from cifarjax.files import cache_dir, write_json  # noqa: E402
-from cifarjax.flags import Parser, add_config_flags, given, new_config, resumed_config  # noqa: E402
-from cifarjax.memory import peak_memory_mb, trim_after_compiling  # noqa: E402
-from cifarjax.phases import Phases  # noqa: E402
-from cifarjax.recipes import recipe_config  # noqa: E402
+import cifarjax
+from cifarjax import distributed, plots, runs
+from cifarjax.augment import with_normalization
+from cifarjax.batching import train_indices
+from cifarjax.checkpoint import latest_epoch
+from cifarjax.config import Config
+from cifarjax.cpu import process as cpu_process, xla_flags
+from cifarjax.data import Dataset, Split, load_dataset, train_val_split
+from cifarjax.errors import UserError
+from cifarjax.evaluation import predict, score
+from cifarjax.files import cache_dir, write_json
+from cifarjax.flags import Parser, add_config_flags, given, new_config, resumed_config
+from cifarjax.memory import peak_memory_mb
+from cifarjax.phases import Phases
+from cifarjax.platform import resolve, runs_on_cpu
+from cifarjax.recipes import recipe_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,8 +46,18 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-enable_compilation_cache()
-trim_after_compiling()  # a command's peak memory is not its compiler's garbage
+
+def launch(main: Callable[[], None], package: str = "experiments") -> None:
+    """Run a command's `main` as `python -m experiments.NAME` does: first its process-wide settings, which importing
+    a command never changes: albumentations' update check off, the CPU's settings where the run executes on the
+    CPU, before JAX starts its backend (`cifarjax.cpu.process.tune`: it may relaunch the process with huge pages),
+    and the compilation cache."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    cpu_process.tune(package)
+    enable_compilation_cache()
+    main()
+
+
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "torch", "torchvision", "albumentations")
 
 
@@ -106,7 +116,8 @@ def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
         config = resumed_config(Config.from_dict(runs.read_json(run / runs.CONFIG)), typed, args.recipe, str(run))
     else:
         config = new_config(command, args.recipe, typed, **fixed)
-    xla_flags.schedule_for(config)  # before anything starts JAX's backend (orbax, `is_writer`)
+    if runs_on_cpu():
+        xla_flags.schedule_for(config)  # before anything starts JAX's backend (orbax, `is_writer`)
     done = latest_epoch(run) if args.resume else None
     if done is not None and done > config.n_epochs:
         raise UserError(f"the run in {run} already trained {done:g} epochs; pass --epochs {math.ceil(done)} or more "
@@ -214,5 +225,4 @@ def environment() -> dict:
     devices = jax.devices()
     return {"device_kind": devices[0].device_kind, "device_count": len(devices), "process_count": jax.process_count(),
             "platform": devices[0].platform, "jax": jax.__version__, "host": platform.node(), "cpu_count": os.cpu_count(),
-            "huge_pages": hugepages.in_effect(), "xla_cpu_scheduler": xla_flags.scheduler(),
-            "peak_rss_mb": peak_memory_mb()}
+            "program_platform": resolve(), "cpu_tuning": cpu_process.applied(), "peak_rss_mb": peak_memory_mb()}

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from experiments import common  # noqa: F401 - sets the environment before jax
+from experiments import common
 from cifarjax import plots, runs
 from cifarjax.checkpoint import find_run, load_variables
 from cifarjax.config import SOURCES, Config
@@ -83,4 +83,4 @@ def _rounded(result: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    common.launch(main)

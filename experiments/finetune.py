@@ -110,4 +110,4 @@ def fine_tune_run(s, n_epochs: int, variables: dict, features, weights_label: st
 
 
 if __name__ == "__main__":
-    main()
+    common.launch(main)

@@ -12,7 +12,7 @@ a short run on one GPU.
 """
 from __future__ import annotations
 
-from experiments import common  # noqa: F401 - sets the environment before jax
+from experiments import common
 from cifarjax.errors import UserError, exit_on_user_error
 from cifarjax.flags import Parser, add_config_flags, given
 from cifarjax.recipes import recipe_config
@@ -60,4 +60,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    common.launch(main)

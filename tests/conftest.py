@@ -8,6 +8,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CPU's XLA flags, as a command running on the CPU adds them at its start (`cifarjax.cpu.process`).
+from cifarjax.cpu.xla_flags import add_cpu_flags  # noqa: E402
+
+add_cpu_flags()
 # One persistent compilation cache for the session, shared with the subprocesses tests start: the suite
 # compiles each program once, not once per process.
 # pytest-xdist's workers inherit the folder from the session that started them, which removes it at the end.

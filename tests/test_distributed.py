@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from cifarjax import hugepages, runs
+from cifarjax import runs
+from cifarjax.cpu import hugepages
 from cifarjax.checkpoint import load_variables
 from experiments import cnn
 from tests.helpers import make_image_folder
@@ -88,7 +89,7 @@ def test_two_processes_equal_one_process_with_two_devices(data_dir, one_process,
     assert (summary["process_count"], summary["device_count"]) == (2, 2)
     # Started as commands, the processes relaunched with huge pages where that changes something; this process
     # did not: the same numbers either way.
-    assert summary["huge_pages"] == hugepages.in_effect(
+    assert summary["cpu_tuning"]["huge_pages"] == hugepages.in_effect(
         hugepages.relaunch_environ(os.environ, hugepages.kernel_mode()) or os.environ)
 
 

@@ -7,9 +7,10 @@ import flax.linen as nn
 import optax
 import pytest
 
-from cifarjax.fusion import materialize
-from cifarjax.layers import (Conv, Dropout, conv2d, conv3x3_maxpool, conv3x3_same, conv_phases,
-                             dense_transposed_backward, max_pool, winograd_phases)
+from cifarjax.cpu.conv import conv3x3_maxpool, conv3x3_same, conv_phases, winograd_phases
+from cifarjax.cpu.dense import dense_transposed_backward
+from cifarjax.cpu.fusion import materialize
+from cifarjax.layers import Conv, Dropout, conv2d, max_pool
 from cifarjax.models import ResNet18, SimpleCNN
 from tests.helpers import n_params
 

@@ -140,7 +140,7 @@ def test_optimizers_equal_optax_bit_for_bit(name, rng):
     else:
         reference = optax.chain(optax.add_decayed_weights(5e-4, lambda p: jax.tree.map(lambda x: x.ndim > 1, p)),
                                 optax.sgd(1e-2, momentum=config.momentum, nesterov=True))
-    ours = base_optimizer(config, 1)
+    ours = base_optimizer(config, 1, platform="cpu")
     states = [tx.init(params) for tx in (ours, reference)]
     assert jax.tree.structure(states[0]) == jax.tree.structure(states[1])
     for _ in range(3):
@@ -245,7 +245,7 @@ def test_albumentations_host_pipeline_trains():
 
 def test_freed_compiler_memory_is_returned_after_each_compilation(monkeypatch):
     """The commands hand glibc's free heap back after every XLA compilation (on glibc; elsewhere a no-op)."""
-    import cifarjax.memory as memory
+    import cifarjax.cpu.malloc as memory
     if not memory.trim_after_compiling():
         pytest.skip("not glibc")
     calls = []

@@ -1,9 +1,10 @@
 """XLA flags cifarjax adds for the CPU backend, before JAX starts it.
 
-* `CPU_FLAGS`, added by importing cifarjax: jaxlib 0.10 runs CPU convolutions through YNNPACK by default. XLA's own
-  (Eigen) convolutions ran ResNet-18's strided ones 1.3-3.1x faster (not the stem on 32x32 images at batch 500:
-  0.95x), which made its 224x224 evaluation 1.12-1.25x and its train-mode forward pass 1.1x faster
-  (docs/results.md). Matrix products and reductions stay with YNNPACK, as by default.
+* `CPU_FLAGS`, added by a command at its start where it runs on the CPU (`cifarjax.cpu.process`): jaxlib 0.10
+  runs CPU convolutions through YNNPACK by default. XLA's own (Eigen) convolutions ran ResNet-18's strided ones
+  1.3-3.1x faster (not the stem on 32x32 images at batch 500: 0.95x), which made its 224x224 evaluation
+  1.12-1.25x and its train-mode forward pass 1.1x faster (docs/results.md). Matrix products and reductions stay
+  with YNNPACK, as by default.
 * `MEMORY_SCHEDULE`, added by a command whose run trains all of a ResNet (`schedule_for`): XLA's memory-optimised
   schedule. It made ResNet-18's steps where everything trains 1.05-1.2x faster (32x32 and 224x224) and cut the
   224x224 one's XLA temporaries from 1,133 to 685 MB, but slowed SimpleCNN's step (0.8-0.9x), and the steps where

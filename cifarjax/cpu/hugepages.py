@@ -5,8 +5,9 @@ freed, so every step page-faults each 4 KB page again (ResNet-18's step at 224x2
 1 s of system time a step on a 2-core CPU). With `glibc.malloc.hugetlb=1` glibc asks for 2 MB transparent
 huge pages where the kernel grants them on request ("madvise", a common default): 40-125 times fewer faults,
 the same arithmetic and peak memory (docs/results.md). glibc reads its tunables only when a process
-starts, so a command started without it execs itself again (same process id, same arguments) before it imports
-anything else. `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` keeps a command from doing so.
+starts, so a command started without it execs itself again (same process id, same arguments) at its start,
+where its run executes on the CPU (`cifarjax.cpu.process.tune`). `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` keeps a
+command from doing so.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def in_effect(environ: Mapping[str, str] = os.environ, mode: Optional[str] = Non
 
 def relaunch_command(package: str) -> None:
     """Exec this process again with huge pages where it was started as `python -m <package>.NAME` and that would
-    change something; otherwise (and if the exec fails) return. Call it before anything else is imported."""
+    change something; otherwise (and if the exec fails) return. Call it first thing, before JAX starts its backend."""
     argv = sys.orig_argv
     launched = any(a == "-m" and b.startswith(f"{package}.") for a, b in zip(argv, argv[1:]))
     environ = relaunch_environ(os.environ, kernel_mode()) if launched else None

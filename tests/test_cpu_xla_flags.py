@@ -3,7 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cifarjax.xla_flags import CPU_FLAGS, add_cpu_flags
+from cifarjax.cpu.xla_flags import CPU_FLAGS, add_cpu_flags
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
@@ -25,9 +25,10 @@ def test_cpu_flags_are_left_out_on_jaxlib_versions_they_were_not_measured_on():
     assert add_cpu_flags(environ, "0.11.0") == [] and environ == {}
 
 
-def test_importing_cifarjax_gives_convolutions_to_xla_not_ynnpack():
-    """In a fresh process without XLA_FLAGS, importing cifarjax before JAX starts makes the stem's convolution
-    XLA's own; without cifarjax the same program runs it in a YNNPACK fusion."""
+def test_the_cpu_flags_give_convolutions_to_xla_not_ynnpack():
+    """In a fresh process without XLA_FLAGS, the CPU's flags added before JAX starts (as a command running on the
+    CPU adds them) make the stem's convolution XLA's own; importing cifarjax alone leaves the same program's in a
+    YNNPACK fusion."""
     program = ("import jax, jax.numpy as jnp\n"
                "f = jax.jit(lambda x, k: jax.lax.conv_general_dilated(x, k, (2, 2), [(3, 3)] * 2,"
                " dimension_numbers=('NHWC', 'HWIO', 'NHWC')))\n"
@@ -36,13 +37,13 @@ def test_importing_cifarjax_gives_convolutions_to_xla_not_ynnpack():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     root = Path(__file__).resolve().parents[1]
     runs = [subprocess.run([sys.executable, "-c", prefix + program], capture_output=True, text=True, env=env, cwd=root)
-            for prefix in ("import cifarjax\n", "")]
+            for prefix in ("from cifarjax.cpu.xla_flags import add_cpu_flags\nadd_cpu_flags()\n", "import cifarjax\n")]
     assert [r.stdout.strip() for r in runs] == ["xla", "ynnpack"], [r.stderr[-500:] for r in runs]
 
 
 def test_the_memory_schedule_is_for_runs_that_train_all_of_a_resnet():
     from cifarjax.config import Config
-    from cifarjax.xla_flags import memory_schedule_pays
+    from cifarjax.cpu.xla_flags import memory_schedule_pays
     resnet = dict(model="resnet18")
     assert memory_schedule_pays(Config(**resnet, unfreeze="all"))
     assert not memory_schedule_pays(Config(**resnet, unfreeze="layer4"))
@@ -54,7 +55,7 @@ def test_the_memory_schedule_is_for_runs_that_train_all_of_a_resnet():
 def test_the_schedule_is_left_alone_once_the_backend_started_and_read_back_as_xla_would():
     import jax
     from cifarjax.config import Config
-    from cifarjax.xla_flags import MEMORY_SCHEDULE, scheduler, schedule_for
+    from cifarjax.cpu.xla_flags import MEMORY_SCHEDULE, scheduler, schedule_for
     jax.devices()  # started: XLA has read its flags, so adding one would only mislead
     environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     assert schedule_for(Config(model="resnet18", unfreeze="all"), environ) == "default"
@@ -72,8 +73,8 @@ def test_the_memory_schedule_needs_less_memory_and_changes_no_arithmetic():
     import jax.numpy as jnp
     import numpy as np
     from cifarjax.models import ResNet18
-    from cifarjax.xla_flags import MEMORY_SCHEDULE
-    model = ResNet18(10)
+    from cifarjax.cpu.xla_flags import MEMORY_SCHEDULE
+    model = ResNet18(10, platform="cpu")
     x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 32, 32, 3)), jnp.float32)
     variables = model.init(jax.random.PRNGKey(0), x[:1], train=False)
 

@@ -1,0 +1,58 @@
+"""The platform a run's programs are built for: the one place that chooses between the plain JAX program and the
+CPU's formulations (`cifarjax.cpu`).
+
+A run resolves its platform once (`resolve`) and passes it to the builders (`build_model(config, platform=...)`,
+`make_optimizer(..., platform=...)`, `DataParallel(..., platform=...)`), which pass it on to the layers. Nothing
+below the builders asks which backend the process has, so a test on a CPU machine builds (and `jax.export`s) the
+very program a GPU gets by passing platform="gpu".
+
+* "cpu": the CPU's formulations: Winograd/im2col convolutions and fused conv+pool blocks, fusion barriers, the
+  optimizer updates computed once, frozen-only donation (docs/architecture.md lists them with their gains).
+* "gpu" (any accelerator): plain JAX: `lax.conv_general_dilated`, `optax.adam`/`optax.sgd`, the state donated.
+
+Whether this process *will run* on the CPU, asked before JAX starts a backend (to set the CPU's XLA flags and
+huge pages, which must be in place before it starts), is `runs_on_cpu`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Mapping, Optional
+
+PLATFORMS = ("cpu", "gpu")
+ENV = "CIFARJAX_PLATFORM"  # overrides the platform a run's programs are built for
+CONV_IMPLS = ("auto", "winograd", "im2col", "xla")
+ACCELERATOR_PLUGINS = ("jax_plugins", "jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu")
+
+
+def resolve(platform: Optional[str] = None, environ: Mapping[str, str] = os.environ) -> str:
+    """`platform` if given, else $CIFARJAX_PLATFORM, else the platform of JAX's default backend ('cpu', or 'gpu'
+    for any accelerator). Resolving from the backend starts it."""
+    if platform is None:
+        platform = environ.get(ENV) or None
+    if platform is None:
+        import jax
+        platform = "cpu" if jax.default_backend() == "cpu" else "gpu"
+    if platform not in PLATFORMS:
+        raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
+    return platform
+
+
+def conv_impl(impl: str, platform: str) -> str:
+    """The convolution formulation of Config.conv_impl: 'auto' is the platform's choice ('winograd' on the CPU,
+    XLA's convolution elsewhere); 'winograd' and 'im2col' (the CPU's, `cifarjax.cpu.conv`) and 'xla' are taken
+    as asked, on any platform."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "winograd" if platform == "cpu" else "xla"
+    return impl
+
+
+def runs_on_cpu(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process's JAX will run on the CPU, decided without starting a backend: JAX_PLATFORMS's first
+    platform where it is set, else whether no accelerator plugin is installed."""
+    platforms = [p.strip() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    if platforms:
+        return platforms[0] == "cpu"
+    return not any(importlib.util.find_spec(name) is not None for name in ACCELERATOR_PLUGINS)

@@ -1,0 +1,201 @@
+"""The program a GPU gets, proven on a CPU machine: each step built for platform "gpu" and exported for CUDA
+(`jax.export`, which only lowers: nothing compiles or runs) is plain JAX. Its module has no conditional whose
+predicate is computed from data (XLA's GPU runtime would copy the predicate to the host and wait, every step),
+its convolutions are `stablehlo.convolution`s, exactly as many as the network's forward and backward passes
+need, its matrix products exactly the linear layers' (no Winograd or im2col formulation), and it calls no
+custom call beyond the sharding markers of `pmap`. Built for platform "cpu", the same steps still get the
+CPU's formulations (`cifarjax.cpu`).
+
+Each case builds its step through `export_step`, which takes Config changes, so another setting (a precision)
+is one more entry in a case's changes.
+"""
+import functools
+import re
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cifarjax.augment import AugmentSpec
+from cifarjax.config import Config
+from cifarjax.freezing import Freezing
+from cifarjax.inputs import FeatureInputs, ImageInputs
+from cifarjax.models import Apply, build_model
+from cifarjax.optim import make_optimizer
+from cifarjax.train import DataParallel, create_train_state
+
+N_DEVICES, PER_DEVICE = 2, 2
+# What pmap's shard_map leaves in a module: sharding annotations, nothing a backend implements.
+SHARDING_CALLS = {"Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape"}
+
+# ResNet-18's convolutions: the stem, two per block, and layer2-4's 1x1 projections.
+RESNET18_CONVS = 1 + 4 * 2 * 2 + 3
+LAYER4_CONVS = 2 * 2 + 1
+SIMPLE_CNN_CONVS = 3
+
+
+def export_step(kind: str, platform: str, platforms=("cuda",), **changes):
+    """`build_step`'s step exported for `platforms`."""
+    step, args = build_step(kind, platform, **changes)
+    return jax.export.export(jax.jit(step), platforms=platforms)(*args)
+
+
+def build_step(kind: str, platform: str, **changes):
+    """(the pmap-ed step DataParallel builds for `platform`, its abstract arguments: 2 devices, 2 examples each).
+    `kind`: 'train', 'eval' or 'features' (the cached-feature head's several steps per call); `changes`: Config
+    fields."""
+    config = Config(**{"batch_size": N_DEVICES * PER_DEVICE, **changes}).validate()
+    model = build_model(config, platform=platform)
+    size = config.img_size
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), train=False))
+    freezing = Freezing.from_config(config)
+    trainable = None if freezing.everything_trains else freezing.trainable_mask(variables["params"])
+    tx = make_optimizer(config, variables["params"], platform=platform)
+    features = kind == "features"
+    inputs = FeatureInputs(AugmentSpec()) if features else ImageInputs(AugmentSpec.from_config(config))
+    apply = Apply(model, "classify" if features else None)
+    parallel = DataParallel(inputs, trainable, jax.devices()[:N_DEVICES], platform=platform)
+    state = jax.eval_shape(lambda v: create_train_state(apply, v, tx, 0), variables)
+
+    def replicated(tree):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct((N_DEVICES,) + x.shape, x.dtype), tree)
+    n = N_DEVICES * PER_DEVICE
+    if features:
+        data = jax.ShapeDtypeStruct((n, 2, 512), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.int32)
+    else:
+        data = jax.ShapeDtypeStruct((n, size, size, 3), jnp.uint8), jax.ShapeDtypeStruct((n,), jnp.int32)
+    idx = jax.ShapeDtypeStruct((N_DEVICES, PER_DEVICE), jnp.int32)
+    if features:
+        step, idx = parallel.train_steps, jax.ShapeDtypeStruct((N_DEVICES, 3, PER_DEVICE), jnp.int32)  # 3 steps
+    else:
+        step = parallel.eval_step if kind == "eval" else parallel.train_step
+    return step, (replicated(state), replicated(data), idx)
+
+
+def op_counts(text: str) -> Counter:
+    return Counter(re.findall(r"\bstablehlo\.[a-z_]+\b", text))
+
+
+def custom_calls(text: str) -> set:
+    return set(re.findall(r"stablehlo\.custom_call @([\w.$-]+)", text))
+
+
+def conditionals(text: str) -> list:
+    """(operation, whether its predicate or index is a constant) for each stablehlo.case/if, looked up within its
+    function. `lax.platform_dependent` leaves a case on a constant index, or a case on the result of a case on a
+    constant whose branches only return constants: both constant, and XLA folds them."""
+    found = []
+    for function in re.split(r"(?=\bfunc\.func\b)", text):
+        constants = set(re.findall(r"(%[\w#.]+) = stablehlo\.constant\b", function))
+        lines = function.splitlines()
+        for i, line in enumerate(lines):
+            match = re.search(r"(%[\w#.]+)(?::\d+)? = \"?stablehlo\.(case|if)\"?\((%[\w#.]+)", line)
+            if not match:
+                continue
+            result, op, operand = match.groups()
+            found.append((op, operand in constants))
+            indent = len(line) - len(line.lstrip())
+            body = []
+            for inner in lines[i + 1:]:
+                if len(inner) - len(inner.lstrip()) == indent and inner.lstrip().startswith("})"):
+                    break
+                body.append(inner.strip())
+            returned = [v.strip() for b in body if b.startswith("stablehlo.return ")
+                        for v in b[len("stablehlo.return "):].split(" : ")[0].split(",")]
+            if operand in constants and all(b.startswith(("stablehlo.return ", "}, {")) for b in body) \
+                    and all(v in constants for v in returned):
+                constants.add(result)
+    return found
+
+
+def assert_plain(text: str, convolutions: int, products: int):
+    counts = op_counts(text)
+    assert [c for c in conditionals(text) if not c[1]] == [], "a conditional on data reaches the GPU program"
+    assert counts["stablehlo.convolution"] == convolutions, counts["stablehlo.convolution"]
+    assert counts["stablehlo.dot_general"] == products, counts["stablehlo.dot_general"]  # the linear layers' only
+    assert custom_calls(text) <= SHARDING_CALLS, custom_calls(text) - SHARDING_CALLS
+
+
+# (kind, Config changes, forward + backward convolutions, forward + backward products). In a training step every
+# training convolution has a kernel gradient, and an input gradient where something before it trains (not the
+# stem's on the images); the head's input gradient only where the backbone trains.
+RESNET = dict(model="resnet18", weights="random")
+CASES = {
+    "simple_cnn_train": ("train", {}, SIMPLE_CNN_CONVS + 3 + 2, 2 + 2 * 2),
+    "simple_cnn_eval": ("eval", {}, SIMPLE_CNN_CONVS, 2),
+    "resnet_head_32": ("train", {**RESNET, "unfreeze": "head", "cache_features": False}, RESNET18_CONVS, 1 + 1),
+    "resnet_layer4_32": ("train", {**RESNET, "unfreeze": "layer4"},
+                         RESNET18_CONVS + LAYER4_CONVS + (LAYER4_CONVS - 2), 1 + 2),
+    "resnet_all_32": ("train", {**RESNET, "unfreeze": "all"}, RESNET18_CONVS * 3 - 1, 1 + 2),
+    "resnet_head_224": ("train", {**RESNET, "unfreeze": "head", "cache_features": False, "img_size": 224},
+                        RESNET18_CONVS, 1 + 1),
+    "resnet_layer4_224": ("train", {**RESNET, "unfreeze": "layer4", "img_size": 224},
+                          RESNET18_CONVS + LAYER4_CONVS + (LAYER4_CONVS - 2), 1 + 2),
+    "resnet_all_224": ("train", {**RESNET, "unfreeze": "all", "img_size": 224}, RESNET18_CONVS * 3 - 1, 1 + 2),
+    "resnet_eval_32": ("eval", RESNET, RESNET18_CONVS, 1),
+    "cached_feature_head": ("features", {**RESNET, "unfreeze": "head"}, 0, 1 + 1),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_gpu_program_is_plain_jax(name):
+    kind, changes, convolutions, products = CASES[name]
+    assert_plain(export_step(kind, "gpu", **changes).mlir_module(), convolutions, products)
+
+
+@pytest.mark.parametrize("platform, donated", [("gpu", "all"), ("cpu", "none")])
+def test_the_gpu_program_donates_the_state(platform, donated):
+    """Built for a GPU, the training step donates its whole state; built for the CPU, where everything trains,
+    nothing (`cifarjax.cpu.donation`: only frozen parameters)."""
+    step, args = build_step("train", platform)
+    text = step.lower(*args).as_text()
+    donors = text.count("jax.buffer_donor = true") + text.count("tf.aliasing_output")
+    leaves = len(jax.tree.leaves(args[0]))
+    assert donors == (leaves if donated == "all" else 0), (donors, leaves)
+
+
+def test_the_check_sees_a_conditional_on_data_and_not_a_constant_one():
+    """The test's own reading of conditionals: a `lax.cond` on data is one, `lax.platform_dependent` is not."""
+    def f(x):
+        x = jax.lax.platform_dependent(x, cpu=lambda x: x + 1, default=lambda x: x * 2)
+        return jax.lax.cond(x[0] > 0, lambda x: x + 1, lambda x: x - 1, x)
+    text = jax.export.export(jax.jit(f), platforms=("cuda",))(jax.ShapeDtypeStruct((4,), jnp.float32)).mlir_module()
+    assert sorted(c[1] for c in conditionals(text)) == [False, True, True]
+
+
+@pytest.mark.parametrize("name", ["simple_cnn_train", "resnet_all_32"])
+def test_the_cpu_program_keeps_the_cpu_formulations(name):
+    """The same steps built for the CPU (exported for it) get the CPU's formulations: Winograd/im2col products in
+    place of convolutions, and the fusion barriers, conditionals on data (`cifarjax.cpu.fusion`)."""
+    kind, changes, convolutions, products = CASES[name]
+    text = export_step(kind, "cpu", platforms=("cpu",), **changes).mlir_module()
+    counts = op_counts(text)
+    assert counts["stablehlo.convolution"] < convolutions
+    assert counts["stablehlo.dot_general"] > products + 10  # Winograd's and im2col's matrix products
+    assert any(not constant for _, constant in conditionals(text))
+    if name == "simple_cnn_train":  # and the check above would refuse it as a GPU program
+        with pytest.raises(AssertionError, match="conditional on data"):
+            assert_plain(export_step(kind, "cpu", **changes).mlir_module(), convolutions, products)
+
+
+def test_gpu_and_cpu_programs_share_parameters_and_optimizer_state():
+    """A checkpoint does not depend on the platform that wrote it: the same parameter and optimizer-state trees."""
+    config = Config(model="simple_cnn", optimizer="sgd")
+    trees = []
+    for platform in ("gpu", "cpu"):
+        model = build_model(config, platform=platform)
+        variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+        state = jax.eval_shape(make_optimizer(config, variables["params"], platform=platform).init, variables["params"])
+        trees.append(jax.tree.map(lambda x: (x.shape, x.dtype), (variables, state)))
+    assert trees[0] == trees[1]
+
+
+def test_conditionals_reader_on_a_cpu_barrier():
+    """`cifarjax.cpu.fusion.materialize` is a conditional on data: what the GPU program must not contain."""
+    from cifarjax.cpu.fusion import materialize
+    text = jax.export.export(jax.jit(functools.partial(materialize)), platforms=("cpu",))(
+        jax.ShapeDtypeStruct((4,), jnp.float32)).mlir_module()
+    assert [c for c in conditionals(text) if not c[1]]
+    assert np.all(jax.jit(materialize)(jnp.arange(4.0)) == jnp.arange(4.0))

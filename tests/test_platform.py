@@ -1,0 +1,81 @@
+"""The platform seam: which platform a run's programs are built for, whether a process runs on the CPU, and that
+the CPU's process settings are a command's start, never an import's."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cifarjax import platform
+from cifarjax.cpu import process, xla_flags
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = ("cifarjax", "experiments", "experiments.common", "experiments.cnn", "experiments.finetune",
+           "experiments.evaluate", "experiments.study", "experiments.compare", "cifarjax.loop", "cifarjax.cpu.conv",
+           "cifarjax.cpu.process", "cifarjax.cpu.hugepages", "cifarjax.cpu.xla_flags", "cifarjax.cpu.malloc")
+
+
+def test_importing_the_packages_changes_no_environment_variable_and_runs_once():
+    """In a fresh process: `import cifarjax, experiments` leaves os.environ as it was, and so does importing the
+    commands and the CPU modules (after JAX, which sets two variables of its own when imported); nothing
+    re-executes the process (it prints once)."""
+    program = ("import os\ne = dict(os.environ)\nimport cifarjax, experiments\nassert dict(os.environ) == e, 'packages'\n"
+               "import jax\ne = dict(os.environ)\n"
+               f"import {', '.join(MODULES)}\n"
+               "changed = {k for k in set(e) | set(os.environ) if e.get(k) != os.environ.get(k)}\n"
+               "assert not changed, changed\nprint('imported', os.getpid())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "NO_ALBUMENTATIONS_UPDATE",
+                                                            "GLIBC_TUNABLES")}
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT,
+                            env={**env, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [line.split()[0] for line in result.stdout.splitlines()] == ["imported"]
+
+
+@pytest.mark.parametrize("value, on_cpu", [("cpu", True), ("cpu,cuda", True), ("cuda", False), ("cuda,cpu", False),
+                                           ("tpu", False)])
+def test_jax_platforms_decides_where_a_process_runs(value, on_cpu):
+    assert platform.runs_on_cpu({"JAX_PLATFORMS": value}) is on_cpu
+
+
+def test_without_jax_platforms_an_installed_accelerator_plugin_decides(monkeypatch):
+    monkeypatch.setattr(platform, "ACCELERATOR_PLUGINS", ("json",))  # a module every Python has: "installed"
+    assert not platform.runs_on_cpu({})
+    monkeypatch.setattr(platform, "ACCELERATOR_PLUGINS", ("no_such_plugin_cifarjax",))
+    assert platform.runs_on_cpu({})
+
+
+def test_the_platform_resolves_once_from_the_argument_the_environment_or_the_backend():
+    assert platform.resolve("gpu") == "gpu" and platform.resolve("cpu", {platform.ENV: "gpu"}) == "cpu"
+    assert platform.resolve(None, {platform.ENV: "gpu"}) == "gpu"
+    assert platform.resolve(None, {}) == "cpu"  # the tests' backend (JAX_PLATFORMS=cpu)
+    with pytest.raises(ValueError, match="platform"):
+        platform.resolve("cuda")
+
+
+def test_auto_convolutions_are_the_platforms_choice():
+    assert platform.conv_impl("auto", "cpu") == "winograd" and platform.conv_impl("auto", "gpu") == "xla"
+    assert [platform.conv_impl(i, "gpu") for i in ("winograd", "im2col", "xla")] == ["winograd", "im2col", "xla"]
+    with pytest.raises(ValueError, match="conv impl"):
+        platform.conv_impl("cudnn", "gpu")
+
+
+def test_the_cpu_settings_apply_only_where_the_run_executes_on_the_cpu():
+    gpu = {"JAX_PLATFORMS": "cuda"}
+    assert not process.tune(environ=gpu) and gpu == {"JAX_PLATFORMS": "cuda"} and process.applied(gpu) is None
+    cpu = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    assert process.tune(environ=cpu)  # started by pytest, not as a command: no relaunch
+    applied = process.applied(cpu)
+    added = [f"--{k}={v}" for k, v in xla_flags.CPU_FLAGS.items()]
+    if added[0] in cpu["XLA_FLAGS"]:  # jaxlib versions the flags were measured on
+        assert applied["xla_flags"] == added
+    assert applied["xla_cpu_scheduler"] == "default" and applied["malloc_trim"] in (True, False)
+    assert set(applied) == {"xla_flags", "xla_cpu_scheduler", "huge_pages", "malloc_trim"}
+
+
+def test_summary_says_what_the_run_was_built_for_and_which_cpu_settings_applied():
+    from experiments import common
+    env = common.environment()
+    assert env["program_platform"] == "cpu" and env["platform"] == "cpu"
+    assert env["cpu_tuning"] == process.applied()
