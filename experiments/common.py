@@ -14,25 +14,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import jax
-import numpy as np
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
-import cifarjax
-from cifarjax import distributed, plots, runs
-from cifarjax.augment import with_normalization
-from cifarjax.batching import train_indices
-from cifarjax.checkpoint import latest_epoch
-from cifarjax.config import Config
-from cifarjax.cpu import process as cpu_process, xla_flags
-from cifarjax.data import Dataset, Split, load_dataset, train_val_split
-from cifarjax.errors import UserError
-from cifarjax.evaluation import predict, score
-from cifarjax.files import cache_dir, write_json
-from cifarjax.flags import Parser, add_config_flags, given, new_config, resumed_config
-from cifarjax.memory import peak_memory_mb
-from cifarjax.phases import Phases
-from cifarjax.platform import resolve, runs_on_cpu
-from cifarjax.recipes import recipe_config
+import cifarjax  # noqa: E402
+from cifarjax import distributed, plots, runs  # noqa: E402
+from cifarjax.augment import with_normalization  # noqa: E402
+from cifarjax.batching import train_indices  # noqa: E402
+from cifarjax.checkpoint import latest_epoch  # noqa: E402
+from cifarjax.config import Config  # noqa: E402
+from cifarjax.cpu import process as cpu_process, xla_flags  # noqa: E402
+from cifarjax.data import Dataset, Split, load_dataset, train_val_split  # noqa: E402
+from cifarjax.errors import UserError  # noqa: E402
+from cifarjax.evaluation import predict, score  # noqa: E402
+from cifarjax.files import cache_dir, write_json  # noqa: E402
+from cifarjax.flags import Parser, add_config_flags, given, new_config, resumed_config  # noqa: E402
+from cifarjax.memory import peak_memory_mb  # noqa: E402
+from cifarjax.phases import Phases  # noqa: E402
+from cifarjax.platform import resolve, runs_on_cpu  # noqa: E402
+from cifarjax.recipes import recipe_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,6 @@ def enable_compilation_cache() -> None:
         return
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax-compilation"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
 
 
 def launch(main: Callable[[], None], package: str = "experiments") -> None:
