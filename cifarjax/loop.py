@@ -27,6 +27,7 @@ from cifarjax.config import Config
 from cifarjax.data import Split
 from cifarjax.errors import Interrupted, UserError
 from cifarjax.features import backbone_features, cacheable
+from cifarjax.files import write_json
 from cifarjax.freezing import Freezing
 from cifarjax.inputs import FeatureInputs, HostAugmentedInputs, ImageInputs
 from cifarjax.models import Apply, build_model, init_variables
@@ -74,6 +75,7 @@ class History:
 
 @dataclass
 class FitResult:
+    """What `fit` returns: the history, the final weights (and their moving average), the time and speed."""
     history: History
     variables: dict  # final {'params', 'batch_stats'} on the host
     average: Optional[dict]  # the moving average of the weights, as variables, when the run kept one
@@ -223,6 +225,8 @@ class Trainer:
     def start(self) -> None:
         """Place the data and the state on the devices and compile both steps (timed as compilation)."""
         if self.writer:
+            if not (self.run / runs.CONFIG).exists():  # a run research code started: `load_run` needs its settings
+                write_json(self.run / runs.CONFIG, self.config.to_dict())
             runs.write_metrics(self.run, self.records)
         p = self.parallel
         self.feed = (HostAugmentFeed(p, self.train, self.host_augment) if self.host_augment
