@@ -1,15 +1,15 @@
 """cifarjax: train and fine-tune CIFAR-10 classifiers in pure-functional JAX/Flax.
 
-Research code needs one import::
+Research code needs one import (docs/example.py)::
 
     import cifarjax as cj
     data = cj.load_dataset("data/cifar10-jpeg")
     train, val = cj.train_val_split(data, subset=4000)
-    result = cj.train_loop(cj.recipe_config("cnn", classes=data.classes), train, val, run="runs/my-cnn")
-    run = cj.load_run("runs/my-cnn")
+    cj.train_loop(cj.recipe_config("cnn", classes=data.classes), train, val, run="runs/my-cnn")
+    print(cj.load_run("runs/my-cnn").predict_files(["my_cat.jpg"]))
 
-`__all__` lists the public names, each described in one line in docs/api.md. They are loaded on first use
-(PEP 562), so `import cifarjax` itself starts neither JAX nor PyTorch.
+`__all__` lists the public names, each described in one line in docs/api.md. Each is loaded from its module on
+first use (PEP 562), so `import cifarjax` itself starts neither JAX nor PyTorch.
 """
 from __future__ import annotations
 

@@ -209,7 +209,11 @@ class Trainer:
         trained); a new run writes its frozen parameters once."""
         if self.checkpointer is None:
             return
-        if not resume or self.checkpointer.latest_step() is None:
+        latest = self.checkpointer.latest_step()
+        if latest is not None and not resume:  # its steps would not be saved again: the folder would mix two runs
+            raise UserError(f"{self.run} already holds a run's checkpoints (step {latest}); continue it with "
+                            "resume=True, or train into another folder")
+        if latest is None:
             self.checkpointer.write_frozen(self.variables["params"], distributed.is_writer())
             return
         self.state, meta = self.checkpointer.restore(self.state)

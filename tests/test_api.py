@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import cifarjax
@@ -62,6 +63,7 @@ def test_readme_shows_the_research_example():
     assert not re.search(r"\bcifarjax\.", example)
 
 
+@pytest.mark.slow  # compiles the default SimpleCNN's steps at batch 64: a minute or more on 2 cores
 def test_research_example_runs(tmp_path, monkeypatch, capsys):
     data = make_image_folder(tmp_path / "data", n_train=120, n_test=0, learnable=True)
     image = tmp_path / "my_photo.jpg"
@@ -77,3 +79,5 @@ def test_research_example_runs(tmp_path, monkeypatch, capsys):
     run = tmp_path / "runs" / "my-cnn"
     assert (run / "config.json").is_file() and (run / "my_training.png").is_file()
     assert len(cifarjax.load_run(run).records()) == 2
+    with pytest.raises(cifarjax.UserError, match="already holds a run's checkpoints .* resume=True"):
+        runpy.run_path(str(ROOT / "docs" / "example.py"), run_name="__main__")  # never two runs in one folder
