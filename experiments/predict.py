@@ -23,7 +23,8 @@ CHUNK = 2048  # images decoded and classified at a time, so a large folder needs
 
 def parser() -> Parser:
     p = Parser(prog="python -m experiments.predict", description=__doc__.splitlines()[0])
-    p.add_argument("run", help="the --out folder of a cnn or finetune run (one sub-run of a multi-length finetune)")
+    p.add_argument("run", metavar="RUN",
+                   help="the --out folder of a cnn or finetune run (one sub-run of a multi-length finetune)")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders holding them")
     p.add_argument("--top", type=int, default=3, metavar="K", help="how many classes to show per image (default: 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
