@@ -48,6 +48,8 @@ def internal(default, help: str):
 
 @dataclass(frozen=True)
 class Config:
+    """Every setting of a run, each with its help, range and flag (see the module docstring); `recipe_config`
+    gives a named preset."""
     # The original project's settings.
     seed: int = option(0, "seed of the split, initialisation, data order, augmentation and dropout", minimum=0)
     batch_size: int = option(64, "global batch size, split evenly over all devices", minimum=1)

@@ -27,6 +27,7 @@ from cifarjax.config import Config
 from cifarjax.data import Split
 from cifarjax.errors import Interrupted, UserError
 from cifarjax.features import backbone_features, cacheable
+from cifarjax.files import write_json
 from cifarjax.freezing import Freezing
 from cifarjax.inputs import FeatureInputs, HostAugmentedInputs, ImageInputs
 from cifarjax.models import Apply, build_model, init_variables
@@ -74,6 +75,7 @@ class History:
 
 @dataclass
 class FitResult:
+    """What `fit` returns: the history, the final weights (and their moving average), the time and speed."""
     history: History
     variables: dict  # final {'params', 'batch_stats'} on the host
     average: Optional[dict]  # the moving average of the weights, as variables, when the run kept one
@@ -207,7 +209,11 @@ class Trainer:
         trained); a new run writes its frozen parameters once."""
         if self.checkpointer is None:
             return
-        if not resume or self.checkpointer.latest_step() is None:
+        latest = self.checkpointer.latest_step()
+        if latest is not None and not resume:  # its steps would not be saved again: the folder would mix two runs
+            raise UserError(f"{self.run} already holds a run's checkpoints (step {latest}); continue it with "
+                            "resume=True, or train into another folder")
+        if latest is None:
             self.checkpointer.write_frozen(self.variables["params"], distributed.is_writer())
             return
         self.state, meta = self.checkpointer.restore(self.state)
@@ -223,6 +229,8 @@ class Trainer:
     def start(self) -> None:
         """Place the data and the state on the devices and compile both steps (timed as compilation)."""
         if self.writer:
+            if not (self.run / runs.CONFIG).exists():  # a run research code started: `load_run` needs its settings
+                write_json(self.run / runs.CONFIG, self.config.to_dict())
             runs.write_metrics(self.run, self.records)
         p = self.parallel
         self.feed = (HostAugmentFeed(p, self.train, self.host_augment) if self.host_augment

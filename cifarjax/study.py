@@ -46,6 +46,7 @@ DEFAULT_EPOCHS = 10
 
 @dataclass(frozen=True)
 class Cell:
+    """One run of a study: a name, the hypothesis it tests, and its Config changes to the baseline."""
     name: str
     hypothesis: str
     changes: Mapping = field(default_factory=dict)  # Config changes relative to the baseline

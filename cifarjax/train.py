@@ -136,6 +136,13 @@ def eval_step(state: TrainState, data, idx, *, inputs, tta_flip: bool = False):
     return lax.all_gather(preds, AXIS), lax.all_gather(losses, AXIS)
 
 
+def probabilities_step(state: TrainState, data, idx, *, inputs, tta_flip: bool = False):
+    """Class probabilities (softmax of `eval_logits`) of this device's share `idx`, gathered from every device
+    (call under `pmap`): (devices, per_device, classes)."""
+    logits = eval_logits(state, data, idx, inputs, tta_flip)
+    return lax.all_gather(jax.nn.softmax(logits.astype(jnp.float32)), AXIS)
+
+
 def _split_params(state, frozen: tuple):
     """(the state holding only its training parameters, as a list; its frozen parameters, as a list)."""
     leaves = jax.tree.leaves(state.params)
@@ -191,8 +198,8 @@ class _FrozenApart:
 
 
 @functools.lru_cache(maxsize=32)
-def _pmapped_eval(devices: tuple, **static):
-    return jax.pmap(functools.partial(eval_step, **static), axis_name=AXIS, devices=list(devices))
+def _pmapped_eval(step, devices: tuple, **static):
+    return jax.pmap(functools.partial(step, **static), axis_name=AXIS, devices=list(devices))
 
 
 class DataParallel:
@@ -208,7 +215,9 @@ class DataParallel:
         static = dict(inputs=inputs, n_devices=self.n_devices, options=options)
         self.train_step = _pmapped_train(train_step, tuple(self.devices), key, **static)
         self.train_steps = _pmapped_train(train_steps, tuple(self.devices), key, **static)
-        self.eval_step = _pmapped_eval(tuple(self.devices), inputs=inputs, tta_flip=options.tta_flip)
+        self.eval_step = _pmapped_eval(eval_step, tuple(self.devices), inputs=inputs, tta_flip=options.tta_flip)
+        self.probabilities_step = _pmapped_eval(probabilities_step, tuple(self.devices), inputs=inputs,
+                                                tta_flip=options.tta_flip)
 
     @property
     def n_devices(self) -> int:
@@ -252,3 +261,10 @@ class DataParallel:
         outputs = [self.eval_step(state, data, self.mine(i)) for i in idx]
         preds, losses = zip(*[self.unreplicate(o) for o in outputs])
         return np.concatenate([p[m] for p, m in zip(preds, mask)]), np.concatenate([l[m] for l, m in zip(losses, mask)])
+
+    def probabilities(self, state, images, n: int, batch_size: int) -> np.ndarray:
+        """(n, classes) class probabilities of images 0..n-1 of the resident `images`, batched as `evaluate`
+        batches them."""
+        idx, mask = eval_indices(n, batch_size, self.n_devices)
+        outputs = [self.unreplicate(self.probabilities_step(state, (images,), self.mine(i))) for i in idx]
+        return np.concatenate([p[m] for p, m in zip(outputs, mask)])
