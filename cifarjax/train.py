@@ -62,7 +62,9 @@ class StepOptions:
 
 
 def cross_entropy(logits, labels, smoothing: float = 0.0):
-    """Per-example cross-entropy against integer labels, optionally label-smoothed."""
+    """Per-example cross-entropy against integer labels, optionally label-smoothed; in float32 (or wider)
+    whatever the logits' type (bfloat16 under mixed precision)."""
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     if not smoothing:
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
@@ -121,9 +123,13 @@ def train_steps(state: TrainState, data, idxs, **kwargs):
 
 
 def eval_logits(state: TrainState, data, idx, inputs, tta_flip: bool):
-    logits = state.apply_fn(state.eval_variables, inputs.eval(data[0], idx), train=False)
+    """Logits in float32 (or wider), whatever the model computes them in."""
+    def logits_of(x):
+        logits = state.apply_fn(state.eval_variables, x, train=False)
+        return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    logits = logits_of(inputs.eval(data[0], idx))
     if tta_flip:
-        logits = (logits + state.apply_fn(state.eval_variables, inputs.eval(data[0], idx, True), train=False)) / 2
+        logits = (logits + logits_of(inputs.eval(data[0], idx, True))) / 2
     return logits
 
 
