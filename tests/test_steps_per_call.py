@@ -6,8 +6,12 @@ import jax
 import numpy as np
 import pytest
 
-from cifarjax.loop import ACCELERATOR_STEPS_PER_CALL, Trainer, steps_per_call, train_loop
-from tests.test_train import fast, tiny_split
+from cifarjax.augment import AugmentSpec
+from cifarjax.features import backbone_features
+from cifarjax.inputs import FeatureInputs
+from cifarjax.loop import ACCELERATOR_STEPS_PER_CALL, Trainer, fit, steps_per_call, train_loop
+from cifarjax.models import AXIS, Apply, initialize
+from tests.test_train import fast, small_resnet, tiny_split
 
 
 def schedule(config, n_train: int, chunk: int, start: int = 0):
@@ -47,3 +51,20 @@ def test_three_steps_per_call_give_the_bits_of_one(augment):
     assert [{k: v for k, v in r.items() if k != "wall_seconds"} for r in one.history.records] == \
         [{k: v for k, v in r.items() if k != "wall_seconds"} for r in three.history.records]
     assert [r["step"] for r in three.history.records] == [4, 5, 8, 10]
+
+
+def test_a_head_on_cached_features_gives_the_same_bits_in_a_rolled_loop():
+    """Cheap steps (no convolution) stay in a rolled loop (one compilation for any number of steps): 5 per call
+    (auto, `cheap_chunk`) against one."""
+    data, val = tiny_split(40), tiny_split(8, seed=1)
+    config = fast(model="resnet18", unfreeze="head", n_epochs=2)
+    model = small_resnet(frozen_bn_stages=5, axis_name=AXIS)
+    variables = initialize(model)
+    features = backbone_features(config, model, variables, data, val)
+    spec = AugmentSpec.from_config(config)
+    runs = {k: fit(config.replace(steps_per_call=k), Apply(model, "classify"), variables, *features, FeatureInputs(spec))
+            for k in (0, 1)}
+    assert steps_per_call(config, 5, "cpu", cheap=True) == 5
+    for a, b in zip(jax.tree.leaves(runs[0].variables), jax.tree.leaves(runs[1].variables)):
+        np.testing.assert_array_equal(a, b)
+    assert runs[0].history.train_loss == runs[1].history.train_loss
