@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import jax
@@ -156,15 +156,20 @@ class Conv(nn.Module):
     impl: str = "auto"
     kernel_init: Optional[callable] = None
     inference: bool = False  # no train-mode BatchNorm follows (see `conv2d`)
+    dtype: Optional[Any] = None  # the operands' type (bfloat16: mixed precision); None: the inputs' own
 
     @nn.compact
     def __call__(self, x):
         cin = x.shape[-1]
         shape = (self.kernel_size, self.kernel_size, cin, self.features)
         kernel = self.param("kernel", self.kernel_init or _torch_uniform, shape)
-        y = conv2d(x, kernel, self.strides, self.padding, self.impl, self.inference)
+        if self.dtype is None:
+            y = conv2d(x, kernel, self.strides, self.padding, self.impl, self.inference)
+        else:  # mixed precision: XLA's convolution of cast operands (the CPU formulations are float32's)
+            y = _xla_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding)
         if self.use_bias:
-            y = y + self.param("bias", _torch_bias_init(math.prod(shape[:-1])), (self.features,))
+            bias = self.param("bias", _torch_bias_init(math.prod(shape[:-1])), (self.features,))
+            y = y + (bias if self.dtype is None else bias.astype(self.dtype))
         return y
 
 
@@ -505,13 +510,16 @@ class ConvReluMaxPool(nn.Module):
 
 class Dense(nn.Module):
     """Fully connected layer with PyTorch's default initialisation (kernel stored as (in, out)); on CPU
-    differentiated by `dense_transposed_backward`."""
+    differentiated by `dense_transposed_backward`. `dtype`: the operands' type, as `Conv`'s."""
     features: int
+    dtype: Optional[Any] = None
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", _torch_uniform, (x.shape[-1], self.features))
         bias = self.param("bias", _torch_bias_init(x.shape[-1]), (self.features,))
+        if self.dtype is not None:
+            x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
         if jax.default_backend() == "cpu":
             return dense_transposed_backward(x, kernel, bias)
         return x @ kernel + bias
@@ -603,6 +611,7 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bfloat16 activations normalise in float32
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))

@@ -29,31 +29,34 @@ class SimpleCNN(nn.Module):
     Dropout · Flatten · Linear(256→512) ReLU · Linear(512→classes). 1,025,546 parameters for 10 classes.
 
     With `conv_impl` 'winograd' (the CPU default) each conv+ReLU+pool block runs fused (`ConvReluMaxPool`):
-    same parameters, same dropout masks, same outputs up to float rounding.
+    same parameters, same dropout masks, same outputs up to float rounding. With a `dtype` (mixed precision)
+    every block runs unfused, on XLA's convolution.
     """
     num_classes: int = 10
     dropout_rate: float = 0.3
     conv_impl: str = "auto"
+    dtype: Optional[Any] = None  # of the convolutions' and matrix products' operands (None: float32)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         drop = lambda name: Dropout(self.dropout_rate, name=name)  # noqa: E731
-        fused = resolve_conv_impl(self.conv_impl) == "winograd"
+        fused = self.dtype is None and resolve_conv_impl(self.conv_impl) == "winograd"
+        conv = partial(Conv, impl=self.conv_impl, dtype=self.dtype)
         if fused:
             x = self._fused_blocks(x, drop("dropout1"), train)
         else:
-            x = nn.relu(Conv(128, 3, impl=self.conv_impl, name="conv1")(x))
+            x = nn.relu(conv(128, 3, name="conv1")(x))
             x = max_pool(drop("dropout1")(x, deterministic=not train), 2)
-            x = max_pool(nn.relu(Conv(256, 3, impl=self.conv_impl, name="conv2")(x)), 2)
+            x = max_pool(nn.relu(conv(256, 3, name="conv2")(x)), 2)
         x = drop("dropout2")(x, deterministic=not train)
         if fused:
             x = ConvReluMaxPool(256, 4, "winograd", name="conv3")(x)
         else:
-            x = max_pool(nn.relu(Conv(256, 3, impl=self.conv_impl, name="conv3")(x)), 4)
+            x = max_pool(nn.relu(conv(256, 3, name="conv3")(x)), 4)
         x = drop("dropout3")(x, deterministic=not train)
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(Dense(512, name="fc1")(x))
-        return Dense(self.num_classes, name="fc2")(x)
+        x = nn.relu(Dense(512, self.dtype, name="fc1")(x))
+        return Dense(self.num_classes, self.dtype, name="fc2")(x)
 
     def _fused_blocks(self, x, dropout1: Dropout, train: bool):
         """conv1 (per output phase, dropout before the pool as in the original) and conv2 (Winograd)."""
@@ -104,6 +107,7 @@ class ResNetBackbone(nn.Module):
     frozen_bn_stages: int = 0
     axis_name: Optional[str] = None
     conv_impl: str = "auto"
+    dtype: Optional[Any] = None  # of the convolutions' operands; BatchNorm computes in float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -112,7 +116,7 @@ class ResNetBackbone(nn.Module):
 
         def conv(stage):
             return partial(Conv, use_bias=False, impl=self.conv_impl, kernel_init=_resnet_conv_init(),
-                           inference=inference(stage))
+                           inference=inference(stage), dtype=self.dtype)
 
         def norm(stage):
             return partial(BatchNorm, inference(stage), axis_name=self.axis_name)
@@ -137,11 +141,12 @@ class ResNet(nn.Module):
     axis_name: Optional[str] = None
     conv_impl: str = "auto"
     num_filters: int = 64
+    dtype: Optional[Any] = None  # of the convolutions' and the head's operands (None: float32)
 
     def setup(self):
         self.backbone = ResNetBackbone(self.stage_sizes, self.block_cls, self.num_filters, self.frozen_bn_stages,
-                                       self.axis_name, self.conv_impl)
-        self.head = Dense(self.num_classes)
+                                       self.axis_name, self.conv_impl, self.dtype)
+        self.head = Dense(self.num_classes, self.dtype)
 
     def __call__(self, x, train: bool = False):
         return self.head(self.backbone(x, train))
@@ -171,13 +176,19 @@ class Apply:
         return self.model.apply(variables, *args, method=self.method, **kwargs)
 
 
+def compute_dtype(precision: str):
+    """The operand type of convolutions and matrix products for `Config.precision` (None: float32 throughout)."""
+    return {"fp32": None, "bf16": jnp.bfloat16}[precision]
+
+
 def build_model(config):
     """The configured model; ResNet-18's BatchNorm modes come from the freezing policy and its statistics are
-    synchronised over the training devices."""
+    synchronised over the training devices. Parameters are float32 whatever `config.precision`."""
+    dtype = compute_dtype(config.precision)
     if config.model == "simple_cnn":
-        return SimpleCNN(config.num_classes, dropout_rate=config.dropout, conv_impl=config.conv_impl)
+        return SimpleCNN(config.num_classes, dropout_rate=config.dropout, conv_impl=config.conv_impl, dtype=dtype)
     return ResNet18(config.num_classes, frozen_bn_stages=Freezing.from_config(config).frozen_bn_stages,
-                    axis_name=AXIS, conv_impl=config.conv_impl)
+                    axis_name=AXIS, conv_impl=config.conv_impl, dtype=dtype)
 
 
 @lru_cache(maxsize=16)
