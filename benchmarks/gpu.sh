@@ -1,43 +1,127 @@
 #!/usr/bin/env bash
-# The GPU check in one script: on a fresh single-GPU machine with no network, run the throughput benchmark and
-# both experiments at the original's settings on CIFAR-10's images, writing every figure into one folder.
+# The first GPU run, in one script and at most 10 minutes on one GPU (H100/H200): every figure into one folder,
+# each part under its own time limit, a summary at the end. Judge the figures against
+# benchmarks/GPU_PREDICTIONS.md.
 #
 #   bash benchmarks/gpu.sh [DATA] [OUT]
 #
-# DATA: the CIFAR-10 tarball from ../shared (default) or an unpacked ImageFolder/cifar-10-batches-py folder.
-# OUT:  the results folder (default gpu-results; refused if it exists, so earlier figures are never lost).
-# Packages: wheels in .whl/ (jax, jaxlib, jax-cuda12-plugin, jax-cuda12-pjrt, flax, optax, orbax-checkpoint, ...)
-# are installed offline when present; otherwise `pip install -e ".[cuda12]"` uses the package index.
-# WEIGHTS: a torchvision resnet18-f37072fd.pth for the fine-tune (default: random initialisation, labelled so).
-set -euo pipefail
+# DATA: the CIFAR-10 archive (cifar10-jpeg-train.tar.gz, unpacked into OUT first), an unpacked folder
+#       (data/cifar10-jpeg) or a folder holding cifar-10-batches-py. Default: data/cifar10-jpeg.
+# OUT:  the results folder (default gpu-results-<time>); refused if it exists, so earlier figures are never lost.
+# Packages: used as installed when `import cifarjax` works and JAX sees a GPU; else wheels in .whl/ are installed
+# offline, else `pip install -e ".[cuda12]"` (outside the 10 minutes).
+#
+# Parts, in order of importance (a part that fails or runs out of time is recorded and the next one runs):
+#   1. SimpleCNN, one epoch: fp32 and bf16, one step per call and 8 (experiments.cnn --epochs 1)
+#   2. per-step rates of SimpleCNN (fp32, bf16) and one jax.profiler trace of 20 bf16 steps (trace/)
+#   3. ResNet-18 rows of benchmarks.throughput (PyTorch's side runs on the CPU: a reference, not a GPU ratio)
+#   4. the default fine-tune (experiments.finetune --weights random; WEIGHTS=path for ImageNet weights)
+#   5. a 20-epoch SimpleCNN run at the original's settings (fp32, the default steps per call)
+set -uo pipefail
 cd "$(dirname "$0")/.."
-data="${1:-../shared/data/cifar10-jpeg-train.tar.gz}"
-out="${2:-gpu-results}"
+start=$(date +%s)
+deadline=$(( start + ${GPU_SH_SECONDS:-570} ))   # 30 s kept for the summary and the machine's own start
+data="${1:-data/cifar10-jpeg}"
+out="${2:-gpu-results-$(date -u +%Y%m%dT%H%M%SZ)}"
 if [ -e "$out" ]; then echo "error: $out exists; pass another results folder" >&2; exit 2; fi
-mkdir -p "$out"
+mkdir -p "$out/logs"
 export NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site:$PWD"
-else
-  python3 -m pip install -q -e ".[cuda12]"
+export CIFARJAX_CACHE="$out/cache"   # decoded images and compiled programs: this run's own, so times are cold-start
+
+if ! python3 -c "import cifarjax, jax; assert jax.default_backend() == 'gpu'" 2>/dev/null; then
+  if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site:$PWD"
+  else
+    python3 -m pip install -q -e ".[cuda12]"
+  fi
+  start=$(date +%s); deadline=$(( start + ${GPU_SH_SECONDS:-570} ))   # the install is outside the 10 minutes
 fi
 if [ -f "$data" ]; then
-  unpacked="$(mktemp -d)"; tar xzf "$data" -C "$unpacked"; data="$unpacked/cifar10-jpeg"
+  tar xzf "$data" -C "$out" && data="$out/cifar10-jpeg"
 fi
-export CIFARJAX_CACHE="$out/cache"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import jax; print(jax.devices())"; } \
-  > "$out/device.txt"
-start=$(date +%s)
-python3 -m benchmarks.throughput --data-dir "$data" --json > "$out/throughput.json"
-python3 -m experiments.cnn --data-dir "$data" --out "$out/cnn" 2> "$out/cnn.log"
-python3 -m experiments.finetune --data-dir "$data" --weights "${WEIGHTS:-random}" --out "$out/finetune" 2> "$out/finetune.log"
-echo "total seconds: $(( $(date +%s) - start ))" | tee "$out/total.txt"
-python3 - "$out" <<'PY'
+
+# part NAME CAP_SECONDS COMMAND...: run under min(CAP, time left), log to logs/NAME.log, record its status and time.
+part() {
+  local name=$1 cap=$2; shift 2
+  local left=$(( deadline - $(date +%s) )) t0 rc
+  local limit=$(( cap < left ? cap : left ))
+  if [ "$limit" -lt 15 ]; then echo "$name skipped (no time left)" | tee -a "$out/parts.txt"; return; fi
+  t0=$(date +%s.%N)
+  timeout --signal=INT --kill-after=10 "$limit" "$@" > "$out/logs/$name.log" 2>&1; rc=$?
+  printf '%-22s rc=%-3s %6.1f s (limit %s s)\n' "$name" "$rc" "$(echo "$(date +%s.%N) - $t0" | bc)" "$limit" \
+    | tee -a "$out/parts.txt"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python3 -c "import jax, jaxlib; print(jax.__version__, jaxlib.__version__, jax.devices())"
+  git rev-parse HEAD; nproc; } > "$out/device.txt" 2>&1
+
+# 1. One SimpleCNN epoch, four ways (the first also decodes the images into the cache).
+for precision in fp32 bf16; do
+  for k in 1 8; do
+    part "cnn-epoch-$precision-k$k" 90 python3 -m experiments.cnn --data-dir "$data" --epochs 1 \
+      --precision "$precision" --steps-per-call "$k" --out "$out/cnn-epoch-$precision-k$k"
+  done
+done
+
+# 2. Step rates without the command around them, and one profile trace (open with TensorBoard's profile plugin
+#    or Perfetto: trace/plugins/profile/*/*.xplane.pb).
+part step-rates-and-trace 75 python3 - "$data" "$out" <<'PY'
 import json, sys
-out = sys.argv[1]
-for name in ("cnn/summary.json", "finetune/summary.json"):
-    print(name, json.dumps(json.load(open(f"{out}/{name}")))[:600])
-for row in json.load(open(f"{out}/throughput.json"))["rows"]:
-    print(f"{row['name']:60s} {row['cifarjax']:>10} {row['pytorch']:>10} x{row['ratio']}")
+from pathlib import Path
+import jax
+from benchmarks.throughput import CifarjaxRow
+from cifarjax.data import load_dataset, train_val_split
+data, out = sys.argv[1], Path(sys.argv[2])
+train, _ = train_val_split(load_dataset(data))
+rates = {}
+for precision in ("fp32", "bf16"):
+    row = CifarjaxRow("train", 64, {"precision": precision}, train.images, train.labels)  # compiled and warmed up
+    rates[f"cnn_train_64_{precision}"] = round(max(row.rate() for _ in range(5)), 1)
+    print(precision, rates[f"cnn_train_64_{precision}"], "images/s", flush=True)
+row.steps = 20
+with jax.profiler.trace(str(out / "trace")):
+    rates["cnn_train_64_bf16_traced"] = round(row.rate(), 1)
+(out / "step_rates.json").write_text(json.dumps(rates, indent=1))
+PY
+
+# 3. ResNet-18 rows, one child each so that a row over its limit loses only itself.
+for row in resnet_all_32 resnet_all_224 resnet_eval_224; do
+  part "throughput-$row" 80 sh -c "exec python3 -m benchmarks.throughput --json --data-dir '$data' --rows $row \
+    > '$out/throughput-$row.json'"
+done
+
+# 4. The default fine-tune: the head on cached features, 20, 50 and 100 epochs.
+part finetune 120 python3 -m experiments.finetune --data-dir "$data" --weights "${WEIGHTS:-random}" \
+  --out "$out/finetune"
+
+# 5. Twenty epochs at the original's settings.
+part cnn-20-epochs 150 python3 -m experiments.cnn --data-dir "$data" --out "$out/cnn-20-epochs"
+
+echo "total seconds: $(( $(date +%s) - start ))" | tee -a "$out/parts.txt"
+python3 - "$out" <<'PY' | tee "$out/summary.txt"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+print((out / "device.txt").read_text().strip().splitlines()[:2])
+print((out / "parts.txt").read_text())
+def load(path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+for run in sorted(out.glob("cnn-*")) + [out / "finetune"]:
+    s = load(run / "summary.json")
+    if s is None:
+        print(f"{run.name:24s} no summary.json (see logs/)")
+        continue
+    keys = ("val_accuracy", "process_seconds", "images_per_second", "phases", "peak_rss_mb", "runs")
+    print(f"{run.name:24s}", json.dumps({k: s[k] for k in keys if k in s})[:400])
+print("step rates:", load(out / "step_rates.json"))
+for path in sorted(out.glob("throughput-*.json")):
+    result = load(path)
+    for r in (result or {}).get("rows", []):
+        print(f"{r['name']:24s} cifarjax {r['cifarjax']:>10} images/s  PyTorch on the CPU {r['pytorch']:>8}")
+print("compare with benchmarks/GPU_PREDICTIONS.md")
 PY

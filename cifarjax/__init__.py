@@ -1,6 +1,58 @@
 """cifarjax: train and fine-tune CIFAR-10 classifiers in pure-functional JAX/Flax.
 
-Importing it changes nothing in the process: the CPU's process-wide settings are a command's, at its start
-(`cifarjax.cpu.process`)."""
+Research code needs one import (docs/example.py)::
+
+    import cifarjax as cj
+    data = cj.load_dataset("data/cifar10-jpeg")
+    train, val = cj.train_val_split(data, subset=4000)
+    cj.train_loop(cj.recipe_config("cnn", classes=data.classes), train, val, run="runs/my-cnn")
+    print(cj.load_run("runs/my-cnn").predict_files(["my_cat.jpg"]))
+
+`__all__` lists the public names, each described in one line in docs/api.md. Each is loaded from its module on
+first use (PEP 562), so `import cifarjax` itself starts neither JAX nor PyTorch.
+"""
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_HOMES = {  # public name -> the module that defines it, in docs/api.md's order
+    # configuration
+    "Config": "config", "recipe_config": "recipes", "RECIPES": "recipes",
+    # data
+    "load_dataset": "data", "train_val_split": "data", "Dataset": "data", "Split": "data",
+    # models and weights
+    "build_model": "models", "init_variables": "models", "imagenet_resnet18": "pretrained",
+    # training
+    "train_loop": "loop", "fine_tune_loop": "loop", "fit": "loop", "FitResult": "loop", "ImageInputs": "inputs",
+    "AugmentSpec": "augment",
+    # evaluation
+    "evaluate": "evaluation", "predict": "evaluation", "probabilities": "evaluation", "score": "evaluation",
+    "format_table": "evaluation",
+    # finished runs
+    "load_run": "predictor", "Run": "predictor",
+    # figures
+    "plot_training_results": "plots", "plot_runs": "plots", "plot_confusion_matrix": "plots",
+    "plot_sample_predictions": "plots",
+    # the study
+    "fine_tune_study": "study", "Cell": "study", "DEFAULT_GRID": "study",
+    # errors
+    "UserError": "errors",
+}
+_RENAMED = {"fine_tune_study": "study"}  # `cifarjax.study` names the module, so its one-call function is renamed
+
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'cifarjax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"cifarjax.{home}"), _RENAMED.get(name, name))
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

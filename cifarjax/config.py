@@ -48,6 +48,8 @@ def internal(default, help: str):
 
 @dataclass(frozen=True)
 class Config:
+    """Every setting of a run, each with its help, range and flag (see the module docstring); `recipe_config`
+    gives a named preset."""
     # The original project's settings.
     seed: int = option(0, "seed of the split, initialisation, data order, augmentation and dropout", minimum=0)
     batch_size: int = option(64, "global batch size, split evenly over all devices", minimum=1)
@@ -75,6 +77,10 @@ class Config:
     precision: str = option("fp32", "arithmetic of convolutions and matrix products: fp32 (the original's) or bf16 "
                             "(bfloat16 operands; parameters, optimizer state, BatchNorm statistics, softmax and "
                             "loss stay float32)", choices=PRECISIONS)
+    steps_per_call: int = option(0, "training steps per dispatch, run as one lax.scan (0: auto: 1 on a CPU, where a "
+                                 "step outlasts its dispatch, 8 on a GPU or TPU, up to 64 for a head on cached "
+                                 "features); a call never crosses an evaluation, a checkpoint or an epoch end, and "
+                                 "the results are bit-identical whatever the number", minimum=0, resumable=True)
     dropout: float = option(0.3, "SimpleCNN's dropout rate, a training-time regulariser (0.3 in the original; "
                             "the layers and parameters do not change)", commands=("cnn",), minimum=0.0,
                             maximum=0.9)

@@ -38,6 +38,7 @@ _CACHE_FORMAT = 2
 
 @dataclass
 class Split:
+    """Labelled images of one split: uint8 RGB images and their class indices."""
     images: np.ndarray  # (N, size, size, 3) uint8
     labels: np.ndarray  # (N,) int32
 
@@ -50,6 +51,7 @@ class Split:
 
 @dataclass
 class Dataset:
+    """A loaded dataset: its source, class names, and its train and test splits (None where it has none)."""
     source: str  # 'cifar10', 'cifar-10-batches-py', 'folder' or 'fake'
     classes: tuple
     train: Optional[Split]

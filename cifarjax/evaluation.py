@@ -13,14 +13,33 @@ from cifarjax.models import Apply, build_model
 from cifarjax.train import DataParallel, StepOptions, create_train_state
 
 
-def predict(config: Config, variables: dict, split: Split, devices=None) -> np.ndarray:
-    """Predicted classes for every image of `split` (evaluation view, no augmentation)."""
+def evaluator(config: Config, variables: dict, devices=None):
+    """(DataParallel, its replicated state) that evaluate `variables` under `config`'s model and evaluation view
+    (scaled, resized, normalised; mirror-averaged with `tta_flip`)."""
     parallel = DataParallel(ImageInputs(AugmentSpec.from_config(config)), devices=devices,
                             options=StepOptions(tta_flip=config.tta_flip))
     state = parallel.replicate(create_train_state(Apply(build_model(config)), variables, optax.identity(), config.seed))
+    return parallel, state
+
+
+def predict(config: Config, variables: dict, split: Split, devices=None) -> np.ndarray:
+    """Predicted classes for every image of `split` (evaluation view, no augmentation)."""
+    parallel, state = evaluator(config, variables, devices)
     preds, _ = parallel.evaluate(state, parallel.replicate((split.images, split.labels)), len(split),
                                  config.eval_batch_size)
     return preds
+
+
+def probabilities(config: Config, variables: dict, images: np.ndarray, devices=None) -> np.ndarray:
+    """(N, classes) float32 class probabilities of (N, H, W, 3) uint8 images, batched and viewed as `predict`
+    does (the softmax of the logits it takes the largest of)."""
+    parallel, state = evaluator(config, variables, devices)
+    return parallel.probabilities(state, parallel.replicate(images), len(images), config.eval_batch_size)
+
+
+def evaluate(config: Config, variables: dict, split: Split, devices=None) -> dict:
+    """`score` of `predict` on `split`: accuracy, per-class accuracy, the confusion matrix, the most confused."""
+    return score(split.labels, predict(config, variables, split, devices), config.classes)
 
 
 def confusion_matrix(true: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:

@@ -29,7 +29,8 @@ def cacheable(config) -> bool:
 def _features(variables, images, mirrored, *, model, spec):
     x = eval_view(images, spec)
     x = flip(x, jnp.broadcast_to(mirrored, x.shape[:1]))
-    return lax.all_gather(model.apply(variables, x, train=False, method="features"), AXIS)
+    features = model.apply(variables, x, train=False, method="features")  # computed in the model's precision
+    return lax.all_gather(features.astype(jnp.promote_types(features.dtype, jnp.float32)), AXIS)
 
 
 @functools.lru_cache(maxsize=8)

@@ -26,6 +26,8 @@ def device_choices(key, per_device: int, device, n_devices: int, spec: AugmentSp
 
 @dataclass(frozen=True)
 class ImageInputs:
+    """uint8 images resident on the device: augmented for training, scaled, resized and normalised for
+    evaluation, as `spec` says."""
     spec: AugmentSpec
 
     def train(self, key, images, idx, device, n_devices):

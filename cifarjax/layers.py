@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +73,7 @@ class Conv(nn.Module):
     impl: str = "auto"  # Config.conv_impl: 'auto' is the platform's choice (`cifarjax.platform.conv_impl`)
     kernel_init: Optional[callable] = None
     inference: bool = False  # no train-mode BatchNorm follows: a hint for the CPU's Winograd tiles (`conv2d`)
+    dtype: Optional[Any] = None  # the operands' type (bfloat16: mixed precision); None: the inputs' own
     platform: str = PLAIN
 
     @nn.compact
@@ -80,9 +81,13 @@ class Conv(nn.Module):
         cin = x.shape[-1]
         shape = (self.kernel_size, self.kernel_size, cin, self.features)
         kernel = self.param("kernel", self.kernel_init or _torch_uniform, shape)
-        y = conv2d(x, kernel, self.strides, self.padding, conv_impl(self.impl, self.platform), self.inference)
+        if self.dtype is None:
+            y = conv2d(x, kernel, self.strides, self.padding, conv_impl(self.impl, self.platform), self.inference)
+        else:  # mixed precision: XLA's convolution of cast operands (the CPU formulations are float32's)
+            y = xla_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding)
         if self.use_bias:
-            y = y + self.param("bias", _torch_bias_init(math.prod(shape[:-1])), (self.features,))
+            bias = self.param("bias", _torch_bias_init(math.prod(shape[:-1])), (self.features,))
+            y = y + (bias if self.dtype is None else bias.astype(self.dtype))
         return y
 
 
@@ -122,14 +127,18 @@ class ConvReluMaxPool(nn.Module):
 
 class Dense(nn.Module):
     """Fully connected layer with PyTorch's default initialisation (kernel stored as (in, out)); built for the
-    CPU, differentiated by `cifarjax.cpu.dense.dense_transposed_backward`."""
+    CPU, differentiated by `cifarjax.cpu.dense.dense_transposed_backward`. `dtype`: the operands' type, as
+    `Conv`'s."""
     features: int
+    dtype: Optional[Any] = None
     platform: str = PLAIN
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", _torch_uniform, (x.shape[-1], self.features))
         bias = self.param("bias", _torch_bias_init(x.shape[-1]), (self.features,))
+        if self.dtype is not None:
+            x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
         if self.platform == "cpu":
             from cifarjax.cpu.dense import dense_transposed_backward
             return dense_transposed_backward(x, kernel, bias)
@@ -198,6 +207,7 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bfloat16 activations normalise in float32
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))

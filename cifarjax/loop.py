@@ -27,6 +27,7 @@ from cifarjax.config import Config
 from cifarjax.data import Split
 from cifarjax.errors import Interrupted, UserError
 from cifarjax.features import backbone_features, cacheable
+from cifarjax.files import write_json
 from cifarjax.freezing import Freezing
 from cifarjax.inputs import FeatureInputs, HostAugmentedInputs, ImageInputs
 from cifarjax.models import Apply, build_model, init_variables
@@ -74,6 +75,7 @@ class History:
 
 @dataclass
 class FitResult:
+    """What `fit` returns: the history, the final weights (and their moving average), the time and speed."""
     history: History
     variables: dict  # final {'params', 'batch_stats'} on the host
     average: Optional[dict]  # the moving average of the weights, as variables, when the run kept one
@@ -91,6 +93,20 @@ def cheap_chunk(config: Config, steps_per_epoch: int, most: int = 64) -> int:
     evaluation and checkpoint intervals, so no event falls inside a call."""
     limit = math.gcd(steps_per_epoch, config.eval_every or steps_per_epoch, config.checkpoint_every or steps_per_epoch)
     return max(d for d in range(1, min(most, limit) + 1) if limit % d == 0)
+
+
+# Training steps per call on a GPU or TPU, where dispatching a SimpleCNN step takes about as long as computing it.
+ACCELERATOR_STEPS_PER_CALL = 8
+
+
+def steps_per_call(config: Config, steps_per_epoch: int, platform: str, cheap: bool) -> int:
+    """Training steps per call (`lax.scan` over them): `config.steps_per_call`, or when it is 0 (auto) `cheap_chunk`
+    for cheap steps, one on a CPU (where a step outlasts its dispatch) and `ACCELERATOR_STEPS_PER_CALL` elsewhere."""
+    if config.steps_per_call:
+        return config.steps_per_call
+    if cheap:
+        return cheap_chunk(config, steps_per_epoch)
+    return 1 if platform == "cpu" else ACCELERATOR_STEPS_PER_CALL
 
 
 class LossTracker:
@@ -146,10 +162,16 @@ class HostAugmentFeed:
         self.parallel, self.split, self.augment = parallel, split, augment
 
     def __call__(self, idx: np.ndarray, step: int):
-        images, labels = self.augment(self.split.images[idx], step), self.split.labels[idx]
-        rows = np.broadcast_to(np.arange(idx.shape[1], dtype=np.int32), idx.shape)
+        """`idx`: one step's (devices, per_device) indices, or several steps' (steps, devices, per_device); each
+        step's batch is augmented with its own step's draws, and a device holds its rows of every step."""
+        steps = idx.reshape((-1,) + idx.shape[-2:])
+        images = np.concatenate([self.augment(self.split.images[i], step + s) for s, i in enumerate(steps)], axis=1)
+        labels = np.concatenate([self.split.labels[i] for i in steps], axis=1)
+        per_device = idx.shape[-1]
+        rows = np.arange(len(steps) * per_device, dtype=np.int32).reshape(len(steps), 1, per_device)
+        rows = np.broadcast_to(rows, steps.shape).reshape(idx.shape)
         p = self.parallel
-        return p.shard((p.mine(images), p.mine(labels))), p.mine(rows)
+        return p.shard((p.mine(images), p.mine(labels))), p.mine(rows, axis=idx.ndim - 2)
 
 
 class _StopRequest:
@@ -199,7 +221,8 @@ class Trainer:
         self.val_predictions = None
         self.log = ScalarLog(run / runs.TENSORBOARD) if self.writer else None
         self.host_augment = host_augment
-        self.chunk = cheap_chunk(config, self.steps_per_epoch) if getattr(inputs, "cheap_steps", False) else 1
+        self.chunk = steps_per_call(config, self.steps_per_epoch, self.parallel.devices[0].platform,
+                                    getattr(inputs, "cheap_steps", False))
 
     # -- start
     def restore(self, resume: bool) -> None:
@@ -207,7 +230,11 @@ class Trainer:
         trained); a new run writes its frozen parameters once."""
         if self.checkpointer is None:
             return
-        if not resume or self.checkpointer.latest_step() is None:
+        latest = self.checkpointer.latest_step()
+        if latest is not None and not resume:  # its steps would not be saved again: the folder would mix two runs
+            raise UserError(f"{self.run} already holds a run's checkpoints (step {latest}); continue it with "
+                            "resume=True, or train into another folder")
+        if latest is None:
             self.checkpointer.write_frozen(self.variables["params"], distributed.is_writer())
             return
         self.state, meta = self.checkpointer.restore(self.state)
@@ -223,6 +250,8 @@ class Trainer:
     def start(self) -> None:
         """Place the data and the state on the devices and compile both steps (timed as compilation)."""
         if self.writer:
+            if not (self.run / runs.CONFIG).exists():  # a run research code started: `load_run` needs its settings
+                write_json(self.run / runs.CONFIG, self.config.to_dict())
             runs.write_metrics(self.run, self.records)
         p = self.parallel
         self.feed = (HostAugmentFeed(p, self.train, self.host_augment) if self.host_augment
@@ -242,8 +271,9 @@ class Trainer:
     def batches(self):
         """(last step, indices) per call from the restored step to the end, epoch by epoch (steps count from 1).
 
-        Indices are (devices, per_device) for one step, or (steps, devices, per_device) when cheap steps go
-        `self.chunk` at a time; a chunk never crosses an evaluation, a checkpoint or an epoch end.
+        Indices are (devices, per_device) for one step, or (steps, devices, per_device) when steps go `self.chunk`
+        at a time. A chunk never crosses an evaluation, a checkpoint or an epoch end: the steps left before one
+        that do not fill a chunk go one at a time (two compiled programs, not one per remainder's length).
         """
         start, per_epoch, chunk = int(self.state.step), self.steps_per_epoch, self.chunk
         for epoch in range(start // per_epoch, self.config.n_epochs):
@@ -252,9 +282,14 @@ class Trainer:
             first = epoch * per_epoch
             done = max(start, first)
             while done < first + per_epoch:
-                end = min(first + per_epoch, (done // chunk + 1) * chunk)
-                yield end, epoch_idx[done - first] if chunk == 1 else epoch_idx[done - first:end - first]
+                end = done + chunk if done + chunk <= self.next_event(done) else done + 1
+                yield end, epoch_idx[done - first] if end == done + 1 else epoch_idx[done - first:end - first]
                 done = end
+
+    def next_event(self, step: int) -> int:
+        """The first step after `step` that ends an epoch, or is due an evaluation or a step-counted checkpoint."""
+        every = (self.steps_per_epoch, self.config.eval_every, self.config.checkpoint_every)
+        return min((step // n + 1) * n for n in every if n)
 
     def step(self, step: int, idx: np.ndarray) -> None:
         """One call of training steps ending at `step`; this session's first call compiles the step and is timed
@@ -440,7 +475,7 @@ def _train(trainer: Trainer, desc: str) -> None:
                     bar = tqdm(total=trainer.total_steps, initial=step, desc=desc, unit="step", mininterval=1.0,
                                dynamic_ncols=True, disable=not distributed.is_writer())
                 else:
-                    bar.update(1)
+                    bar.update(step - bar.n)
                 if itstime(step, config.eval_every) or trainer.epoch_end(step):
                     bar.set_postfix_str("evaluating", refresh=True)
                     record = trainer.evaluate(step)

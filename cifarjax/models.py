@@ -30,18 +30,20 @@ class SimpleCNN(nn.Module):
     Dropout · Flatten · Linear(256→512) ReLU · Linear(512→classes). 1,025,546 parameters for 10 classes.
 
     With `conv_impl` 'winograd' (the CPU's choice: 'auto' built for platform "cpu") each conv+ReLU+pool block runs
-    fused (`ConvReluMaxPool`): same parameters, same dropout masks, same outputs up to float rounding.
+    fused (`ConvReluMaxPool`): same parameters, same dropout masks, same outputs up to float rounding. With a
+    `dtype` (mixed precision) every block runs unfused, on XLA's convolution.
     """
     num_classes: int = 10
     dropout_rate: float = 0.3
     conv_impl: str = "auto"
+    dtype: Optional[Any] = None  # of the convolutions' and matrix products' operands (None: float32)
     platform: str = PLAIN  # what the program is built for (`cifarjax.platform`)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         drop = lambda name: Dropout(self.dropout_rate, name=name)  # noqa: E731
-        conv = partial(Conv, impl=self.conv_impl, platform=self.platform)
-        fused = conv_impl(self.conv_impl, self.platform) == "winograd"
+        fused = self.dtype is None and conv_impl(self.conv_impl, self.platform) == "winograd"
+        conv = partial(Conv, impl=self.conv_impl, dtype=self.dtype, platform=self.platform)
         if fused:
             x = self._fused_blocks(x, drop("dropout1"), train)
         else:
@@ -55,8 +57,8 @@ class SimpleCNN(nn.Module):
             x = max_pool(nn.relu(conv(256, 3, name="conv3")(x)), 4)
         x = drop("dropout3")(x, deterministic=not train)
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(Dense(512, platform=self.platform, name="fc1")(x))
-        return Dense(self.num_classes, platform=self.platform, name="fc2")(x)
+        x = nn.relu(Dense(512, self.dtype, platform=self.platform, name="fc1")(x))
+        return Dense(self.num_classes, self.dtype, platform=self.platform, name="fc2")(x)
 
     def _fused_blocks(self, x, dropout1: Dropout, train: bool):
         """conv1 (per output phase, dropout before the pool as in the original) and conv2 (Winograd)."""
@@ -107,6 +109,7 @@ class ResNetBackbone(nn.Module):
     frozen_bn_stages: int = 0
     axis_name: Optional[str] = None
     conv_impl: str = "auto"
+    dtype: Optional[Any] = None  # of the convolutions' operands; BatchNorm computes in float32
     platform: str = PLAIN
 
     @nn.compact
@@ -116,7 +119,7 @@ class ResNetBackbone(nn.Module):
 
         def conv(stage):
             return partial(Conv, use_bias=False, impl=self.conv_impl, kernel_init=_resnet_conv_init(),
-                           inference=inference(stage), platform=self.platform)
+                           inference=inference(stage), dtype=self.dtype, platform=self.platform)
 
         def norm(stage):
             return partial(BatchNorm, inference(stage), axis_name=self.axis_name)
@@ -141,12 +144,13 @@ class ResNet(nn.Module):
     axis_name: Optional[str] = None
     conv_impl: str = "auto"
     num_filters: int = 64
+    dtype: Optional[Any] = None  # of the convolutions' and the head's operands (None: float32)
     platform: str = PLAIN
 
     def setup(self):
         self.backbone = ResNetBackbone(self.stage_sizes, self.block_cls, self.num_filters, self.frozen_bn_stages,
-                                       self.axis_name, self.conv_impl, self.platform)
-        self.head = Dense(self.num_classes, platform=self.platform)
+                                       self.axis_name, self.conv_impl, self.dtype, self.platform)
+        self.head = Dense(self.num_classes, self.dtype, platform=self.platform)
 
     def __call__(self, x, train: bool = False):
         return self.head(self.backbone(x, train))
@@ -176,15 +180,21 @@ class Apply:
         return self.model.apply(variables, *args, method=self.method, **kwargs)
 
 
+def compute_dtype(precision: str):
+    """The operand type of convolutions and matrix products for `Config.precision` (None: float32 throughout)."""
+    return {"fp32": None, "bf16": jnp.bfloat16}[precision]
+
+
 def build_model(config, platform: Optional[str] = None):
     """The configured model, built for `platform` (default: `cifarjax.platform.resolve()`); ResNet-18's BatchNorm
-    modes come from the freezing policy and its statistics are synchronised over the training devices."""
-    platform = resolve(platform)
+    modes come from the freezing policy and its statistics are synchronised over the training devices. Parameters
+    are float32 whatever `config.precision`."""
+    platform, dtype = resolve(platform), compute_dtype(config.precision)
     if config.model == "simple_cnn":
-        return SimpleCNN(config.num_classes, dropout_rate=config.dropout, conv_impl=config.conv_impl,
+        return SimpleCNN(config.num_classes, dropout_rate=config.dropout, conv_impl=config.conv_impl, dtype=dtype,
                          platform=platform)
     return ResNet18(config.num_classes, frozen_bn_stages=Freezing.from_config(config).frozen_bn_stages,
-                    axis_name=AXIS, conv_impl=config.conv_impl, platform=platform)
+                    axis_name=AXIS, conv_impl=config.conv_impl, dtype=dtype, platform=platform)
 
 
 @lru_cache(maxsize=16)

@@ -85,8 +85,9 @@ def to_rgb8(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)  # Pillow refuses modes it cannot convert
 
 
-def decode_image(path: Path, size: int) -> np.ndarray:
-    """One image file as (size, size, 3) uint8 RGB (bilinear resize when its size differs)."""
+def decode_image(path: Path, size: int, advice: str = "delete or replace that file and run again") -> np.ndarray:
+    """One image file as (size, size, 3) uint8 RGB (bilinear resize when its size differs); a file that cannot be
+    read raises UserError naming it, then `advice`."""
     try:
         with Image.open(path) as image:
             image.seek(0)
@@ -95,8 +96,7 @@ def decode_image(path: Path, size: int) -> np.ndarray:
             rgb = rgb.resize((size, size), Image.BILINEAR)
         return np.asarray(rgb, dtype=np.uint8)
     except Exception as error:  # noqa: BLE001 - PIL raises many types for a bad file
-        raise UserError(f"cannot read image {path} ({type(error).__name__}: {error}); "
-                        "delete or replace that file and run again") from None
+        raise UserError(f"cannot read image {path} ({type(error).__name__}: {error}); {advice}") from None
 
 
 def decode_files(files: Sequence[ImageFile], size: int, desc: str):

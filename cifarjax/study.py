@@ -46,6 +46,7 @@ DEFAULT_EPOCHS = 10
 
 @dataclass(frozen=True)
 class Cell:
+    """One run of a study: a name, the hypothesis it tests, and its Config changes to the baseline."""
     name: str
     hypothesis: str
     changes: Mapping = field(default_factory=dict)  # Config changes relative to the baseline
@@ -199,7 +200,7 @@ class Study:
         """Cells whose backbone is fixed and sees the same inputs share one feature extraction."""
         if not cacheable(config):
             return None
-        key = (config.img_size, config.norm_mean, config.norm_std, config.weights, config.tta_flip)
+        key = (config.img_size, config.norm_mean, config.norm_std, config.weights, config.tta_flip, config.precision)
         if key not in self.features:
             with self.phases("feature_extraction", "extracting backbone features"):
                 self.features[key] = backbone_features(config, build_model(config), variables, self.train, self.val)

@@ -63,7 +63,9 @@ class StepOptions:
 
 
 def cross_entropy(logits, labels, smoothing: float = 0.0):
-    """Per-example cross-entropy against integer labels, optionally label-smoothed."""
+    """Per-example cross-entropy against integer labels, optionally label-smoothed; in float32 (or wider)
+    whatever the logits' type (bfloat16 under mixed precision)."""
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     if not smoothing:
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
@@ -113,18 +115,28 @@ def train_step(state: TrainState, data, idx, *, inputs, n_devices: int, trainabl
     return new_state, lax.pmean(metrics, AXIS)
 
 
-def train_steps(state: TrainState, data, idxs, **kwargs):
-    """Several `train_step`s in one call (`lax.scan` over idxs' leading axis): for steps so cheap (a head on
-    cached features) that dispatching each one would cost more than running it. Metrics are per step."""
+def train_steps(state: TrainState, data, idxs, unroll: bool = False, **kwargs):
+    """Several `train_step`s in one call (`lax.scan` over idxs' leading axis), so that dispatching them costs
+    less than running them: a head on cached features, or any model on a GPU. Metrics are per step.
+
+    `unroll`: the call holds one copy of the step per index, each compiled as the single step is, so the result
+    is bit-identical to that many calls of `train_step`. A rolled loop is not on a CPU: XLA compiles a
+    convolution's kernel gradient inside a loop body differently (a plain convolution instead of its YNNPACK
+    fusion), off in the last bits.
+    """
     def one(state, idx):
         return train_step(state, data, idx, **kwargs)
-    return lax.scan(one, state, idxs)
+    return lax.scan(one, state, idxs, unroll=unroll)
 
 
 def eval_logits(state: TrainState, data, idx, inputs, tta_flip: bool):
-    logits = state.apply_fn(state.eval_variables, inputs.eval(data[0], idx), train=False)
+    """Logits in float32 (or wider), whatever the model computes them in."""
+    def logits_of(x):
+        logits = state.apply_fn(state.eval_variables, x, train=False)
+        return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    logits = logits_of(inputs.eval(data[0], idx))
     if tta_flip:
-        logits = (logits + state.apply_fn(state.eval_variables, inputs.eval(data[0], idx, True), train=False)) / 2
+        logits = (logits + logits_of(inputs.eval(data[0], idx, True))) / 2
     return logits
 
 
@@ -135,6 +147,13 @@ def eval_step(state: TrainState, data, idx, *, inputs, tta_flip: bool = False):
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, data[1][idx])
     preds = jnp.argmax(logits, -1).astype(jnp.int32)
     return lax.all_gather(preds, AXIS), lax.all_gather(losses, AXIS)
+
+
+def probabilities_step(state: TrainState, data, idx, *, inputs, tta_flip: bool = False):
+    """Class probabilities (softmax of `eval_logits`) of this device's share `idx`, gathered from every device
+    (call under `pmap`): (devices, per_device, classes)."""
+    logits = eval_logits(state, data, idx, inputs, tta_flip)
+    return lax.all_gather(jax.nn.softmax(logits.astype(jnp.float32)), AXIS)
 
 
 @functools.lru_cache(maxsize=32)
@@ -155,8 +174,8 @@ def _pmapped_train(step, devices: tuple, trainable, platform: str = "gpu", **sta
 
 
 @functools.lru_cache(maxsize=32)
-def _pmapped_eval(devices: tuple, **static):
-    return jax.pmap(functools.partial(eval_step, **static), axis_name=AXIS, devices=list(devices))
+def _pmapped_eval(step, devices: tuple, **static):
+    return jax.pmap(functools.partial(step, **static), axis_name=AXIS, devices=list(devices))
 
 
 class DataParallel:
@@ -172,8 +191,12 @@ class DataParallel:
         key = None if trainable is None else (tuple(jax.tree.leaves(trainable)), jax.tree.structure(trainable))
         static = dict(inputs=inputs, n_devices=self.n_devices, options=options)
         self.train_step = _pmapped_train(train_step, tuple(self.devices), key, self.platform, **static)
-        self.train_steps = _pmapped_train(train_steps, tuple(self.devices), key, self.platform, **static)
-        self.eval_step = _pmapped_eval(tuple(self.devices), inputs=inputs, tta_flip=options.tta_flip)
+        # Cheap steps (no convolution) run in a rolled loop, which compiles once however many go in a call.
+        self.train_steps = _pmapped_train(train_steps, tuple(self.devices), key, self.platform,
+                                          unroll=not getattr(inputs, "cheap_steps", False), **static)
+        self.eval_step = _pmapped_eval(eval_step, tuple(self.devices), inputs=inputs, tta_flip=options.tta_flip)
+        self.probabilities_step = _pmapped_eval(probabilities_step, tuple(self.devices), inputs=inputs,
+                                                tta_flip=options.tta_flip)
 
     @property
     def n_devices(self) -> int:
@@ -217,3 +240,10 @@ class DataParallel:
         outputs = [self.eval_step(state, data, self.mine(i)) for i in idx]
         preds, losses = zip(*[self.unreplicate(o) for o in outputs])
         return np.concatenate([p[m] for p, m in zip(preds, mask)]), np.concatenate([l[m] for l, m in zip(losses, mask)])
+
+    def probabilities(self, state, images, n: int, batch_size: int) -> np.ndarray:
+        """(n, classes) class probabilities of images 0..n-1 of the resident `images`, batched as `evaluate`
+        batches them."""
+        idx, mask = eval_indices(n, batch_size, self.n_devices)
+        outputs = [self.unreplicate(self.probabilities_step(state, (images,), self.mine(i))) for i in idx]
+        return np.concatenate([p[m] for p, m in zip(outputs, mask)])

@@ -16,12 +16,12 @@ import sys
 
 from experiments import common
 from cifarjax import plots, runs
-from cifarjax.checkpoint import find_run, load_variables
 from cifarjax.config import SOURCES, Config
 from cifarjax.data import load_dataset, train_val_split
 from cifarjax.errors import UserError, exit_on_user_error
-from cifarjax.evaluation import format_table, predict, score
+from cifarjax.evaluation import evaluate, format_table
 from cifarjax.flags import Parser
+from cifarjax.predictor import load_run
 
 
 def choose_split(dataset, config: Config, wanted: str, data_dir):
@@ -50,18 +50,16 @@ def main(argv=None) -> None:
     p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
                    help="average each image's and its mirror image's logits (default: as the run did)")
     args = p.parse_args(argv)
-    run = find_run(args.run_dir)
-    config = Config.from_dict(runs.read_json(run / runs.CONFIG))
-    config = config if args.tta_flip is None else config.replace(tta_flip=args.tta_flip)
-    average = config.ema_decay > 0 if args.average is None else args.average
-    variables = load_variables(run, average=average)
+    loaded = load_run(args.run_dir, average=args.average)
+    run, average = loaded.path, loaded.average
+    config = loaded.config if args.tta_flip is None else loaded.config.replace(tta_flip=args.tta_flip)
     data_dir = args.data_dir if args.data_dir is not None else config.data_dir
     dataset = load_dataset(data_dir, args.dataset or ("auto" if args.data_dir else config.dataset), config.decode_size)
     if tuple(dataset.classes) != tuple(config.classes):
         raise UserError(f"the data's classes {list(dataset.classes)} differ from the run's {list(config.classes)}; "
                         "pass a folder with the same class folders")
     split, name = choose_split(dataset, config, args.split, data_dir)
-    result = score(split.labels, predict(config, variables, split), config.classes)
+    result = evaluate(config, loaded.variables, split)
     path = plots.plot_confusion_matrix(result["confusion_matrix"], config.classes,
                                        run / runs.PLOTS / f"confusion_matrix_{name}.png",
                                        title=f"Confusion matrix ({name} split, {len(split)} images)")

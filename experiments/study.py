@@ -18,7 +18,8 @@ from cifarjax.flags import Parser, add_config_flags, given
 from cifarjax.recipes import recipe_config
 from cifarjax.study import BASELINE, DEFAULT_EPOCHS, DEFAULT_GRID, REFERENCE, study
 
-FLAGS = ("seed", "batch_size", "weights", "conv_impl", "dataset", "data_dir", "decode_size", "subset", "eval_batch_size")
+FLAGS = ("seed", "batch_size", "weights", "conv_impl", "precision", "steps_per_call", "dataset", "data_dir", "decode_size",
+         "subset", "eval_batch_size")
 
 
 def parser():

@@ -1,6 +1,5 @@
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import cnn, compare, evaluate, finetune
+from experiments import cnn, compare, evaluate, finetune, predict
 from cifarjax import runs
 from cifarjax.checkpoint import load_variables
 from cifarjax.pretrained import resnet18_from_torchvision
@@ -136,7 +135,7 @@ def test_a_finetune_with_a_schedule_over_the_run_trains_each_length_from_the_sta
     assert json.loads((tmp_path / "ft" / "epochs-2" / "summary.json").read_text())["continues"] is None
 
 
-COMMANDS = {"cnn": cnn, "finetune": finetune, "evaluate": evaluate, "compare": compare}
+COMMANDS = {"cnn": cnn, "finetune": finetune, "evaluate": evaluate, "compare": compare, "predict": predict}
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -191,18 +190,6 @@ def test_existing_run_is_never_overwritten(data_dir, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "already holds a run" in capsys.readouterr().err
     assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-
-
-@pytest.mark.slow
-def test_readme_research_example_runs(data_dir, tmp_path, monkeypatch):
-    readme = (ROOT / "README.md").read_text()
-    code = re.search(r"<!-- research-example -->\s*```python\n(.*?)```", readme, re.S).group(1)
-    monkeypatch.setenv("CIFARJAX_DATA", str(data_dir))
-    monkeypatch.chdir(tmp_path)
-    namespace = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
-    assert 0.0 <= namespace["accuracy"] <= 1.0
-    assert (tmp_path / "my_training.png").is_file()
 
 
 def test_resume_continues_and_refuses_changed_settings(data_dir, tmp_path, capsys):

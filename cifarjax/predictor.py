@@ -1,0 +1,133 @@
+"""A finished run, loaded to classify new images exactly as its evaluation did.
+
+    run = cifarjax.load_run("runs/cnn-20261204-101500")
+    probabilities = run.predict_files(["my_cat.jpg"])["my_cat.jpg"]
+    print(run.top(probabilities))            # [('cat', 0.91), ('dog', 0.06), ('frog', 0.02)]
+
+`load_run` reads the run's config.json and its newest intact checkpoint (the moving average of the weights
+where the run kept one, as `experiments.evaluate` scores it). Image files are read as the data loader reads
+them (`sources.decode_image`: any mode to 8-bit RGB, resized to the run's decode size); the model sees them
+through the run's own evaluation view (resize to its img_size, its normalisation, its test-time flips).
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+
+from cifarjax import runs
+from cifarjax.checkpoint import find_run, load_variables
+from cifarjax.config import Config
+from cifarjax.data import Split
+from cifarjax.errors import UserError, warn
+from cifarjax.evaluation import evaluate, evaluator
+from cifarjax.sources import IMAGE_EXTENSIONS, decode_image
+
+
+class Run:
+    """A finished run: its folder, resolved `config`, the `variables` it evaluates with, and predictors."""
+
+    def __init__(self, path: Path, config: Config, variables: dict, average: bool):
+        self.path, self.config, self.variables, self.average = path, config, variables, average
+        self._evaluator = None
+
+    @property
+    def classes(self) -> tuple:
+        """Class names, in the order of the probabilities' columns."""
+        return tuple(self.config.classes) or tuple(str(i) for i in range(self.config.num_classes))
+
+    @property
+    def weights(self) -> str:
+        """Which weights predict: 'moving average' or 'final'."""
+        return "moving average" if self.average else "final"
+
+    def records(self) -> list:
+        """The run's metrics.jsonl: one dict per evaluation during training."""
+        return runs.read_metrics(self.path)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """(N, classes) float32 class probabilities of (N, H, W, 3) uint8 RGB images of any size (resized on the
+        device to the run's img_size, as its evaluation did; decode-size images match it exactly)."""
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise UserError(f"predict takes (N, H, W, 3) uint8 RGB images, got a {images.dtype} array of shape "
+                            f"{images.shape}; use predict_files for image files")
+        if not len(images):
+            return np.zeros((0, len(self.classes)), np.float32)
+        if self._evaluator is None:
+            self._evaluator = evaluator(self.config, self.variables)
+        parallel, state = self._evaluator
+        return parallel.probabilities(state, parallel.replicate(images), len(images), self.config.eval_batch_size)
+
+    def predict_files(self, paths: Iterable, skip_unreadable: bool = False) -> dict:
+        """{path: class probabilities} of image files, read as the data loader reads them. An unreadable file
+        raises UserError, or with `skip_unreadable` is reported in one warning line and left out."""
+        paths = [str(p) for p in paths]
+        images, readable = read_images(paths, self.config.decode_size, skip_unreadable)
+        return dict(zip(readable, self.predict(images)))
+
+    def evaluate(self, split: Split) -> dict:
+        """Accuracy, per-class accuracy, confusion matrix and most confused pairs on a labelled `split`."""
+        return evaluate(self.config, self.variables, split)
+
+    def top(self, probabilities: np.ndarray, k: int = 3) -> list:
+        """The `k` most probable (class, probability) pairs of one image's probabilities, most probable first."""
+        order = np.argsort(-np.asarray(probabilities), kind="stable")[:k]
+        return [(self.classes[i], float(probabilities[i])) for i in order]
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, {self.config.model}, {len(self.classes)} classes, {self.weights} weights)"
+
+
+def load_run(path, average: Optional[bool] = None) -> Run:
+    """A finished run (the --out folder of experiments.cnn or .finetune, one of a multi-length fine-tune's
+    sub-runs, or a `train_loop`/`fine_tune_loop` run folder) with its newest intact checkpoint's weights.
+    `average`: the moving average of the weights (default: when the run kept one)."""
+    folder = find_run(Path(path).expanduser())
+    config = Config.from_dict(runs.read_json(folder / runs.CONFIG))
+    average = config.ema_decay > 0 if average is None else average
+    return Run(folder, config, load_variables(folder, average=average), average)
+
+
+def image_files(paths: Iterable) -> list:
+    """The files to classify: each file given (whatever its name), and the image files (by extension) below each
+    folder given, in sorted order; hidden files and folders are skipped. A missing path or a folder without
+    images is reported in one warning line."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            below = []
+            for folder, subfolders, names in os.walk(path):
+                subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+                below += [Path(folder) / n for n in sorted(names)
+                          if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
+            if not below:
+                warn(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+            found += below
+        elif path.exists():
+            found.append(path)
+        else:
+            warn(f"{path} does not exist; it is skipped")
+    return found
+
+
+def read_images(paths: list, size: int, skip_unreadable: bool = False):
+    """(images (N, size, size, 3) uint8, the paths read) of image files, decoded as the data loader decodes
+    them; see `Run.predict_files` for unreadable files."""
+    def read(path):
+        if not skip_unreadable:
+            return decode_image(Path(path), size)
+        try:
+            return decode_image(Path(path), size, advice="it is skipped")
+        except UserError as error:
+            warn(str(error))
+            return None
+
+    with ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
+        decoded = list(pool.map(read, paths))
+    kept = [(p, image) for p, image in zip(paths, decoded) if image is not None]
+    images = np.stack([image for _, image in kept]) if kept else np.zeros((0, size, size, 3), np.uint8)
+    return images, [p for p, _ in kept]

@@ -1,0 +1,14 @@
+import os
+import cifarjax as cj
+
+data = cj.load_dataset(os.environ.get("CIFARJAX_DATA", "data/cifar10-jpeg"))  # decoded once, then cached
+train, val = cj.train_val_split(data, subset=int(os.environ.get("CIFARJAX_SUBSET", "4000")))
+config = cj.recipe_config("cnn", n_epochs=int(os.environ.get("CIFARJAX_EPOCHS", "3")),
+                          classes=data.classes, num_classes=len(data.classes))
+result = cj.train_loop(config, train, val, run="runs/my-cnn")  # checkpoints, metrics.jsonl, TensorBoard
+cj.plot_training_results(result.history.records, "runs/my-cnn/my_training.png")
+
+run = cj.load_run("runs/my-cnn")  # any finished run: experiments.cnn's and .finetune's too
+print(cj.format_table(run.evaluate(val)))  # accuracy, per class, the most confused pairs
+image = os.environ.get("CIFARJAX_IMAGE", "my_cat.jpg")
+print(image, run.top(run.predict_files([image])[image]))  # [('cat', 0.61), ('dog', 0.22), ('bird', 0.07)]
