@@ -6,8 +6,8 @@ need, its matrix products exactly the linear layers' (no Winograd or im2col form
 custom call beyond the sharding markers of `pmap`. Built for platform "cpu", the same steps still get the
 CPU's formulations (`cifarjax.cpu`).
 
-Each case builds its step through `export_step`, which takes Config changes, so another setting (a precision)
-is one more entry in a case's changes.
+Each case builds its step through `export_step`, which takes Config changes; under bf16 the convolutions'
+operands are bfloat16 while parameters and optimizer state (the step's floating inputs) stay float32.
 """
 import functools
 import re
@@ -139,10 +139,17 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_the_gpu_program_is_plain_jax(name):
+def test_the_gpu_program_is_plain_jax(name, precision):
     kind, changes, convolutions, products = CASES[name]
-    assert_plain(export_step(kind, "gpu", **changes).mlir_module(), convolutions, products)
+    exported = export_step(kind, "gpu", precision=precision, **changes)
+    text = exported.mlir_module()
+    assert_plain(text, convolutions, products)
+    operands = {"fp32": "f32", "bf16": "bf16"}[precision]
+    found = re.findall(r"stablehlo\.convolution\(.*?: \(tensor<[\dx]*x(\w+)>, tensor<[\dx]*x(\w+)>\)", text)
+    assert len(found) == convolutions and set(found) <= {(operands, operands)}, found
+    assert {str(a.dtype) for a in exported.in_avals if jnp.issubdtype(a.dtype, jnp.floating)} == {"float32"}  # state
 
 
 @pytest.mark.parametrize("platform, donated", [("gpu", "all"), ("cpu", "none")])
