@@ -298,3 +298,39 @@ def test_a_full_disk_leaves_no_temporary_files(tmp_path, monkeypatch, capsys, im
     assert len(load_dataset(image_folder).train) == 36
     assert "No space left" in capsys.readouterr().err
     assert [p.name for p in (cache_dir() / "datasets").iterdir()] == []
+
+
+def test_an_archive_as_data_folder_says_how_to_unpack_it(tmp_path):
+    import tarfile
+    import zipfile
+    make_image_folder(tmp_path / "src" / "cifar10-jpeg", n_train=1, n_test=0)
+    archive = tmp_path / "data.tar.gz"
+    with tarfile.open(archive, "w:gz") as t:
+        t.add(tmp_path / "src" / "cifar10-jpeg", arcname="cifar10-jpeg")
+    with pytest.raises(UserError, match=r"is an archive; unpack it first \(tar xzf .*data\.tar\.gz -C DIR\), "
+                                        r"then pass --data-dir DIR/cifar10-jpeg$"):
+        load_dataset(archive)
+    with zipfile.ZipFile(tmp_path / "d.zip", "w") as z:
+        z.writestr("images/x.txt", "x")
+    with pytest.raises(UserError, match=r"unzip .*d\.zip -d DIR\), then pass --data-dir DIR/images$"):
+        load_dataset(tmp_path / "d.zip")
+    (tmp_path / "broken.tgz").write_bytes(b"not gzip")
+    with pytest.raises(UserError, match=r"is an archive; unpack it first .*DIR \(or the folder it unpacked into\)"):
+        load_dataset(tmp_path / "broken.tgz")
+
+
+@pytest.mark.parametrize("form", ["absolute", "relative", "dot"])
+def test_folder_cache_key_is_the_same_however_the_folder_is_named(tmp_path, monkeypatch, form):
+    """The fingerprint's relative names come from string slicing (a Path per file is slow): they must equal
+    str(Path.relative_to(root)) for every way of naming the folder, or every cache entry would be rebuilt."""
+    from pathlib import Path
+    root = make_image_folder(tmp_path / "d", n_train=2, n_test=1)
+    monkeypatch.chdir(tmp_path if form == "relative" else root)
+    given = {"absolute": root, "relative": Path("d"), "dot": Path(".")}[form]
+    keys = []
+    monkeypatch.setattr(data, "_cached", lambda kind, r, size, fingerprint, build: keys.append(fingerprint))
+    load_dataset(given)
+    expected = {s: [(str(Path(p).relative_to(root)), Path(p).stat().st_size, Path(p).stat().st_mtime_ns)
+                    for p in sorted(map(str, (root / s).rglob("*.png")))] for s in ("train", "test")}
+    assert keys == [expected]
+    assert expected["train"][0][0] == "train/cat/0000.png"
