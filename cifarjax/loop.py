@@ -440,7 +440,7 @@ def _train(trainer: Trainer, desc: str) -> None:
                     bar = tqdm(total=trainer.total_steps, initial=step, desc=desc, unit="step", mininterval=1.0,
                                dynamic_ncols=True, disable=not distributed.is_writer())
                 else:
-                    bar.update(1)
+                    bar.update(step - bar.n)  # a call may run several (cheap) steps
                 if itstime(step, config.eval_every) or trainer.epoch_end(step):
                     bar.set_postfix_str("evaluating", refresh=True)
                     record = trainer.evaluate(step)

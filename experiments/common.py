@@ -51,19 +51,20 @@ trim_after_compiling()  # a command's peak memory is not its compiler's garbage
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "torch", "torchvision", "albumentations")
 
 
-def parse(command: str, description: str, argv=None, nargs: Optional[dict] = None):
+def parse(command: str, description: str, argv=None, nargs: Optional[dict] = None, shown: Optional[dict] = None):
     """The command's flags, parsed; `args.command_line` records how it was called (for summary.json)."""
-    args = make_parser(command, description, nargs).parse_args(argv)
+    args = make_parser(command, description, nargs, shown).parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     args.command_line = " ".join([f"python -m experiments.{command}", *map(shlex.quote, map(str, argv))])
     return args
 
 
-def make_parser(command: str, description: str, nargs: Optional[dict] = None) -> Parser:
-    """Flags for the command's Config fields (from their metadata), the run folder and the distributed runtime."""
+def make_parser(command: str, description: str, nargs: Optional[dict] = None, shown: Optional[dict] = None) -> Parser:
+    """Flags for the command's Config fields (from their metadata), the run folder and the distributed runtime
+    (`shown`: defaults --help shows where the command's differ from its recipe's, as add_config_flags')."""
     p = Parser(prog=f"python -m experiments.{command}", description=description)
     add_config_flags(p, command, recipe_config(command if command in ("cnn", "finetune") else "finetune"),
-                     nargs=nargs)
+                     nargs=nargs, shown=shown)
     r = p.add_argument_group("run folder")
     r.add_argument("--out", default=None, help="run folder (default: runs/<experiment>-<timestamp>)")
     r.add_argument("--overwrite", action="store_true",

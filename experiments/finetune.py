@@ -40,7 +40,8 @@ def epoch_counts(args) -> list:
 
 @exit_on_user_error
 def main(argv=None) -> None:
-    args = common.parse("finetune", __doc__.splitlines()[0], argv, nargs={"n_epochs": "+"})
+    args = common.parse("finetune", __doc__.splitlines()[0], argv, nargs={"n_epochs": "+"},
+                        shown={"n_epochs": " ".join(map(str, DEFAULT_EPOCHS))})
     counts = epoch_counts(args)
     typed = {**given(args, "finetune"), "n_epochs": max(counts)}
     s = common.start("finetune", args, typed, model="resnet18")
