@@ -232,3 +232,27 @@ def test_a_fresh_fine_tune_asks_for_its_schedule_before_the_backend_starts(data_
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     result = subprocess.run([sys.executable, "-c", program, *argv], capture_output=True, text=True, cwd=ROOT, env=env)
     assert result.stdout.split() == ["scheduler", scheduler], result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command", ["cnn", "finetune"])
+def test_help_shows_the_defaults_a_run_gets(command):
+    """Every settings flag's "(default: X)" is what a run without that flag uses (finetune: its three lengths),
+    and each recipe's own value is named beside it."""
+    from experiments import common
+    from cifarjax.flags import new_config
+    from cifarjax.recipes import RECIPES
+    shown = {"n_epochs": " ".join(map(str, finetune.DEFAULT_EPOCHS))} if command == "finetune" else None
+    parser = common.make_parser(command, "", shown=shown)
+    actions = {a.dest: a.help for a in parser._actions if a.help and "(default: " in a.help}
+    for name, recipe in RECIPES[command].items():
+        config = new_config(command, name, {})
+        for dest, text in actions.items():
+            if not hasattr(config, dest) or dest == "recipe":
+                continue
+            value = finetune.epoch_counts(parser.parse_args([])) if dest == "n_epochs" and command == "finetune" \
+                else getattr(config, dest)
+            value = " ".join(map(str, value)) if isinstance(value, list) else str(value)
+            parts = text.split("(default: ")[1].rstrip(")").split("; --recipe ")
+            said = {"original": parts[0], **dict(p.split(": ", 1) for p in parts[1:])}
+            assert said.get(name, said["original"]) == value, (command, name, dest, said, value)
+    assert "(default: 20 50 100)" in actions["n_epochs"] or command == "cnn"
