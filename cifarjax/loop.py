@@ -64,12 +64,13 @@ class History:
     val_epoch = property(lambda self: [r["epoch"] for r in self.records])
 
     def readings(self) -> dict:
-        """Final, best and last-five-mean validation accuracy over the epoch-end evaluations."""
+        """Final, best and last-five-mean validation accuracy over the epoch-end evaluations (the mean is over
+        `last_mean_epochs`: fewer than five when fewer ran)."""
         acc = self.epoch_val_accuracy
         if not acc:
             return {}
         return {"val_accuracy": acc[-1], "best_val_accuracy": max(acc), "best_epoch": int(np.argmax(acc)) + 1,
-                "last5_mean_val_accuracy": float(np.mean(acc[-5:]))}
+                "last5_mean_val_accuracy": float(np.mean(acc[-5:])), "last_mean_epochs": len(acc[-5:])}
 
 
 @dataclass
@@ -80,6 +81,7 @@ class FitResult:
     seconds: float  # training wall time, evaluations included (this process and any resumed ones)
     images_per_second: float  # trained images per second of the training phase
     val_predictions: Optional[np.ndarray] = None  # the final evaluation's predicted classes (None if none ran)
+    this_process: Optional[dict] = None  # this fit's own figures, which add up (`Trainer.this_process`)
 
     @property
     def eval_variables(self) -> dict:
@@ -294,9 +296,12 @@ class Trainer:
         return distributed.writer_decides(time.perf_counter() - self.last_checkpoint >= self.config.checkpoint_seconds)
 
     def sync(self) -> None:
-        """Wait for the queued training steps, so their time counts as training (dispatch is asynchronous)."""
+        """Wait for the queued training steps, so their time counts as training (dispatch is asynchronous: a
+        step's call returns before the step has run)."""
+        start = time.perf_counter()
         with self.phases("training"):
             jax.block_until_ready(self.device_state)
+        self.step_seconds[False] += time.perf_counter() - start
 
     def check_finite(self) -> None:
         bad = self.tracker.flush()
@@ -376,11 +381,21 @@ class Trainer:
             steps, seconds = self.last_step - self.start_step, seconds + self.step_seconds[True]
         return steps * self.config.batch_size / seconds if steps > 0 and seconds > 0 else 0.0
 
+    def this_process(self) -> dict:
+        """This fit's figures, which add up: `images_trained` in this process; the first call's
+        `compile_seconds` (compilation and its `compile_images`); then `training_seconds` of steps (waiting for
+        them included) at `images_per_second`. All zero when the fit had nothing left to train."""
+        steps, batch = self.last_step - self.start_step, self.config.batch_size
+        return {"images_trained": steps * batch, "compile_seconds": round(self.step_seconds[True], 2),
+                "compile_images": self.compiled_steps * batch, "training_seconds": round(self.step_seconds[False], 2),
+                "images_per_second": round(self.images_per_second(), 1)}
+
     def result(self) -> FitResult:
         final = self.parallel.unreplicate(self.device_state)
         average = None if final.ema_params is None else {"params": final.ema_params, "batch_stats": final.batch_stats}
         return FitResult(History(self.records), {"params": final.params, "batch_stats": final.batch_stats}, average,
-                         time.perf_counter() - self.t0, self.images_per_second(), self.val_predictions)
+                         time.perf_counter() - self.t0, self.images_per_second(), self.val_predictions,
+                         self.this_process())
 
     def close(self, graceful: bool) -> None:
         if self.log is not None:

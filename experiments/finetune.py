@@ -67,7 +67,7 @@ def main(argv=None) -> None:
             write_json(s.run / runs.SUMMARY, {"experiment": "finetune", "weights": weights_label, "runs": [
                 {k: r[k] for k in ("epochs", "val_accuracy", "best_val_accuracy", "last5_mean_val_accuracy",
                                    "wall_seconds")} for r in results], **s.phases.summary(),
-                **common.provenance(s.command_line),
+                **common.provenance(s.command_line, s.commands),
                 **common.environment()})
         print(f"run folder: {s.run}; whole process {s.phases.summary()['process_seconds']:.0f} s")
 
@@ -104,9 +104,9 @@ def fine_tune_run(s, n_epochs: int, variables: dict, features, weights_label: st
                                  continues=continue_from.name if continue_from else None, **scored)
     if distributed.is_writer():
         write_json(sub / runs.SUMMARY, summary)
-        print(f"{plural(n_epochs, 'epoch')}: validation accuracy {summary['val_accuracy']:.4f} "
-              f"(best {summary['best_val_accuracy']:.4f}), training {summary['wall_seconds']:.0f} s"
-              + (f" (continuing {continue_from.name})" if continue_from else ""))
+        print(f"{plural(n_epochs, 'epoch')}"
+              + (f" (continuing {continue_from.name})" if continue_from else "")
+              + f": {common.closing_figures(summary)}")
     return summary
 
 

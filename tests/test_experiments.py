@@ -209,9 +209,25 @@ def test_resume_continues_and_refuses_changed_settings(data_dir, tmp_path, capsy
     out = tmp_path / "run"
     base = ["--data-dir", str(data_dir), "--batch-size", "8", "--conv-impl", "xla", "--out", str(out)]
     cnn.main(base + ["--epochs", "1"])
+    line = capsys.readouterr().out
+    assert "last-1 mean" in line and "this process trained 48 images" in line and "sessions" not in line
     cnn.main(base + ["--epochs", "2", "--resume"])
-    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 2
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    # the closing line's figures add up: this process's images and time; all sessions' time labelled as such
+    line, mine = capsys.readouterr().out, summary["this_process"]
+    assert mine["images_trained"] == 48 and f"this process trained 48 images: " in line  # 6 steps of 8
+    assert "last-2 mean" in line and "over all 2 sessions" in line and summary["sessions"] == 2
+    if mine["training_seconds"] >= 0.1:
+        rate = (mine["images_trained"] - mine["compile_images"]) / mine["training_seconds"]
+        assert mine["images_per_second"] == pytest.approx(rate, rel=0.05)
+    assert [c.split("--out")[1].strip().split()[1:] for c in summary["commands"]] == [["--epochs", "1"],
+                                                                                     ["--epochs", "2", "--resume"]]
+    cnn.main(base + ["--epochs", "2", "--resume"])  # already finished: nothing to train
+    line = capsys.readouterr().out
+    assert "this process trained nothing (the run had already finished)" in line and "images/s" not in line
+    assert len(json.loads((out / "summary.json").read_text())["commands"]) == 3
     with pytest.raises(SystemExit):
         cnn.main(base + ["--epochs", "3", "--resume", "--crop-padding", "2"])
     assert "crop_padding: 0 → 2" in capsys.readouterr().err
