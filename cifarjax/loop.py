@@ -101,6 +101,7 @@ class LossTracker:
     def __init__(self, loss_sum=0.0, acc_sum=0.0, count=0):
         self.pending, self.loss_sum, self.acc_sum, self.count = [], loss_sum, acc_sum, count
         self.first_loss = None
+        self.recent = []  # (step, loss) read since `take_recent` last ran: TensorBoard's per-step curve
 
     def add(self, step: int, metrics) -> None:
         self.pending.append((step, metrics))
@@ -117,6 +118,7 @@ class LossTracker:
                 if not math.isfinite(loss):
                     return step, loss
                 self.first_loss = loss if self.first_loss is None else self.first_loss
+                self.recent.append((step, loss))
                 self.loss_sum += loss
                 self.acc_sum += acc
                 self.count += 1
@@ -124,6 +126,11 @@ class LossTracker:
 
     def mean(self):
         return self.loss_sum / max(self.count, 1), self.acc_sum / max(self.count, 1)
+
+    def take_recent(self) -> Optional[tuple]:
+        """(last step, mean loss) of the steps read since the last call, or None when there were none."""
+        recent, self.recent = self.recent, []
+        return (recent[-1][0], sum(loss for _, loss in recent) / len(recent)) if recent else None
 
     def reset(self):
         self.loss_sum, self.acc_sum, self.count = 0.0, 0.0, 0
@@ -304,9 +311,14 @@ class Trainer:
         self.step_seconds[False] += time.perf_counter() - start
 
     def check_finite(self) -> None:
+        """Read the queued steps' metrics (every 25 calls, and before evaluations and checkpoints): stop on a
+        non-finite loss, and give TensorBoard the mean training loss of the steps read."""
         bad = self.tracker.flush()
         if bad is not None:
             raise self.non_finite(*bad)
+        recent = self.tracker.take_recent()
+        if self.log is not None and recent is not None:
+            self.log.write(recent[0], {"train/loss_recent_steps": recent[1]})
 
     def evaluate(self, step: int) -> dict:
         self.sync()

@@ -233,3 +233,18 @@ def test_a_plot_path_is_checked_as_it_will_be_written(tmp_path):
     from cifarjax.errors import UserError
     with pytest.raises(UserError, match=r"cannot be written as \.txt; name a \.png, \.pdf or \.svg file"):
         plots.output_path(tmp_path / "out.txt")
+
+
+def test_tensorboard_has_the_training_loss_between_evaluations(tmp_path):
+    """The loss every 25 steps (each read of the queued steps' metrics), not only at evaluations."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from cifarjax.config import Config
+    from cifarjax.loop import train_loop
+    from tests.test_train import tiny_split
+    config = Config(batch_size=2, num_classes=3, eval_every=0, conv_impl="xla", n_epochs=1, checkpoint_seconds=0)
+    train_loop(config, tiny_split(60), tiny_split(6, seed=1), run=tmp_path)  # 30 steps, one evaluation
+    events = EventAccumulator(str(tmp_path / runs.TENSORBOARD))
+    events.Reload()
+    read = lambda tag: [e.step for e in (events.Tensors(tag) if tag in events.Tags()["tensors"]  # noqa: E731
+                                         else events.Scalars(tag))]
+    assert read("val/accuracy") == [30] and read("train/loss_recent_steps") == [25, 30]
