@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from cifarjax import sources
+from cifarjax import sources, torchlib
 from cifarjax.config import SOURCES
 from cifarjax.errors import UserError, exit_on_user_error, user_error_from_os, warn
 from cifarjax.files import atomic_write, best_effort, cache_dir
@@ -154,7 +154,7 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def _download_cifar10(root: Path) -> Path:
-    from torchvision.datasets import CIFAR10
+    CIFAR10 = torchlib.load("torchvision.datasets").CIFAR10
     try:
         root.mkdir(parents=True, exist_ok=True)
         CIFAR10(str(root), train=True, download=True)
@@ -166,7 +166,7 @@ def _download_cifar10(root: Path) -> Path:
 
 
 def _load_fake(size: int, seed: int = 0, n_train: int = 1000, n_test: int = 200) -> Dataset:
-    from torchvision.datasets import FakeData
+    FakeData = torchlib.load("torchvision.datasets").FakeData
 
     def split(n, offset):
         fake = FakeData(size=n, image_size=(3, size, size), num_classes=10, random_offset=offset)

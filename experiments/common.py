@@ -213,7 +213,7 @@ def closing_figures(summary: dict) -> str:
         trained = (f"this process trained {mine['images_trained']:,} images in one call of "
                    f"{mine['compile_seconds']:.0f} s, compilation included")
     if summary.get("sessions", 1) > 1:
-        trained += (f"; {summary['wall_seconds']:.0f} s of training and evaluation over all "
+        trained += (f"; {summary['wall_seconds']:.0f} s of training (compilation included) and evaluation over all "
                     f"{summary['sessions']} sessions")
     return f"{readings}; {trained}"
 

@@ -1,5 +1,6 @@
 import errno
 import json
+import os
 import pickle
 import time
 
@@ -334,3 +335,34 @@ def test_folder_cache_key_is_the_same_however_the_folder_is_named(tmp_path, monk
                     for p in sorted(map(str, (root / s).rglob("*.png")))] for s in ("train", "test")}
     assert keys == [expected]
     assert expected["train"][0][0] == "train/cat/0000.png"
+
+
+def test_a_torchvision_that_cannot_be_imported_is_one_line_with_the_fix(tmp_path):
+    """A torch/torchvision mismatch fails inside torchvision's operator registration with a 30-line traceback;
+    in a real process it must be one line naming the matching pair to install."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    fake = tmp_path / "site" / "torchvision"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    path = f"{tmp_path / 'site'}{os.pathsep}{Path(__file__).resolve().parents[1]}"  # the broken one first
+    result = subprocess.run([sys.executable, "-m", "cifarjax.data", "--dataset", "fake", "x"], capture_output=True,
+                            text=True, env=dict(os.environ, PYTHONPATH=path, NO_ALBUMENTATIONS_UPDATE="1"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    line, = result.stderr.strip().splitlines()
+    assert line.startswith("error: cannot import torchvision.datasets (RuntimeError: operator torchvision::nms")
+    assert "fix: pip install 'torch==" in line and "--index-url https://download.pytorch.org/whl/cpu" in line
+
+
+def test_the_fix_names_the_torchvision_built_for_the_installed_torch(monkeypatch):
+    import importlib.metadata
+
+    from cifarjax import torchlib
+    versions = {"torch": "2.14.1+cpu", "torchvision": "0.28.0"}
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: versions[name])
+    message = torchlib.broken_install("torchvision", AttributeError("x"))
+    assert "not a matching pair (torch 2.14.1+cpu needs torchvision 0.29)" in message
+    assert "fix: pip install 'torch==2.14.1' 'torchvision==0.29.*'" in message
+    versions["torchvision"] = "0.29.1"
+    assert "installed but broken" in torchlib.broken_install("torchvision", AttributeError("x"))
