@@ -104,9 +104,8 @@ def fine_tune_run(s, n_epochs: int, variables: dict, features, weights_label: st
                                  continues=continue_from.name if continue_from else None, **scored)
     if distributed.is_writer():
         write_json(sub / runs.SUMMARY, summary)
-        print(f"{plural(n_epochs, 'epoch')}"
-              + (f" (continuing {continue_from.name})" if continue_from else "")
-              + f": {common.closing_figures(summary)}")
+        print(f"{plural(n_epochs, 'epoch')}: {common.closing_figures(summary)}"
+              + (f" (continuing {continue_from.name})" if continue_from else ""))
     return summary
 
 
