@@ -62,12 +62,14 @@ def differing(configs: list) -> list:
 
 
 def short_names(names: list) -> list:
-    """The run names without the folders they all share ('runs/a', 'runs/b' -> 'a', 'b')."""
+    """The run names without the folders they all share ('runs/a', 'runs/b' -> 'a', 'b'); the same run given
+    twice is numbered."""
     parts = [Path(n).parts for n in names]
     common = 0
     while len(names) > 1 and all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
         common += 1
-    return [str(Path(*p[common:])) for p in parts]
+    short = [str(Path(*p[common:])) for p in parts]
+    return short if len(set(short)) == len(short) else [f"{n} ({i})" for i, n in enumerate(short, 1)]
 
 
 def _cell(value) -> str:
