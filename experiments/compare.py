@@ -131,7 +131,7 @@ def main(argv=None) -> None:
     p.add_argument("runs", nargs="+", help="run folders (the --out of cnn or finetune runs, or their sub-runs)")
     p.add_argument("--out", "--plot", dest="plot", default=None, metavar="PATH",
                    help=f"where to write the plot: .png (added when missing), .pdf or .svg (default: the first "
-                        f"run's {DEFAULT_PLOT})")
+                        f"run's {DEFAULT_PLOT}, replaced by each comparison)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = p.parse_args(argv)
     loaded = [load_run(folder) for folder in args.runs]
