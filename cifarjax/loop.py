@@ -65,12 +65,13 @@ class History:
     val_epoch = property(lambda self: [r["epoch"] for r in self.records])
 
     def readings(self) -> dict:
-        """Final, best and last-five-mean validation accuracy over the epoch-end evaluations."""
+        """Final, best and last-five-mean validation accuracy over the epoch-end evaluations (the mean is over
+        `last_mean_epochs`: fewer than five when fewer ran)."""
         acc = self.epoch_val_accuracy
         if not acc:
             return {}
         return {"val_accuracy": acc[-1], "best_val_accuracy": max(acc), "best_epoch": int(np.argmax(acc)) + 1,
-                "last5_mean_val_accuracy": float(np.mean(acc[-5:]))}
+                "last5_mean_val_accuracy": float(np.mean(acc[-5:])), "last_mean_epochs": len(acc[-5:])}
 
 
 @dataclass
@@ -82,6 +83,7 @@ class FitResult:
     seconds: float  # training wall time, evaluations included (this process and any resumed ones)
     images_per_second: float  # trained images per second of the training phase
     val_predictions: Optional[np.ndarray] = None  # the final evaluation's predicted classes (None if none ran)
+    this_process: Optional[dict] = None  # this fit's own figures, which add up (`Trainer.this_process`)
 
     @property
     def eval_variables(self) -> dict:
@@ -115,6 +117,7 @@ class LossTracker:
     def __init__(self, loss_sum=0.0, acc_sum=0.0, count=0):
         self.pending, self.loss_sum, self.acc_sum, self.count = [], loss_sum, acc_sum, count
         self.first_loss = None
+        self.recent = []  # (step, loss) read since `take_recent` last ran: TensorBoard's per-step curve
 
     def add(self, step: int, metrics) -> None:
         self.pending.append((step, metrics))
@@ -131,6 +134,7 @@ class LossTracker:
                 if not math.isfinite(loss):
                     return step, loss
                 self.first_loss = loss if self.first_loss is None else self.first_loss
+                self.recent.append((step, loss))
                 self.loss_sum += loss
                 self.acc_sum += acc
                 self.count += 1
@@ -138,6 +142,11 @@ class LossTracker:
 
     def mean(self):
         return self.loss_sum / max(self.count, 1), self.acc_sum / max(self.count, 1)
+
+    def take_recent(self) -> Optional[tuple]:
+        """(last step, mean loss) of the steps read since the last call, or None when there were none."""
+        recent, self.recent = self.recent, []
+        return (recent[-1][0], sum(loss for _, loss in recent) / len(recent)) if recent else None
 
     def reset(self):
         self.loss_sum, self.acc_sum, self.count = 0.0, 0.0, 0
@@ -329,14 +338,22 @@ class Trainer:
         return distributed.writer_decides(time.perf_counter() - self.last_checkpoint >= self.config.checkpoint_seconds)
 
     def sync(self) -> None:
-        """Wait for the queued training steps, so their time counts as training (dispatch is asynchronous)."""
+        """Wait for the queued training steps, so their time counts as training (dispatch is asynchronous: a
+        step's call returns before the step has run)."""
+        start = time.perf_counter()
         with self.phases("training"):
             jax.block_until_ready(self.device_state)
+        self.step_seconds[False] += time.perf_counter() - start
 
     def check_finite(self) -> None:
+        """Read the queued steps' metrics (every 25 calls, and before evaluations and checkpoints): stop on a
+        non-finite loss, and give TensorBoard the mean training loss of the steps read."""
         bad = self.tracker.flush()
         if bad is not None:
             raise self.non_finite(*bad)
+        recent = self.tracker.take_recent()
+        if self.log is not None and recent is not None:
+            self.log.write(recent[0], {"train/loss_recent_steps": recent[1]})
 
     def evaluate(self, step: int) -> dict:
         self.sync()
@@ -411,11 +428,21 @@ class Trainer:
             steps, seconds = self.last_step - self.start_step, seconds + self.step_seconds[True]
         return steps * self.config.batch_size / seconds if steps > 0 and seconds > 0 else 0.0
 
+    def this_process(self) -> dict:
+        """This fit's figures, which add up: `images_trained` in this process; the first call's
+        `compile_seconds` (compilation and its `compile_images`); then `training_seconds` of steps (waiting for
+        them included) at `images_per_second`. All zero when the fit had nothing left to train."""
+        steps, batch = self.last_step - self.start_step, self.config.batch_size
+        return {"images_trained": steps * batch, "compile_seconds": round(self.step_seconds[True], 2),
+                "compile_images": self.compiled_steps * batch, "training_seconds": round(self.step_seconds[False], 2),
+                "images_per_second": round(self.images_per_second(), 1)}
+
     def result(self) -> FitResult:
         final = self.parallel.unreplicate(self.device_state)
         average = None if final.ema_params is None else {"params": final.ema_params, "batch_stats": final.batch_stats}
         return FitResult(History(self.records), {"params": final.params, "batch_stats": final.batch_stats}, average,
-                         time.perf_counter() - self.t0, self.images_per_second(), self.val_predictions)
+                         time.perf_counter() - self.t0, self.images_per_second(), self.val_predictions,
+                         self.this_process())
 
     def close(self, graceful: bool) -> None:
         if self.log is not None:
@@ -475,7 +502,7 @@ def _train(trainer: Trainer, desc: str) -> None:
                     bar = tqdm(total=trainer.total_steps, initial=step, desc=desc, unit="step", mininterval=1.0,
                                dynamic_ncols=True, disable=not distributed.is_writer())
                 else:
-                    bar.update(step - bar.n)
+                    bar.update(step - bar.n)  # a call may run several (cheap) steps
                 if itstime(step, config.eval_every) or trainer.epoch_end(step):
                     bar.set_postfix_str("evaluating", refresh=True)
                     record = trainer.evaluate(step)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from cifarjax import torchlib
 from cifarjax.errors import UserError, warn
 from cifarjax.files import atomic_write, best_effort
 from cifarjax.files import cache_dir as default_cache
@@ -104,7 +105,7 @@ def _load_state_dict(path: Union[str, Path]) -> Mapping[str, np.ndarray]:
         if not digest.startswith(m.group(1)):
             raise UserError(f"weights file {path} is corrupt: its SHA-256 starts {digest[:8]}, its name promises "
                             f"{m.group(1)}; download it again from {IMAGENET_URL}")
-    import torch
+    torch = torchlib.load("torch")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a state dict file"
@@ -245,7 +246,7 @@ def _cached_conversion(cached: Path, load_state_dict) -> dict:
 
 
 def _fetch_imagenet_state_dict():
-    from torchvision.models import ResNet18_Weights
+    ResNet18_Weights = torchlib.load("torchvision.models").ResNet18_Weights
     try:
         return ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
     except Exception as error:  # noqa: BLE001 - network or hash failure

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Mapping, Optional, Sequence
 
+import jax
 import numpy as np
 
 from cifarjax import plots, runs
@@ -141,9 +142,15 @@ class Study:
         return init_variables(build_model(config), config) if cell.model == "simple_cnn" else \
             starting_weights(config)[0]
 
-    def estimate_seconds(self, cell: Cell, steps: int = 3) -> float:
-        """The cell's training time (evaluation excluded) from a few measured steps after compilation: epochs x
-        training images x seconds per image; with cached features, the extraction's 2 x train + val images."""
+    def estimate_seconds(self, cell: Cell, steps: int = 3) -> dict:
+        """The cell's time from a short warm-up: {'compilation': ..., 'training': ...} in seconds.
+
+        Training (evaluation excluded): epochs x training images x seconds per image, measured over a few steps
+        after compilation; with cached features, the extraction's 2 x train + val images. Compilation: the
+        training step's first call, and the evaluation step's for each program the run compiles that way (its
+        evaluation and the test split's scoring; with cached features, the extraction and the scoring, while
+        the head's own steps compile in no time). The run compiles them again for its own shapes, so each
+        counts: on a small subset, compilation is most of a cell's time."""
         config = with_normalization(cell_config(cell, self.base), self.train.images)
         model, variables = build_model(config), self.variables(cell, config)
         freezing = Freezing.from_config(config)
@@ -155,16 +162,24 @@ class Study:
         batch = min(config.batch_size, len(self.train) - len(self.train) % parallel.n_devices)
         data = parallel.replicate((self.train.images[:batch], self.train.labels[:batch]))
         idx = parallel.mine(np.arange(batch, dtype=np.int32).reshape(parallel.n_devices, -1))
+        start = time.perf_counter()
         state, metrics = parallel.train_step(state, data, idx)
         metrics["loss"].block_until_ready()
+        train_compile = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(steps):
             state, metrics = parallel.train_step(state, data, idx)
         metrics["loss"].block_until_ready()
         per_image = (time.perf_counter() - start) / (steps * batch)
+        start = time.perf_counter()
+        jax.block_until_ready(parallel.eval_step(state, data, idx))
+        eval_compile = time.perf_counter() - start
+        scorings = 1 + (self.dataset.test is not None)
         if cacheable(config):  # the head then trains on cached features in a negligible time
-            return per_image * (2 * len(self.train) + len(self.val))
-        return per_image * len(self.train) * config.n_epochs
+            return {"compilation": eval_compile * (1 + scorings), "training": per_image * (2 * len(self.train) +
+                                                                                           len(self.val))}
+        return {"compilation": train_compile + eval_compile * scorings,
+                "training": per_image * len(self.train) * config.n_epochs}
 
     def run_cell(self, cell: Cell) -> dict:
         """Train one cell in its own run folder (resuming it when asked) and summarise it."""
@@ -217,9 +232,11 @@ def run_study(study: Study, grid: Sequence[Cell] = DEFAULT_GRID, reference: Opti
     todo = [c for c in cells if study.finished(c) is None]
     if todo:
         estimates = {c.name: study.estimate_seconds(c) for c in todo}
-        announce("estimated training time per cell (from a short warm-up, compilation excluded): " +
-                 ", ".join(f"{k} {duration(v)}" for k, v in estimates.items()) +
-                 f"; total {duration(sum(estimates.values()))}")
+        compiling = sum(e["compilation"] for e in estimates.values())
+        announce("estimated time per cell (from a short warm-up; training and compilation, evaluation "
+                 "excluded): " + ", ".join(f"{k} {duration(sum(v.values()))}" for k, v in estimates.items()) +
+                 f"; total {duration(compiling + sum(e['training'] for e in estimates.values()))}, of which "
+                 f"compilation {duration(compiling)}")
     results = [study.run_cell(c) for c in cells]
     if reference is not None:
         results.append({**reference, "name": REFERENCE.name, "hypothesis": REFERENCE.hypothesis, "model": "simple_cnn"})

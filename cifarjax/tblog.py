@@ -1,4 +1,5 @@
-"""Scalars (losses, accuracies, learning rate, images per second) as TensorBoard event files in the run folder,
+"""Scalars (losses, accuracies, learning rate, images per second at evaluations; the training loss of the recent
+steps every 25 steps) as TensorBoard event files in the run folder,
 written with TensorBoard's own numpy-only writer (`tensorboard.summary.Writer`, the `tensorboard` extra).
 
     tensorboard --logdir runs/          # then open http://localhost:6006

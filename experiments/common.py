@@ -51,19 +51,20 @@ trim_after_compiling()  # a command's peak memory is not its compiler's garbage
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "torch", "torchvision", "albumentations")
 
 
-def parse(command: str, description: str, argv=None, nargs: Optional[dict] = None):
+def parse(command: str, description: str, argv=None, nargs: Optional[dict] = None, shown: Optional[dict] = None):
     """The command's flags, parsed; `args.command_line` records how it was called (for summary.json)."""
-    args = make_parser(command, description, nargs).parse_args(argv)
+    args = make_parser(command, description, nargs, shown).parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     args.command_line = " ".join([f"python -m experiments.{command}", *map(shlex.quote, map(str, argv))])
     return args
 
 
-def make_parser(command: str, description: str, nargs: Optional[dict] = None) -> Parser:
-    """Flags for the command's Config fields (from their metadata), the run folder and the distributed runtime."""
+def make_parser(command: str, description: str, nargs: Optional[dict] = None, shown: Optional[dict] = None) -> Parser:
+    """Flags for the command's Config fields (from their metadata), the run folder and the distributed runtime
+    (`shown`: defaults --help shows where the command's differ from its recipe's, as add_config_flags')."""
     p = Parser(prog=f"python -m experiments.{command}", description=description)
     add_config_flags(p, command, recipe_config(command if command in ("cnn", "finetune") else "finetune"),
-                     nargs=nargs)
+                     nargs=nargs, shown=shown)
     r = p.add_argument_group("run folder")
     r.add_argument("--out", default=None, help="run folder (default: runs/<experiment>-<timestamp>)")
     r.add_argument("--overwrite", action="store_true",
@@ -91,6 +92,7 @@ class Start:
     val: Split
     phases: Phases
     command_line: str
+    commands: Optional[list] = None  # every command that built the run, this one last (set by `open_run`)
 
 
 def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
@@ -132,14 +134,24 @@ def data_fingerprint(train: Split, val: Split) -> dict:
 
 
 def open_run(s: Start, command: str, config_json: dict) -> None:
-    """Create (or replace) the run folder now that the run has started, write config.json, and check every
-    process sees the same folder."""
+    """Create (or replace) the run folder now that the run has started, write config.json (with every command
+    that built the run: the one that started it, then each resume), and check every process sees the same
+    folder."""
+    s.commands = [*previous_commands(s.run), s.command_line] if s.resume else [s.command_line]
     if distributed.is_writer():
         runs.create(s.run, command, replace=s.overwrite)
-        write_json(s.run / runs.CONFIG, config_json)
+        write_json(s.run / runs.CONFIG, {**config_json, "commands": s.commands})
     distributed.barrier("run folder created")
     distributed.agree({"run_id": runs.marker(s.run).get("id")}, f"the run folder {s.run} (it must be the same "
                       "folder on shared storage for every process)")
+
+
+def previous_commands(run: Path) -> list:
+    """The commands recorded in the run's config.json (a run made before they were: its summary's last one)."""
+    saved = runs.read_json(run / runs.CONFIG).get("commands")
+    if saved is None and (run / runs.SUMMARY).is_file():
+        saved = [runs.read_json(run / runs.SUMMARY).get("command")]
+    return [c for c in saved or [] if c]
 
 
 def resume_hint(command: str, run: Path) -> str:
@@ -178,8 +190,32 @@ def run_summary(experiment: str, s: Start, config: Config, result, **extra) -> d
             "train_accuracy": h.train_accuracy[-1], "train_loss": h.train_loss[-1],
             "val_accuracy_per_epoch": h.epoch_val_accuracy, "train_accuracy_per_epoch": h.train_accuracy,
             "wall_seconds": round(result.seconds, 2), "images_per_second": round(result.images_per_second, 1),
+            "this_process": result.this_process, "sessions": len(s.commands or [s.command_line]),
             "evaluated_weights": "moving average" if result.average is not None else "final",
-            **extra, **s.phases.summary(), **provenance(s.command_line), **environment()}
+            **extra, **s.phases.summary(), **provenance(s.command_line, s.commands), **environment()}
+
+
+def closing_figures(summary: dict) -> str:
+    """The closing line's figures, which add up: the readings (a last-N mean over the epochs there were), what
+    this process trained and how fast, and the training time over all sessions when the run was resumed."""
+    n = summary.get("last_mean_epochs", 5)
+    readings = (f"validation accuracy {summary['val_accuracy']:.4f} (best {summary['best_val_accuracy']:.4f}, "
+                f"{'last-five' if n == 5 else f'last-{n}'} mean {summary['last5_mean_val_accuracy']:.4f})")
+    mine = summary.get("this_process") or {}
+    if not mine.get("images_trained"):
+        trained = "this process trained nothing (the run had already finished)"
+    elif mine["training_seconds"] > 0 and mine["images_trained"] > mine["compile_images"]:
+        trained = (f"this process trained {mine['images_trained']:,} images: {mine['compile_seconds']:.0f} s "
+                   f"compiling (and the first {mine['compile_images']:,}), then "
+                   f"{mine['images_trained'] - mine['compile_images']:,} in {mine['training_seconds']:.0f} s "
+                   f"({mine['images_per_second']:.0f} images/s)")
+    else:
+        trained = (f"this process trained {mine['images_trained']:,} images in one call of "
+                   f"{mine['compile_seconds']:.0f} s, compilation included")
+    if summary.get("sessions", 1) > 1:
+        trained += (f"; {summary['wall_seconds']:.0f} s of training (compilation included) and evaluation over all "
+                    f"{summary['sessions']} sessions")
+    return f"{readings}; {trained}"
 
 
 def git_commit() -> Optional[str]:
@@ -196,7 +232,7 @@ def git_commit() -> Optional[str]:
         return None
 
 
-def provenance(command_line: str) -> dict:
+def provenance(command_line: str, commands: Optional[list] = None) -> dict:
     versions = {}
     for name in PACKAGES:
         try:
@@ -205,7 +241,7 @@ def provenance(command_line: str) -> dict:
             versions[name] = None
     started = Phases().started
     return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-            "command": command_line,
+            "command": command_line, "commands": commands or [command_line],
             "git_commit": git_commit(), "cifarjax": cifarjax.__version__, "packages": versions}
 
 

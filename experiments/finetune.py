@@ -40,7 +40,8 @@ def epoch_counts(args) -> list:
 
 @exit_on_user_error
 def main(argv=None) -> None:
-    args = common.parse("finetune", __doc__.splitlines()[0], argv, nargs={"n_epochs": "+"})
+    args = common.parse("finetune", __doc__.splitlines()[0], argv, nargs={"n_epochs": "+"},
+                        shown={"n_epochs": " ".join(map(str, DEFAULT_EPOCHS))})
     counts = epoch_counts(args)
     typed = {**given(args, "finetune"), "n_epochs": max(counts)}
     s = common.start("finetune", args, typed, model="resnet18")
@@ -66,7 +67,7 @@ def main(argv=None) -> None:
             write_json(s.run / runs.SUMMARY, {"experiment": "finetune", "weights": weights_label, "runs": [
                 {k: r[k] for k in ("epochs", "val_accuracy", "best_val_accuracy", "last5_mean_val_accuracy",
                                    "wall_seconds")} for r in results], **s.phases.summary(),
-                **common.provenance(s.command_line),
+                **common.provenance(s.command_line, s.commands),
                 **common.environment()})
         print(f"run folder: {s.run}; whole process {s.phases.summary()['process_seconds']:.0f} s")
 
@@ -103,8 +104,7 @@ def fine_tune_run(s, n_epochs: int, variables: dict, features, weights_label: st
                                  continues=continue_from.name if continue_from else None, **scored)
     if distributed.is_writer():
         write_json(sub / runs.SUMMARY, summary)
-        print(f"{plural(n_epochs, 'epoch')}: validation accuracy {summary['val_accuracy']:.4f} "
-              f"(best {summary['best_val_accuracy']:.4f}), training {summary['wall_seconds']:.0f} s"
+        print(f"{plural(n_epochs, 'epoch')}: {common.closing_figures(summary)}"
               + (f" (continuing {continue_from.name})" if continue_from else ""))
     return summary
 
