@@ -13,7 +13,8 @@ from cifarjax.errors import UserError, exit_on_user_error
 from cifarjax.flags import Parser
 from cifarjax.loop import History
 
-IGNORED = ("classes", "norm_mean", "norm_std", "data_dir", "weights_label")
+IGNORED = ("classes", "norm_mean", "norm_std", "data_dir", "weights_label", "weights_file", "weights_sha256",
+           "data_fingerprint", "commands", "frozen_params")
 
 
 def load_run(folder) -> dict:
