@@ -187,7 +187,8 @@ def run_summary(experiment: str, s: Start, config: Config, result, **extra) -> d
             "val_accuracy_per_epoch": h.epoch_val_accuracy, "train_accuracy_per_epoch": h.train_accuracy,
             "wall_seconds": round(result.seconds, 2), "images_per_second": round(result.images_per_second, 1),
             "evaluated_weights": "moving average" if result.average is not None else "final",
-            **extra, **s.phases.summary(), **provenance(s.command_line), **environment()}
+            **extra, **s.phases.summary(), **provenance(s.command_line), "commands": s.binding.get("commands"),
+            **environment()}
 
 
 def git_commit() -> Optional[str]:

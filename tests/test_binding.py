@@ -149,6 +149,7 @@ def test_a_run_is_bound_to_its_data(tmp_path, data_dir, capsys, monkeypatch):
     config = json.loads((run / "config.json").read_text())
     assert config["data_dir"] == str(moved) and len(config["commands"]) == 2 and config["n_epochs"] == 2
     assert "--resume" in config["commands"][1]
+    assert json.loads((run / "summary.json").read_text())["commands"] == config["commands"]
 
 
 # ------------------------------------------------------------------------------------------------ weights of a run
