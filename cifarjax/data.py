@@ -102,6 +102,22 @@ def train_val_split(dataset: Dataset, val_fraction: float = 0.2, seed: int = 0, 
     return train, val
 
 
+def fingerprint(dataset: Dataset) -> dict:
+    """What a run's split depends on: the image counts and a SHA-256 of the classes and of every decoded image
+    and label, in order. Equal for the same images in another folder; changed by any image added, removed,
+    relabelled or altered."""
+    h = hashlib.sha256(json.dumps(list(dataset.classes)).encode())
+    counts = {}
+    for name in ("train", "test"):
+        split = getattr(dataset, name)
+        if split is not None:
+            counts[name] = len(split)
+            h.update(f"|{name}|{split.images.shape}|".encode())
+            h.update(np.ascontiguousarray(split.images).data)
+            h.update(np.ascontiguousarray(split.labels, dtype=np.int64).data)
+    return {"images": counts, "sha256": h.hexdigest()}
+
+
 # ---------------------------------------------------------------------------------------------- sources
 
 def _folder_splits(root: Path):

@@ -10,7 +10,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -20,12 +20,12 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import cifarjax  # noqa: E402
-from cifarjax import distributed, hugepages, plots, runs, xla_flags  # noqa: E402
+from cifarjax import binding, distributed, hugepages, plots, runs, xla_flags  # noqa: E402
 from cifarjax.augment import with_normalization  # noqa: E402
 from cifarjax.batching import train_indices  # noqa: E402
 from cifarjax.checkpoint import latest_epoch  # noqa: E402
 from cifarjax.config import Config  # noqa: E402
-from cifarjax.data import Dataset, Split, load_dataset, train_val_split  # noqa: E402
+from cifarjax.data import Dataset, Split, fingerprint, load_dataset, train_val_split  # noqa: E402
 from cifarjax.errors import UserError  # noqa: E402
 from cifarjax.evaluation import predict, score  # noqa: E402
 from cifarjax.files import cache_dir, write_json  # noqa: E402
@@ -93,6 +93,8 @@ class Start:
     phases: Phases
     command_line: str
     commands: Optional[list] = None  # every command that built the run, this one last (set by `open_run`)
+    saved: Optional[dict] = None  # the resumed run's config.json
+    binding: dict = field(default_factory=dict)  # what config.json records the run is bound to (cifarjax.binding)
 
 
 def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
@@ -103,9 +105,11 @@ def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
     """
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
     run = runs.check_out(args.out, command, args.overwrite, args.resume)
-    typed = given(args, command) if typed is None else typed
+    typed = binding.absolute_paths(given(args, command) if typed is None else typed)
+    saved = runs.read_json(run / runs.CONFIG) if args.resume else None
     if args.resume:
-        config = resumed_config(Config.from_dict(runs.read_json(run / runs.CONFIG)), typed, args.recipe, str(run))
+        binding.check_command(saved, runs.marker(run).get("experiment"), command, run)
+        config = resumed_config(Config.from_dict(saved), typed, args.recipe, str(run))
     else:
         config = new_config(command, args.recipe, typed, **fixed)
     xla_flags.schedule_for(config)  # before anything starts JAX's backend (orbax, `is_writer`)
@@ -120,12 +124,16 @@ def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
     if args.resume and config.classes and tuple(dataset.classes) != tuple(config.classes):
         raise UserError(f"the data in {config.data_dir} has classes {list(dataset.classes)}, the run in {run} was "
                         f"trained on {list(config.classes)}; pass the run's own data folder")
+    data = fingerprint(dataset)
+    if args.resume:
+        binding.check_data(saved, data, config.data_dir, run)
     config = with_normalization(config.replace(classes=tuple(dataset.classes), num_classes=len(dataset.classes)),
                                 train.images)
     train_indices(len(train), config.batch_size, jax.device_count(), config.seed, 0)  # the batch fits data and devices
     distributed.agree({"config": {**config.to_dict(), "data_dir": None}, "data": data_fingerprint(train, val),
                        "run": str(run.resolve())}, "their settings")
-    return Start(config, run, args.resume, args.overwrite, dataset, train, val, phases, args.command_line)
+    return Start(config, run, args.resume, args.overwrite, dataset, train, val, phases, args.command_line, saved,
+                 binding.record(saved, data, args.command_line))
 
 
 def data_fingerprint(train: Split, val: Split) -> dict:
@@ -140,7 +148,7 @@ def open_run(s: Start, command: str, config_json: dict) -> None:
     s.commands = [*previous_commands(s.run), s.command_line] if s.resume else [s.command_line]
     if distributed.is_writer():
         runs.create(s.run, command, replace=s.overwrite)
-        write_json(s.run / runs.CONFIG, {**config_json, "commands": s.commands})
+        write_json(s.run / runs.CONFIG, {**config_json, **s.binding, "commands": s.commands})
     distributed.barrier("run folder created")
     distributed.agree({"run_id": runs.marker(s.run).get("id")}, f"the run folder {s.run} (it must be the same "
                       "folder on shared storage for every process)")

@@ -17,7 +17,8 @@ from cifarjax.errors import UserError, exit_on_user_error, warn
 from cifarjax.flags import Parser
 from cifarjax.loop import History
 
-IGNORED = ("classes", "norm_mean", "norm_std", "data_dir", "weights_label", "n_epochs", "epoch_counts")
+IGNORED = ("classes", "norm_mean", "norm_std", "data_dir", "weights_label", "n_epochs", "epoch_counts", "weights_file",
+           "weights_sha256", "data_fingerprint", "commands", "frozen_params")
 WIDTH = 100  # the table's most columns; settings that do not fit are listed under it
 DEFAULT_PLOT = Path(runs.PLOTS) / "comparison.png"
 

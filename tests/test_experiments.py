@@ -88,7 +88,7 @@ def test_finetune_one_epoch_keeps_the_backbone_bit_identical(data_dir, tmp_path)
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(port["params"]["head"]["kernel"], trained["params"]["head"]["kernel"])
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["cached_features"] and "torchvision file" in summary["weights"]
+    assert summary["cached_features"] and "not torchvision's published ImageNet weights" in summary["weights"]
 
 
 @pytest.mark.slow
