@@ -132,8 +132,8 @@ def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
     train_indices(len(train), config.batch_size, jax.device_count(), config.seed, 0)  # the batch fits data and devices
     distributed.agree({"config": {**config.to_dict(), "data_dir": None}, "data": data_fingerprint(train, val),
                        "run": str(run.resolve())}, "their settings")
-    return Start(config, run, args.resume, args.overwrite, dataset, train, val, phases, args.command_line, saved,
-                 binding.record(saved, data, args.command_line))
+    return Start(config, run, args.resume, args.overwrite, dataset, train, val, phases, args.command_line,
+                 saved=saved, binding=binding.record(saved, data, args.command_line))
 
 
 def data_fingerprint(train: Split, val: Split) -> dict:
@@ -145,21 +145,13 @@ def open_run(s: Start, command: str, config_json: dict) -> None:
     """Create (or replace) the run folder now that the run has started, write config.json (with every command
     that built the run: the one that started it, then each resume), and check every process sees the same
     folder."""
-    s.commands = [*previous_commands(s.run), s.command_line] if s.resume else [s.command_line]
+    s.commands = s.binding.get("commands") or [s.command_line]
     if distributed.is_writer():
         runs.create(s.run, command, replace=s.overwrite)
         write_json(s.run / runs.CONFIG, {**config_json, **s.binding, "commands": s.commands})
     distributed.barrier("run folder created")
     distributed.agree({"run_id": runs.marker(s.run).get("id")}, f"the run folder {s.run} (it must be the same "
                       "folder on shared storage for every process)")
-
-
-def previous_commands(run: Path) -> list:
-    """The commands recorded in the run's config.json (a run made before they were: its summary's last one)."""
-    saved = runs.read_json(run / runs.CONFIG).get("commands")
-    if saved is None and (run / runs.SUMMARY).is_file():
-        saved = [runs.read_json(run / runs.SUMMARY).get("command")]
-    return [c for c in saved or [] if c]
 
 
 def resume_hint(command: str, run: Path) -> str:
