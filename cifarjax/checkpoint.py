@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import shutil
@@ -22,11 +23,34 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from cifarjax.errors import UserError, user_error_from_os, warn
-from cifarjax.files import atomic_write
+from cifarjax.files import atomic_write, record_output
 from cifarjax.runs import TENSORBOARD
 
 CHECKPOINTS, FROZEN = "checkpoints", "frozen_params.npz"
 logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+class _QuietClosedLoop(asyncio.SelectorEventLoop):
+    """An event loop that drops callbacks arriving after it closed. A restore that fails on a damaged array makes
+    orbax close its loop while tensorstore's other reads are still in flight; their completions then call
+    `call_soon_threadsafe` on the closed loop, and tensorstore prints each one's "Event loop is closed"
+    traceback before the run's one-line error."""
+
+    def call_soon_threadsafe(self, callback, *args, context=None):
+        try:
+            return super().call_soon_threadsafe(callback, *args, context=context)
+        except RuntimeError:
+            if self.is_closed():
+                return None
+            raise
+
+
+class _QuietClosedLoopPolicy(asyncio.DefaultEventLoopPolicy):
+    _loop_factory = _QuietClosedLoop
+
+
+if type(asyncio.get_event_loop_policy()) is asyncio.DefaultEventLoopPolicy:  # leave a chosen policy (uvloop) alone
+    asyncio.set_event_loop_policy(_QuietClosedLoopPolicy())
 
 
 def digest(tree) -> str:
@@ -92,6 +116,7 @@ class Checkpointer:
         """Queue a checkpoint of `state` (host copies are taken before returning) and `meta` (+ digests)."""
         stored = jax.device_get(self._stored(state))
         meta = dict(meta, digest={k: digest(v) for k, v in stored.items()})
+        record_output(self.directory / str(int(state.step)))
         self.manager.save(int(state.step), args=ocp.args.Composite(
             variables=ocp.args.StandardSave(stored["variables"]), train=ocp.args.StandardSave(stored["train"]),
             meta=ocp.args.JsonSave(meta)))

@@ -16,7 +16,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 import numpy as np  # noqa: E402
+
+from cifarjax.errors import UserError  # noqa: E402
+from cifarjax.files import atomic_write  # noqa: E402
 
 PALETTE = ("#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133",
            "#56b4e9")  # seaborn.color_palette("colorblind")
@@ -36,12 +40,28 @@ def _styled(style: str):
     return decorate
 
 
-def _save(fig, path) -> Path:
+def output_path(path) -> Path:
+    """The file a figure for `path` is written to, checked as it will be written: '.png' added when it has no
+    extension (as matplotlib would), a format matplotlib can write, and not a folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = path if path.suffix else path.with_name(path.name + ".png")
+    if path.suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
+        raise UserError(f"cannot draw a figure into {path}: {path.suffix} is not an image format matplotlib "
+                        f"writes; use .png, .pdf or .svg")
+    if path.is_dir():
+        raise UserError(f"cannot draw a figure into {path}: it is a folder; name a file")
+    return path
+
+
+def _save(fig, path) -> Path:
+    """Write `fig` to `path` atomically (a full disk leaves the old file, or none, never half a figure)."""
+    path = output_path(path)
+    try:
+        fig.tight_layout()
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, dpi=120, format=path.suffix[1:].lower())
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -250,8 +250,7 @@ def study(data_dir, weights: str = "imagenet", grid: Sequence[Cell] = DEFAULT_GR
     reference = None if cnn_run is None else runs.read_json(find_run(cnn_run) / runs.SUMMARY)
     with phases("weights", f"loading weights ({weights})"):
         label = starting_weights(base)[1]
-    if not resume:
-        runs.create(out, "study", replace=overwrite)
+    runs.create(out, "study", replace=overwrite, take_lock=True)  # resuming: only the lock is new
     the_study = Study(out, dataset, train, val, base, label, resume=resume, phases=phases)
     if not the_study.pretrained:
         announce("note: --weights random uses no pretraining; the study then tests the pipeline, not the original's "

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cifarjax.errors import warn
-from cifarjax.files import best_effort
+from cifarjax.files import best_effort, record_output
 
 
 class ScalarLog:
@@ -24,7 +24,11 @@ class ScalarLog:
             warn("TensorBoard is not installed, so no event files are written; pip install 'cifarjax[tensorboard]'",
                  key="tensorboard")
             return
+        folder = Path(folder)
+        before = set(folder.glob("events.out.tfevents.*"))
         self.writer = best_effort(lambda: Writer(str(folder)), f"TensorBoard event files in {folder}")
+        for path in set(folder.glob("events.out.tfevents.*")) - before:
+            record_output(path)  # the run folder's manifest lists it, so --overwrite removes it and only it
 
     def write(self, step: int, scalars: dict) -> None:
         if self.writer is None:

@@ -135,7 +135,7 @@ def open_run(s: Start, command: str, config_json: dict) -> None:
     """Create (or replace) the run folder now that the run has started, write config.json, and check every
     process sees the same folder."""
     if distributed.is_writer():
-        runs.create(s.run, command, replace=s.overwrite)
+        runs.create(s.run, command, replace=s.overwrite, take_lock=True)
         write_json(s.run / runs.CONFIG, config_json)
     distributed.barrier("run folder created")
     distributed.agree({"run_id": runs.marker(s.run).get("id")}, f"the run folder {s.run} (it must be the same "
