@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import hashlib
 import logging
 import shutil
@@ -117,9 +119,30 @@ class Checkpointer:
         stored = jax.device_get(self._stored(state))
         meta = dict(meta, digest={k: digest(v) for k, v in stored.items()})
         record_output(self.directory / str(int(state.step)))
-        self.manager.save(int(state.step), args=ocp.args.Composite(
-            variables=ocp.args.StandardSave(stored["variables"]), train=ocp.args.StandardSave(stored["train"]),
-            meta=ocp.args.JsonSave(meta)))
+        with self._disk_errors():
+            self.manager.save(int(state.step), args=ocp.args.Composite(
+                variables=ocp.args.StandardSave(stored["variables"]), train=ocp.args.StandardSave(stored["train"]),
+                meta=ocp.args.JsonSave(meta)))
+
+    @contextlib.contextmanager
+    def _disk_errors(self):
+        """A full disk (an OSError, or orbax's and tensorstore's RESOURCE_EXHAUSTED, raised here or by an earlier
+        save in the background) becomes one line naming the folder; the unfinished checkpoint is removed."""
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001 - orbax and tensorstore wrap OS errors in many types
+            text = str(error)
+            full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+            if not (full or "RESOURCE_EXHAUSTED" in text or "No space left" in text or "Disk quota" in text):
+                raise
+            self.remove_unfinished()
+            raise UserError(f"cannot write a checkpoint in {self.directory}: the disk is full; free space there "
+                            "(the finished checkpoints are kept), then resume the run with --resume") from None
+
+    def remove_unfinished(self) -> None:
+        """Remove orbax's temporary folders of checkpoints that never finished."""
+        for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def restore(self, state):
         """(state, meta) of the newest intact checkpoint; damaged newer ones are reported and removed."""
@@ -139,9 +162,11 @@ class Checkpointer:
     def close(self) -> None:
         """Wait for pending saves and release the manager."""
         try:
-            self.manager.wait_until_finished()
+            with self._disk_errors():
+                self.manager.wait_until_finished()
         finally:
-            self.manager.close()
+            with self._disk_errors():
+                self.manager.close()
 
 
 def restore_newest_intact(manager, directory: Path, restore, items, remove_damaged: bool = False):

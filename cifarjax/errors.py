@@ -93,7 +93,11 @@ def exit_on_user_error(main):
         set_interrupt_advice(None)
         previous = _on_sigterm(_raise_terminated)
         try:
-            return main(*args, **kwargs)
+            try:
+                return main(*args, **kwargs)
+            finally:
+                while at_command_end:
+                    at_command_end.pop()()
         except UserError as error:
             code, message = error.exit_code, f"error: {error}"
         except KeyboardInterrupt as error:
@@ -134,7 +138,8 @@ def _on_sigterm(handler):
 
 
 _hard_exit_requested = False
-translators: list = []  # functions error -> UserError or None (distributed.initialize adds one for dead peers)
+translators: list = []
+at_command_end: list = []  # functions run when a command ends, however it ends (runs.lock adds its release)  # functions error -> UserError or None (distributed.initialize adds one for dead peers)
 
 
 def request_hard_exit() -> None:

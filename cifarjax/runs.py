@@ -10,6 +10,7 @@ started successfully, removing exactly the files its manifest lists (a folder on
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import cifarjax
+from cifarjax import errors
 from cifarjax.errors import UserError, user_error_from_os, warn
 from cifarjax.files import MANIFEST, MARKER, atomic_write, read_manifest, record_output, write_json
 
@@ -125,9 +127,10 @@ def remove_run_files(run: Path) -> None:
     for name in (MANIFEST, MARKER):
         if (run / name).is_file():
             (run / name).unlink()
-    kept = sorted(e.name for e in run.iterdir() if e.name != LOCK)
+    kept = sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.name != LOCK and not p.is_dir())
     if kept:
-        warn(f"--overwrite kept {', '.join(kept)} in {run}: cifarjax did not create them")
+        more = f" and {len(kept) - 5} more" if len(kept) > 5 else ""
+        warn(f"--overwrite kept {', '.join(kept[:5])}{more} in {run}: cifarjax did not create them")
 
 
 def _own_entries(run: Path) -> list:
@@ -197,7 +200,9 @@ def lock(run: Path) -> None:
                                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
     except OSError as error:
         raise user_error_from_os(error, f"cannot lock the run folder {run}") from None
-    atexit.register(unlock, path.absolute(), os.getpid())
+    release = functools.partial(unlock, path.absolute(), os.getpid())
+    atexit.register(release)
+    errors.at_command_end.append(release)
 
 
 def unlock(path: Path, pid: int) -> None:
