@@ -459,6 +459,10 @@ def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inp
     epochs, makes a run without checkpoints of its own start as that run resumed here (`continue_run`): only
     exact when the learning rate does not depend on the number of epochs (`optim.rate_depends_on_length`).
     """
+    if not isinstance(inputs, FeatureInputs):
+        train.check_images("the training images"), val.check_images("the validation images")
+    if not len(val):
+        raise UserError("the validation split is empty; give it at least one image")
     check_labels(train.labels, config.num_classes, "training labels")
     check_labels(val.labels, config.num_classes, "validation labels")
     if run is not None and continue_from is not None:
@@ -534,6 +538,7 @@ def train_loop(config: Config, train: Split, val: Split, variables: Optional[dic
                run: Optional[Path] = None, resume: bool = False, devices=None, phases: Optional[Phases] = None,
                resume_hint: str = "--resume") -> FitResult:
     """The original's train_loop: train the configured model (SimpleCNN by default) from scratch."""
+    train.check_images("the training images"), val.check_images("the validation images")
     config = with_normalization(config.validate(), train.images)
     model = build_model(config)
     variables = variables if variables is not None else init_variables(model, config)
@@ -551,6 +556,7 @@ def fine_tune_loop(config: Config, variables: dict, train: Split, val: Split, *,
     `features` from `features.backbone_features` to share them between runs); otherwise every step runs the
     network on the images. `continue_from`: as `fit`'s.
     """
+    train.check_images("the training images"), val.check_images("the validation images")
     config = with_normalization(config.validate(), train.images)
     model = build_model(config)
     kw = dict(run=run, resume=resume, devices=devices, phases=phases, resume_hint=resume_hint,

@@ -208,3 +208,72 @@ def test_sigterm_stops_like_ctrl_c_and_says_so_at_once(tmp_path, data_dir):
     done = runs.read_metrics(out)[-1]["epoch"]
     result = run_module("experiments.cnn", "--resume", "--out", out, "--epochs", int(done) + 1)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------ 6. refused starts
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", str(2**64)], "seed must be at most 4294967295"),
+    (["--schedule", "cosine", "--warmup-epochs", "2", "--epochs", "2"], "--warmup-epochs 2 is not shorter than --epochs 2"),
+    (["--schedule", "onecycle", "--warmup-epochs", "3", "--epochs", "1"], "--warmup-epochs 3 is not shorter"),
+    (["--crop-padding", "17"], "crop-padding 17 is more than half the 32-pixel image"),
+    (["--epochs", "1000000"], "epochs must be at most"),
+    (["--eval-batch-size", str(2**40)], "eval-batch-size must be at most"),
+])
+def test_a_refused_start_leaves_nothing(data_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    assert message in fails(cnn.main, cnn_args(data_dir, out) + args, capsys)
+    assert not out.exists()
+
+
+def test_a_recipes_warm_up_fits_a_short_run():
+    from cifarjax.flags import new_config
+    from cifarjax.optim import lr_at
+    short = new_config("cnn", "improved", {"n_epochs": 3})
+    assert short.warmup_epochs == pytest.approx(0.45)  # the recipe's 3 of 20 epochs, as a share of 3
+    rates = [lr_at(short, 10, step) for step in range(30)]
+    assert int(np.argmax(rates)) == 4 and rates[-1] < rates[4] / 100  # peaks at 15% of the run, then decays
+    assert new_config("cnn", "improved", {"n_epochs": 3, "warmup_epochs": 1.0}).warmup_epochs == 1.0  # typed wins
+    assert new_config("cnn", "improved", {}).warmup_epochs == 3.0
+
+
+def test_resume_does_not_stretch_a_schedule_over_the_run():
+    from cifarjax.config import Config
+    from cifarjax.flags import resumed_config
+    with pytest.raises(UserError, match=r"--epochs 5 on resume: .* onecycle .* its 3 epochs.*--epochs 3"):
+        resumed_config(Config(schedule="onecycle", n_epochs=3), {"n_epochs": 5}, None, "RUN")
+    assert resumed_config(Config(schedule="onecycle", n_epochs=3), {"n_epochs": 3}, None, "RUN").n_epochs == 3
+    assert resumed_config(Config(n_epochs=3), {"n_epochs": 5}, None, "RUN").n_epochs == 5  # constant: no stretch
+
+
+# ------------------------------------------------------------------------------------------------ 7. library inputs
+
+def test_the_library_checks_its_inputs():
+    from cifarjax.config import Config
+    from cifarjax.data import Dataset, Split, train_val_split
+    from cifarjax.evaluation import predict, score
+    from cifarjax.loop import train_loop
+    from tests.test_train import fast, tiny_split
+    images, labels = np.zeros((10, 32, 32, 3), np.uint8), np.zeros(10, np.int32)
+    with pytest.raises(UserError, match="as many labels as images: got uint8 \\(10, 32, 32, 3\\) images and 12"):
+        Split(images, np.zeros(12, np.int32))
+    with pytest.raises(UserError, match="labels must be a 1-D integer array"):
+        Split(images, np.zeros(10, np.float32))
+    with pytest.raises(UserError, match=r"training images must be a uint8 array of shape \(N, height, width, 3\)"):
+        train_loop(fast(n_epochs=1), Split(images.astype(np.float32), labels), tiny_split(12))
+    with pytest.raises(UserError, match="images to predict must be a uint8 array .* got uint8 \\(10, 32, 32\\)"):
+        predict(Config(), {}, Split(images[..., 0], labels))
+    with pytest.raises(UserError, match="images to predict are empty"):
+        predict(Config(), {}, Split(images[:0], labels[:0]))
+    with pytest.raises(UserError, match="as many predictions as labels"):
+        score(labels, labels[:5], ["a", "b"])
+    with pytest.raises(UserError, match=r"label\(s\) outside \[0, 2\)"):
+        score(labels + 2, labels, ["a", "b"])
+    with pytest.raises(UserError, match="empty validation split"):
+        train_val_split(Dataset("folder", ("a",), Split(images[:2], labels[:2]), None))
+
+
+def test_a_data_dir_symlink_loop_is_reported_as_a_loop(tmp_path, capsys):
+    (tmp_path / "data").symlink_to(tmp_path / "data")
+    message = fails(cnn.main, ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "o")], capsys)
+    assert "symbolic link loops" in message and "does not exist" not in message
