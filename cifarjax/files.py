@@ -44,9 +44,11 @@ def atomic_write(path, mode: str = "w") -> Iterator:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(error, OSError) and error.filename is None:  # a failed write names no file: name it
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
         raise
     record_output(path)
 

@@ -163,7 +163,8 @@ class _StopRequest:
     cannot run yet: a helper thread reads the signal's byte from the wakeup file descriptor."""
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, saves: bool = True):
+        self.saves = saves  # whether stopping saves a checkpoint (a run folder), for the announcement
         self.requested = None  # the signal that asked to stop
         self.previous, self.reader, self.writer, self.previous_fd = None, None, None, -1
 
@@ -191,8 +192,9 @@ class _StopRequest:
             for signum in data:
                 if signum in self.SIGNALS:
                     seen += 1
-                    sys.stderr.write("\nstopping after this step, then saving a checkpoint (Ctrl-C again stops at "
-                                     "once)\n" if seen == 1 else "\nstopping now\n")
+                    then = ", then saving a checkpoint" if self.saves else ""
+                    sys.stderr.write(f"\nstopping after this step{then} (Ctrl-C again stops at once)\n" if seen == 1
+                                     else "\nstopping now\n")
                     sys.stderr.flush()
 
     def _handle(self, signum, _frame):
@@ -497,7 +499,7 @@ def _train(trainer: Trainer, desc: str) -> None:
     """The loop itself: step, evaluate when it is time, checkpoint when due, stop cleanly on Ctrl-C."""
     config, bar = trainer.config, None
     try:
-        with _StopRequest() as stop:
+        with _StopRequest(saves=trainer.checkpointer is not None) as stop:
             for step, idx in trainer.batches():
                 trainer.step(step, idx)
                 if bar is None:  # made after the first step, which compiled it: the ETA never counts compilation

@@ -137,8 +137,10 @@ def _own_entries(run: Path) -> list:
     """What cifarjax wrote in `run`: its manifest's paths (never one outside the folder), else (a run made before
     the manifest) the names cifarjax gives its files; orbax's unfinished checkpoints in either case."""
     listed = read_manifest(run)
+    inside = run.resolve()
     entries = [run / e for e in listed if not Path(e).is_absolute() and ".." not in Path(e).parts
-               and Path(e).name not in (MANIFEST, MARKER)]
+               and Path(e).name not in (MANIFEST, MARKER)
+               and (run / e).parent.resolve().is_relative_to(inside)]  # not through a link out of the run
     if not listed:
         entries = [run / name for name in OWN_FILES]
         entries += [p for folder, patterns in OWN_IN_FOLDERS.items() if (run / folder).is_dir()

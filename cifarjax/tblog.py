@@ -24,7 +24,7 @@ class ScalarLog:
             warn("TensorBoard is not installed, so no event files are written; pip install 'cifarjax[tensorboard]'",
                  key="tensorboard")
             return
-        folder = Path(folder)
+        folder = self.folder = Path(folder)
         before = set(folder.glob("events.out.tfevents.*"))
         self.writer = best_effort(lambda: Writer(str(folder)), f"TensorBoard event files in {folder}")
         for path in set(folder.glob("events.out.tfevents.*")) - before:
@@ -33,12 +33,16 @@ class ScalarLog:
     def write(self, step: int, scalars: dict) -> None:
         if self.writer is None:
             return
-        for tag, value in scalars.items():
-            if value is not None:
-                self.writer.add_scalar(tag, float(value), int(step))
-        self.writer.flush()
+        def write():
+            for tag, value in scalars.items():
+                if value is not None:
+                    self.writer.add_scalar(tag, float(value), int(step))
+            self.writer.flush()
+            return True
+        if not best_effort(write, f"TensorBoard event files in {self.folder}", fallback=False):
+            self.writer = None  # a full disk: the run goes on without them, said once
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            best_effort(self.writer.close, f"TensorBoard event files in {self.folder}")
             self.writer = None

@@ -63,10 +63,15 @@ def test_a_manifest_never_reaches_outside_its_run(tmp_path):
     outside = tmp_path / "precious.txt"
     outside.write_text("mine")
     run = runs.create(tmp_path / "run", "cnn")
-    (run / runs.MANIFEST).write_text(f"../precious.txt\n{outside}\nconfig.json\n")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "x.png").write_text("mine")
+    (run / "plots").rmdir()
+    (run / "plots").symlink_to(tmp_path / "mine")  # a user's link where cifarjax's folder was
+    (run / runs.MANIFEST).write_text(f"../precious.txt\n{outside}\nconfig.json\nplots/x.png\n")
     (run / runs.CONFIG).write_text("{}")
     runs.remove_run_files(run)
     assert outside.read_text() == "mine" and not (run / runs.CONFIG).exists()
+    assert (tmp_path / "mine" / "x.png").read_text() == "mine"
 
 
 def test_a_figure_path_is_checked_as_it_will_be_written(tmp_path):
@@ -277,3 +282,24 @@ def test_a_data_dir_symlink_loop_is_reported_as_a_loop(tmp_path, capsys):
     (tmp_path / "data").symlink_to(tmp_path / "data")
     message = fails(cnn.main, ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "o")], capsys)
     assert "symbolic link loops" in message and "does not exist" not in message
+
+
+def test_a_full_disk_while_appending_metrics_names_the_file_and_the_run_resumes(data_dir, tmp_path, capsys,
+                                                                               monkeypatch):
+    import errno
+    append = runs.append_metrics
+
+    def full_at_the_second(run, record):
+        if record["epoch"] > 1:
+            with open(run / runs.METRICS, "a") as f:
+                f.write('{"step": ')  # what a full disk leaves: a cut line
+            raise OSError(errno.ENOSPC, "No space left on device", str(run / runs.METRICS))
+        append(run, record)
+    monkeypatch.setattr(runs, "append_metrics", full_at_the_second)
+    out = tmp_path / "run"
+    message = fails(cnn.main, cnn_args(data_dir, out, "--epochs", "2", "--checkpoint-seconds", "0"), capsys)
+    assert "No space left on device" in message and str(out / runs.METRICS) in message
+    assert len(runs.read_metrics(out)) == 1
+    monkeypatch.undo()
+    cnn.main(["--resume", "--out", str(out)])
+    assert [r["epoch"] for r in runs.read_metrics(out)] == [1, 2]
