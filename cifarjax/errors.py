@@ -28,6 +28,7 @@ _OS_ADVICE = {
     errno.ENOTDIR: "a part of that path is a file, not a folder; choose another path",
     errno.ENAMETOOLONG: "the path is too long; choose a shorter one",
     errno.EIO: "the disk reported an input/output error; check the device",
+    errno.EISDIR: "a folder stands where a file is to be written; move it away or choose another path",
 }
 
 
