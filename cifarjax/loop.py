@@ -3,7 +3,7 @@
 Both run `fit`: epochs over a seeded permutation, evaluation every `eval_every` steps and at each epoch end,
 checkpoints at epoch ends (at most one per `checkpoint_seconds`, and the last epoch's always; and every
 `checkpoint_every` steps), resumption from the newest intact checkpoint,
-a guard that stops on a non-finite loss, and Ctrl-C that stops cleanly with a resumable checkpoint. Same seed,
+a guard that stops on a non-finite loss, and Ctrl-C or SIGTERM that stops cleanly with a resumable checkpoint. Same seed,
 same machine: the same numbers, whether the devices sit in one process or several.
 """
 from __future__ import annotations
