@@ -13,6 +13,9 @@
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -26,11 +29,34 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from cifarjax.errors import UserError, user_error_from_os, warn
-from cifarjax.files import atomic_write
+from cifarjax.files import atomic_write, record_output
 from cifarjax.runs import CONFIG, TENSORBOARD
 
 CHECKPOINTS, FROZEN = "checkpoints", "frozen_params.npz"
 logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+class _QuietClosedLoop(asyncio.SelectorEventLoop):
+    """An event loop that drops callbacks arriving after it closed. A restore that fails on a damaged array makes
+    orbax close its loop while tensorstore's other reads are still in flight; their completions then call
+    `call_soon_threadsafe` on the closed loop, and tensorstore prints each one's "Event loop is closed"
+    traceback before the run's one-line error."""
+
+    def call_soon_threadsafe(self, callback, *args, context=None):
+        try:
+            return super().call_soon_threadsafe(callback, *args, context=context)
+        except RuntimeError:
+            if self.is_closed():
+                return None
+            raise
+
+
+class _QuietClosedLoopPolicy(asyncio.DefaultEventLoopPolicy):
+    _loop_factory = _QuietClosedLoop
+
+
+if type(asyncio.get_event_loop_policy()) is asyncio.DefaultEventLoopPolicy:  # leave a chosen policy (uvloop) alone
+    asyncio.set_event_loop_policy(_QuietClosedLoopPolicy())
 
 
 def digest(tree) -> str:
@@ -97,9 +123,31 @@ class Checkpointer:
         """Queue a checkpoint of `state` (host copies are taken before returning) and `meta` (+ digests)."""
         stored = jax.device_get(self._stored(state))
         meta = dict(meta, digest={k: digest(v) for k, v in stored.items()})
-        self.manager.save(int(state.step), args=ocp.args.Composite(
-            variables=ocp.args.StandardSave(stored["variables"]), train=ocp.args.StandardSave(stored["train"]),
-            meta=ocp.args.JsonSave(meta)))
+        record_output(self.directory / str(int(state.step)))
+        with self._disk_errors():
+            self.manager.save(int(state.step), args=ocp.args.Composite(
+                variables=ocp.args.StandardSave(stored["variables"]), train=ocp.args.StandardSave(stored["train"]),
+                meta=ocp.args.JsonSave(meta)))
+
+    @contextlib.contextmanager
+    def _disk_errors(self):
+        """A full disk (an OSError, or orbax's and tensorstore's RESOURCE_EXHAUSTED, raised here or by an earlier
+        save in the background) becomes one line naming the folder; the unfinished checkpoint is removed."""
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001 - orbax and tensorstore wrap OS errors in many types
+            text = str(error)
+            full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+            if not (full or "RESOURCE_EXHAUSTED" in text or "No space left" in text or "Disk quota" in text):
+                raise
+            self.remove_unfinished()
+            raise UserError(f"cannot write a checkpoint in {self.directory}: the disk is full; free space there "
+                            "(the finished checkpoints are kept), then resume the run with --resume") from None
+
+    def remove_unfinished(self) -> None:
+        """Remove orbax's temporary folders of checkpoints that never finished."""
+        for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def restore(self, state):
         """(state, meta) of the newest intact checkpoint; damaged newer ones are reported and removed."""
@@ -120,9 +168,11 @@ class Checkpointer:
     def close(self) -> None:
         """Wait for pending saves and release the manager."""
         try:
-            self.manager.wait_until_finished()
+            with self._disk_errors():
+                self.manager.wait_until_finished()
         finally:
-            self.manager.close()
+            with self._disk_errors():
+                self.manager.close()
 
 
 def restore_newest_intact(manager, directory: Path, restore, items, remove_damaged: bool = False):

@@ -41,15 +41,40 @@ _CACHE_FORMAT = 2
 
 @dataclass
 class Split:
-    """Labelled images of one split: uint8 RGB images and their class indices."""
+    """Images (or a backbone's features) and their labels. Construction checks they pair up: as many labels as
+    rows, labels a 1-D integer array; `check_images` checks the images' own form."""
     images: np.ndarray  # (N, size, size, 3) uint8
     labels: np.ndarray  # (N,) int32
+
+    def __post_init__(self):
+        labels, images = self.labels, self.images
+        if not hasattr(labels, "dtype") or labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise UserError(f"a Split's labels must be a 1-D integer array of shape (N,); got "
+                            f"{_form(labels)}")
+        if not hasattr(images, "shape") or images.ndim < 1 or len(images) != len(labels):
+            raise UserError(f"a Split needs as many labels as images: got {_form(images)} images and "
+                            f"{len(labels)} labels")
 
     def __len__(self):
         return len(self.labels)
 
+    def check_images(self, what: str = "images", allow_empty: bool = False) -> "Split":
+        """Raise a UserError unless the images are uint8 of shape (N, H, W, 3) (and N > 0 unless allowed)."""
+        images = self.images
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8 or 0 in images.shape[1:3]:
+            raise UserError(f"{what} must be a uint8 array of shape (N, height, width, 3) (RGB, 0-255); got "
+                            f"{_form(images)}")
+        if not allow_empty and len(images) == 0:
+            raise UserError(f"{what} are empty; give at least one image")
+        return self
+
     def subset(self, indices) -> "Split":
         return Split(self.images[indices], self.labels[indices])
+
+
+def _form(array) -> str:
+    """An array's dtype and shape, for an error message."""
+    return f"{array.dtype} {tuple(array.shape)}" if hasattr(array, "shape") else type(array).__name__
 
 
 @dataclass
@@ -90,7 +115,14 @@ def train_val_split(dataset: Dataset, val_fraction: float = 0.2, seed: int = 0, 
     """
     if dataset.train is None or len(dataset.train) < 2:
         raise UserError("this dataset has no training images to split; give a folder with DIR/train/<class>/*")
+    dataset.train.check_images("the dataset's training images")
+    if not 0 < val_fraction < 1:
+        raise UserError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     train_idx, val_idx = split_indices(len(dataset.train), val_fraction, seed)
+    if not len(train_idx) or not len(val_idx):
+        raise UserError(f"val_fraction {val_fraction} of {len(dataset.train)} images leaves an empty "
+                        f"{'training' if not len(train_idx) else 'validation'} split; give more images or another "
+                        "val_fraction")
     train, val = dataset.train.subset(train_idx), dataset.train.subset(val_idx)
     if subset:
         if subset >= len(train):
@@ -280,9 +312,11 @@ def load_dataset(data_dir=None, dataset: str = "auto", size: int = 32) -> Datase
             root = root or cache_dir() / "cifar10"
             folder = root if root.name == sources.CIFAR_DIR else root / sources.CIFAR_DIR
             return _load_cifar(folder if (folder / "batches.meta").is_file() else _download_cifar10(root), size)
-        if not root.exists():
+        try:
+            root.stat()  # not exists(), which says False for a symbolic link loop: that is an OSError below
+        except FileNotFoundError:
             raise UserError(f"data folder {root} does not exist; pass --data-dir with a folder holding "
-                            f"{sources.CIFAR_DIR} or DIR/train/<class>/*.jpg")
+                            f"{sources.CIFAR_DIR} or DIR/train/<class>/*.jpg") from None
         if not root.is_dir():
             raise UserError(_archive_advice(root) or f"{root} is a file, not a data folder; pass the folder that "
                             "holds it")

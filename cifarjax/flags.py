@@ -89,6 +89,12 @@ def resumed_config(saved: Config, typed: dict, recipe: Optional[str], where: str
     differing = {k: v for k, v in typed.items() if getattr(saved, k) != v and k not in allowed}
     if recipe is not None and recipe != saved.recipe:
         differing["recipe"] = recipe
+    from cifarjax.optim import rate_depends_on_length  # here: `python -m cifarjax.data` imports no JAX
+    if typed.get("n_epochs", saved.n_epochs) != saved.n_epochs and rate_depends_on_length(saved):
+        raise UserError(f"--epochs {typed['n_epochs']} on resume: the run in {where} has a {saved.schedule} "
+                        f"learning-rate schedule over its {saved.n_epochs} epochs, which another length would "
+                        f"stretch under the steps it already trained; resume with --epochs {saved.n_epochs} (or "
+                        "without --epochs), or start a new run with another --out")
     if differing:
         details = ", ".join(f"{k}: {getattr(saved, k)!r} → {v!r}" for k, v in differing.items())
         may = ", ".join(flag_name(f) for f in dataclasses.fields(Config) if f.name in allowed)

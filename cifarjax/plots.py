@@ -18,7 +18,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 import numpy as np  # noqa: E402
+
+from cifarjax.errors import UserError  # noqa: E402
+from cifarjax.files import atomic_write  # noqa: E402
 
 PALETTE = ("#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133",
            "#56b4e9")  # seaborn.color_palette("colorblind")
@@ -40,25 +44,27 @@ def _styled(style: str):
 
 
 def output_path(path) -> Path:
-    """`path` as a plot will be written: '.png' added when it has no extension (as matplotlib would); an
-    extension matplotlib cannot write is refused in one line."""
-    from cifarjax.errors import UserError
+    """The file a figure for `path` is written to, checked as it will be written: '.png' added when it has no
+    extension (as matplotlib would), a format matplotlib can write, and not a folder."""
     path = Path(path)
-    if not path.suffix:
-        return path.with_name(path.name + ".png")
-    formats = plt.figure().canvas.get_supported_filetypes()
-    plt.close("all")
-    if path.suffix[1:].lower() not in formats:
-        raise UserError(f"{path}: a plot cannot be written as {path.suffix}; name a .png, .pdf or .svg file")
+    path = path if path.suffix else path.with_name(path.name + ".png")
+    if path.suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
+        raise UserError(f"cannot draw a figure into {path}: {path.suffix} is not an image format matplotlib "
+                        f"writes; use .png, .pdf or .svg")
+    if path.is_dir():
+        raise UserError(f"cannot draw a figure into {path}: it is a folder; name a file")
     return path
 
 
 def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    """Write `fig` to `path` atomically (a full disk leaves the old file, or none, never half a figure)."""
+    path = output_path(path)
+    try:
+        fig.tight_layout()
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, dpi=120, format=path.suffix[1:].lower())
+    finally:
+        plt.close(fig)
     return path
 
 

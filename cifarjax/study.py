@@ -280,8 +280,7 @@ def study(data_dir, weights: str = "imagenet", grid: Sequence[Cell] = DEFAULT_GR
     settings = shared_settings(base, loaded, fingerprint(dataset))
     if resume:
         check_settings(out, settings)
-    else:
-        runs.create(out, "study", replace=overwrite)
+    runs.create(out, "study", replace=overwrite, take_lock=True)  # resuming: only the lock is new
     if not (out / STUDY_JSON).is_file():
         write_json(out / STUDY_JSON, {"settings": settings, "data_dir": base.data_dir})
     the_study = Study(out, dataset, train, val, base, loaded, resume=resume, phases=phases, settings=settings)

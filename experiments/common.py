@@ -147,7 +147,7 @@ def open_run(s: Start, command: str, config_json: dict) -> None:
     folder."""
     s.commands = s.binding.get("commands") or [s.command_line]
     if distributed.is_writer():
-        runs.create(s.run, command, replace=s.overwrite)
+        runs.create(s.run, command, replace=s.overwrite, take_lock=True)
         write_json(s.run / runs.CONFIG, {**config_json, **s.binding, "commands": s.commands})
     distributed.barrier("run folder created")
     distributed.agree({"run_id": runs.marker(s.run).get("id")}, f"the run folder {s.run} (it must be the same "

@@ -7,13 +7,12 @@ The plot goes to the first run's plots/comparison.png unless --out names another
 """
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 
 from cifarjax import plots, runs
 from cifarjax.checkpoint import find_run
-from cifarjax.errors import UserError, exit_on_user_error, warn
+from cifarjax.errors import UserError, exit_on_user_error
 from cifarjax.flags import Parser
 from cifarjax.loop import History
 
@@ -23,29 +22,10 @@ WIDTH = 100  # the table's most columns; settings that do not fit are listed und
 DEFAULT_PLOT = Path(runs.PLOTS) / "comparison.png"
 
 
-def read_metrics(run: Path) -> list:
-    """metrics.jsonl's records; a last line cut by a crash is skipped with a warning, any other bad line refused."""
-    path = Path(run) / runs.METRICS
-    try:
-        lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read {path} ({error})") from None
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            if number < len(lines):
-                raise UserError(f"{path} line {number} is not JSON; the file is damaged: restore it or run "
-                                "--resume, which rewrites it from the checkpoint") from None
-            warn(f"{path}: the last line is incomplete (the run was stopped while writing it); it is left out")
-    return records
-
-
 def load_run(folder) -> dict:
     """A run's name, config and history (from its config.json and metrics.jsonl)."""
     run = find_run(folder) if not (Path(folder) / runs.METRICS).is_file() else Path(folder)
-    records = read_metrics(run)
+    records = runs.read_metrics(run)
     if not any(r.get("epoch_end") for r in records):
         raise UserError(f"{run} has no finished epoch in {runs.METRICS} yet; pass a run that finished an epoch")
     return {"name": str(folder), "folder": run, "config": runs.read_json(run / runs.CONFIG),
