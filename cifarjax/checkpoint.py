@@ -5,12 +5,19 @@
 * Each checkpoint's metadata holds a SHA-256 digest of its arrays. A checkpoint that fails to read or whose
   digest differs is damaged: restoring falls back to the newest intact one and says so in one line.
 * Disk use follows what trains: parameters that never change (a frozen backbone) are written once, to
-  `frozen_params.npz` in the run folder, and each checkpoint holds only the trainable ones.
+  `frozen_params.npz` in the run folder, and each checkpoint holds only the trainable ones. A run whose
+  config.json names another frozen file (`"frozen_params": {"path": ..., "sha256": ...}`, a path relative to
+  the run: the fine-tune's lengths share one) uses that one, checked against its SHA-256 on every load.
+  Restoring takes the frozen parameters from the run's file, never from the caller's variables.
   `load_variables` returns the whole model.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
 import hashlib
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -22,11 +29,34 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from cifarjax.errors import UserError, user_error_from_os, warn
-from cifarjax.files import atomic_write
-from cifarjax.runs import TENSORBOARD
+from cifarjax.files import atomic_write, record_output
+from cifarjax.runs import CONFIG, TENSORBOARD
 
 CHECKPOINTS, FROZEN = "checkpoints", "frozen_params.npz"
 logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+class _QuietClosedLoop(asyncio.SelectorEventLoop):
+    """An event loop that drops callbacks arriving after it closed. A restore that fails on a damaged array makes
+    orbax close its loop while tensorstore's other reads are still in flight; their completions then call
+    `call_soon_threadsafe` on the closed loop, and tensorstore prints each one's "Event loop is closed"
+    traceback before the run's one-line error."""
+
+    def call_soon_threadsafe(self, callback, *args, context=None):
+        try:
+            return super().call_soon_threadsafe(callback, *args, context=context)
+        except RuntimeError:
+            if self.is_closed():
+                return None
+            raise
+
+
+class _QuietClosedLoopPolicy(asyncio.DefaultEventLoopPolicy):
+    _loop_factory = _QuietClosedLoop
+
+
+if type(asyncio.get_event_loop_policy()) is asyncio.DefaultEventLoopPolicy:  # leave a chosen policy (uvloop) alone
+    asyncio.set_event_loop_policy(_QuietClosedLoopPolicy())
 
 
 def digest(tree) -> str:
@@ -81,20 +111,43 @@ class Checkpointer:
                 "train": {"opt_state": state.opt_state, "step": np.asarray(state.step), "key": np.asarray(state.key)}}
 
     def write_frozen(self, params, is_writer: bool = True) -> None:
-        """Write the frozen parameters once (process 0), with their digest."""
+        """Write the frozen parameters once (process 0), unless the run's config.json names a frozen file that
+        was already written for it."""
         if self.trainable is None or not is_writer:
             return
-        frozen = traverse_util.flatten_dict(split_frozen(params, self.trainable)[1], sep="/")
-        with atomic_write(self.run_dir / FROZEN, "wb") as f:
-            np.savez(f, **{k: np.asarray(v) for k, v in frozen.items()})
+        path, recorded = frozen_file(self.run_dir)
+        if recorded is None or not path.is_file():
+            write_frozen_file(split_frozen(params, self.trainable)[1], path)
 
     def save(self, state, meta: dict) -> None:
         """Queue a checkpoint of `state` (host copies are taken before returning) and `meta` (+ digests)."""
         stored = jax.device_get(self._stored(state))
         meta = dict(meta, digest={k: digest(v) for k, v in stored.items()})
-        self.manager.save(int(state.step), args=ocp.args.Composite(
-            variables=ocp.args.StandardSave(stored["variables"]), train=ocp.args.StandardSave(stored["train"]),
-            meta=ocp.args.JsonSave(meta)))
+        record_output(self.directory / str(int(state.step)))
+        with self._disk_errors():
+            self.manager.save(int(state.step), args=ocp.args.Composite(
+                variables=ocp.args.StandardSave(stored["variables"]), train=ocp.args.StandardSave(stored["train"]),
+                meta=ocp.args.JsonSave(meta)))
+
+    @contextlib.contextmanager
+    def _disk_errors(self):
+        """A full disk (an OSError, or orbax's and tensorstore's RESOURCE_EXHAUSTED, raised here or by an earlier
+        save in the background) becomes one line naming the folder; the unfinished checkpoint is removed."""
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001 - orbax and tensorstore wrap OS errors in many types
+            text = str(error)
+            full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+            if not (full or "RESOURCE_EXHAUSTED" in text or "No space left" in text or "Disk quota" in text):
+                raise
+            self.remove_unfinished()
+            raise UserError(f"cannot write a checkpoint in {self.directory}: the disk is full; free space there "
+                            "(the finished checkpoints are kept), then resume the run with --resume") from None
+
+    def remove_unfinished(self) -> None:
+        """Remove orbax's temporary folders of checkpoints that never finished."""
+        for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def restore(self, state):
         """(state, meta) of the newest intact checkpoint; damaged newer ones are reported and removed."""
@@ -104,8 +157,9 @@ class Checkpointer:
                                           train=ocp.args.StandardRestore(target["train"]),
                                           meta=ocp.args.JsonRestore())), ("variables", "train"), remove_damaged=True)
         v, t = restored.variables, restored.train
-        join = (lambda part, full: part) if self.trainable is None else (
-            lambda part, full: join_frozen(part, split_frozen(full, self.trainable)[1]))
+        frozen = (frozen_params(self.run_dir) or split_frozen(state.params, self.trainable)[1]
+                  if self.trainable is not None else None)
+        join = (lambda part, full: part) if self.trainable is None else (lambda part, full: join_frozen(part, frozen))
         state = state.replace(params=join(v["params"], state.params), batch_stats=v["batch_stats"],
                               opt_state=t["opt_state"], step=t["step"], key=t["key"],
                               ema_params=join(v["ema_params"], state.ema_params) if "ema_params" in v else None)
@@ -114,9 +168,11 @@ class Checkpointer:
     def close(self) -> None:
         """Wait for pending saves and release the manager."""
         try:
-            self.manager.wait_until_finished()
+            with self._disk_errors():
+                self.manager.wait_until_finished()
         finally:
-            self.manager.close()
+            with self._disk_errors():
+                self.manager.close()
 
 
 def restore_newest_intact(manager, directory: Path, restore, items, remove_damaged: bool = False):
@@ -197,16 +253,45 @@ def continue_run(source, run) -> None:
         raise user_error_from_os(error, f"cannot continue {source} in {run}") from None
 
 
-def _frozen_params(run: Path) -> dict:
-    path = run / FROZEN
+def frozen_file(run: Path) -> tuple:
+    """(path, recorded SHA-256 digest or None) of the run's frozen parameters: the file its config.json names, or
+    run/frozen_params.npz."""
+    run = Path(run)
+    try:
+        ref = json.loads((run / CONFIG).read_text()).get("frozen_params")
+    except (OSError, ValueError, AttributeError):
+        ref = None
+    if not isinstance(ref, dict) or not ref.get("path"):
+        return run / FROZEN, None
+    return (run / ref["path"]).resolve(), ref.get("sha256")
+
+
+def write_frozen_file(frozen: dict, path: Path) -> str:
+    """Write a frozen-parameter tree to `path` (atomically); returns its digest."""
+    flat = traverse_util.flatten_dict(frozen, sep="/")
+    with atomic_write(path, "wb") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in flat.items()})
+    return digest(frozen)
+
+
+def frozen_params(run: Path) -> dict:
+    """The run's frozen parameters ({} when it has none), checked against the digest its config.json records."""
+    path, recorded = frozen_file(run)
     if not path.is_file():
+        if recorded is not None:
+            raise UserError(f"{path}, the frozen parameters of the run in {run}, is missing; restore it or start "
+                            "the run again")
         return {}
     try:
         with np.load(path) as data:
-            return traverse_util.unflatten_dict({tuple(k.split("/")): data[k] for k in data.files})
+            frozen = traverse_util.unflatten_dict({tuple(k.split("/")): data[k] for k in data.files})
     except Exception as error:  # noqa: BLE001
         raise UserError(f"{path} is damaged ({type(error).__name__}); the run's frozen parameters cannot be "
                         "restored: start the run again") from None
+    if recorded is not None and digest(frozen) != recorded:
+        raise UserError(f"{path} is not the frozen parameters the run in {run} recorded (its SHA-256 differs); "
+                        "restore the run's own file or start the run again")
+    return frozen
 
 
 def load_variables(run_dir, average: bool = False) -> dict:
@@ -226,6 +311,6 @@ def load_variables(run_dir, average: bool = False) -> dict:
         raise UserError(f"the run in {run} kept no moving average of its weights (ema_decay 0); evaluate its "
                         "weights instead")
     params = variables["ema_params" if average else "params"]
-    frozen = _frozen_params(run)
+    frozen = frozen_params(run)
     return {"params": join_frozen(params, frozen) if frozen else params,
             "batch_stats": variables.get("batch_stats", {})}

@@ -51,12 +51,13 @@ class Config:
     """Every setting of a run, each with its help, range and flag (see the module docstring); `recipe_config`
     gives a named preset."""
     # The original project's settings.
-    seed: int = option(0, "seed of the split, initialisation, data order, augmentation and dropout", minimum=0)
-    batch_size: int = option(64, "global batch size, split evenly over all devices", minimum=1)
-    n_epochs: int = option(20, "training epochs", flag="epochs", minimum=1, resumable=True)
-    lr: float = option(1e-3, "(peak) learning rate", positive=True, resumable=True)
+    seed: int = option(0, "seed of the split, initialisation, data order, augmentation and dropout", minimum=0,
+                       maximum=2**32 - 1)
+    batch_size: int = option(64, "global batch size, split evenly over all devices", minimum=1, maximum=2**20)
+    n_epochs: int = option(20, "training epochs", flag="epochs", minimum=1, maximum=100_000, resumable=True)
+    lr: float = option(1e-3, "(peak) learning rate", positive=True, maximum=1e30, resumable=True)
     eval_every: int = option(2000, "also evaluate every N steps (0: only at epoch ends)", minimum=0,
-                             resumable=True)
+                             maximum=10**9, resumable=True)
     img_size: int = option(32, "size the network sees; images are resized on the device", minimum=8,
                            maximum=1024)
     # Model and what trains.
@@ -88,10 +89,11 @@ class Config:
     optimizer: str = option("adam", "optimizer", choices=OPTIMIZERS)
     momentum: float = option(0.9, "SGD momentum (Nesterov); Adam's b1 is fixed at 0.9", minimum=0.0, maximum=0.999)
     weight_decay: float = option(0.0, "decoupled weight decay (adamw), or L2 added to the gradient (sgd)",
-                                 minimum=0.0)
+                                 minimum=0.0, maximum=10.0)
     schedule: str = option("constant", "learning-rate schedule over the whole run", choices=SCHEDULES)
-    warmup_epochs: float = option(0.0, "linear warm-up from 0 over this many epochs (cosine); one-cycle's rise",
-                                  minimum=0.0)
+    warmup_epochs: float = option(0.0, "linear warm-up from 0 over this many epochs (cosine); one-cycle's rise; "
+                                  "shorter than the run (a recipe's warm-up scales with --epochs)", minimum=0.0,
+                                  maximum=100_000)
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy target", minimum=0.0, maximum=0.5)
     ema_decay: float = option(0.0, "keep an exponential moving average of the weights with this decay and "
                               "evaluate it (0: off)", minimum=0.0, maximum=0.99999)
@@ -104,24 +106,25 @@ class Config:
     val_fraction: float = option(0.2, "fraction of the training images held out for validation", positive=True,
                                  maximum=0.9)
     subset: int = option(0, "use a seeded, class-balanced subset of N training and N/4 validation images "
-                         "(0: all)", minimum=0)
+                         "(0: all)", minimum=0, maximum=10**9)
     flip: bool = option(True, "random horizontal flips")
-    crop_padding: int = option(0, "pad-and-random-crop by N pixels (0: off, as in the original)", minimum=0)
-    cutout: int = option(0, "zero a random N x N square of each training image (0: off)", minimum=0)
+    crop_padding: int = option(0, "pad-and-random-crop by N pixels (0: off, as in the original; at most half the "
+                               "image)", minimum=0, maximum=512)
+    cutout: int = option(0, "zero a random N x N square of each training image (0: off)", minimum=0, maximum=1024)
     normalize: str = option("none", "per-channel normalisation after scaling to [0, 1]", choices=NORMALIZATIONS)
     norm_mean: Optional[tuple] = internal(None, "resolved from `normalize` when training starts")
     norm_std: Optional[tuple] = internal(None, "resolved from `normalize` when training starts")
     augment_backend: str = option("device", "where augmentation runs: jitted on the device, or albumentations "
                                   "per image on the host", flag="augment", choices=AUGMENT_BACKENDS)
     tta_flip: bool = option(False, "evaluate on the mean of each image's and its mirror image's logits")
-    eval_batch_size: int = option(500, "evaluation batch size", minimum=1, resumable=True)
+    eval_batch_size: int = option(500, "evaluation batch size", minimum=1, maximum=2**20, resumable=True)
     # Checkpoints.
     checkpoint_every: int = option(0, "also checkpoint every N steps (0: only at epoch ends)", minimum=0,
-                                   resumable=True)
+                                   maximum=10**9, resumable=True)
     checkpoint_seconds: float = option(30.0, "checkpoint at an epoch end once this many seconds passed since the "
                                        "last checkpoint (0: at every epoch end); the last epoch and Ctrl-C always "
-                                       "checkpoint", minimum=0, resumable=True)
-    keep_checkpoints: int = option(3, "checkpoints kept", minimum=1, resumable=True)
+                                       "checkpoint", minimum=0, maximum=10**7, resumable=True)
+    keep_checkpoints: int = option(3, "checkpoints kept", minimum=1, maximum=10_000, resumable=True)
     recipe: str = internal("original", "the named preset the values started from (cifarjax.recipes)")
 
     def replace(self, **changes) -> "Config":
@@ -140,6 +143,14 @@ class Config:
             raise UserError(f"model must be one of {', '.join(MODELS)}; got {self.model!r}")
         if self.cutout > self.img_size:
             raise UserError(f"cutout {self.cutout} is larger than the {self.img_size}-pixel image")
+        half = min(self.img_size, self.decode_size) // 2
+        if self.crop_padding > half:
+            raise UserError(f"crop-padding {self.crop_padding} is more than half the {2 * half}-pixel image; pass "
+                            f"--crop-padding {half} or less")
+        if self.schedule != "constant" and self.warmup_epochs >= self.n_epochs:
+            raise UserError(f"--warmup-epochs {self.warmup_epochs:g} is not shorter than --epochs {self.n_epochs}: the "
+                            f"{self.schedule} schedule would rise for the whole run; pass --warmup-epochs below "
+                            f"{self.n_epochs} or more --epochs")
         return self
 
     def to_dict(self) -> dict:

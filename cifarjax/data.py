@@ -20,6 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
+import tarfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -27,7 +30,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from cifarjax import sources
+from cifarjax import sources, torchlib
 from cifarjax.config import SOURCES
 from cifarjax.errors import UserError, exit_on_user_error, user_error_from_os, warn
 from cifarjax.files import atomic_write, best_effort, cache_dir
@@ -38,15 +41,40 @@ _CACHE_FORMAT = 2
 
 @dataclass
 class Split:
-    """Labelled images of one split: uint8 RGB images and their class indices."""
+    """Images (or a backbone's features) and their labels. Construction checks they pair up: as many labels as
+    rows, labels a 1-D integer array; `check_images` checks the images' own form."""
     images: np.ndarray  # (N, size, size, 3) uint8
     labels: np.ndarray  # (N,) int32
+
+    def __post_init__(self):
+        labels, images = self.labels, self.images
+        if not hasattr(labels, "dtype") or labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise UserError(f"a Split's labels must be a 1-D integer array of shape (N,); got "
+                            f"{_form(labels)}")
+        if not hasattr(images, "shape") or images.ndim < 1 or len(images) != len(labels):
+            raise UserError(f"a Split needs as many labels as images: got {_form(images)} images and "
+                            f"{len(labels)} labels")
 
     def __len__(self):
         return len(self.labels)
 
+    def check_images(self, what: str = "images", allow_empty: bool = False) -> "Split":
+        """Raise a UserError unless the images are uint8 of shape (N, H, W, 3) (and N > 0 unless allowed)."""
+        images = self.images
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8 or 0 in images.shape[1:3]:
+            raise UserError(f"{what} must be a uint8 array of shape (N, height, width, 3) (RGB, 0-255); got "
+                            f"{_form(images)}")
+        if not allow_empty and len(images) == 0:
+            raise UserError(f"{what} are empty; give at least one image")
+        return self
+
     def subset(self, indices) -> "Split":
         return Split(self.images[indices], self.labels[indices])
+
+
+def _form(array) -> str:
+    """An array's dtype and shape, for an error message."""
+    return f"{array.dtype} {tuple(array.shape)}" if hasattr(array, "shape") else type(array).__name__
 
 
 @dataclass
@@ -87,7 +115,14 @@ def train_val_split(dataset: Dataset, val_fraction: float = 0.2, seed: int = 0, 
     """
     if dataset.train is None or len(dataset.train) < 2:
         raise UserError("this dataset has no training images to split; give a folder with DIR/train/<class>/*")
+    dataset.train.check_images("the dataset's training images")
+    if not 0 < val_fraction < 1:
+        raise UserError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     train_idx, val_idx = split_indices(len(dataset.train), val_fraction, seed)
+    if not len(train_idx) or not len(val_idx):
+        raise UserError(f"val_fraction {val_fraction} of {len(dataset.train)} images leaves an empty "
+                        f"{'training' if not len(train_idx) else 'validation'} split; give more images or another "
+                        "val_fraction")
     train, val = dataset.train.subset(train_idx), dataset.train.subset(val_idx)
     if subset:
         if subset >= len(train):
@@ -99,6 +134,22 @@ def train_val_split(dataset: Dataset, val_fraction: float = 0.2, seed: int = 0, 
     return train, val
 
 
+def fingerprint(dataset: Dataset) -> dict:
+    """What a run's split depends on: the image counts and a SHA-256 of the classes and of every decoded image
+    and label, in order. Equal for the same images in another folder; changed by any image added, removed,
+    relabelled or altered."""
+    h = hashlib.sha256(json.dumps(list(dataset.classes)).encode())
+    counts = {}
+    for name in ("train", "test"):
+        split = getattr(dataset, name)
+        if split is not None:
+            counts[name] = len(split)
+            h.update(f"|{name}|{split.images.shape}|".encode())
+            h.update(np.ascontiguousarray(split.images).data)
+            h.update(np.ascontiguousarray(split.labels, dtype=np.int64).data)
+    return {"images": counts, "sha256": h.hexdigest()}
+
+
 # ---------------------------------------------------------------------------------------------- sources
 
 def _folder_splits(root: Path):
@@ -107,6 +158,13 @@ def _folder_splits(root: Path):
     if not splits:
         splits = {"train": sources.class_files(root)}
     return {s: v for s, v in splits.items() if v[1]}
+
+
+def _relative(path: str, root: Path) -> str:
+    """`path` (a file below `root`, as os.scandir joined it) relative to `root`: str(Path.relative_to), by string
+    slicing (50,000 Path objects take seconds; the cache key must not change with the method)."""
+    base = "" if str(root) == "." else os.path.join(str(root), "")  # Path(".") / "train" is "train"
+    return path[len(base):] if path.startswith(base) else str(Path(path).relative_to(root))
 
 
 def _load_folder(root: Path, size: int) -> Dataset:
@@ -121,7 +179,7 @@ def _load_folder(root: Path, size: int) -> Dataset:
                         f"{sorted(set(train) - set(test))}, only in test: {sorted(set(test) - set(train))}; "
                         "give both splits the same class folders")
     classes = next(iter(class_lists.values()))
-    fingerprint = {s: [(str(f.path.relative_to(root)), f.size, f.mtime_ns) for f in v[1]] for s, v in splits.items()}
+    fingerprint = {s: [(_relative(f.path, root), f.size, f.mtime_ns) for f in v[1]] for s, v in splits.items()}
 
     def build():
         decoded = {s: Split(*sources.decode_files(v[1], size, f"decoding {s}")) for s, v in splits.items()}
@@ -146,7 +204,7 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def _download_cifar10(root: Path) -> Path:
-    from torchvision.datasets import CIFAR10
+    CIFAR10 = torchlib.load("torchvision.datasets").CIFAR10
     try:
         root.mkdir(parents=True, exist_ok=True)
         CIFAR10(str(root), train=True, download=True)
@@ -158,7 +216,7 @@ def _download_cifar10(root: Path) -> Path:
 
 
 def _load_fake(size: int, seed: int = 0, n_train: int = 1000, n_test: int = 200) -> Dataset:
-    from torchvision.datasets import FakeData
+    FakeData = torchlib.load("torchvision.datasets").FakeData
 
     def split(n, offset):
         fake = FakeData(size=n, image_size=(3, size, size), num_classes=10, random_offset=offset)
@@ -254,11 +312,14 @@ def load_dataset(data_dir=None, dataset: str = "auto", size: int = 32) -> Datase
             root = root or cache_dir() / "cifar10"
             folder = root if root.name == sources.CIFAR_DIR else root / sources.CIFAR_DIR
             return _load_cifar(folder if (folder / "batches.meta").is_file() else _download_cifar10(root), size)
-        if not root.exists():
+        try:
+            root.stat()  # not exists(), which says False for a symbolic link loop: that is an OSError below
+        except FileNotFoundError:
             raise UserError(f"data folder {root} does not exist; pass --data-dir with a folder holding "
-                            f"{sources.CIFAR_DIR} or DIR/train/<class>/*.jpg")
+                            f"{sources.CIFAR_DIR} or DIR/train/<class>/*.jpg") from None
         if not root.is_dir():
-            raise UserError(f"{root} is a file, not a data folder; pass the folder that holds it")
+            raise UserError(_archive_advice(root) or f"{root} is a file, not a data folder; pass the folder that "
+                            "holds it")
         if dataset == "auto":
             for folder in (root, root / sources.CIFAR_DIR):
                 if folder.name == sources.CIFAR_DIR and folder.is_dir():
@@ -266,6 +327,40 @@ def load_dataset(data_dir=None, dataset: str = "auto", size: int = 32) -> Datase
         return _load_folder(root, size)
     except OSError as error:
         raise user_error_from_os(error, f"cannot read the data in {root}") from None
+
+
+ARCHIVES = {".tar.gz": "tar xzf", ".tgz": "tar xzf", ".tar": "tar xf", ".tar.bz2": "tar xjf", ".tar.xz": "tar xJf"}
+
+
+def _archive_advice(path: Path) -> Optional[str]:
+    """For an archive passed as the data folder: the message saying how to unpack it (None for other files)."""
+    name = path.name.lower()
+    if name.endswith(".zip"):
+        unpack, inner = f"unzip {shlex.quote(str(path))} -d DIR", _first_member(path, "zip")
+    else:
+        command = next((c for ext, c in ARCHIVES.items() if name.endswith(ext)), None)
+        if command is None:
+            return None
+        unpack, inner = f"{command} {shlex.quote(str(path))} -C DIR", _first_member(path, "tar")
+    return (f"{path} is an archive; unpack it first ({unpack}), then pass --data-dir "
+            f"{'DIR/' + inner if inner else 'DIR (or the folder it unpacked into)'}")
+
+
+def _first_member(path: Path, kind: str) -> Optional[str]:
+    """The top-level folder an archive unpacks into, from its first entry (None if unknown)."""
+    try:
+        if kind == "zip":
+            with zipfile.ZipFile(path) as z:
+                name = next(iter(z.namelist()), "")
+                is_dir = name.endswith("/")
+        else:
+            with tarfile.open(path) as t:
+                member = t.next()
+                name, is_dir = (member.name, member.isdir()) if member is not None else ("", False)
+    except Exception:  # noqa: BLE001 - a damaged archive still gets the unpacking advice
+        return None
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    return parts[0] if parts and (is_dir or len(parts) > 1) else None
 
 
 def describe(dataset: Dataset, val_fraction: float = 0.2, seed: int = 0) -> dict:

@@ -1,7 +1,8 @@
 """User-facing failures: one clear line on stderr, a non-zero exit, no traceback.
 
 * `UserError`: bad input (a path, a file, a flag, weights), with a message that says how to fix it; exit 2.
-* `Interrupted`: Ctrl-C, after the run was left resumable; exit 130.
+* `Interrupted`: Ctrl-C, after the run was left resumable; exit 130 (143 for SIGTERM, which ends a command
+  as Ctrl-C does).
 * An `OSError` from the file system (a full disk, a read-only or unreadable folder, a symlink loop) becomes
   one line naming the path; exit 2.
 """
@@ -10,9 +11,11 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import signal
 import sys
+from typing import Optional
 
-EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
+EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143
 
 _OS_ADVICE = {
     errno.ENOSPC: "the disk is full; free space there or point the run (--out) or the cache (CIFARJAX_CACHE) "
@@ -25,6 +28,7 @@ _OS_ADVICE = {
     errno.ENOTDIR: "a part of that path is a file, not a folder; choose another path",
     errno.ENAMETOOLONG: "the path is too long; choose a shorter one",
     errno.EIO: "the disk reported an input/output error; check the device",
+    errno.EISDIR: "a folder stands where a file is to be written; move it away or choose another path",
 }
 
 
@@ -36,6 +40,24 @@ class UserError(Exception):
 class Interrupted(UserError):
     """Ctrl-C: training stopped cleanly; the message says how to resume."""
     exit_code = EXIT_INTERRUPTED
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop (which saves a checkpoint first): ends the command as Ctrl-C does."""
+
+
+_interrupt_advice = None
+
+
+def set_interrupt_advice(advice: Optional[str]) -> None:
+    """What a Ctrl-C outside the training loop leaves (the training loop says it when it saves or restores a
+    checkpoint); None: nothing to resume."""
+    global _interrupt_advice
+    _interrupt_advice = advice
+
+
+def _raise_terminated(*_):
+    raise Terminated
 
 
 def os_error_message(error: OSError) -> str:
@@ -69,12 +91,20 @@ def exit_on_user_error(main):
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        set_interrupt_advice(None)
+        previous = _on_sigterm(_raise_terminated)
         try:
-            return main(*args, **kwargs)
+            try:
+                return main(*args, **kwargs)
+            finally:
+                while at_command_end:
+                    at_command_end.pop()()
         except UserError as error:
             code, message = error.exit_code, f"error: {error}"
-        except KeyboardInterrupt:
-            code, message = EXIT_INTERRUPTED, "error: interrupted (Ctrl-C) before training started; nothing to resume"
+        except KeyboardInterrupt as error:
+            code = EXIT_TERMINATED if isinstance(error, Terminated) else EXIT_INTERRUPTED
+            how = "terminated (SIGTERM)" if isinstance(error, Terminated) else "interrupted (Ctrl-C)"
+            message = f"error: {how}; " + (_interrupt_advice or "no checkpoint was saved, so nothing to resume")
         except OSError as error:
             if error.errno not in _OS_ADVICE:
                 raise
@@ -84,6 +114,8 @@ def exit_on_user_error(main):
             if translated is None:
                 raise
             code, message = translated.exit_code, f"error: {translated}"
+        finally:
+            _on_sigterm(previous)
         print(message, file=sys.stderr, flush=True)
         if _hard_exit_requested:
             sys.stdout.flush()
@@ -93,8 +125,22 @@ def exit_on_user_error(main):
     return wrapper
 
 
+def _on_sigterm(handler):
+    """Install `handler` for SIGTERM where Python may (the main thread) and the default is in place; returns what
+    to restore (None: nothing was changed)."""
+    if handler is None:
+        return None
+    try:
+        if handler is _raise_terminated and signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return None
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
+
+
 _hard_exit_requested = False
-translators: list = []  # functions error -> UserError or None (distributed.initialize adds one for dead peers)
+translators: list = []
+at_command_end: list = []  # functions run when a command ends, however it ends (runs.lock adds its release)  # functions error -> UserError or None (distributed.initialize adds one for dead peers)
 
 
 def request_hard_exit() -> None:

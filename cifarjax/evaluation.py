@@ -8,8 +8,10 @@ import optax
 from cifarjax.augment import AugmentSpec
 from cifarjax.config import Config
 from cifarjax.data import Split
+from cifarjax.errors import UserError
 from cifarjax.inputs import ImageInputs
 from cifarjax.models import Apply, build_model
+from cifarjax.sources import check_labels
 from cifarjax.train import DataParallel, StepOptions, create_train_state
 
 
@@ -24,6 +26,7 @@ def evaluator(config: Config, variables: dict, devices=None):
 
 def predict(config: Config, variables: dict, split: Split, devices=None) -> np.ndarray:
     """Predicted classes for every image of `split` (evaluation view, no augmentation)."""
+    split.check_images("the images to predict")
     parallel, state = evaluator(config, variables, devices)
     preds, _ = parallel.evaluate(state, parallel.replicate((split.images, split.labels)), len(split),
                                  config.eval_batch_size)
@@ -49,6 +52,14 @@ def confusion_matrix(true: np.ndarray, predicted: np.ndarray, n_classes: int) ->
 
 def score(true: np.ndarray, predicted: np.ndarray, classes, top: int = 5) -> dict:
     """Accuracy, per-class accuracy, the confusion matrix and the `top` most confused (true, predicted) pairs."""
+    true, predicted = np.asarray(true), np.asarray(predicted)
+    if true.shape != predicted.shape or true.ndim != 1:
+        raise UserError(f"score needs as many predictions as labels, each a 1-D array: got labels {true.shape} and "
+                        f"predictions {predicted.shape}")
+    for values, what in ((true, "labels"), (predicted, "predictions")):
+        if not np.issubdtype(values.dtype, np.integer):
+            raise UserError(f"score's {what} must be integer class indices; got {values.dtype}")
+        check_labels(values, len(classes), f"score's {what}")
     matrix = confusion_matrix(true, predicted, len(classes))
     per_class = {c: float(matrix[i, i] / max(matrix[i].sum(), 1)) for i, c in enumerate(classes)}
     off = [(int(matrix[i, j]), classes[i], classes[j]) for i in range(len(classes)) for j in range(len(classes))

@@ -5,6 +5,8 @@
 * `cache_dir`: `$CIFARJAX_CACHE`, default `~/.cache/cifarjax` (decoded datasets, converted weights).
 * `best_effort`: caches are helpers, never blockers; a read-only, full or broken cache warns once and the
   run continues without it.
+* `record_output`: a file written inside a run folder (one holding the `.cifarjax-run` marker) is listed in
+  that folder's manifest `.cifarjax-files`, so `--overwrite` removes exactly what cifarjax wrote.
 """
 from __future__ import annotations
 
@@ -13,11 +15,13 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 from cifarjax.errors import os_error_message, warn
 
 
+MARKER, MANIFEST = ".cifarjax-run", ".cifarjax-files"
+_recorded: set = set()
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -40,10 +44,46 @@ def atomic_write(path, mode: str = "w") -> Iterator:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(error, OSError) and error.filename is None:  # a failed write names no file: name it
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
         raise
+    record_output(path)
+
+
+def run_folder_of(path) -> Optional[Path]:
+    """The nearest folder at or above `path`'s parent that cifarjax marked as a run, or None."""
+    for parent in Path(path).absolute().parents:
+        if (parent / MARKER).is_file():
+            return parent
+    return None
+
+
+def record_output(path) -> None:
+    """List `path` (a file or a folder cifarjax wrote) in the manifest of the run folder holding it, if any."""
+    run = run_folder_of(path)
+    if run is None or Path(path).name in (MARKER, MANIFEST):
+        return
+    entry = Path(path).absolute().relative_to(run).as_posix()
+    if (run, entry) in _recorded:
+        return
+    manifest = run / MANIFEST
+    if entry not in read_manifest(run):
+        with open(manifest, "a") as f:
+            f.write(entry + "\n")
+    _recorded.add((run, entry))
+
+
+def read_manifest(run) -> list:
+    """The paths (relative to `run`) its manifest lists; a line cut by a crash is ignored."""
+    try:
+        text = (Path(run) / MANIFEST).read_text()
+    except FileNotFoundError:
+        return []
+    lines = text.split("\n")
+    return [line for line in (lines if text.endswith("\n") else lines[:-1]) if line]
 
 
 def write_text(path, text: str) -> None:

@@ -36,15 +36,21 @@ _TYPES = {"int": _number(int), "float": _number(float), "str": str, "Optional[st
 
 
 def add_config_flags(parser: argparse.ArgumentParser, command: str, base: Config, title: str = "settings",
-                     nargs: Optional[dict] = None, only: Optional[tuple] = None) -> None:
+                     nargs: Optional[dict] = None, only: Optional[tuple] = None,
+                     shown: Optional[dict] = None) -> None:
     """One flag per Config field offered by `command` (or just the fields in `only`); `base` gives the defaults
-    shown in --help. `nargs` maps a field name to argparse's nargs (finetune's several epoch counts)."""
+    shown in --help (`shown`: field name -> the text to show instead, where the command's default is not
+    `base`'s value), each with the other recipes' values. `nargs` maps a field name to argparse's nargs
+    (finetune's several epoch counts)."""
     group = parser.add_argument_group(title)
+    others = [r for r in RECIPES.get(command, {}).values() if r.name != base.recipe]
     for f in fields_for(command):
         if only is not None and f.name not in only:
             continue
-        m, default = f.metadata, getattr(base, f.name)
-        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{m['help']} (default: {default})")
+        m, default = f.metadata, (shown or {}).get(f.name, getattr(base, f.name))
+        recipes = "".join(f"; --recipe {r.name}: {r.changes[f.name]}" for r in others
+                          if f.name in r.changes and r.changes[f.name] != getattr(base, f.name))
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{m['help']} (default: {default}{recipes})")
         if f.type == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -83,6 +89,12 @@ def resumed_config(saved: Config, typed: dict, recipe: Optional[str], where: str
     differing = {k: v for k, v in typed.items() if getattr(saved, k) != v and k not in allowed}
     if recipe is not None and recipe != saved.recipe:
         differing["recipe"] = recipe
+    from cifarjax.optim import rate_depends_on_length  # here: `python -m cifarjax.data` imports no JAX
+    if typed.get("n_epochs", saved.n_epochs) != saved.n_epochs and rate_depends_on_length(saved):
+        raise UserError(f"--epochs {typed['n_epochs']} on resume: the run in {where} has a {saved.schedule} "
+                        f"learning-rate schedule over its {saved.n_epochs} epochs, which another length would "
+                        f"stretch under the steps it already trained; resume with --epochs {saved.n_epochs} (or "
+                        "without --epochs), or start a new run with another --out")
     if differing:
         details = ", ".join(f"{k}: {getattr(saved, k)!r} → {v!r}" for k, v in differing.items())
         may = ", ".join(flag_name(f) for f in dataclasses.fields(Config) if f.name in allowed)

@@ -3,13 +3,16 @@
 Both run `fit`: epochs over a seeded permutation, evaluation every `eval_every` steps and at each epoch end,
 checkpoints at epoch ends (at most one per `checkpoint_seconds`, and the last epoch's always; and every
 `checkpoint_every` steps), resumption from the newest intact checkpoint,
-a guard that stops on a non-finite loss, and Ctrl-C that stops cleanly with a resumable checkpoint. Same seed,
+a guard that stops on a non-finite loss, and Ctrl-C or SIGTERM that stops cleanly with a resumable checkpoint. Same seed,
 same machine: the same numbers, whether the devices sit in one process or several.
 """
 from __future__ import annotations
 
 import math
 import signal
+import socket
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +28,7 @@ from cifarjax.batching import eval_indices, train_indices
 from cifarjax.checkpoint import Checkpointer, continue_run, latest_epoch
 from cifarjax.config import Config
 from cifarjax.data import Split
-from cifarjax.errors import Interrupted, UserError
+from cifarjax.errors import EXIT_TERMINATED, Interrupted, Terminated, UserError, set_interrupt_advice
 from cifarjax.features import backbone_features, cacheable
 from cifarjax.files import write_json
 from cifarjax.freezing import Freezing
@@ -65,12 +68,13 @@ class History:
     val_epoch = property(lambda self: [r["epoch"] for r in self.records])
 
     def readings(self) -> dict:
-        """Final, best and last-five-mean validation accuracy over the epoch-end evaluations."""
+        """Final, best and last-five-mean validation accuracy over the epoch-end evaluations (the mean is over
+        `last_mean_epochs`: fewer than five when fewer ran)."""
         acc = self.epoch_val_accuracy
         if not acc:
             return {}
         return {"val_accuracy": acc[-1], "best_val_accuracy": max(acc), "best_epoch": int(np.argmax(acc)) + 1,
-                "last5_mean_val_accuracy": float(np.mean(acc[-5:]))}
+                "last5_mean_val_accuracy": float(np.mean(acc[-5:])), "last_mean_epochs": len(acc[-5:])}
 
 
 @dataclass
@@ -82,6 +86,7 @@ class FitResult:
     seconds: float  # training wall time, evaluations included (this process and any resumed ones)
     images_per_second: float  # trained images per second of the training phase
     val_predictions: Optional[np.ndarray] = None  # the final evaluation's predicted classes (None if none ran)
+    this_process: Optional[dict] = None  # this fit's own figures, which add up (`Trainer.this_process`)
 
     @property
     def eval_variables(self) -> dict:
@@ -115,6 +120,7 @@ class LossTracker:
     def __init__(self, loss_sum=0.0, acc_sum=0.0, count=0):
         self.pending, self.loss_sum, self.acc_sum, self.count = [], loss_sum, acc_sum, count
         self.first_loss = None
+        self.recent = []  # (step, loss) read since `take_recent` last ran: TensorBoard's per-step curve
 
     def add(self, step: int, metrics) -> None:
         self.pending.append((step, metrics))
@@ -131,6 +137,7 @@ class LossTracker:
                 if not math.isfinite(loss):
                     return step, loss
                 self.first_loss = loss if self.first_loss is None else self.first_loss
+                self.recent.append((step, loss))
                 self.loss_sum += loss
                 self.acc_sum += acc
                 self.count += 1
@@ -138,6 +145,11 @@ class LossTracker:
 
     def mean(self):
         return self.loss_sum / max(self.count, 1), self.acc_sum / max(self.count, 1)
+
+    def take_recent(self) -> Optional[tuple]:
+        """(last step, mean loss) of the steps read since the last call, or None when there were none."""
+        recent, self.recent = self.recent, []
+        return (recent[-1][0], sum(loss for _, loss in recent) / len(recent)) if recent else None
 
     def reset(self):
         self.loss_sum, self.acc_sum, self.count = 0.0, 0.0, 0
@@ -175,26 +187,60 @@ class HostAugmentFeed:
 
 
 class _StopRequest:
-    """The first Ctrl-C asks the loop to stop after the current step (the state must not be lost mid-step);
-    a second one interrupts at once."""
+    """The first Ctrl-C (or SIGTERM, what SLURM, Kubernetes and systemd send) asks the loop to stop after the
+    current step (the state must not be lost mid-step); a second one interrupts at once.
 
-    def __init__(self):
-        self.requested = False
+    The request is announced at once, even while the main thread waits for the device and Python's handler
+    cannot run yet: a helper thread reads the signal's byte from the wakeup file descriptor."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, saves: bool = True):
+        self.saves = saves  # whether stopping saves a checkpoint (a run folder), for the announcement
+        self.requested = None  # the signal that asked to stop
+        self.previous, self.reader, self.writer, self.previous_fd = None, None, None, -1
 
     def __enter__(self):
         try:
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         except ValueError:  # not the main thread
             self.previous = None
+            return self
+        self.reader, self.writer = socket.socketpair()
+        self.writer.setblocking(False)
+        self.previous_fd = signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
+        threading.Thread(target=self._announce, daemon=True, name="cifarjax-stop").start()
         return self
 
-    def _handle(self, *_):
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    def _announce(self) -> None:
+        seen = 0
+        while True:
+            try:
+                data = self.reader.recv(16)
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:
+                if signum in self.SIGNALS:
+                    seen += 1
+                    then = ", then saving a checkpoint" if self.saves else ""
+                    sys.stderr.write(f"\nstopping after this step{then} (Ctrl-C again stops at once)\n" if seen == 1
+                                     else "\nstopping now\n")
+                    sys.stderr.flush()
+
+    def _handle(self, signum, _frame):
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signum
 
     def __exit__(self, *exc):
         if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+            signal.set_wakeup_fd(self.previous_fd)
+            for s, handler in self.previous.items():
+                signal.signal(s, handler)
+            self.writer.close()
+            self.reader.shutdown(socket.SHUT_RDWR)
+            self.reader.close()
         return False
 
 
@@ -246,6 +292,7 @@ class Trainer:
         self.tracker = LossTracker(meta["loss_sum"], meta["acc_sum"], meta["count"])
         self.tracker.first_loss = meta.get("first_loss")
         self.elapsed, self.saved = meta["seconds"], (done, meta.get("train_loss"))
+        set_interrupt_advice(f"its newest checkpoint (step {done}) is saved: resume with {self.resume_hint}")
 
     def start(self) -> None:
         """Place the data and the state on the devices and compile both steps (timed as compilation)."""
@@ -329,14 +376,22 @@ class Trainer:
         return distributed.writer_decides(time.perf_counter() - self.last_checkpoint >= self.config.checkpoint_seconds)
 
     def sync(self) -> None:
-        """Wait for the queued training steps, so their time counts as training (dispatch is asynchronous)."""
+        """Wait for the queued training steps, so their time counts as training (dispatch is asynchronous: a
+        step's call returns before the step has run)."""
+        start = time.perf_counter()
         with self.phases("training"):
             jax.block_until_ready(self.device_state)
+        self.step_seconds[False] += time.perf_counter() - start
 
     def check_finite(self) -> None:
+        """Read the queued steps' metrics (every 25 calls, and before evaluations and checkpoints): stop on a
+        non-finite loss, and give TensorBoard the mean training loss of the steps read."""
         bad = self.tracker.flush()
         if bad is not None:
             raise self.non_finite(*bad)
+        recent = self.tracker.take_recent()
+        if self.log is not None and recent is not None:
+            self.log.write(recent[0], {"train/loss_recent_steps": recent[1]})
 
     def evaluate(self, step: int) -> dict:
         self.sync()
@@ -376,6 +431,7 @@ class Trainer:
             self.checkpointer.save(self.parallel.unreplicate(self.device_state), meta)
             self.saved = (step, loss)
             self.last_checkpoint = time.perf_counter()
+            set_interrupt_advice(f"its newest checkpoint (step {step}) is saved: resume with {self.resume_hint}")
 
     def non_finite(self, step: int, loss: float) -> NonFiniteLossError:
         """The error for a non-finite loss, with advice that works when followed."""
@@ -396,11 +452,32 @@ class Trainer:
         return NonFiniteLossError(f"training loss became {loss} at step {step}; stopped ({where}); the learning "
                                   f"rate {self.config.lr:g} is probably too high: {advice}")
 
-    def interrupted(self, step: int) -> Interrupted:
+    def interrupted(self, step: int, signum: int = signal.SIGINT) -> Interrupted:
+        how = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
         if self.checkpointer is None:
-            return Interrupted(f"interrupted at step {step}; nothing was saved (no run folder)")
-        return Interrupted(f"interrupted at step {step} (epoch {step / self.steps_per_epoch:.2f}); a checkpoint "
-                           f"was saved: resume with {self.resume_hint}")
+            error = Interrupted(f"{how} at step {step}; nothing was saved (no run folder)")
+        else:
+            error = Interrupted(f"{how} at step {step} (epoch {step / self.steps_per_epoch:.2f}); a checkpoint "
+                                f"was saved: resume with {self.resume_hint}")
+        if signum == signal.SIGTERM:
+            error.exit_code = EXIT_TERMINATED
+        return error
+
+    def interrupted_at_once(self, terminated: bool = False) -> Interrupted:
+        """A second Ctrl-C (or a signal before the loop started): what is saved, truthfully."""
+        how = "terminated (SIGTERM)" if terminated else "interrupted at once"
+        if self.checkpointer is None:
+            error = Interrupted(f"{how}; nothing was saved (no run folder)")
+        elif self.saved:
+            error = Interrupted(f"{how}; the newest checkpoint (step {self.saved[0]}, epoch "
+                                f"{self.saved[0] / self.steps_per_epoch:g}) is kept in {self.run}: resume with "
+                                f"{self.resume_hint}")
+        else:
+            error = Interrupted(f"{how} before the first checkpoint; nothing to resume in {self.run}: start it "
+                                "again (--overwrite)")
+        if terminated:
+            error.exit_code = EXIT_TERMINATED
+        return error
 
     def images_per_second(self) -> float:
         """Trained images per second of this fit, compilation and evaluation excluded. When every step ran in the
@@ -411,11 +488,21 @@ class Trainer:
             steps, seconds = self.last_step - self.start_step, seconds + self.step_seconds[True]
         return steps * self.config.batch_size / seconds if steps > 0 and seconds > 0 else 0.0
 
+    def this_process(self) -> dict:
+        """This fit's figures, which add up: `images_trained` in this process; the first call's
+        `compile_seconds` (compilation and its `compile_images`); then `training_seconds` of steps (waiting for
+        them included) at `images_per_second`. All zero when the fit had nothing left to train."""
+        steps, batch = self.last_step - self.start_step, self.config.batch_size
+        return {"images_trained": steps * batch, "compile_seconds": round(self.step_seconds[True], 2),
+                "compile_images": self.compiled_steps * batch, "training_seconds": round(self.step_seconds[False], 2),
+                "images_per_second": round(self.images_per_second(), 1)}
+
     def result(self) -> FitResult:
         final = self.parallel.unreplicate(self.device_state)
         average = None if final.ema_params is None else {"params": final.ema_params, "batch_stats": final.batch_stats}
         return FitResult(History(self.records), {"params": final.params, "batch_stats": final.batch_stats}, average,
-                         time.perf_counter() - self.t0, self.images_per_second(), self.val_predictions)
+                         time.perf_counter() - self.t0, self.images_per_second(), self.val_predictions,
+                         self.this_process())
 
     def close(self, graceful: bool) -> None:
         if self.log is not None:
@@ -436,6 +523,10 @@ def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inp
     epochs, makes a run without checkpoints of its own start as that run resumed here (`continue_run`): only
     exact when the learning rate does not depend on the number of epochs (`optim.rate_depends_on_length`).
     """
+    if not isinstance(inputs, FeatureInputs):
+        train.check_images("the training images"), val.check_images("the validation images")
+    if not len(val):
+        raise UserError("the validation split is empty; give it at least one image")
     check_labels(train.labels, config.num_classes, "training labels")
     check_labels(val.labels, config.num_classes, "validation labels")
     if run is not None and continue_from is not None:
@@ -455,6 +546,8 @@ def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inp
         trainer.start()
         _train(trainer, desc)
         return trainer.result()
+    except KeyboardInterrupt as interrupt:
+        raise trainer.interrupted_at_once(isinstance(interrupt, Terminated)) from None
     except Exception as error:
         if distributed.is_peer_failure(error):
             graceful = False
@@ -468,14 +561,14 @@ def _train(trainer: Trainer, desc: str) -> None:
     """The loop itself: step, evaluate when it is time, checkpoint when due, stop cleanly on Ctrl-C."""
     config, bar = trainer.config, None
     try:
-        with _StopRequest() as stop:
+        with _StopRequest(saves=trainer.checkpointer is not None) as stop:
             for step, idx in trainer.batches():
                 trainer.step(step, idx)
                 if bar is None:  # made after the first step, which compiled it: the ETA never counts compilation
                     bar = tqdm(total=trainer.total_steps, initial=step, desc=desc, unit="step", mininterval=1.0,
                                dynamic_ncols=True, disable=not distributed.is_writer())
                 else:
-                    bar.update(step - bar.n)
+                    bar.update(step - bar.n)  # a call may run several (cheap) steps
                 if itstime(step, config.eval_every) or trainer.epoch_end(step):
                     bar.set_postfix_str("evaluating", refresh=True)
                     record = trainer.evaluate(step)
@@ -483,9 +576,9 @@ def _train(trainer: Trainer, desc: str) -> None:
                                     val=f"{record['val_accuracy']:.3f}")
                 if trainer.checkpoint_due(step):
                     trainer.save(step)
-                if stop.requested:
+                if stop.requested is not None:
                     trainer.save(step)
-                    raise trainer.interrupted(step)
+                    raise trainer.interrupted(step, stop.requested)
     finally:  # however the loop ends, so that an error message that follows starts on a line of its own
         if bar is not None:
             bar.close()
@@ -509,6 +602,7 @@ def train_loop(config: Config, train: Split, val: Split, variables: Optional[dic
                run: Optional[Path] = None, resume: bool = False, devices=None, phases: Optional[Phases] = None,
                resume_hint: str = "--resume") -> FitResult:
     """The original's train_loop: train the configured model (SimpleCNN by default) from scratch."""
+    train.check_images("the training images"), val.check_images("the validation images")
     config = with_normalization(config.validate(), train.images)
     model = build_model(config)
     variables = variables if variables is not None else init_variables(model, config)
@@ -526,6 +620,7 @@ def fine_tune_loop(config: Config, variables: dict, train: Split, val: Split, *,
     `features` from `features.backbone_features` to share them between runs); otherwise every step runs the
     network on the images. `continue_from`: as `fit`'s.
     """
+    train.check_images("the training images"), val.check_images("the validation images")
     config = with_normalization(config.validate(), train.images)
     model = build_model(config)
     kw = dict(run=run, resume=resume, devices=devices, phases=phases, resume_hint=resume_hint,

@@ -9,6 +9,8 @@ inside a style context, so the caller's own matplotlib settings are left as they
 from __future__ import annotations
 
 import functools
+import math
+import textwrap
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -16,12 +18,17 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 import numpy as np  # noqa: E402
+
+from cifarjax.errors import UserError  # noqa: E402
+from cifarjax.files import atomic_write  # noqa: E402
 
 PALETTE = ("#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133",
            "#56b4e9")  # seaborn.color_palette("colorblind")
 STYLES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+CELL_INCHES, TITLE_INCHES = 1.6, 0.36  # a sample image's width in the figure, and its title's two 8-point lines
 MIN_SPAN = 10.0  # accuracy axes span at least this many points, so noise does not look like a trend
 
 
@@ -36,13 +43,39 @@ def _styled(style: str):
     return decorate
 
 
-def _save(fig, path) -> Path:
+def output_path(path) -> Path:
+    """The file a figure for `path` is written to, checked as it will be written: '.png' added when it has no
+    extension (as matplotlib would), a format matplotlib can write, and not a folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = path if path.suffix else path.with_name(path.name + ".png")
+    if path.suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
+        raise UserError(f"cannot draw a figure into {path}: {path.suffix} is not an image format matplotlib "
+                        f"writes; use .png, .pdf or .svg")
+    if path.is_dir():
+        raise UserError(f"cannot draw a figure into {path}: it is a folder; name a file")
     return path
+
+
+def _save(fig, path) -> Path:
+    """Write `fig` to `path` atomically (a full disk leaves the old file, or none, never half a figure)."""
+    path = output_path(path)
+    try:
+        fig.tight_layout()
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, dpi=120, format=path.suffix[1:].lower())
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _wrapped(text: str, width_inches: float, fontsize: float = 12) -> str:
+    """`text` broken into lines that fit `width_inches` at `fontsize` (an average glyph is 0.6 em wide)."""
+    return "\n".join(textwrap.wrap(text, max(20, int(width_inches * 72 / (0.6 * fontsize))))) or text
+
+
+def _suptitle(fig, title: str) -> None:
+    """The figure's title, wrapped to its width (tight_layout then keeps every line inside the figure)."""
+    fig.suptitle(_wrapped(title, fig.get_figwidth() * 0.95, 12), fontsize=12)
 
 
 def _epochs_axis(ax, last_epoch: float) -> None:
@@ -83,32 +116,60 @@ def plot_training_results(records: Sequence[dict], path, title: str = "Training"
     for ax in (left, right):
         _epochs_axis(ax, max(x_all, default=1.0))
         ax.legend()
-    fig.suptitle(title)
+    _suptitle(fig, title)
     return _save(fig, path)
+
+
+def _continued(curves: Mapping[str, Mapping[str, Sequence[float]]]) -> dict:
+    """{label: the label of the shorter run it continues}: a run whose curves begin with another's exactly (a
+    longer fine-tune started from a shorter one's end); the longest such shorter run."""
+    found = {}
+    for label, c in curves.items():
+        shorter = [(len(o["val"]), other) for other, o in curves.items()
+                   if 0 < len(o["val"]) < len(c["val"]) and
+                   all(list(o.get(k) or []) == list(c.get(k) or [])[:len(o.get(k) or [])] for k in o)]
+        if shorter:
+            found[label] = max(shorter)[1]
+    return found
 
 
 @_styled("whitegrid")
 def plot_runs(curves: Mapping[str, Mapping[str, Sequence[float]]], path, title: str) -> Path:
-    """Validation and training accuracy per epoch, one line style, marker and colour per run.
+    """Validation and training accuracy (and validation loss, when given) per epoch, one line style, marker and
+    colour per run. A run that continues a shorter one (its curves begin with the shorter run's) is drawn from
+    where the shorter one ends, so runs that share their first epochs do not hide each other.
 
-    `curves`: {run label: {'val': [...], 'train': [...]}} (fractions, one value per epoch; 'train' optional).
+    `curves`: {run label: {'val': [...], 'train': [...], 'val_loss': [...]}} (accuracies as fractions, one value
+    per epoch; 'train' and 'val_loss' optional).
     """
-    has_train = any(c.get("train") for c in curves.values())
-    fig, axes = plt.subplots(1, 2 if has_train else 1, figsize=(13 if has_train else 8, 5), squeeze=False)
+    panels = [(k, name) for k, name in (("val", "Validation accuracy"), ("train", "Training accuracy"),
+                                         ("val_loss", "Validation loss"))
+              if k == "val" or any(c.get(k) for c in curves.values())]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2 + 5.5 * len(panels), 5.5), squeeze=False)
     longest = max((len(c["val"]) for c in curves.values()), default=1)
     every = max(1, longest // 15)
-    for ax, key, name in zip(axes[0], ("val", "train"), ("Validation accuracy", "Training accuracy")):
+    continues = _continued(curves)
+    for ax, (key, name) in zip(axes[0], panels):
         values = []
         for i, (label, c) in enumerate(curves.items()):
-            y = [100 * v for v in c.get(key) or []]
+            scale = 1 if key == "val_loss" else 100
+            y = [None if v is None else scale * v for v in c.get(key) or []]
             values += y
-            ax.plot(range(1, len(y) + 1), y, ls=STYLES[i % len(STYLES)], marker=MARKERS[i % len(MARKERS)],
-                    markevery=every, color=PALETTE[i % len(PALETTE)], label=f"{label} (final {y[-1]:.1f}%)" if y else label)
+            start = len(curves[continues[label]]["val"]) if label in continues else 1  # from the shorter run's end
+            last = next((v for v in reversed(y) if v is not None), None)
+            final = "" if last is None else f"final {last:.1f}%" if scale == 100 else f"final {last:.3f}"
+            shown = f"continues {continues[label]}; {final}" if label in continues else final
+            ax.plot(range(start, len(y) + 1), y[start - 1:], ls=STYLES[i % len(STYLES)],
+                    marker=MARKERS[i % len(MARKERS)], markevery=(i * every // max(1, len(curves)), every),
+                    color=PALETTE[i % len(PALETTE)], label=f"{label} ({shown.strip('; ')})" if shown else label)
         ax.set_title(name)
         _epochs_axis(ax, longest)
-        _accuracy_axis(ax, values, "accuracy (%)")
+        if key == "val_loss":
+            ax.set_ylabel("cross-entropy")
+        else:
+            _accuracy_axis(ax, values, "accuracy (%)")
         ax.legend(fontsize=8)
-    fig.suptitle(title)
+    _suptitle(fig, title)
     return _save(fig, path)
 
 
@@ -137,7 +198,7 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path, titl
     normalised = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     _heatmap(rates, 100 * normalised, classes, ".0f", "% of the true class", vmax=100)
     rates.set(title="row-normalised (%)", xlabel="predicted class", ylabel="true class")
-    fig.suptitle(f"{title}: accuracy {100 * accuracy:.2f}%")
+    _suptitle(fig, f"{title}: accuracy {100 * accuracy:.2f}%")
     return _save(fig, path)
 
 
@@ -149,9 +210,11 @@ def plot_sample_predictions(images: np.ndarray, predicted: Sequence[int], true: 
     images = np.asarray(images)
     n, h, w = images.shape[:3]
     rows = -(-n // columns)
-    gap_x, gap_y = w // 4, h  # room between images, and above each for its two-line title
+    gap_x = max(2, w // 10)  # room between images; each column is CELL_INCHES wide in the figure
+    gap_y = math.ceil(TITLE_INCHES * (w + gap_x) / CELL_INCHES)  # room above each image for its two-line title
     canvas = np.full((rows * (gap_y + h), columns * (w + gap_x)) + images.shape[3:], 255, images.dtype)
-    fig, ax = plt.subplots(figsize=(1.6 * columns, 1.6 * columns * canvas.shape[0] / canvas.shape[1] + 0.5))
+    fig, ax = plt.subplots(figsize=(CELL_INCHES * columns,
+                                    CELL_INCHES * columns * canvas.shape[0] / canvas.shape[1] + 0.5))
     for k, (image, p, t) in enumerate(zip(images, predicted, true)):
         top, left = (k // columns) * (gap_y + h) + gap_y, (k % columns) * (w + gap_x) + gap_x // 2
         canvas[top:top + h, left:left + w] = image
@@ -182,7 +245,7 @@ def plot_study_effects(cells: Sequence[dict], noise: float, reference: float, ba
                    label=f"SimpleCNN reference ({100 * reference:.1f}%)")
     for y, c in enumerate(cells):
         ax.text(c["effect_points"], y, f" {100 * c['val_accuracy']:.1f}%", va="center", fontsize=8)
-    ax.set(xlabel=f"change in validation accuracy against the baseline ({100 * baseline:.1f}%), points", ylabel="cell",
-           title=title)
+    ax.set(xlabel=f"change in validation accuracy against the baseline ({100 * baseline:.1f}%), points", ylabel="cell")
+    _suptitle(fig, title)
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)

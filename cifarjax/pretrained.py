@@ -2,16 +2,23 @@
 
 Conv kernels OIHW → HWIO, fc weight transposed, BatchNorm weight/bias/running_mean/running_var →
 scale/bias/mean/var. Files are read with `torch.load(weights_only=True)`: no pickled code runs.
-ImageNet weights come from torchvision's weights API (downloaded and hash-checked into torch's cache)
-or from a local file; the converted variables are cached as .npz so later runs need no torch at all (a
-damaged or unwritable cache is rebuilt or skipped, never a blocker). Ported weights are merged into a fresh
-initialisation, so a new head of any size keeps its own seeded initialisation (`merge`).
+ImageNet weights come from torchvision's weights API (downloaded into torch's cache) or from a local file.
+
+Weights are what they claim: every load computes the file's SHA-256 (the converted .npz cache is keyed by it,
+so no cache hit skips the check), a `resnet18-<hash>.pth` name must match it, a zip archive's CRCs are
+verified, and every tensor is converted to float32 or refused in one line. `describe_weights` says in one
+wording, used by every output, whether they are torchvision's published ImageNet weights. The converted
+variables are cached as .npz so later runs need no torch at all (a damaged or unwritable cache is rebuilt or
+skipped, never a blocker). Ported weights are merged into a fresh initialisation, so a new head of any size
+keeps its own seeded initialisation (`merge`).
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import re
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
@@ -20,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from cifarjax import torchlib
 from cifarjax.errors import UserError, warn
 from cifarjax.files import atomic_write, best_effort
 from cifarjax.files import cache_dir as default_cache
@@ -27,6 +35,11 @@ from cifarjax.models import ResNet18, build_model, init_variables, initialize
 
 IMAGENET_FILE = "resnet18-f37072fd.pth"
 IMAGENET_URL = f"https://download.pytorch.org/models/{IMAGENET_FILE}"
+# torchvision's published ResNet18_Weights.IMAGENET1K_V1 file (46,830,571 bytes): its full SHA-256, of which
+# torchvision's file name and its own download check keep the first 8 hex digits.
+IMAGENET_SHA256 = "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec"
+IMAGENET_DESCRIPTION = "ImageNet weights (torchvision IMAGENET1K_V1, verified)"
+RANDOM_DESCRIPTION = "random initialisation, no pretraining"
 _BN_FIELDS = {"weight": ("params", "scale"), "bias": ("params", "bias"),
               "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
 
@@ -82,7 +95,7 @@ def _expected_shapes(num_classes: int):
             for path, s in traverse_util.flatten_dict(shapes[col]).items()}
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -90,7 +103,30 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _load_state_dict(path: Union[str, Path]) -> Mapping[str, np.ndarray]:
+def _check_name(path: Path, digest: str) -> None:
+    """A `resnet18-<hash>.pth` name (torchvision's convention) promises the first hex digits of the SHA-256."""
+    m = re.fullmatch(r"resnet18-([0-9a-f]{8,})\.pth", path.name)
+    if m and not digest.startswith(m.group(1)):
+        raise UserError(f"weights file {path} is corrupt or renamed: its SHA-256 starts {digest[:8]}, its name "
+                        f"promises {m.group(1)}; download it again from {IMAGENET_URL}")
+
+
+def _check_archive(path: Path) -> None:
+    """A .pth saved by torch.save is a zip archive: every member must match its CRC."""
+    if not zipfile.is_zipfile(path):
+        return  # torch's legacy format: torch.load checks it
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        raise UserError(f"weights file {path} is damaged ({type(error).__name__}: {error}); download or copy it "
+                        "again") from None
+    if bad is not None:
+        raise UserError(f"weights file {path} is damaged: its member {bad} fails its CRC check; download or copy "
+                        "it again")
+
+
+def _load_state_dict(path: Union[str, Path], digest: Optional[str] = None) -> Mapping[str, np.ndarray]:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"weights file {path} is a folder; pass the path of the .pth file itself, for example "
@@ -98,13 +134,9 @@ def _load_state_dict(path: Union[str, Path]) -> Mapping[str, np.ndarray]:
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist; pass the path of a torchvision ResNet-18 "
                         f"state_dict (.pth), for example {IMAGENET_FILE} from {IMAGENET_URL}")
-    m = re.fullmatch(r"resnet18-([0-9a-f]{8,})\.pth", path.name)
-    if m:
-        digest = _sha256(path)
-        if not digest.startswith(m.group(1)):
-            raise UserError(f"weights file {path} is corrupt: its SHA-256 starts {digest[:8]}, its name promises "
-                            f"{m.group(1)}; download it again from {IMAGENET_URL}")
-    import torch
+    _check_name(path, digest or sha256_file(path))
+    _check_archive(path)
+    torch = torchlib.load("torch")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a state dict file"
@@ -127,10 +159,26 @@ def _load_failure(error: Exception) -> str:
     return f"{type(error).__name__}: {first}" if "weights_only" not in first else type(error).__name__
 
 
-def _numpy(value) -> np.ndarray:
+def _numpy(key: str, value) -> np.ndarray:
+    """A float32 copy of a tensor or array (float16, bfloat16 and float64 converted); a sparse, quantized or
+    non-float tensor is refused in one line."""
     if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
-    return np.array(value, dtype=np.float32, copy=True)  # never alias the caller's tensors
+        import torch
+        if value.layout != torch.strided:
+            raise UserError(f"tensor {key} is stored as {str(value.layout).replace('torch.', '')}, not as a dense "
+                            "tensor; save the weights with dense tensors (tensor.to_dense())")
+        if value.is_quantized:
+            raise UserError(f"tensor {key} is quantized ({str(value.dtype).replace('torch.', '')}); pass the "
+                            "float weights the quantized model was made from")
+        if not value.is_floating_point():
+            raise UserError(f"tensor {key} holds {str(value.dtype).replace('torch.', '')} values where weights "
+                            "are floating point; these are not ResNet-18 weights")
+        value = value.detach().cpu().to(torch.float32).numpy()  # numpy has no bfloat16: convert in torch
+    array = np.asarray(value)
+    if array.dtype.kind != "f" and array.dtype.name != "bfloat16":
+        raise UserError(f"tensor {key} holds {array.dtype} values where weights are floating point; these are not "
+                        "ResNet-18 weights")
+    return np.array(array, dtype=np.float32, copy=True)  # never alias the caller's tensors
 
 
 def convert_state_dict(state_dict: Mapping) -> dict:
@@ -151,7 +199,7 @@ def convert_state_dict(state_dict: Mapping) -> dict:
         if (collection,) + path not in expected:
             unexpected.append(key)
             continue
-        array = _to_flax(_numpy(value), kind)
+        array = _to_flax(_numpy(key, value), kind)
         want = expected[(collection,) + path]
         if array.shape != tuple(want):
             raise UserError(f"tensor {key} has shape {tuple(value.shape)}, a ResNet-18 needs "
@@ -244,14 +292,75 @@ def _cached_conversion(cached: Path, load_state_dict) -> dict:
     return variables
 
 
-def _fetch_imagenet_state_dict():
-    from torchvision.models import ResNet18_Weights
+def _torch_hub_file() -> Path:
+    """Where torchvision keeps IMAGENET1K_V1 (torch.hub.get_dir()'s rule, without importing torch)."""
+    home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "torch")
+    return Path(home).expanduser() / "hub" / "checkpoints" / IMAGENET_FILE
+
+
+def _fetch_imagenet_file() -> Path:
+    """torchvision's IMAGENET1K_V1 file in torch's cache, downloaded (with torchvision's hash check) when missing."""
+    path = _torch_hub_file()
+    if path.is_file():
+        return path
+    ResNet18_Weights = torchlib.load("torchvision.models").ResNet18_Weights
     try:
-        return ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
+        ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
     except Exception as error:  # noqa: BLE001 - network or hash failure
         raise UserError(f"could not fetch torchvision's ImageNet ResNet-18 weights ({type(error).__name__}); "
                         f"download {IMAGENET_FILE} from {IMAGENET_URL} on a machine with network access "
                         "and pass it with --weights PATH") from None
+    import torch
+    return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILE
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Where a run's starting weights came from: 'random', or a file and its SHA-256."""
+    source: str
+    sha256: Optional[str] = None
+
+    @property
+    def imagenet(self) -> bool:
+        """torchvision's published ImageNet weights, byte for byte."""
+        return self.sha256 == IMAGENET_SHA256
+
+    @property
+    def pretrained(self) -> bool:
+        return self.source != "random"
+
+    @property
+    def description(self) -> str:
+        return describe_weights(self.source, self.sha256)
+
+
+def describe_weights(source: str, sha256: Optional[str] = None) -> str:
+    """The one wording every output uses for a run's weights: torchvision's published ImageNet weights
+    (verified by their SHA-256), a random initialisation, or a file that is not the published weights."""
+    if source == "random" or sha256 is None:
+        return RANDOM_DESCRIPTION
+    if sha256 == IMAGENET_SHA256:
+        return IMAGENET_DESCRIPTION
+    return f"weights from {source} (sha256 {sha256[:12]}…), not torchvision's published ImageNet weights"
+
+
+def weights_file(weights: str) -> Optional[Path]:
+    """The file behind a --weights value ('imagenet': torchvision's, fetched when missing; 'random': None)."""
+    if weights == "random":
+        return None
+    return _fetch_imagenet_file() if weights == "imagenet" else Path(weights)
+
+
+def load_weights(path: Union[str, Path], cache_dir: Optional[Path] = None) -> tuple:
+    """(variables as in the file, SHA-256) of a torchvision resnet18 .pth: the SHA-256 is computed on every call
+    and checked against a `resnet18-<hash>.pth` name before the converted cache (keyed by it) is read."""
+    path = Path(path)
+    if not path.is_file():
+        _load_state_dict(path)  # raises the missing-file or folder message
+    digest = sha256_file(path)
+    _check_name(path, digest)
+    cache = (cache_dir or default_cache()) / "weights"
+    return _cached_conversion(cache / f"resnet18-{digest[:16]}.npz", lambda: _load_state_dict(path, digest)), digest
 
 
 def imagenet_resnet18(num_classes: int = 10, weights: Optional[Union[str, Path]] = None, seed: int = 0,
@@ -260,25 +369,18 @@ def imagenet_resnet18(num_classes: int = 10, weights: Optional[Union[str, Path]]
 
     `weights`: a local torchvision `.pth`; otherwise torchvision's `ResNet18_Weights.IMAGENET1K_V1`
     (downloaded with a hash check into torch's cache). Either way the converted variables are cached
-    (a local file keyed by its SHA-256), so later runs need no torch.
+    (keyed by the file's SHA-256), so later runs need no torch.
     """
-    cache = (cache_dir or default_cache()) / "weights"
-    if weights is not None:
-        path = Path(weights)
-        if not path.is_file():
-            _load_state_dict(path)  # raises the missing-file message
-        digest = _sha256(path)
-        variables = _cached_conversion(cache / f"resnet18-{digest[:16]}.npz", lambda: _load_state_dict(path))
-    else:
-        variables = _cached_conversion(cache / "resnet18_imagenet1k_v1.npz", _fetch_imagenet_state_dict)
+    variables, _ = load_weights(weights if weights is not None else _fetch_imagenet_file(), cache_dir)
     return with_new_head(variables, num_classes, seed)
 
 
 def starting_weights(config) -> tuple:
-    """(variables, label) of a run's starting weights from config.weights: 'imagenet', 'random' or a .pth path."""
+    """(variables, `Weights`) of a run's starting weights from config.weights: 'imagenet', 'random' or a .pth
+    path."""
     if config.weights == "random":
-        return init_variables(build_model(config), config), "random initialisation (no pretraining)"
-    if config.weights == "imagenet":
-        return imagenet_resnet18(config.num_classes, seed=config.seed), "ImageNet (torchvision IMAGENET1K_V1)"
-    return (imagenet_resnet18(config.num_classes, weights=config.weights, seed=config.seed),
-            f"torchvision file {config.weights}")
+        return init_variables(build_model(config), config), Weights("random")
+    path = weights_file(config.weights)
+    variables, digest = load_weights(path)
+    source = str(path) if config.weights != "imagenet" else f"torchvision's {IMAGENET_FILE}"
+    return with_new_head(variables, config.num_classes, config.seed), Weights(source, digest)

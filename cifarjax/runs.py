@@ -1,29 +1,37 @@
 """The run folder: config.json, metrics.jsonl (one JSON object per evaluation), summary.json, plots/,
-checkpoints/, tensorboard/, and the `.cifarjax-run` marker that says cifarjax made the folder.
+checkpoints/, tensorboard/, the `.cifarjax-run` marker that says cifarjax made the folder, the manifest
+`.cifarjax-files` of every file cifarjax wrote there, and `.cifarjax-lock` while a process uses it.
 
 A user's files are never touched: `check_out` decides, before anything is written, whether --out may be
-used (a new or empty folder, a run to resume, or with --overwrite a folder cifarjax marked as a run), and
-`create` makes or replaces the folder only after the new run has started successfully, removing only
-what cifarjax itself writes there.
+used (a new or empty folder, a run to resume, or with --overwrite a folder cifarjax marked as a run, and
+never one a live process holds), and `create` makes or replaces the folder only after the new run has
+started successfully, removing exactly the files its manifest lists (a folder only once it is empty).
 """
 from __future__ import annotations
 
+import atexit
+import functools
 import json
+import os
 import shutil
+import socket
 import time
 import uuid
 from pathlib import Path
 from typing import Iterable, Optional
 
 import cifarjax
+from cifarjax import errors
 from cifarjax.errors import UserError, user_error_from_os, warn
-from cifarjax.files import atomic_write, write_json
+from cifarjax.files import MANIFEST, MARKER, atomic_write, read_manifest, write_json
 
-CONFIG, METRICS, SUMMARY, PLOTS, MARKER = "config.json", "metrics.jsonl", "summary.json", "plots", ".cifarjax-run"
-TENSORBOARD = "tensorboard"
-# What cifarjax writes into a run folder; only these (and marked sub-runs) are removed by --overwrite.
-OWN_ENTRIES = (CONFIG, METRICS, SUMMARY, PLOTS, "checkpoints", "frozen_params.npz", TENSORBOARD, "study.json",
-               "study.md", MARKER)
+CONFIG, METRICS, SUMMARY, PLOTS = "config.json", "metrics.jsonl", "summary.json", "plots"
+TENSORBOARD, LOCK = "tensorboard", ".cifarjax-lock"
+# Runs made before the manifest (2026-12-04): their top-level files cifarjax wrote, and in its folders the
+# entries it names this way; a folder is removed only once nothing else is left in it.
+OWN_FILES = (CONFIG, METRICS, SUMMARY, "frozen_params.npz", "study.json", "study.md")
+OWN_IN_FOLDERS = {PLOTS: ("*.png",), TENSORBOARD: ("events.out.tfevents.*",),
+                  "checkpoints": ("[0-9]*", "*.orbax-checkpoint-tmp*")}
 
 
 def default_run_dir(experiment: str) -> Path:
@@ -76,12 +84,18 @@ def check_out(out, experiment: str, overwrite: bool = False, resume: bool = Fals
         if not overwrite:
             raise UserError(f"run folder {run} already holds a run; pass --resume to continue it, --overwrite to "
                             "replace it, or choose another --out")
+    if holds_files:
+        check_unlocked(run)
     return run
 
 
-def create(run: Path, experiment: str, replace: bool = False) -> Path:
-    """Make the run folder and its marker; with `replace`, first remove an old run's own files (never others)."""
+def create(run: Path, experiment: str, replace: bool = False, take_lock: bool = False) -> Path:
+    """Make the run folder and its marker; with `take_lock`, first lock it for this process (refused while
+    another live process holds it); with `replace`, then remove an old run's own files (never others)."""
     try:
+        run.mkdir(parents=True, exist_ok=True)
+        if take_lock:
+            lock(run)
         if replace and is_run(run):
             remove_run_files(run)
         (run / PLOTS).mkdir(parents=True, exist_ok=True)
@@ -94,13 +108,112 @@ def create(run: Path, experiment: str, replace: bool = False) -> Path:
 
 
 def remove_run_files(run: Path) -> None:
-    """Remove what cifarjax wrote in a marked run folder, marked sub-runs included; other files stay."""
-    for entry in run.iterdir():
-        if entry.name in OWN_ENTRIES or (entry.is_dir() and is_run(entry)):
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-    kept = sorted(e.name for e in run.iterdir())
+    """Remove exactly what cifarjax wrote in a marked run folder (the files its manifest lists, marked sub-runs,
+    orbax's unfinished checkpoints), then the folders left empty; anything else stays, and is named."""
+    run = Path(run)
+    for entry in _own_entries(run):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        elif entry.exists() or entry.is_symlink():
+            entry.unlink()
+    for sub in [e for e in run.iterdir() if e.is_dir() and not e.is_symlink() and is_run(e)]:
+        remove_run_files(sub)
+        _remove_if_empty(sub)
+    folders = {run / name for name in OWN_IN_FOLDERS} | {
+        run / parent for e in read_manifest(run) for parent in Path(e).parents if parent != Path(".")}
+    for folder in sorted(folders, key=lambda p: -len(p.parts)):
+        if folder.is_dir() and not folder.is_symlink():
+            _remove_if_empty(folder)
+    for name in (MANIFEST, MARKER):
+        if (run / name).is_file():
+            (run / name).unlink()
+    kept = sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.name != LOCK and not p.is_dir())
     if kept:
-        warn(f"--overwrite kept {', '.join(kept)} in {run}: cifarjax did not create them")
+        more = f" and {len(kept) - 5} more" if len(kept) > 5 else ""
+        warn(f"--overwrite kept {', '.join(kept[:5])}{more} in {run}: cifarjax did not create them")
+
+
+def _own_entries(run: Path) -> list:
+    """What cifarjax wrote in `run`: its manifest's paths (never one outside the folder), else (a run made before
+    the manifest) the names cifarjax gives its files; orbax's unfinished checkpoints in either case."""
+    listed = read_manifest(run)
+    inside = run.resolve()
+    entries = [run / e for e in listed if not Path(e).is_absolute() and ".." not in Path(e).parts
+               and Path(e).name not in (MANIFEST, MARKER)
+               and (run / e).parent.resolve().is_relative_to(inside)]  # not through a link out of the run
+    if not listed:
+        entries = [run / name for name in OWN_FILES]
+        entries += [p for folder, patterns in OWN_IN_FOLDERS.items() if (run / folder).is_dir()
+                    for pattern in patterns for p in (run / folder).glob(pattern)]
+    entries += list((run / "checkpoints").glob("*.orbax-checkpoint-tmp*")) if (run / "checkpoints").is_dir() else []
+    return entries
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------- the lock
+
+def _lock_holder(run: Path) -> Optional[dict]:
+    """The live process holding `run` ({'host', 'pid'}), or None (no lock, this process's own, or a stale one:
+    this host's process that is gone)."""
+    try:
+        holder = json.loads((Path(run) / LOCK).read_text())
+        host, pid = str(holder["host"]), int(holder["pid"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a lock cut by a crash while it was written: its process never started the run
+    if host != socket.gethostname():
+        return {"host": host, "pid": pid}
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return {"host": host, "pid": pid}
+
+
+def check_unlocked(run: Path) -> None:
+    """Refuse a run folder that a live process is using (its lock names the host and process)."""
+    holder = _lock_holder(run)
+    if holder is None:
+        return
+    if holder["host"] == socket.gethostname():
+        raise UserError(f"run folder {run} is in use by process {holder['pid']} on this machine; wait for it to "
+                        f"finish or stop it (kill {holder['pid']}: it saves a checkpoint), then try again")
+    raise UserError(f"run folder {run} is in use by process {holder['pid']} on host {holder['host']} (its lock "
+                    f"{Path(run) / LOCK}); wait for it, or if that process is gone delete that file and try again")
+
+
+def lock(run: Path) -> None:
+    """Mark `run` as used by this process until it exits (a stale lock is replaced, a live one refused)."""
+    check_unlocked(run)
+    path = Path(run) / LOCK
+    try:  # not through atomic_write: the lock is no output, so the manifest does not list it
+        path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+    except OSError as error:
+        raise user_error_from_os(error, f"cannot lock the run folder {run}") from None
+    release = functools.partial(unlock, path.absolute(), os.getpid())
+    atexit.register(release)
+    errors.at_command_end.append(release)
+
+
+def unlock(path: Path, pid: int) -> None:
+    """Remove the lock at `path` if this process `pid` still holds it."""
+    try:
+        if json.loads(Path(path).read_text()).get("pid") == pid == os.getpid():
+            Path(path).unlink()
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def read_json(path: Path):
@@ -124,8 +237,32 @@ def append_metrics(run: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def read_metrics(run: Path) -> list:
-    path = Path(run) / METRICS
-    if not path.is_file():
+def read_metrics(run) -> list:
+    """The records of a metrics.jsonl (`run`: a run folder or the file itself); [] when there is none yet.
+
+    A last line cut by a crash mid-write is left out with a warning; a damaged line before it is a UserError
+    naming the line."""
+    path = Path(run)
+    path = path / METRICS if path.is_dir() else path
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except OSError as error:
+        raise user_error_from_os(error, f"cannot read {path}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not text; is it a cifarjax metrics.jsonl?") from None
+    records, numbered = [], [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    for i, line in numbered:
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as error:
+            if i == numbered[-1][0]:
+                warn(f"the last line of {path} is incomplete (the run stopped while writing it); it is left out")
+                break
+            raise UserError(f"line {i} of {path} is not a metrics record ({error}); restore the file or resume the "
+                            "run, which rewrites it from its checkpoint") from None
+        records.append(record)
+    return records

@@ -25,7 +25,7 @@ CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 
 
 class ImageFile(NamedTuple):
-    path: Path
+    path: str  # as os.scandir joins it: str(split_dir)/<class>/<name> (strings: a Path per file costs seconds)
     label: int
     size: int
     mtime_ns: int
@@ -33,7 +33,7 @@ class ImageFile(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------- folders
 
-def _scan(folder: Path):
+def _scan(folder):
     try:
         return sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as error:
@@ -46,14 +46,14 @@ def class_files(split_dir: Path):
     for entry in _scan(split_dir):
         if not entry.is_dir() or entry.name.startswith("."):
             continue
-        images = [e for e in _scan(Path(entry.path)) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
+        images = [e for e in _scan(entry.path) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
         if not images:
             warn(f"class folder {entry.path} holds no images ({', '.join(IMAGE_EXTENSIONS)}); it is skipped and "
                  "is not a class")
             continue
         for e in images:
             st = e.stat()
-            files.append(ImageFile(Path(e.path), len(classes), st.st_size, st.st_mtime_ns))
+            files.append(ImageFile(e.path, len(classes), st.st_size, st.st_mtime_ns))
         classes.append(entry.name)
     return classes, files
 
@@ -85,7 +85,7 @@ def to_rgb8(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)  # Pillow refuses modes it cannot convert
 
 
-def decode_image(path: Path, size: int, advice: str = "delete or replace that file and run again") -> np.ndarray:
+def decode_image(path, size: int, advice: str = "delete or replace that file and run again") -> np.ndarray:
     """One image file as (size, size, 3) uint8 RGB (bilinear resize when its size differs); a file that cannot be
     read raises UserError naming it, then `advice`."""
     try:

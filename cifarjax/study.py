@@ -8,7 +8,9 @@ default grid changes one thing at a time for each hypothesis, then combines the 
     answer = study("DIR", "imagenet", grid, epochs=5, subset=2000, out="runs/my-study")
 
 Each cell is its own run folder under out/cells/ (resumable), cells with a fixed backbone share cached
-features, and the answer is written as study.json, study.md and plots/.
+features, and the answer is written as study.json, study.md and plots/. study.json records, from the start,
+the settings every cell shares (`shared_settings`: epochs, subset, batch size, seed, the weights' SHA-256, the
+data's fingerprint ...); a resume with other ones is refused, naming them.
 """
 from __future__ import annotations
 
@@ -19,13 +21,15 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Mapping, Optional, Sequence
 
+import jax
 import numpy as np
 
-from cifarjax import plots, runs
+from cifarjax import binding, plots, runs
 from cifarjax.augment import AugmentSpec, with_normalization
 from cifarjax.checkpoint import find_run
 from cifarjax.config import Config
-from cifarjax.data import Dataset, Split, load_dataset, train_val_split
+from cifarjax.data import Dataset, Split, fingerprint, load_dataset, train_val_split
+from cifarjax.errors import UserError
 from cifarjax.evaluation import predict
 from cifarjax.features import backbone_features, cacheable
 from cifarjax.files import write_json, write_text
@@ -35,7 +39,7 @@ from cifarjax.loop import fine_tune_loop, train_loop
 from cifarjax.models import Apply, build_model, init_variables
 from cifarjax.optim import make_optimizer
 from cifarjax.phases import Phases
-from cifarjax.pretrained import starting_weights
+from cifarjax.pretrained import Weights, starting_weights
 from cifarjax.recipes import recipe_config
 from cifarjax.text import duration, plural
 from cifarjax.train import DataParallel, StepOptions, create_train_state
@@ -121,14 +125,19 @@ class Study:
     train: Split
     val: Split
     base: Config
-    weights_label: str
+    weights: Weights
     resume: bool = False
     phases: Phases = field(default_factory=Phases)
     features: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)  # what every cell shares (`shared_settings`)
+
+    @property
+    def weights_label(self) -> str:
+        return self.weights.description
 
     @property
     def pretrained(self) -> bool:
-        return not self.weights_label.startswith("random")
+        return self.weights.pretrained
 
     def folder(self, cell: Cell) -> Path:
         return self.out / "cells" / cell.name
@@ -141,9 +150,15 @@ class Study:
         return init_variables(build_model(config), config) if cell.model == "simple_cnn" else \
             starting_weights(config)[0]
 
-    def estimate_seconds(self, cell: Cell, steps: int = 3) -> float:
-        """The cell's training time (evaluation excluded) from a few measured steps after compilation: epochs x
-        training images x seconds per image; with cached features, the extraction's 2 x train + val images."""
+    def estimate_seconds(self, cell: Cell, steps: int = 3) -> dict:
+        """The cell's time from a short warm-up: {'compilation': ..., 'training': ...} in seconds.
+
+        Training (evaluation excluded): epochs x training images x seconds per image, measured over a few steps
+        after compilation; with cached features, the extraction's 2 x train + val images. Compilation: the
+        training step's first call, and the evaluation step's for each program the run compiles that way (its
+        evaluation and the test split's scoring; with cached features, the extraction and the scoring, while
+        the head's own steps compile in no time). The run compiles them again for its own shapes, so each
+        counts: on a small subset, compilation is most of a cell's time."""
         config = with_normalization(cell_config(cell, self.base), self.train.images)
         model, variables = build_model(config), self.variables(cell, config)
         freezing = Freezing.from_config(config)
@@ -155,16 +170,24 @@ class Study:
         batch = min(config.batch_size, len(self.train) - len(self.train) % parallel.n_devices)
         data = parallel.replicate((self.train.images[:batch], self.train.labels[:batch]))
         idx = parallel.mine(np.arange(batch, dtype=np.int32).reshape(parallel.n_devices, -1))
+        start = time.perf_counter()
         state, metrics = parallel.train_step(state, data, idx)
         metrics["loss"].block_until_ready()
+        train_compile = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(steps):
             state, metrics = parallel.train_step(state, data, idx)
         metrics["loss"].block_until_ready()
         per_image = (time.perf_counter() - start) / (steps * batch)
+        start = time.perf_counter()
+        jax.block_until_ready(parallel.eval_step(state, data, idx))
+        eval_compile = time.perf_counter() - start
+        scorings = 1 + (self.dataset.test is not None)
         if cacheable(config):  # the head then trains on cached features in a negligible time
-            return per_image * (2 * len(self.train) + len(self.val))
-        return per_image * len(self.train) * config.n_epochs
+            return {"compilation": eval_compile * (1 + scorings), "training": per_image * (2 * len(self.train) +
+                                                                                           len(self.val))}
+        return {"compilation": train_compile + eval_compile * scorings,
+                "training": per_image * len(self.train) * config.n_epochs}
 
     def run_cell(self, cell: Cell) -> dict:
         """Train one cell in its own run folder (resuming it when asked) and summarise it."""
@@ -217,9 +240,11 @@ def run_study(study: Study, grid: Sequence[Cell] = DEFAULT_GRID, reference: Opti
     todo = [c for c in cells if study.finished(c) is None]
     if todo:
         estimates = {c.name: study.estimate_seconds(c) for c in todo}
-        announce("estimated training time per cell (from a short warm-up, compilation excluded): " +
-                 ", ".join(f"{k} {duration(v)}" for k, v in estimates.items()) +
-                 f"; total {duration(sum(estimates.values()))}")
+        compiling = sum(e["compilation"] for e in estimates.values())
+        announce("estimated time per cell (from a short warm-up; training and compilation, evaluation "
+                 "excluded): " + ", ".join(f"{k} {duration(sum(v.values()))}" for k, v in estimates.items()) +
+                 f"; total {duration(compiling + sum(e['training'] for e in estimates.values()))}, of which "
+                 f"compilation {duration(compiling)}")
     results = [study.run_cell(c) for c in cells]
     if reference is not None:
         results.append({**reference, "name": REFERENCE.name, "hypothesis": REFERENCE.hypothesis, "model": "simple_cnn"})
@@ -242,22 +267,61 @@ def study(data_dir, weights: str = "imagenet", grid: Sequence[Cell] = DEFAULT_GR
     batch_size, dataset, ...); `cnn_run`: a finished experiments.cnn run to take the SimpleCNN reference from."""
     out = runs.check_out(out, "study", overwrite, resume)
     phases = Phases(announce=True)
-    base = recipe_config("finetune", **{**BASELINE, **baseline}, data_dir=None if data_dir is None else str(data_dir),
-                         weights=weights, n_epochs=epochs, subset=subset).validate()  # before any loading
+    paths = binding.absolute_paths({"data_dir": data_dir, "weights": weights})
+    base = recipe_config("finetune", **{**BASELINE, **baseline}, data_dir=paths["data_dir"], weights=paths["weights"],
+                         n_epochs=epochs, subset=subset).validate()  # before any loading
     with phases("data_loading", "loading the data"):
         dataset = load_dataset(base.data_dir, base.dataset, base.decode_size)
         train, val = train_val_split(dataset, base.val_fraction, base.seed, base.subset)
     base = base.replace(classes=tuple(dataset.classes), num_classes=len(dataset.classes)).validate()
     reference = None if cnn_run is None else runs.read_json(find_run(cnn_run) / runs.SUMMARY)
     with phases("weights", f"loading weights ({weights})"):
-        label = starting_weights(base)[1]
-    if not resume:
-        runs.create(out, "study", replace=overwrite)
-    the_study = Study(out, dataset, train, val, base, label, resume=resume, phases=phases)
+        loaded = starting_weights(base)[1]
+    settings = shared_settings(base, loaded, fingerprint(dataset))
+    if resume:
+        check_settings(out, settings)
+    runs.create(out, "study", replace=overwrite, take_lock=True)  # resuming: only the lock is new
+    if not (out / STUDY_JSON).is_file():
+        write_json(out / STUDY_JSON, {"settings": settings, "data_dir": base.data_dir})
+    the_study = Study(out, dataset, train, val, base, loaded, resume=resume, phases=phases, settings=settings)
     if not the_study.pretrained:
         announce("note: --weights random uses no pretraining; the study then tests the pipeline, not the original's "
                  "question")
     return run_study(the_study, grid, reference, train_reference, combine, announce)
+
+
+STUDY_JSON = "study.json"
+# The settings every cell of a study shares, with the weights' SHA-256 and the data's fingerprint.
+SHARED = ("n_epochs", "subset", "batch_size", "seed", "weights", "dataset", "decode_size", "val_fraction",
+          "eval_batch_size")
+
+
+def shared_settings(base: Config, weights: Weights, data: dict) -> dict:
+    """What every cell of a study shares, recorded in study.json and checked on resume."""
+    return {**{k: getattr(base, k) for k in SHARED}, "weights_sha256": weights.sha256,
+            "data_fingerprint": data["sha256"], "data_images": data["images"]}
+
+
+def recorded_settings(out) -> dict:
+    """The shared settings study.json recorded ({} when it has none: a study made before they were recorded)."""
+    path = Path(out) / STUDY_JSON
+    return (runs.read_json(path).get("settings") or {}) if path.is_file() else {}
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    """Refuse to resume a study with shared settings other than its own, naming each (old → new)."""
+    recorded = recorded_settings(out)
+    differing = [k for k in settings if k in recorded and k != "data_images" and recorded[k] != settings[k]]
+    if not differing:
+        return
+    shown = {"weights_sha256": lambda v: v[:12] if v else None, "data_fingerprint": lambda v: v[:12]}
+    details = ", ".join(f"{k}: {shown.get(k, repr)(recorded[k])} → {shown.get(k, repr)(settings[k])}"
+                        for k in differing)
+    if "data_fingerprint" in differing:
+        details += (f" ({sum(settings['data_images'].values())} images now, "
+                    f"{sum(recorded.get('data_images', {}).values())} when the study started)")
+    raise UserError(f"--resume with settings that differ from the study in {out} ({details}); its cells must share "
+                    "them: resume with the study's own settings and data, or start a new study with another --out")
 
 
 def summarise(study: Study, results: Sequence[dict]) -> dict:
@@ -269,12 +333,14 @@ def summarise(study: Study, results: Sequence[dict]) -> dict:
         c["verdict"] = "baseline" if c["name"] == "baseline" else "reference" if c.get("model") == "simple_cnn" else \
             verdict(c["effect_points"], noise)
     return {"folder": str(study.out), "weights": study.weights_label, "pretrained": study.pretrained,
-            "answers_the_question": study.pretrained, "epochs": study.base.n_epochs, "subset": study.base.subset,
+            "imagenet": study.weights.imagenet, "answers_the_question": study.weights.imagenet,
+            "settings": study.settings, "data_dir": study.base.data_dir, "epochs": study.base.n_epochs,
+            "subset": study.base.subset,
             "n_train": len(study.train), "n_val": len(study.val), "noise_points": round(noise, 2), "cells": cells}
 
 
 def write_outputs(study: Study, answer: dict) -> None:
-    write_json(study.out / "study.json", answer)
+    write_json(study.out / STUDY_JSON, answer)
     write_text(study.out / "study.md", markdown(answer))
     cells = [c for c in answer["cells"] if c.get("model") != "simple_cnn"]
     reference = next((c for c in answer["cells"] if c.get("model") == "simple_cnn"), None)
@@ -288,8 +354,11 @@ def write_outputs(study: Study, answer: dict) -> None:
 
 def markdown(answer: dict) -> str:
     """study.md: the weights first, then the table sorted by effect, then one sentence per hypothesis."""
-    if answer["pretrained"]:
+    if answer.get("imagenet", answer["pretrained"]):
         lines = [f"Weights: {answer['weights']}.", ""]
+    elif answer["pretrained"]:
+        lines = [f"Weights: {answer['weights']}: the original's question is about ImageNet features, so these "
+                 "numbers answer it only as far as these weights stand in for them.", ""]
     else:
         lines = [f"Weights: {answer['weights']}: NO PRETRAINING was used, so these numbers do not answer the "
                  "original's question (which is about ImageNet features); they only show the pipeline works.", ""]

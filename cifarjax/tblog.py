@@ -1,4 +1,5 @@
-"""Scalars (losses, accuracies, learning rate, images per second) as TensorBoard event files in the run folder,
+"""Scalars (losses, accuracies, learning rate, images per second at evaluations; the training loss of the recent
+steps every 25 steps) as TensorBoard event files in the run folder,
 written with TensorBoard's own numpy-only writer (`tensorboard.summary.Writer`, the `tensorboard` extra).
 
     tensorboard --logdir runs/          # then open http://localhost:6006
@@ -10,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cifarjax.errors import warn
-from cifarjax.files import best_effort
+from cifarjax.files import best_effort, record_output
 
 
 class ScalarLog:
@@ -24,17 +25,25 @@ class ScalarLog:
             warn("TensorBoard is not installed, so no event files are written; pip install 'cifarjax[tensorboard]'",
                  key="tensorboard")
             return
+        folder = self.folder = Path(folder)
+        before = set(folder.glob("events.out.tfevents.*"))
         self.writer = best_effort(lambda: Writer(str(folder)), f"TensorBoard event files in {folder}")
+        for path in set(folder.glob("events.out.tfevents.*")) - before:
+            record_output(path)  # the run folder's manifest lists it, so --overwrite removes it and only it
 
     def write(self, step: int, scalars: dict) -> None:
         if self.writer is None:
             return
-        for tag, value in scalars.items():
-            if value is not None:
-                self.writer.add_scalar(tag, float(value), int(step))
-        self.writer.flush()
+        def write():
+            for tag, value in scalars.items():
+                if value is not None:
+                    self.writer.add_scalar(tag, float(value), int(step))
+            self.writer.flush()
+            return True
+        if not best_effort(write, f"TensorBoard event files in {self.folder}", fallback=False):
+            self.writer = None  # a full disk: the run goes on without them, said once
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            best_effort(self.writer.close, f"TensorBoard event files in {self.folder}")
             self.writer = None

@@ -28,11 +28,8 @@ def main(argv=None) -> None:
     summary = common.run_summary("cnn", s, s.config, result, n_train=len(s.train), n_val=len(s.val), **scored)
     if distributed.is_writer():
         write_json(s.run / runs.SUMMARY, summary)
-        print(f"validation accuracy {summary['val_accuracy']:.4f} after {plural(s.config.n_epochs, 'epoch')} "
-              f"(best {summary['best_val_accuracy']:.4f}, last-five mean "
-              f"{summary['last5_mean_val_accuracy']:.4f}); training {summary['wall_seconds']:.0f} s "
-              f"({summary['images_per_second']:.0f} images/s), whole process {summary['process_seconds']:.0f} s; "
-              f"run folder: {s.run}")
+        print(f"{plural(s.config.n_epochs, 'epoch')}: {common.closing_figures(summary)}; whole process "
+              f"{summary['process_seconds']:.0f} s; run folder: {s.run}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -18,13 +18,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import cifarjax  # noqa: E402
-from cifarjax import distributed, plots, runs  # noqa: E402
+from cifarjax import binding, distributed, plots, runs  # noqa: E402
 from cifarjax.augment import with_normalization  # noqa: E402
 from cifarjax.batching import train_indices  # noqa: E402
 from cifarjax.checkpoint import latest_epoch  # noqa: E402
 from cifarjax.config import Config  # noqa: E402
 from cifarjax.cpu import process as cpu_process, xla_flags  # noqa: E402
-from cifarjax.data import Dataset, Split, load_dataset, train_val_split  # noqa: E402
+from cifarjax.data import Dataset, Split, fingerprint, load_dataset, train_val_split  # noqa: E402
 from cifarjax.errors import UserError  # noqa: E402
 from cifarjax.evaluation import predict, score  # noqa: E402
 from cifarjax.files import cache_dir, write_json  # noqa: E402
@@ -60,19 +60,20 @@ def launch(main: Callable[[], None], package: str = "experiments") -> None:
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "torch", "torchvision", "albumentations")
 
 
-def parse(command: str, description: str, argv=None, nargs: Optional[dict] = None):
+def parse(command: str, description: str, argv=None, nargs: Optional[dict] = None, shown: Optional[dict] = None):
     """The command's flags, parsed; `args.command_line` records how it was called (for summary.json)."""
-    args = make_parser(command, description, nargs).parse_args(argv)
+    args = make_parser(command, description, nargs, shown).parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     args.command_line = " ".join([f"python -m experiments.{command}", *map(shlex.quote, map(str, argv))])
     return args
 
 
-def make_parser(command: str, description: str, nargs: Optional[dict] = None) -> Parser:
-    """Flags for the command's Config fields (from their metadata), the run folder and the distributed runtime."""
+def make_parser(command: str, description: str, nargs: Optional[dict] = None, shown: Optional[dict] = None) -> Parser:
+    """Flags for the command's Config fields (from their metadata), the run folder and the distributed runtime
+    (`shown`: defaults --help shows where the command's differ from its recipe's, as add_config_flags')."""
     p = Parser(prog=f"python -m experiments.{command}", description=description)
     add_config_flags(p, command, recipe_config(command if command in ("cnn", "finetune") else "finetune"),
-                     nargs=nargs)
+                     nargs=nargs, shown=shown)
     r = p.add_argument_group("run folder")
     r.add_argument("--out", default=None, help="run folder (default: runs/<experiment>-<timestamp>)")
     r.add_argument("--overwrite", action="store_true",
@@ -100,6 +101,9 @@ class Start:
     val: Split
     phases: Phases
     command_line: str
+    commands: Optional[list] = None  # every command that built the run, this one last (set by `open_run`)
+    saved: Optional[dict] = None  # the resumed run's config.json
+    binding: dict = field(default_factory=dict)  # what config.json records the run is bound to (cifarjax.binding)
 
 
 def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
@@ -110,9 +114,11 @@ def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
     """
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
     run = runs.check_out(args.out, command, args.overwrite, args.resume)
-    typed = given(args, command) if typed is None else typed
+    typed = binding.absolute_paths(given(args, command) if typed is None else typed)
+    saved = runs.read_json(run / runs.CONFIG) if args.resume else None
     if args.resume:
-        config = resumed_config(Config.from_dict(runs.read_json(run / runs.CONFIG)), typed, args.recipe, str(run))
+        binding.check_command(saved, runs.marker(run).get("experiment"), command, run)
+        config = resumed_config(Config.from_dict(saved), typed, args.recipe, str(run))
     else:
         config = new_config(command, args.recipe, typed, **fixed)
     if runs_on_cpu():
@@ -128,12 +134,16 @@ def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
     if args.resume and config.classes and tuple(dataset.classes) != tuple(config.classes):
         raise UserError(f"the data in {config.data_dir} has classes {list(dataset.classes)}, the run in {run} was "
                         f"trained on {list(config.classes)}; pass the run's own data folder")
+    data = fingerprint(dataset)
+    if args.resume:
+        binding.check_data(saved, data, config.data_dir, run)
     config = with_normalization(config.replace(classes=tuple(dataset.classes), num_classes=len(dataset.classes)),
                                 train.images)
     train_indices(len(train), config.batch_size, jax.device_count(), config.seed, 0)  # the batch fits data and devices
     distributed.agree({"config": {**config.to_dict(), "data_dir": None}, "data": data_fingerprint(train, val),
                        "run": str(run.resolve())}, "their settings")
-    return Start(config, run, args.resume, args.overwrite, dataset, train, val, phases, args.command_line)
+    return Start(config, run, args.resume, args.overwrite, dataset, train, val, phases, args.command_line,
+                 saved=saved, binding=binding.record(saved, data, args.command_line))
 
 
 def data_fingerprint(train: Split, val: Split) -> dict:
@@ -142,11 +152,13 @@ def data_fingerprint(train: Split, val: Split) -> dict:
 
 
 def open_run(s: Start, command: str, config_json: dict) -> None:
-    """Create (or replace) the run folder now that the run has started, write config.json, and check every
-    process sees the same folder."""
+    """Create (or replace) the run folder now that the run has started, write config.json (with every command
+    that built the run: the one that started it, then each resume), and check every process sees the same
+    folder."""
+    s.commands = s.binding.get("commands") or [s.command_line]
     if distributed.is_writer():
-        runs.create(s.run, command, replace=s.overwrite)
-        write_json(s.run / runs.CONFIG, config_json)
+        runs.create(s.run, command, replace=s.overwrite, take_lock=True)
+        write_json(s.run / runs.CONFIG, {**config_json, **s.binding, "commands": s.commands})
     distributed.barrier("run folder created")
     distributed.agree({"run_id": runs.marker(s.run).get("id")}, f"the run folder {s.run} (it must be the same "
                       "folder on shared storage for every process)")
@@ -188,8 +200,32 @@ def run_summary(experiment: str, s: Start, config: Config, result, **extra) -> d
             "train_accuracy": h.train_accuracy[-1], "train_loss": h.train_loss[-1],
             "val_accuracy_per_epoch": h.epoch_val_accuracy, "train_accuracy_per_epoch": h.train_accuracy,
             "wall_seconds": round(result.seconds, 2), "images_per_second": round(result.images_per_second, 1),
+            "this_process": result.this_process, "sessions": len(s.commands or [s.command_line]),
             "evaluated_weights": "moving average" if result.average is not None else "final",
-            **extra, **s.phases.summary(), **provenance(s.command_line), **environment()}
+            **extra, **s.phases.summary(), **provenance(s.command_line, s.commands), **environment()}
+
+
+def closing_figures(summary: dict) -> str:
+    """The closing line's figures, which add up: the readings (a last-N mean over the epochs there were), what
+    this process trained and how fast, and the training time over all sessions when the run was resumed."""
+    n = summary.get("last_mean_epochs", 5)
+    readings = (f"validation accuracy {summary['val_accuracy']:.4f} (best {summary['best_val_accuracy']:.4f}, "
+                f"{'last-five' if n == 5 else f'last-{n}'} mean {summary['last5_mean_val_accuracy']:.4f})")
+    mine = summary.get("this_process") or {}
+    if not mine.get("images_trained"):
+        trained = "this process trained nothing (the run had already finished)"
+    elif mine["training_seconds"] > 0 and mine["images_trained"] > mine["compile_images"]:
+        trained = (f"this process trained {mine['images_trained']:,} images: {mine['compile_seconds']:.0f} s "
+                   f"compiling (and the first {mine['compile_images']:,}), then "
+                   f"{mine['images_trained'] - mine['compile_images']:,} in {mine['training_seconds']:.0f} s "
+                   f"({mine['images_per_second']:.0f} images/s)")
+    else:
+        trained = (f"this process trained {mine['images_trained']:,} images in one call of "
+                   f"{mine['compile_seconds']:.0f} s, compilation included")
+    if summary.get("sessions", 1) > 1:
+        trained += (f"; {summary['wall_seconds']:.0f} s of training (compilation included) and evaluation over all "
+                    f"{summary['sessions']} sessions")
+    return f"{readings}; {trained}"
 
 
 def git_commit() -> Optional[str]:
@@ -206,7 +242,7 @@ def git_commit() -> Optional[str]:
         return None
 
 
-def provenance(command_line: str) -> dict:
+def provenance(command_line: str, commands: Optional[list] = None) -> dict:
     versions = {}
     for name in PACKAGES:
         try:
@@ -215,7 +251,7 @@ def provenance(command_line: str) -> dict:
             versions[name] = None
     started = Phases().started
     return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-            "command": command_line,
+            "command": command_line, "commands": commands or [command_line],
             "git_commit": git_commit(), "cifarjax": cifarjax.__version__, "packages": versions}
 
 

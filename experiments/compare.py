@@ -1,10 +1,13 @@
-"""Compare runs: their validation curves in one plot, and a table of the settings that differ and their final,
-best and last-five-mean validation accuracy.
+"""Compare runs: their validation curves in one plot, and a table of the settings that differ with each run's
+final validation accuracy and loss, best accuracy and mean accuracy over the last five epochs.
 
-    python -m experiments.compare RUN [RUN ...] [--plot comparison.png]
+    python -m experiments.compare RUN [RUN ...] [--out comparison.png]
+
+The plot goes to the first run's plots/comparison.png unless --out names another file.
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from cifarjax import plots, runs
@@ -13,16 +16,25 @@ from cifarjax.errors import UserError, exit_on_user_error
 from cifarjax.flags import Parser
 from cifarjax.loop import History
 
-IGNORED = ("classes", "norm_mean", "norm_std", "data_dir", "weights_label")
+IGNORED = ("classes", "norm_mean", "norm_std", "data_dir", "weights_label", "n_epochs", "epoch_counts", "weights_file",
+           "weights_sha256", "data_fingerprint", "commands", "frozen_params")
+WIDTH = 100  # the table's most columns; settings that do not fit are listed under it
+DEFAULT_PLOT = Path(runs.PLOTS) / "comparison.png"
 
 
 def load_run(folder) -> dict:
     """A run's name, config and history (from its config.json and metrics.jsonl)."""
     run = find_run(folder) if not (Path(folder) / runs.METRICS).is_file() else Path(folder)
     records = runs.read_metrics(run)
-    if not records:
-        raise UserError(f"{run} has no evaluations in {runs.METRICS} yet; pass a run that finished an epoch")
-    return {"name": str(folder), "config": runs.read_json(run / runs.CONFIG), "history": History(records)}
+    if not any(r.get("epoch_end") for r in records):
+        raise UserError(f"{run} has no finished epoch in {runs.METRICS} yet; pass a run that finished an epoch")
+    return {"name": str(folder), "folder": run, "config": runs.read_json(run / runs.CONFIG),
+            "history": History(records)}
+
+
+def val_losses(history: History) -> list:
+    """The validation loss at each epoch end (None in records written before it was recorded)."""
+    return [r.get("val_loss") for r in history.records if r.get("epoch_end")]
 
 
 def differing(configs: list) -> list:
@@ -30,35 +42,86 @@ def differing(configs: list) -> list:
     return [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
 
 
-def table(loaded: list) -> str:
-    """Settings that differ, then final, best and last-five-mean validation accuracy, one row per run."""
-    keys = differing([r["config"] for r in loaded])
-    header = ["run", *keys, "epochs", "final %", "best %", "last-5 mean %"]
+def short_names(names: list) -> list:
+    """The run names without the folders they all share ('runs/a', 'runs/b' -> 'a', 'b'); the same run given
+    twice is numbered."""
+    parts = [Path(n).parts for n in names]
+    common = 0
+    while len(names) > 1 and all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    short = [str(Path(*p[common:])) for p in parts]
+    return short if len(set(short)) == len(short) else [f"{n} ({i})" for i, n in enumerate(short, 1)]
+
+
+def _cell(value) -> str:
+    return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def table(loaded: list, width: int = WIDTH) -> str:
+    """One row per run: the settings that differ, epochs trained, then final validation accuracy and loss, best
+    accuracy and the mean of the last five epochs' (fewer when fewer ran). Settings columns that would make the
+    table wider than `width` are listed under it instead."""
+    histories = [r["history"] for r in loaded]
+    n_last = min(5, *(len(h.epoch_val_accuracy) for h in histories))
     rows = []
-    for r in loaded:
-        read = r["history"].readings()
-        rows.append([r["name"], *[str(r["config"].get(k)) for k in keys], str(len(r["history"].epoch_val_accuracy)),
-                     *[f"{100 * read[k]:.2f}" if k in read else "-" for k in
-                       ("val_accuracy", "best_val_accuracy", "last5_mean_val_accuracy")]])
-    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+    for r, h in zip(loaded, histories):
+        acc, trained, planned = h.epoch_val_accuracy, len(h.epoch_val_accuracy), r["config"].get("n_epochs")
+        losses = val_losses(h)
+        rows.append([str(trained) if planned in (None, trained) else f"{trained}/{planned}",
+                     f"{100 * acc[-1]:.2f}", f"{losses[-1]:.4f}" if losses and losses[-1] is not None else "-",
+                     f"{100 * max(acc):.2f}", f"{100 * sum(acc[-n_last:]) / n_last:.2f}"])
+    header = ["epochs", "val acc %", "val loss", "best %", f"last-{n_last} mean %"]
+    names = short_names([r["name"] for r in loaded])
+    keys, columns, rest = differing([r["config"] for r in loaded]), [["run", *names]], []
+    fixed = [[h, *(row[i] for row in rows)] for i, h in enumerate(header)]
+    used = sum(max(map(len, c)) + 2 for c in columns + fixed)
+    for k in keys:
+        column = [k, *(_cell(r["config"].get(k)) for r in loaded)]
+        if used + max(map(len, column)) + 2 <= width:
+            columns.append(column)
+            used += max(map(len, column)) + 2
+        else:
+            rest.append(k)
+    columns += fixed
+    widths = [max(map(len, c)) for c in columns]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    out = [line([c[i] for c in columns]) for i in range(len(loaded) + 1)]
+    out.insert(1, line(["-" * w for w in widths]))
+    if rest:
+        out.append("other settings that differ:")
+    for name, r in zip(names, loaded) if rest else ():
+        settings = ", ".join(f"{k}={_cell(r['config'].get(k))}" for k in rest)
+        out += textwrap.wrap(f"{name}: {settings}", width, subsequent_indent="    ", break_on_hyphens=False)
+    return "\n".join(out)
+
+
+def plot_path(given, loaded: list, overwrite: bool) -> Path:
+    """Where the plot goes, checked as it will be written (matplotlib adds .png to a name without one)."""
+    path = Path(loaded[0]["folder"]) / DEFAULT_PLOT if given is None else Path(given).expanduser()
+    path = plots.output_path(path)
+    if path.is_dir():
+        raise UserError(f"--out {path} is a folder; give a file name such as {path / 'comparison.png'}")
+    if path.exists() and not overwrite and given is not None:
+        raise UserError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
+    return path
 
 
 @exit_on_user_error
 def main(argv=None) -> None:
-    p = Parser(prog="python -m experiments.compare", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m experiments.compare", description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("runs", nargs="+", help="run folders (the --out of cnn or finetune runs, or their sub-runs)")
-    p.add_argument("--plot", default="comparison.png", help="where to write the plot (default: comparison.png)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
+    p.add_argument("--out", "--plot", dest="plot", default=None, metavar="PATH",
+                   help=f"where to write the plot: .png (added when missing), .pdf or .svg (default: the first "
+                        f"run's {DEFAULT_PLOT}, replaced by each comparison)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = p.parse_args(argv)
     loaded = [load_run(folder) for folder in args.runs]
-    plot = Path(args.plot)
-    if plot.exists() and not args.overwrite:
-        raise UserError(f"{plot} exists; pass --overwrite to replace it, or choose another --plot")
+    plot = plot_path(args.plot, loaded, args.overwrite)
     print(table(loaded))
-    plots.plot_runs({r["name"]: {"val": r["history"].epoch_val_accuracy, "train": r["history"].train_accuracy}
-                     for r in loaded}, plot, title="Validation and training accuracy per epoch")
+    names = short_names([r["name"] for r in loaded])
+    plots.plot_runs({n: {"val": r["history"].epoch_val_accuracy, "train": r["history"].train_accuracy,
+                         "val_loss": val_losses(r["history"])} for n, r in zip(names, loaded)}, plot,
+                    title="Validation and training accuracy and validation loss per epoch")
     print(f"plot: {plot}")
 
 

@@ -12,11 +12,14 @@ a short run on one GPU.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from experiments import common
+from cifarjax import runs
 from cifarjax.errors import UserError, exit_on_user_error
 from cifarjax.flags import Parser, add_config_flags, given
 from cifarjax.recipes import recipe_config
-from cifarjax.study import BASELINE, DEFAULT_EPOCHS, DEFAULT_GRID, REFERENCE, study
+from cifarjax.study import BASELINE, DEFAULT_EPOCHS, DEFAULT_GRID, REFERENCE, recorded_settings, study
 
 FLAGS = ("seed", "batch_size", "weights", "conv_impl", "precision", "steps_per_call", "dataset", "data_dir", "decode_size",
          "subset", "eval_batch_size")
@@ -25,7 +28,8 @@ FLAGS = ("seed", "batch_size", "weights", "conv_impl", "precision", "steps_per_c
 def parser():
     p = Parser(prog="python -m experiments.study", description=__doc__.splitlines()[0])
     add_config_flags(p, "study", recipe_config("finetune").replace(**BASELINE), "the baseline's settings", only=FLAGS)
-    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"epochs per cell (default: {DEFAULT_EPOCHS})")
+    p.add_argument("--epochs", type=int, default=None, help=f"epochs per cell (default: {DEFAULT_EPOCHS}; on resume, "
+                                                               "the study's own)")
     p.add_argument("--cells", nargs="+", default=None, metavar="NAME",
                    help=f"run only these cells (baseline always): {', '.join(c.name for c in DEFAULT_GRID)}, "
                         f"{REFERENCE.name}")
@@ -33,7 +37,8 @@ def parser():
                    help="take the SimpleCNN reference from this finished experiments.cnn run instead of training it")
     p.add_argument("--out", default=None, help="the study folder (default: runs/study-<timestamp>)")
     p.add_argument("--overwrite", action="store_true", help="replace the study in --out (only one cifarjax made)")
-    p.add_argument("--resume", action="store_true", help="skip finished cells and resume an interrupted one")
+    p.add_argument("--resume", action="store_true",
+                   help="skip finished cells and resume an interrupted one, with the study's own settings and data")
     return p
 
 
@@ -53,11 +58,19 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     grid, want_reference = grid_for(args.cells)
     typed = given(args, "study")
-    answer = study(typed.pop("data_dir", None), typed.pop("weights", "imagenet"), grid, epochs=args.epochs,
-                   subset=typed.pop("subset", 0), out=args.out, resume=args.resume, overwrite=args.overwrite,
-                   cnn_run=args.cnn_run, train_reference=want_reference, combine=args.cells is None, **typed)
-    print(f"study folder: {answer['folder']} (study.md, study.json, plots/); noise ±{answer['noise_points']:.2f} "
-          "points")
+    if args.epochs is not None:
+        typed["n_epochs"] = args.epochs
+    if args.resume and args.out is not None:  # what was not typed is the study's own
+        recorded = recorded_settings(args.out)
+        saved_dir = runs.read_json(Path(args.out) / "study.json").get("data_dir") if recorded else None
+        typed = {**{k: v for k, v in recorded.items() if k in FLAGS + ("n_epochs",)},
+                 **({"data_dir": saved_dir} if saved_dir else {}), **typed}
+    answer = study(typed.pop("data_dir", None), typed.pop("weights", "imagenet"), grid,
+                   epochs=typed.pop("n_epochs", DEFAULT_EPOCHS), subset=typed.pop("subset", 0), out=args.out,
+                   resume=args.resume, overwrite=args.overwrite, cnn_run=args.cnn_run, train_reference=want_reference,
+                   combine=args.cells is None, **typed)
+    print(f"{answer['weights']}; study folder: {answer['folder']} (study.md, study.json, plots/); noise "
+          f"±{answer['noise_points']:.2f} points")
 
 
 if __name__ == "__main__":

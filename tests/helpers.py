@@ -69,3 +69,33 @@ def n_params(tree) -> int:
 def tree_bytes(folder: Path) -> dict:
     """{relative path: bytes} of every file below `folder`, to show nothing was touched."""
     return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def skip_unless_measured_xla_cpu(what: str) -> None:
+    """Skip the calling test, with its reason, where XLA's CPU compiler is not the one its expectation was measured
+    on (jaxlib 0.10 on x86-64, cifarjax.xla_flags.MEASURED_JAXLIB): `what` it checks (fusion choices, buffer
+    sizes from `memory_analysis()`) is that compiler's behaviour, not cifarjax's arithmetic."""
+    import platform
+
+    import jaxlib
+    import pytest
+    from cifarjax.xla_flags import MEASURED_JAXLIB
+    here = []
+    if not jaxlib.__version__.startswith(MEASURED_JAXLIB):
+        here.append(f"jaxlib {jaxlib.__version__}")
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        here.append(f"a {platform.machine()} CPU")
+    if jax.default_backend() != "cpu":
+        here.append(f"the {jax.default_backend()} backend")
+    if here:
+        pytest.skip(f"{what} is XLA's CPU compiler's behaviour as measured on jaxlib "
+                    f"{'/'.join(v + 'x' for v in MEASURED_JAXLIB)} on x86-64; here: {', '.join(here)}")
+
+
+def temporary_bytes(compiled, what: str) -> int:
+    """XLA's temporary-buffer bytes of a compiled program; skips the test where the backend does not report them."""
+    import pytest
+    analysis = compiled.memory_analysis()
+    if analysis is None or getattr(analysis, "temp_size_in_bytes", None) is None:
+        pytest.skip(f"{what}: this backend reports no memory analysis")
+    return analysis.temp_size_in_bytes

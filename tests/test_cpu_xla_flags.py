@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 from cifarjax.cpu.xla_flags import CPU_FLAGS, add_cpu_flags
+from tests.helpers import skip_unless_measured_xla_cpu, temporary_bytes
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
@@ -29,6 +30,7 @@ def test_the_cpu_flags_give_convolutions_to_xla_not_ynnpack():
     """In a fresh process without XLA_FLAGS, the CPU's flags added before JAX starts (as a command running on the
     CPU adds them) make the stem's convolution XLA's own; importing cifarjax alone leaves the same program's in a
     YNNPACK fusion."""
+    skip_unless_measured_xla_cpu("a YNNPACK fusion of the convolution")
     program = ("import jax, jax.numpy as jnp\n"
                "f = jax.jit(lambda x, k: jax.lax.conv_general_dilated(x, k, (2, 2), [(3, 3)] * 2,"
                " dimension_numbers=('NHWC', 'HWIO', 'NHWC')))\n"
@@ -69,6 +71,7 @@ def test_the_memory_schedule_needs_less_memory_and_changes_no_arithmetic():
     """ResNet-18's gradient in train mode, compiled with XLA's default schedule and with `MEMORY_SCHEDULE`: fewer
     bytes of temporaries, and bit for bit the same gradients and statistics (only the order of operations
     changes)."""
+    skip_unless_measured_xla_cpu("the memory schedule's smaller temporaries")
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -87,7 +90,7 @@ def test_the_memory_schedule_needs_less_memory_and_changes_no_arithmetic():
 
     compiled = [jax.jit(grads, compiler_options=options).lower(variables["params"], x).compile()
                 for options in (None, MEMORY_SCHEDULE)]
-    default, memory = (c.memory_analysis().temp_size_in_bytes for c in compiled)
+    default, memory = (temporary_bytes(c, "the memory schedule's bytes") for c in compiled)
     assert memory < default
     results = [c(variables["params"], x) for c in compiled]
     assert all(np.array_equal(a, b) for a, b in zip(*(jax.tree.leaves(r) for r in results)))

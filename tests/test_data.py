@@ -1,5 +1,6 @@
 import errno
 import json
+import os
 import pickle
 import time
 
@@ -298,3 +299,70 @@ def test_a_full_disk_leaves_no_temporary_files(tmp_path, monkeypatch, capsys, im
     assert len(load_dataset(image_folder).train) == 36
     assert "No space left" in capsys.readouterr().err
     assert [p.name for p in (cache_dir() / "datasets").iterdir()] == []
+
+
+def test_an_archive_as_data_folder_says_how_to_unpack_it(tmp_path):
+    import tarfile
+    import zipfile
+    make_image_folder(tmp_path / "src" / "cifar10-jpeg", n_train=1, n_test=0)
+    archive = tmp_path / "data.tar.gz"
+    with tarfile.open(archive, "w:gz") as t:
+        t.add(tmp_path / "src" / "cifar10-jpeg", arcname="cifar10-jpeg")
+    with pytest.raises(UserError, match=r"is an archive; unpack it first \(tar xzf .*data\.tar\.gz -C DIR\), "
+                                        r"then pass --data-dir DIR/cifar10-jpeg$"):
+        load_dataset(archive)
+    with zipfile.ZipFile(tmp_path / "d.zip", "w") as z:
+        z.writestr("images/x.txt", "x")
+    with pytest.raises(UserError, match=r"unzip .*d\.zip -d DIR\), then pass --data-dir DIR/images$"):
+        load_dataset(tmp_path / "d.zip")
+    (tmp_path / "broken.tgz").write_bytes(b"not gzip")
+    with pytest.raises(UserError, match=r"is an archive; unpack it first .*DIR \(or the folder it unpacked into\)"):
+        load_dataset(tmp_path / "broken.tgz")
+
+
+@pytest.mark.parametrize("form", ["absolute", "relative", "dot"])
+def test_folder_cache_key_is_the_same_however_the_folder_is_named(tmp_path, monkeypatch, form):
+    """The fingerprint's relative names come from string slicing (a Path per file is slow): they must equal
+    str(Path.relative_to(root)) for every way of naming the folder, or every cache entry would be rebuilt."""
+    from pathlib import Path
+    root = make_image_folder(tmp_path / "d", n_train=2, n_test=1)
+    monkeypatch.chdir(tmp_path if form == "relative" else root)
+    given = {"absolute": root, "relative": Path("d"), "dot": Path(".")}[form]
+    keys = []
+    monkeypatch.setattr(data, "_cached", lambda kind, r, size, fingerprint, build: keys.append(fingerprint))
+    load_dataset(given)
+    expected = {s: [(str(Path(p).relative_to(root)), Path(p).stat().st_size, Path(p).stat().st_mtime_ns)
+                    for p in sorted(map(str, (root / s).rglob("*.png")))] for s in ("train", "test")}
+    assert keys == [expected]
+    assert expected["train"][0][0] == "train/cat/0000.png"
+
+
+def test_a_torchvision_that_cannot_be_imported_is_one_line_with_the_fix(tmp_path):
+    """A torch/torchvision mismatch fails inside torchvision's operator registration with a 30-line traceback;
+    in a real process it must be one line naming the matching pair to install."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    fake = tmp_path / "site" / "torchvision"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    path = f"{tmp_path / 'site'}{os.pathsep}{Path(__file__).resolve().parents[1]}"  # the broken one first
+    result = subprocess.run([sys.executable, "-m", "cifarjax.data", "--dataset", "fake", "x"], capture_output=True,
+                            text=True, env=dict(os.environ, PYTHONPATH=path, NO_ALBUMENTATIONS_UPDATE="1"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    line, = result.stderr.strip().splitlines()
+    assert line.startswith("error: cannot import torchvision.datasets (RuntimeError: operator torchvision::nms")
+    assert "fix: pip install 'torch==" in line and "--index-url https://download.pytorch.org/whl/cpu" in line
+
+
+def test_the_fix_names_the_torchvision_built_for_the_installed_torch(monkeypatch):
+    import importlib.metadata
+
+    from cifarjax import torchlib
+    versions = {"torch": "2.14.1+cpu", "torchvision": "0.28.0"}
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: versions[name])
+    message = torchlib.broken_install("torchvision", AttributeError("x"))
+    assert "not a matching pair (torch 2.14.1+cpu needs torchvision 0.29)" in message
+    assert "fix: pip install 'torch==2.14.1' 'torchvision==0.29.*'" in message
+    versions["torchvision"] = "0.29.1"
+    assert "installed but broken" in torchlib.broken_install("torchvision", AttributeError("x"))

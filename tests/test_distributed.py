@@ -109,9 +109,8 @@ def test_a_killed_peer_ends_the_other_cleanly_and_resume_completes_exactly(data_
     while time.time() < deadline and len(runs.read_metrics(out)) < 2:
         time.sleep(0.2)
     children[1].send_signal(signal.SIGKILL)
-    start = time.time()
-    code, _, err = finish(children[:1], timeout=90)[0]
-    assert time.time() - start < 70 and code != 0
+    code, _, err = finish(children[:1], timeout=90)[0]  # the timeout is the hang guard: no wall-clock assertion
+    assert code != 0
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "another process of this distributed run stopped" in errors[0], err[-3000:]
     assert "Traceback" not in err and "Check failure" not in err

@@ -88,7 +88,7 @@ def test_finetune_one_epoch_keeps_the_backbone_bit_identical(data_dir, tmp_path)
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(port["params"]["head"]["kernel"], trained["params"]["head"]["kernel"])
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["cached_features"] and "torchvision file" in summary["weights"]
+    assert summary["cached_features"] and "not torchvision's published ImageNet weights" in summary["weights"]
 
 
 @pytest.mark.slow
@@ -196,9 +196,25 @@ def test_resume_continues_and_refuses_changed_settings(data_dir, tmp_path, capsy
     out = tmp_path / "run"
     base = ["--data-dir", str(data_dir), "--batch-size", "8", "--conv-impl", "xla", "--out", str(out)]
     cnn.main(base + ["--epochs", "1"])
+    line = capsys.readouterr().out
+    assert "last-1 mean" in line and "this process trained 48 images" in line and "sessions" not in line
     cnn.main(base + ["--epochs", "2", "--resume"])
-    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 2
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    # the closing line's figures add up: this process's images and time; all sessions' time labelled as such
+    line, mine = capsys.readouterr().out, summary["this_process"]
+    assert mine["images_trained"] == 48 and f"this process trained 48 images: " in line  # 6 steps of 8
+    assert "last-2 mean" in line and "over all 2 sessions" in line and summary["sessions"] == 2
+    if mine["training_seconds"] >= 0.1:
+        rate = (mine["images_trained"] - mine["compile_images"]) / mine["training_seconds"]
+        assert mine["images_per_second"] == pytest.approx(rate, rel=0.05)
+    assert [c.split("--out")[1].strip().split()[1:] for c in summary["commands"]] == [["--epochs", "1"],
+                                                                                     ["--epochs", "2", "--resume"]]
+    cnn.main(base + ["--epochs", "2", "--resume"])  # already finished: nothing to train
+    line = capsys.readouterr().out
+    assert "this process trained nothing (the run had already finished)" in line and "images/s" not in line
+    assert len(json.loads((out / "summary.json").read_text())["commands"]) == 3
     with pytest.raises(SystemExit):
         cnn.main(base + ["--epochs", "3", "--resume", "--crop-padding", "2"])
     assert "crop_padding: 0 → 2" in capsys.readouterr().err
@@ -219,3 +235,27 @@ def test_a_fresh_fine_tune_asks_for_its_schedule_before_the_backend_starts(data_
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     result = subprocess.run([sys.executable, "-c", program, *argv], capture_output=True, text=True, cwd=ROOT, env=env)
     assert result.stdout.split() == ["scheduler", scheduler], result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command", ["cnn", "finetune"])
+def test_help_shows_the_defaults_a_run_gets(command):
+    """Every settings flag's "(default: X)" is what a run without that flag uses (finetune: its three lengths),
+    and each recipe's own value is named beside it."""
+    from experiments import common
+    from cifarjax.flags import new_config
+    from cifarjax.recipes import RECIPES
+    shown = {"n_epochs": " ".join(map(str, finetune.DEFAULT_EPOCHS))} if command == "finetune" else None
+    parser = common.make_parser(command, "", shown=shown)
+    actions = {a.dest: a.help for a in parser._actions if a.help and "(default: " in a.help}
+    for name, recipe in RECIPES[command].items():
+        config = new_config(command, name, {})
+        for dest, text in actions.items():
+            if not hasattr(config, dest) or dest == "recipe":
+                continue
+            value = finetune.epoch_counts(parser.parse_args([])) if dest == "n_epochs" and command == "finetune" \
+                else getattr(config, dest)
+            value = " ".join(map(str, value)) if isinstance(value, list) else str(value)
+            parts = text.split("(default: ")[1].rstrip(")").split("; --recipe ")
+            said = {"original": parts[0], **dict(p.split(": ", 1) for p in parts[1:])}
+            assert said.get(name, said["original"]) == value, (command, name, dest, said, value)
+    assert "(default: 20 50 100)" in actions["n_epochs"] or command == "cnn"

@@ -12,7 +12,7 @@ from cifarjax.cpu.dense import dense_transposed_backward
 from cifarjax.cpu.fusion import materialize
 from cifarjax.layers import Conv, Dropout, conv2d, max_pool
 from cifarjax.models import ResNet18, SimpleCNN
-from tests.helpers import n_params
+from tests.helpers import n_params, skip_unless_measured_xla_cpu, temporary_bytes
 
 
 def torch_simple_cnn():
@@ -154,6 +154,7 @@ def test_recomputed_winograd_tiles_are_not_kept_for_the_backward_pass():
     temporaries than keeping them, by at least one convolution's tiles. XLA would silently keep the forward's
     tiles (and the bits would still match) if the recomputation were merged with them or its conditional folded
     away, as it is when the predicate reads a padded map's constant first element. Buffer sizes, not timings."""
+    skip_unless_measured_xla_cpu("the temporaries kept for the backward pass")
     x, w = jnp.ones((4, 34, 34, 16)), jnp.full((3, 3, 16, 16), 0.01)
 
     def temporaries(keep_tiles):
@@ -163,7 +164,7 @@ def test_recomputed_winograd_tiles_are_not_kept_for_the_backward_pass():
                 x = jnp.pad(jax.nn.relu(jnp.concatenate([jnp.concatenate(row, 2) for row in y], 1)),
                             ((0, 0), (1, 1), (1, 1), (0, 0)))
             return jnp.sum(x ** 2)
-        return jax.jit(jax.grad(f, (0, 1))).lower(x, w).compile().memory_analysis().temp_size_in_bytes
+        return temporary_bytes(jax.jit(jax.grad(f, (0, 1))).lower(x, w).compile(), "the Winograd tiles' bytes")
     one_convolutions_tiles = 36 * 4 * 8 * 8 * 16 * 4
     assert temporaries(False) <= temporaries(True) - one_convolutions_tiles
 

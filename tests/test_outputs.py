@@ -83,11 +83,65 @@ def test_compare_tables_the_differing_settings_and_readings(two_runs, tmp_path, 
     compare.main([str(root / "a"), str(root / "b"), "--plot", str(tmp_path / "cmp.png")])
     out = capsys.readouterr().out
     header = out.splitlines()[0].split()
-    assert "lr" in header and "seed" in header and "batch_size" not in header
-    assert "final" in out and "best" in out and "last-5" in out and len(out.splitlines()) >= 4
+    assert header[:3] == ["run", "lr", "seed"] and "batch_size" not in header and "n_epochs" not in header
+    assert out.splitlines()[2].split()[:2] == ["a", "0.001"]  # runs named without the folder they share
+    assert "val acc %" in out and "val loss" in out and "best %" in out and "last-2 mean %" in out  # 2 epochs ran
     assert (tmp_path / "cmp.png").is_file()
     with pytest.raises(SystemExit):
         compare.main([str(root / "a"), "--plot", str(tmp_path / "cmp.png")])  # never overwrites silently
+
+
+def test_compare_table_fits_100_columns_and_lists_the_settings_that_do_not_fit():
+    from cifarjax.loop import History
+    records = [{"epoch": 1.0, "epoch_end": True, "val_accuracy": 0.5, "val_loss": 1.2, "train_accuracy": 0.4}]
+    keys = ["learning_rate_schedule_name", "label_smoothing", "weight_decay", "crop_padding", "optimizer",
+            "dropout", "ema_decay", "normalize", "warmup_epochs"]
+    loaded = [{"name": f"runs/experiment-number-{i}", "history": History(records),
+               "config": {**{k: f"value-{k}-{i}" for k in keys}, "n_epochs": 1 + i}} for i in range(2)]
+    lines = compare.table(loaded).splitlines()
+    assert max(map(len, lines)) <= 100 and "n_epochs" not in lines[0]
+    assert lines[2].startswith("experiment-number-0") and "1/2" in lines[3]  # run 1 trained 1 of its 2 epochs
+    listed = "\n".join(lines[4:])
+    assert all(k in lines[0] or f"{k}=value-{k}-1" in listed for k in keys)
+
+
+def test_compare_writes_into_the_first_run_by_default_and_checks_the_written_path(two_runs, tmp_path, capsys):
+    root = two_runs[0]
+    compare.main([str(root / "a"), str(root / "b")])
+    assert (root / "a" / "plots" / "comparison.png").is_file()
+    assert not (root.parent / "comparison.png").exists() and not os.path.exists("comparison.png")
+    (tmp_path / "mine.png").write_bytes(b"a user's own picture")
+    with pytest.raises(SystemExit):
+        compare.main([str(root / "a"), "--out", str(tmp_path / "mine")])  # matplotlib would write mine.png
+    assert (tmp_path / "mine.png").read_bytes() == b"a user's own picture"
+    assert "mine.png exists; pass --overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare.main([str(root / "a"), "--plot", str(tmp_path / "out.txt")])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error:" in err and ".txt" in err and "Traceback" not in err
+    assert not (tmp_path / "out.txt").exists()
+
+
+def test_compare_reads_a_metrics_file_whose_last_line_was_cut_by_a_crash(two_runs, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "cut"
+    shutil.copytree(two_runs[0] / "a", run)
+    with open(run / runs.METRICS, "a") as f:
+        f.write('{"step": 9, "epoch": 2.4, "train_lo')
+    compare.main([str(run), "--out", str(tmp_path / "c.png")])
+    out, err = capsys.readouterr()
+    assert "last line is incomplete" in err and "Traceback" not in err and "val acc %" in out
+    (run / runs.METRICS).write_text('{"broken\n' + (two_runs[0] / "a" / runs.METRICS).read_text())
+    with pytest.raises(SystemExit):
+        compare.main([str(run), "--out", str(tmp_path / "d.png")])
+    assert "line 1 is not JSON" in capsys.readouterr().err
+
+
+def test_compare_help_is_whole_sentences(capsys):
+    with pytest.raises(SystemExit):
+        compare.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "last five epochs." in out and "--out PATH" in out
 
 
 def captured_figure(monkeypatch):
@@ -105,6 +159,9 @@ def test_fine_tuning_plot_tells_the_runs_apart_and_does_not_zoom_silently(monkey
     val_ax, train_ax = figures[0].axes[:2]
     lines = val_ax.get_lines()
     assert len(lines) == 3 and len({l.get_linestyle() for l in lines}) == 3 and len({l.get_marker() for l in lines}) == 3
+    # the 50- and 100-epoch runs continue the shorter ones: each is drawn from where the one it continues ends
+    assert [(l.get_xdata()[0], l.get_xdata()[-1]) for l in lines] == [(1, 20), (20, 50), (50, 100)]
+    assert "continues 20 epochs" in lines[1].get_label() and "continues 50 epochs" in lines[2].get_label()
     low, high = val_ax.get_ylim()
     assert high - low >= plots.MIN_SPAN and "axis from" in val_ax.get_ylabel()
     assert len(train_ax.get_lines()) == 3
@@ -129,9 +186,11 @@ def test_sample_predictions_place_every_image_under_its_marked_title(monkeypatch
     assert len(titles) == 10 and titles[:2] == ["✓ a\n(a)", "✗ b\n(a)"]
     assert {t.get_color() for t in ax.texts} == {plots.PALETTE[0], plots.PALETTE[1]}
     canvas = ax.get_images()[0].get_array()
-    assert canvas.shape == (3 * 64, 4 * 40, 3)  # 3 rows of 4, each image with room for its title
-    np.testing.assert_array_equal(canvas[32:64, 4:36], images[0])
-    np.testing.assert_array_equal(canvas[2 * 64 + 32:3 * 64, 40 + 4:40 + 36], images[9])
+    gap_x, gap_y = 3, 8  # 1.6 inches per 35-pixel column: 0.36 inches of title is 8 pixels
+    row, col = 32 + gap_y, 32 + gap_x
+    assert canvas.shape == (3 * row, 4 * col, 3)  # 3 rows of 4, each image with room for its title, no more
+    np.testing.assert_array_equal(canvas[gap_y:row, 1:33], images[0])
+    np.testing.assert_array_equal(canvas[2 * row + gap_y:3 * row, col + 1:col + 33], images[9])
 
 
 def test_confusion_plot_has_counts_rates_and_accuracy(monkeypatch):
@@ -141,3 +200,51 @@ def test_confusion_plot_has_counts_rates_and_accuracy(monkeypatch):
     assert "accuracy 85.00%" in fig._suptitle.get_text()
     titles = [ax.get_title() for ax in fig.axes]
     assert "counts" in titles and "row-normalised (%)" in titles
+
+
+def test_runs_that_only_share_a_prefix_by_chance_are_drawn_whole(monkeypatch):
+    figures = captured_figure(monkeypatch)
+    plots.plot_runs({"a": {"val": [0.1, 0.2]}, "b": {"val": [0.1, 0.3, 0.4]}}, "x.png", "t")
+    assert [len(l.get_xdata()) for l in figures[0].axes[0].get_lines()] == [2, 3]
+
+
+def test_long_titles_are_wrapped_inside_their_figure(tmp_path):
+    """study_curves.png's title was cut at both edges: every title must lie inside its figure."""
+    title = "Validation accuracy per epoch: ResNet-18 fine-tuning study (" + "weights not ImageNet's, " * 6 + ")"
+    drawn = []
+    real_save = plots._save
+
+    def save(fig, path):
+        fig.canvas.draw()
+        box, width = fig._suptitle.get_window_extent(), fig.bbox.width
+        drawn.append((box.x0 >= 0 and box.x1 <= width, fig._suptitle.get_text().count("\n")))
+        return real_save(fig, path)
+    import unittest.mock
+    with unittest.mock.patch.object(plots, "_save", save):
+        plots.plot_runs({f"cell{i}": {"val": [0.3, 0.4]} for i in range(9)}, tmp_path / "c.png", title)
+        plots.plot_study_effects([{"name": "baseline", "effect_points": 0.0, "val_accuracy": 0.3}], 1.0, None, 0.3,
+                                 tmp_path / "s.png", title)
+    assert drawn == [(True, drawn[0][1]), (True, drawn[1][1])] and drawn[0][1] >= 1
+
+
+def test_a_plot_path_is_checked_as_it_will_be_written(tmp_path):
+    assert plots.output_path(tmp_path / "out") == tmp_path / "out.png"
+    assert plots.output_path(tmp_path / "out.pdf") == tmp_path / "out.pdf"
+    from cifarjax.errors import UserError
+    with pytest.raises(UserError, match=r"cannot be written as \.txt; name a \.png, \.pdf or \.svg file"):
+        plots.output_path(tmp_path / "out.txt")
+
+
+def test_tensorboard_has_the_training_loss_between_evaluations(tmp_path):
+    """The loss every 25 steps (each read of the queued steps' metrics), not only at evaluations."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from cifarjax.config import Config
+    from cifarjax.loop import train_loop
+    from tests.test_train import tiny_split
+    config = Config(batch_size=2, num_classes=3, eval_every=0, conv_impl="xla", n_epochs=1, checkpoint_seconds=0)
+    train_loop(config, tiny_split(60), tiny_split(6, seed=1), run=tmp_path)  # 30 steps, one evaluation
+    events = EventAccumulator(str(tmp_path / runs.TENSORBOARD))
+    events.Reload()
+    read = lambda tag: [e.step for e in (events.Tensors(tag) if tag in events.Tags()["tensors"]  # noqa: E731
+                                         else events.Scalars(tag))]
+    assert read("val/accuracy") == [30] and read("train/loss_recent_steps") == [25, 30]

@@ -1,0 +1,239 @@
+"""A run is bound to what made it (issue 34): its data, its weights and its settings are recorded and checked,
+and weights are what they claim to be."""
+import json
+import os
+import shutil
+import zipfile
+
+import jax
+import numpy as np
+import pytest
+
+from cifarjax.checkpoint import load_variables
+from cifarjax.data import fingerprint, load_dataset
+from cifarjax.errors import UserError
+from cifarjax.pretrained import (IMAGENET_DESCRIPTION, IMAGENET_SHA256, Weights, describe_weights, load_weights,
+                                 resnet18_from_torchvision)
+from experiments import cnn, evaluate, finetune, study
+from tests.helpers import make_image_folder, randomized_torchvision_resnet18
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return make_image_folder(tmp_path / "data", n_train=20, n_test=6, learnable=True)
+
+
+def fails(main, args, capsys, code=2):
+    """Run a command's main, expect exit `code`; return its one `error:` line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def save_resnet(path, seed=3, transform=None):
+    import torch
+    state = randomized_torchvision_resnet18(seed=seed).state_dict()
+    torch.save({k: transform(v) for k, v in state.items()} if transform else state, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+def test_imagenet_weights_are_recognised_by_their_sha256_only():
+    assert describe_weights("x.pth", IMAGENET_SHA256) == IMAGENET_DESCRIPTION == \
+        "ImageNet weights (torchvision IMAGENET1K_V1, verified)"
+    other = describe_weights("/w/resnet18-f37072fd.pth", "f37072fd" + "0" * 56)  # the name's prefix is not enough
+    assert "not torchvision's published ImageNet weights" in other and "/w/resnet18-f37072fd.pth" in other
+    assert describe_weights("random") == "random initialisation, no pretraining"
+    assert Weights("x.pth", IMAGENET_SHA256).imagenet and not Weights("random").pretrained
+
+
+def test_a_zip_member_that_fails_its_crc_is_refused(tmp_path):
+    path = save_resnet(tmp_path / "w.pth")
+    with zipfile.ZipFile(path) as archive:
+        member = max(archive.infolist(), key=lambda i: i.file_size)  # a tensor's bytes, stored uncompressed
+    data = bytearray(path.read_bytes())
+    start = member.header_offset + 30 + len(member.filename.encode()) + \
+        int.from_bytes(data[member.header_offset + 28:member.header_offset + 30], "little")
+    data[start + member.file_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=rf"member {member.filename} fails its CRC check"):
+        resnet18_from_torchvision(path)
+
+
+def test_the_hash_in_a_torchvision_name_is_checked_even_when_the_conversion_is_cached(tmp_path):
+    path = save_resnet(tmp_path / "mine.pth")
+    variables, digest = load_weights(path, tmp_path / "cache")  # converted and cached, keyed by the SHA-256
+    named = tmp_path / f"resnet18-{'0' * 8}.pth"
+    shutil.copy(path, named)
+    with pytest.raises(UserError, match=rf"its SHA-256 starts {digest[:8]}, its name promises 00000000"):
+        load_weights(named, tmp_path / "cache")
+    honest = tmp_path / f"resnet18-{digest[:8]}.pth"
+    shutil.copy(path, honest)
+    assert load_weights(honest, tmp_path / "cache")[1] == digest
+    save_resnet(path, seed=4)  # the same path, other weights: no cache hit can hide the change
+    other, other_digest = load_weights(path, tmp_path / "cache")
+    assert other_digest != digest
+    assert not np.array_equal(other["params"]["backbone"]["conv1"]["kernel"],
+                              variables["params"]["backbone"]["conv1"]["kernel"])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float64"])
+def test_every_float_dtype_in_a_weights_file_is_converted(tmp_path, dtype):
+    import torch
+    path = save_resnet(tmp_path / "w.pth", transform=lambda t: t.to(getattr(torch, dtype))
+                       if t.is_floating_point() else t)
+    variables = resnet18_from_torchvision(path)
+    expected = randomized_torchvision_resnet18(seed=3).conv1.weight.detach().to(getattr(torch, dtype)).float()
+    got = variables["params"]["backbone"]["conv1"]["kernel"]
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected.numpy().transpose(2, 3, 1, 0))
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("sparse", r"tensor layer1\.0\.conv1\.weight is stored as sparse_coo, not as a dense tensor"),
+    ("quantized", r"tensor layer1\.0\.conv1\.weight is quantized \(qint8\)"),
+    ("integer", r"tensor layer1\.0\.conv1\.weight holds int32 values where weights are floating point")])
+def test_tensors_that_are_not_dense_floats_are_refused_in_one_line(tmp_path, kind, message):
+    import torch
+    state = randomized_torchvision_resnet18(seed=3).state_dict()
+    t = state["layer1.0.conv1.weight"]
+    state["layer1.0.conv1.weight"] = {"sparse": lambda: t.to_sparse(),
+                                      "quantized": lambda: torch.quantize_per_tensor(t, 0.01, 0, torch.qint8),
+                                      "integer": lambda: t.to(torch.int32)}[kind]()
+    torch.save(state, tmp_path / "w.pth")
+    with pytest.raises(UserError, match=message):
+        resnet18_from_torchvision(tmp_path / "w.pth")
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def test_the_data_fingerprint_follows_the_images_not_the_folder(tmp_path, data_dir):
+    before = fingerprint(load_dataset(data_dir))
+    moved = shutil.copytree(data_dir, tmp_path / "moved")
+    assert fingerprint(load_dataset(moved)) == before
+    shutil.copy(data_dir / "train" / "cat" / "0000.png", data_dir / "train" / "cat" / "extra.png")
+    after = fingerprint(load_dataset(data_dir))
+    assert after["sha256"] != before["sha256"] and after["images"]["train"] == before["images"]["train"] + 1
+
+
+def test_a_run_is_bound_to_its_data(tmp_path, data_dir, capsys, monkeypatch):
+    """A relative --data-dir is stored absolute (evaluate and --resume from another folder use the run's data);
+    images added afterwards are refused by --resume and evaluate; the same images moved are accepted."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--data-dir", "data", "--epochs", "1", "--batch-size", "8", "--conv-impl", "xla", "--out", "run"]
+    cnn.main(args)
+    capsys.readouterr()
+    run = tmp_path / "run"
+    config = json.loads((run / "config.json").read_text())
+    assert config["data_dir"] == str(data_dir) and config["data_fingerprint"]["images"] == {"train": 60, "test": 18}
+    assert config["commands"] == ["python -m experiments.cnn " + " ".join(args)]
+    elsewhere = tmp_path / "elsewhere"
+    make_image_folder(elsewhere / "data", n_train=5, n_test=2)  # another "data" where the run is looked at from
+    monkeypatch.chdir(elsewhere)
+    evaluate.main([str(run), "--json"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 18  # the run's own test images
+    moved = shutil.copytree(data_dir, tmp_path / "moved")
+    shutil.copy(data_dir / "train" / "cat" / "0000.png", data_dir / "train" / "cat" / "extra.png")
+    resume = ["--resume", "--out", str(run), "--epochs", "2"]
+    error = fails(cnn.main, resume, capsys)
+    assert f"the data in {data_dir} differs from the run's" in error and "79 images now, 78 when the run started" \
+        in error and "--data-dir" in error
+    assert "differs from the run's" in fails(evaluate.main, [str(run)], capsys)
+    assert len(json.loads((run / "config.json").read_text())["commands"]) == 1  # a refused resume changed nothing
+    cnn.main(resume + ["--data-dir", "../moved"])  # moved data, same images: fine (and stored absolute)
+    config = json.loads((run / "config.json").read_text())
+    assert config["data_dir"] == str(moved) and len(config["commands"]) == 2 and config["n_epochs"] == 2
+    assert "--resume" in config["commands"][1]
+    assert json.loads((run / "summary.json").read_text())["commands"] == config["commands"]
+
+
+# ------------------------------------------------------------------------------------------------ weights of a run
+
+def test_a_fine_tune_is_bound_to_its_model_and_its_own_backbone(tmp_path, data_dir, capsys):
+    """The lengths share one frozen backbone file; replacing the weights file at the same path does not change a
+    resumed run's backbone; cnn --resume of a fine-tune run (and the reverse) is refused, naming the model."""
+    weights = save_resnet(tmp_path / "resnet18.pth", seed=3)
+    out = tmp_path / "ft"
+    base = ["--data-dir", str(data_dir), "--batch-size", "8", "--weights", str(weights), "--conv-impl", "xla",
+            "--out", str(out)]
+    finetune.main(base + ["--epochs", "1", "2"])
+    printed = capsys.readouterr().out
+    assert "not torchvision's published ImageNet weights" in printed.splitlines()[-1]
+    assert [p.relative_to(out).as_posix() for p in out.rglob("frozen_params.npz")] == ["frozen_params.npz"]
+    for sub in ("epochs-1", "epochs-2"):
+        ref = json.loads((out / sub / "config.json").read_text())["frozen_params"]
+        assert ref["path"] == "../frozen_params.npz" and len(ref["sha256"]) == 64
+    original = load_variables(out / "epochs-2")
+    port = resnet18_from_torchvision(weights, num_classes=3)
+    for a, b in zip(jax.tree.leaves(port["params"]["backbone"]), jax.tree.leaves(original["params"]["backbone"])):
+        np.testing.assert_array_equal(a, b)
+
+    error = fails(cnn.main, ["--resume", "--out", str(out / "epochs-2"), "--epochs", "3"], capsys)
+    assert "is a ResNet-18 run made by experiments.finetune" in error and "experiments.cnn trains a SimpleCNN" in error
+
+    save_resnet(weights, seed=5)  # today's file at the same path holds other weights
+    finetune.main(["--resume", "--out", str(out), "--epochs", "1", "3"])
+    capsys.readouterr()
+    resumed = load_variables(out / "epochs-3")
+    for a, b in zip(jax.tree.leaves(original["params"]["backbone"]), jax.tree.leaves(resumed["params"]["backbone"])):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(original["batch_stats"]), jax.tree.leaves(resumed["batch_stats"])):
+        np.testing.assert_array_equal(a, b)
+    assert list(out.rglob("frozen_params.npz")) == [out / "frozen_params.npz"]
+
+    (out / "frozen_params.npz").write_bytes((out / "frozen_params.npz").read_bytes()[:-2000] + bytes(2000))
+    assert "frozen_params.npz" in fails(evaluate.main, [str(out / "epochs-3")], capsys)
+
+    cnn_run = tmp_path / "cnn"
+    cnn.main(["--data-dir", str(data_dir), "--epochs", "1", "--batch-size", "8", "--conv-impl", "xla",
+              "--out", str(cnn_run)])
+    error = fails(finetune.main, ["--resume", "--out", str(cnn_run), "--epochs", "2"], capsys)
+    assert "is a SimpleCNN run made by experiments.cnn" in error
+
+
+# ------------------------------------------------------------------------------------------------ a study
+
+def test_a_study_is_bound_to_its_settings_and_says_its_weights_are_not_imagenet(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", n_train=12, n_test=0, learnable=True)
+    weights = save_resnet(tmp_path / "resnet18.pth", seed=3)
+    out = tmp_path / "study"
+    args = ["--data-dir", str(data), "--weights", str(weights), "--epochs", "1", "--batch-size", "8",
+            "--conv-impl", "xla", "--cells", "baseline", "--out", str(out)]
+    study.main(args)
+    closing = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "not torchvision's published ImageNet weights" in closing
+    answer = json.loads((out / "study.json").read_text())
+    assert answer["answers_the_question"] is False and answer["imagenet"] is False
+    assert answer["settings"]["n_epochs"] == 1 and len(answer["settings"]["weights_sha256"]) == 64
+    first = (out / "study.md").read_text().splitlines()[0]
+    assert "not torchvision's published ImageNet weights" in first and str(weights) in first
+
+    other = save_resnet(tmp_path / "other.pth", seed=4)
+    error = fails(study.main, ["--resume", "--out", str(out), "--epochs", "2", "--subset", "6", "--batch-size", "4",
+                               "--weights", str(other)], capsys)
+    for named in ("n_epochs: 1 → 2", "subset: 0 → 6", "batch_size: 8 → 4", f"weights: '{weights}' → '{other}'",
+                  "weights_sha256"):
+        assert named in error, named
+    shutil.copy(data / "train" / "cat" / "0000.png", data / "train" / "cat" / "extra.png")
+    assert "data_fingerprint" in fails(study.main, ["--resume", "--out", str(out)], capsys)
+    os.remove(data / "train" / "cat" / "extra.png")
+    study.main(["--resume", "--out", str(out), "--cells", "baseline"])  # its own settings; nothing left to train
+    assert "estimated training time" not in capsys.readouterr().out
+
+
+def test_a_fine_tune_that_must_start_over_refuses_a_replaced_weights_file(tmp_path, data_dir, capsys):
+    """A run stopped before its first checkpoint has nothing of its own to resume from but its frozen backbone:
+    the weights file must then be the one it started from."""
+    weights = save_resnet(tmp_path / "resnet18.pth", seed=3)
+    out = tmp_path / "ft"
+    finetune.main(["--data-dir", str(data_dir), "--batch-size", "8", "--weights", str(weights), "--conv-impl", "xla",
+                   "--epochs", "1", "--out", str(out)])
+    shutil.rmtree(out / "checkpoints")  # as if it stopped before its first checkpoint
+    save_resnet(weights, seed=5)
+    error = fails(finetune.main, ["--resume", "--out", str(out)], capsys)
+    assert f"the weights file {weights} changed since the run started" in error and "1 epoch fine-tune" in error

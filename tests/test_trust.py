@@ -1,0 +1,305 @@
+"""Nothing a user wrote is touched, and every fault is one line that leaves a resumable run (issue 34, 4 and 5)."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from cifarjax import runs
+from cifarjax.errors import UserError
+from experiments import cnn
+from tests.helpers import make_image_folder, run_module, tree_bytes
+from tests.test_reliability import ROOT, cnn_args, fails
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return make_image_folder(tmp_path / "data", n_train=20, n_test=6, learnable=True)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished two-epoch run with a checkpoint per epoch (copied by the tests that change it)."""
+    root = tmp_path_factory.mktemp("finished")
+    data = make_image_folder(root / "data", n_train=20, n_test=6, learnable=True)
+    cnn.main(cnn_args(data, root / "run", "--epochs", "2", "--checkpoint-seconds", "0"))
+    return root / "run", data
+
+
+def copy_run(finished, tmp_path):
+    import shutil
+    shutil.copytree(finished[0], tmp_path / "run")
+    return tmp_path / "run"
+
+
+# ------------------------------------------------------------------------------------------------ 4. user's files
+
+def test_overwrite_removes_exactly_the_files_cifarjax_wrote(finished, tmp_path, capsys):
+    out = copy_run(finished, tmp_path)
+    manifest = set((out / runs.MANIFEST).read_text().split())
+    steps = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert len(steps) == 2 and {f"checkpoints/{s}" for s in steps} <= manifest
+    assert {"config.json", "metrics.jsonl", "summary.json", "plots/training_results.png"} <= manifest
+    assert any(e.startswith("tensorboard/events.out.tfevents") for e in manifest)
+    (out / "plots" / "my_figure.png").write_text("mine")  # a user's files inside cifarjax's own folders
+    (out / "tensorboard" / "notes.txt").write_text("mine")
+    (out / "checkpoints" / "README").write_text("mine")
+    cnn.main(cnn_args(finished[1], out, "--overwrite"))
+    assert (out / "plots" / "my_figure.png").read_text() == "mine"
+    assert (out / "tensorboard" / "notes.txt").read_text() == "mine"
+    assert (out / "checkpoints" / "README").read_text() == "mine"
+    assert "kept checkpoints/README, plots/my_figure.png, tensorboard/notes.txt in" in capsys.readouterr().err
+    assert json.loads((out / runs.CONFIG).read_text())["n_epochs"] == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted([str(min(map(int, steps))), "README"])
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+def test_a_manifest_never_reaches_outside_its_run(tmp_path):
+    outside = tmp_path / "precious.txt"
+    outside.write_text("mine")
+    run = runs.create(tmp_path / "run", "cnn")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "x.png").write_text("mine")
+    (run / "plots").rmdir()
+    (run / "plots").symlink_to(tmp_path / "mine")  # a user's link where cifarjax's folder was
+    (run / runs.MANIFEST).write_text(f"../precious.txt\n{outside}\nconfig.json\nplots/x.png\n")
+    (run / runs.CONFIG).write_text("{}")
+    runs.remove_run_files(run)
+    assert outside.read_text() == "mine" and not (run / runs.CONFIG).exists()
+    assert (tmp_path / "mine" / "x.png").read_text() == "mine"
+
+
+def test_a_figure_path_is_checked_as_it_will_be_written(tmp_path):
+    from cifarjax import plots
+    (tmp_path / "fig.png").mkdir()
+    with pytest.raises(UserError, match="it is a folder"):
+        plots.plot_confusion_matrix(np.eye(2, dtype=int), ["a", "b"], tmp_path / "fig")  # matplotlib adds .png
+    with pytest.raises(UserError, match=r"\.txt is not an image format"):
+        plots.plot_confusion_matrix(np.eye(2, dtype=int), ["a", "b"], tmp_path / "out.txt")
+    assert not (tmp_path / "out.txt").exists()
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_run_folder_in_use_cannot_be_overwritten_or_resumed(finished, tmp_path, capsys):
+    out = copy_run(finished, tmp_path)
+    assert not (out / runs.LOCK).exists()  # released when the command ended
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / runs.LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": live.pid}))
+        before = tree_bytes(out)
+        for extra in (["--overwrite"], ["--resume", "--epochs", "3"]):
+            message = fails(cnn.main, cnn_args(finished[1], out, *extra), capsys)
+            assert f"in use by process {live.pid} on this machine" in message and f"kill {live.pid}" in message
+        assert tree_bytes(out) == before
+    finally:
+        live.kill()
+        live.wait()
+    (out / runs.LOCK).write_text(json.dumps({"host": "node-7", "pid": 1234}))
+    before = tree_bytes(out)
+    message = fails(cnn.main, cnn_args(finished[1], out, "--resume", "--epochs", "3"), capsys)
+    assert "process 1234 on host node-7" in message and str(out / runs.LOCK) in message and "delete" in message
+    assert tree_bytes(out) == before
+    (out / runs.LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": dead_pid()}))  # stale
+    cnn.main(["--resume", "--out", str(out), "--epochs", "3"])
+    assert json.loads((out / runs.SUMMARY).read_text())["epochs"] == 3
+
+
+# ------------------------------------------------------------------------------------------------ 5. faults
+
+def test_metrics_reader_tolerates_a_cut_last_line(tmp_path, capsys):
+    path = tmp_path / runs.METRICS
+    path.write_text('{"step": 1, "epoch": 1}\n{"step": 2, "ep')
+    assert runs.read_metrics(path) == [{"step": 1, "epoch": 1}] == runs.read_metrics(tmp_path)
+    assert "incomplete" in capsys.readouterr().err
+    path.write_text('{"step": 1\n{"step": 2}\n')
+    with pytest.raises(UserError, match="line 1 of .*metrics.jsonl"):
+        runs.read_metrics(path)
+    assert runs.read_metrics(tmp_path / "none") == []
+
+
+def test_a_second_ctrl_c_says_truthfully_what_is_saved(data_dir, tmp_path, capsys, monkeypatch):
+    from cifarjax import loop
+    evaluate = loop.Trainer.evaluate
+
+    def interrupted_in_epoch_two(self, step):
+        if step > self.steps_per_epoch:
+            raise KeyboardInterrupt  # what a second Ctrl-C raises, at once
+        return evaluate(self, step)
+    monkeypatch.setattr(loop.Trainer, "evaluate", interrupted_in_epoch_two)
+    out = tmp_path / "run"
+    message = fails(cnn.main, cnn_args(data_dir, out, "--epochs", "2", "--checkpoint-seconds", "0"), capsys, code=130)
+    assert "newest checkpoint (step 6, epoch 1)" in message and "--resume --out" in message
+    assert "nothing to resume" not in message
+    monkeypatch.setattr(loop.Trainer, "evaluate", evaluate)
+    cnn.main(["--resume", "--out", str(out)])
+    assert json.loads((out / runs.SUMMARY).read_text())["epochs"] == 2
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_temporary_folder(data_dir, tmp_path, capsys,
+                                                                                   monkeypatch):
+    import orbax.checkpoint as ocp
+    save = ocp.CheckpointManager.save
+
+    def full_at_the_second(self, step, *args, **kwargs):
+        if step > 6:
+            (self.directory / f"{step}.orbax-checkpoint-tmp-123").mkdir()
+            raise ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left on device [OS error: 28]")
+        return save(self, step, *args, **kwargs)
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_at_the_second)
+    out = tmp_path / "run"
+    message = fails(cnn.main, cnn_args(data_dir, out, "--epochs", "2", "--checkpoint-seconds", "0"), capsys)
+    assert "the disk is full" in message and str(out.resolve() / "checkpoints") in message and "--resume" in message
+    assert not list((out / "checkpoints").glob("*tmp*"))
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    cnn.main(["--resume", "--out", str(out)])  # the first epoch's checkpoint carries the run on
+    assert json.loads((out / runs.SUMMARY).read_text())["epochs"] == 2
+
+
+def test_a_damaged_checkpoint_prints_no_asyncio_traceback(finished, tmp_path, capfd):
+    from cifarjax.checkpoint import load_variables
+    out = copy_run(finished, tmp_path)
+    for chunk in (out / "checkpoints").glob("*/variables/ocdbt.process_0/d/*"):
+        chunk.write_bytes(b"damaged")
+    with pytest.raises(UserError, match="no intact checkpoint"):
+        load_variables(out)
+    time.sleep(0.5)  # tensorstore's other reads complete after the failed restore
+    assert "Event loop is closed" not in capfd.readouterr().err
+
+
+def test_a_run_killed_before_its_summary_is_completed_by_resume(data_dir, tmp_path, capsys, monkeypatch):
+    from cifarjax import plots
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(plots, "plot_training_results", killed)
+    out = tmp_path / "run"
+    message = fails(cnn.main, cnn_args(data_dir, out), capsys, code=130)
+    assert "checkpoint (step 6) is saved" in message and "--resume --out" in message
+    assert not (out / runs.SUMMARY).exists()
+    monkeypatch.undo()
+    cnn.main(["--resume", "--out", str(out)])
+    summary = json.loads((out / runs.SUMMARY).read_text())
+    assert summary["epochs"] == 1 and (out / "plots" / "training_results.png").is_file()
+    assert len(runs.read_metrics(out)) == 1
+
+
+@pytest.mark.slow
+def test_sigterm_stops_like_ctrl_c_and_says_so_at_once(tmp_path, data_dir):
+    out = tmp_path / "run"
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONPATH=ROOT)
+    child = subprocess.Popen([sys.executable, "-m", "experiments.cnn", *cnn_args(data_dir, out, "--epochs", "200",
+                                                                                   "--eval-every", "0")],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240  # a hang guard, not a timing
+    while time.time() < deadline and len(runs.read_metrics(out)) < 2:
+        time.sleep(0.2)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 143, err[-2000:]
+    assert "stopping after this step" in err and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "terminated (SIGTERM) at step" in errors[0] and "--resume --out" in errors[0]
+    assert not (out / runs.LOCK).exists()
+    done = runs.read_metrics(out)[-1]["epoch"]
+    result = run_module("experiments.cnn", "--resume", "--out", out, "--epochs", int(done) + 1)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------ 6. refused starts
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", str(2**64)], "seed must be at most 4294967295"),
+    (["--schedule", "cosine", "--warmup-epochs", "2", "--epochs", "2"], "--warmup-epochs 2 is not shorter than --epochs 2"),
+    (["--schedule", "onecycle", "--warmup-epochs", "3", "--epochs", "1"], "--warmup-epochs 3 is not shorter"),
+    (["--crop-padding", "17"], "crop-padding 17 is more than half the 32-pixel image"),
+    (["--epochs", "1000000"], "epochs must be at most"),
+    (["--eval-batch-size", str(2**40)], "eval-batch-size must be at most"),
+])
+def test_a_refused_start_leaves_nothing(data_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    assert message in fails(cnn.main, cnn_args(data_dir, out) + args, capsys)
+    assert not out.exists()
+
+
+def test_a_recipes_warm_up_fits_a_short_run():
+    from cifarjax.flags import new_config
+    from cifarjax.optim import lr_at
+    short = new_config("cnn", "improved", {"n_epochs": 3})
+    assert short.warmup_epochs == pytest.approx(0.45)  # the recipe's 3 of 20 epochs, as a share of 3
+    rates = [lr_at(short, 10, step) for step in range(30)]
+    assert int(np.argmax(rates)) == 4 and rates[-1] < rates[4] / 100  # peaks at 15% of the run, then decays
+    assert new_config("cnn", "improved", {"n_epochs": 3, "warmup_epochs": 1.0}).warmup_epochs == 1.0  # typed wins
+    assert new_config("cnn", "improved", {}).warmup_epochs == 3.0
+
+
+def test_resume_does_not_stretch_a_schedule_over_the_run():
+    from cifarjax.config import Config
+    from cifarjax.flags import resumed_config
+    with pytest.raises(UserError, match=r"--epochs 5 on resume: .* onecycle .* its 3 epochs.*--epochs 3"):
+        resumed_config(Config(schedule="onecycle", n_epochs=3), {"n_epochs": 5}, None, "RUN")
+    assert resumed_config(Config(schedule="onecycle", n_epochs=3), {"n_epochs": 3}, None, "RUN").n_epochs == 3
+    assert resumed_config(Config(n_epochs=3), {"n_epochs": 5}, None, "RUN").n_epochs == 5  # constant: no stretch
+
+
+# ------------------------------------------------------------------------------------------------ 7. library inputs
+
+def test_the_library_checks_its_inputs():
+    from cifarjax.config import Config
+    from cifarjax.data import Dataset, Split, train_val_split
+    from cifarjax.evaluation import predict, score
+    from cifarjax.loop import train_loop
+    from tests.test_train import fast, tiny_split
+    images, labels = np.zeros((10, 32, 32, 3), np.uint8), np.zeros(10, np.int32)
+    with pytest.raises(UserError, match="as many labels as images: got uint8 \\(10, 32, 32, 3\\) images and 12"):
+        Split(images, np.zeros(12, np.int32))
+    with pytest.raises(UserError, match="labels must be a 1-D integer array"):
+        Split(images, np.zeros(10, np.float32))
+    with pytest.raises(UserError, match=r"training images must be a uint8 array of shape \(N, height, width, 3\)"):
+        train_loop(fast(n_epochs=1), Split(images.astype(np.float32), labels), tiny_split(12))
+    with pytest.raises(UserError, match="images to predict must be a uint8 array .* got uint8 \\(10, 32, 32\\)"):
+        predict(Config(), {}, Split(images[..., 0], labels))
+    with pytest.raises(UserError, match="images to predict are empty"):
+        predict(Config(), {}, Split(images[:0], labels[:0]))
+    with pytest.raises(UserError, match="as many predictions as labels"):
+        score(labels, labels[:5], ["a", "b"])
+    with pytest.raises(UserError, match=r"label\(s\) outside \[0, 2\)"):
+        score(labels + 2, labels, ["a", "b"])
+    with pytest.raises(UserError, match="empty validation split"):
+        train_val_split(Dataset("folder", ("a",), Split(images[:2], labels[:2]), None))
+
+
+def test_a_data_dir_symlink_loop_is_reported_as_a_loop(tmp_path, capsys):
+    (tmp_path / "data").symlink_to(tmp_path / "data")
+    message = fails(cnn.main, ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "o")], capsys)
+    assert "symbolic link loops" in message and "does not exist" not in message
+
+
+def test_a_full_disk_while_appending_metrics_names_the_file_and_the_run_resumes(data_dir, tmp_path, capsys,
+                                                                               monkeypatch):
+    import errno
+    append = runs.append_metrics
+
+    def full_at_the_second(run, record):
+        if record["epoch"] > 1:
+            with open(run / runs.METRICS, "a") as f:
+                f.write('{"step": ')  # what a full disk leaves: a cut line
+            raise OSError(errno.ENOSPC, "No space left on device", str(run / runs.METRICS))
+        append(run, record)
+    monkeypatch.setattr(runs, "append_metrics", full_at_the_second)
+    out = tmp_path / "run"
+    message = fails(cnn.main, cnn_args(data_dir, out, "--epochs", "2", "--checkpoint-seconds", "0"), capsys)
+    assert "No space left on device" in message and str(out / runs.METRICS) in message
+    assert len(runs.read_metrics(out)) == 1
+    monkeypatch.undo()
+    cnn.main(["--resume", "--out", str(out)])
+    assert [r["epoch"] for r in runs.read_metrics(out)] == [1, 2]
