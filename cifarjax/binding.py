@@ -6,6 +6,7 @@ A mismatch is refused in one line naming what changed; the same images in anothe
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +19,12 @@ NAMED_WEIGHTS = ("imagenet", "random")
 
 def absolute(path) -> Optional[str]:
     """`path` as an absolute path (None stays None), so that a run means the same folder from any folder."""
-    return None if path is None else str(Path(path).expanduser().resolve())
+    if path is None:
+        return None
+    try:
+        return str(Path(path).expanduser().resolve())
+    except (OSError, RuntimeError):  # a symbolic link loop: the loader names it
+        return os.path.abspath(os.path.expanduser(path))
 
 
 def absolute_paths(values: dict) -> dict:
