@@ -61,6 +61,8 @@ def check_out(out, experiment: str, overwrite: bool = False, resume: bool = Fals
     """The run folder for --out, checked before anything is written; raises UserError when it may not be used."""
     if overwrite and resume:
         raise UserError("--overwrite and --resume contradict each other; pass one of them")
+    if resume and out is None:
+        raise UserError("--resume needs --out RUN: the folder of the run to continue")
     run = Path(out).expanduser() if out is not None else default_run_dir(experiment)
     blocker = _file_above(run)
     if blocker == run:

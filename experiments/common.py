@@ -183,7 +183,7 @@ def report_split(config: Config, result, split: Split, name: str, run: Path, pha
             preds = predict(config, result.eval_variables, split)
     result = score(split.labels, preds, config.classes)
     if distributed.is_writer():
-        with phases("plotting", "writing plots"):
+        with phases("plotting", "writing the confusion matrix and sample predictions"):
             plots.plot_confusion_matrix(np.asarray(result["confusion_matrix"]), config.classes,
                                         run / runs.PLOTS / "confusion_matrix.png",
                                         title=f"Confusion matrix ({name} split, {len(split)} images)")

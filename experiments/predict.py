@@ -11,6 +11,7 @@ is 0 when at least one image was classified (--json lists the unreadable ones), 
 from __future__ import annotations
 
 import json
+import os
 
 from experiments import common
 from cifarjax.errors import UserError, exit_on_user_error
@@ -47,6 +48,8 @@ def main(argv=None) -> None:
     run = load_run(args.run)
     files = image_files(args.images)
     if not files:
+        if not any(os.path.exists(path) for path in args.images):
+            raise UserError(f"{', '.join(args.images)}: no such file or folder; pass image files or folders")
         raise UserError(f"no images to classify in {', '.join(args.images)}; pass image files or folders holding "
                         f"{', '.join(IMAGE_EXTENSIONS)} files")
     k = min(args.top, len(run.classes))
