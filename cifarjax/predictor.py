@@ -19,7 +19,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from cifarjax import runs
-from cifarjax.checkpoint import find_run, load_variables
+from cifarjax.checkpoint import find_run, latest_epoch, load_variables
 from cifarjax.config import Config
 from cifarjax.data import Split
 from cifarjax.errors import UserError, warn
@@ -30,8 +30,10 @@ from cifarjax.sources import IMAGE_EXTENSIONS, decode_image
 class Run:
     """A finished run: its folder, resolved `config`, the `variables` it evaluates with, and predictors."""
 
-    def __init__(self, path: Path, config: Config, variables: dict, average: bool):
+    def __init__(self, path: Path, config: Config, variables: dict, average: bool, epochs: Optional[float] = None,
+                 started_from: Optional[str] = None):
         self.path, self.config, self.variables, self.average = path, config, variables, average
+        self.epochs, self.started_from = epochs, started_from  # epochs trained; a ResNet's starting weights
         self._evaluator = None
 
     @property
@@ -43,6 +45,15 @@ class Run:
     def weights(self) -> str:
         """Which weights predict: 'moving average' or 'final'."""
         return "moving average" if self.average else "final"
+
+    @property
+    def description(self) -> str:
+        """Which weights predict, where training stopped when the run is unfinished, and what a ResNet's weights
+        started from ('final weights, 3 of 20 epochs (unfinished), random initialisation, no pretraining')."""
+        parts = [f"{self.weights} weights"]
+        if self.epochs is not None and self.epochs < self.config.n_epochs:
+            parts.append(f"{self.epochs:g} of {self.config.n_epochs} epochs (unfinished)")
+        return ", ".join(parts + ([self.started_from] if self.started_from else []))
 
     def records(self) -> list:
         """The run's metrics.jsonl: one dict per evaluation during training."""
@@ -79,7 +90,7 @@ class Run:
         return [(self.classes[i], float(probabilities[i])) for i in order]
 
     def __repr__(self) -> str:
-        return f"Run({str(self.path)!r}, {self.config.model}, {len(self.classes)} classes, {self.weights} weights)"
+        return f"Run({str(self.path)!r}, {self.config.model}, {len(self.classes)} classes, {self.description})"
 
 
 def load_run(path, average: Optional[bool] = None) -> Run:
@@ -87,9 +98,11 @@ def load_run(path, average: Optional[bool] = None) -> Run:
     sub-runs, or a `train_loop`/`fine_tune_loop` run folder) with its newest intact checkpoint's weights.
     `average`: the moving average of the weights (default: when the run kept one)."""
     folder = find_run(Path(path).expanduser())
-    config = Config.from_dict(runs.read_json(folder / runs.CONFIG))
+    saved = runs.read_json(folder / runs.CONFIG)
+    config = Config.from_dict(saved)
     average = config.ema_decay > 0 if average is None else average
-    return Run(folder, config, load_variables(folder, average=average), average)
+    return Run(folder, config, load_variables(folder, average=average), average, latest_epoch(folder),
+               saved.get("weights_label"))
 
 
 def image_files(paths: Iterable) -> list:

@@ -68,7 +68,7 @@ def main(argv=None) -> None:
                                        run / runs.PLOTS / f"confusion_matrix_{name}.png",
                                        title=f"Confusion matrix ({name} split, {len(split)} images)")
     result = {**_rounded(result), "split": name, "weights": "moving average" if average else "final",
-              "tta_flip": config.tta_flip,
+              "epochs_trained": loaded.epochs, "started_from": loaded.started_from, "tta_flip": config.tta_flip,
               "run": str(run), "plot": str(path)}
     if args.json:
         print(json.dumps(result))
@@ -76,7 +76,7 @@ def main(argv=None) -> None:
     if args.split == "auto":
         print(f"no test split in {data_dir}: scored the run's validation split" if name == "val" else
               f"scored the test split of {data_dir}", file=sys.stderr)
-    print(f"{run} ({result['weights']} weights), {name} split\n{format_table(result)}\nconfusion matrix: {path}")
+    print(f"{run} ({loaded.description}), {name} split\n{format_table(result)}\nconfusion matrix: {path}")
 
 
 def _rounded(result: dict) -> dict:

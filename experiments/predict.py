@@ -63,12 +63,13 @@ def main(argv=None) -> None:
         raise UserError(f"none of the {len(files)} image(s) could be read (see the warnings above); pass image files "
                         "Pillow can open")
     if args.json:
-        print(json.dumps({"run": str(run.path), "weights": run.weights, "tta_flip": run.config.tta_flip,
+        print(json.dumps({"run": str(run.path), "weights": run.weights, "epochs_trained": run.epochs,
+                          "started_from": run.started_from, "tta_flip": run.config.tta_flip,
                           "predictions": [{"path": path, "top": [{"class": c, "probability": p} for c, p in top]}
                                           for path, top in rows],
                           "unreadable": unreadable}))
         return
-    print(f"{run.path} ({run.weights} weights{', test-time flips' if run.config.tta_flip else ''})\n{table(rows, k)}")
+    print(f"{run.path} ({run.description}{', test-time flips' if run.config.tta_flip else ''})\n{table(rows, k)}")
 
 
 if __name__ == "__main__":

@@ -146,3 +146,13 @@ def test_command_in_its_own_process(trained, tmp_path):
     done = run_module("experiments.predict", tmp_path / "nowhere", image)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().startswith("error: run folder")
+
+
+def test_a_run_says_which_weights_predict_where_training_stopped_and_what_it_started_from():
+    from cifarjax.config import Config
+    from cifarjax.predictor import Run
+    config = Config(n_epochs=20)
+    assert Run(Path("r"), config, {}, False, 20.0).description == "final weights"
+    unfinished = Run(Path("r"), config, {}, True, 3.0, "random initialisation, no pretraining")
+    assert unfinished.description == ("moving average weights, 3 of 20 epochs (unfinished), random initialisation, "
+                                      "no pretraining")
