@@ -1,6 +1,7 @@
 """Classifying new images with a finished run: `cifarjax.load_run` and `python -m experiments.predict`."""
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
