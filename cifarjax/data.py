@@ -156,6 +156,9 @@ def _folder_splits(root: Path):
     """{'train': (classes, files), 'test': ...} for an ImageFolder tree rooted at `root`."""
     splits = {s: sources.class_files(root / s) for s in ("train", "test") if (root / s).is_dir()}
     if not splits:
+        nested = sorted(e.path for e in os.scandir(root) if e.is_dir() and os.path.isdir(os.path.join(e.path, "train")))
+        if nested:  # the folder that holds the unpacked data, one level too high
+            raise UserError(f"{root} holds no train/ folder, but {nested[0]} does: pass --data-dir {nested[0]}")
         splits = {"train": sources.class_files(root)}
     return {s: v for s, v in splits.items() if v[1]}
 

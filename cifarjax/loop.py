@@ -310,8 +310,8 @@ class Trainer:
             jax.block_until_ready(p.eval_step(self.device_state, self.val_data, p.mine(eval_idx)))
         self.start_step = self.last_step = int(self.state.step)
         self.last_checkpoint = time.perf_counter()
-        self.compiled_steps = 0
-        self.step_seconds = {True: 0.0, False: 0.0}  # this fit's compiling first call, and the calls after it
+        self.compiled_programs, self.compiled_steps = set(), 0  # (idx.ndim of each program called, their steps)
+        self.step_seconds = {True: 0.0, False: 0.0}  # this fit's compiling first calls, and the calls after them
         self.t0 = time.perf_counter() - self.elapsed
 
     # -- the loop's jobs
@@ -339,11 +339,14 @@ class Trainer:
         return min((step // n + 1) * n for n in every if n)
 
     def step(self, step: int, idx: np.ndarray) -> None:
-        """One call of training steps ending at `step`; this session's first call compiles the step and is timed
-        as compilation."""
-        first = self.last_step == self.start_step
+        """One call of training steps ending at `step`. The first call of each program (one step, or `self.chunk`
+        steps in a scan) compiles it and is timed as compilation."""
+        first = idx.ndim not in self.compiled_programs
+        if first and self.compiled_programs:
+            self.sync()  # the steps queued before are training, not this program's compilation
+        message = "compiling the training step" if first and not self.compiled_programs else None
         start = time.perf_counter()
-        with self.phases("compilation" if first else "training", "compiling the training step" if first else None):
+        with self.phases("compilation" if first else "training", message):
             if idx.ndim == 2:
                 self.device_state, metrics = self.parallel.train_step(self.device_state, *self.feed(idx, step - 1))
             else:
@@ -351,7 +354,8 @@ class Trainer:
                 self.device_state, metrics = self.parallel.train_steps(self.device_state, data, np.swapaxes(local, 0, 1))
             if first:
                 jax.block_until_ready(metrics)
-                self.compiled_steps = step - self.start_step
+                self.compiled_programs.add(idx.ndim)
+                self.compiled_steps += step - self.last_step
             self.tracker.add(step, metrics)
             self.last_step = step
             if len(self.tracker.pending) >= 25:
@@ -489,7 +493,7 @@ class Trainer:
         return steps * self.config.batch_size / seconds if steps > 0 and seconds > 0 else 0.0
 
     def this_process(self) -> dict:
-        """This fit's figures, which add up: `images_trained` in this process; the first call's
+        """This fit's figures, which add up: `images_trained` in this process; each program's first call's
         `compile_seconds` (compilation and its `compile_images`); then `training_seconds` of steps (waiting for
         them included) at `images_per_second`. All zero when the fit had nothing left to train."""
         steps, batch = self.last_step - self.start_step, self.config.batch_size

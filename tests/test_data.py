@@ -320,6 +320,16 @@ def test_an_archive_as_data_folder_says_how_to_unpack_it(tmp_path):
         load_dataset(tmp_path / "broken.tgz")
 
 
+def test_the_folder_one_level_above_the_data_names_the_data(tmp_path, capsys):
+    """`tar xzf cifar10-jpeg-train.tar.gz -C DIR` makes DIR/cifar10-jpeg/train/...: --data-dir DIR is one level too
+    high, and must say where the data is rather than warn that `cifar10-jpeg` is an empty class."""
+    make_image_folder(tmp_path / "unpacked" / "cifar10-jpeg", n_train=1, n_test=0)
+    with pytest.raises(UserError, match=r"unpacked holds no train/ folder, but .*unpacked/cifar10-jpeg does: "
+                                        r"pass --data-dir .*unpacked/cifar10-jpeg$"):
+        load_dataset(tmp_path / "unpacked")
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("form", ["absolute", "relative", "dot"])
 def test_folder_cache_key_is_the_same_however_the_folder_is_named(tmp_path, monkeypatch, form):
     """The fingerprint's relative names come from string slicing (a Path per file is slow): they must equal

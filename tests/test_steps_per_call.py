@@ -51,6 +51,8 @@ def test_three_steps_per_call_give_the_bits_of_one(augment):
     assert [{k: v for k, v in r.items() if k != "wall_seconds"} for r in one.history.records] == \
         [{k: v for k, v in r.items() if k != "wall_seconds"} for r in three.history.records]
     assert [r["step"] for r in three.history.records] == [4, 5, 8, 10]
+    # Each program's first call is compilation: the first scan (steps 1-3) and the first single step (step 4).
+    assert one.this_process["compile_images"] == 1 * 8 and three.this_process["compile_images"] == (3 + 1) * 8
 
 
 def test_a_head_on_cached_features_gives_the_same_bits_in_a_rolled_loop():
