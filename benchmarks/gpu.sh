@@ -28,7 +28,8 @@ mkdir -p "$out/logs"
 export NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 export CIFARJAX_CACHE="$out/cache"   # decoded images and compiled programs: this run's own, so times are cold-start
 
-if ! python3 -c "import cifarjax, jax; assert jax.default_backend() == 'gpu'" 2>/dev/null; then
+# GPU_SH_ON_CPU=1 runs the script on the CPU with the packages installed (a rehearsal on a small data folder).
+if [ -z "${GPU_SH_ON_CPU:-}" ] && ! python3 -c "import cifarjax, jax; assert jax.default_backend() == 'gpu'" 2>/dev/null; then
   if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:$PWD"
@@ -49,7 +50,7 @@ part() {
   if [ "$limit" -lt 15 ]; then echo "$name skipped (no time left)" | tee -a "$out/parts.txt"; return; fi
   t0=$(date +%s.%N)
   timeout --signal=INT --kill-after=10 "$limit" "$@" > "$out/logs/$name.log" 2>&1; rc=$?
-  printf '%-22s rc=%-3s %6.1f s (limit %s s)\n' "$name" "$rc" "$(echo "$(date +%s.%N) - $t0" | bc)" "$limit" \
+  printf '%-22s rc=%-3s %6.1f s (limit %s s)\n' "$name" "$rc" "$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { print b - a }')" "$limit" \
     | tee -a "$out/parts.txt"
 }
 
@@ -80,6 +81,7 @@ for precision in ("fp32", "bf16"):
     row = CifarjaxRow("train", 64, {"precision": precision}, train.images, train.labels)  # compiled and warmed up
     rates[f"cnn_train_64_{precision}"] = round(max(row.rate() for _ in range(5)), 1)
     print(precision, rates[f"cnn_train_64_{precision}"], "images/s", flush=True)
+    (out / "step_rates.json").write_text(json.dumps(rates, indent=1))  # kept if the trace runs out of time
 row.steps = 20
 with jax.profiler.trace(str(out / "trace")):
     rates["cnn_train_64_bf16_traced"] = round(row.rate(), 1)
