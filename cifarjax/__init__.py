@@ -3,9 +3,10 @@
 Research code needs one import (docs/example.py)::
 
     import cifarjax as cj
-    data = cj.load_dataset("data/cifar10-jpeg")
-    train, val = cj.train_val_split(data, subset=4000)
-    cj.train_loop(cj.recipe_config("cnn", classes=data.classes), train, val, run="runs/my-cnn")
+    config = cj.recipe_config("cnn", data_dir="data/cifar10-jpeg", subset=4000)  # kept in the run's config.json
+    data = cj.load_dataset(config.data_dir)
+    train, val = cj.train_val_split(data, config.val_fraction, config.seed, config.subset)
+    cj.train_loop(config.replace(classes=data.classes), train, val, run="runs/my-cnn")
     print(cj.load_run("runs/my-cnn").predict_files(["my_cat.jpg"]))
 
 `__all__` lists the public names, each described in one line in docs/api.md. Each is loaded from its module on
@@ -54,5 +55,5 @@ def __getattr__(name: str):
     return value
 
 
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+def __dir__():  # the public names and the module's own dunders, not its imports
+    return sorted(set(__all__) | {name for name in globals() if name.startswith("__")})

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from cifarjax import distributed, runs
+from cifarjax import binding, distributed, runs
 from cifarjax.augment import AugmentSpec, HostAugment, with_normalization
 from cifarjax.batching import eval_indices, train_indices
 from cifarjax.checkpoint import Checkpointer, continue_run, latest_epoch
@@ -298,7 +298,7 @@ class Trainer:
         """Place the data and the state on the devices and compile both steps (timed as compilation)."""
         if self.writer:
             if not (self.run / runs.CONFIG).exists():  # a run research code started: `load_run` needs its settings
-                write_json(self.run / runs.CONFIG, self.config.to_dict())
+                write_json(self.run / runs.CONFIG, binding.absolute_paths(self.config.to_dict()))
             runs.write_metrics(self.run, self.records)
         p = self.parallel
         self.feed = (HostAugmentFeed(p, self.train, self.host_augment) if self.host_augment

@@ -82,6 +82,10 @@ class Run:
 
     def evaluate(self, split: Split) -> dict:
         """Accuracy, per-class accuracy, confusion matrix and most confused pairs on a labelled `split`."""
+        if not isinstance(split, Split):
+            raise UserError(f"evaluate takes a labelled Split (a dataset's .test, or the validation Split of "
+                            f"train_val_split), got {type(split).__name__}"
+                            + ("; this dataset has no test split" if split is None else ""))
         return evaluate(self.config, self.variables, split)
 
     def top(self, probabilities: np.ndarray, k: int = 3) -> list:
@@ -134,7 +138,7 @@ def read_images(paths: list, size: int, skip_unreadable: bool = False):
         if not skip_unreadable:
             return decode_image(Path(path), size)
         try:
-            return decode_image(Path(path), size, advice="it is skipped")
+            return decode_image(Path(path), size, advice="it is skipped", missing="it is skipped")
         except UserError as error:
             warn(str(error))
             return None

@@ -85,9 +85,10 @@ def to_rgb8(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)  # Pillow refuses modes it cannot convert
 
 
-def decode_image(path, size: int, advice: str = "delete or replace that file and run again") -> np.ndarray:
+def decode_image(path, size: int, advice: str = "delete or replace that file and run again",
+                 missing: str = "check the path") -> np.ndarray:
     """One image file as (size, size, 3) uint8 RGB (bilinear resize when its size differs); a file that cannot be
-    read raises UserError naming it, then `advice`."""
+    read raises UserError naming it, then `advice` (`missing` when there is no such file)."""
     try:
         with Image.open(path) as image:
             image.seek(0)
@@ -95,6 +96,8 @@ def decode_image(path, size: int, advice: str = "delete or replace that file and
         if rgb.size != (size, size):
             rgb = rgb.resize((size, size), Image.BILINEAR)
         return np.asarray(rgb, dtype=np.uint8)
+    except FileNotFoundError:
+        raise UserError(f"image {path} does not exist; {missing}") from None
     except Exception as error:  # noqa: BLE001 - PIL raises many types for a bad file
         raise UserError(f"cannot read image {path} ({type(error).__name__}: {error}); {advice}") from None
 

@@ -1,11 +1,13 @@
 import os
 import cifarjax as cj
 
-data = cj.load_dataset(os.environ.get("CIFARJAX_DATA", "data/cifar10-jpeg"))  # decoded once, then cached
-train, val = cj.train_val_split(data, subset=int(os.environ.get("CIFARJAX_SUBSET", "4000")))
-config = cj.recipe_config("cnn", n_epochs=int(os.environ.get("CIFARJAX_EPOCHS", "3")),
-                          classes=data.classes, num_classes=len(data.classes))
-result = cj.train_loop(config, train, val, run="runs/my-cnn")  # checkpoints, metrics.jsonl, TensorBoard
+config = cj.recipe_config("cnn", data_dir=os.environ.get("CIFARJAX_DATA", "data/cifar10-jpeg"),
+                          subset=int(os.environ.get("CIFARJAX_SUBSET", "4000")),
+                          n_epochs=int(os.environ.get("CIFARJAX_EPOCHS", "3")))  # kept in the run's config.json
+data = cj.load_dataset(config.data_dir)  # decoded once, then cached
+train, val = cj.train_val_split(data, config.val_fraction, config.seed, config.subset)  # as evaluate redraws it
+config = config.replace(classes=data.classes, num_classes=len(data.classes))
+result = cj.train_loop(config, train, val, run="runs/my-cnn")  # refuses a used folder; resume=True continues it
 cj.plot_training_results(result.history.records, "runs/my-cnn/my_training.png")
 
 run = cj.load_run("runs/my-cnn")  # any finished run: experiments.cnn's and .finetune's too

@@ -7,6 +7,7 @@ The plot goes to the first run's plots/comparison.png unless --out names another
 """
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -30,6 +31,19 @@ def load_run(folder) -> dict:
         raise UserError(f"{run} has no finished epoch in {runs.METRICS} yet; pass a run that finished an epoch")
     return {"name": str(folder), "folder": run, "config": runs.read_json(run / runs.CONFIG),
             "history": History(records)}
+
+
+def expand(folder) -> list:
+    """The runs a folder argument stands for: itself, or each of the several runs it holds (a fine-tune's
+    `epochs-N` lengths, shortest first)."""
+    path = Path(folder)
+    if not path.is_dir() or (path / runs.METRICS).is_file():
+        return [folder]
+    held = [p for p in path.iterdir() if (p / runs.METRICS).is_file()]
+    if len(held) < 2:
+        return [folder]
+    numbers_as_numbers = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]  # noqa: E731
+    return [str(p) for p in sorted(held, key=numbers_as_numbers)]
 
 
 def val_losses(history: History) -> list:
@@ -109,13 +123,14 @@ def plot_path(given, loaded: list, overwrite: bool) -> Path:
 @exit_on_user_error
 def main(argv=None) -> None:
     p = Parser(prog="python -m experiments.compare", description=" ".join(__doc__.split("\n\n")[0].split()))
-    p.add_argument("runs", nargs="+", help="run folders (the --out of cnn or finetune runs, or their sub-runs)")
+    p.add_argument("runs", nargs="+", help="run folders: the --out of cnn or finetune runs (a fine-tune's several "
+                                            "lengths are each compared), or one length's folder")
     p.add_argument("--out", "--plot", dest="plot", default=None, metavar="PATH",
                    help=f"where to write the plot: .png (added when missing), .pdf or .svg (default: the first "
                         f"run's {DEFAULT_PLOT}, replaced by each comparison)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = p.parse_args(argv)
-    loaded = [load_run(folder) for folder in args.runs]
+    loaded = [load_run(run) for folder in args.runs for run in expand(folder)]
     plot = plot_path(args.plot, loaded, args.overwrite)
     print(table(loaded))
     names = short_names([r["name"] for r in loaded])

@@ -1,5 +1,6 @@
 """The public API (`import cifarjax as cj`), its page docs/api.md, and the research example docs/example.py."""
 import inspect
+import json
 import re
 import runpy
 import subprocess
@@ -77,7 +78,9 @@ def test_research_example_runs(tmp_path, monkeypatch, capsys):
     assert re.search(r"accuracy \d+\.\d\d% on 72 images", out)  # the validation split of 360 images
     assert re.search(rf"{re.escape(str(image))} \[\('(cat|dog|frog)', 0\.\d+", out)
     run = tmp_path / "runs" / "my-cnn"
-    assert (run / "config.json").is_file() and (run / "my_training.png").is_file()
+    assert (run / "my_training.png").is_file()
+    saved = json.loads((run / "config.json").read_text())  # what evaluate and --resume redraw the split from
+    assert (saved["data_dir"], saved["subset"], saved["n_epochs"]) == (str(data.resolve()), 0, 2)
     assert len(cifarjax.load_run(run).records()) == 2
     with pytest.raises(cifarjax.UserError, match="already holds a run's checkpoints .* resume=True"):
         runpy.run_path(str(ROOT / "docs" / "example.py"), run_name="__main__")  # never two runs in one folder

@@ -129,6 +129,16 @@ def test_compare_writes_into_the_first_run_by_default_and_checks_the_written_pat
     assert not (tmp_path / "out.txt").exists()
 
 
+def test_compare_takes_a_folder_of_several_runs_as_each_of_them(two_runs, tmp_path, capsys):
+    """A fine-tune's --out holds epochs-20, epochs-50 and epochs-100: compared in that order."""
+    import shutil
+    for length, run in (("100", "b"), ("20", "a")):
+        shutil.copytree(two_runs[0] / run, tmp_path / "finetune" / f"epochs-{length}")
+    compare.main([str(tmp_path / "finetune"), "--plot", str(tmp_path / "cmp.png")])
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:4]]
+    assert rows == ["epochs-20", "epochs-100"] and (tmp_path / "cmp.png").is_file()
+
+
 def test_compare_reads_a_metrics_file_whose_last_line_was_cut_by_a_crash(two_runs, tmp_path, capsys):
     import shutil
     run = tmp_path / "cut"

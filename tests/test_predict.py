@@ -138,6 +138,16 @@ def test_bad_input_is_one_clear_line(trained, tmp_path, capsys, case, message):
     assert len(errors) == 1 and message in errors[0], errors
 
 
+def test_the_library_names_a_missing_image_and_a_missing_split(trained, tmp_path, capsys):
+    run = cj.load_run(trained)
+    with pytest.raises(cj.UserError, match=r"my_cat\.jpg does not exist; check the path$"):
+        run.predict_files([tmp_path / "my_cat.jpg"])
+    assert run.predict_files([tmp_path / "my_cat.jpg"], skip_unreadable=True) == {}
+    assert "my_cat.jpg does not exist; it is skipped" in capsys.readouterr().err
+    with pytest.raises(cj.UserError, match="got NoneType; this dataset has no test split"):
+        run.evaluate(None)  # `data.test` of a folder without test/
+
+
 def test_command_in_its_own_process(trained, tmp_path):
     image = tmp_path / "photo.png"
     Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(image)
