@@ -19,6 +19,7 @@ import errno
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -34,6 +35,17 @@ from cifarjax.runs import CONFIG, TENSORBOARD
 
 CHECKPOINTS, FROZEN = "checkpoints", "frozen_params.npz"
 logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+class _OrbaxFailuresRaise(logging.Filter):
+    """Drop orbax's ERROR records: a failed save (a full disk) is logged with a traceback by each of its background
+    threads, then raised in the thread that waits for it, where cifarjax reports it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+logging.getLogger("absl").addFilter(_OrbaxFailuresRaise())
 
 
 class _QuietClosedLoop(asyncio.SelectorEventLoop):
@@ -141,8 +153,11 @@ class Checkpointer:
             if not (full or "RESOURCE_EXHAUSTED" in text or "No space left" in text or "Disk quota" in text):
                 raise
             self.remove_unfinished()
+            finished = self.directory.is_dir() and any(p.name.isdigit() for p in self.directory.iterdir())
+            kept = ("the finished checkpoints are kept), then resume the run with --resume" if finished
+                    else "no checkpoint was finished), then start the run again with --overwrite")
             raise UserError(f"cannot write a checkpoint in {self.directory}: the disk is full; free space there "
-                            "(the finished checkpoints are kept), then resume the run with --resume") from None
+                            f"({kept}") from None
 
     def remove_unfinished(self) -> None:
         """Remove orbax's temporary folders of checkpoints that never finished."""

@@ -116,8 +116,12 @@ def train_val_split(dataset: Dataset, val_fraction: float = 0.2, seed: int = 0, 
     if dataset.train is None or len(dataset.train) < 2:
         raise UserError("this dataset has no training images to split; give a folder with DIR/train/<class>/*")
     dataset.train.check_images("the dataset's training images")
-    if not 0 < val_fraction < 1:
-        raise UserError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float, np.floating)) \
+            or not 0 < val_fraction < 1:
+        raise UserError(f"val_fraction must be a number between 0 and 1, got {val_fraction!r}")
+    for name, value in (("seed", seed), ("subset", subset)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2**32:
+            raise UserError(f"{name} must be an integer from 0 to {2**32 - 1}, got {value!r}")
     train_idx, val_idx = split_indices(len(dataset.train), val_fraction, seed)
     if not len(train_idx) or not len(val_idx):
         raise UserError(f"val_fraction {val_fraction} of {len(dataset.train)} images leaves an empty "

@@ -533,6 +533,12 @@ def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inp
         raise UserError("the validation split is empty; give it at least one image")
     check_labels(train.labels, config.num_classes, "training labels")
     check_labels(val.labels, config.num_classes, "validation labels")
+    if run is not None:
+        runs.claim(run)
+        distributed.barrier(f"claimed {run}")  # every process checked the folder before process 0 marks it
+        if distributed.is_writer() and not runs.is_run(run):
+            runs.create(Path(run), "python")
+        distributed.barrier(f"marked {run}")
     if run is not None and continue_from is not None:
         fresh = latest_epoch(run) is None
         distributed.barrier(f"checked {run}")  # every process decides before process 0 copies anything

@@ -90,7 +90,11 @@ class Run:
 
     def top(self, probabilities: np.ndarray, k: int = 3) -> list:
         """The `k` most probable (class, probability) pairs of one image's probabilities, most probable first."""
-        order = np.argsort(-np.asarray(probabilities), kind="stable")[:k]
+        probabilities = np.asarray(probabilities)
+        if probabilities.shape != (len(self.classes),):
+            raise UserError(f"top takes one image's {len(self.classes)} class probabilities (a row of predict's "
+                            f"result), got shape {probabilities.shape}")
+        order = np.argsort(-probabilities, kind="stable")[:k]
         return [(self.classes[i], float(probabilities[i])) for i in order]
 
     def __repr__(self) -> str:

@@ -9,6 +9,7 @@ A recipe's warm-up is a share of its run: with another --epochs (and no --warmup
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
@@ -66,6 +67,8 @@ RECIPES = {
 
 def recipe(command: str, name: str) -> Recipe:
     """The named recipe of an experiment command ('cnn' or 'finetune')."""
+    if command not in RECIPES:
+        raise UserError(f"recipes are for {' or '.join(map(repr, RECIPES))}, got {command!r}")
     known = RECIPES[command]
     if name not in known:
         raise UserError(f"unknown recipe {name!r} for experiments.{command}; choose one of {', '.join(known)}")
@@ -79,4 +82,7 @@ def recipe_config(command: str, name: str = "original", **overrides) -> Config:
     if changes.get("warmup_epochs") and "n_epochs" in overrides and "warmup_epochs" not in overrides:
         length = changes.get("n_epochs", Config().n_epochs)
         changes["warmup_epochs"] = changes["warmup_epochs"] * overrides["n_epochs"] / length
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(Config)})
+    if unknown:
+        raise UserError(f"Config has no setting {', '.join(unknown)}; see help(cifarjax.Config) for its fields")
     return Config(**{**changes, **overrides, "recipe": name})

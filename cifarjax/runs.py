@@ -88,7 +88,34 @@ def check_out(out, experiment: str, overwrite: bool = False, resume: bool = Fals
                             "replace it, or choose another --out")
     if holds_files:
         check_unlocked(run)
+        check_no_links(run)
     return run
+
+
+def check_no_links(run: Path) -> None:
+    """Refuse a run folder whose own subfolders (plots/, tensorboard/, checkpoints/) are symbolic links: cifarjax
+    would write, and on --overwrite replace files, in a folder it did not create."""
+    for name in OWN_IN_FOLDERS:
+        if (run / name).is_symlink():
+            raise UserError(f"{run / name} is a symbolic link (to {os.readlink(run / name)}); cifarjax writes its "
+                            f"{name} there and will not write through a link into a folder it did not create: "
+                            "replace the link with a folder, or choose another --out")
+
+
+def claim(run: Path) -> None:
+    """A run folder research code passed (`fit(run=...)`): made and marked as cifarjax's when it is new or empty;
+    refused when it holds files cifarjax did not create. A command's folder, already checked and marked, passes."""
+    run = Path(run)
+    if is_run(run):
+        check_no_links(run)
+        return
+    try:
+        foreign = run.exists() and (not run.is_dir() or any(run.iterdir()))
+    except OSError as error:
+        raise user_error_from_os(error, f"cannot read the run folder {run}") from None
+    if foreign:
+        raise UserError(f"{run} holds files that cifarjax did not create (it has no {MARKER} marker), so it will "
+                        "not write there; pass a new or empty run folder")
 
 
 def create(run: Path, experiment: str, replace: bool = False, take_lock: bool = False) -> Path:

@@ -78,7 +78,8 @@ def test_research_example_runs(tmp_path, monkeypatch, capsys):
     assert re.search(r"accuracy \d+\.\d\d% on 72 images", out)  # the validation split of 360 images
     assert re.search(rf"{re.escape(str(image))} \[\('(cat|dog|frog)', 0\.\d+", out)
     run = tmp_path / "runs" / "my-cnn"
-    assert (run / "my_training.png").is_file()
+    from cifarjax.runs import is_run
+    assert (run / "my_training.png").is_file() and is_run(run)  # marked: --overwrite knows its files
     saved = json.loads((run / "config.json").read_text())  # what evaluate and --resume redraw the split from
     assert (saved["data_dir"], saved["subset"], saved["n_epochs"]) == (str(data.resolve()), 0, 2)
     assert len(cifarjax.load_run(run).records()) == 2

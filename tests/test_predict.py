@@ -146,6 +146,8 @@ def test_the_library_names_a_missing_image_and_a_missing_split(trained, tmp_path
     assert "my_cat.jpg does not exist; it is skipped" in capsys.readouterr().err
     with pytest.raises(cj.UserError, match="got NoneType; this dataset has no test split"):
         run.evaluate(None)  # `data.test` of a folder without test/
+    with pytest.raises(cj.UserError, match=r"one image's 3 class probabilities .* got shape \(2,\)"):
+        run.top([0.1, 0.2])
 
 
 def test_command_in_its_own_process(trained, tmp_path):

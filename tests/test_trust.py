@@ -84,6 +84,32 @@ def test_a_figure_path_is_checked_as_it_will_be_written(tmp_path):
     assert not (tmp_path / "out.txt").exists()
 
 
+def test_overwrite_and_resume_refuse_a_linked_subfolder(finished, tmp_path, capsys):
+    out = copy_run(finished, tmp_path)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "training_results.png").write_text("mine")
+    import shutil
+    shutil.rmtree(out / "plots")
+    (out / "plots").symlink_to(tmp_path / "mine")  # cifarjax would write its plots into the user's folder
+    for flag in ("--overwrite", "--resume"):
+        assert "plots is a symbolic link" in fails(cnn.main, cnn_args(finished[1], out, flag), capsys)
+    assert (tmp_path / "mine" / "training_results.png").read_text() == "mine"
+
+
+def test_the_library_writes_only_into_a_folder_of_its_own(data_dir, tmp_path):
+    from cifarjax.data import load_dataset, train_val_split
+    from cifarjax.loop import train_loop
+    from tests.test_train import fast
+    data = load_dataset(data_dir)
+    train, val = train_val_split(data)
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "metrics.jsonl").write_text("my notes\n")
+    with pytest.raises(UserError, match="notes holds files that cifarjax did not create .* pass a new or empty"):
+        train_loop(fast(num_classes=len(data.classes)), train, val, run=mine)
+    assert [p.name for p in mine.iterdir()] == ["metrics.jsonl"] and (mine / "metrics.jsonl").read_text() == "my notes\n"
+
+
 def dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
@@ -163,6 +189,17 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_temporary_fol
     monkeypatch.setattr(ocp.CheckpointManager, "save", save)
     cnn.main(["--resume", "--out", str(out)])  # the first epoch's checkpoint carries the run on
     assert json.loads((out / runs.SUMMARY).read_text())["epochs"] == 2
+
+
+def test_orbax_failures_logged_by_its_threads_stay_out_of_the_output():
+    """On a real full disk (a 400 KB tmpfs) orbax logged six tracebacks, 400 lines, from its background threads
+    before the error reached the waiting thread and its one line: those records are dropped, others are not."""
+    import logging
+    import cifarjax.checkpoint  # noqa: F401 - installs the filter
+    absl = logging.getLogger("absl")
+    record = lambda path: logging.LogRecord("absl", logging.ERROR, path, 1, "failed", None, None)  # noqa: E731
+    assert not absl.filter(record(os.path.join("site-packages", "orbax", "checkpoint", "future.py")))
+    assert absl.filter(record(os.path.join("site-packages", "flax", "core.py")))
 
 
 def test_a_damaged_checkpoint_prints_no_asyncio_traceback(finished, tmp_path, capfd):
@@ -276,6 +313,16 @@ def test_the_library_checks_its_inputs():
         score(labels + 2, labels, ["a", "b"])
     with pytest.raises(UserError, match="empty validation split"):
         train_val_split(Dataset("folder", ("a",), Split(images[:2], labels[:2]), None))
+    dataset = Dataset("folder", ("a",), Split(images, labels), None)
+    for changes, message in (({"subset": -3}, "subset must be an integer from 0"), ({"subset": "100"}, "got '100'"),
+                             ({"seed": 2**64}, "seed must be an integer"), ({"val_fraction": "0.2"}, "a number")):
+        with pytest.raises(UserError, match=message):
+            train_val_split(dataset, **changes)
+    from cifarjax.recipes import recipe_config
+    with pytest.raises(UserError, match="recipes are for 'cnn' or 'finetune', got 'vgg'"):
+        recipe_config("vgg")
+    with pytest.raises(UserError, match="Config has no setting bogus"):
+        recipe_config("cnn", bogus=1)
 
 
 def test_a_data_dir_symlink_loop_is_reported_as_a_loop(tmp_path, capsys):
