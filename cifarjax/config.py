@@ -141,6 +141,10 @@ class Config:
             raise UserError(f"--unfreeze {self.unfreeze} needs a backbone: only resnet18 has one")
         if self.model not in MODELS:
             raise UserError(f"model must be one of {', '.join(MODELS)}; got {self.model!r}")
+        if self.num_classes < 2:
+            named = f" ({', '.join(self.classes)})" if self.classes else ""
+            raise UserError(f"a classifier needs at least 2 classes, and the data has {self.num_classes}{named}: "
+                            "give a data folder with one subfolder of images per class")
         if self.cutout > self.img_size:
             raise UserError(f"cutout {self.cutout} is larger than the {self.img_size}-pixel image")
         half = min(self.img_size, self.decode_size) // 2

@@ -161,7 +161,7 @@ def _load_failure(error: Exception) -> str:
 
 def _numpy(key: str, value) -> np.ndarray:
     """A float32 copy of a tensor or array (float16, bfloat16 and float64 converted); a sparse, quantized or
-    non-float tensor is refused in one line."""
+    non-float tensor, or one holding a NaN or an infinity, is refused in one line."""
     if hasattr(value, "detach"):
         import torch
         if value.layout != torch.strided:
@@ -178,7 +178,12 @@ def _numpy(key: str, value) -> np.ndarray:
     if array.dtype.kind != "f" and array.dtype.name != "bfloat16":
         raise UserError(f"tensor {key} holds {array.dtype} values where weights are floating point; these are not "
                         "ResNet-18 weights")
-    return np.array(array, dtype=np.float32, copy=True)  # never alias the caller's tensors
+    result = np.array(array, dtype=np.float32, copy=True)  # never alias the caller's tensors
+    bad = int(result.size - np.count_nonzero(np.isfinite(result)))
+    if bad:
+        raise UserError(f"tensor {key} holds {bad} non-finite value(s) (NaN or infinity, or too large for float32); "
+                        "the weights are damaged: pass an intact file")
+    return result
 
 
 def convert_state_dict(state_dict: Mapping) -> dict:

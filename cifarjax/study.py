@@ -130,6 +130,7 @@ class Study:
     phases: Phases = field(default_factory=Phases)
     features: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)  # what every cell shares (`shared_settings`)
+    reference_run: Optional[str] = None  # the experiments.cnn run taken as the SimpleCNN reference (--cnn-run)
 
     @property
     def weights_label(self) -> str:
@@ -274,16 +275,20 @@ def study(data_dir, weights: str = "imagenet", grid: Sequence[Cell] = DEFAULT_GR
         dataset = load_dataset(base.data_dir, base.dataset, base.decode_size)
         train, val = train_val_split(dataset, base.val_fraction, base.seed, base.subset)
     base = base.replace(classes=tuple(dataset.classes), num_classes=len(dataset.classes)).validate()
-    reference = None if cnn_run is None else runs.read_json(find_run(cnn_run) / runs.SUMMARY)
     with phases("weights", f"loading weights ({weights})"):
         loaded = starting_weights(base)[1]
     settings = shared_settings(base, loaded, fingerprint(dataset))
     if resume:
         check_settings(out, settings)
+        cnn_run = check_reference_run(out, cnn_run)
+    reference_run = None if cnn_run is None else find_run(cnn_run).resolve()
+    reference = None if reference_run is None else reference_summary(reference_run, base, settings)
     runs.create(out, "study", replace=overwrite, take_lock=True)  # resuming: only the lock is new
     if not (out / STUDY_JSON).is_file():
-        write_json(out / STUDY_JSON, {"settings": settings, "data_dir": base.data_dir})
-    the_study = Study(out, dataset, train, val, base, loaded, resume=resume, phases=phases, settings=settings)
+        write_json(out / STUDY_JSON, {"settings": settings, "data_dir": base.data_dir,
+                                      "cnn_run": None if reference_run is None else str(reference_run)})
+    the_study = Study(out, dataset, train, val, base, loaded, resume=resume, phases=phases, settings=settings,
+                      reference_run=None if reference_run is None else str(reference_run))
     if not the_study.pretrained:
         announce("note: --weights random uses no pretraining; the study then tests the pipeline, not the original's "
                  "question")
@@ -324,6 +329,44 @@ def check_settings(out: Path, settings: dict) -> None:
                     "them: resume with the study's own settings and data, or start a new study with another --out")
 
 
+# What the SimpleCNN reference shares with the study's cells: the split it is scored on, and its length.
+REFERENCE_SHARES = ("n_epochs", "subset", "seed", "val_fraction", "decode_size")
+
+
+def reference_summary(run: Path, base: Config, settings: dict) -> dict:
+    """The summary of a finished experiments.cnn run taken as the study's SimpleCNN reference (`--cnn-run`),
+    refused unless it is a SimpleCNN trained on the study's split for as many epochs as its cells."""
+    config = runs.read_json(run / runs.CONFIG)
+    if config.get("model") != "simple_cnn":
+        raise UserError(f"--cnn-run {run} is a {config.get('model')} run; the reference is a SimpleCNN: pass the "
+                        "--out of an experiments.cnn run, or leave --cnn-run out to train the reference")
+    differing = [f"{k}: {config[k]!r} there, {getattr(base, k)!r} here" for k in REFERENCE_SHARES
+                 if k in config and config[k] != getattr(base, k)]
+    data = (config.get("data_fingerprint") or {}).get("sha256")
+    if data and data != settings["data_fingerprint"]:
+        differing.append(f"data fingerprint: {data[:12]} there, {settings['data_fingerprint'][:12]} here")
+    if differing:
+        raise UserError(f"--cnn-run {run} was trained otherwise than the study's cells ({'; '.join(differing)}); "
+                        "pass an experiments.cnn run with the study's data, split and --epochs, or leave --cnn-run "
+                        "out to train the reference")
+    return runs.read_json(run / runs.SUMMARY)
+
+
+def check_reference_run(out: Path, cnn_run) -> Optional[Path]:
+    """On resume: the reference run study.json recorded (also when --cnn-run is not given again); another one is
+    refused. Studies made before the reference was recorded take `cnn_run` as given."""
+    recorded = runs.read_json(out / STUDY_JSON) if (out / STUDY_JSON).is_file() else {}
+    if "cnn_run" not in recorded:
+        return cnn_run
+    then = recorded["cnn_run"]
+    now = None if cnn_run is None else str(find_run(cnn_run).resolve())
+    if cnn_run is not None and now != then:
+        raise UserError(f"--cnn-run {now} on resume: the study in {out} took its SimpleCNN reference from "
+                        f"{then or 'a cell it trains itself'}; resume without --cnn-run, or start a new study with "
+                        "another --out")
+    return then
+
+
 def summarise(study: Study, results: Sequence[dict]) -> dict:
     """study.json's content: each cell with its change against the baseline, the noise, and the verdicts."""
     baseline = next(r for r in results if r["name"] == "baseline")
@@ -334,7 +377,8 @@ def summarise(study: Study, results: Sequence[dict]) -> dict:
             verdict(c["effect_points"], noise)
     return {"folder": str(study.out), "weights": study.weights_label, "pretrained": study.pretrained,
             "imagenet": study.weights.imagenet, "answers_the_question": study.weights.imagenet,
-            "settings": study.settings, "data_dir": study.base.data_dir, "epochs": study.base.n_epochs,
+            "settings": study.settings, "data_dir": study.base.data_dir, "cnn_run": study.reference_run,
+            "epochs": study.base.n_epochs,
             "subset": study.base.subset,
             "n_train": len(study.train), "n_val": len(study.val), "noise_points": round(noise, 2), "cells": cells}
 

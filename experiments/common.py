@@ -137,8 +137,8 @@ def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
     data = fingerprint(dataset)
     if args.resume:
         binding.check_data(saved, data, config.data_dir, run)
-    config = with_normalization(config.replace(classes=tuple(dataset.classes), num_classes=len(dataset.classes)),
-                                train.images)
+    config = with_normalization(config.replace(classes=tuple(dataset.classes), num_classes=len(dataset.classes))
+                                .validate(), train.images)
     train_indices(len(train), config.batch_size, jax.device_count(), config.seed, 0)  # the batch fits data and devices
     distributed.agree({"config": {**config.to_dict(), "data_dir": None}, "data": data_fingerprint(train, val),
                        "run": str(run.resolve())}, "their settings")

@@ -97,14 +97,16 @@ def test_every_float_dtype_in_a_weights_file_is_converted(tmp_path, dtype):
 @pytest.mark.parametrize("kind, message", [
     ("sparse", r"tensor layer1\.0\.conv1\.weight is stored as sparse_coo, not as a dense tensor"),
     ("quantized", r"tensor layer1\.0\.conv1\.weight is quantized \(qint8\)"),
-    ("integer", r"tensor layer1\.0\.conv1\.weight holds int32 values where weights are floating point")])
-def test_tensors_that_are_not_dense_floats_are_refused_in_one_line(tmp_path, kind, message):
+    ("integer", r"tensor layer1\.0\.conv1\.weight holds int32 values where weights are floating point"),
+    ("nan", r"tensor layer1\.0\.conv1\.weight holds 1 non-finite value\(s\) .* the weights are damaged")])
+def test_tensors_that_are_not_dense_finite_floats_are_refused_in_one_line(tmp_path, kind, message):
     import torch
     state = randomized_torchvision_resnet18(seed=3).state_dict()
     t = state["layer1.0.conv1.weight"]
     state["layer1.0.conv1.weight"] = {"sparse": lambda: t.to_sparse(),
                                       "quantized": lambda: torch.quantize_per_tensor(t, 0.01, 0, torch.qint8),
-                                      "integer": lambda: t.to(torch.int32)}[kind]()
+                                      "integer": lambda: t.to(torch.int32),
+                                      "nan": lambda: t.index_put_((torch.tensor([0]),) * 4, torch.tensor(float("nan")))}[kind]()
     torch.save(state, tmp_path / "w.pth")
     with pytest.raises(UserError, match=message):
         resnet18_from_torchvision(tmp_path / "w.pth")
@@ -202,13 +204,25 @@ def test_a_study_is_bound_to_its_settings_and_says_its_weights_are_not_imagenet(
     data = make_image_folder(tmp_path / "data", n_train=12, n_test=0, learnable=True)
     weights = save_resnet(tmp_path / "resnet18.pth", seed=3)
     out = tmp_path / "study"
+    reference = tmp_path / "cnn"  # the SimpleCNN reference, trained on the study's split for its 1 epoch
+    cnn.main(["--data-dir", str(data), "--epochs", "1", "--batch-size", "8", "--conv-impl", "xla",
+              "--out", str(reference)])
     args = ["--data-dir", str(data), "--weights", str(weights), "--epochs", "1", "--batch-size", "8",
             "--conv-impl", "xla", "--cells", "baseline", "--out", str(out)]
-    study.main(args)
+    for wrong, message in ((tmp_path / "resnet", "is a resnet18 run; the reference is a SimpleCNN"),
+                           (tmp_path / "longer", "(n_epochs: 4 there, 1 here)")):
+        (wrong / "checkpoints").mkdir(parents=True)
+        config = json.loads((reference / "config.json").read_text())
+        config.update({"model": "resnet18"} if wrong.name == "resnet" else {"n_epochs": 4})
+        (wrong / "config.json").write_text(json.dumps(config))
+        assert message in fails(study.main, args[:-1] + [str(tmp_path / "refused"), "--cnn-run", str(wrong)], capsys)
+        assert not (tmp_path / "refused").exists()
+    study.main(args + ["--cnn-run", str(reference)])
     closing = capsys.readouterr().out.strip().splitlines()[-1]
     assert "not torchvision's published ImageNet weights" in closing
     answer = json.loads((out / "study.json").read_text())
     assert answer["answers_the_question"] is False and answer["imagenet"] is False
+    assert answer["cnn_run"] == str(reference.resolve()) and "simple_cnn" in [c["name"] for c in answer["cells"]]
     assert answer["settings"]["n_epochs"] == 1 and len(answer["settings"]["weights_sha256"]) == 64
     first = (out / "study.md").read_text().splitlines()[0]
     assert "not torchvision's published ImageNet weights" in first and str(weights) in first
@@ -222,6 +236,8 @@ def test_a_study_is_bound_to_its_settings_and_says_its_weights_are_not_imagenet(
     shutil.copy(data / "train" / "cat" / "0000.png", data / "train" / "cat" / "extra.png")
     assert "data_fingerprint" in fails(study.main, ["--resume", "--out", str(out)], capsys)
     os.remove(data / "train" / "cat" / "extra.png")
+    assert "took its SimpleCNN reference from" in fails(
+        study.main, ["--resume", "--out", str(out), "--cnn-run", str(tmp_path / "resnet")], capsys)
     study.main(["--resume", "--out", str(out), "--cells", "baseline"])  # its own settings; nothing left to train
     assert "estimated training time" not in capsys.readouterr().out
 

@@ -268,6 +268,12 @@ def test_a_refused_start_leaves_nothing(data_dir, tmp_path, capsys, args, messag
     assert not out.exists()
 
 
+def test_one_class_of_images_is_refused_before_the_run_starts(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", classes=("cat",), n_train=20, n_test=0)
+    message = fails(cnn.main, cnn_args(data, tmp_path / "run"), capsys)
+    assert "needs at least 2 classes, and the data has 1 (cat)" in message and not (tmp_path / "run").exists()
+
+
 def test_a_recipes_warm_up_fits_a_short_run():
     from cifarjax.flags import new_config
     from cifarjax.optim import lr_at
