@@ -281,14 +281,14 @@ def study(data_dir, weights: str = "imagenet", grid: Sequence[Cell] = DEFAULT_GR
     if resume:
         check_settings(out, settings)
         cnn_run = check_reference_run(out, cnn_run)
-    reference_run = None if cnn_run is None else find_run(cnn_run).resolve()
-    reference = None if reference_run is None else reference_summary(reference_run, base, settings)
+    reference_run = None if cnn_run is None else str(find_run(cnn_run).resolve())
+    reference = None if reference_run is None else reference_summary(Path(reference_run), base, settings)
     runs.create(out, "study", replace=overwrite, take_lock=True)  # resuming: only the lock is new
     if not (out / STUDY_JSON).is_file():
         write_json(out / STUDY_JSON, {"settings": settings, "data_dir": base.data_dir,
-                                      "cnn_run": None if reference_run is None else str(reference_run)})
+                                      "cnn_run": reference_run})
     the_study = Study(out, dataset, train, val, base, loaded, resume=resume, phases=phases, settings=settings,
-                      reference_run=None if reference_run is None else str(reference_run))
+                      reference_run=reference_run)
     if not the_study.pretrained:
         announce("note: --weights random uses no pretraining; the study then tests the pipeline, not the original's "
                  "question")
