@@ -25,6 +25,7 @@ _HOMES = {  # public name -> the module that defines it, in docs/api.md's order
     "load_dataset": "data", "train_val_split": "data", "Dataset": "data", "Split": "data",
     # models and weights
     "build_model": "models", "init_variables": "models", "imagenet_resnet18": "pretrained",
+    "export_torchvision": "export",
     # training
     "train_loop": "loop", "fine_tune_loop": "loop", "fit": "loop", "FitResult": "loop", "ImageInputs": "inputs",
     "AugmentSpec": "augment",

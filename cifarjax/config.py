@@ -62,8 +62,10 @@ class Config:
                            maximum=1024)
     # Model and what trains.
     model: str = internal("simple_cnn", "network: simple_cnn or resnet18 (set by the command)")
-    num_classes: int = internal(10, "number of classes (from the data)")
-    classes: tuple = internal((), "class names (from the data)")
+    num_classes: int = internal(0, "number of classes (0: from `classes`, else 10; a run sets it from its data)")
+    classes: tuple = option((), "train, validate and test on these classes only, labels renumbered in the order "
+                            "given (comma-separated names, e.g. cat,dog); default: every class of the data",
+                            flag="classes")
     weights: str = option("random", "starting weights: 'imagenet' (torchvision's, downloaded or cached), a "
                           "torchvision resnet18 .pth file, or 'random' (no pretraining)", commands=FINETUNE)
     unfreeze: str = option("all", "what trains: the head (the original), head + layer4, or all", commands=FINETUNE,
@@ -127,7 +129,16 @@ class Config:
     keep_checkpoints: int = option(3, "checkpoints kept", minimum=1, maximum=10_000, resumable=True)
     recipe: str = internal("original", "the named preset the values started from (cifarjax.recipes)")
 
+    def __post_init__(self):
+        if isinstance(self.classes, list):  # read back from JSON
+            object.__setattr__(self, "classes", tuple(self.classes))
+        if self.num_classes == 0:  # derived: one output per named class
+            object.__setattr__(self, "num_classes", len(self.classes) if self.classes else 10)
+
     def replace(self, **changes) -> "Config":
+        """A new Config with `changes`; new `classes` without a `num_classes` bring their own count."""
+        if changes.get("classes") and "num_classes" not in changes:
+            changes["num_classes"] = len(changes["classes"])
         return dataclasses.replace(self, **changes)
 
     def validate(self) -> "Config":
@@ -141,6 +152,10 @@ class Config:
             raise UserError(f"--unfreeze {self.unfreeze} needs a backbone: only resnet18 has one")
         if self.model not in MODELS:
             raise UserError(f"model must be one of {', '.join(MODELS)}; got {self.model!r}")
+        if self.classes and (len(self.classes) != self.num_classes or len(set(self.classes)) != len(self.classes)):
+            raise UserError(f"classes names {len(self.classes)} classes ({', '.join(map(str, self.classes))}) but "
+                            f"num_classes is {self.num_classes}" if len(self.classes) != self.num_classes else
+                            f"classes names a class twice: {', '.join(map(str, self.classes))}")
         if self.num_classes < 2:
             named = f" ({', '.join(self.classes)})" if self.classes else ""
             raise UserError(f"a classifier needs at least 2 classes, and the data has {self.num_classes}{named}: "

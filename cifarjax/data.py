@@ -138,6 +138,29 @@ def train_val_split(dataset: Dataset, val_fraction: float = 0.2, seed: int = 0, 
     return train, val
 
 
+def select_classes(dataset: Dataset, classes) -> Dataset:
+    """`dataset` restricted to the named `classes`, labels renumbered 0.. in the order given (train and test
+    alike); the dataset itself when `classes` is empty or every class in the data's own order."""
+    classes = tuple(c.strip() for c in classes.split(",") if c.strip()) if isinstance(classes, str) else \
+        tuple(classes or ())
+    if not classes or classes == tuple(dataset.classes):
+        return dataset
+    unknown = [c for c in classes if c not in dataset.classes]
+    if unknown or len(set(classes)) != len(classes) or len(classes) < 2:
+        problem = (f"no class {', '.join(map(repr, unknown))} in this data" if unknown else
+                   "a class is named twice" if len(set(classes)) != len(classes) else "a classifier needs 2 or more")
+        raise UserError(f"--classes {','.join(classes)}: {problem}; its classes are {','.join(dataset.classes)}")
+    renumber = np.full(len(dataset.classes), -1, np.int32)
+    renumber[[dataset.classes.index(c) for c in classes]] = np.arange(len(classes))
+
+    def cut(split):
+        if split is None:
+            return None
+        keep = np.flatnonzero(renumber[split.labels] >= 0)
+        return Split(split.images[keep], renumber[split.labels[keep]])
+    return Dataset(dataset.source, classes, cut(dataset.train), cut(dataset.test))
+
+
 def fingerprint(dataset: Dataset) -> dict:
     """What a run's split depends on: the image counts and a SHA-256 of the classes and of every decoded image
     and label, in order. Equal for the same images in another folder; changed by any image added, removed,
@@ -302,8 +325,13 @@ def _load_cifar(folder: Path, size: int) -> Dataset:
     return _cached("cifar", folder, size, _stat_fingerprint(folder), lambda: _load_cifar_batches(folder, size))
 
 
-def load_dataset(data_dir=None, dataset: str = "auto", size: int = 32) -> Dataset:
-    """Load a dataset as uint8 arrays (see the module docstring for the sources); cached after the first load."""
+def load_dataset(data_dir=None, dataset: str = "auto", size: int = 32, classes=()) -> Dataset:
+    """Load a dataset as uint8 arrays (see the module docstring for the sources); cached after the first load.
+    `classes`: only these class names, relabelled in that order (`select_classes`)."""
+    return select_classes(_load_dataset(data_dir, dataset, size), classes)
+
+
+def _load_dataset(data_dir, dataset: str, size: int) -> Dataset:
     _check_size(size)
     if dataset not in SOURCES:
         raise UserError(f"dataset must be one of {', '.join(SOURCES)}, got {dataset!r}")

@@ -32,7 +32,12 @@ def _number(kind):
     return convert
 
 
-_TYPES = {"int": _number(int), "float": _number(float), "str": str, "Optional[str]": str}
+def _names(text: str) -> tuple:
+    """'cat,dog' -> ('cat', 'dog')."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+_TYPES = {"int": _number(int), "float": _number(float), "str": str, "Optional[str]": str, "tuple": _names}
 
 
 def add_config_flags(parser: argparse.ArgumentParser, command: str, base: Config, title: str = "settings",
@@ -48,6 +53,7 @@ def add_config_flags(parser: argparse.ArgumentParser, command: str, base: Config
         if only is not None and f.name not in only:
             continue
         m, default = f.metadata, (shown or {}).get(f.name, getattr(base, f.name))
+        default = "all" if default == () else default
         recipes = "".join(f"; --recipe {r.name}: {r.changes[f.name]}" for r in others
                           if f.name in r.changes and r.changes[f.name] != getattr(base, f.name))
         kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{m['help']} (default: {default}{recipes})")
@@ -67,7 +73,7 @@ def add_config_flags(parser: argparse.ArgumentParser, command: str, base: Config
 def _metavar(f) -> Optional[str]:
     if f.metadata["choices"]:
         return None
-    return {"int": "N", "float": "X"}.get(f.type, "VALUE")
+    return {"int": "N", "float": "X", "tuple": "NAME,NAME"}.get(f.type, "VALUE")
 
 
 def given(args: argparse.Namespace, command: str) -> dict:

@@ -246,10 +246,11 @@ def merge(fresh: dict, loaded: dict, dont_load=()) -> dict:
     return traverse_util.unflatten_dict(merged)
 
 
-def with_new_head(variables: dict, num_classes: int, seed: int = 0) -> dict:
+def with_new_head(variables: dict, num_classes: int, seed: int = 0, keep_same_size: bool = True) -> dict:
     """Ported ResNet-18 variables with their head replaced by a fresh, seeded `num_classes` head (the same
-    initialisation `--weights random` gives, PyTorch's Linear init)."""
-    if variables["params"]["head"]["bias"].shape[0] == num_classes:
+    initialisation `--weights random` gives, PyTorch's Linear init); a head of that size already is kept unless
+    `keep_same_size` is False (a fine-tune always starts a new head, as the original's `model.fc = Linear`)."""
+    if keep_same_size and variables["params"]["head"]["bias"].shape[0] == num_classes:
         return variables
     return merge(initialize(ResNet18(num_classes), seed), variables, dont_load=(r"params/head/.*",))
 
@@ -388,4 +389,4 @@ def starting_weights(config) -> tuple:
     path = weights_file(config.weights)
     variables, digest = load_weights(path)
     source = str(path) if config.weights != "imagenet" else f"torchvision's {IMAGENET_FILE}"
-    return with_new_head(variables, config.num_classes, config.seed), Weights(source, digest)
+    return with_new_head(variables, config.num_classes, config.seed, keep_same_size=False), Weights(source, digest)

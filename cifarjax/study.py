@@ -272,7 +272,7 @@ def study(data_dir, weights: str = "imagenet", grid: Sequence[Cell] = DEFAULT_GR
     base = recipe_config("finetune", **{**BASELINE, **baseline}, data_dir=paths["data_dir"], weights=paths["weights"],
                          n_epochs=epochs, subset=subset).validate()  # before any loading
     with phases("data_loading", "loading the data"):
-        dataset = load_dataset(base.data_dir, base.dataset, base.decode_size)
+        dataset = load_dataset(base.data_dir, base.dataset, base.decode_size, base.classes)
         train, val = train_val_split(dataset, base.val_fraction, base.seed, base.subset)
     base = base.replace(classes=tuple(dataset.classes), num_classes=len(dataset.classes)).validate()
     with phases("weights", f"loading weights ({weights})"):
@@ -298,12 +298,13 @@ def study(data_dir, weights: str = "imagenet", grid: Sequence[Cell] = DEFAULT_GR
 STUDY_JSON = "study.json"
 # The settings every cell of a study shares, with the weights' SHA-256 and the data's fingerprint.
 SHARED = ("n_epochs", "subset", "batch_size", "seed", "weights", "dataset", "decode_size", "val_fraction",
-          "eval_batch_size")
+          "eval_batch_size", "classes")
 
 
 def shared_settings(base: Config, weights: Weights, data: dict) -> dict:
     """What every cell of a study shares, recorded in study.json and checked on resume."""
-    return {**{k: getattr(base, k) for k in SHARED}, "weights_sha256": weights.sha256,
+    return {**{k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(base, k)) for k in SHARED)},
+            "weights_sha256": weights.sha256,
             "data_fingerprint": data["sha256"], "data_images": data["images"]}
 
 

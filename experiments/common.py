@@ -129,7 +129,7 @@ def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
                         "to resume it")
     phases = Phases(announce=distributed.is_writer())
     with phases("data_loading", "loading the data"):
-        dataset = load_dataset(config.data_dir, config.dataset, config.decode_size)
+        dataset = load_dataset(config.data_dir, config.dataset, config.decode_size, config.classes)
         train, val = train_val_split(dataset, config.val_fraction, config.seed, config.subset)
     if args.resume and config.classes and tuple(dataset.classes) != tuple(config.classes):
         raise UserError(f"the data in {config.data_dir} has classes {list(dataset.classes)}, the run in {run} was "

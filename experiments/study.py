@@ -22,7 +22,7 @@ from cifarjax.recipes import recipe_config
 from cifarjax.study import BASELINE, DEFAULT_EPOCHS, DEFAULT_GRID, REFERENCE, recorded_settings, study
 
 FLAGS = ("seed", "batch_size", "weights", "conv_impl", "precision", "steps_per_call", "dataset", "data_dir", "decode_size",
-         "subset", "eval_batch_size")
+         "subset", "eval_batch_size", "classes")
 
 
 def parser():

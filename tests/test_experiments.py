@@ -76,19 +76,26 @@ def save_random_resnet(path):
 
 
 def test_finetune_one_epoch_keeps_the_backbone_bit_identical(data_dir, tmp_path):
+    """The original (default): frozen parameters, BatchNorm statistics updated as model.train() does; the
+    frozen-bn recipe: statistics fixed too, features cached."""
     weights = save_random_resnet(tmp_path / "resnet18.pth")
-    out = tmp_path / "ft"
-    finetune.main(["--data-dir", str(data_dir), "--epochs", "1", "--batch-size", "8", "--weights", str(weights),
-                   "--conv-impl", "xla", "--out", str(out)])
     port = resnet18_from_torchvision(weights, num_classes=3)
-    trained = load_variables(out)
-    for a, b in zip(jax.tree.leaves(port["params"]["backbone"]), jax.tree.leaves(trained["params"]["backbone"])):
-        np.testing.assert_array_equal(a, b)
-    for a, b in zip(jax.tree.leaves(port["batch_stats"]), jax.tree.leaves(trained["batch_stats"])):
-        np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(port["params"]["head"]["kernel"], trained["params"]["head"]["kernel"])
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["cached_features"] and "not torchvision's published ImageNet weights" in summary["weights"]
+    for recipe, out in (("original", tmp_path / "ft"), ("frozen-bn", tmp_path / "cached")):
+        finetune.main(["--data-dir", str(data_dir), "--epochs", "1", "--batch-size", "8", "--weights", str(weights),
+                       "--conv-impl", "xla", "--out", str(out), "--recipe", recipe])
+        trained = load_variables(out)
+        for a, b in zip(jax.tree.leaves(port["params"]["backbone"]), jax.tree.leaves(trained["params"]["backbone"])):
+            np.testing.assert_array_equal(a, b)
+        stats_kept = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(port["batch_stats"]),
+                                                           jax.tree.leaves(trained["batch_stats"]))]
+        assert all(stats_kept) if recipe == "frozen-bn" else not any(stats_kept)
+        assert not np.array_equal(port["params"]["head"]["kernel"], trained["params"]["head"]["kernel"])
+        summary = json.loads((out / "summary.json").read_text())
+        config = json.loads((out / "config.json").read_text())
+        assert (config["unfreeze"], config["bn"], config["recipe"]) == \
+            ("head", "frozen" if recipe == "frozen-bn" else "train", recipe)
+        assert summary["cached_features"] == (recipe == "frozen-bn")
+        assert "not torchvision's published ImageNet weights" in summary["weights"]
 
 
 @pytest.mark.slow

@@ -1,0 +1,58 @@
+"""A trained ResNet-18 run as a torchvision `state_dict`, the inverse of the port (`cifarjax.pretrained`):
+
+    python -m experiments.export RUN OUT.pth
+    model = torchvision.models.resnet18(num_classes=N)
+    model.load_state_dict(torch.load("OUT.pth", weights_only=True), strict=True)
+
+Every parameter and BatchNorm running statistic is written (`num_batches_tracked` as 0: cifarjax does not count
+them, and with a BatchNorm momentum set, as torchvision's is, PyTorch never reads it). The weights are those the
+run evaluates with (its moving average where it kept one). In `model.eval()` the model gives the run's
+probabilities on the same preprocessed input: the run's image size, [0, 1] scaling and normalisation.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from flax import traverse_util
+
+from cifarjax import torchlib
+from cifarjax.errors import UserError
+from cifarjax.files import atomic_write
+from cifarjax.pretrained import _torch_key
+from cifarjax.predictor import Run, load_run
+
+
+def torchvision_state_dict(variables: dict) -> dict:
+    """{torchvision key: float32 numpy array in PyTorch's layout} of ResNet-18 `variables`."""
+    flat = traverse_util.flatten_dict({c: variables[c] for c in ("params", "batch_stats")})
+    state = {}
+    for key, value in flat.items():
+        value = np.asarray(value, np.float32)
+        if key[-1] == "kernel":  # conv HWIO -> OIHW; fc (in, out) -> (out, in)
+            value = value.T if key[-2] == "head" else np.transpose(value, (3, 2, 0, 1))
+        name = _torch_key(key)
+        state[name] = np.ascontiguousarray(value)
+        if name.endswith("running_mean"):
+            state[name.replace("running_mean", "num_batches_tracked")] = np.array(0, np.int64)
+    return state
+
+
+def export_torchvision(run: Union[str, Path, Run], out: Union[str, Path]) -> Path:
+    """Write a ResNet-18 run (a folder or a `load_run` result) to `out` as a torchvision state_dict; returns the
+    path. An existing `out` is never replaced."""
+    loaded = run if isinstance(run, Run) else load_run(run)
+    if loaded.config.model != "resnet18":
+        raise UserError(f"{loaded.path} is a {loaded.config.model} run; export writes torchvision ResNet-18 weights, "
+                        "so pass a run of experiments.finetune (or a ResNet-18 train_loop run)")
+    out = Path(out).expanduser()
+    if out.exists() or out.is_symlink():
+        raise UserError(f"{out} already exists; export never replaces a file: pass a new path")
+    if not out.parent.is_dir():
+        raise UserError(f"the folder {out.parent} does not exist; create it or pass a path in an existing folder")
+    torch = torchlib.load("torch")
+    state = {k: torch.from_numpy(v) for k, v in torchvision_state_dict(loaded.variables).items()}
+    with atomic_write(out, "wb") as f:
+        torch.save(state, f)
+    return out
