@@ -179,14 +179,15 @@ def fingerprint(dataset: Dataset) -> dict:
 
 # ---------------------------------------------------------------------------------------------- sources
 
-def _folder_splits(root: Path):
-    """{'train': (classes, files), 'test': ...} for an ImageFolder tree rooted at `root`."""
-    splits = {s: sources.class_files(root / s) for s in ("train", "test") if (root / s).is_dir()}
+def _folder_splits(root: Path, unused: Optional[list] = None):
+    """{'train': (classes, files), 'test': ...} for an ImageFolder tree rooted at `root` (`unused` collects the
+    paths of entries that are not used)."""
+    splits = {s: sources.class_files(root / s, unused) for s in ("train", "test") if (root / s).is_dir()}
     if not splits:
         nested = sorted(e.path for e in os.scandir(root) if e.is_dir() and os.path.isdir(os.path.join(e.path, "train")))
         if nested:  # the folder that holds the unpacked data, one level too high
             raise UserError(f"{root} holds no train/ folder, but {nested[0]} does: pass --data-dir {nested[0]}")
-        splits = {"train": sources.class_files(root)}
+        splits = {"train": sources.class_files(root, unused)}
     return {s: v for s, v in splits.items() if v[1]}
 
 
@@ -424,8 +425,11 @@ def main(argv=None) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.2, help="validation fraction (default: 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: 0)")
     args = parser.parse_args(argv)
-    print(json.dumps(describe(load_dataset(args.data_dir, args.dataset, args.decode_size), args.val_fraction,
-                              args.seed)))
+    described = describe(load_dataset(args.data_dir, args.dataset, args.decode_size), args.val_fraction, args.seed)
+    unused = []
+    if described["source"] == "folder":
+        _folder_splits(Path(args.data_dir).expanduser(), unused)
+    print(json.dumps({**described, "unused_entries": unused}))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -40,13 +40,26 @@ def _scan(folder):
         raise user_error_from_os(error, f"cannot list the data folder {folder}") from None
 
 
-def class_files(split_dir: Path):
-    """(classes, [ImageFile]) of DIR/<class>/*; empty class folders are skipped with a warning."""
-    classes, files = [], []
+def class_files(split_dir: Path, unused: Optional[list] = None):
+    """(classes, [ImageFile]) of DIR/<class>/*. Empty class folders are skipped with a warning, and so, in one
+    warning line, is every entry that is not used (hidden ones aside): files without an image extension, broken
+    links, special files, folders inside a class folder, files beside the class folders. `unused` collects
+    their paths."""
+    classes, files, skipped = [], [], []
     for entry in _scan(split_dir):
-        if not entry.is_dir() or entry.name.startswith("."):
+        if entry.name.startswith("."):
             continue
-        images = [e for e in _scan(entry.path) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
+        if not entry.is_dir():
+            skipped.append(entry.path)
+            continue
+        images = []
+        for e in _scan(entry.path):
+            if e.name.startswith("."):
+                continue
+            if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS):
+                images.append(e)
+            else:
+                skipped.append(e.path)
         if not images:
             warn(f"class folder {entry.path} holds no images ({', '.join(IMAGE_EXTENSIONS)}); it is skipped and "
                  "is not a class")
@@ -55,6 +68,13 @@ def class_files(split_dir: Path):
             st = e.stat()
             files.append(ImageFile(e.path, len(classes), st.st_size, st.st_mtime_ns))
         classes.append(entry.name)
+    if skipped:
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        warn(f"{len(skipped)} {'entry' if len(skipped) == 1 else 'entries'} in {split_dir} {'is' if len(skipped) == 1 else 'are'} "
+             f"not used (not image files, broken links, special files or folders): {', '.join(skipped[:3])}{more}; "
+             f"python -m cifarjax.data lists them all")
+    if unused is not None:
+        unused += skipped
     return classes, files
 
 

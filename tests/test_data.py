@@ -376,3 +376,35 @@ def test_the_fix_names_the_torchvision_built_for_the_installed_torch(monkeypatch
     assert "fix: pip install 'torch==2.14.1' 'torchvision==0.29.*'" in message
     versions["torchvision"] = "0.29.1"
     assert "installed but broken" in torchlib.broken_install("torchvision", AttributeError("x"))
+
+
+def test_entries_that_are_not_used_are_counted_and_named(image_folder, capsys):
+    import os
+    from cifarjax import data
+    cat = image_folder / "train" / "cat"
+    (cat / "broken.jpg").symlink_to(cat / "gone.jpg")
+    (cat / "notes.txt").write_text("not an image")
+    os.mkfifo(cat / "pipe.png")
+    (image_folder / "train" / "README").write_text("beside the classes")
+    dataset = load_dataset(image_folder)
+    assert len(dataset.train) == 36  # 3 classes x 12 images: nothing else
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "4 entries in" in err and "are not used" in err and "broken.jpg" in err
+    data.main([str(image_folder)])
+    listed = json.loads(capsys.readouterr().out)["unused_entries"]
+    assert sorted(os.path.basename(p) for p in listed) == ["README", "broken.jpg", "notes.txt", "pipe.png"]
+
+
+def test_classes_selects_and_renumbers_in_the_order_given(image_folder):
+    from cifarjax.data import select_classes
+    full = load_dataset(image_folder)
+    picked = load_dataset(image_folder, classes="frog,cat")
+    assert picked.classes == ("frog", "cat") and len(picked.train) == 24 and len(picked.test) == 8
+    for split, whole in ((picked.train, full.train), (picked.test, full.test)):
+        np.testing.assert_array_equal(split.images[split.labels == 0], whole.images[whole.labels == 2])
+        np.testing.assert_array_equal(split.images[split.labels == 1], whole.images[whole.labels == 0])
+    assert select_classes(full, full.classes) is full
+    for bad, message in (("cat,cow", "no class 'cow' in this data; its classes are cat,dog,frog"),
+                         ("cat,cat", "a class is named twice"), ("cat", "a classifier needs 2 or more")):
+        with pytest.raises(UserError, match=message):
+            load_dataset(image_folder, classes=bad)
