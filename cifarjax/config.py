@@ -75,15 +75,17 @@ class Config:
                      choices=BN_MODES)
     cache_features: bool = option(True, "train the head on cached backbone features when only the head trains "
                                   "and BatchNorm is frozen", commands=FINETUNE, flag="feature-cache")
-    conv_impl: str = option("auto", "convolution formulation (auto: Winograd-fused SimpleCNN blocks and im2col "
-                            "on CPU, XLA/cuDNN on GPU)", choices=CONV_IMPLS)
+    conv_impl: str = option("auto", "convolution formulation (auto: on a CPU 'winograd', the CPU's formulations: "
+                            "fused SimpleCNN blocks, Winograd, im2col or XLA's forward per shape; on a GPU 'xla', "
+                            "XLA/cuDNN)", choices=CONV_IMPLS)
     precision: str = option("fp32", "arithmetic of convolutions and matrix products: fp32 (the original's) or bf16 "
                             "(bfloat16 operands; parameters, optimizer state, BatchNorm statistics, softmax and "
                             "loss stay float32)", choices=PRECISIONS)
-    steps_per_call: int = option(0, "training steps per dispatch, run as one lax.scan (0: auto: 1 on a CPU, where a "
-                                 "step outlasts its dispatch, 8 on a GPU or TPU, up to 64 for a head on cached "
-                                 "features); a call never crosses an evaluation, a checkpoint or an epoch end, and "
-                                 "the results are bit-identical whatever the number", minimum=0, resumable=True)
+    steps_per_call: int = option(0, "training steps per dispatch, run as one lax.scan (0, the default, chooses: up "
+                                 "to 64 for a head on cached features on any device, else 1 on a CPU, where a step "
+                                 "outlasts its dispatch, and 8 on a GPU or TPU); a call never crosses an evaluation, "
+                                 "a checkpoint or an epoch end, and the results are bit-identical whatever the "
+                                 "number", minimum=0, resumable=True)
     dropout: float = option(0.3, "SimpleCNN's dropout rate, a training-time regulariser (0.3 in the original; "
                             "the layers and parameters do not change)", commands=("cnn",), minimum=0.0,
                             maximum=0.9)

@@ -204,8 +204,9 @@ def _jitted_init(model, img_size: int):
 
 
 def initialize(model, seed: int = 0, img_size: int = 32) -> dict:
-    """Freshly initialised {'params', 'batch_stats'} (host arrays), seeded. Compiled in one piece: running
-    `init` op by op costs 10-20 s on a CPU (its random normals may differ from op-by-op ones in the last bit)."""
+    """Freshly initialised variables (host arrays), seeded: {'params'}, and 'batch_stats' where the model has
+    BatchNorm. Compiled in one piece: running `init` op by op costs 10-20 s on a CPU (its random normals may differ
+    from op-by-op ones in the last bit)."""
     return jax.device_get(dict(_jitted_init(model, img_size)(jax.random.PRNGKey(seed))))
 
 

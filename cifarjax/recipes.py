@@ -35,7 +35,8 @@ CNN_ORIGINAL = Recipe(
     "inputs scaled to [0, 1].",
     {"model": "simple_cnn"},
     "python -m experiments.cnn --data-dir DIR: about 70% validation accuracy after 20 epochs (69.6%, 70.4% and "
-    "71.7% for seeds 0, 1, 2 on the shared CIFAR-10 JPEGs; the PyTorch original 71.4% on the seed-0 split).")
+    "71.7% for seeds 0, 1, 2 on the shared CIFAR-10 JPEGs; the PyTorch original 71.4% in one run on the seed-0 "
+    "split).")
 
 CNN_IMPROVED = Recipe(
     "improved",
@@ -48,8 +49,8 @@ CNN_IMPROVED = Recipe(
      "weight_decay": 0.05, "lr": 2e-3, "schedule": "onecycle", "warmup_epochs": 3.0, "label_smoothing": 0.1,
      "ema_decay": 0.999, "tta_flip": True, "eval_every": 0},
     "python -m experiments.cnn --recipe improved --data-dir DIR: about 82.7% validation accuracy after 20 "
-    "epochs (82.5%, 82.9% and 82.9% for seeds 0, 1, 2 on the shared CIFAR-10 JPEGs, final epoch; 79.2% with "
-    "--dropout 0.3, the original's rate; docs/results.md).")
+    "epochs (82.5%, 82.9% and 82.9% for seeds 0, 1, 2 on the shared CIFAR-10 JPEGs, final epoch, on the validation "
+    "images the recipe was chosen on; 79.2% with --dropout 0.3, the original's rate; docs/results.md).")
 
 FINETUNE_ORIGINAL = Recipe(
     "original",

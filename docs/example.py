@@ -10,7 +10,7 @@ config = config.replace(classes=data.classes, num_classes=len(data.classes))
 result = cj.train_loop(config, train, val, run="runs/my-cnn")  # refuses a used folder; resume=True continues it
 cj.plot_training_results(result.history.records, "runs/my-cnn/my_training.png")
 
-run = cj.load_run("runs/my-cnn")  # any finished run: experiments.cnn's and .finetune's too
+run = cj.load_run("runs/my-cnn")  # a loop's run folder, experiments.cnn's or one fine-tune length's
 print(cj.format_table(run.evaluate(val)))  # accuracy, per class, the most confused pairs
 image = os.environ.get("CIFARJAX_IMAGE", "my_cat.jpg")
 print(image, run.top(run.predict_files([image])[image]))  # [('cat', 0.61), ('dog', 0.22), ('bird', 0.07)]
