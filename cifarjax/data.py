@@ -424,8 +424,11 @@ def main(argv=None) -> None:
     parser.add_argument("--decode-size", type=int, default=32, help="decode every image at this size (default: 32)")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="validation fraction (default: 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: 0)")
+    parser.add_argument("--classes", default="", metavar="NAME,NAME",
+                        help="only these classes, relabelled in this order (default: all)")
     args = parser.parse_args(argv)
-    described = describe(load_dataset(args.data_dir, args.dataset, args.decode_size), args.val_fraction, args.seed)
+    described = describe(load_dataset(args.data_dir, args.dataset, args.decode_size, args.classes), args.val_fraction,
+                         args.seed)
     unused = []
     if described["source"] == "folder":
         _folder_splits(Path(args.data_dir).expanduser(), unused)
