@@ -78,10 +78,16 @@ class Config:
     precision: str = option("fp32", "arithmetic of convolutions and matrix products: fp32 (the original's) or bf16 "
                             "(bfloat16 operands; parameters, optimizer state, BatchNorm statistics, softmax and "
                             "loss stay float32)", choices=PRECISIONS)
-    steps_per_call: int = option(0, "training steps per dispatch, run as one lax.scan (0: auto: 1 on a CPU, where a "
-                                 "step outlasts its dispatch, 8 on a GPU or TPU, up to 64 for a head on cached "
-                                 "features); a call never crosses an evaluation, a checkpoint or an epoch end, and "
-                                 "the results are bit-identical whatever the number", minimum=0, resumable=True)
+    steps_per_call: int = option(0, "at most N training steps per dispatch, run as one rolled lax.scan: the largest "
+                                 "number up to N dividing the epoch, the evaluation and checkpoint intervals and the "
+                                 "step a run resumes from (0: auto: up to 8 on a GPU or TPU for images of at most "
+                                 "64 pixels a side, 64 for a head on cached features, else 1); results equal one "
+                                 "step per call's within float32 rounding, not bit for bit", minimum=0,
+                                 resumable=True)
+    deterministic: bool = option(False, "on a GPU, XLA's deterministic kernels (--xla_gpu_deterministic_ops, no "
+                                 "atomics-based reductions, possibly slower): a run's results repeat bit for bit, "
+                                 "and a resumed run equals an uninterrupted one (on a CPU they do without it)",
+                                 resumable=True)
     dropout: float = option(0.3, "SimpleCNN's dropout rate, a training-time regulariser (0.3 in the original; "
                             "the layers and parameters do not change)", commands=("cnn",), minimum=0.0,
                             maximum=0.9)
