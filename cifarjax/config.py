@@ -101,8 +101,9 @@ class Config:
                                   "shorter than the run (a recipe's warm-up scales with --epochs)", minimum=0.0,
                                   maximum=100_000)
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy target", minimum=0.0, maximum=0.5)
-    ema_decay: float = option(0.0, "keep an exponential moving average of the weights with this decay and "
-                              "evaluate it (0: off)", minimum=0.0, maximum=0.99999)
+    ema_decay: float = option(0.0, "keep an exponential moving average of the weights that train (and of the "
+                              "BatchNorm statistics that train) with this decay and evaluate it (0: off)",
+                              minimum=0.0, maximum=0.99999)
     # Data and augmentation.
     dataset: str = option("auto", "data source: auto (--data-dir's contents, or CIFAR-10 downloaded), cifar10, "
                           "folder or fake", choices=SOURCES)
