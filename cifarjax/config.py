@@ -84,9 +84,9 @@ class Config:
                                  "64 pixels a side, 64 for a head on cached features, else 1); results equal one "
                                  "step per call's within float32 rounding, not bit for bit", minimum=0,
                                  resumable=True)
-    deterministic: bool = option(False, "on a GPU, XLA's deterministic kernels (--xla_gpu_deterministic_ops, no "
-                                 "atomics-based reductions, possibly slower): a run's results repeat bit for bit, "
-                                 "and a resumed run equals an uninterrupted one (on a CPU they do without it)",
+    deterministic: bool = option(False, "on a GPU, XLA's deterministic kernels (--xla_gpu_deterministic_ops: no "
+                                 "atomics-based reductions; possibly slower), which a run needs there to repeat its "
+                                 "bits and to resume bit-identically (a CPU's kernels are deterministic already)",
                                  resumable=True)
     dropout: float = option(0.3, "SimpleCNN's dropout rate, a training-time regulariser (0.3 in the original; "
                             "the layers and parameters do not change)", commands=("cnn",), minimum=0.0,
