@@ -82,8 +82,8 @@ class Config:
                                  "number up to N dividing the epoch, the evaluation and checkpoint intervals and the "
                                  "step a run resumes from (0: auto: up to 8 on a GPU or TPU for images of at most "
                                  "64 pixels a side, 64 for a head on cached features, else 1); results equal one "
-                                 "step per call's within float32 rounding, not bit for bit", minimum=0,
-                                 resumable=True)
+                                 "step per call's within float32 rounding (bit for bit where tested: a head on "
+                                 "cached features, on a CPU)", minimum=0, resumable=True)
     deterministic: bool = option(False, "on a GPU, XLA's deterministic kernels (--xla_gpu_deterministic_ops: no "
                                  "atomics-based reductions; possibly slower), which a run needs there to repeat its "
                                  "bits and to resume bit-identically (a CPU's kernels are deterministic already)",

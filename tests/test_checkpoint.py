@@ -203,8 +203,10 @@ def test_a_fine_tune_with_a_moving_average_resumes_bit_identically_in_the_gpu_pr
     model = small_resnet(frozen_bn_stages=4, axis_name=AXIS)  # layer4's BatchNorm trains, as `--unfreeze layer4`'s
     variables = initialize(model)
     data, val = tiny_split(32), tiny_split(8, seed=1)  # 4 steps per epoch
-    run = lambda out, epochs, resume=False: fit(config.replace(n_epochs=epochs), Apply(model), variables, data,  # noqa: E731
-                                                val, ImageInputs(AugmentSpec()), run=out, resume=resume)
+
+    def run(out, epochs, resume=False):
+        return fit(config.replace(n_epochs=epochs), Apply(model), variables, data, val, ImageInputs(AugmentSpec()),
+                   run=out, resume=resume)
     full = run(tmp_path / "full", 2)
     run(tmp_path / "resumed", 1)
     resumed = run(tmp_path / "resumed", 2, resume=True)

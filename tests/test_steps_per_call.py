@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from cifarjax.augment import AugmentSpec, HostAugment
-from cifarjax.config import Config
 from cifarjax.data import Split
 from cifarjax.freezing import Freezing
 from cifarjax.inputs import FeatureInputs, HostAugmentedInputs, ImageInputs
