@@ -17,6 +17,7 @@
 #   3. ResNet-18 rows of benchmarks.throughput (PyTorch's side runs on the CPU: a reference, not a GPU ratio)
 #   4. the default fine-tune (experiments.finetune --weights random; WEIGHTS=path for ImageNet weights)
 #   5. a 20-epoch SimpleCNN run at the original's settings (fp32, the default steps per call)
+#   6. --deterministic: 2 epochs of a subset uninterrupted, and 1 then resumed to 2: bit-identical? (resume_equal.txt)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -101,7 +102,26 @@ part finetune 120 python3 -m experiments.finetune --data-dir "$data" --weights "
 # 5. Twenty epochs at the original's settings.
 part cnn-20-epochs 150 python3 -m experiments.cnn --data-dir "$data" --out "$out/cnn-20-epochs"
 
-echo "total seconds: $(( $(date +%s) - start ))" | tee -a "$out/parts.txt"
+# 6. A resumed run against an uninterrupted one, with XLA's deterministic kernels.
+resume_check() {  # DATA OUT (a function run by `part` through bash -c)
+  local out=$2 common=(--data-dir "$1" --subset 2000 --batch-size 64 --deterministic)
+  python3 -m experiments.cnn "${common[@]}" --epochs 2 --out "$out/deterministic-full" &&
+  python3 -m experiments.cnn "${common[@]}" --epochs 1 --out "$out/deterministic-resumed" &&
+  python3 -m experiments.cnn --resume --epochs 2 --out "$out/deterministic-resumed" &&
+  python3 - "$out" <<'PY'
+import sys
+from pathlib import Path
+import jax, numpy as np
+from cifarjax.checkpoint import load_variables
+out = Path(sys.argv[1])
+a, b = (jax.tree.leaves(load_variables(out / f"deterministic-{n}")) for n in ("full", "resumed"))
+equal = all(np.array_equal(x, y) for x, y in zip(a, b))
+worst = max(float(np.max(np.abs(np.asarray(x, np.float64) - y))) for x, y in zip(a, b))
+(out / "resume_equal.txt").write_text(f"bit-identical: {equal} (largest difference {worst:g})\n")
+PY
+}
+export -f resume_check
+part resume-deterministic 120 bash -c 'resume_check "$@"' _ "$data" "$out"
 python3 - "$out" <<'PY' | tee "$out/summary.txt"
 import json, sys
 from pathlib import Path
@@ -121,6 +141,8 @@ for run in sorted(out.glob("cnn-*")) + [out / "finetune"]:
     keys = ("val_accuracy", "process_seconds", "images_per_second", "phases", "peak_rss_mb", "runs")
     print(f"{run.name:24s}", json.dumps({k: s[k] for k in keys if k in s})[:400])
 print("step rates:", load(out / "step_rates.json"))
+resumed = out / "resume_equal.txt"
+print("resumed with --deterministic:", resumed.read_text().strip() if resumed.is_file() else "not run (see logs/)")
 for path in sorted(out.glob("throughput-*.json")):
     result = load(path)
     for r in (result or {}).get("rows", []):

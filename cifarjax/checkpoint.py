@@ -31,6 +31,7 @@ from flax import traverse_util
 
 from cifarjax.errors import UserError, user_error_from_os, warn
 from cifarjax.files import atomic_write, record_output
+from cifarjax.freezing import join_frozen, split_frozen
 from cifarjax.runs import CONFIG, TENSORBOARD
 
 CHECKPOINTS, FROZEN = "checkpoints", "frozen_params.npz"
@@ -81,18 +82,6 @@ def digest(tree) -> str:
     return h.hexdigest()
 
 
-def split_frozen(params, trainable):
-    """(trainable part, frozen part) of a parameter tree, as nested dicts without the other part's leaves."""
-    flat, mask = traverse_util.flatten_dict(params), traverse_util.flatten_dict(trainable)
-    parts = ({k: v for k, v in flat.items() if mask[k]}, {k: v for k, v in flat.items() if not mask[k]})
-    return tuple(traverse_util.unflatten_dict(p) for p in parts)
-
-
-def join_frozen(trainable_part, frozen_part):
-    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(frozen_part),
-                                         **traverse_util.flatten_dict(trainable_part)})
-
-
 class Checkpointer:
     """Save and restore a `TrainState` (unreplicated) plus a JSON-able `meta` dict under run_dir/checkpoints.
 
@@ -114,11 +103,12 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def _stored(self, state) -> dict:
-        """The arrays a checkpoint holds: trainable parameters (and their average), statistics, optimizer."""
+        """The arrays a checkpoint holds: trainable parameters, statistics, the average of those training changes
+        (`TrainState.ema_params`, `ema_batch_stats`), optimizer."""
         prune = (lambda p: p) if self.trainable is None else (lambda p: split_frozen(p, self.trainable)[0])
         variables = {"params": prune(state.params), "batch_stats": state.batch_stats}
         if state.ema_params is not None:
-            variables["ema_params"] = prune(state.ema_params)
+            variables.update(ema_params=state.ema_params, ema_batch_stats=state.ema_batch_stats)
         return {"variables": variables,
                 "train": {"opt_state": state.opt_state, "step": np.asarray(state.step), "key": np.asarray(state.key)}}
 
@@ -177,7 +167,7 @@ class Checkpointer:
         join = (lambda part, full: part) if self.trainable is None else (lambda part, full: join_frozen(part, frozen))
         state = state.replace(params=join(v["params"], state.params), batch_stats=v["batch_stats"],
                               opt_state=t["opt_state"], step=t["step"], key=t["key"],
-                              ema_params=join(v["ema_params"], state.ema_params) if "ema_params" in v else None)
+                              ema_params=v.get("ema_params"), ema_batch_stats=v.get("ema_batch_stats"))
         return state, restored.meta
 
     def close(self) -> None:
@@ -311,8 +301,8 @@ def frozen_params(run: Path) -> dict:
 
 def load_variables(run_dir, average: bool = False) -> dict:
     """The newest intact checkpoint's {'params': ..., 'batch_stats': ...} (host numpy arrays) of the run in
-    run_dir, frozen parameters included. With `average`, the moving average of the weights when the run kept
-    one (a UserError says so when it did not)."""
+    run_dir, frozen parameters included. With `average`, the moving average of the weights and of the BatchNorm
+    statistics training updated, when the run kept one (a UserError says so when it did not)."""
     run = find_run(run_dir).resolve()
     manager = ocp.CheckpointManager(run / CHECKPOINTS)
     try:
@@ -327,5 +317,6 @@ def load_variables(run_dir, average: bool = False) -> dict:
                         "weights instead")
     params = variables["ema_params" if average else "params"]
     frozen = frozen_params(run)
+    batch_stats = variables.get("batch_stats", {})
     return {"params": join_frozen(params, frozen) if frozen else params,
-            "batch_stats": variables.get("batch_stats", {})}
+            "batch_stats": join_frozen(variables.get("ema_batch_stats", {}), batch_stats) if average else batch_stats}

@@ -81,11 +81,16 @@ class Config:
     precision: str = option("fp32", "arithmetic of convolutions and matrix products: fp32 (the original's) or bf16 "
                             "(bfloat16 operands; parameters, optimizer state, BatchNorm statistics, softmax and "
                             "loss stay float32)", choices=PRECISIONS)
-    steps_per_call: int = option(0, "training steps per dispatch, run as one lax.scan (0, the default, chooses: up "
-                                 "to 64 for a head on cached features on any device, else 1 on a CPU, where a step "
-                                 "outlasts its dispatch, and 8 on a GPU or TPU); a call never crosses an evaluation, "
-                                 "a checkpoint or an epoch end, and the results are bit-identical whatever the "
-                                 "number", minimum=0, resumable=True)
+    steps_per_call: int = option(0, "at most N training steps per dispatch, run as one rolled lax.scan: the largest "
+                                 "number up to N dividing the epoch, the evaluation and checkpoint intervals and the "
+                                 "step a run resumes from (0: auto: up to 8 on a GPU or TPU for images of at most "
+                                 "64 pixels a side, 64 for a head on cached features, else 1); results equal one "
+                                 "step per call's within float32 rounding (bit for bit where tested: a head on "
+                                 "cached features, on a CPU)", minimum=0, resumable=True)
+    deterministic: bool = option(False, "on a GPU, XLA's deterministic kernels (--xla_gpu_deterministic_ops: no "
+                                 "atomics-based reductions; possibly slower), which a run needs there to repeat its "
+                                 "bits and to resume bit-identically (a CPU's kernels are deterministic already)",
+                                 resumable=True)
     dropout: float = option(0.3, "SimpleCNN's dropout rate, a training-time regulariser (0.3 in the original; "
                             "the layers and parameters do not change)", commands=("cnn",), minimum=0.0,
                             maximum=0.9)
@@ -99,8 +104,9 @@ class Config:
                                   "shorter than the run (a recipe's warm-up scales with --epochs)", minimum=0.0,
                                   maximum=100_000)
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy target", minimum=0.0, maximum=0.5)
-    ema_decay: float = option(0.0, "keep an exponential moving average of the weights with this decay and "
-                              "evaluate it (0: off)", minimum=0.0, maximum=0.99999)
+    ema_decay: float = option(0.0, "keep an exponential moving average of the weights that train (and of the "
+                              "BatchNorm statistics that train) with this decay and evaluate it (0: off)",
+                              minimum=0.0, maximum=0.99999)
     # Data and augmentation.
     dataset: str = option("auto", "data source: auto (--data-dir's contents, or CIFAR-10 downloaded), cifar10, "
                           "folder or fake", choices=SOURCES)

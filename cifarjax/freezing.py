@@ -5,6 +5,7 @@ features are fixed all derive from one list of rules (big_vision's style: patter
     policy.trainable_mask(params)   # True where a parameter trains (the optimizer's mask)
     policy.frozen_bn_stages         # leading ResNet stages whose BatchNorm runs in inference mode
     policy.backbone_fixed           # backbone features are a fixed function of the image (cacheable)
+    policy.averaged(variables)      # what training changes, and a moving average of the weights keeps
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 import jax
+from flax import traverse_util
 
 # --unfreeze value -> patterns (full match) of '/'-joined parameter paths that train.
 TRAINABLE_RULES = {
@@ -22,6 +24,31 @@ TRAINABLE_RULES = {
 # ResNet stages in order, each with a parameter path that belongs to it.
 STAGES = (("stem", "backbone/conv1/kernel"),) + tuple(
     (f"layer{i}", f"backbone/layer{i}_block0/conv1/kernel") for i in range(1, 5))
+
+
+def split_frozen(params, trainable):
+    """(trainable part, frozen part) of a parameter tree, as nested dicts without the other part's leaves."""
+    flat, mask = traverse_util.flatten_dict(params), traverse_util.flatten_dict(trainable)
+    parts = ({k: v for k, v in flat.items() if mask[k]}, {k: v for k, v in flat.items() if not mask[k]})
+    return tuple(traverse_util.unflatten_dict(p) for p in parts)
+
+
+def join_frozen(trainable_part, frozen_part):
+    """One tree of both parts' leaves (`trainable_part`'s where both hold one)."""
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(frozen_part),
+                                         **traverse_util.flatten_dict(trainable_part)})
+
+
+def leaves_like(tree, part):
+    """`tree`'s leaves at the paths `part` holds, as a tree shaped like `part`."""
+    flat = traverse_util.flatten_dict(tree)
+    return traverse_util.unflatten_dict({k: flat[k] for k in traverse_util.flatten_dict(part)})
+
+
+def stage_of(name: str) -> int:
+    """The ResNet stage (0: the stem, i: layer i) a '/'-joined variable path belongs to."""
+    match = re.match(r"backbone/layer(\d+)_", name)
+    return int(match.group(1)) if match else 0
 
 
 def path_name(path) -> str:
@@ -60,6 +87,16 @@ class Freezing:
                 break
             count += 1
         return count
+
+    def averaged(self, variables) -> dict:
+        """The parts of {'params', 'batch_stats'} that training changes, which a moving average of the weights
+        keeps: the trainable parameters and the statistics of BatchNorm layers in train mode. The rest, unchanged
+        by training, is its own average."""
+        stats = variables.get("batch_stats", {})
+        updated = jax.tree_util.tree_map_with_path(
+            lambda path, _: stage_of(path_name(path)) >= self.frozen_bn_stages, stats)
+        return {"params": split_frozen(variables["params"], self.trainable_mask(variables["params"]))[0],
+                "batch_stats": split_frozen(stats, updated)[0]}
 
     @property
     def backbone_fixed(self) -> bool:

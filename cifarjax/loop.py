@@ -93,25 +93,30 @@ class FitResult:
         return self.average if self.average is not None else self.variables
 
 
-def cheap_chunk(config: Config, steps_per_epoch: int, most: int = 64) -> int:
-    """How many cheap steps go in one call: the largest number up to `most` that divides the epoch and the
-    evaluation and checkpoint intervals, so no event falls inside a call."""
-    limit = math.gcd(steps_per_epoch, config.eval_every or steps_per_epoch, config.checkpoint_every or steps_per_epoch)
-    return max(d for d in range(1, min(most, limit) + 1) if limit % d == 0)
+# The most training steps per call where `--steps-per-call` is auto (0): for a head on cached features (microseconds
+# of work a step), and on a GPU or TPU for images of at most SMALL_IMAGES pixels a side, where dispatching a step
+# takes about as long as computing it (a SimpleCNN or ResNet-18 step at 32x32). Elsewhere a step outlasts its
+# dispatch (on a CPU; a ResNet at 224x224 on a GPU: milliseconds against well under one), and one step a call
+# compiles fastest.
+CHEAP_STEPS_PER_CALL, ACCELERATOR_STEPS_PER_CALL, SMALL_IMAGES = 64, 8, 64
 
 
-# Training steps per call on a GPU or TPU, where dispatching a SimpleCNN step takes about as long as computing it.
-ACCELERATOR_STEPS_PER_CALL = 8
-
-
-def steps_per_call(config: Config, steps_per_epoch: int, platform: str, cheap: bool) -> int:
-    """Training steps per call (`lax.scan` over them): `config.steps_per_call`, or when it is 0 (auto) `cheap_chunk`
-    for cheap steps, one on a CPU (where a step outlasts its dispatch) and `ACCELERATOR_STEPS_PER_CALL` elsewhere."""
+def most_steps_per_call(config: Config, platform: str, cheap: bool) -> int:
+    """The most training steps a call may run: `config.steps_per_call`, or when it is 0 (auto) the above."""
     if config.steps_per_call:
         return config.steps_per_call
     if cheap:
-        return cheap_chunk(config, steps_per_epoch)
-    return 1 if platform == "cpu" else ACCELERATOR_STEPS_PER_CALL
+        return CHEAP_STEPS_PER_CALL
+    return ACCELERATOR_STEPS_PER_CALL if platform != "cpu" and config.img_size <= SMALL_IMAGES else 1
+
+
+def steps_per_call(most: int, start: int, intervals) -> int:
+    """How many steps every call of a fit runs: the largest number up to `most` that divides the step it starts
+    from and each interval at which something happens (the epoch, evaluations, step-counted checkpoints; 0:
+    none). Calls then end on every event and run one compiled program (`train.train_steps`, or `train_step`
+    for one step a call)."""
+    every = math.gcd(start, *intervals)
+    return max(d for d in range(1, min(most, every) + 1) if every % d == 0)
 
 
 class LossTracker:
@@ -260,15 +265,16 @@ class Trainer:
         train_indices(len(train), config.batch_size, self.parallel.n_devices, config.seed, 0)  # validates the batch
         self.total_steps = config.n_epochs * self.steps_per_epoch
         tx = make_optimizer(config, variables["params"], self.steps_per_epoch)
-        self.state = create_train_state(apply_fn, variables, tx, config.seed, ema=config.ema_decay > 0)
+        self.state = create_train_state(apply_fn, variables, tx, config.seed, ema=config.ema_decay > 0,
+                                        freezing=freezing)
         self.writer = run is not None and distributed.is_writer()
         self.checkpointer = Checkpointer(run, config.keep_checkpoints, trainable) if run is not None else None
         self.tracker, self.records, self.elapsed, self.saved = LossTracker(), [], 0.0, None
         self.val_predictions = None
         self.log = ScalarLog(run / runs.TENSORBOARD) if self.writer else None
         self.host_augment = host_augment
-        self.chunk = steps_per_call(config, self.steps_per_epoch, self.parallel.devices[0].platform,
-                                    getattr(inputs, "cheap_steps", False))
+        self.most_per_call = most_steps_per_call(config, self.parallel.devices[0].platform,
+                                                 getattr(inputs, "cheap_steps", False))
 
     # -- start
     def restore(self, resume: bool) -> None:
@@ -309,6 +315,8 @@ class Trainer:
             eval_idx = eval_indices(len(self.val), self.config.eval_batch_size, p.n_devices)[0][0]
             jax.block_until_ready(p.eval_step(self.device_state, self.val_data, p.mine(eval_idx)))
         self.start_step = self.last_step = int(self.state.step)
+        self.chunk = steps_per_call(self.most_per_call, self.start_step,
+                                    (self.steps_per_epoch, self.config.eval_every, self.config.checkpoint_every))
         self.last_checkpoint = time.perf_counter()
         self.compiled_programs, self.compiled_steps = set(), 0  # (idx.ndim of each program called, their steps)
         self.step_seconds = {True: 0.0, False: 0.0}  # this fit's compiling first calls, and the calls after them
@@ -318,29 +326,20 @@ class Trainer:
     def batches(self):
         """(last step, indices) per call from the restored step to the end, epoch by epoch (steps count from 1).
 
-        Indices are (devices, per_device) for one step, or (steps, devices, per_device) when steps go `self.chunk`
-        at a time. A chunk never crosses an evaluation, a checkpoint or an epoch end: the steps left before one
-        that do not fill a chunk go one at a time (two compiled programs, not one per remainder's length).
+        Indices are (devices, per_device) for one step a call, or (steps, devices, per_device) for `self.chunk`
+        steps, which divides the epoch and every interval (`steps_per_call`): no call crosses an event.
         """
-        start, per_epoch, chunk = int(self.state.step), self.steps_per_epoch, self.chunk
+        start, per_epoch, chunk = self.start_step, self.steps_per_epoch, self.chunk
         for epoch in range(start // per_epoch, self.config.n_epochs):
             epoch_idx = train_indices(len(self.train), self.config.batch_size, self.parallel.n_devices,
                                       self.config.seed, epoch)
             first = epoch * per_epoch
-            done = max(start, first)
-            while done < first + per_epoch:
-                end = done + chunk if done + chunk <= self.next_event(done) else done + 1
-                yield end, epoch_idx[done - first] if end == done + 1 else epoch_idx[done - first:end - first]
-                done = end
-
-    def next_event(self, step: int) -> int:
-        """The first step after `step` that ends an epoch, or is due an evaluation or a step-counted checkpoint."""
-        every = (self.steps_per_epoch, self.config.eval_every, self.config.checkpoint_every)
-        return min((step // n + 1) * n for n in every if n)
+            for done in range(max(start, first) - first, per_epoch, chunk):
+                yield first + done + chunk, epoch_idx[done] if chunk == 1 else epoch_idx[done:done + chunk]
 
     def step(self, step: int, idx: np.ndarray) -> None:
-        """One call of training steps ending at `step`. The first call of each program (one step, or `self.chunk`
-        steps in a scan) compiles it and is timed as compilation."""
+        """One call of training steps ending at `step` (one step, or `self.chunk` in a rolled scan). The first
+        call compiles the program and is timed as compilation."""
         first = idx.ndim not in self.compiled_programs
         if first and self.compiled_programs:
             self.sync()  # the steps queued before are training, not this program's compilation
@@ -503,7 +502,7 @@ class Trainer:
 
     def result(self) -> FitResult:
         final = self.parallel.unreplicate(self.device_state)
-        average = None if final.ema_params is None else {"params": final.ema_params, "batch_stats": final.batch_stats}
+        average = None if final.ema_params is None else final.eval_variables
         return FitResult(History(self.records), {"params": final.params, "batch_stats": final.batch_stats}, average,
                          time.perf_counter() - self.t0, self.images_per_second(), self.val_predictions,
                          self.this_process())

@@ -11,7 +11,8 @@ very program a GPU gets by passing platform="gpu".
 * "gpu" (any accelerator): plain JAX: `lax.conv_general_dilated`, `optax.adam`/`optax.sgd`, the state donated.
 
 Whether this process *will run* on the CPU, asked before JAX starts a backend (to set the CPU's XLA flags and
-huge pages, which must be in place before it starts), is `runs_on_cpu`.
+huge pages, which must be in place before it starts), is `runs_on_cpu`. `deterministic` asks XLA's GPU backend
+for deterministic kernels (`Config.deterministic`), also before it starts.
 """
 from __future__ import annotations
 
@@ -56,3 +57,15 @@ def runs_on_cpu(environ: Mapping[str, str] = os.environ) -> bool:
     if platforms:
         return platforms[0] == "cpu"
     return not any(importlib.util.find_spec(name) is not None for name in ACCELERATOR_PLUGINS)
+
+
+DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def deterministic(environ=os.environ) -> None:
+    """Add XLA's GPU deterministic-ops flag to XLA_FLAGS (`Config.deterministic`): no atomics-based kernels, and
+    autotuning only among deterministic ones, so a program repeats its results bit for bit on a GPU (a CPU's
+    already do). XLA reads its flags when the backend starts: call this before anything starts it."""
+    current = environ.get("XLA_FLAGS", "")
+    if "--xla_gpu_deterministic_ops=" not in current:
+        environ["XLA_FLAGS"] = f"{current} {DETERMINISTIC_FLAG}".strip()

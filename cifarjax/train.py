@@ -22,16 +22,20 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cifarjax.batching import eval_indices
+from cifarjax.freezing import Freezing, join_frozen, leaves_like
 from cifarjax.models import AXIS
 from cifarjax.platform import resolve
 
 
 class TrainState(train_state.TrainState):
     """Flax's TrainState plus BatchNorm statistics, the run's base PRNG key and, optionally, an exponential
-    moving average of the parameters."""
+    moving average of what training changes (`Freezing.averaged`): the trainable parameters (`ema_params`) and
+    the statistics of BatchNorm layers in train mode (`ema_batch_stats`), as trees of those leaves alone. Frozen
+    parameters and statistics are their own average: the step neither reads nor writes a copy of them."""
     batch_stats: Any = None
     key: Any = None
     ema_params: Any = None
+    ema_batch_stats: Any = None
 
     @property
     def variables(self):
@@ -39,15 +43,20 @@ class TrainState(train_state.TrainState):
 
     @property
     def eval_variables(self):
-        """The weights evaluation uses: the moving average when the run keeps one."""
-        return {"params": self.params if self.ema_params is None else self.ema_params,
-                "batch_stats": self.batch_stats}
+        """The weights evaluation uses: the moving average, with the averaged statistics, when the run keeps one."""
+        if self.ema_params is None:
+            return self.variables
+        return {"params": join_frozen(self.ema_params, self.params),
+                "batch_stats": join_frozen(self.ema_batch_stats, self.batch_stats)}
 
 
-def create_train_state(apply_fn, variables, tx, seed: int, ema: bool = False) -> TrainState:
-    params = variables["params"]
-    return TrainState.create(apply_fn=apply_fn, params=params, tx=tx, batch_stats=variables.get("batch_stats", {}),
-                             key=jax.random.PRNGKey(seed), ema_params=params if ema else None)
+def create_train_state(apply_fn, variables, tx, seed: int, ema: bool = False,
+                       freezing: Freezing = Freezing()) -> TrainState:
+    """`ema`: keep a moving average of what trains under `freezing` (default: everything)."""
+    average = freezing.averaged(variables) if ema else {"params": None, "batch_stats": None}
+    return TrainState.create(apply_fn=apply_fn, params=variables["params"], tx=tx,
+                             batch_stats=variables.get("batch_stats", {}), key=jax.random.PRNGKey(seed),
+                             ema_params=average["params"], ema_batch_stats=average["batch_stats"])
 
 
 @dataclass(frozen=True)
@@ -108,25 +117,25 @@ def train_step(state: TrainState, data, idx, *, inputs, n_devices: int, trainabl
         grads = lax.pmean(grads, AXIS)
     new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
     new_state = new_state.replace(params=_keep_frozen(trainable, new_state.params, state.params))
-    if options.ema_decay:
-        new_state = new_state.replace(ema_params=ema_update(state.ema_params, new_state.params, options.ema_decay,
-                                                            state.step))
+    if options.ema_decay:  # over the leaves training changes only (`TrainState`)
+        average = [ema_update(e, leaves_like(n, e), options.ema_decay, state.step) for e, n in
+                   ((state.ema_params, new_state.params), (state.ema_batch_stats, new_state.batch_stats))]
+        new_state = new_state.replace(ema_params=average[0], ema_batch_stats=average[1])
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
     return new_state, lax.pmean(metrics, AXIS)
 
 
-def train_steps(state: TrainState, data, idxs, unroll: bool = False, **kwargs):
-    """Several `train_step`s in one call (`lax.scan` over idxs' leading axis), so that dispatching them costs
-    less than running them: a head on cached features, or any model on a GPU. Metrics are per step.
+def train_steps(state: TrainState, data, idxs, **kwargs):
+    """Several `train_step`s in one call, so that dispatching them costs less than running them (a head on cached
+    features; small images on a GPU): a rolled `lax.scan` over idxs' leading axis, one copy of the step inside a
+    loop (a fit's calls all run as many steps, `loop.steps_per_call`: one compilation). Metrics are per step.
 
-    `unroll`: the call holds one copy of the step per index, each compiled as the single step is, so the result
-    is bit-identical to that many calls of `train_step`. A rolled loop is not on a CPU: XLA compiles a
-    convolution's kernel gradient inside a loop body differently (a plain convolution instead of its YNNPACK
-    fusion), off in the last bits.
+    The same steps as that many calls of `train_step`, equal within float32 rounding: XLA compiles a loop's body
+    as a computation of its own, whose fusions may round differently (tests/test_steps_per_call.py).
     """
     def one(state, idx):
         return train_step(state, data, idx, **kwargs)
-    return lax.scan(one, state, idxs, unroll=unroll)
+    return lax.scan(one, state, idxs)
 
 
 def eval_logits(state: TrainState, data, idx, inputs, tta_flip: bool):
@@ -191,9 +200,7 @@ class DataParallel:
         key = None if trainable is None else (tuple(jax.tree.leaves(trainable)), jax.tree.structure(trainable))
         static = dict(inputs=inputs, n_devices=self.n_devices, options=options)
         self.train_step = _pmapped_train(train_step, tuple(self.devices), key, self.platform, **static)
-        # Cheap steps (no convolution) run in a rolled loop, which compiles once however many go in a call.
-        self.train_steps = _pmapped_train(train_steps, tuple(self.devices), key, self.platform,
-                                          unroll=not getattr(inputs, "cheap_steps", False), **static)
+        self.train_steps = _pmapped_train(train_steps, tuple(self.devices), key, self.platform, **static)
         self.eval_step = _pmapped_eval(eval_step, tuple(self.devices), inputs=inputs, tta_flip=options.tta_flip)
         self.probabilities_step = _pmapped_eval(probabilities_step, tuple(self.devices), inputs=inputs,
                                                 tta_flip=options.tta_flip)

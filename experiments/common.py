@@ -31,7 +31,7 @@ from cifarjax.files import cache_dir, write_json  # noqa: E402
 from cifarjax.flags import Parser, add_config_flags, given, new_config, resumed_config  # noqa: E402
 from cifarjax.memory import peak_memory_mb  # noqa: E402
 from cifarjax.phases import Phases  # noqa: E402
-from cifarjax.platform import resolve, runs_on_cpu  # noqa: E402
+from cifarjax.platform import deterministic, resolve, runs_on_cpu  # noqa: E402
 from cifarjax.recipes import recipe_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,6 +123,8 @@ def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
         config = new_config(command, args.recipe, typed, **fixed)
     if runs_on_cpu():
         xla_flags.schedule_for(config)  # before anything starts JAX's backend (orbax, `is_writer`)
+    elif config.deterministic:
+        deterministic()
     done = latest_epoch(run) if args.resume else None
     if done is not None and done > config.n_epochs:
         raise UserError(f"the run in {run} already trained {done:g} epochs; pass --epochs {math.ceil(done)} or more "

@@ -18,11 +18,12 @@ from experiments import common
 from cifarjax import runs
 from cifarjax.errors import UserError, exit_on_user_error
 from cifarjax.flags import Parser, add_config_flags, given
+from cifarjax.platform import deterministic, runs_on_cpu
 from cifarjax.recipes import recipe_config
 from cifarjax.study import BASELINE, DEFAULT_EPOCHS, DEFAULT_GRID, REFERENCE, recorded_settings, study
 
-FLAGS = ("seed", "batch_size", "weights", "conv_impl", "precision", "steps_per_call", "dataset", "data_dir", "decode_size",
-         "subset", "eval_batch_size", "classes")
+FLAGS = ("seed", "batch_size", "weights", "conv_impl", "precision", "steps_per_call", "deterministic", "dataset",
+         "data_dir", "decode_size", "subset", "eval_batch_size", "classes")
 
 
 def parser():
@@ -65,6 +66,8 @@ def main(argv=None) -> None:
         saved_dir = runs.read_json(Path(args.out) / "study.json").get("data_dir") if recorded else None
         typed = {**{k: v for k, v in recorded.items() if k in FLAGS + ("n_epochs",)},
                  **({"data_dir": saved_dir} if saved_dir else {}), **typed}
+    if typed.get("deterministic") and not runs_on_cpu():
+        deterministic()  # before the backend starts
     answer = study(typed.pop("data_dir", None), typed.pop("weights", "imagenet"), grid,
                    epochs=typed.pop("n_epochs", DEFAULT_EPOCHS), subset=typed.pop("subset", 0), out=args.out,
                    resume=args.resume, overwrite=args.overwrite, cnn_run=args.cnn_run, train_reference=want_reference,

@@ -186,3 +186,40 @@ def test_a_head_only_fine_tune_stores_the_frozen_backbone_once(tmp_path):
     loaded = load_variables(tmp_path)
     for a, b in zip(jax.tree.leaves(result.variables), jax.tree.leaves(loaded)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_fine_tune_with_a_moving_average_resumes_bit_identically_in_the_gpu_program(tmp_path, monkeypatch):
+    """The GPU program (CIFARJAX_PLATFORM=gpu, on this CPU): layer4 and the head train, with a moving average and 2
+    steps per call; stopped after epoch 1 and resumed, it ends as the uninterrupted run, average included. The
+    average keeps the frozen weights' own bits and evaluates with averaged train-mode statistics (layer4's), which
+    `load_variables(average=True)` returns as the run did."""
+    from cifarjax.augment import AugmentSpec
+    from cifarjax.inputs import ImageInputs
+    from cifarjax.loop import fit
+    from cifarjax.models import AXIS, Apply, initialize
+    from tests.test_train import small_resnet
+    monkeypatch.setenv("CIFARJAX_PLATFORM", "gpu")
+    config = fast(model="resnet18", unfreeze="layer4", ema_decay=0.9, steps_per_call=2, n_epochs=2)
+    model = small_resnet(frozen_bn_stages=4, axis_name=AXIS)  # layer4's BatchNorm trains, as `--unfreeze layer4`'s
+    variables = initialize(model)
+    data, val = tiny_split(32), tiny_split(8, seed=1)  # 4 steps per epoch
+
+    def run(out, epochs, resume=False):
+        return fit(config.replace(n_epochs=epochs), Apply(model), variables, data, val, ImageInputs(AugmentSpec()),
+                   run=out, resume=resume)
+    full = run(tmp_path / "full", 2)
+    run(tmp_path / "resumed", 1)
+    resumed = run(tmp_path / "resumed", 2, resume=True)
+    strip = lambda records: [{k: v for k, v in r.items() if k != "wall_seconds"} for r in records]  # noqa: E731
+    assert strip(resumed.history.records) == strip(full.history.records)
+    for a, b in zip(jax.tree.leaves((full.variables, full.average)), jax.tree.leaves((resumed.variables,
+                                                                                     resumed.average))):
+        np.testing.assert_array_equal(a, b)
+    frozen, live = variables["params"]["backbone"]["layer3_block0"], full.variables["batch_stats"]["backbone"]
+    for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(full.average["params"]["backbone"]["layer3_block0"])):
+        np.testing.assert_array_equal(a, b)
+    averaged = full.average["batch_stats"]["backbone"]
+    assert not np.array_equal(averaged["layer4_block0"]["bn1"]["var"], live["layer4_block0"]["bn1"]["var"])
+    np.testing.assert_array_equal(averaged["layer3_block0"]["bn1"]["var"], live["layer3_block0"]["bn1"]["var"])
+    for a, b in zip(jax.tree.leaves(full.average), jax.tree.leaves(load_variables(tmp_path / "full", average=True))):
+        np.testing.assert_array_equal(a, b)

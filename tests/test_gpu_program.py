@@ -24,7 +24,7 @@ from cifarjax.freezing import Freezing
 from cifarjax.inputs import FeatureInputs, ImageInputs
 from cifarjax.models import Apply, build_model
 from cifarjax.optim import make_optimizer
-from cifarjax.train import DataParallel, create_train_state
+from cifarjax.train import DataParallel, StepOptions, create_train_state
 
 N_DEVICES, PER_DEVICE = 2, 2
 # What pmap's shard_map leaves in a module: sharding annotations, nothing a backend implements.
@@ -44,8 +44,8 @@ def export_step(kind: str, platform: str, platforms=("cuda",), **changes):
 
 def build_step(kind: str, platform: str, **changes):
     """(the pmap-ed step DataParallel builds for `platform`, its abstract arguments: 2 devices, 2 examples each).
-    `kind`: 'train', 'eval' or 'features' (the cached-feature head's several steps per call); `changes`: Config
-    fields."""
+    `kind`: 'train', 'eval', 'steps' (3 training steps in one call) or 'features' (the cached-feature head's 3
+    steps in one call); `changes`: Config fields."""
     config = Config(**{"batch_size": N_DEVICES * PER_DEVICE, **changes}).validate()
     model = build_model(config, platform=platform)
     size = config.img_size
@@ -56,8 +56,9 @@ def build_step(kind: str, platform: str, **changes):
     features = kind == "features"
     inputs = FeatureInputs(AugmentSpec()) if features else ImageInputs(AugmentSpec.from_config(config))
     apply = Apply(model, "classify" if features else None)
-    parallel = DataParallel(inputs, trainable, jax.devices()[:N_DEVICES], platform=platform)
-    state = jax.eval_shape(lambda v: create_train_state(apply, v, tx, 0), variables)
+    parallel = DataParallel(inputs, trainable, jax.devices()[:N_DEVICES], StepOptions.from_config(config),
+                            platform=platform)
+    state = jax.eval_shape(lambda v: create_train_state(apply, v, tx, 0, config.ema_decay > 0, freezing), variables)
 
     def replicated(tree):
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct((N_DEVICES,) + x.shape, x.dtype), tree)
@@ -67,7 +68,7 @@ def build_step(kind: str, platform: str, **changes):
     else:
         data = jax.ShapeDtypeStruct((n, size, size, 3), jnp.uint8), jax.ShapeDtypeStruct((n,), jnp.int32)
     idx = jax.ShapeDtypeStruct((N_DEVICES, PER_DEVICE), jnp.int32)
-    if features:
+    if kind in ("features", "steps"):
         step, idx = parallel.train_steps, jax.ShapeDtypeStruct((N_DEVICES, 3, PER_DEVICE), jnp.int32)  # 3 steps
     else:
         step = parallel.eval_step if kind == "eval" else parallel.train_step
@@ -150,6 +151,30 @@ def test_the_gpu_program_is_plain_jax(name, precision):
     found = re.findall(r"stablehlo\.convolution\(.*?: \(tensor<[\dx]*x(\w+)>, tensor<[\dx]*x(\w+)>\)", text)
     assert len(found) == convolutions and set(found) <= {(operands, operands)}, found
     assert {str(a.dtype) for a in exported.in_avals if jnp.issubdtype(a.dtype, jnp.floating)} == {"float32"}  # state
+
+
+@pytest.mark.parametrize("name", ["simple_cnn_train", "resnet_layer4_32"])
+def test_several_steps_per_call_hold_one_copy_of_the_step_in_a_loop(name):
+    """3 steps in one call are a rolled loop: one while loop around one step's convolutions and products."""
+    _, changes, convolutions, products = CASES[name]
+    text = export_step("steps", "gpu", **changes).mlir_module()
+    assert_plain(text, convolutions, products)
+    assert op_counts(text)["stablehlo.while"] == 1
+    assert op_counts(export_step("train", "gpu", **changes).mlir_module())["stablehlo.while"] == 0
+
+
+def test_the_moving_average_takes_only_what_trains():
+    """With --ema-decay, the step's state grows by the trainable parameters and the train-mode BatchNorm
+    statistics (layer4's, where layer4 trains), never by a copy of the frozen layers."""
+    changes = {**RESNET, "unfreeze": "layer4"}
+    sizes = [sum(int(np.prod(a.shape)) for a in export_step("train", "gpu", ema_decay=ema, **changes).in_avals)
+             for ema in (0.0, 0.9)]
+    config = Config(**changes)
+    variables = jax.eval_shape(lambda: build_model(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+    flat = jax.tree_util.tree_leaves_with_path(variables)
+    size = lambda leaves: sum(int(np.prod(x.shape)) for x in leaves)  # noqa: E731
+    trained = size(x for path, x in flat if re.search(r"'(head|layer4_block\d)'", jax.tree_util.keystr(path)))
+    assert sizes[1] - sizes[0] == N_DEVICES * trained and size(x for _, x in flat) - trained > 2_000_000  # stem-layer3
 
 
 @pytest.mark.parametrize("platform, donated", [("gpu", "all"), ("cpu", "none")])

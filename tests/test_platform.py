@@ -79,3 +79,25 @@ def test_summary_says_what_the_run_was_built_for_and_which_cpu_settings_applied(
     env = common.environment()
     assert env["program_platform"] == "cpu" and env["platform"] == "cpu"
     assert env["cpu_tuning"] == process.applied()
+
+
+def test_deterministic_asks_xla_for_deterministic_gpu_kernels_before_the_backend_starts(monkeypatch, image_folder,
+                                                                                        tmp_path):
+    """`--deterministic` (a Config field, so config.json records it) adds XLA's flag where the run is on a GPU,
+    once, leaving a value the user set alone; on a CPU, nothing."""
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    platform.deterministic(env), platform.deterministic(env)
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2 --xla_gpu_deterministic_ops=true"
+    mine = {"XLA_FLAGS": "--xla_gpu_deterministic_ops=false"}
+    platform.deterministic(mine)
+    assert mine == {"XLA_FLAGS": "--xla_gpu_deterministic_ops=false"}
+    from experiments import common
+    calls = []
+    monkeypatch.setattr(common, "deterministic", lambda: calls.append("deterministic"))
+    for on_cpu in (True, False):
+        monkeypatch.setattr(common, "runs_on_cpu", lambda: on_cpu)
+        args = common.parse("cnn", "test", ["--data-dir", str(image_folder), "--deterministic", "--batch-size", "4",
+                                            "--out", str(tmp_path / "run")])
+        s = common.start("cnn", args, model="simple_cnn")
+        assert s.config.to_dict()["deterministic"] is True
+    assert calls == ["deterministic"]

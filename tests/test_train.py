@@ -11,7 +11,7 @@ from cifarjax.errors import UserError
 from cifarjax.freezing import Freezing
 from cifarjax.inputs import FeatureInputs, ImageInputs
 from cifarjax.features import backbone_features, cacheable
-from cifarjax.loop import NonFiniteLossError, cheap_chunk, fit, train_loop
+from cifarjax.loop import CHEAP_STEPS_PER_CALL, NonFiniteLossError, fit, steps_per_call, train_loop
 from cifarjax.models import AXIS, Apply, ResNet, ResNet18, SimpleCNN, initialize
 from cifarjax.optim import base_optimizer, make_optimizer
 from cifarjax.train import DataParallel, create_train_state
@@ -227,13 +227,6 @@ def test_cached_features_follow_the_same_curve_as_the_image_path():
         not cacheable(config.replace(bn="train")) and not cacheable(config.replace(unfreeze="layer4"))
 
 
-def test_cheap_steps_go_several_per_call_without_crossing_an_event():
-    assert cheap_chunk(fast(eval_every=0), 625) == 25
-    assert cheap_chunk(fast(eval_every=100), 625) == 25
-    assert cheap_chunk(fast(eval_every=0, checkpoint_every=10), 600) == 10
-    assert cheap_chunk(fast(eval_every=7), 625) == 1
-
-
 def test_albumentations_host_pipeline_trains():
     data = tiny_split(40)
     config = fast(n_epochs=2, augment_backend="albumentations")
@@ -273,4 +266,4 @@ def test_the_progress_bar_reaches_its_total_when_calls_run_several_steps(monkeyp
     features = [Split(rng.normal(size=(n, 2, 64)).astype(np.float32), np.arange(n, dtype=np.int32) % 3)
                 for n in (48, 16)]  # the head alone trains on (N, views, 64) features: no backbone to compile
     fit(config, Apply(model, "classify"), variables, *features, FeatureInputs(AugmentSpec.from_config(config)))
-    assert cheap_chunk(config, 12) > 1 and set(closed) == {(36, 36)}
+    assert steps_per_call(CHEAP_STEPS_PER_CALL, 0, (12,)) > 1 and set(closed) == {(36, 36)}
