@@ -22,7 +22,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cifarjax.batching import eval_indices
-from cifarjax.freezing import Freezing, join_frozen, leaves_like
+from cifarjax.freezing import Freezing, join_frozen, leaves_like, split_frozen
 from cifarjax.models import AXIS
 from cifarjax.platform import resolve
 
@@ -95,10 +95,12 @@ def _keep_frozen(trainable, new, old):
 
 
 def train_step(state: TrainState, data, idx, *, inputs, n_devices: int, trainable=None,
-               options: StepOptions = StepOptions()):
+               options: StepOptions = StepOptions(), differentiate_frozen: bool = False):
     """One optimisation step on this device's share `idx` of the global batch (call under `pmap`).
 
-    `trainable`: the freezing policy's mask (None: everything trains).
+    `trainable`: the freezing policy's mask (None: everything trains). Only what trains is differentiated, unless
+    `differentiate_frozen`: the gradient of every parameter, whose unused part the compiler drops (the CPU
+    program, whose recorded numerics it keeps).
     """
     images, targets = data
     device = lax.axis_index(AXIS)
@@ -107,14 +109,21 @@ def train_step(state: TrainState, data, idx, *, inputs, n_devices: int, trainabl
     y = targets[idx]
     dropout_key = jax.random.fold_in(jax.random.fold_in(step_key, 1), device)
 
-    def loss_fn(params):
+    whole = trainable is None or differentiate_frozen
+    trained, frozen = (state.params, {}) if whole else split_frozen(state.params, trainable)
+
+    def loss_fn(trained):
+        params = join_frozen(trained, frozen)
         logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, x, train=True,
                                          rngs={"dropout": dropout_key}, mutable=["batch_stats"])
         return cross_entropy(logits, y, options.label_smoothing).mean(), (logits, updates)
 
-    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    # Only what trains is differentiated: frozen layers run forward only, and their gradients are never computed
+    # nor averaged over devices (the optimizer's frozen rule ignores the zeros that stand in for them).
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
     if n_devices > 1:  # over one device the mean is the identity, but XLA would still copy every gradient
         grads = lax.pmean(grads, AXIS)
+    grads = join_frozen(grads, jax.tree.map(jnp.zeros_like, frozen))
     new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
     new_state = new_state.replace(params=_keep_frozen(trainable, new_state.params, state.params))
     if options.ema_decay:  # over the leaves training changes only (`TrainState`)
@@ -177,7 +186,7 @@ def _pmapped_train(step, devices: tuple, trainable, platform: str = "gpu", **sta
         if mask is None:
             return jax.pmap(functools.partial(step, trainable=None, **static), axis_name=AXIS, devices=list(devices))
         from cifarjax.cpu.donation import frozen_apart
-        return frozen_apart(step, mask, AXIS, list(devices), **static)
+        return frozen_apart(step, mask, AXIS, list(devices), differentiate_frozen=True, **static)
     return jax.pmap(functools.partial(step, trainable=mask, **static), axis_name=AXIS, devices=list(devices),
                     donate_argnums=(0,))
 
