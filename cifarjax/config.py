@@ -75,8 +75,9 @@ class Config:
                                   "and BatchNorm is frozen", commands=FINETUNE, flag="feature-cache")
     conv_impl: str = option("auto", "convolution formulation (auto: Winograd-fused SimpleCNN blocks and im2col "
                             "on CPU, XLA/cuDNN on GPU)", choices=CONV_IMPLS)
-    precision: str = option("fp32", "arithmetic of convolutions and matrix products: fp32 (the original's) or bf16 "
-                            "(bfloat16 operands; parameters, optimizer state, BatchNorm statistics, softmax and "
+    precision: str = option("fp32", "arithmetic of convolutions and matrix products: fp32 (the original's; TF32 on "
+                            "Ampere/Hopper GPUs, JAX's default) or bf16 (bfloat16 operands and activations; "
+                            "parameters, optimizer state, BatchNorm statistics, softmax and "
                             "loss stay float32)", choices=PRECISIONS)
     steps_per_call: int = option(0, "training steps per dispatch, run as one lax.scan (0: auto: 1 on a CPU, where a "
                                  "step outlasts its dispatch, 8 on a GPU or TPU, up to 64 for a head on cached "
