@@ -165,8 +165,8 @@ def _batch_moments(x, axis_name: Optional[str]):
     (mean, variance).
     """
     axes, acc, devices = tuple(range(x.ndim - 1)), _accumulator(x.dtype), _spanned(axis_name)
-    # Over one device a pmean is the identity; it stays where it always stood because XLA's CPU fusion stops at
-    # it, which keeps a one-device program's results bit for bit.
+    # Over one device a pmean is the identity, but XLA fuses around it: without it the CPU program's moments
+    # came out different in the last bit (measured), so it stays where it stood and one device's results with it.
     alone = partial(lax.pmean, axis_name=axis_name) if axis_name is not None and devices == 1 else lambda v: v
     mean = alone(x.mean(axes, dtype=acc))
     var = alone(jnp.square(x.astype(acc) - mean).mean(axes))
