@@ -11,13 +11,16 @@
 # Packages: used as installed when `import cifarjax` works and JAX sees a GPU; else wheels in .whl/ are installed
 # offline, else `pip install -e ".[cuda12]"` (outside the 10 minutes).
 #
-# Parts, in order of importance (a part that fails or runs out of time is recorded and the next one runs):
-#   1. SimpleCNN, one epoch: fp32 and bf16, one step per call and 8 (experiments.cnn --epochs 1)
+# Parts, in order of importance (a part that fails or runs out of time is recorded and the next one runs); their
+# limits add up to 560 s, under the 570 s deadline (tests/test_benchmarks.py checks it):
+#   1. SimpleCNN, one epoch: fp32 (TF32 on the GPU) one step per call; bf16 one step per call and auto (0)
 #   2. per-step rates of SimpleCNN (fp32, bf16) and one jax.profiler trace of 20 bf16 steps (trace/)
-#   3. ResNet-18 rows of benchmarks.throughput (PyTorch's side runs on the CPU: a reference, not a GPU ratio)
-#   4. the default fine-tune (experiments.finetune --weights random; WEIGHTS=path for ImageNet weights)
-#   5. a 20-epoch SimpleCNN run at the original's settings (fp32, the default steps per call)
-#   6. --deterministic: 2 epochs of a subset uninterrupted, and 1 then resumed to 2: bit-identical? (resume_equal.txt)
+#   3. the ResNet-18 224x224 throughput row, beside PyTorch on whatever device torch_reference chose
+#   4. 224x224 fine-tunes, one epoch: all layers (bf16; fp32 on 8,000 images), the head with train-mode BatchNorm
+#      (bf16), all layers with --augment albumentations (bf16, 8,000 images)
+#   5. the cached fine-tune (experiments.finetune --recipe frozen-bn --weights random; WEIGHTS=path for ImageNet)
+#   6. a 20-epoch SimpleCNN run at the original's settings (fp32, the default steps per call)
+#   7. --deterministic: 2 epochs of a subset uninterrupted, and 1 then resumed to 2: bit-identical? (resume_equal.txt)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -59,17 +62,17 @@ part() {
   python3 -c "import jax, jaxlib; print(jax.__version__, jaxlib.__version__, jax.devices())"
   git rev-parse HEAD; nproc; } > "$out/device.txt" 2>&1
 
-# 1. One SimpleCNN epoch, four ways (the first also decodes the images into the cache).
-for precision in fp32 bf16; do
-  for k in 1 8; do
-    part "cnn-epoch-$precision-k$k" 90 python3 -m experiments.cnn --data-dir "$data" --epochs 1 \
-      --precision "$precision" --steps-per-call "$k" --out "$out/cnn-epoch-$precision-k$k"
-  done
-done
+# 1. One SimpleCNN epoch, three ways (the first also decodes the images into the cache).
+part cnn-epoch-fp32-k1 65 python3 -m experiments.cnn --data-dir "$data" --epochs 1 --precision fp32 \
+  --steps-per-call 1 --out "$out/cnn-epoch-fp32-k1"
+part cnn-epoch-bf16-k1 30 python3 -m experiments.cnn --data-dir "$data" --epochs 1 --precision bf16 \
+  --steps-per-call 1 --out "$out/cnn-epoch-bf16-k1"
+part cnn-epoch-bf16-auto 30 python3 -m experiments.cnn --data-dir "$data" --epochs 1 --precision bf16 \
+  --steps-per-call 0 --out "$out/cnn-epoch-bf16-auto"
 
 # 2. Step rates without the command around them, and one profile trace (open with TensorBoard's profile plugin
 #    or Perfetto: trace/plugins/profile/*/*.xplane.pb).
-part step-rates-and-trace 75 python3 - "$data" "$out" <<'PY'
+part step-rates-and-trace 20 python3 - "$data" "$out" <<'PY'
 import json, sys
 from pathlib import Path
 import jax
@@ -89,20 +92,28 @@ with jax.profiler.trace(str(out / "trace")):
 (out / "step_rates.json").write_text(json.dumps(rates, indent=1))
 PY
 
-# 3. ResNet-18 rows, one child each so that a row over its limit loses only itself.
-for row in resnet_all_32 resnet_all_224 resnet_eval_224; do
-  part "throughput-$row" 80 sh -c "exec python3 -m benchmarks.throughput --json --data-dir '$data' --rows $row \
-    > '$out/throughput-$row.json'"
-done
+# 3. The ResNet-18 224x224 row (fp32, batch 32) beside PyTorch eager on the device it chose (recorded in the row).
+part throughput-resnet_all_224 60 sh -c "exec python3 -m benchmarks.throughput --json --data-dir '$data' \
+  --rows resnet_all_224 > '$out/throughput-resnet_all_224.json'"
 
-# 4. The default fine-tune: the head on cached features, 20, 50 and 100 epochs.
-part finetune 120 python3 -m experiments.finetune --data-dir "$data" --weights "${WEIGHTS:-random}" \
+# 4. 224x224 fine-tunes, one epoch each (no feature cache: the backbone runs every step).
+ft224() { local name=$1 cap=$2; shift 2
+  part "$name" "$cap" python3 -m experiments.finetune --data-dir "$data" --weights random --img-size 224 --epochs 1 \
+    --out "$out/$name" "$@"; }
+ft224 ft224-all-bf16 65 --unfreeze all --precision bf16
+ft224 ft224-all-fp32-8000 50 --unfreeze all --precision fp32 --subset 8000
+ft224 ft224-head-bntrain-bf16 60 --unfreeze head --bn train --precision bf16
+ft224 ft224-all-bf16-albumentations-8000 45 --unfreeze all --precision bf16 --augment albumentations --subset 8000
+
+# 5. The cached fine-tune (frozen-bn): the head on cached features, 20, 50 and 100 epochs. The original's own
+#    (train-mode BatchNorm, the backbone forward every step) is part 4's head row at 224.
+part finetune 40 python3 -m experiments.finetune --data-dir "$data" --weights "${WEIGHTS:-random}" --recipe frozen-bn \
   --out "$out/finetune"
 
-# 5. Twenty epochs at the original's settings.
-part cnn-20-epochs 150 python3 -m experiments.cnn --data-dir "$data" --out "$out/cnn-20-epochs"
+# 6. Twenty epochs at the original's settings.
+part cnn-20-epochs 35 python3 -m experiments.cnn --data-dir "$data" --out "$out/cnn-20-epochs"
 
-# 6. A resumed run against an uninterrupted one, with XLA's deterministic kernels.
+# 7. A resumed run against an uninterrupted one, with XLA's deterministic kernels.
 resume_check() {  # DATA OUT (a function run by `part` through bash -c)
   local out=$2 common=(--data-dir "$1" --subset 2000 --batch-size 64 --deterministic)
   python3 -m experiments.cnn "${common[@]}" --epochs 2 --out "$out/deterministic-full" &&
@@ -121,7 +132,9 @@ worst = max(float(np.max(np.abs(np.asarray(x, np.float64) - y))) for x, y in zip
 PY
 }
 export -f resume_check
-part resume-deterministic 120 bash -c 'resume_check "$@"' _ "$data" "$out"
+part resume-deterministic 60 bash -c 'resume_check "$@"' _ "$data" "$out"
+
+echo "total seconds: $(( $(date +%s) - start ))" | tee -a "$out/parts.txt"
 python3 - "$out" <<'PY' | tee "$out/summary.txt"
 import json, sys
 from pathlib import Path
@@ -133,7 +146,7 @@ def load(path):
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-for run in sorted(out.glob("cnn-*")) + [out / "finetune"]:
+for run in sorted(out.glob("cnn-*")) + sorted(out.glob("ft224-*")) + [out / "finetune"]:
     s = load(run / "summary.json")
     if s is None:
         print(f"{run.name:24s} no summary.json (see logs/)")
@@ -146,6 +159,7 @@ print("resumed with --deterministic:", resumed.read_text().strip() if resumed.is
 for path in sorted(out.glob("throughput-*.json")):
     result = load(path)
     for r in (result or {}).get("rows", []):
-        print(f"{r['name']:24s} cifarjax {r['cifarjax']:>10} images/s  PyTorch on the CPU {r['pytorch']:>8}")
+        print(f"{r['name']:24s} cifarjax {r['cifarjax']:>10} images/s  PyTorch on {r.get('pytorch_device', '?')} "
+              f"{r['pytorch']:>8}")
 print("compare with benchmarks/GPU_PREDICTIONS.md")
 PY

@@ -120,7 +120,8 @@ class CifarjaxRow:
 
 
 class TorchRow:
-    """PyTorch's side: eager steps on random data of the same shapes, every core."""
+    """PyTorch's side: eager steps on random data of the same shapes, on the GPU where PyTorch sees one (recorded
+    as the row's `pytorch_device`), else on every CPU core."""
 
     def __init__(self, kind: str, batch: int, net: str, trains: str = "all", size: int = 32, frozen_bn=None):
         import torch
@@ -178,6 +179,7 @@ def measure_row(name: str, images, labels, rounds: int = ROUNDS) -> dict:
     theirs = TorchRow(kind if kind != "features" else "train", batch, **torch_args)
     rates = [(ours.rate(), theirs.rate()) for _ in range(rounds)]
     return {"name": name, "description": description, **paired_ratio(rates), "unit": "images/s",
+            "pytorch_device": theirs.ref.device_name(),
             "peak_rss_mb": peak_memory_mb(), "cifarjax_peak_rss_mb": ours_peak, "xla_cpu_scheduler": xla_flags.scheduler()}
 
 
@@ -248,7 +250,8 @@ def main(argv=None):
     if args.end_to_end:
         results["rows"].append(end_to_end(folder, train.images, train.labels, val))
     print(json.dumps(results) if args.json else f"data: {data_label}; cifarjax on {results['cifarjax_device']}, "
-          f"PyTorch eager with {results['threads']} threads; CPU: {results['cpu']}")
+          f"PyTorch eager on {', '.join(sorted({r.get('pytorch_device', 'CPU') for r in results['rows']}))} "
+          f"({results['threads']} CPU threads); CPU: {results['cpu']}")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,12 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def device_name() -> str:
+    """What the references run on, for labels: the GPU's name (cuDNN convolutions in TF32 there, PyTorch's
+    default), or 'CPU'."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+
+
 def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -140,21 +140,24 @@ def eval_view(images, spec: AugmentSpec):
     return resize_and_normalize(to_float(images), spec)
 
 
-def albumentations_pipeline(img_size: int = 32):
-    """The original's albumentations transforms: Resize(img_size) + HorizontalFlip(p=0.5) + ToFloat(255)."""
+def albumentations_pipeline():
+    """The host's part of the original's albumentations transforms (Resize(img_size) + HorizontalFlip(p=0.5) +
+    ToFloat(255)): the flip, on uint8 images at their decoded size. The device scales and resizes them
+    (`inputs.HostAugmentedInputs`: `eval_view`), so a step ships 1 byte per decoded pixel, not 4 per resized one."""
     import albumentations as A
-    return A.Compose([A.Resize(img_size, img_size), A.HorizontalFlip(p=0.5), A.ToFloat(max_value=255)])
+    return A.Compose([A.HorizontalFlip(p=0.5)])
 
 
 class HostAugment:
-    """Apply any albumentations `A.Compose` per image on the host: uint8 (..., H, W, 3) → float32.
+    """Apply any albumentations `A.Compose` per image on the host: uint8 (..., H, W, 3) → the transform's
+    output, stacked in its own type (uint8 unless it converts); the device scales, resizes and normalises it.
 
     Seeded: the same seed gives the same augmented batches; with `step`, each batch's draws depend only on
     (seed, step), so a resumed run augments exactly as an uninterrupted one.
     """
 
-    def __init__(self, transform=None, img_size: int = 32, seed: int = 0):
-        self.transform = transform if transform is not None else albumentations_pipeline(img_size)
+    def __init__(self, transform=None, seed: int = 0):
+        self.transform = transform if transform is not None else albumentations_pipeline()
         self.seed = seed
         self.transform.set_random_seed(seed)
 
@@ -162,5 +165,5 @@ class HostAugment:
         if step is not None:
             self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, step]).generate_state(1)[0]))
         flat = images.reshape((-1,) + images.shape[-3:])
-        out = np.stack([self.transform(image=im)["image"] for im in flat]).astype(np.float32)
+        out = np.stack([self.transform(image=im)["image"] for im in flat])
         return out.reshape(images.shape[:-3] + out.shape[1:])

@@ -78,8 +78,9 @@ class Config:
     conv_impl: str = option("auto", "convolution formulation (auto: on a CPU 'winograd', the CPU's formulations: "
                             "fused SimpleCNN blocks, Winograd, im2col or XLA's forward per shape; on a GPU 'xla', "
                             "XLA/cuDNN)", choices=CONV_IMPLS)
-    precision: str = option("fp32", "arithmetic of convolutions and matrix products: fp32 (the original's) or bf16 "
-                            "(bfloat16 operands; parameters, optimizer state, BatchNorm statistics, softmax and "
+    precision: str = option("fp32", "arithmetic of convolutions and matrix products: fp32 (the original's; TF32 on "
+                            "Ampere/Hopper GPUs, JAX's default) or bf16 (bfloat16 operands and activations; "
+                            "parameters, optimizer state, BatchNorm statistics, softmax and "
                             "loss stay float32)", choices=PRECISIONS)
     steps_per_call: int = option(0, "at most N training steps per dispatch, run as one rolled lax.scan: the largest "
                                  "number up to N dividing the epoch, the evaluation and checkpoint intervals and the "

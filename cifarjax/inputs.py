@@ -4,8 +4,8 @@
   resize and normalise them.
 * `FeatureInputs`: cached backbone features (N, views, D); view 1 is the mirrored image's, so a flip draw
   picks a view, exactly as the image path would flip the image.
-* `HostAugmentedInputs`: a batch already augmented on the host (albumentations); the step's data is the
-  batch itself and its indices are its own rows (see `loop.HostAugmentFeed`).
+* `HostAugmentedInputs`: a batch already augmented on the host (albumentations) at its decoded size; the
+  step's data is the batch itself and its indices are its own rows (see `loop.HostAugmentFeed`).
 
 Random choices are drawn for the global batch and sliced per device, so augmentation does not depend on
 how the batch is spread over devices and processes.
@@ -53,7 +53,8 @@ class FeatureInputs:
 
 @dataclass(frozen=True)
 class HostAugmentedInputs:
-    """Float images augmented and resized on the host; only normalisation remains (the host flipped them)."""
+    """Images augmented on the host (uint8 at their decoded size, or whatever the host's transform made): the
+    device scales, resizes and normalises them (the host flipped them)."""
     spec: AugmentSpec
 
     def train(self, key, images, idx, device, n_devices):

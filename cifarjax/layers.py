@@ -145,27 +145,53 @@ class Dense(nn.Module):
         return x @ kernel + bias
 
 
+def _accumulator(dtype):
+    """The type statistics are computed in: float32, or wider for wider activations."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _spanned(axis_name: Optional[str]) -> int:
+    """How many devices the statistics span: `axis_name`'s size (1 without one)."""
+    return 1 if axis_name is None else lax.axis_size(axis_name)
+
+
 def _batch_moments(x, axis_name: Optional[str]):
     """Per-channel mean and biased variance over every axis but the last (and over devices with `axis_name`),
-    in two passes as PyTorch computes them."""
-    axes = tuple(range(x.ndim - 1))
-    mean = x.mean(axes)
-    if axis_name is not None:
-        mean = lax.pmean(mean, axis_name)
-    var = jnp.square(x - mean).mean(axes)
-    if axis_name is not None:
-        var = lax.pmean(var, axis_name)
+    in float32 (or wider) whatever the activations' type.
+
+    Each device computes its own mean and centred variance in two passes, as PyTorch does; across devices the
+    moments of equal shares combine exactly (Chan et al.: the mean of the means, and the mean of each share's
+    variance plus its mean's squared distance from the global one) after one collective, an all-gather of
+    (mean, variance).
+    """
+    axes, acc, devices = tuple(range(x.ndim - 1)), _accumulator(x.dtype), _spanned(axis_name)
+    # Over one device a pmean is the identity, but XLA fuses around it: without it the CPU program's moments
+    # came out different in the last bit (measured), so it stays where it stood and one device's results with it.
+    alone = partial(lax.pmean, axis_name=axis_name) if axis_name is not None and devices == 1 else lambda v: v
+    mean = alone(x.mean(axes, dtype=acc))
+    var = alone(jnp.square(x.astype(acc) - mean).mean(axes))
+    if devices > 1:
+        means, variances = lax.all_gather(jnp.stack([mean, var]), axis_name, axis=1)
+        mean = means.mean(0)
+        var = (variances + jnp.square(means - mean)).mean(0)
     return mean, var
+
+
+def _normalize(x, mean, inv, scale, bias):
+    """(x - mean) * inv * scale + bias in the activations' type, from float32 (or wider) per-channel values."""
+    cast = lambda v: v.astype(x.dtype)  # noqa: E731  (a no-op in float32)
+    return (x - cast(mean)) * cast(inv) * cast(scale) + cast(bias)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def batch_norm_train(x, scale, bias, epsilon: float, axis_name: Optional[str]):
     """Train-mode batch normalisation: (y, mean, biased variance), the statistics over the (global) batch.
 
-    Differentiated by hand: the backward pass reads x and dy once for two per-channel sums and once more for dx,
-    and keeps only x, which the convolution before it produced anyway (autodiff keeps x - mean and more, and
-    XLA materialises them). The statistics are returned for the running averages only; their cotangents are
-    ignored, so they must not feed the loss.
+    y has x's type (bfloat16 under mixed precision); the statistics and the parameters' gradients are float32
+    (or wider). Differentiated by hand: the backward pass reads x and dy once for two per-channel sums and once
+    more for dx, and keeps only x, which the convolution before it produced anyway (autodiff keeps x - mean and
+    more, and XLA materialises them). Across devices each pass takes one collective. The statistics are returned
+    for the running averages only; their cotangents are ignored, so they must not feed the loss.
     """
     return _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name)[0]
 
@@ -173,21 +199,22 @@ def batch_norm_train(x, scale, bias, epsilon: float, axis_name: Optional[str]):
 def _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name):
     mean, var = _batch_moments(x, axis_name)
     inv = lax.rsqrt(var + epsilon)
-    return ((x - mean) * inv * scale + bias, mean, var), (x, mean, inv, scale)
+    return (_normalize(x, mean, inv, scale, bias), mean, var), (x, mean, inv, scale)
 
 
 def _batch_norm_train_bwd(epsilon, axis_name, residuals, cotangents):
     x, mean, inv, scale = residuals
     dy = cotangents[0]
     axes = tuple(range(x.ndim - 1))
-    xhat = (x - mean) * inv
-    dbias, dscale = dy.sum(axes), (dy * xhat).sum(axes)  # this device's share: its parameters' gradients
+    acc, cast = _accumulator(x.dtype), lambda v: v.astype(x.dtype)  # noqa: E731
+    xhat = (x - cast(mean)) * cast(inv)
+    dbias, dscale = dy.sum(axes, dtype=acc), (dy * xhat).sum(axes, dtype=acc)  # this device's share
     count = math.prod(x.shape[:-1])
     sum_dy, sum_dy_xhat = dbias, dscale
-    if axis_name is not None:  # the statistics span every device, so dx needs the sums over every device
-        sum_dy, sum_dy_xhat = lax.psum((sum_dy, sum_dy_xhat), axis_name)
-        count = count * lax.psum(1, axis_name)
-    dx = (scale * inv) * (dy - sum_dy / count - xhat * (sum_dy_xhat / count))
+    if _spanned(axis_name) > 1:  # the statistics span every device, so dx needs the sums over every device
+        sum_dy, sum_dy_xhat = lax.psum(jnp.stack([sum_dy, sum_dy_xhat]), axis_name)  # one all-reduce
+        count = count * _spanned(axis_name)
+    dx = cast(scale * inv) * (dy - cast(sum_dy / count) - xhat * cast(sum_dy_xhat / count))
     return dx, dscale, dbias
 
 
@@ -198,7 +225,8 @@ class BatchNorm(nn.Module):
     """PyTorch BatchNorm2d: eps 1e-5, momentum 0.1, running_var updated with the unbiased variance.
 
     `use_running_average=True` is inference mode. With `axis_name`, batch statistics are computed over
-    the whole batch across devices (synchronised BatchNorm), so N devices match one device exactly.
+    the whole batch across devices (synchronised BatchNorm), so N devices match one device exactly. Statistics,
+    parameters and running averages are float32; the output has the input's type (bfloat16 stays bfloat16).
     """
     use_running_average: bool = False
     momentum: float = 0.1
@@ -207,18 +235,17 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bfloat16 activations normalise in float32
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,))
         ra_var = self.variable("batch_stats", "var", jnp.ones, (c,))
         if self.use_running_average:
-            return (x - ra_mean.value) * lax.rsqrt(ra_var.value + self.epsilon) * scale + bias
+            return _normalize(x, ra_mean.value, lax.rsqrt(ra_var.value + self.epsilon), scale, bias)
         synced = self.axis_name if not self.is_initializing() else None
         y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, synced)
         if not self.is_initializing():
-            count = math.prod(x.shape[:-1]) * (lax.psum(1, synced) if synced is not None else 1)
+            count = math.prod(x.shape[:-1]) * _spanned(synced)
             unbiased = var * (count / (count - 1))
             ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
             ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased

@@ -8,12 +8,15 @@ same machine: the same numbers, whether the devices sit in one process or severa
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import math
 import signal
 import socket
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -169,18 +172,31 @@ class ResidentFeed:
     def __call__(self, idx: np.ndarray, step: int):
         return self.data, self.parallel.mine(idx, axis=idx.ndim - 2)
 
+    def ahead(self, batches):
+        """`batches` as they are: nothing to prepare."""
+        return batches
+
 
 class HostAugmentFeed:
     """Host augmentation: every process augments the whole global batch (so draws do not depend on how the
     devices are spread) and places its own rows; a step's data is then the batch itself, and its indices
-    are the batch's own rows."""
+    are the batch's own rows. `ahead` prepares the next calls' batches while the device runs the current one."""
+    DEPTH = 2  # calls prepared ahead
 
     def __init__(self, parallel: DataParallel, split: Split, augment: HostAugment):
         self.parallel, self.split, self.augment = parallel, split, augment
+        self.prepared = {}  # first step of a call -> (its indices, the Future of its placed batch), from `ahead`
 
     def __call__(self, idx: np.ndarray, step: int):
-        """`idx`: one step's (devices, per_device) indices, or several steps' (steps, devices, per_device); each
-        step's batch is augmented with its own step's draws, and a device holds its rows of every step."""
+        """`idx`: one step's (devices, per_device) indices, or several steps' (steps, devices, per_device), the
+        first of them `step`: the batch `ahead` prepared for them, else prepared now."""
+        idx_future = self.prepared.pop(step, None)
+        if idx_future is not None and np.array_equal(idx_future[0], idx):
+            return idx_future[1].result()
+        return self.prepare(idx, step)
+
+    def prepare(self, idx: np.ndarray, step: int):
+        """Each step's batch augmented with its own step's draws; a device holds its rows of every step."""
         steps = idx.reshape((-1,) + idx.shape[-2:])
         images = np.concatenate([self.augment(self.split.images[i], step + s) for s, i in enumerate(steps)], axis=1)
         labels = np.concatenate([self.split.labels[i] for i in steps], axis=1)
@@ -189,6 +205,25 @@ class HostAugmentFeed:
         rows = np.broadcast_to(rows, steps.shape).reshape(idx.shape)
         p = self.parallel
         return p.shard((p.mine(images), p.mine(labels))), p.mine(rows, axis=idx.ndim - 2)
+
+    def ahead(self, batches):
+        """`batches` ((last step, indices) per call, as `Trainer.batches` yields them) passed through, while one
+        background thread prepares the next `DEPTH` calls' batches in order: the same batches, each from its own
+        steps' draws. Closing it (the loop ended, failed or was interrupted) cancels what has not started and
+        waits for the batch under way."""
+        pool, queued = ThreadPoolExecutor(1, thread_name_prefix="host-augment"), collections.deque()
+        try:
+            for end, idx in batches:
+                first = end - (len(idx) if idx.ndim == 3 else 1)
+                self.prepared[first] = idx, pool.submit(self.prepare, idx, first)
+                queued.append((end, idx))
+                if len(queued) > self.DEPTH:
+                    yield queued.popleft()
+            while queued:
+                yield queued.popleft()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            self.prepared.clear()
 
 
 class _StopRequest:
@@ -570,8 +605,9 @@ def _train(trainer: Trainer, desc: str) -> None:
     """The loop itself: step, evaluate when it is time, checkpoint when due, stop cleanly on Ctrl-C."""
     config, bar = trainer.config, None
     try:
-        with _StopRequest(saves=trainer.checkpointer is not None) as stop:
-            for step, idx in trainer.batches():
+        with _StopRequest(saves=trainer.checkpointer is not None) as stop, \
+                contextlib.closing(trainer.feed.ahead(trainer.batches())) as batches:
+            for step, idx in batches:
                 trainer.step(step, idx)
                 if bar is None:  # made after the first step, which compiled it: the ETA never counts compilation
                     bar = tqdm(total=trainer.total_steps, initial=step, desc=desc, unit="step", mininterval=1.0,
@@ -603,7 +639,7 @@ def _image_inputs(config: Config):
 
 
 def _host_augment(config: Config) -> Optional[HostAugment]:
-    return HostAugment(img_size=config.img_size, seed=config.seed) if config.augment_backend == "albumentations" \
+    return HostAugment(seed=config.seed) if config.augment_backend == "albumentations" \
         else None
 
 

@@ -36,7 +36,7 @@ class SimpleCNN(nn.Module):
     num_classes: int = 10
     dropout_rate: float = 0.3
     conv_impl: str = "auto"
-    dtype: Optional[Any] = None  # of the convolutions' and matrix products' operands (None: float32)
+    dtype: Optional[Any] = None  # of the convolutions', matrix products' operands, activations (None: float32)
     platform: str = PLAIN  # what the program is built for (`cifarjax.platform`)
 
     @nn.compact
@@ -109,7 +109,7 @@ class ResNetBackbone(nn.Module):
     frozen_bn_stages: int = 0
     axis_name: Optional[str] = None
     conv_impl: str = "auto"
-    dtype: Optional[Any] = None  # of the convolutions' operands; BatchNorm computes in float32
+    dtype: Optional[Any] = None  # of the convolutions' operands and the activations; BatchNorm's statistics float32
     platform: str = PLAIN
 
     @nn.compact
@@ -144,7 +144,7 @@ class ResNet(nn.Module):
     axis_name: Optional[str] = None
     conv_impl: str = "auto"
     num_filters: int = 64
-    dtype: Optional[Any] = None  # of the convolutions' and the head's operands (None: float32)
+    dtype: Optional[Any] = None  # of the convolutions' and the head's operands and the activations (None: float32)
     platform: str = PLAIN
 
     def setup(self):

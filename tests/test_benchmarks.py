@@ -1,5 +1,7 @@
 """The PyTorch reference the benchmarks and the accuracy verdict rest on runs the original's loop."""
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,3 +109,11 @@ def test_benchmark_ratio_pairs_each_rounds_two_sides():
     result = paired_ratio([(200.0, 100.0), (400.0, 200.0), (100.0, 50.0), (90.0, 300.0), (200.0, 400.0)])
     assert result["cifarjax"] == 200.0 and result["pytorch"] == 200.0
     assert result["ratio"] == 2.0 and result["ratio_range"] == [0.3, 2.0]
+
+
+def test_gpu_sh_part_limits_fit_its_deadline():
+    """Every part of benchmarks/gpu.sh can run to its limit and the script still ends within its deadline."""
+    script = (Path(__file__).parents[1] / "benchmarks" / "gpu.sh").read_text()
+    deadline = int(re.search(r"GPU_SH_SECONDS:-(\d+)", script).group(1))
+    limits = [int(cap) for cap in re.findall(r"^(?:part|ft224) \S+ (\d+) ", script, re.MULTILINE)]
+    assert len(limits) == 11 and sum(limits) < deadline, (limits, sum(limits), deadline)

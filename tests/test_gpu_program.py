@@ -7,7 +7,8 @@ custom call beyond the sharding markers of `pmap`. Built for platform "cpu", the
 CPU's formulations (`cifarjax.cpu`).
 
 Each case builds its step through `export_step`, which takes Config changes; under bf16 the convolutions'
-operands are bfloat16 while parameters and optimizer state (the step's floating inputs) stay float32.
+operands, the activations and their gradients are bfloat16 while parameters and optimizer state (the step's
+floating inputs) stay float32.
 """
 import functools
 import re
@@ -32,8 +33,17 @@ SHARDING_CALLS = {"Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape"}
 
 # ResNet-18's convolutions: the stem, two per block, and layer2-4's 1x1 projections.
 RESNET18_CONVS = 1 + 4 * 2 * 2 + 3
+RESNET18_BATCHNORMS = RESNET18_CONVS  # one after each convolution
+RESNET18_PARAMETERS = RESNET18_CONVS + 2 * RESNET18_BATCHNORMS + 2  # kernels, BatchNorm scales and biases, the head
 LAYER4_CONVS = 2 * 2 + 1
 SIMPLE_CNN_CONVS = 3
+
+
+@functools.lru_cache(maxsize=4)
+def gpu_module(name: str, precision: str) -> str:
+    """The exported CUDA module of CASES[name] at `precision` (exported once for the tests that read it)."""
+    kind, changes, _, _ = CASES[name]
+    return export_step(kind, "gpu", precision=precision, **changes).mlir_module()
 
 
 def export_step(kind: str, platform: str, platforms=("cuda",), **changes):
@@ -111,6 +121,28 @@ def conditionals(text: str) -> list:
     return found
 
 
+# Elementwise operations: each result is a tensor an XLA fusion may write to memory between kernels.
+ELEMENTWISE = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "select", "negate"}
+
+
+def activation_results(text: str) -> Counter:
+    """(operation, element type) of each floating elementwise result shaped like an activation or its gradient:
+    (the per-device batch, height, width, channels), more channels than the images' 3 (kernels lead with 1, 3 or
+    7). Dropout's integer hash is not counted."""
+    found = Counter()
+    results = re.findall(r"= stablehlo\.(\w+) %[^\n]*?[:,] tensor<((?:\d+x)+)([a-z]\w*)>(?: loc|\n)", text)
+    for op, shape, dtype in results:
+        dims = [int(d) for d in shape.split("x")[:-1]]
+        if op in ELEMENTWISE and dtype in ("f32", "bf16") and len(dims) == 4 and dims[0] == PER_DEVICE and dims[-1] > 3:
+            found[op, dtype] += 1
+    return found
+
+
+def collectives(text: str) -> Counter:
+    return Counter(re.findall(r"\bstablehlo\.(all_reduce|all_gather|reduce_scatter|all_to_all|collective_permute)\b",
+                              text))
+
+
 def assert_plain(text: str, convolutions: int, products: int):
     counts = op_counts(text)
     assert [c for c in conditionals(text) if not c[1]] == [], "a conditional on data reaches the GPU program"
@@ -126,11 +158,11 @@ RESNET = dict(model="resnet18", weights="random")
 CASES = {
     "simple_cnn_train": ("train", {}, SIMPLE_CNN_CONVS + 3 + 2, 2 + 2 * 2),
     "simple_cnn_eval": ("eval", {}, SIMPLE_CNN_CONVS, 2),
-    "resnet_head_32": ("train", {**RESNET, "unfreeze": "head", "cache_features": False}, RESNET18_CONVS, 1 + 1),
+    "resnet_head_32": ("train", {**RESNET, "unfreeze": "head", "bn": "train"}, RESNET18_CONVS, 1 + 1),
     "resnet_layer4_32": ("train", {**RESNET, "unfreeze": "layer4"},
                          RESNET18_CONVS + LAYER4_CONVS + (LAYER4_CONVS - 2), 1 + 2),
     "resnet_all_32": ("train", {**RESNET, "unfreeze": "all"}, RESNET18_CONVS * 3 - 1, 1 + 2),
-    "resnet_head_224": ("train", {**RESNET, "unfreeze": "head", "cache_features": False, "img_size": 224},
+    "resnet_head_224": ("train", {**RESNET, "unfreeze": "head", "bn": "train", "img_size": 224},
                         RESNET18_CONVS, 1 + 1),
     "resnet_layer4_224": ("train", {**RESNET, "unfreeze": "layer4", "img_size": 224},
                           RESNET18_CONVS + LAYER4_CONVS + (LAYER4_CONVS - 2), 1 + 2),
@@ -175,6 +207,37 @@ def test_the_moving_average_takes_only_what_trains():
     size = lambda leaves: sum(int(np.prod(x.shape)) for x in leaves)  # noqa: E731
     trained = size(x for path, x in flat if re.search(r"'(head|layer4_block\d)'", jax.tree_util.keystr(path)))
     assert sizes[1] - sizes[0] == N_DEVICES * trained and size(x for _, x in flat) - trained > 2_000_000  # stem-layer3
+
+
+@pytest.mark.parametrize("name, batchnorms", [("simple_cnn_train", 0), ("resnet_all_32", RESNET18_BATCHNORMS)])
+def test_bf16_activations_and_their_gradients_stay_bfloat16(name, batchnorms):
+    """Under bf16 every activation-sized elementwise result (ReLUs, pooling, residual sums, BatchNorm's
+    normalisation, their gradients) is bfloat16, so a GPU moves 2 bytes per element between layers. The only
+    float32 ones are train-mode BatchNorm's centred squares, which XLA fuses into the float32 reduction of the
+    variance. Under fp32 the same results are all float32 (the reading finds what it looks for)."""
+    bf16, fp32 = activation_results(gpu_module(name, "bf16")), activation_results(gpu_module(name, "fp32"))
+    float32 = {op: n for (op, dtype), n in bf16.items() if dtype == "f32"}
+    assert set(float32) <= ({"subtract", "multiply"} if batchnorms else set()), float32
+    assert all(n <= batchnorms for n in float32.values()), float32
+    assert bf16["add", "bf16"] and bf16["maximum", "bf16"], bf16
+    assert {dtype for _, dtype in fp32} == {"f32"} and sum(fp32.values()) >= sum(bf16.values()), fp32
+
+
+def test_the_originals_head_step_runs_the_backbone_forward_only():
+    """The original fine-tune's step (the head trains, the frozen backbone's BatchNorm on batch statistics) over 2
+    devices: the backbone's convolutions forward only (CASES), its BatchNorm moments gathered once each, and no
+    gradient of a frozen layer computed or averaged: the all-reduces are the head's two gradients and the metrics."""
+    found = collectives(gpu_module("resnet_head_32", "fp32"))
+    assert found == {"all_reduce": 2 + 2, "all_gather": RESNET18_BATCHNORMS}, found
+
+
+def test_synchronised_batchnorm_takes_one_collective_each_way():
+    """The 2-device step where all of ResNet-18 trains: one all-reduce per parameter's gradient, per BatchNorm one
+    all-gather of the devices' moments (forward) and one all-reduce of its two backward sums, and one per metric:
+    62 + 2 x 20 + 2 = 104 collectives (before XLA's combiner), where two per BatchNorm each way made 144."""
+    found = collectives(gpu_module("resnet_all_32", "fp32"))
+    assert found == {"all_reduce": RESNET18_PARAMETERS + RESNET18_BATCHNORMS + 2, "all_gather": RESNET18_BATCHNORMS}
+    assert sum(found.values()) <= 104
 
 
 @pytest.mark.parametrize("platform, donated", [("gpu", "all"), ("cpu", "none")])

@@ -15,6 +15,7 @@ from cifarjax.config import Config
 from cifarjax.errors import UserError
 from cifarjax.flags import resumed_config
 from cifarjax.inputs import ImageInputs
+from cifarjax.layers import batch_norm_train
 from cifarjax.loop import train_loop
 from cifarjax.models import AXIS, build_model, compute_dtype, initialize
 from cifarjax.optim import make_optimizer
@@ -110,3 +111,28 @@ def test_bf16_run_records_its_precision_checkpoints_float32_and_resumes_only_unc
 def test_precision_names_its_operand_type():
     assert compute_dtype("fp32") is None and compute_dtype("bf16") == jnp.bfloat16
     assert build_model(Config()).dtype is None  # the default is float32, as before
+
+
+def test_bf16_batchnorm_computes_statistics_in_float32_and_returns_bfloat16():
+    """Train-mode BatchNorm on bfloat16 activations: statistics and the parameters' gradients in float32, the output
+    and the input's gradient in bfloat16, each near float32's computation on the same (bfloat16-rounded) inputs.
+    bfloat16 rounds each of the normalisation's four operations to 2^-9 of its value, so 1% of the output's spread
+    bounds what is left (a wrong statistic is off by its whole size)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(3.0, 2.0, (8, 4, 4, 16)), jnp.bfloat16)
+    dy = jnp.asarray(rng.normal(0.0, 1.0, x.shape), jnp.bfloat16)
+    scale, bias = jnp.asarray(rng.normal(1.0, 0.2, 16), jnp.float32), jnp.zeros(16)
+    zero = jnp.zeros(16)
+
+    def run(x, dy):
+        (y, mean, var), vjp = jax.vjp(lambda x, s, b: batch_norm_train(x, s, b, 1e-5, None), x, scale, bias)
+        return (y, mean, var), vjp((dy, zero, zero))
+    (y, mean, var), (dx, dscale, dbias) = run(x, dy)
+    (y32, mean32, var32), (dx32, dscale32, dbias32) = run(x.astype(jnp.float32), dy.astype(jnp.float32))
+    assert y.dtype == dx.dtype == jnp.bfloat16
+    assert mean.dtype == var.dtype == dscale.dtype == dbias.dtype == jnp.float32
+    np.testing.assert_allclose(mean, mean32, rtol=1e-6)  # the same float32 sums of the same values
+    np.testing.assert_allclose(var, var32, rtol=1e-6)
+    np.testing.assert_allclose(dbias, dbias32, rtol=1e-6)
+    for got, want in ((y, y32), (dx, dx32), (dscale, dscale32)):
+        assert relative_error(got, np.asarray(want)) < 1e-2

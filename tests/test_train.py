@@ -1,17 +1,21 @@
+import contextlib
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from cifarjax.augment import AugmentSpec
+from cifarjax.augment import AugmentSpec, HostAugment
+from cifarjax.batching import train_indices
 from cifarjax.config import Config
 from cifarjax.data import Split
 from cifarjax.errors import UserError
 from cifarjax.freezing import Freezing
-from cifarjax.inputs import FeatureInputs, ImageInputs
+from cifarjax.inputs import FeatureInputs, HostAugmentedInputs, ImageInputs
 from cifarjax.features import backbone_features, cacheable
-from cifarjax.loop import CHEAP_STEPS_PER_CALL, NonFiniteLossError, fit, steps_per_call, train_loop
+from cifarjax.loop import CHEAP_STEPS_PER_CALL, HostAugmentFeed, NonFiniteLossError, fit, steps_per_call, train_loop
 from cifarjax.models import AXIS, Apply, ResNet, ResNet18, SimpleCNN, initialize
 from cifarjax.optim import base_optimizer, make_optimizer
 from cifarjax.train import DataParallel, create_train_state
@@ -227,13 +231,55 @@ def test_cached_features_follow_the_same_curve_as_the_image_path():
         not cacheable(config.replace(bn="train")) and not cacheable(config.replace(unfreeze="layer4"))
 
 
-def test_albumentations_host_pipeline_trains():
+def test_albumentations_host_pipeline_trains(monkeypatch):
+    """Trains, and the same run gives the same numbers whether the host prepares batches ahead or not."""
     data = tiny_split(40)
     config = fast(n_epochs=2, augment_backend="albumentations")
     result = train_loop(config, data, data)
     assert len(result.history.train_loss) == 2 and all(np.isfinite(result.history.train_loss))
+    monkeypatch.setattr(HostAugmentFeed, "DEPTH", 0)  # each batch prepared only when its step asks
     again = train_loop(config, data, data)
     assert again.history.train_loss == result.history.train_loss
+
+
+def host_augment_threads() -> list:
+    return [t for t in threading.enumerate() if t.name.startswith("host-augment")]
+
+
+def test_host_batches_are_prepared_ahead_in_order_and_stop_with_the_loop():
+    """`ahead` passes the calls through unchanged while a background thread prepares the next ones: each batch is
+    exactly the one prepared when asked for; an error in preparing reaches the loop, and the thread ends when the
+    loop ends, fails or is interrupted."""
+    data = tiny_split(32)
+    parallel = DataParallel(HostAugmentedInputs(AugmentSpec()), devices=jax.local_devices()[:2])
+    feed = HostAugmentFeed(parallel, data, HostAugment(seed=0))
+    epoch = train_indices(len(data), 8, 2, 0, 0)
+    calls = [(1, epoch[0]), (3, epoch[1:3]), (4, epoch[3])]  # one step, two in a call, one
+    seen = []
+    with contextlib.closing(feed.ahead(iter(calls))) as batches:
+        for end, idx in batches:
+            first = end - (len(idx) if idx.ndim == 3 else 1)
+            assert first in feed.prepared and len(feed.prepared) <= 1 + HostAugmentFeed.DEPTH
+            (images, labels), rows = feed(idx, first)
+            (want_images, want_labels), want_rows = feed.prepare(idx, first)
+            np.testing.assert_array_equal(images, want_images)
+            np.testing.assert_array_equal(labels, want_labels)
+            np.testing.assert_array_equal(rows, want_rows)
+            assert images.dtype == np.uint8
+            seen.append(end)
+    assert seen == [1, 3, 4] and not feed.prepared and not host_augment_threads()
+
+    def fails(idx, step):
+        raise OSError("disk gone")
+    feed.prepare = fails
+    with pytest.raises(OSError, match="disk gone"), contextlib.closing(feed.ahead(iter(calls))) as batches:
+        for end, idx in batches:
+            feed(idx, end - 1)
+    assert not host_augment_threads()
+    with pytest.raises(KeyboardInterrupt), contextlib.closing(feed.ahead(iter(calls))) as batches:
+        for _ in batches:
+            raise KeyboardInterrupt
+    assert not host_augment_threads()
 
 
 def test_freed_compiler_memory_is_returned_after_each_compilation(monkeypatch):
