@@ -356,3 +356,33 @@ def test_a_full_disk_while_appending_metrics_names_the_file_and_the_run_resumes(
     monkeypatch.undo()
     cnn.main(["--resume", "--out", str(out)])
     assert [r["epoch"] for r in runs.read_metrics(out)] == [1, 2]
+
+
+# ------------------------------------------------------------------------------------------------ 8. issue 43 (B)
+
+def test_a_ctrl_c_raised_inside_a_garbage_collection_callback_still_ends_the_command(capsys):
+    """JAX collects its own garbage in a gc callback; a Ctrl-C handled there raised a KeyboardInterrupt that Python
+    printed as "Exception ignored in" and dropped, and the run went on to the end with exit 0."""
+    import gc
+    from cifarjax.errors import exit_on_user_error
+
+    signals = [signal.SIGINT]
+
+    def interrupted_once(phase, info):
+        while signals:
+            signal.raise_signal(signals.pop())  # Python runs the handler here, inside the callback
+
+    @exit_on_user_error
+    def main(argv):
+        gc.callbacks.append(interrupted_once)
+        gc.collect()
+        deadline = time.time() + 10  # a hang guard, not a timing
+        while time.time() < deadline:
+            time.sleep(0.001)
+        raise AssertionError("the Ctrl-C was lost")
+
+    try:
+        message = fails(main, [], capsys, code=130)
+    finally:
+        gc.callbacks.remove(interrupted_once)
+    assert "interrupted (Ctrl-C)" in message
