@@ -415,3 +415,29 @@ def test_a_checkpoint_that_cannot_be_written_ends_the_command_with_one_line(tmp_
     assert len(errors) == 1 and "Traceback" not in err and "Exception" not in err, err[-3000:]
     assert errors[0].startswith(f"error: cannot write a checkpoint in {out}/checkpoints: the path is too long")
     assert errors[0].endswith("start the run again with a shorter --out")
+
+
+def test_predict_skips_a_special_file_in_one_line(finished, tmp_path, capsys):
+    """A FIFO named like an image blocked predict forever (and Ctrl-C with it); the data loader lists regular files
+    only, and reading an image now opens nothing else."""
+    import threading
+    from PIL import Image
+    from experiments import predict
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "a.png")
+    fifo = folder / "b.png"
+    os.mkfifo(fifo)
+    unblock = threading.Timer(60, lambda: os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)))  # a hang guard
+    unblock.start()
+    try:
+        predict.main([str(finished[0]), str(folder), "--json"])
+        captured = capsys.readouterr()
+        assert captured.err.splitlines() == [f"warning: image {fifo} is not a regular file (a FIFO, a socket, a device "
+                                             "or a folder); it is skipped"]
+        result = json.loads(captured.out)
+        assert [p["path"] for p in result["predictions"]] == [str(folder / "a.png")]
+        assert result["unreadable"] == [str(fifo)]
+        assert "none of the 1 image(s) could be read" in fails(predict.main, [str(finished[0]), str(fifo)], capsys)
+    finally:
+        unblock.cancel()
