@@ -441,3 +441,53 @@ def test_predict_skips_a_special_file_in_one_line(finished, tmp_path, capsys):
         assert "none of the 1 image(s) could be read" in fails(predict.main, [str(finished[0]), str(fifo)], capsys)
     finally:
         unblock.cancel()
+
+
+def test_evaluate_and_compare_never_write_over_a_users_file(finished, tmp_path, capsys):
+    from experiments import compare, evaluate
+    out = copy_run(finished, tmp_path)
+    for name in ("confusion_matrix_test.png", "comparison.png"):
+        (out / "plots" / name).write_bytes(b"my picture")
+    evaluate.main([str(out)])
+    captured = capsys.readouterr()
+    assert (out / "plots" / "confusion_matrix_test.png").read_bytes() == b"my picture"
+    assert f"{out / 'plots' / 'confusion_matrix_test.png'} is not a file cifarjax wrote" in captured.err
+    assert f"confusion matrix: {out / 'plots' / 'confusion_matrix_test-2.png'}" in captured.out
+    compare.main([str(out)])
+    assert (out / "plots" / "comparison.png").read_bytes() == b"my picture"
+    assert f"plot: {out / 'plots' / 'comparison-2.png'}" in capsys.readouterr().out
+    manifest = runs.read_manifest(out)
+    assert "plots/comparison-2.png" in manifest and "plots/confusion_matrix_test-2.png" in manifest
+    assert "plots/comparison.png" not in manifest and "plots/confusion_matrix_test.png" not in manifest
+    # One rule for the default plot and --out: an existing plot only with --overwrite, a user's file never.
+    assert "comparison-2.png exists; pass --overwrite" in fails(compare.main, [str(out)], capsys)
+    compare.main([str(out), "--overwrite"])
+    assert "did not write; choose another --out" in fails(
+        compare.main, [str(out), "--out", str(out / "plots" / "comparison.png"), "--overwrite"], capsys)
+    cnn.main(cnn_args(finished[1], out, "--overwrite"))  # removes what cifarjax wrote, and only that
+    assert (out / "plots" / "comparison.png").read_bytes() == b"my picture"
+    assert (out / "plots" / "confusion_matrix_test.png").read_bytes() == b"my picture"
+    assert not (out / "plots" / "comparison-2.png").exists()
+
+
+def test_evaluate_of_a_read_only_run_prints_its_score_and_a_flag_that_works(finished, tmp_path, capsys, monkeypatch):
+    import contextlib
+    import errno
+    from cifarjax import plots
+    from experiments import evaluate
+
+    @contextlib.contextmanager
+    def read_only(path, mode="w"):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        yield
+    out = copy_run(finished, tmp_path)
+    monkeypatch.setattr(plots, "atomic_write", read_only)
+    evaluate.main([str(out)])
+    captured = capsys.readouterr()
+    assert "accuracy" in captured.out and "confusion matrix: not written" in captured.out
+    [warning] = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert warning.startswith("warning: the confusion matrix was not written (Permission denied on ")
+    assert warning.endswith("pass --plot FILE to write it elsewhere")
+    monkeypatch.undo()
+    evaluate.main([str(out), "--plot", str(tmp_path / "cm.png")])
+    assert f"confusion matrix: {tmp_path / 'cm.png'}" in capsys.readouterr().out and (tmp_path / "cm.png").is_file()
