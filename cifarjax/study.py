@@ -271,6 +271,7 @@ def study(data_dir, weights: str = "imagenet", grid: Sequence[Cell] = DEFAULT_GR
     paths = binding.absolute_paths({"data_dir": data_dir, "weights": weights})
     base = recipe_config("finetune", **{**BASELINE, **baseline}, data_dir=paths["data_dir"], weights=paths["weights"],
                          n_epochs=epochs, subset=subset).validate()  # before any loading
+    runs.check_outside_data(out, base.data_dir)
     with phases("data_loading", "loading the data"):
         dataset = load_dataset(base.data_dir, base.dataset, base.decode_size)
         train, val = train_val_split(dataset, base.val_fraction, base.seed, base.subset)

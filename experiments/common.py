@@ -121,6 +121,7 @@ def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
         config = resumed_config(Config.from_dict(saved), typed, args.recipe, str(run))
     else:
         config = new_config(command, args.recipe, typed, **fixed)
+    runs.check_outside_data(run, config.data_dir)
     if runs_on_cpu():
         xla_flags.schedule_for(config)  # before anything starts JAX's backend (orbax, `is_writer`)
     done = latest_epoch(run) if args.resume else None

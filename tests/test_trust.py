@@ -491,3 +491,15 @@ def test_evaluate_of_a_read_only_run_prints_its_score_and_a_flag_that_works(fini
     monkeypatch.undo()
     evaluate.main([str(out), "--plot", str(tmp_path / "cm.png")])
     assert f"confusion matrix: {tmp_path / 'cm.png'}" in capsys.readouterr().out and (tmp_path / "cm.png").is_file()
+
+
+def test_a_run_folder_inside_the_data_folder_is_refused(data_dir, tmp_path, capsys):
+    """It became a split of the data (its folders read as classes), and every later run on that data failed."""
+    before = tree_bytes(data_dir)
+    for out in (data_dir / "run", data_dir / "train" / "runs" / "a"):
+        message = fails(cnn.main, cnn_args(data_dir, out), capsys)
+        assert f"--out {out} lies inside the data folder {data_dir}" in message and "outside it" in message
+    assert tree_bytes(data_dir) == before and sorted(p.name for p in data_dir.iterdir()) == ["test", "train"]
+    from cifarjax.study import study
+    with pytest.raises(UserError, match="lies inside the data folder"):
+        study(str(data_dir), "random", out=data_dir / "study")
