@@ -503,3 +503,38 @@ def test_a_run_folder_inside_the_data_folder_is_refused(data_dir, tmp_path, caps
     from cifarjax.study import study
     with pytest.raises(UserError, match="lies inside the data folder"):
         study(str(data_dir), "random", out=data_dir / "study")
+
+
+def test_a_ctrl_c_before_the_first_checkpoint_gives_a_command_that_works(data_dir, tmp_path, capsys, monkeypatch):
+    """It said "nothing to resume, start again", and the same command was then refused: the folder holds a run.
+    Inside the training loop before its first checkpoint, and outside it once the run folder is made (where the
+    fine-tune extracts its features: `common.open_run` sets the advice for every command)."""
+    import shlex
+    from cifarjax import loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    out = tmp_path / "run"
+    for where in (loop.Trainer, "start"), (cnn, "train_loop"):
+        monkeypatch.setattr(*where, interrupted)
+        message = fails(cnn.main, cnn_args(data_dir, out, *(["--overwrite"] if out.exists() else [])), capsys,
+                        code=130)
+        command = f"python -m experiments.cnn --resume --out {shlex.quote(str(out))}"
+        assert command in message and "nothing to resume" not in message, message
+        monkeypatch.undo()
+    cnn.main(["--resume", "--out", str(out)])
+    assert json.loads((out / runs.SUMMARY).read_text())["epochs"] == 1
+
+
+def test_a_non_finite_loss_before_any_checkpoint_gives_a_command_that_works(data_dir, tmp_path, capsys):
+    """It said "start again with a lower learning rate", and the same --out was then refused."""
+    import shlex
+    out = tmp_path / "run"
+    message = fails(cnn.main, cnn_args(data_dir, out, "--lr", "1e30"), capsys)
+    assert "training loss became nan at step" in message and "no checkpoint was written yet" in message
+    command = shlex.split(message.split("replacing this run: ")[1])
+    assert command[:3] == ["python", "-m", "experiments.cnn"] and command[-5:] == [
+        "--overwrite", "--out", str(out), "--lr", "1e+29"]
+    cnn.main(command[3:-1] + ["1e-3"])  # the advice, with a sane rate
+    summary = json.loads((out / runs.SUMMARY).read_text())
+    assert np.isfinite(summary["train_loss"]) and json.loads((out / runs.CONFIG).read_text())["lr"] == 1e-3
