@@ -538,3 +538,29 @@ def test_a_non_finite_loss_before_any_checkpoint_gives_a_command_that_works(data
     cnn.main(command[3:-1] + ["1e-3"])  # the advice, with a sane rate
     summary = json.loads((out / runs.SUMMARY).read_text())
     assert np.isfinite(summary["train_loss"]) and json.loads((out / runs.CONFIG).read_text())["lr"] == 1e-3
+
+
+def test_an_interrupted_study_names_the_command_that_resumes_it(tmp_path, capsys, monkeypatch):
+    """It named the checkpoint of a cell that had finished, and no command; a cell's own errors said --resume."""
+    import shlex
+    from cifarjax import study
+    from cifarjax.errors import exit_on_user_error, set_interrupt_advice
+    from tests.test_train import fast, tiny_split
+    hints = []
+
+    def interrupted(*args, resume_hint, **kwargs):
+        hints.append(resume_hint)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(study, "train_loop", interrupted)
+    monkeypatch.setattr(study.Study, "variables", lambda *args: {})
+    out = tmp_path / "my study"
+    the_study = study.Study(out, None, tiny_split(40), tiny_split(12, seed=1), fast(n_epochs=1), None)
+
+    @exit_on_user_error
+    def main(argv):
+        set_interrupt_advice("its newest checkpoint (step 6) is saved: resume with --resume")  # a finished cell's
+        the_study.run_cell(study.REFERENCE)
+    message = fails(main, [], capsys, code=130)
+    command = f"python -m experiments.study --resume --out {shlex.quote(str(out))}"
+    assert message.endswith(f"finished cells are kept: resume it with {command}") and "step 6" not in message
+    assert hints == [command]
