@@ -2,7 +2,7 @@
 
 * `UserError`: bad input (a path, a file, a flag, weights), with a message that says how to fix it; exit 2.
 * `Interrupted`: Ctrl-C, after the run was left resumable; exit 130 (143 for SIGTERM, which ends a command
-  as Ctrl-C does), at any moment: one that lands in a garbage-collection callback is delivered again outside it.
+  as Ctrl-C does), at any moment: one that Python drops where it lands is delivered again (`_redeliver`).
 * An `OSError` from the file system (a full disk, a read-only or unreadable folder, a symlink loop) becomes
   one line naming the path; exit 2.
 """
@@ -11,11 +11,10 @@ from __future__ import annotations
 import _thread
 import errno
 import functools
-import gc
 import os
 import signal
 import sys
-import threading
+import time
 from typing import Optional
 
 EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143
@@ -59,18 +58,35 @@ def set_interrupt_advice(advice: Optional[str]) -> None:
     _interrupt_advice = advice
 
 
-def _raise_interrupt(signum, frame):
-    """A command's handler of Ctrl-C (KeyboardInterrupt) and SIGTERM (`Terminated`). Inside a garbage-collection
-    callback (JAX frees its buffers in one at every collection, so a Ctrl-C while data loads often lands there)
-    Python would print the exception as "Exception ignored in" and drop it, and the run would go on: the signal
-    is then delivered again a moment later, outside the callback."""
-    callbacks = {getattr(callback, "__code__", None) for callback in gc.callbacks}
-    while frame is not None:
-        if frame.f_code in callbacks:
-            threading.Timer(0.01, _thread.interrupt_main, (signum,)).start()
-            return
-        frame = frame.f_back
-    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+def _raise_terminated(*_):
+    raise Terminated
+
+
+def _redeliver(previous):
+    """A `sys.unraisablehook` for a command: a KeyboardInterrupt (Ctrl-C, SIGTERM) raised where Python can only
+    print "Exception ignored in" and drop it, and the run would go on to its end (a garbage-collection callback:
+    JAX frees its buffers in one at every collection, so a Ctrl-C while data loads often lands there; a weakref
+    callback; a finaliser), is delivered again a moment later from another thread, until it lands where it ends
+    the command. Everything else goes to `previous`. One delivery at a time, none after the command ended; the
+    thread starts without waiting for it (a signal delivered while the hook still ran would be dropped for good)."""
+    def hook(unraisable):
+        if unraisable.exc_type is None or not issubclass(unraisable.exc_type, KeyboardInterrupt):
+            return previous(unraisable)
+        if not _redelivery:
+            _redelivery.append(signal.SIGTERM if issubclass(unraisable.exc_type, Terminated) else signal.SIGINT)
+            _thread.start_new_thread(_interrupt_later, ())
+    return hook
+
+
+_redelivery: list = []  # the signal to deliver again (at most one); emptied when a command ends
+
+
+def _interrupt_later() -> None:
+    time.sleep(0.05)
+    try:
+        _thread.interrupt_main(_redelivery.pop())
+    except IndexError:  # the command ended meanwhile
+        pass
 
 
 def os_error_message(error: OSError) -> str:
@@ -105,7 +121,8 @@ def exit_on_user_error(main):
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         set_interrupt_advice(None)
-        previous = {s: _on_signal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous, unraisable = _on_sigterm(_raise_terminated), sys.unraisablehook
+        sys.unraisablehook = _redeliver(unraisable)
         try:
             try:
                 return main(*args, **kwargs)
@@ -128,8 +145,9 @@ def exit_on_user_error(main):
                 raise
             code, message = translated.exit_code, f"error: {translated}"
         finally:
-            for s, handler in previous.items():
-                _on_signal(s, handler)
+            _on_sigterm(previous)
+            sys.unraisablehook = unraisable
+            _redelivery.clear()
         print(message, file=sys.stderr, flush=True)
         if _hard_exit_requested:
             sys.stdout.flush()
@@ -139,15 +157,15 @@ def exit_on_user_error(main):
     return wrapper
 
 
-def _on_signal(signum, handler=_raise_interrupt):
-    """Install `handler` for `signum` where Python may (the main thread) and, for `_raise_interrupt`, Python's
-    default is in place; returns what to restore (None: nothing was changed)."""
+def _on_sigterm(handler):
+    """Install `handler` for SIGTERM where Python may (the main thread) and the default is in place; returns what
+    to restore (None: nothing was changed)."""
     if handler is None:
         return None
     try:
-        if handler is _raise_interrupt and signal.getsignal(signum) not in (signal.SIG_DFL, signal.default_int_handler):
+        if handler is _raise_terminated and signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
             return None
-        return signal.signal(signum, handler)
+        return signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread
         return None
 

@@ -97,8 +97,8 @@ def check_outside_data(run: Path, data_dir) -> None:
     read as data (a `test/` split, a class) by every later run on it."""
     if not data_dir or not str(data_dir).strip():
         return
-    data = Path(data_dir).expanduser().resolve()
-    if Path(run).expanduser().resolve().is_relative_to(data):
+    data = os.path.realpath(Path(data_dir).expanduser())  # not Path.resolve: a symbolic link loop is refused later
+    if Path(os.path.realpath(Path(run).expanduser())).is_relative_to(data):
         raise UserError(f"--out {run} lies inside the data folder {data_dir}, where its files would become part of "
                         "the data; choose an --out outside it")
 
