@@ -1,7 +1,9 @@
 """Orbax checkpoints of a run: variables, optimizer state and step, and JSON metadata (config, history).
 
 * Writes are atomic (orbax commits a finished checkpoint by renaming it), only the last k are kept, and saving
-  runs in a background thread: `close()` waits for it.
+  runs in a background thread: `close()` waits for it. A write that fails (a full disk, a folder made
+  unwritable, a path too long) is one line naming the folder; orbax's threads of that save may then wait minutes
+  for signals that never come, so a command ends at once (`errors.request_hard_exit`).
 * Each checkpoint's metadata holds a SHA-256 digest of its arrays. A checkpoint that fails to read or whose
   digest differs is damaged: restoring falls back to the newest intact one and says so in one line.
 * Disk use follows what trains: parameters that never change (a frozen backbone) are written once, to
@@ -20,7 +22,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -29,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from cifarjax.errors import UserError, user_error_from_os, warn
+from cifarjax.errors import UserError, request_hard_exit, user_error_from_os, warn
 from cifarjax.files import atomic_write, record_output
 from cifarjax.freezing import join_frozen, split_frozen
 from cifarjax.runs import CONFIG, TENSORBOARD
@@ -92,7 +96,7 @@ class Checkpointer:
     def __init__(self, run_dir: Path, keep: int = 3, trainable=None):
         self.run_dir = Path(run_dir).resolve()
         self.directory = self.run_dir / CHECKPOINTS
-        self.trainable = trainable
+        self.trainable, self.failed = trainable, False
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, create=True, enable_async_checkpointing=True))
@@ -126,28 +130,34 @@ class Checkpointer:
         stored = jax.device_get(self._stored(state))
         meta = dict(meta, digest={k: digest(v) for k, v in stored.items()})
         record_output(self.directory / str(int(state.step)))
-        with self._disk_errors():
+        with self._write_errors():
             self.manager.save(int(state.step), args=ocp.args.Composite(
                 variables=ocp.args.StandardSave(stored["variables"]), train=ocp.args.StandardSave(stored["train"]),
                 meta=ocp.args.JsonSave(meta)))
 
     @contextlib.contextmanager
-    def _disk_errors(self):
-        """A full disk (an OSError, or orbax's and tensorstore's RESOURCE_EXHAUSTED, raised here or by an earlier
-        save in the background) becomes one line naming the folder; the unfinished checkpoint is removed."""
+    def _write_errors(self):
+        """A failed write (raised here, or by an earlier save in the background) becomes one line naming the folder,
+        why (`_why_not_written`) and how to go on; the unfinished checkpoint is removed. Where orbax's threads of
+        the failed save are left waiting, the command is asked to end at once."""
         try:
             yield
         except Exception as error:  # noqa: BLE001 - orbax and tensorstore wrap OS errors in many types
-            text = str(error)
-            full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
-            if not (full or "RESOURCE_EXHAUSTED" in text or "No space left" in text or "Disk quota" in text):
-                raise
+            self.failed = True
+            if any(t.is_alive() and not t.daemon and type(t).__module__.startswith("orbax")
+                   for t in threading.enumerate()):
+                request_hard_exit()
             self.remove_unfinished()
+            why, fix = _why_not_written(error)
             finished = self.directory.is_dir() and any(p.name.isdigit() for p in self.directory.iterdir())
-            kept = ("the finished checkpoints are kept), then resume the run with --resume" if finished
-                    else "no checkpoint was finished), then start the run again with --overwrite")
-            raise UserError(f"cannot write a checkpoint in {self.directory}: the disk is full; free space there "
-                            f"({kept}") from None
+            too_long = (why, fix) == _WRITE_FIXES[errno.ENAMETOOLONG]
+            if finished:
+                then = f"the finished checkpoints are kept: {fix}, then resume the run with --resume" + \
+                    " --out NEW_PATH" * too_long
+            else:
+                then = "no checkpoint was finished: " + ("start the run again with a shorter --out" if too_long else
+                                                         f"{fix}, then start the run again with --overwrite")
+            raise UserError(f"cannot write a checkpoint in {self.directory}: {why}; {then}") from None
 
     def remove_unfinished(self) -> None:
         """Remove orbax's temporary folders of checkpoints that never finished."""
@@ -171,13 +181,42 @@ class Checkpointer:
         return state, restored.meta
 
     def close(self) -> None:
-        """Wait for pending saves and release the manager."""
+        """Wait for pending saves and release the manager (not after a failed write: its threads may never end)."""
+        if self.failed:
+            return
         try:
-            with self._disk_errors():
+            with self._write_errors():
                 self.manager.wait_until_finished()
         finally:
-            with self._disk_errors():
-                self.manager.close()
+            if not self.failed:
+                with self._write_errors():
+                    self.manager.close()
+
+
+_WRITE_FIXES = {errno.ENOSPC: ("the disk is full", "free space there"),
+                errno.EDQUOT: ("the disk quota is used up", "free space there"),
+                errno.ENAMETOOLONG: ("the path is too long", "move the run folder to a shorter path"),
+                errno.EACCES: ("permission denied", "make the folder writable"),
+                errno.EPERM: ("operation not permitted", "make the folder writable"),
+                errno.EROFS: ("the file system is read-only", "make the folder writable")}
+
+
+def _why_not_written(error: Exception) -> tuple:
+    """(what went wrong, what to do) for a failed checkpoint write: an OSError, or orbax's and tensorstore's errors,
+    which carry the OS error in their text ("[os_error_code='36']", "[OS error: 28]", RESOURCE_EXHAUSTED)."""
+    text = str(error)
+    code = error.errno if isinstance(error, OSError) else None
+    found = re.search(r"os_error_code='(\d+)'|OS error: (\d+)|\[Errno (\d+)\]", text)
+    if code is None and found:
+        code = int(next(g for g in found.groups() if g))
+    if code is None and ("RESOURCE_EXHAUSTED" in text or "No space left" in text or "Disk quota" in text):
+        code = errno.EDQUOT if "Disk quota" in text else errno.ENOSPC
+    if code in _WRITE_FIXES:
+        return _WRITE_FIXES[code]
+    if code:
+        return os.strerror(code), "check that folder"
+    first = text.strip().splitlines()[0][:200] if text.strip() else ""
+    return f"{type(error).__name__}{': ' + first if first else ''}", "check that folder"
 
 
 def restore_newest_intact(manager, directory: Path, restore, items, remove_damaged: bool = False):

@@ -2,17 +2,19 @@
 
 * `UserError`: bad input (a path, a file, a flag, weights), with a message that says how to fix it; exit 2.
 * `Interrupted`: Ctrl-C, after the run was left resumable; exit 130 (143 for SIGTERM, which ends a command
-  as Ctrl-C does).
+  as Ctrl-C does), at any moment: one that Python drops where it lands is delivered again (`_redeliver`).
 * An `OSError` from the file system (a full disk, a read-only or unreadable folder, a symlink loop) becomes
   one line naming the path; exit 2.
 """
 from __future__ import annotations
 
+import _thread
 import errno
 import functools
 import os
 import signal
 import sys
+import time
 from typing import Optional
 
 EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143
@@ -60,6 +62,33 @@ def _raise_terminated(*_):
     raise Terminated
 
 
+def _redeliver(previous):
+    """A `sys.unraisablehook` for a command: a KeyboardInterrupt (Ctrl-C, SIGTERM) raised where Python can only
+    print "Exception ignored in" and drop it, and the run would go on to its end (a garbage-collection callback:
+    JAX frees its buffers in one at every collection, so a Ctrl-C while data loads often lands there; a weakref
+    callback; a finaliser), is delivered again a moment later from another thread, until it lands where it ends
+    the command. Everything else goes to `previous`. One delivery at a time, none after the command ended; the
+    thread starts without waiting for it (a signal delivered while the hook still ran would be dropped for good)."""
+    def hook(unraisable):
+        if unraisable.exc_type is None or not issubclass(unraisable.exc_type, KeyboardInterrupt):
+            return previous(unraisable)
+        if not _redelivery:
+            _redelivery.append(signal.SIGTERM if issubclass(unraisable.exc_type, Terminated) else signal.SIGINT)
+            _thread.start_new_thread(_interrupt_later, ())
+    return hook
+
+
+_redelivery: list = []  # the signal to deliver again (at most one); emptied when a command ends
+
+
+def _interrupt_later() -> None:
+    time.sleep(0.05)
+    try:
+        _thread.interrupt_main(_redelivery.pop())
+    except IndexError:  # the command ended meanwhile
+        pass
+
+
 def os_error_message(error: OSError) -> str:
     """One line for a file-system error: what failed, on which path, and what to do."""
     paths = " → ".join(str(p) for p in (error.filename, error.filename2) if p is not None) or "a file"
@@ -92,7 +121,8 @@ def exit_on_user_error(main):
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         set_interrupt_advice(None)
-        previous = _on_sigterm(_raise_terminated)
+        previous, unraisable = _on_sigterm(_raise_terminated), sys.unraisablehook
+        sys.unraisablehook = _redeliver(unraisable)
         try:
             try:
                 return main(*args, **kwargs)
@@ -116,6 +146,8 @@ def exit_on_user_error(main):
             code, message = translated.exit_code, f"error: {translated}"
         finally:
             _on_sigterm(previous)
+            sys.unraisablehook = unraisable
+            _redelivery.clear()
         print(message, file=sys.stderr, flush=True)
         if _hard_exit_requested:
             sys.stdout.flush()

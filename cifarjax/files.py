@@ -7,6 +7,7 @@
   run continues without it.
 * `record_output`: a file written inside a run folder (one holding the `.cifarjax-run` marker) is listed in
   that folder's manifest `.cifarjax-files`, so `--overwrite` removes exactly what cifarjax wrote.
+* `beside_foreign`: an output whose name a user's file takes in a run folder goes beside it, never over it.
 """
 from __future__ import annotations
 
@@ -74,6 +75,20 @@ def record_output(path) -> None:
         with open(manifest, "a") as f:
             f.write(entry + "\n")
     _recorded.add((run, entry))
+
+
+def beside_foreign(path) -> Path:
+    """`path`, or, where it names a file in a run folder that cifarjax did not write (its manifest does not list it),
+    the first name beside it that is free or cifarjax's own: NAME-2.png, NAME-3.png ... (A run made before the
+    manifest has none: its names decide, as for --overwrite.)"""
+    path = Path(path)
+    run = run_folder_of(path)
+    listed = set(read_manifest(run)) if run is not None else set()
+    candidate, n = path, 1
+    while listed and candidate.exists() and candidate.absolute().relative_to(run).as_posix() not in listed:
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
 
 
 def read_manifest(run) -> list:

@@ -290,8 +290,9 @@ class Trainer:
 
     def __init__(self, config: Config, apply_fn, variables: dict, train: Split, val: Split, inputs, *,
                  run: Optional[Path], devices, host_augment: Optional[HostAugment], phases: Phases,
-                 resume_hint: str):
+                 resume_hint: str, restart_hint: Optional[str] = None):
         self.config, self.run, self.phases, self.resume_hint = config, run, phases, resume_hint
+        self.restart_hint = restart_hint  # the command that starts the run again, replacing it (its --lr last)
         self.train, self.val, self.variables = train, val, variables
         freezing = Freezing.from_config(config)
         trainable = None if freezing.everything_trains else freezing.trainable_mask(variables["params"])
@@ -485,8 +486,10 @@ class Trainer:
             self.saved[1] > 10 * self.tracker.first_loss
         if self.saved and not exploded:
             advice = f"resume from it with a lower learning rate: {self.resume_hint} --lr {lower}"
+        elif self.restart_hint:
+            advice = f"start again with a lower learning rate, replacing this run: {self.restart_hint} --lr {lower}"
         else:
-            advice = f"start again with a lower learning rate (--lr {lower})"
+            advice = f"start again with a lower learning rate ({lower}) in a new run folder"
         return NonFiniteLossError(f"training loss became {loss} at step {step}; stopped ({where}); the learning "
                                   f"rate {self.config.lr:g} is probably too high: {advice}")
 
@@ -511,8 +514,8 @@ class Trainer:
                                 f"{self.saved[0] / self.steps_per_epoch:g}) is kept in {self.run}: resume with "
                                 f"{self.resume_hint}")
         else:
-            error = Interrupted(f"{how} before the first checkpoint; nothing to resume in {self.run}: start it "
-                                "again (--overwrite)")
+            error = Interrupted(f"{how} before the first checkpoint, so nothing is saved yet; the run folder "
+                                f"{self.run} is kept: {self.resume_hint} starts it from the beginning")
         if terminated:
             error.exit_code = EXIT_TERMINATED
         return error
@@ -551,7 +554,7 @@ class Trainer:
 
 def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inputs, *, run: Optional[Path] = None,
         resume: bool = False, devices=None, desc: str = "train", host_augment: Optional[HostAugment] = None,
-        phases: Optional[Phases] = None, resume_hint: str = "--resume",
+        phases: Optional[Phases] = None, resume_hint: str = "--resume", restart_hint: Optional[str] = None,
         continue_from: Optional[Path] = None) -> FitResult:
     """Train `variables` under `apply_fn` on `train` (images or features), evaluating on `val`.
 
@@ -560,6 +563,7 @@ def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inp
     uninterrupted run would. `continue_from`, the folder of a finished run of the same configuration but fewer
     epochs, makes a run without checkpoints of its own start as that run resumed here (`continue_run`): only
     exact when the learning rate does not depend on the number of epochs (`optim.rate_depends_on_length`).
+    `resume_hint` and `restart_hint`: the commands that resume the run and start it again (errors give them).
     """
     if not isinstance(inputs, FeatureInputs):
         train.check_images("the training images"), val.check_images("the validation images")
@@ -583,7 +587,7 @@ def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inp
             resume = True
     trainer = Trainer(config, apply_fn, variables, train, val, inputs, run=Path(run) if run else None,
                       devices=devices, host_augment=host_augment, phases=phases or Phases(announce=False),
-                      resume_hint=resume_hint)
+                      resume_hint=resume_hint, restart_hint=restart_hint)
     graceful = True
     try:
         trainer.restore(resume)
@@ -645,7 +649,7 @@ def _host_augment(config: Config) -> Optional[HostAugment]:
 
 def train_loop(config: Config, train: Split, val: Split, variables: Optional[dict] = None, *,
                run: Optional[Path] = None, resume: bool = False, devices=None, phases: Optional[Phases] = None,
-               resume_hint: str = "--resume") -> FitResult:
+               resume_hint: str = "--resume", restart_hint: Optional[str] = None) -> FitResult:
     """The original's train_loop: train the configured model (SimpleCNN by default) from scratch."""
     train.check_images("the training images"), val.check_images("the validation images")
     config = with_normalization(config.validate(), train.images)
@@ -653,12 +657,13 @@ def train_loop(config: Config, train: Split, val: Split, variables: Optional[dic
     variables = variables if variables is not None else init_variables(model, config)
     return fit(config, Apply(model), variables, train, val, _image_inputs(config), run=run, resume=resume,
                devices=devices, desc="train", host_augment=_host_augment(config), phases=phases,
-               resume_hint=resume_hint)
+               resume_hint=resume_hint, restart_hint=restart_hint)
 
 
 def fine_tune_loop(config: Config, variables: dict, train: Split, val: Split, *, run: Optional[Path] = None,
                    resume: bool = False, devices=None, features=None, phases: Optional[Phases] = None,
-                   resume_hint: str = "--resume", continue_from: Optional[Path] = None) -> FitResult:
+                   resume_hint: str = "--resume", restart_hint: Optional[str] = None,
+                   continue_from: Optional[Path] = None) -> FitResult:
     """The original's fine_tune_loop: train a ResNet-18's unfrozen part (default: the head).
 
     When the backbone is fixed (`features.cacheable`), the head trains on cached backbone features (pass
@@ -669,7 +674,7 @@ def fine_tune_loop(config: Config, variables: dict, train: Split, val: Split, *,
     config = with_normalization(config.validate(), train.images)
     model = build_model(config)
     kw = dict(run=run, resume=resume, devices=devices, phases=phases, resume_hint=resume_hint,
-              continue_from=continue_from)
+              restart_hint=restart_hint, continue_from=continue_from)
     if cacheable(config):
         if features is None:
             with (phases or Phases(announce=False))("feature_extraction", "extracting backbone features"):

@@ -21,8 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cifarjax.errors import UserError  # noqa: E402
-from cifarjax.files import atomic_write  # noqa: E402
+from cifarjax.errors import UserError, warn  # noqa: E402
+from cifarjax.files import atomic_write, beside_foreign  # noqa: E402
 
 PALETTE = ("#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133",
            "#56b4e9")  # seaborn.color_palette("colorblind")
@@ -57,8 +57,13 @@ def output_path(path) -> Path:
 
 
 def _save(fig, path) -> Path:
-    """Write `fig` to `path` atomically (a full disk leaves the old file, or none, never half a figure)."""
-    path = output_path(path)
+    """Write `fig` to `path` atomically (a full disk leaves the old file, or none, never half a figure); returns the
+    path written: beside `path`, said in one line, where a file cifarjax did not write takes its name in a run
+    folder (`files.beside_foreign`)."""
+    asked = output_path(path)
+    path = beside_foreign(asked)
+    if path != asked:
+        warn(f"{asked} is not a file cifarjax wrote, so it is left alone; the figure goes to {path}")
     try:
         fig.tight_layout()
         with atomic_write(path, "wb") as f:

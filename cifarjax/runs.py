@@ -92,6 +92,17 @@ def check_out(out, experiment: str, overwrite: bool = False, resume: bool = Fals
     return run
 
 
+def check_outside_data(run: Path, data_dir) -> None:
+    """Refuse a run folder inside the data folder the run reads (None: CIFAR-10 in the cache): its folders would be
+    read as data (a `test/` split, a class) by every later run on it."""
+    if not data_dir or not str(data_dir).strip():
+        return
+    data = os.path.realpath(Path(data_dir).expanduser())  # not Path.resolve: a symbolic link loop is refused later
+    if Path(os.path.realpath(Path(run).expanduser())).is_relative_to(data):
+        raise UserError(f"--out {run} lies inside the data folder {data_dir}, where its files would become part of "
+                        "the data; choose an --out outside it")
+
+
 def check_no_links(run: Path) -> None:
     """Refuse a run folder whose own subfolders (plots/, tensorboard/, checkpoints/) are symbolic links: cifarjax
     would write, and on --overwrite replace files, in a folder it did not create."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
@@ -108,8 +109,11 @@ def to_rgb8(image) -> np.ndarray:
 def decode_image(path, size: int, advice: str = "delete or replace that file and run again",
                  missing: str = "check the path") -> np.ndarray:
     """One image file as (size, size, 3) uint8 RGB (bilinear resize when its size differs); a file that cannot be
-    read raises UserError naming it, then `advice` (`missing` when there is no such file)."""
+    read raises UserError naming it, then `advice` (`missing` when there is no such file). Only a regular file is
+    opened (a FIFO would block the read forever), as the data loader lists only regular files."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise UserError(f"image {path} is not a regular file (a FIFO, a socket, a device or a folder); {advice}")
         with Image.open(path) as image:
             image.seek(0)
             rgb = Image.fromarray(to_rgb8(image))
@@ -118,6 +122,8 @@ def decode_image(path, size: int, advice: str = "delete or replace that file and
         return np.asarray(rgb, dtype=np.uint8)
     except FileNotFoundError:
         raise UserError(f"image {path} does not exist; {missing}") from None
+    except UserError:
+        raise
     except Exception as error:  # noqa: BLE001 - PIL raises many types for a bad file
         raise UserError(f"cannot read image {path} ({type(error).__name__}: {error}); {advice}") from None
 

@@ -15,6 +15,7 @@ data's fingerprint ...); a resume with other ones is refused, naming them.
 from __future__ import annotations
 
 import math
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from cifarjax.augment import AugmentSpec, with_normalization
 from cifarjax.checkpoint import find_run
 from cifarjax.config import Config
 from cifarjax.data import Dataset, Split, fingerprint, load_dataset, train_val_split
-from cifarjax.errors import UserError
+from cifarjax.errors import UserError, set_interrupt_advice
 from cifarjax.evaluation import predict
 from cifarjax.features import backbone_features, cacheable
 from cifarjax.files import write_json, write_text
@@ -133,6 +134,15 @@ class Study:
     reference_run: Optional[str] = None  # the experiments.cnn run taken as the SimpleCNN reference (--cnn-run)
 
     @property
+    def resume_hint(self) -> str:
+        """The command that resumes the study, which a Ctrl-C and its cells' errors name."""
+        return f"python -m experiments.study --resume --out {shlex.quote(str(self.out))}"
+
+    def advise_resume(self) -> None:
+        """What a Ctrl-C between cells' checkpoints leaves: the study, whose finished cells are kept."""
+        set_interrupt_advice(f"the study's finished cells are kept: resume it with {self.resume_hint}")
+
+    @property
     def weights_label(self) -> str:
         return self.weights.description
 
@@ -195,6 +205,7 @@ class Study:
         done = self.finished(cell)
         if done is not None:
             return done
+        self.advise_resume()  # not the checkpoint of the cell before
         config = with_normalization(cell_config(cell, self.base), self.train.images)
         folder = self.folder(cell)
         if not (self.resume and runs.is_run(folder)):
@@ -204,10 +215,11 @@ class Study:
         variables = self.variables(cell, config)
         if cell.model == "simple_cnn":
             result = train_loop(config, self.train, self.val, variables, run=folder, resume=self.resume,
-                                phases=self.phases)
+                                phases=self.phases, resume_hint=self.resume_hint)
         else:
             result = fine_tune_loop(config, variables, self.train, self.val, run=folder, resume=self.resume,
-                                    features=self.shared_features(config, variables), phases=self.phases)
+                                    features=self.shared_features(config, variables), phases=self.phases,
+                                    resume_hint=self.resume_hint)
         summary = {"name": cell.name, "hypothesis": cell.hypothesis, "model": cell.model, "changes": dict(cell.changes),
                    "settings": {k: getattr(config, k) for k in ("img_size", "unfreeze", "bn", "normalize", "lr",
                                                                  "batch_size", "n_epochs", "optimizer")},
@@ -218,6 +230,7 @@ class Study:
             preds = predict(config, result.eval_variables, self.dataset.test)
             summary["test_accuracy"] = float(np.mean(preds == self.dataset.test.labels))
         write_json(folder / runs.SUMMARY, summary)
+        self.advise_resume()
         return summary
 
     def shared_features(self, config: Config, variables: dict):
@@ -271,6 +284,7 @@ def study(data_dir, weights: str = "imagenet", grid: Sequence[Cell] = DEFAULT_GR
     paths = binding.absolute_paths({"data_dir": data_dir, "weights": weights})
     base = recipe_config("finetune", **{**BASELINE, **baseline}, data_dir=paths["data_dir"], weights=paths["weights"],
                          n_epochs=epochs, subset=subset).validate()  # before any loading
+    runs.check_outside_data(out, base.data_dir)
     with phases("data_loading", "loading the data"):
         dataset = load_dataset(base.data_dir, base.dataset, base.decode_size, base.classes)
         train, val = train_val_split(dataset, base.val_fraction, base.seed, base.subset)
@@ -289,6 +303,7 @@ def study(data_dir, weights: str = "imagenet", grid: Sequence[Cell] = DEFAULT_GR
                                       "cnn_run": reference_run})
     the_study = Study(out, dataset, train, val, base, loaded, resume=resume, phases=phases, settings=settings,
                       reference_run=reference_run)
+    the_study.advise_resume()
     if not the_study.pretrained:
         announce("note: --weights random uses no pretraining; the study then tests the pipeline, not the original's "
                  "question")

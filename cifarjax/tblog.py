@@ -8,6 +8,7 @@ Without the package installed, runs go on and say once how to get it.
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from cifarjax.errors import warn
@@ -25,6 +26,8 @@ class ScalarLog:
             warn("TensorBoard is not installed, so no event files are written; pip install 'cifarjax[tensorboard]'",
                  key="tensorboard")
             return
+        if not hasattr(threading.excepthook, "quiets_tensorboard"):
+            threading.excepthook = _quiet_writer_thread(threading.excepthook)
         folder = self.folder = Path(folder)
         before = set(folder.glob("events.out.tfevents.*"))
         self.writer = best_effort(lambda: Writer(str(folder)), f"TensorBoard event files in {folder}")
@@ -47,3 +50,13 @@ class ScalarLog:
         if self.writer is not None:
             best_effort(self.writer.close, f"TensorBoard event files in {self.folder}")
             self.writer = None
+
+
+def _quiet_writer_thread(previous):
+    """A `threading.excepthook` that leaves out the traceback of TensorBoard's writer thread (a path too long, a full
+    disk): the writer raises the same error in the thread that writes next, where it becomes one warning line."""
+    def hook(args):
+        if not type(args.thread).__module__.startswith("tensorboard."):
+            previous(args)
+    hook.quiets_tensorboard = True
+    return hook

@@ -25,7 +25,7 @@ from cifarjax.checkpoint import latest_epoch  # noqa: E402
 from cifarjax.config import Config  # noqa: E402
 from cifarjax.cpu import process as cpu_process, xla_flags  # noqa: E402
 from cifarjax.data import Dataset, Split, fingerprint, load_dataset, train_val_split  # noqa: E402
-from cifarjax.errors import UserError  # noqa: E402
+from cifarjax.errors import UserError, set_interrupt_advice  # noqa: E402
 from cifarjax.evaluation import predict, score  # noqa: E402
 from cifarjax.files import cache_dir, write_json  # noqa: E402
 from cifarjax.flags import Parser, add_config_flags, given, new_config, resumed_config  # noqa: E402
@@ -121,6 +121,7 @@ def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
         config = resumed_config(Config.from_dict(saved), typed, args.recipe, str(run))
     else:
         config = new_config(command, args.recipe, typed, **fixed)
+    runs.check_outside_data(run, config.data_dir)
     if runs_on_cpu():
         xla_flags.schedule_for(config)  # before anything starts JAX's backend (orbax, `is_writer`)
     elif config.deterministic:
@@ -156,11 +157,12 @@ def data_fingerprint(train: Split, val: Split) -> dict:
 def open_run(s: Start, command: str, config_json: dict) -> None:
     """Create (or replace) the run folder now that the run has started, write config.json (with every command
     that built the run: the one that started it, then each resume), and check every process sees the same
-    folder."""
+    folder. From here a Ctrl-C says how to resume (the training loop adds what its checkpoints hold)."""
     s.commands = s.binding.get("commands") or [s.command_line]
     if distributed.is_writer():
         runs.create(s.run, command, replace=s.overwrite, take_lock=True)
         write_json(s.run / runs.CONFIG, {**config_json, **s.binding, "commands": s.commands})
+    set_interrupt_advice(f"the run folder {s.run} is kept: resume with {resume_hint(command, s.run)}")
     distributed.barrier("run folder created")
     distributed.agree({"run_id": runs.marker(s.run).get("id")}, f"the run folder {s.run} (it must be the same "
                       "folder on shared storage for every process)")
@@ -168,6 +170,19 @@ def open_run(s: Start, command: str, config_json: dict) -> None:
 
 def resume_hint(command: str, run: Path) -> str:
     return f"python -m experiments.{command} --resume --out {shlex.quote(str(run))}"
+
+
+def restart_hint(s: Start) -> str:
+    """The command that started the run, made to start it again in its folder (--overwrite --out RUN; no --resume
+    and no --lr, which the caller adds)."""
+    words, kept = shlex.split((s.commands or [s.command_line])[0]), []
+    while words:
+        word = words.pop(0)
+        if word in ("--out", "--lr"):
+            words = words[1:]
+        elif word.split("=")[0] not in ("--out", "--lr", "--resume", "--overwrite"):
+            kept.append(word)
+    return " ".join(map(shlex.quote, [*kept, "--overwrite", "--out", str(s.run)]))
 
 
 def scored_split(s: Start):

@@ -3,7 +3,9 @@ final validation accuracy and loss, best accuracy and mean accuracy over the las
 
     python -m experiments.compare RUN [RUN ...] [--out comparison.png]
 
-The plot goes to the first run's plots/comparison.png unless --out names another file.
+The plot goes to the first run's plots/comparison.png unless --out names another file. An existing plot is
+replaced only with --overwrite, and a file cifarjax did not write in a run folder never: the default plot then
+goes beside it (comparison-2.png, said in one line), and --out naming one is refused.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 from cifarjax import plots, runs
 from cifarjax.checkpoint import find_run
 from cifarjax.errors import UserError, exit_on_user_error
+from cifarjax.files import beside_foreign
 from cifarjax.flags import Parser
 from cifarjax.loop import History
 
@@ -110,13 +113,18 @@ def table(loaded: list, width: int = WIDTH) -> str:
 
 
 def plot_path(given, loaded: list, overwrite: bool) -> Path:
-    """Where the plot goes, checked as it will be written (matplotlib adds .png to a name without one)."""
+    """Where the plot goes, checked as it will be written (matplotlib adds .png to a name without one): one rule
+    for the default and --out, an existing file only with --overwrite, never a file cifarjax did not write in a run
+    folder (the default plot goes beside it)."""
     path = Path(loaded[0]["folder"]) / DEFAULT_PLOT if given is None else Path(given).expanduser()
     path = plots.output_path(path)
     if path.is_dir():
         raise UserError(f"--out {path} is a folder; give a file name such as {path / 'comparison.png'}")
-    if path.exists() and not overwrite and given is not None:
-        raise UserError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
+    target = beside_foreign(path)
+    if given is not None and target != path:
+        raise UserError(f"--out {path} is a file in a run folder that cifarjax did not write; choose another --out")
+    if target.exists() and not overwrite:
+        raise UserError(f"{target} exists; pass --overwrite to replace it, or choose another file with --out")
     return path
 
 
@@ -127,16 +135,18 @@ def main(argv=None) -> None:
                                             "lengths are each compared), or one length's folder")
     p.add_argument("--out", "--plot", dest="plot", default=None, metavar="PATH",
                    help=f"where to write the plot: .png (added when missing), .pdf or .svg (default: the first "
-                        f"run's {DEFAULT_PLOT}, replaced by each comparison)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+                        f"run's {DEFAULT_PLOT}; beside a file of that name that cifarjax did not write)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing plot (the default one or --out; never a file cifarjax did not write in a "
+                        "run folder)")
     args = p.parse_args(argv)
     loaded = [load_run(run) for folder in args.runs for run in expand(folder)]
     plot = plot_path(args.plot, loaded, args.overwrite)
     print(table(loaded))
     names = short_names([r["name"] for r in loaded])
-    plots.plot_runs({n: {"val": r["history"].epoch_val_accuracy, "train": r["history"].train_accuracy,
-                         "val_loss": val_losses(r["history"])} for n, r in zip(names, loaded)}, plot,
-                    title="Validation and training accuracy and validation loss per epoch")
+    plot = plots.plot_runs({n: {"val": r["history"].epoch_val_accuracy, "train": r["history"].train_accuracy,
+                                "val_loss": val_losses(r["history"])} for n, r in zip(names, loaded)}, plot,
+                           title="Validation and training accuracy and validation loss per epoch")
     print(f"plot: {plot}")
 
 

@@ -2,7 +2,9 @@
 
     python -m experiments.evaluate RUN_DIR [--data-dir DIR] [--split auto|test|val] [--json]
 
-Prints a short table (or, with --json, one JSON object) and writes RUN_DIR/plots/confusion_matrix_<split>.png.
+Prints a short table (or, with --json, one JSON object) and writes RUN_DIR/plots/confusion_matrix_<split>.png
+(or --plot FILE; beside a file of that name that cifarjax did not write). A plot that cannot be written (a
+read-only run) is one warning line; the score is printed all the same.
 --split auto (the default) scores the data's test split when it has one and the validation split of the
 run's own seeded 80/20 split otherwise, and says which; a folder holding only test/<class>/* is enough for
 --split test. Runs that kept a moving average of their weights are scored with it (--no-average: the final
@@ -18,7 +20,7 @@ from experiments import common
 from cifarjax import binding, plots, runs
 from cifarjax.config import SOURCES, Config
 from cifarjax.data import fingerprint, load_dataset, train_val_split
-from cifarjax.errors import UserError, exit_on_user_error
+from cifarjax.errors import UserError, exit_on_user_error, warn
 from cifarjax.evaluation import evaluate, format_table
 from cifarjax.flags import Parser
 from cifarjax.predictor import load_run
@@ -45,6 +47,8 @@ def main(argv=None) -> None:
     p.add_argument("--split", choices=("auto", "test", "val"), default="auto",
                    help="what to score (default: auto, the test split when the data has one, else validation)")
     p.add_argument("--json", action="store_true", help="print the full result as one JSON object")
+    p.add_argument("--plot", default=None, metavar="FILE",
+                   help="where to write the confusion matrix (default: RUN_DIR/plots/confusion_matrix_<split>.png)")
     p.add_argument("--average", action=argparse.BooleanOptionalAction, default=None,
                    help="score the moving average of the weights (default: when the run kept one)")
     p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
@@ -64,20 +68,26 @@ def main(argv=None) -> None:
     if args.data_dir is None or name == "val":  # the run's own data, or its seeded split of the data given
         binding.check_data(saved, fingerprint(dataset), data_dir, run, "pass the run's own data with --data-dir "
                            "(or other data's test split with --data-dir DIR --split test)")
+    plot = plots.output_path(args.plot if args.plot is not None else run / runs.PLOTS / f"confusion_matrix_{name}.png")
     result = evaluate(config, loaded.variables, split)
-    path = plots.plot_confusion_matrix(result["confusion_matrix"], config.classes,
-                                       run / runs.PLOTS / f"confusion_matrix_{name}.png",
-                                       title=f"Confusion matrix ({name} split, {len(split)} images)")
+    try:
+        path = plots.plot_confusion_matrix(result["confusion_matrix"], config.classes, plot,
+                                           title=f"Confusion matrix ({name} split, {len(split)} images)")
+    except OSError as error:  # a read-only run: the score is worth printing without its plot
+        path = None
+        warn(f"the confusion matrix was not written ({error.strerror or error} on {error.filename or plot}); pass "
+             "--plot FILE to write it elsewhere")
     result = {**_rounded(result), "split": name, "weights": "moving average" if average else "final",
               "epochs_trained": loaded.epochs, "started_from": loaded.started_from, "tta_flip": config.tta_flip,
-              "run": str(run), "plot": str(path)}
+              "run": str(run), "plot": path and str(path)}
     if args.json:
         print(json.dumps(result))
         return
     if args.split == "auto":
         print(f"no test split in {data_dir}: scored the run's validation split" if name == "val" else
               f"scored the test split of {data_dir}", file=sys.stderr)
-    print(f"{run} ({loaded.description}), {name} split\n{format_table(result)}\nconfusion matrix: {path}")
+    print(f"{run} ({loaded.description}), {name} split\n{format_table(result)}\nconfusion matrix: "
+          f"{path or 'not written'}")
 
 
 def _rounded(result: dict) -> dict:

@@ -356,3 +356,221 @@ def test_a_full_disk_while_appending_metrics_names_the_file_and_the_run_resumes(
     monkeypatch.undo()
     cnn.main(["--resume", "--out", str(out)])
     assert [r["epoch"] for r in runs.read_metrics(out)] == [1, 2]
+
+
+# ------------------------------------------------------------------------------------------------ 8. issue 43 (B)
+
+@pytest.mark.parametrize("where", ["gc callback", "weakref callback"])
+def test_a_ctrl_c_that_python_would_drop_still_ends_the_command(capsys, where):
+    """JAX frees its buffers in a gc callback: a Ctrl-C handled there (or in a weakref callback, a finaliser) raised a
+    KeyboardInterrupt that Python printed as "Exception ignored in" and dropped, and the run went on to its end
+    with exit 0 (2 of 6 Ctrl-Cs a second into data loading)."""
+    import gc
+    import weakref
+    from cifarjax.errors import exit_on_user_error
+
+    def interrupt(*args):
+        signal.raise_signal(signal.SIGINT)  # Python runs the handler here, inside the callback
+
+    class Thing:
+        pass
+
+    @exit_on_user_error
+    def main(argv):
+        if where == "gc callback":
+            gc.callbacks.append(interrupt)
+            gc.collect()
+            gc.callbacks.remove(interrupt)
+        else:
+            thing = Thing()
+            ref = weakref.ref(thing, interrupt)  # noqa: F841 - its callback runs when `thing` goes
+            del thing
+        deadline = time.time() + 10  # a hang guard, not a timing
+        while time.time() < deadline:
+            time.sleep(0.001)
+        raise AssertionError("the Ctrl-C was lost")
+
+    try:
+        message = fails(main, [], capsys, code=130)
+    finally:
+        if interrupt in gc.callbacks:
+            gc.callbacks.remove(interrupt)
+    assert "interrupted (Ctrl-C)" in message
+
+
+def folder_of_length(root, length: int):
+    """A new folder path of exactly `length` characters below `root` (folders of at most 200 characters each)."""
+    path = str(root)
+    while len(path) < length:
+        path += "/" + "d" * min(200, length - len(path) - 1)
+    assert len(path) == length
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("length", [4020, 4054])  # orbax fails in its background write / before it (then hung)
+def test_a_checkpoint_that_cannot_be_written_ends_the_command_with_one_line(tmp_path, data_dir, length):
+    """A path too long for the checkpoint's files (PATH_MAX is 4096): the folder and the run's other files fit.
+    Orbax's threads of a save that failed before them waited five minutes for signals that never came."""
+    out = folder_of_length(tmp_path, length - 4) + "/run"
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONPATH=ROOT)
+    child = subprocess.Popen([sys.executable, "-m", "experiments.cnn", *cnn_args(data_dir, out)], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = child.communicate(timeout=150)  # a hang guard, not a timing
+    finally:
+        child.kill()
+    assert child.returncode == 2, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err and "Exception" not in err, err[-3000:]
+    assert errors[0].startswith(f"error: cannot write a checkpoint in {out}/checkpoints: the path is too long")
+    assert errors[0].endswith("start the run again with a shorter --out")
+
+
+def test_predict_skips_a_special_file_in_one_line(finished, tmp_path, capsys):
+    """A FIFO named like an image blocked predict forever (and Ctrl-C with it); the data loader lists regular files
+    only, and reading an image now opens nothing else."""
+    import threading
+    from PIL import Image
+    from experiments import predict
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "a.png")
+    fifo = folder / "b.png"
+    os.mkfifo(fifo)
+    unblock = threading.Timer(60, lambda: os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)))  # a hang guard
+    unblock.start()
+    try:
+        predict.main([str(finished[0]), str(folder), "--json"])
+        captured = capsys.readouterr()
+        assert captured.err.splitlines() == [f"warning: image {fifo} is not a regular file (a FIFO, a socket, a device "
+                                             "or a folder); it is skipped"]
+        result = json.loads(captured.out)
+        assert [p["path"] for p in result["predictions"]] == [str(folder / "a.png")]
+        assert result["unreadable"] == [str(fifo)]
+        assert "none of the 1 image(s) could be read" in fails(predict.main, [str(finished[0]), str(fifo)], capsys)
+    finally:
+        unblock.cancel()
+
+
+def test_evaluate_and_compare_never_write_over_a_users_file(finished, tmp_path, capsys):
+    from experiments import compare, evaluate
+    out = copy_run(finished, tmp_path)
+    for name in ("confusion_matrix_test.png", "comparison.png"):
+        (out / "plots" / name).write_bytes(b"my picture")
+    evaluate.main([str(out)])
+    captured = capsys.readouterr()
+    assert (out / "plots" / "confusion_matrix_test.png").read_bytes() == b"my picture"
+    assert f"{out / 'plots' / 'confusion_matrix_test.png'} is not a file cifarjax wrote" in captured.err
+    assert f"confusion matrix: {out / 'plots' / 'confusion_matrix_test-2.png'}" in captured.out
+    compare.main([str(out)])
+    assert (out / "plots" / "comparison.png").read_bytes() == b"my picture"
+    assert f"plot: {out / 'plots' / 'comparison-2.png'}" in capsys.readouterr().out
+    manifest = runs.read_manifest(out)
+    assert "plots/comparison-2.png" in manifest and "plots/confusion_matrix_test-2.png" in manifest
+    assert "plots/comparison.png" not in manifest and "plots/confusion_matrix_test.png" not in manifest
+    # One rule for the default plot and --out: an existing plot only with --overwrite, a user's file never.
+    assert "comparison-2.png exists; pass --overwrite" in fails(compare.main, [str(out)], capsys)
+    compare.main([str(out), "--overwrite"])
+    assert "did not write; choose another --out" in fails(
+        compare.main, [str(out), "--out", str(out / "plots" / "comparison.png"), "--overwrite"], capsys)
+    cnn.main(cnn_args(finished[1], out, "--overwrite"))  # removes what cifarjax wrote, and only that
+    assert (out / "plots" / "comparison.png").read_bytes() == b"my picture"
+    assert (out / "plots" / "confusion_matrix_test.png").read_bytes() == b"my picture"
+    assert not (out / "plots" / "comparison-2.png").exists()
+
+
+def test_evaluate_of_a_read_only_run_prints_its_score_and_a_flag_that_works(finished, tmp_path, capsys, monkeypatch):
+    import contextlib
+    import errno
+    from cifarjax import plots
+    from experiments import evaluate
+
+    @contextlib.contextmanager
+    def read_only(path, mode="w"):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        yield
+    out = copy_run(finished, tmp_path)
+    monkeypatch.setattr(plots, "atomic_write", read_only)
+    evaluate.main([str(out)])
+    captured = capsys.readouterr()
+    assert "accuracy" in captured.out and "confusion matrix: not written" in captured.out
+    [warning] = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert warning.startswith("warning: the confusion matrix was not written (Permission denied on ")
+    assert warning.endswith("pass --plot FILE to write it elsewhere")
+    monkeypatch.undo()
+    evaluate.main([str(out), "--plot", str(tmp_path / "cm.png")])
+    assert f"confusion matrix: {tmp_path / 'cm.png'}" in capsys.readouterr().out and (tmp_path / "cm.png").is_file()
+
+
+def test_a_run_folder_inside_the_data_folder_is_refused(data_dir, tmp_path, capsys):
+    """It became a split of the data (its folders read as classes), and every later run on that data failed."""
+    before = tree_bytes(data_dir)
+    for out in (data_dir / "run", data_dir / "train" / "runs" / "a"):
+        message = fails(cnn.main, cnn_args(data_dir, out), capsys)
+        assert f"--out {out} lies inside the data folder {data_dir}" in message and "outside it" in message
+    assert tree_bytes(data_dir) == before and sorted(p.name for p in data_dir.iterdir()) == ["test", "train"]
+    from cifarjax.study import study
+    with pytest.raises(UserError, match="lies inside the data folder"):
+        study(str(data_dir), "random", out=data_dir / "study")
+
+
+def test_a_ctrl_c_before_the_first_checkpoint_gives_a_command_that_works(data_dir, tmp_path, capsys, monkeypatch):
+    """It said "nothing to resume, start again", and the same command was then refused: the folder holds a run.
+    Inside the training loop before its first checkpoint, and outside it once the run folder is made (where the
+    fine-tune extracts its features: `common.open_run` sets the advice for every command)."""
+    import shlex
+    from cifarjax import loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    out = tmp_path / "run"
+    for where in (loop.Trainer, "start"), (cnn, "train_loop"):
+        monkeypatch.setattr(*where, interrupted)
+        message = fails(cnn.main, cnn_args(data_dir, out, *(["--overwrite"] if out.exists() else [])), capsys,
+                        code=130)
+        command = f"python -m experiments.cnn --resume --out {shlex.quote(str(out))}"
+        assert command in message and "nothing to resume" not in message, message
+        monkeypatch.undo()
+    cnn.main(["--resume", "--out", str(out)])
+    assert json.loads((out / runs.SUMMARY).read_text())["epochs"] == 1
+
+
+def test_a_non_finite_loss_before_any_checkpoint_gives_a_command_that_works(data_dir, tmp_path, capsys):
+    """It said "start again with a lower learning rate", and the same --out was then refused."""
+    import shlex
+    out = tmp_path / "run"
+    message = fails(cnn.main, cnn_args(data_dir, out, "--lr", "1e30"), capsys)
+    assert "training loss became nan at step" in message and "no checkpoint was written yet" in message
+    command = shlex.split(message.split("replacing this run: ")[1])
+    assert command[:3] == ["python", "-m", "experiments.cnn"] and command[-5:] == [
+        "--overwrite", "--out", str(out), "--lr", "1e+29"]
+    cnn.main(command[3:-1] + ["1e-3"])  # the advice, with a sane rate
+    summary = json.loads((out / runs.SUMMARY).read_text())
+    assert np.isfinite(summary["train_loss"]) and json.loads((out / runs.CONFIG).read_text())["lr"] == 1e-3
+
+
+def test_an_interrupted_study_names_the_command_that_resumes_it(tmp_path, capsys, monkeypatch):
+    """It named the checkpoint of a cell that had finished, and no command; a cell's own errors said --resume."""
+    import shlex
+    from cifarjax import study
+    from cifarjax.errors import exit_on_user_error, set_interrupt_advice
+    from tests.test_train import fast, tiny_split
+    hints = []
+
+    def interrupted(*args, resume_hint, **kwargs):
+        hints.append(resume_hint)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(study, "train_loop", interrupted)
+    monkeypatch.setattr(study.Study, "variables", lambda *args: {})
+    out = tmp_path / "my study"
+    the_study = study.Study(out, None, tiny_split(40), tiny_split(12, seed=1), fast(n_epochs=1), None)
+
+    @exit_on_user_error
+    def main(argv):
+        set_interrupt_advice("its newest checkpoint (step 6) is saved: resume with --resume")  # a finished cell's
+        the_study.run_cell(study.REFERENCE)
+    message = fails(main, [], capsys, code=130)
+    command = f"python -m experiments.study --resume --out {shlex.quote(str(out))}"
+    assert message.endswith(f"finished cells are kept: resume it with {command}") and "step 6" not in message
+    assert hints == [command]
