@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
@@ -27,8 +28,6 @@ CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 class ImageFile(NamedTuple):
     path: str  # as os.scandir joins it: str(split_dir)/<class>/<name> (strings: a Path per file costs seconds)
     label: int
-    size: int
-    mtime_ns: int
 
 
 # ---------------------------------------------------------------------------------------------- folders
@@ -51,11 +50,28 @@ def class_files(split_dir: Path):
             warn(f"class folder {entry.path} holds no images ({', '.join(IMAGE_EXTENSIONS)}); it is skipped and "
                  "is not a class")
             continue
-        for e in images:
-            st = e.stat()
-            files.append(ImageFile(e.path, len(classes), st.st_size, st.st_mtime_ns))
+        files += [ImageFile(e.path, len(classes)) for e in images]
         classes.append(entry.name)
     return classes, files
+
+
+def content_digest(paths, names=None) -> str:
+    """A SHA-256 of the files' bytes, in order, each with its length (and its name from `names`): changed by any
+    byte altered, any file added, removed, renamed or moved, whatever the files' sizes and times say. Raw
+    os.read: 50,000 small files in about 0.3 s where Python file objects take twice that."""
+    digest = hashlib.sha256()
+    for i, path in enumerate(paths):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            content = chunk = os.read(fd, 1 << 20)
+            while chunk:
+                chunk = os.read(fd, 1 << 20)
+                content += chunk
+        finally:
+            os.close(fd)
+        digest.update(f"{'' if names is None else names[i]}\0{len(content)}\0".encode())
+        digest.update(content)
+    return digest.hexdigest()
 
 
 def to_rgb8(image) -> np.ndarray:
