@@ -73,6 +73,24 @@ class Split:
         return Split(self.images[indices], self.labels[indices])
 
 
+def check_pixels(images, what: str = "images") -> np.ndarray:
+    """`images` unless they are not RGB pixels as the evaluation view reads them: an (N, H, W, 3) array of uint8
+    [0, 255] or floats in [0, 1] (floats in [0, 255] would be read 255 times too bright); a UserError says what
+    it got."""
+    form = "an (N, height, width, 3) array of uint8 RGB pixels (0-255) or floats in [0, 1]"
+    if not hasattr(images, "shape") or not hasattr(images, "dtype"):
+        raise UserError(f"{what} must be {form}; got a {type(images).__name__} (np.stack a list of images)")
+    if images.ndim != 4 or images.shape[-1] != 3 or 0 in images.shape[1:3] or not (
+            images.dtype == np.uint8 or np.issubdtype(images.dtype, np.floating)):
+        raise UserError(f"{what} must be {form}; got {_form(images)}")
+    if images.dtype != np.uint8 and images.size:
+        lo, hi = float(np.min(images)), float(np.max(images))
+        if not 0 <= lo <= hi <= 1:  # NaN fails too
+            raise UserError(f"{what} must be {form}; got {images.dtype} values in [{lo:g}, {hi:g}] (uint8 pixels: "
+                            "pass them as uint8; floats: divide by 255)")
+    return images
+
+
 def _form(array) -> str:
     """An array's dtype and shape, for an error message."""
     return f"{array.dtype} {tuple(array.shape)}" if hasattr(array, "shape") else type(array).__name__

@@ -188,12 +188,18 @@ def _heatmap(ax, values: np.ndarray, classes: Sequence[str], fmt: str, label: st
 
 @_styled("white")
 def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path, title="Confusion matrix") -> Path:
-    """Counts beside the row-normalised matrix (recall per true class); the overall accuracy in the title."""
-    matrix = np.asarray(matrix)
+    """Counts beside the row-normalised matrix (recall per true class); the overall accuracy in the title. Float
+    counts (averages, weights) are drawn with 3 significant digits."""
+    matrix, n = np.asarray(matrix), len(classes)
+    numeric = np.issubdtype(matrix.dtype, np.integer) or np.issubdtype(matrix.dtype, np.floating)
+    if matrix.shape != (n, n) or not numeric or not np.all(np.isfinite(matrix)) or np.any(matrix < 0):
+        raise UserError(f"plot_confusion_matrix takes a ({n}, {n}) matrix of non-negative counts for the {n} classes; "
+                        f"got {matrix.dtype} {matrix.shape}" + (" with negative or non-finite values" if numeric
+                                                               and matrix.shape == (n, n) else ""))
     accuracy = np.trace(matrix) / max(matrix.sum(), 1)
     size = 1.0 + 0.75 * len(classes)
     fig, (counts, rates) = plt.subplots(1, 2, figsize=(2 * size + 1, size))
-    _heatmap(counts, matrix, classes, "d", "images")
+    _heatmap(counts, matrix, classes, "d" if np.issubdtype(matrix.dtype, np.integer) else ".3g", "images")
     counts.set(title="counts", xlabel="predicted class", ylabel="true class")
     normalised = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     _heatmap(rates, 100 * normalised, classes, ".0f", "% of the true class", vmax=100)

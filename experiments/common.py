@@ -115,10 +115,10 @@ def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
     run = runs.check_out(args.out, command, args.overwrite, args.resume)
     typed = binding.absolute_paths(given(args, command) if typed is None else typed)
-    saved = runs.read_json(run / runs.CONFIG) if args.resume else None
+    saved = runs.read_config(run) if args.resume else None
     if args.resume:
         binding.check_command(saved, runs.marker(run).get("experiment"), command, run)
-        config = resumed_config(Config.from_dict(saved), typed, args.recipe, str(run))
+        config = resumed_config(Config.from_dict(saved, str(run / runs.CONFIG)), typed, args.recipe, str(run))
     else:
         config = new_config(command, args.recipe, typed, **fixed)
     if runs_on_cpu():

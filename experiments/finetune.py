@@ -40,9 +40,9 @@ def epoch_counts(args) -> list:
     """The --epochs values (one run each); on resume without --epochs, the run's own."""
     if hasattr(args, "n_epochs"):
         return list(dict.fromkeys(args.n_epochs))
-    saved = Path(args.out or "") / runs.CONFIG
-    if args.resume and saved.is_file():
-        return runs.read_json(saved).get("epoch_counts") or [runs.read_json(saved)["n_epochs"]]
+    if args.resume and (Path(args.out or "") / runs.CONFIG).is_file():
+        saved = runs.read_config(args.out)
+        return saved.get("epoch_counts") or [saved["n_epochs"]]
     return list(DEFAULT_EPOCHS)
 
 

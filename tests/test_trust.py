@@ -356,3 +356,72 @@ def test_a_full_disk_while_appending_metrics_names_the_file_and_the_run_resumes(
     monkeypatch.undo()
     cnn.main(["--resume", "--out", str(out)])
     assert [r["epoch"] for r in runs.read_metrics(out)] == [1, 2]
+
+
+# ------------------------------------------------------------------------------------------------ issue 43, part A
+
+@pytest.mark.parametrize("changes, message", [
+    ({"n_epochs": 2.5}, r"n_epochs \(--epochs\) must be an integer, got 2.5"),
+    ({"lr": "0.01"}, "lr must be a number, got '0.01'"),
+    ({"batch_size": "64"}, "batch_size must be an integer, got '64'"),
+    ({"img_size": 32.5}, "must be an integer, got 32.5"),
+    ({"seed": True}, "seed must be an integer, got True"),
+    ({"eval_every": 3.5}, "must be an integer, got 3.5"),  # would never evaluate mid-epoch
+    ({"flip": "no"}, "flip must be true or false"),
+    ({"data_dir": 3}, "must be a string, got 3"),
+])
+def test_config_validate_refuses_wrong_types_naming_the_field(changes, message):
+    from cifarjax.config import Config
+    with pytest.raises(UserError, match=message):
+        Config(**changes).validate()
+
+
+def test_the_public_api_refuses_inputs_it_would_misread(tmp_path):
+    from cifarjax.config import Config
+    from cifarjax.evaluation import probabilities
+    from cifarjax.plots import plot_confusion_matrix
+    from cifarjax.predictor import Run
+    images = np.zeros((2, 32, 32, 3), np.float32)
+    for wrong, message in ((images + 255, r"float32 values in \[255, 255\]"), (list(images), "got a list"),
+                           (np.zeros((2, 32, 32, 4), np.uint8), r"got uint8 \(2, 32, 32, 4\)"),
+                           (np.zeros((2, 32, 32, 3), np.int64), "got int64")):
+        with pytest.raises(UserError, match="probabilities' images must be an \\(N, height, width, 3\\) array .*"
+                                            + message):
+            probabilities(Config(), {}, wrong)
+    run = Run(tmp_path, Config(classes=("a", "b", "c"), num_classes=3), {}, False)
+    assert run.top(np.array([0.2, 0.5, 0.3]), 2) == [("b", 0.5), ("c", 0.3)]
+    for k in (0, -1, 1.5, True):
+        with pytest.raises(UserError, match="top's k is how many classes to list: a positive integer"):
+            run.top(np.array([0.2, 0.5, 0.3]), k)
+    assert plot_confusion_matrix(np.eye(3) * 2.5, ("a", "b", "c"), tmp_path / "float.png").stat().st_size > 1000
+    for wrong in (np.eye(2), -np.eye(3), np.full((3, 3), np.nan), np.array([["a"] * 3] * 3)):
+        with pytest.raises(UserError, match=r"plot_confusion_matrix takes a \(3, 3\) matrix of non-negative counts"):
+            plot_confusion_matrix(wrong, ("a", "b", "c"), tmp_path / "wrong.png")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: {**c, "lr": "0.001"}, "config.json: lr must be a number, got '0.001'; correct it"),
+    (lambda c: [c], "config.json holds a JSON list, not an object of settings"),
+    (lambda c: {**c, "n_epochs": "2"}, r"config.json: n_epochs \(--epochs\) must be an integer, got '2'"),
+    (lambda c: {**c, "batch_size": [8]}, r"config.json: batch_size must be an integer, got \[8\]"),
+    (lambda c: {**c, "data_fingerprint": "abc"}, "config.json: data_fingerprint must be an object with sha256"),
+])
+def test_a_hand_edited_config_json_is_one_line_naming_the_field(finished, tmp_path, capsys, edit, message):
+    """Valid JSON with wrong types ended in TypeErrors from optax, batching and the config: resume, evaluate,
+    predict and load_run read it back type-checked."""
+    import re
+
+    from cifarjax import load_run
+    from experiments import evaluate, predict
+    out = copy_run(finished, tmp_path)
+    config = json.loads((out / runs.CONFIG).read_text())
+    (out / runs.CONFIG).write_text(json.dumps(edit(config)))
+    image = sorted((finished[1] / "test").rglob("*.png"))[0]
+    for main, args in ((cnn.main, cnn_args(finished[1], out, "--resume", "--epochs", "3")),
+                       (evaluate.main, [str(out)]), (predict.main, [str(out), str(image)])):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and re.search(message, err) and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(UserError, match=message):
+        load_run(out)
