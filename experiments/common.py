@@ -193,13 +193,26 @@ def report_split(config: Config, result, split: Split, name: str, run: Path, pha
     return {f"{name}_accuracy": result["accuracy"], "scored_split": name}
 
 
-def run_summary(experiment: str, s: Start, config: Config, result, **extra) -> dict:
-    """summary.json's common part: readings, per-epoch curves, timings, provenance and environment."""
+def training_rate(folder: Path, result) -> Optional[float]:
+    """summary.json's images_per_second: this fit's training rate; where it trained nothing (a finished run
+    resumed), the rate the run's earlier summary.json recorded, else None (not 0: nothing was measured)."""
+    if result.this_process["images_trained"]:
+        return round(result.images_per_second, 1)
+    try:
+        earlier = runs.read_json(folder / runs.SUMMARY).get("images_per_second")
+    except (UserError, AttributeError):  # no earlier summary, or not one cifarjax wrote
+        return None
+    return earlier if isinstance(earlier, (int, float)) and not isinstance(earlier, bool) and earlier > 0 else None
+
+
+def run_summary(experiment: str, s: Start, config: Config, result, folder: Optional[Path] = None, **extra) -> dict:
+    """summary.json's common part: readings, per-epoch curves, timings, provenance and environment (`folder`:
+    the run's, where it is not `s.run`)."""
     h = result.history
     return {"experiment": experiment, "recipe": config.recipe, "epochs": config.n_epochs, **h.readings(),
             "train_accuracy": h.train_accuracy[-1], "train_loss": h.train_loss[-1],
             "val_accuracy_per_epoch": h.epoch_val_accuracy, "train_accuracy_per_epoch": h.train_accuracy,
-            "wall_seconds": round(result.seconds, 2), "images_per_second": round(result.images_per_second, 1),
+            "wall_seconds": round(result.seconds, 2), "images_per_second": training_rate(folder or s.run, result),
             "this_process": result.this_process, "sessions": len(s.commands or [s.command_line]),
             "evaluated_weights": "moving average" if result.average is not None else "final",
             **extra, **s.phases.summary(), **provenance(s.command_line, s.commands), **environment()}

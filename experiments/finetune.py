@@ -154,7 +154,7 @@ def fine_tune_run(s, n_epochs: int, variables: dict, features, bound: dict, nest
                             phases=s.phases, resume_hint=common.resume_hint("finetune", s.run),
                             continue_from=continue_from)
     scored = common.report_split(config, result, *common.scored_split(s), sub, s.phases)
-    summary = common.run_summary("finetune", s, config, result, weights=weights_label,
+    summary = common.run_summary("finetune", s, config, result, sub, weights=weights_label,
                                  weights_sha256=bound["weights_sha256"],
                                  unfreeze=config.unfreeze, bn=config.bn, cached_features=features is not None,
                                  n_train=len(s.train), n_val=len(s.val),

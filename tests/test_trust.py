@@ -425,3 +425,17 @@ def test_a_hand_edited_config_json_is_one_line_naming_the_field(finished, tmp_pa
         assert exit_info.value.code == 2 and re.search(message, err) and len(err.strip().splitlines()) == 1, err
     with pytest.raises(UserError, match=message):
         load_run(out)
+
+
+def test_resuming_a_finished_run_keeps_its_training_rate(finished, tmp_path, capsys):
+    """summary.json said 0 images/s after a --resume with nothing left to train: it keeps the earlier rate."""
+    out = copy_run(finished, tmp_path)
+    before = json.loads((out / runs.SUMMARY).read_text())
+    cnn.main(cnn_args(finished[1], out, "--resume", "--epochs", "2"))
+    after = json.loads((out / runs.SUMMARY).read_text())
+    assert "this process trained nothing" in capsys.readouterr().out
+    assert after["this_process"]["images_trained"] == 0 and after["sessions"] == 2
+    assert after["images_per_second"] == before["images_per_second"] > 0
+    (out / runs.SUMMARY).unlink()  # killed before its summary: nothing measured, and it says so
+    cnn.main(cnn_args(finished[1], out, "--resume", "--epochs", "2"))
+    assert json.loads((out / runs.SUMMARY).read_text())["images_per_second"] is None
