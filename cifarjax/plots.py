@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 
 from cifarjax.errors import UserError  # noqa: E402
 from cifarjax.files import atomic_write  # noqa: E402
+from cifarjax.text import printable  # noqa: E402
 
 PALETTE = ("#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133",
            "#56b4e9")  # seaborn.color_palette("colorblind")
@@ -57,9 +58,12 @@ def output_path(path) -> Path:
 
 
 def _save(fig, path) -> Path:
-    """Write `fig` to `path` atomically (a full disk leaves the old file, or none, never half a figure)."""
+    """Write `fig` to `path` atomically (a full disk leaves the old file, or none, never half a figure); every text
+    drawable (`printable`)."""
     path = output_path(path)
     try:
+        for text in fig.findobj(matplotlib.text.Text):  # names that are not UTF-8 (class or run folders): escaped
+            text.set_text(printable(text.get_text()))
         fig.tight_layout()
         with atomic_write(path, "wb") as f:
             fig.savefig(f, dpi=120, format=path.suffix[1:].lower())
@@ -181,6 +185,7 @@ def _heatmap(ax, values: np.ndarray, classes: Sequence[str], fmt: str, label: st
         r, g, b, _ = image.cmap(image.norm(v))
         ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=9,
                 color="black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.408 else "white")
+    classes = [printable(c) for c in classes]  # tick labels are drawn from these, not from Text objects
     ax.set_xticks(range(len(classes)), classes, rotation=90)
     ax.set_yticks(range(len(classes)), classes)
     ax.figure.colorbar(image, ax=ax, label=label)

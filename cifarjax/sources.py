@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cifarjax.errors import UserError, user_error_from_os, warn
+from cifarjax.text import printable
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CIFAR_DIR = "cifar-10-batches-py"
@@ -51,7 +52,7 @@ def class_files(split_dir: Path):
                  "is not a class")
             continue
         files += [ImageFile(e.path, len(classes)) for e in images]
-        classes.append(entry.name)
+        classes.append(printable(entry.name))  # a name that is not UTF-8 is shown escaped everywhere
     return classes, files
 
 
@@ -69,7 +70,7 @@ def content_digest(paths, names=None) -> str:
                 content += chunk
         finally:
             os.close(fd)
-        digest.update(f"{'' if names is None else names[i]}\0{len(content)}\0".encode())
+        digest.update(b"%s\0%d\0" % (b"" if names is None else os.fsencode(names[i]), len(content)))
         digest.update(content)
     return digest.hexdigest()
 

@@ -439,3 +439,29 @@ def test_resuming_a_finished_run_keeps_its_training_rate(finished, tmp_path, cap
     (out / runs.SUMMARY).unlink()  # killed before its summary: nothing measured, and it says so
     cnn.main(cnn_args(finished[1], out, "--resume", "--epochs", "2"))
     assert json.loads((out / runs.SUMMARY).read_text())["images_per_second"] is None
+
+
+def test_a_class_folder_named_in_bytes_that_are_not_utf8_is_shown_escaped_everywhere(data_dir, tmp_path, capsys):
+    """os.listdir gives such a name as surrogate escapes: plotting raised three tracebacks and no summary.json
+    was written. The class is 'caf\\xe9' in plots, tables and JSON, and training, evaluate, predict and resume
+    work."""
+    from experiments import evaluate, predict
+    bad = os.fsdecode(b"caf\xe9")
+    for split in ("train", "test"):
+        os.rename(data_dir / split / "cat", data_dir / split / bad)
+    out = tmp_path / "run"
+    cnn.main(cnn_args(data_dir, out))
+    assert json.loads((out / runs.CONFIG).read_text())["classes"] == ["caf\\xe9", "dog", "frog"]
+    assert (out / runs.SUMMARY).is_file() and (out / "plots" / "confusion_matrix.png").is_file()
+    capsys.readouterr()
+    evaluate.main([str(out), "--json"])
+    assert set(json.loads(capsys.readouterr().out)["per_class"]) == {"caf\\xe9", "dog", "frog"}
+    predict.main([str(out), str(data_dir / "test" / bad), "--json", "--top", "1"])
+    printed = capsys.readouterr().out
+    printed.encode("utf-8")  # no surrogates left: it prints to any terminal
+    assert "caf\\\\xe9/0000.png" in printed  # the file's path, escaped (in JSON, the backslash doubled)
+    cnn.main(cnn_args(data_dir, out, "--resume", "--epochs", "2"))
+    assert json.loads((out / runs.SUMMARY).read_text())["epochs"] == 2
+    from cifarjax import plots  # a library caller's names reach the figures as they are, and are escaped there
+    assert plots.plot_runs({bad: {"val": [0.1, 0.2]}}, tmp_path / "runs.png", bad).is_file()
+    assert plots.plot_confusion_matrix(np.eye(2, dtype=int), [bad, "b"], tmp_path / "matrix.png").is_file()
