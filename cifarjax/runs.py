@@ -122,16 +122,17 @@ def claim(run: Path) -> None:
 def create(run: Path, experiment: str, replace: bool = False, take_lock: bool = False) -> Path:
     """Make the run folder and its marker; with `take_lock`, first lock it for this process (refused while
     another live process holds it); with `replace`, then remove an old run's own files (never others)."""
+    marker = {"experiment": experiment, "id": uuid.uuid4().hex, "cifarjax": cifarjax.__version__,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # before anything is made
     try:
         run.mkdir(parents=True, exist_ok=True)
         if take_lock:
             lock(run)
         if replace and is_run(run):
             remove_run_files(run)
-        (run / PLOTS).mkdir(parents=True, exist_ok=True)
         if not is_run(run):
-            write_json(run / MARKER, {"experiment": experiment, "id": uuid.uuid4().hex, "cifarjax": cifarjax.__version__,
-                                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            write_json(run / MARKER, marker)
+        (run / PLOTS).mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise user_error_from_os(error, f"cannot create the run folder {run}") from None
     return run

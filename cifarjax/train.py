@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cifarjax.batching import eval_indices
 from cifarjax.models import AXIS
-from cifarjax.platform import resolve
+from cifarjax.target import resolve
 
 
 class TrainState(train_state.TrainState):

@@ -31,7 +31,7 @@ from cifarjax.files import cache_dir, write_json  # noqa: E402
 from cifarjax.flags import Parser, add_config_flags, given, new_config, resumed_config  # noqa: E402
 from cifarjax.memory import peak_memory_mb  # noqa: E402
 from cifarjax.phases import Phases  # noqa: E402
-from cifarjax.platform import resolve, runs_on_cpu  # noqa: E402
+from cifarjax.target import resolve, runs_on_cpu  # noqa: E402
 from cifarjax.recipes import recipe_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

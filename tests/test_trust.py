@@ -465,3 +465,44 @@ def test_a_class_folder_named_in_bytes_that_are_not_utf8_is_shown_escaped_everyw
     from cifarjax import plots  # a library caller's names reach the figures as they are, and are escaped there
     assert plots.plot_runs({bad: {"val": [0.1, 0.2]}}, tmp_path / "runs.png", bad).is_file()
     assert plots.plot_confusion_matrix(np.eye(2, dtype=int), [bad, "b"], tmp_path / "matrix.png").is_file()
+
+
+def test_commands_run_from_a_folder_holding_another_cifarjax_folder(tmp_path):
+    """From the clone's parent, the clone's folder `cifarjax/` was imported as a namespace package ahead of an
+    editable install's import hook (which Python consults after the working directory): `cifarjax.__version__`
+    failed and left an unmarked plots/. The hook is simulated as setuptools writes it; importing `experiments`
+    (what `python -m experiments.NAME` does first) must give the real package."""
+    (tmp_path / "cifarjax" / "cifarjax").mkdir(parents=True)  # a clone named cifarjax, seen from its parent
+    hook = f"""
+import importlib.util, sys
+class EditableFinder:
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name in ("cifarjax", "experiments"):
+            return importlib.util.spec_from_file_location(name, "{ROOT}/" + name + "/__init__.py",
+                                                          submodule_search_locations=["{ROOT}/" + name])
+sys.meta_path.append(EditableFinder)
+sys.path.insert(0, "")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = lambda code: subprocess.run([sys.executable, "-S", "-c", hook + code], cwd=tmp_path, env=env,  # noqa: E731
+                                      capture_output=True, text=True)
+    assert "has no attribute '__version__'" in run("import cifarjax; cifarjax.__version__").stderr  # the fault
+    result = run("import experiments, cifarjax; print(cifarjax.__version__, cifarjax.__file__)")
+    assert result.stdout.split() == [__import__("cifarjax").__version__, f"{ROOT}/cifarjax/__init__.py"], result.stderr
+
+
+def test_a_run_folder_is_marked_before_anything_is_made_in_it(tmp_path, monkeypatch):
+    import types
+    monkeypatch.setattr(runs, "cifarjax", types.ModuleType("cifarjax"))  # a namespace package has no __version__
+    with pytest.raises(AttributeError):
+        runs.create(tmp_path / "run", "cnn")
+    assert not (tmp_path / "run").exists()  # no unmarked plots/ that the correct rerun would refuse
+
+
+def test_no_module_of_the_package_shadows_the_standard_library():
+    """With cifarjax/ as the working directory, cifarjax/platform.py was Python's own `platform` to every import."""
+    from pathlib import Path
+    names = {p.stem for folder in ("cifarjax", "cifarjax/cpu", "experiments") for p in (Path(ROOT) / folder).iterdir()
+             if p.suffix == ".py" or (p / "__init__.py").is_file()}
+    assert "target" in names and not names & set(sys.stdlib_module_names)
