@@ -25,7 +25,7 @@ from cifarjax.config import Config
 from cifarjax.data import Split
 from cifarjax.errors import UserError, warn
 from cifarjax.evaluation import evaluate, evaluator
-from cifarjax.sources import IMAGE_EXTENSIONS, decode_image
+from cifarjax.sources import IMAGE_EXTENSIONS, decode_image, refusing_bombs
 
 
 class Run:
@@ -150,7 +150,7 @@ def read_images(paths: list, size: int, skip_unreadable: bool = False):
             warn(str(error))
             return None
 
-    with ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
+    with refusing_bombs(), ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
         decoded = list(pool.map(read, paths))
     kept = [(p, image) for p, image in zip(paths, decoded) if image is not None]
     images = np.stack([image for _, image in kept]) if kept else np.zeros((0, size, size, 3), np.uint8)

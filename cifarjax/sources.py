@@ -1,15 +1,18 @@
 """Reading the data sources into uint8 arrays, refusing anything malformed with a message naming the file.
 
 * ImageFolder trees: every image mode Pillow opens becomes the right 8-bit RGB picture (16-bit and float
-  images are scaled, palettes and CMYK converted, alpha dropped as torchvision's loader does) or is refused.
+  images are scaled, palettes and CMYK converted, alpha dropped as torchvision's loader does) or is refused;
+  an image over Pillow's pixel limit (`Image.MAX_IMAGE_PIXELS`, 89 megapixels) is refused as a corrupt one is.
 * CIFAR-10's python batches: read by an unpickler that accepts only numpy objects, then checked (keys,
   dtype, shape, label count and range).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -119,6 +122,16 @@ def decode_image(path, size: int, advice: str = "delete or replace that file and
         raise UserError(f"cannot read image {path} ({type(error).__name__}: {error}); {advice}") from None
 
 
+@contextlib.contextmanager
+def refusing_bombs():
+    """Pillow's DecompressionBombWarning (an image of more than Image.MAX_IMAGE_PIXELS) raised as an error, so that
+    such an image is refused in one line as a corrupt one is, not warned of in two. Entered by the thread that
+    starts a decoding pool: warning filters are the process's, and entering them from several threads races."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
 def decode_files(files: Sequence[ImageFile], size: int, desc: str):
     """(images (N, size, size, 3) uint8, labels (N,) int32), decoded on a thread pool with a progress bar."""
     images = np.empty((len(files), size, size, 3), np.uint8)
@@ -126,7 +139,7 @@ def decode_files(files: Sequence[ImageFile], size: int, desc: str):
     def work(i):
         images[i] = decode_image(files[i].path, size)
 
-    with ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
+    with refusing_bombs(), ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
         for _ in tqdm(pool.map(work, range(len(files))), total=len(files), desc=desc, unit="img",
                       leave=False, mininterval=1.0, disable=len(files) < 2000):
             pass

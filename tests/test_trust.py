@@ -506,3 +506,21 @@ def test_no_module_of_the_package_shadows_the_standard_library():
     names = {p.stem for folder in ("cifarjax", "cifarjax/cpu", "experiments") for p in (Path(ROOT) / folder).iterdir()
              if p.suffix == ".py" or (p / "__init__.py").is_file()}
     assert "target" in names and not names & set(sys.stdlib_module_names)
+
+
+def test_an_image_over_pillows_pixel_limit_is_refused_in_one_line_as_a_corrupt_one_is(tmp_path, capfd, monkeypatch):
+    """A 100-megapixel PNG printed Pillow's two-line DecompressionBombWarning (the limit is lowered here, so that a
+    small image stands in for it)."""
+    from PIL import Image
+
+    from cifarjax.data import load_dataset
+    from cifarjax.predictor import read_images
+    data = make_image_folder(tmp_path / "data", n_train=2, n_test=0, size=48)  # 2,304 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # warned of from 2,000, an error from 4,000
+    with pytest.raises(UserError, match=r"cannot read image .*0000.png \(DecompressionBombWarning: Image size "
+                                        r"\(2304 pixels\) exceeds limit of 2000 pixels.*\); delete or replace"):
+        load_dataset(data)
+    images, read = read_images([data / "train" / "cat" / "0000.png"], 32, skip_unreadable=True)
+    assert read == [] and len(images) == 0
+    line, = capfd.readouterr().err.strip().splitlines()
+    assert line.startswith("warning: cannot read image") and line.endswith("it is skipped")
