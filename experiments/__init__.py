@@ -9,5 +9,6 @@ import importlib.util as _util
 import sys as _sys
 from pathlib import Path as _Path
 
-if "cifarjax" not in _sys.modules and (_util.find_spec("cifarjax") or _util).origin is None:
+_found = None if "cifarjax" in _sys.modules else _util.find_spec("cifarjax")
+if _found is not None and _found.origin is None:  # a namespace package: a folder without __init__.py
     _sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))
