@@ -60,21 +60,21 @@ def class_files(split_dir: Path):
 
 
 def content_digest(paths, names=None) -> str:
-    """A SHA-256 of the files' bytes, in order, each with its length (and its name from `names`): changed by any
-    byte altered, any file added, removed, renamed or moved, whatever the files' sizes and times say. Raw
-    os.read: 50,000 small files in about 0.3 s where Python file objects take twice that."""
-    digest = hashlib.sha256()
+    """A SHA-256 of each file's name (from `names`) and the SHA-256 of its bytes, in order: changed by any byte
+    altered, any file added, removed, renamed or moved, whatever the files' sizes and times say. Raw reads into one
+    buffer: 50,000 small files in about 0.35 s of CPU on 2 cores, less than with Python's file objects."""
+    digest, buffer = hashlib.sha256(), bytearray(1 << 16)  # under malloc's mmap threshold; a JPEG fits
+    view = memoryview(buffer)
     for i, path in enumerate(paths):
         fd = os.open(path, os.O_RDONLY)
         try:
-            content = chunk = os.read(fd, 1 << 20)
-            while chunk:
-                chunk = os.read(fd, 1 << 20)
-                content += chunk
+            content, n = hashlib.sha256(), len(buffer)
+            while n == len(buffer):  # a filled buffer: there may be more (a short read is a regular file's end)
+                n = os.readv(fd, [buffer])
+                content.update(view[:n])
         finally:
             os.close(fd)
-        digest.update(b"%s\0%d\0" % (b"" if names is None else os.fsencode(names[i]), len(content)))
-        digest.update(content)
+        digest.update(b"%s\0%s" % (b"" if names is None else os.fsencode(names[i]), content.digest()))
     return digest.hexdigest()
 
 

@@ -394,3 +394,14 @@ def test_the_fix_names_the_torchvision_built_for_the_installed_torch(monkeypatch
     assert "fix: pip install 'torch==2.14.1' 'torchvision==0.29.*'" in message
     versions["torchvision"] = "0.29.1"
     assert "installed but broken" in torchlib.broken_install("torchvision", AttributeError("x"))
+
+
+def test_the_content_digest_reads_every_byte_of_a_file_larger_than_its_buffer(tmp_path):
+    path = tmp_path / "big.png"
+    content = bytearray(np.random.default_rng(0).integers(0, 256, 3 * 65536 + 5, dtype=np.uint8).tobytes())
+    path.write_bytes(content)
+    before = data.sources.content_digest([path])
+    content[-1] ^= 1
+    path.write_bytes(content)
+    assert data.sources.content_digest([path]) != before
+    assert data.sources.content_digest([path], ["a"]) != data.sources.content_digest([path], ["b"])
