@@ -247,11 +247,10 @@ def unlock(path: Path, pid: int) -> None:
         pass
 
 
-_STRINGS = lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)  # noqa: E731
 # config.json's keys beside the Config fields (cifarjax.binding, experiments.finetune), each with what it must be.
 RECORDED = {"data_fingerprint": ("an object with sha256 and images", lambda v: isinstance(v, dict) and
                                  isinstance(v.get("sha256"), str) and isinstance(v.get("images"), dict)),
-            "commands": ("a list of strings", _STRINGS),
+            "commands": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
             "epoch_counts": ("a list of integers", lambda v: isinstance(v, list) and v and
                              all(isinstance(x, int) and not isinstance(x, bool) for x in v)),
             "frozen_params": ("an object with path and sha256", lambda v: isinstance(v, dict) and
