@@ -415,7 +415,8 @@ def summarise(study: Study, results: Sequence[dict]) -> dict:
             verdict(c["effect_points"], noise)
     return {"folder": str(study.out), "weights": study.weights_label, "pretrained": study.pretrained,
             "imagenet": study.weights.imagenet, "answers_the_question": study.weights.imagenet,
-            "settings": study.settings, "grid": study.grid, "data_dir": study.base.data_dir, "cnn_run": study.reference_run,
+            "settings": study.settings, "grid": study.grid, "data_dir": study.base.data_dir,
+            "cnn_run": study.reference_run,
             "epochs": study.base.n_epochs,
             "subset": study.base.subset,
             "n_train": len(study.train), "n_val": len(study.val), "noise_points": round(noise, 2), "cells": cells}

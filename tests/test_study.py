@@ -131,5 +131,6 @@ def test_resume_runs_the_cells_the_study_was_started_with(tmp_path, capsys, monk
     assert ran == [(["baseline", "lr_1e-4", "lr_1e-2"], False, False)] * 2
     with pytest.raises(SystemExit) as exit_info:
         study.main(["--resume", "--out", str(out), "--cells", "bn_frozen"])
-    assert exit_info.value.code == 2 and "--resume with the cells baseline, bn_frozen (no combined cell); the study in" \
-        in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--resume with the cells baseline, bn_frozen (no combined cell); the " \
+        "study in" in err and "runs baseline, lr_1e-4, lr_1e-2 (no combined cell): resume without --cells" in err
