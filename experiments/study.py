@@ -65,8 +65,9 @@ def main(argv=None) -> None:
         saved_dir = recorded(args.out).get("data_dir") if settings else None
         typed = {**{k: v for k, v in settings.items() if k in FLAGS + ("n_epochs",)},
                  **({"data_dir": saved_dir} if saved_dir else {}), **typed}
-        if args.cells is None and recorded_grid(args.out) is not None:  # the study's own cells
-            grid, want_reference, combine = recorded_grid(args.out)
+        own = recorded_grid(args.out) if args.cells is None else None
+        if own is not None:  # the study's own cells, reference and combination
+            grid, want_reference, combine = own
     answer = study(typed.pop("data_dir", None), typed.pop("weights", "imagenet"), grid,
                    epochs=typed.pop("n_epochs", DEFAULT_EPOCHS), subset=typed.pop("subset", 0), out=args.out,
                    resume=args.resume, overwrite=args.overwrite, cnn_run=args.cnn_run, train_reference=want_reference,
