@@ -46,7 +46,7 @@ from cifarjax.inputs import FeatureInputs, ImageInputs  # noqa: E402
 from cifarjax.memory import peak_memory_mb  # noqa: E402
 from cifarjax.models import Apply, build_model, init_variables  # noqa: E402
 from cifarjax.optim import make_optimizer  # noqa: E402
-from cifarjax.platform import runs_on_cpu  # noqa: E402
+from cifarjax.target import runs_on_cpu  # noqa: E402
 from cifarjax.train import DataParallel, create_train_state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -185,10 +186,20 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "Config":
-        """A Config from a config.json (unknown keys, such as a finetune's epoch list, are ignored)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in known}
+    def from_dict(cls, values: dict, source: str = "the settings") -> "Config":
+        """A Config from a config.json (unknown keys, such as a finetune's epoch list, are ignored), each value's
+        type checked: a hand-edited file is refused in one line naming `source` and the field."""
+        if not isinstance(values, dict):
+            raise UserError(f"{source} holds a JSON {type(values).__name__}, not an object of settings; restore it "
+                            "or start the run again")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        values = {k: (tuple(v) if isinstance(v, list) and "tuple" in known[k].type else v) for k, v in values.items()
+                  if k in known}  # JSON has lists where a Config has tuples
+        try:
+            for name, value in values.items():
+                _check_type(known[name], value)
+        except UserError as error:
+            raise UserError(f"{source}: {error}; correct it or start the run again") from None
         return cls(**values)
 
 
@@ -205,8 +216,27 @@ def flag_name(f) -> str:
     return "--" + (f.metadata["flag"] or f.name).replace("_", "-")
 
 
+# What each annotation accepts (bool is an int to Python, never a count or a rate here).
+_KINDS = {"int": ("an integer", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
+          "float": ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
+          "bool": ("true or false", lambda v: isinstance(v, bool)),
+          "str": ("a string", lambda v: isinstance(v, str)),
+          "tuple": ("a list", lambda v: isinstance(v, tuple) and all(isinstance(x, (str, numbers.Real)) for x in v))}
+
+
+def _check_type(f, value) -> None:
+    """Raise a UserError naming the field unless `value` has the field's type (None where it is Optional)."""
+    kind = f.type.removeprefix("Optional[").removesuffix("]")
+    what, fits = _KINDS[kind]
+    if not (fits(value) or (value is None and f.type.startswith("Optional["))):
+        flag = flag_name(f).lstrip("-")
+        named = f.name if flag == f.name.replace("_", "-") else f"{f.name} (--{flag})"
+        raise UserError(f"{named} must be {what}, got {value!r}")
+
+
 def _check_field(f, value) -> None:
     m, name = f.metadata, flag_name(f).lstrip("-")
+    _check_type(f, value)
     if m["choices"] is not None and value not in m["choices"]:
         raise UserError(f"{name} must be one of {', '.join(m['choices'])}; got {value!r}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):

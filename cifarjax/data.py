@@ -9,8 +9,9 @@ Sources (`dataset=`):
 * 'fake': torchvision's FakeData, for smoke runs without any data.
 
 Every image becomes RGB at `size`x`size` (converted and resized if needed). The arrays are cached under
-the cache folder (`cifarjax.files.cache_dir`), keyed by source, size and the files' names, sizes and times;
-each cache file stores its key and is rebuilt when it does not match. A cache that cannot be written or read
+the cache folder (`cifarjax.files.cache_dir`), keyed by source, size and the files' names and contents (a SHA-256
+of their bytes: files changed with their sizes and times kept are noticed); each cache file stores its key and is
+rebuilt when it does not match. A cache that cannot be written or read
 is skipped with a warning.
 
 `python -m cifarjax.data DIR` prints the source, classes and per-split counts as one JSON object.
@@ -36,7 +37,7 @@ from cifarjax.errors import UserError, exit_on_user_error, user_error_from_os, w
 from cifarjax.files import atomic_write, best_effort, cache_dir
 from cifarjax.flags import Parser
 
-_CACHE_FORMAT = 2
+_CACHE_FORMAT = 3
 
 
 @dataclass
@@ -70,6 +71,24 @@ class Split:
 
     def subset(self, indices) -> "Split":
         return Split(self.images[indices], self.labels[indices])
+
+
+def check_pixels(images, what: str = "images") -> np.ndarray:
+    """`images` unless they are not RGB pixels as the evaluation view reads them: an (N, H, W, 3) array of uint8
+    [0, 255] or floats in [0, 1] (floats in [0, 255] would be read 255 times too bright); a UserError says what
+    it got."""
+    form = "an (N, height, width, 3) array of uint8 RGB pixels (0-255) or floats in [0, 1]"
+    if not hasattr(images, "shape") or not hasattr(images, "dtype"):
+        raise UserError(f"{what} must be {form}; got a {type(images).__name__} (np.stack a list of images)")
+    if images.ndim != 4 or images.shape[-1] != 3 or 0 in images.shape[1:3] or not (
+            images.dtype == np.uint8 or np.issubdtype(images.dtype, np.floating)):
+        raise UserError(f"{what} must be {form}; got {_form(images)}")
+    if images.dtype != np.uint8 and images.size:
+        lo, hi = float(np.min(images)), float(np.max(images))
+        if not 0 <= lo <= hi <= 1:  # NaN fails too
+            raise UserError(f"{what} must be {form}; got {images.dtype} values in [{lo:g}, {hi:g}] (uint8 pixels: "
+                            "pass them as uint8; floats: divide by 255)")
+    return images
 
 
 def _form(array) -> str:
@@ -210,7 +229,8 @@ def _load_folder(root: Path, size: int) -> Dataset:
                         f"{sorted(set(train) - set(test))}, only in test: {sorted(set(test) - set(train))}; "
                         "give both splits the same class folders")
     classes = next(iter(class_lists.values()))
-    fingerprint = {s: [(_relative(f.path, root), f.size, f.mtime_ns) for f in v[1]] for s, v in splits.items()}
+    fingerprint = {s: sources.content_digest([f.path for f in v[1]], [_relative(f.path, root) for f in v[1]])
+                   for s, v in splits.items()}
 
     def build():
         decoded = {s: Split(*sources.decode_files(v[1], size, f"decoding {s}")) for s, v in splits.items()}
@@ -311,8 +331,9 @@ def _cached(kind: str, root: Path, size: int, fingerprint, build) -> Dataset:
     return dataset
 
 
-def _stat_fingerprint(folder: Path):
-    return sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(folder) if e.is_file())
+def _batches_fingerprint(folder: Path):
+    names = sorted(e.name for e in os.scandir(folder) if e.is_file())
+    return sources.content_digest([folder / n for n in names], names)
 
 
 # ---------------------------------------------------------------------------------------------- entry
@@ -323,7 +344,7 @@ def _check_size(size: int) -> None:
 
 
 def _load_cifar(folder: Path, size: int) -> Dataset:
-    return _cached("cifar", folder, size, _stat_fingerprint(folder), lambda: _load_cifar_batches(folder, size))
+    return _cached("cifar", folder, size, _batches_fingerprint(folder), lambda: _load_cifar_batches(folder, size))
 
 
 def load_dataset(data_dir=None, dataset: str = "auto", size: int = 32, classes=()) -> Dataset:

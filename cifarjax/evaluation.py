@@ -7,7 +7,7 @@ import optax
 
 from cifarjax.augment import AugmentSpec
 from cifarjax.config import Config
-from cifarjax.data import Split
+from cifarjax.data import Split, check_pixels
 from cifarjax.errors import UserError
 from cifarjax.inputs import ImageInputs
 from cifarjax.models import Apply, build_model
@@ -34,8 +34,9 @@ def predict(config: Config, variables: dict, split: Split, devices=None) -> np.n
 
 
 def probabilities(config: Config, variables: dict, images: np.ndarray, devices=None) -> np.ndarray:
-    """(N, classes) float32 class probabilities of (N, H, W, 3) uint8 images, batched and viewed as `predict`
-    does (the softmax of the logits it takes the largest of)."""
+    """(N, classes) float32 class probabilities of (N, H, W, 3) uint8 images (or floats in [0, 1]), batched and
+    viewed as `predict` does (the softmax of the logits it takes the largest of)."""
+    check_pixels(images, "probabilities' images")
     parallel, state = evaluator(config, variables, devices)
     return parallel.probabilities(state, parallel.replicate(images), len(images), config.eval_batch_size)
 

@@ -1,5 +1,5 @@
 """Layers whose numerics match PyTorch, as plain JAX; each takes the `platform` its program is built for
-(`cifarjax.platform`), and built for the CPU, runs the CPU's formulations (`cifarjax.cpu`).
+(`cifarjax.target`), and built for the CPU, runs the CPU's formulations (`cifarjax.cpu`).
 
 * `Conv`: a convolution with symmetric padding and PyTorch's default initialisation: `lax.conv_general_dilated`
   (cuDNN on a GPU); on the CPU the fastest measured formulation for its shape (`cifarjax.cpu.conv.conv2d`:
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax import lax
 
-from cifarjax.platform import CONV_IMPLS, conv_impl
+from cifarjax.target import CONV_IMPLS, conv_impl
 
 PLAIN = "gpu"  # the platform a layer is built for unless told: the plain JAX program, which runs anywhere
 
@@ -70,7 +70,7 @@ class Conv(nn.Module):
     strides: int = 1
     padding: int = 0
     use_bias: bool = True
-    impl: str = "auto"  # Config.conv_impl: 'auto' is the platform's choice (`cifarjax.platform.conv_impl`)
+    impl: str = "auto"  # Config.conv_impl: 'auto' is the platform's choice (`cifarjax.target.conv_impl`)
     kernel_init: Optional[callable] = None
     inference: bool = False  # no train-mode BatchNorm follows: a hint for the CPU's Winograd tiles (`conv2d`)
     dtype: Optional[Any] = None  # the operands' type (bfloat16: mixed precision); None: the inputs' own

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from cifarjax.freezing import STAGES, Freezing
 from cifarjax.layers import PLAIN, BatchNorm, Conv, ConvReluMaxPool, Dense, Dropout, max_pool
-from cifarjax.platform import conv_impl, resolve
+from cifarjax.target import conv_impl, resolve
 
 ModuleDef = Any
 AXIS = "devices"  # the device axis of the pmap-ed steps, over which BatchNorm statistics are synchronised
@@ -37,7 +37,7 @@ class SimpleCNN(nn.Module):
     dropout_rate: float = 0.3
     conv_impl: str = "auto"
     dtype: Optional[Any] = None  # of the convolutions', matrix products' operands, activations (None: float32)
-    platform: str = PLAIN  # what the program is built for (`cifarjax.platform`)
+    platform: str = PLAIN  # what the program is built for (`cifarjax.target`)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -186,7 +186,7 @@ def compute_dtype(precision: str):
 
 
 def build_model(config, platform: Optional[str] = None):
-    """The configured model, built for `platform` (default: `cifarjax.platform.resolve()`); ResNet-18's BatchNorm
+    """The configured model, built for `platform` (default: `cifarjax.target.resolve()`); ResNet-18's BatchNorm
     modes come from the freezing policy and its statistics are synchronised over the training devices. Parameters
     are float32 whatever `config.precision`."""
     platform, dtype = resolve(platform), compute_dtype(config.precision)

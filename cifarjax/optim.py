@@ -13,7 +13,7 @@ import jax
 import optax
 
 from cifarjax.freezing import Freezing
-from cifarjax.platform import resolve
+from cifarjax.target import resolve
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 
@@ -53,7 +53,7 @@ def _decays(params):
 
 def base_optimizer(config, steps_per_epoch: int, platform: Optional[str] = None) -> optax.GradientTransformation:
     """Adam (optax.adam), AdamW (optax.adamw, decay on kernels) or SGD with Nesterov momentum and L2 decay; built
-    for the CPU (`platform`, default `cifarjax.platform.resolve()`), `cifarjax.cpu.optim`'s (the same arithmetic
+    for the CPU (`platform`, default `cifarjax.target.resolve()`), `cifarjax.cpu.optim`'s (the same arithmetic
     and state)."""
     if resolve(platform) == "cpu":
         from cifarjax.cpu import optim as optimizers
@@ -76,6 +76,6 @@ def freeze_labels(params, freezing: Freezing):
 def make_optimizer(config, params, steps_per_epoch: int = 1, platform: Optional[str] = None
                    ) -> optax.GradientTransformation:
     """The configured optimizer on the trainable leaves, built for `platform` (default:
-    `cifarjax.platform.resolve()`); frozen leaves get `set_to_zero` and no state."""
+    `cifarjax.target.resolve()`); frozen leaves get `set_to_zero` and no state."""
     return optax.multi_transform({TRAINABLE: base_optimizer(config, steps_per_epoch, platform),
                                   FROZEN: optax.set_to_zero()}, freeze_labels(params, Freezing.from_config(config)))

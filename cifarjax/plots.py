@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 
 from cifarjax.errors import UserError, warn  # noqa: E402
 from cifarjax.files import atomic_write, beside_foreign  # noqa: E402
+from cifarjax.text import printable  # noqa: E402
 
 PALETTE = ("#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133",
            "#56b4e9")  # seaborn.color_palette("colorblind")
@@ -57,14 +58,16 @@ def output_path(path) -> Path:
 
 
 def _save(fig, path) -> Path:
-    """Write `fig` to `path` atomically (a full disk leaves the old file, or none, never half a figure); returns the
-    path written: beside `path`, said in one line, where a file cifarjax did not write takes its name in a run
-    folder (`files.beside_foreign`)."""
+    """Write `fig` to `path` atomically (a full disk leaves the old file, or none, never half a figure), every text
+    drawable (`printable`); returns the path written: beside `path`, said in one line, where a file cifarjax did not
+    write takes its name in a run folder (`files.beside_foreign`)."""
     asked = output_path(path)
     path = beside_foreign(asked)
     if path != asked:
         warn(f"{asked} is not a file cifarjax wrote, so it is left alone; the figure goes to {path}")
     try:
+        for text in fig.findobj(matplotlib.text.Text):  # names that are not UTF-8 (class or run folders): escaped
+            text.set_text(printable(text.get_text()))
         fig.tight_layout()
         with atomic_write(path, "wb") as f:
             fig.savefig(f, dpi=120, format=path.suffix[1:].lower())
@@ -186,6 +189,7 @@ def _heatmap(ax, values: np.ndarray, classes: Sequence[str], fmt: str, label: st
         r, g, b, _ = image.cmap(image.norm(v))
         ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=9,
                 color="black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.408 else "white")
+    classes = [printable(c) for c in classes]  # tick labels are drawn from these, not from Text objects
     ax.set_xticks(range(len(classes)), classes, rotation=90)
     ax.set_yticks(range(len(classes)), classes)
     ax.figure.colorbar(image, ax=ax, label=label)
@@ -193,12 +197,18 @@ def _heatmap(ax, values: np.ndarray, classes: Sequence[str], fmt: str, label: st
 
 @_styled("white")
 def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path, title="Confusion matrix") -> Path:
-    """Counts beside the row-normalised matrix (recall per true class); the overall accuracy in the title."""
-    matrix = np.asarray(matrix)
+    """Counts beside the row-normalised matrix (recall per true class); the overall accuracy in the title. Float
+    counts (averages, weights) are drawn with 3 significant digits."""
+    matrix, n = np.asarray(matrix), len(classes)
+    numeric = np.issubdtype(matrix.dtype, np.integer) or np.issubdtype(matrix.dtype, np.floating)
+    if matrix.shape != (n, n) or not numeric or not np.all(np.isfinite(matrix)) or np.any(matrix < 0):
+        raise UserError(f"plot_confusion_matrix takes a ({n}, {n}) matrix of non-negative counts for the {n} classes; "
+                        f"got {matrix.dtype} {matrix.shape}" + (" with negative or non-finite values" if numeric
+                                                               and matrix.shape == (n, n) else ""))
     accuracy = np.trace(matrix) / max(matrix.sum(), 1)
     size = 1.0 + 0.75 * len(classes)
     fig, (counts, rates) = plt.subplots(1, 2, figsize=(2 * size + 1, size))
-    _heatmap(counts, matrix, classes, "d", "images")
+    _heatmap(counts, matrix, classes, "d" if np.issubdtype(matrix.dtype, np.integer) else ".3g", "images")
     counts.set(title="counts", xlabel="predicted class", ylabel="true class")
     normalised = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     _heatmap(rates, 100 * normalised, classes, ".0f", "% of the true class", vmax=100)

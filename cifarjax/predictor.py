@@ -11,6 +11,7 @@ through the run's own evaluation view (resize to its img_size, its normalisation
 """
 from __future__ import annotations
 
+import numbers
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +25,7 @@ from cifarjax.config import Config
 from cifarjax.data import Split
 from cifarjax.errors import UserError, warn
 from cifarjax.evaluation import evaluate, evaluator
-from cifarjax.sources import IMAGE_EXTENSIONS, decode_image
+from cifarjax.sources import IMAGE_EXTENSIONS, decode_image, refusing_bombs
 
 
 class Run:
@@ -91,6 +92,8 @@ class Run:
     def top(self, probabilities: np.ndarray, k: int = 3) -> list:
         """The `k` most probable (class, probability) pairs of one image's probabilities, most probable first."""
         probabilities = np.asarray(probabilities)
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise UserError(f"top's k is how many classes to list: a positive integer, got {k!r}")
         if probabilities.shape != (len(self.classes),):
             raise UserError(f"top takes one image's {len(self.classes)} class probabilities (a row of predict's "
                             f"result), got shape {probabilities.shape}")
@@ -106,8 +109,8 @@ def load_run(path, average: Optional[bool] = None) -> Run:
     sub-runs, or a `train_loop`/`fine_tune_loop` run folder) with its newest intact checkpoint's weights.
     `average`: the moving average of the weights (default: when the run kept one)."""
     folder = find_run(Path(path).expanduser())
-    saved = runs.read_json(folder / runs.CONFIG)
-    config = Config.from_dict(saved)
+    saved = runs.read_config(folder)
+    config = Config.from_dict(saved, str(folder / runs.CONFIG))
     average = config.ema_decay > 0 if average is None else average
     return Run(folder, config, load_variables(folder, average=average), average, latest_epoch(folder),
                saved.get("weights_label"))
@@ -147,7 +150,7 @@ def read_images(paths: list, size: int, skip_unreadable: bool = False):
             warn(str(error))
             return None
 
-    with ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
+    with refusing_bombs(), ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
         decoded = list(pool.map(read, paths))
     kept = [(p, image) for p, image in zip(paths, decoded) if image is not None]
     images = np.stack([image for _, image in kept]) if kept else np.zeros((0, size, size, 3), np.uint8)

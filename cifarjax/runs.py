@@ -22,6 +22,7 @@ from typing import Iterable, Optional
 
 import cifarjax
 from cifarjax import errors
+from cifarjax.config import Config
 from cifarjax.errors import UserError, user_error_from_os, warn
 from cifarjax.files import MANIFEST, MARKER, atomic_write, read_manifest, write_json
 
@@ -132,16 +133,17 @@ def claim(run: Path) -> None:
 def create(run: Path, experiment: str, replace: bool = False, take_lock: bool = False) -> Path:
     """Make the run folder and its marker; with `take_lock`, first lock it for this process (refused while
     another live process holds it); with `replace`, then remove an old run's own files (never others)."""
+    marker = {"experiment": experiment, "id": uuid.uuid4().hex, "cifarjax": cifarjax.__version__,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # before anything is made
     try:
         run.mkdir(parents=True, exist_ok=True)
         if take_lock:
             lock(run)
         if replace and is_run(run):
             remove_run_files(run)
-        (run / PLOTS).mkdir(parents=True, exist_ok=True)
         if not is_run(run):
-            write_json(run / MARKER, {"experiment": experiment, "id": uuid.uuid4().hex, "cifarjax": cifarjax.__version__,
-                                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            write_json(run / MARKER, marker)
+        (run / PLOTS).mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise user_error_from_os(error, f"cannot create the run folder {run}") from None
     return run
@@ -254,6 +256,31 @@ def unlock(path: Path, pid: int) -> None:
             Path(path).unlink()
     except (OSError, ValueError, AttributeError):
         pass
+
+
+# config.json's keys beside the Config fields (cifarjax.binding, experiments.finetune), each with what it must be.
+RECORDED = {"data_fingerprint": ("an object with sha256 and images", lambda v: isinstance(v, dict) and
+                                 isinstance(v.get("sha256"), str) and isinstance(v.get("images"), dict)),
+            "commands": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+            "epoch_counts": ("a list of integers", lambda v: isinstance(v, list) and v and
+                             all(isinstance(x, int) and not isinstance(x, bool) for x in v)),
+            "frozen_params": ("an object with path and sha256", lambda v: isinstance(v, dict) and
+                              isinstance(v.get("path"), str) and isinstance(v.get("sha256"), str)),
+            **{k: ("a string", lambda v: isinstance(v, str)) for k in ("weights_label", "weights_file",
+                                                                       "weights_sha256")}}
+
+
+def read_config(run) -> dict:
+    """A run's config.json, every value's type checked (`Config.from_dict` for the settings, `RECORDED` for the
+    rest): a hand-edited file is refused in one line naming the file and the key."""
+    path = Path(run) / CONFIG
+    saved = read_json(path)
+    Config.from_dict(saved, str(path))
+    wrong = next((k for k, (_, fits) in RECORDED.items() if saved.get(k) is not None and not fits(saved[k])), None)
+    if wrong is not None:
+        raise UserError(f"{path}: {wrong} must be {RECORDED[wrong][0]}, got {saved[wrong]!r}; correct it or start "
+                        "the run again")
+    return saved
 
 
 def read_json(path: Path):

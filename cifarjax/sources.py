@@ -1,15 +1,19 @@
 """Reading the data sources into uint8 arrays, refusing anything malformed with a message naming the file.
 
 * ImageFolder trees: every image mode Pillow opens becomes the right 8-bit RGB picture (16-bit and float
-  images are scaled, palettes and CMYK converted, alpha dropped as torchvision's loader does) or is refused.
+  images are scaled, palettes and CMYK converted, alpha dropped as torchvision's loader does) or is refused;
+  an image over Pillow's pixel limit (`Image.MAX_IMAGE_PIXELS`, 89 megapixels) is refused as a corrupt one is.
 * CIFAR-10's python batches: read by an unpickler that accepts only numpy objects, then checked (keys,
   dtype, shape, label count and range).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import pickle
 import stat
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
@@ -19,6 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cifarjax.errors import UserError, user_error_from_os, warn
+from cifarjax.text import printable
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CIFAR_DIR = "cifar-10-batches-py"
@@ -28,8 +33,6 @@ CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 class ImageFile(NamedTuple):
     path: str  # as os.scandir joins it: str(split_dir)/<class>/<name> (strings: a Path per file costs seconds)
     label: int
-    size: int
-    mtime_ns: int
 
 
 # ---------------------------------------------------------------------------------------------- folders
@@ -65,18 +68,35 @@ def class_files(split_dir: Path, unused: Optional[list] = None):
             warn(f"class folder {entry.path} holds no images ({', '.join(IMAGE_EXTENSIONS)}); it is skipped and "
                  "is not a class")
             continue
-        for e in images:
-            st = e.stat()
-            files.append(ImageFile(e.path, len(classes), st.st_size, st.st_mtime_ns))
-        classes.append(entry.name)
+        files += [ImageFile(e.path, len(classes)) for e in images]
+        classes.append(printable(entry.name))  # a name that is not UTF-8 is shown escaped everywhere
     if skipped:
         more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
-        warn(f"{len(skipped)} {'entry' if len(skipped) == 1 else 'entries'} in {split_dir} {'is' if len(skipped) == 1 else 'are'} "
-             f"not used (not image files, broken links, special files or folders): {', '.join(skipped[:3])}{more}; "
-             f"python -m cifarjax.data lists them all")
+        warn(f"{len(skipped)} {'entry' if len(skipped) == 1 else 'entries'} in {printable(str(split_dir))} "
+             f"{'is' if len(skipped) == 1 else 'are'} not used (not image files, broken links, special files or "
+             f"folders): {', '.join(map(printable, skipped[:3]))}{more}; python -m cifarjax.data lists them all")
     if unused is not None:
         unused += skipped
     return classes, files
+
+
+def content_digest(paths, names=None) -> str:
+    """A SHA-256 of each file's name (from `names`) and the SHA-256 of its bytes, in order: changed by any byte
+    altered, any file added, removed, renamed or moved, whatever the files' sizes and times say. Raw reads into one
+    buffer: 50,000 small files in about 0.35 s of CPU on 2 cores, less than with Python's file objects."""
+    digest, buffer = hashlib.sha256(), bytearray(1 << 16)  # under malloc's mmap threshold; a JPEG fits
+    view = memoryview(buffer)
+    for i, path in enumerate(paths):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            content, n = hashlib.sha256(), len(buffer)
+            while n == len(buffer):  # a filled buffer: there may be more (a short read is a regular file's end)
+                n = os.readv(fd, [buffer])
+                content.update(view[:n])
+        finally:
+            os.close(fd)
+        digest.update(b"%s\0%s" % (b"" if names is None else os.fsencode(names[i]), content.digest()))
+    return digest.hexdigest()
 
 
 def to_rgb8(image) -> np.ndarray:
@@ -128,6 +148,16 @@ def decode_image(path, size: int, advice: str = "delete or replace that file and
         raise UserError(f"cannot read image {path} ({type(error).__name__}: {error}); {advice}") from None
 
 
+@contextlib.contextmanager
+def refusing_bombs():
+    """Pillow's DecompressionBombWarning (an image of more than Image.MAX_IMAGE_PIXELS) raised as an error, so that
+    such an image is refused in one line as a corrupt one is, not warned of in two. Entered by the thread that
+    starts a decoding pool: warning filters are the process's, and entering them from several threads races."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
 def decode_files(files: Sequence[ImageFile], size: int, desc: str):
     """(images (N, size, size, 3) uint8, labels (N,) int32), decoded on a thread pool with a progress bar."""
     images = np.empty((len(files), size, size, 3), np.uint8)
@@ -135,7 +165,7 @@ def decode_files(files: Sequence[ImageFile], size: int, desc: str):
     def work(i):
         images[i] = decode_image(files[i].path, size)
 
-    with ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
+    with refusing_bombs(), ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
         for _ in tqdm(pool.map(work, range(len(files))), total=len(files), desc=desc, unit="img",
                       leave=False, mininterval=1.0, disable=len(files) < 2000):
             pass

@@ -10,10 +10,12 @@ default grid changes one thing at a time for each hypothesis, then combines the 
 Each cell is its own run folder under out/cells/ (resumable), cells with a fixed backbone share cached
 features, and the answer is written as study.json, study.md and plots/. study.json records, from the start,
 the settings every cell shares (`shared_settings`: epochs, subset, batch size, seed, the weights' SHA-256, the
-data's fingerprint ...); a resume with other ones is refused, naming them.
+data's fingerprint ...) and its grid (`grid_record`: the cells, the reference, the combination); a resume with
+other ones is refused, naming them, and `experiments.study --resume` runs the recorded grid.
 """
 from __future__ import annotations
 
+import json
 import math
 import shlex
 import time
@@ -131,6 +133,7 @@ class Study:
     phases: Phases = field(default_factory=Phases)
     features: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)  # what every cell shares (`shared_settings`)
+    grid: dict = field(default_factory=dict)  # the cells it runs and how (`grid_record`)
     reference_run: Optional[str] = None  # the experiments.cnn run taken as the SimpleCNN reference (--cnn-run)
 
     @property
@@ -292,17 +295,19 @@ def study(data_dir, weights: str = "imagenet", grid: Sequence[Cell] = DEFAULT_GR
     with phases("weights", f"loading weights ({weights})"):
         loaded = starting_weights(base)[1]
     settings = shared_settings(base, loaded, fingerprint(dataset))
+    planned = grid_record(grid, train_reference, combine)
     if resume:
         check_settings(out, settings)
+        check_grid(out, planned)
         cnn_run = check_reference_run(out, cnn_run)
     reference_run = None if cnn_run is None else str(find_run(cnn_run).resolve())
     reference = None if reference_run is None else reference_summary(Path(reference_run), base, settings)
     runs.create(out, "study", replace=overwrite, take_lock=True)  # resuming: only the lock is new
     if not (out / STUDY_JSON).is_file():
-        write_json(out / STUDY_JSON, {"settings": settings, "data_dir": base.data_dir,
+        write_json(out / STUDY_JSON, {"settings": settings, "grid": planned, "data_dir": base.data_dir,
                                       "cnn_run": reference_run})
     the_study = Study(out, dataset, train, val, base, loaded, resume=resume, phases=phases, settings=settings,
-                      reference_run=reference_run)
+                      grid=planned, reference_run=reference_run)
     the_study.advise_resume()
     if not the_study.pretrained:
         announce("note: --weights random uses no pretraining; the study then tests the pipeline, not the original's "
@@ -323,10 +328,15 @@ def shared_settings(base: Config, weights: Weights, data: dict) -> dict:
             "data_fingerprint": data["sha256"], "data_images": data["images"]}
 
 
+def recorded(out) -> dict:
+    """study.json's content ({} before it is written)."""
+    path = Path(out) / STUDY_JSON
+    return runs.read_json(path) if path.is_file() else {}
+
+
 def recorded_settings(out) -> dict:
     """The shared settings study.json recorded ({} when it has none: a study made before they were recorded)."""
-    path = Path(out) / STUDY_JSON
-    return (runs.read_json(path).get("settings") or {}) if path.is_file() else {}
+    return recorded(out).get("settings") or {}
 
 
 def check_settings(out: Path, settings: dict) -> None:
@@ -345,6 +355,34 @@ def check_settings(out: Path, settings: dict) -> None:
                     "them: resume with the study's own settings and data, or start a new study with another --out")
 
 
+def grid_record(grid: Sequence[Cell], train_reference: bool, combine: bool) -> dict:
+    """What shapes a study's grid, as study.json records it from the start: its cells, whether it trains the
+    SimpleCNN reference, whether it combines the changes that helped."""
+    cells = [{"name": c.name, "hypothesis": c.hypothesis, "changes": dict(c.changes), "model": c.model} for c in grid]
+    return json.loads(json.dumps({"cells": cells, "train_reference": train_reference, "combine": combine}))
+
+
+def recorded_grid(out) -> Optional[tuple]:
+    """(grid, train_reference, combine) as study.json recorded them; None for a study made before they were."""
+    record = recorded(out).get("grid")
+    if not record:
+        return None
+    return tuple(Cell(**c) for c in record["cells"]), record["train_reference"], record["combine"]
+
+
+def check_grid(out: Path, planned: dict) -> None:
+    """Refuse to resume a study with other cells (or another reference or combination) than it started with."""
+    then = recorded(out).get("grid")
+    if not then or then == planned:
+        return
+
+    def shown(record):
+        names = [c["name"] for c in record["cells"]] + (["simple_cnn"] if record["train_reference"] else [])
+        return ", ".join(names) + ("" if record["combine"] else " (no combined cell)")
+    raise UserError(f"--resume with the cells {shown(planned)}; the study in {out} runs {shown(then)}: resume "
+                    "without --cells (it runs its own), or start a new study with another --out")
+
+
 # What the SimpleCNN reference shares with the study's cells: the split it is scored on, and its length.
 REFERENCE_SHARES = ("n_epochs", "subset", "seed", "val_fraction", "decode_size")
 
@@ -352,7 +390,7 @@ REFERENCE_SHARES = ("n_epochs", "subset", "seed", "val_fraction", "decode_size")
 def reference_summary(run: Path, base: Config, settings: dict) -> dict:
     """The summary of a finished experiments.cnn run taken as the study's SimpleCNN reference (`--cnn-run`),
     refused unless it is a SimpleCNN trained on the study's split for as many epochs as its cells."""
-    config = runs.read_json(run / runs.CONFIG)
+    config = runs.read_config(run)
     if config.get("model") != "simple_cnn":
         raise UserError(f"--cnn-run {run} is a {config.get('model')} run; the reference is a SimpleCNN: pass the "
                         "--out of an experiments.cnn run, or leave --cnn-run out to train the reference")
@@ -371,10 +409,10 @@ def reference_summary(run: Path, base: Config, settings: dict) -> dict:
 def check_reference_run(out: Path, cnn_run) -> Optional[Path]:
     """On resume: the reference run study.json recorded (also when --cnn-run is not given again); another one is
     refused. Studies made before the reference was recorded take `cnn_run` as given."""
-    recorded = runs.read_json(out / STUDY_JSON) if (out / STUDY_JSON).is_file() else {}
-    if "cnn_run" not in recorded:
+    record = recorded(out)
+    if "cnn_run" not in record:
         return cnn_run
-    then = recorded["cnn_run"]
+    then = record["cnn_run"]
     now = None if cnn_run is None else str(find_run(cnn_run).resolve())
     if cnn_run is not None and now != then:
         raise UserError(f"--cnn-run {now} on resume: the study in {out} took its SimpleCNN reference from "
@@ -393,7 +431,8 @@ def summarise(study: Study, results: Sequence[dict]) -> dict:
             verdict(c["effect_points"], noise)
     return {"folder": str(study.out), "weights": study.weights_label, "pretrained": study.pretrained,
             "imagenet": study.weights.imagenet, "answers_the_question": study.weights.imagenet,
-            "settings": study.settings, "data_dir": study.base.data_dir, "cnn_run": study.reference_run,
+            "settings": study.settings, "grid": study.grid, "data_dir": study.base.data_dir,
+            "cnn_run": study.reference_run,
             "epochs": study.base.n_epochs,
             "subset": study.base.subset,
             "n_train": len(study.train), "n_val": len(study.val), "noise_points": round(noise, 2), "cells": cells}

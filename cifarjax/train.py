@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cifarjax.batching import eval_indices
 from cifarjax.freezing import Freezing, join_frozen, leaves_like, split_frozen
 from cifarjax.models import AXIS
-from cifarjax.platform import resolve
+from cifarjax.target import resolve
 
 
 class TrainState(train_state.TrainState):

@@ -31,7 +31,7 @@ from cifarjax.files import cache_dir, write_json  # noqa: E402
 from cifarjax.flags import Parser, add_config_flags, given, new_config, resumed_config  # noqa: E402
 from cifarjax.memory import peak_memory_mb  # noqa: E402
 from cifarjax.phases import Phases  # noqa: E402
-from cifarjax.platform import deterministic, resolve, runs_on_cpu  # noqa: E402
+from cifarjax.target import deterministic, resolve, runs_on_cpu  # noqa: E402
 from cifarjax.recipes import recipe_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,10 +115,10 @@ def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
     run = runs.check_out(args.out, command, args.overwrite, args.resume)
     typed = binding.absolute_paths(given(args, command) if typed is None else typed)
-    saved = runs.read_json(run / runs.CONFIG) if args.resume else None
+    saved = runs.read_config(run) if args.resume else None
     if args.resume:
         binding.check_command(saved, runs.marker(run).get("experiment"), command, run)
-        config = resumed_config(Config.from_dict(saved), typed, args.recipe, str(run))
+        config = resumed_config(Config.from_dict(saved, str(run / runs.CONFIG)), typed, args.recipe, str(run))
     else:
         config = new_config(command, args.recipe, typed, **fixed)
     runs.check_outside_data(run, config.data_dir)
@@ -210,13 +210,26 @@ def report_split(config: Config, result, split: Split, name: str, run: Path, pha
     return {f"{name}_accuracy": result["accuracy"], "scored_split": name}
 
 
-def run_summary(experiment: str, s: Start, config: Config, result, **extra) -> dict:
-    """summary.json's common part: readings, per-epoch curves, timings, provenance and environment."""
+def training_rate(folder: Path, result) -> Optional[float]:
+    """summary.json's images_per_second: this fit's training rate; where it trained nothing (a finished run
+    resumed), the rate the run's earlier summary.json recorded, else None (not 0: nothing was measured)."""
+    if result.this_process["images_trained"]:
+        return round(result.images_per_second, 1)
+    try:
+        earlier = runs.read_json(folder / runs.SUMMARY).get("images_per_second")
+    except (UserError, AttributeError):  # no earlier summary, or not one cifarjax wrote
+        return None
+    return earlier if isinstance(earlier, (int, float)) and not isinstance(earlier, bool) and earlier > 0 else None
+
+
+def run_summary(experiment: str, s: Start, config: Config, result, folder: Optional[Path] = None, **extra) -> dict:
+    """summary.json's common part: readings, per-epoch curves, timings, provenance and environment (`folder`:
+    the run's, where it is not `s.run`)."""
     h = result.history
     return {"experiment": experiment, "recipe": config.recipe, "epochs": config.n_epochs, **h.readings(),
             "train_accuracy": h.train_accuracy[-1], "train_loss": h.train_loss[-1],
             "val_accuracy_per_epoch": h.epoch_val_accuracy, "train_accuracy_per_epoch": h.train_accuracy,
-            "wall_seconds": round(result.seconds, 2), "images_per_second": round(result.images_per_second, 1),
+            "wall_seconds": round(result.seconds, 2), "images_per_second": training_rate(folder or s.run, result),
             "this_process": result.this_process, "sessions": len(s.commands or [s.command_line]),
             "evaluated_weights": "moving average" if result.average is not None else "final",
             **extra, **s.phases.summary(), **provenance(s.command_line, s.commands), **environment()}

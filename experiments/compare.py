@@ -32,7 +32,7 @@ def load_run(folder) -> dict:
     records = runs.read_metrics(run)
     if not any(r.get("epoch_end") for r in records):
         raise UserError(f"{run} has no finished epoch in {runs.METRICS} yet; pass a run that finished an epoch")
-    return {"name": str(folder), "folder": run, "config": runs.read_json(run / runs.CONFIG),
+    return {"name": str(folder), "folder": run, "config": runs.read_config(run),
             "history": History(records)}
 
 

@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     run, average = loaded.path, loaded.average
     config = loaded.config if args.tta_flip is None else loaded.config.replace(tta_flip=args.tta_flip)
     data_dir = binding.absolute(args.data_dir) if args.data_dir is not None else config.data_dir
-    saved = runs.read_json(run / runs.CONFIG)
+    saved = runs.read_config(run)
     dataset = load_dataset(data_dir, args.dataset or ("auto" if args.data_dir else config.dataset), config.decode_size,
                            config.classes)
     if tuple(dataset.classes) != tuple(config.classes):

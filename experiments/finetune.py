@@ -40,9 +40,9 @@ def epoch_counts(args) -> list:
     """The --epochs values (one run each); on resume without --epochs, the run's own."""
     if hasattr(args, "n_epochs"):
         return list(dict.fromkeys(args.n_epochs))
-    saved = Path(args.out or "") / runs.CONFIG
-    if args.resume and saved.is_file():
-        return runs.read_json(saved).get("epoch_counts") or [runs.read_json(saved)["n_epochs"]]
+    if args.resume and (Path(args.out or "") / runs.CONFIG).is_file():
+        saved = runs.read_config(args.out)
+        return saved.get("epoch_counts") or [saved["n_epochs"]]
     return list(DEFAULT_EPOCHS)
 
 
@@ -154,7 +154,7 @@ def fine_tune_run(s, n_epochs: int, variables: dict, features, bound: dict, nest
                             phases=s.phases, resume_hint=common.resume_hint("finetune", s.run),
                             restart_hint=common.restart_hint(s), continue_from=continue_from)
     scored = common.report_split(config, result, *common.scored_split(s), sub, s.phases)
-    summary = common.run_summary("finetune", s, config, result, weights=weights_label,
+    summary = common.run_summary("finetune", s, config, result, sub, weights=weights_label,
                                  weights_sha256=bound["weights_sha256"],
                                  unfreeze=config.unfreeze, bn=config.bn, cached_features=features is not None,
                                  n_train=len(s.train), n_val=len(s.val),

@@ -18,6 +18,7 @@ from cifarjax.errors import UserError, exit_on_user_error
 from cifarjax.flags import Parser
 from cifarjax.predictor import image_files, load_run
 from cifarjax.sources import IMAGE_EXTENSIONS
+from cifarjax.text import printable
 
 CHUNK = 2048  # images decoded and classified at a time, so a large folder needs little memory
 
@@ -57,8 +58,8 @@ def main(argv=None) -> None:
     for start in range(0, len(files), CHUNK):
         chunk = [str(f) for f in files[start:start + CHUNK]]
         predicted = run.predict_files(chunk, skip_unreadable=True)
-        rows += [(path, run.top(p, k)) for path, p in predicted.items()]
-        unreadable += [path for path in chunk if path not in predicted]
+        rows += [(printable(path), run.top(p, k)) for path, p in predicted.items()]  # names not UTF-8: escaped
+        unreadable += [printable(path) for path in chunk if path not in predicted]
     if not rows:
         raise UserError(f"none of the {len(files)} image(s) could be read (see the warnings above); pass image files "
                         "Pillow can open")

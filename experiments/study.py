@@ -12,15 +12,13 @@ a short run on one GPU.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from experiments import common
-from cifarjax import runs
 from cifarjax.errors import UserError, exit_on_user_error
 from cifarjax.flags import Parser, add_config_flags, given
-from cifarjax.platform import deterministic, runs_on_cpu
+from cifarjax.target import deterministic, runs_on_cpu
 from cifarjax.recipes import recipe_config
-from cifarjax.study import BASELINE, DEFAULT_EPOCHS, DEFAULT_GRID, REFERENCE, recorded_settings, study
+from cifarjax.study import (BASELINE, DEFAULT_EPOCHS, DEFAULT_GRID, REFERENCE, recorded, recorded_grid,
+                            recorded_settings, study)
 
 FLAGS = ("seed", "batch_size", "weights", "conv_impl", "precision", "steps_per_call", "deterministic", "dataset",
          "data_dir", "decode_size", "subset", "eval_batch_size", "classes")
@@ -39,7 +37,8 @@ def parser():
     p.add_argument("--out", default=None, help="the study folder (default: runs/study-<timestamp>)")
     p.add_argument("--overwrite", action="store_true", help="replace the study in --out (only one cifarjax made)")
     p.add_argument("--resume", action="store_true",
-                   help="skip finished cells and resume an interrupted one, with the study's own settings and data")
+                   help="skip finished cells and resume an interrupted one, with the study's own cells, settings and "
+                        "data")
     return p
 
 
@@ -58,20 +57,24 @@ def grid_for(names):
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     grid, want_reference = grid_for(args.cells)
+    combine = args.cells is None
     typed = given(args, "study")
     if args.epochs is not None:
         typed["n_epochs"] = args.epochs
     if args.resume and args.out is not None:  # what was not typed is the study's own
-        recorded = recorded_settings(args.out)
-        saved_dir = runs.read_json(Path(args.out) / "study.json").get("data_dir") if recorded else None
-        typed = {**{k: v for k, v in recorded.items() if k in FLAGS + ("n_epochs",)},
+        settings = recorded_settings(args.out)
+        saved_dir = recorded(args.out).get("data_dir") if settings else None
+        typed = {**{k: v for k, v in settings.items() if k in FLAGS + ("n_epochs",)},
                  **({"data_dir": saved_dir} if saved_dir else {}), **typed}
+        own = recorded_grid(args.out) if args.cells is None else None
+        if own is not None:  # the study's own cells, reference and combination
+            grid, want_reference, combine = own
     if typed.get("deterministic") and not runs_on_cpu():
         deterministic()  # before the backend starts
     answer = study(typed.pop("data_dir", None), typed.pop("weights", "imagenet"), grid,
                    epochs=typed.pop("n_epochs", DEFAULT_EPOCHS), subset=typed.pop("subset", 0), out=args.out,
                    resume=args.resume, overwrite=args.overwrite, cnn_run=args.cnn_run, train_reference=want_reference,
-                   combine=args.cells is None, **typed)
+                   combine=combine, **typed)
     print(f"{answer['weights']}; study folder: {answer['folder']} (study.md, study.json, plots/); noise "
           f"±{answer['noise_points']:.2f} points")
 

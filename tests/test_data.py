@@ -341,10 +341,28 @@ def test_folder_cache_key_is_the_same_however_the_folder_is_named(tmp_path, monk
     keys = []
     monkeypatch.setattr(data, "_cached", lambda kind, r, size, fingerprint, build: keys.append(fingerprint))
     load_dataset(given)
-    expected = {s: [(str(Path(p).relative_to(root)), Path(p).stat().st_size, Path(p).stat().st_mtime_ns)
-                    for p in sorted(map(str, (root / s).rglob("*.png")))] for s in ("train", "test")}
+    expected = {}
+    for s in ("train", "test"):
+        paths = sorted(map(str, (root / s).rglob("*.png")))
+        expected[s] = data.sources.content_digest(paths, [str(Path(p).relative_to(root)) for p in paths])
     assert keys == [expected]
-    assert expected["train"][0][0] == "train/cat/0000.png"
+
+
+def test_the_cache_notices_changed_bytes_whose_sizes_and_times_were_kept(image_folder):
+    """Two same-sized images swapped between classes, their times restored: the cache is keyed by content,
+    so the swap is decoded afresh rather than served from the stale arrays."""
+    a, b = image_folder / "train" / "cat" / "0000.png", image_folder / "train" / "dog" / "0000.png"
+    Image.fromarray(np.full((32, 32, 3), 10, np.uint8)).save(a)
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(b)
+    assert a.stat().st_size == b.stat().st_size
+    before = load_dataset(image_folder)  # cached
+    times = [(p.stat().st_atime_ns, p.stat().st_mtime_ns) for p in (a, b)]
+    content_a, content_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(content_b), b.write_bytes(content_a)
+    for p, t in zip((a, b), times):
+        os.utime(p, ns=t)
+    after = load_dataset(image_folder)
+    assert before.train.images[0].max() == 10 and after.train.images[0].max() == 200  # cat/0000.png, first
 
 
 def test_a_torchvision_that_cannot_be_imported_is_one_line_with_the_fix(tmp_path):
@@ -408,3 +426,14 @@ def test_classes_selects_and_renumbers_in_the_order_given(image_folder):
                          ("cat,cat", "a class is named twice"), ("cat", "a classifier needs 2 or more")):
         with pytest.raises(UserError, match=message):
             load_dataset(image_folder, classes=bad)
+
+
+def test_the_content_digest_reads_every_byte_of_a_file_larger_than_its_buffer(tmp_path):
+    path = tmp_path / "big.png"
+    content = bytearray(np.random.default_rng(0).integers(0, 256, 3 * 65536 + 5, dtype=np.uint8).tobytes())
+    path.write_bytes(content)
+    before = data.sources.content_digest([path])
+    content[-1] ^= 1
+    path.write_bytes(content)
+    assert data.sources.content_digest([path]) != before
+    assert data.sources.content_digest([path], ["a"]) != data.sources.content_digest([path], ["b"])

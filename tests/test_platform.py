@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cifarjax import platform
+from cifarjax import target
 from cifarjax.cpu import process, xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,29 +36,29 @@ def test_importing_the_packages_changes_no_environment_variable_and_runs_once():
 @pytest.mark.parametrize("value, on_cpu", [("cpu", True), ("cpu,cuda", True), ("cuda", False), ("cuda,cpu", False),
                                            ("tpu", False)])
 def test_jax_platforms_decides_where_a_process_runs(value, on_cpu):
-    assert platform.runs_on_cpu({"JAX_PLATFORMS": value}) is on_cpu
+    assert target.runs_on_cpu({"JAX_PLATFORMS": value}) is on_cpu
 
 
 def test_without_jax_platforms_an_installed_accelerator_plugin_decides(monkeypatch):
-    monkeypatch.setattr(platform, "ACCELERATOR_PLUGINS", ("json",))  # a module every Python has: "installed"
-    assert not platform.runs_on_cpu({})
-    monkeypatch.setattr(platform, "ACCELERATOR_PLUGINS", ("no_such_plugin_cifarjax",))
-    assert platform.runs_on_cpu({})
+    monkeypatch.setattr(target, "ACCELERATOR_PLUGINS", ("json",))  # a module every Python has: "installed"
+    assert not target.runs_on_cpu({})
+    monkeypatch.setattr(target, "ACCELERATOR_PLUGINS", ("no_such_plugin_cifarjax",))
+    assert target.runs_on_cpu({})
 
 
 def test_the_platform_resolves_once_from_the_argument_the_environment_or_the_backend():
-    assert platform.resolve("gpu") == "gpu" and platform.resolve("cpu", {platform.ENV: "gpu"}) == "cpu"
-    assert platform.resolve(None, {platform.ENV: "gpu"}) == "gpu"
-    assert platform.resolve(None, {}) == "cpu"  # the tests' backend (JAX_PLATFORMS=cpu)
+    assert target.resolve("gpu") == "gpu" and target.resolve("cpu", {target.ENV: "gpu"}) == "cpu"
+    assert target.resolve(None, {target.ENV: "gpu"}) == "gpu"
+    assert target.resolve(None, {}) == "cpu"  # the tests' backend (JAX_PLATFORMS=cpu)
     with pytest.raises(ValueError, match="platform"):
-        platform.resolve("cuda")
+        target.resolve("cuda")
 
 
 def test_auto_convolutions_are_the_platforms_choice():
-    assert platform.conv_impl("auto", "cpu") == "winograd" and platform.conv_impl("auto", "gpu") == "xla"
-    assert [platform.conv_impl(i, "gpu") for i in ("winograd", "im2col", "xla")] == ["winograd", "im2col", "xla"]
+    assert target.conv_impl("auto", "cpu") == "winograd" and target.conv_impl("auto", "gpu") == "xla"
+    assert [target.conv_impl(i, "gpu") for i in ("winograd", "im2col", "xla")] == ["winograd", "im2col", "xla"]
     with pytest.raises(ValueError, match="conv impl"):
-        platform.conv_impl("cudnn", "gpu")
+        target.conv_impl("cudnn", "gpu")
 
 
 def test_the_cpu_settings_apply_only_where_the_run_executes_on_the_cpu():

@@ -102,3 +102,35 @@ def test_a_cells_estimate_includes_its_compilation(monkeypatch):
     monkeypatch.setattr(study_module, "DataParallel", SlowFirstCall)
     estimate = the_study.estimate_seconds(REFERENCE)
     assert set(estimate) == {"compilation", "training"} and estimate["compilation"] >= 0.5
+
+
+def test_resume_runs_the_cells_the_study_was_started_with(tmp_path, capsys, monkeypatch):
+    """`--cells lr_1e-4 lr_1e-2`, interrupted, then `--resume --out STUDY` ran the whole default grid and the
+    combined cell: study.json records the grid from the start, and resume runs exactly it."""
+    from types import SimpleNamespace
+
+    from cifarjax import study as study_module
+    ran = []
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupted(the_study, grid, reference, train_reference, combine, announce):
+        ran.append(([c.name for c in grid], train_reference, combine))
+        raise Interrupted
+    monkeypatch.setattr(study_module, "run_study", interrupted)
+    monkeypatch.setattr(study_module, "starting_weights",  # what the study records of its weights, not built
+                        lambda config: (None, SimpleNamespace(sha256=None, pretrained=True)))
+    data = make_image_folder(tmp_path / "data", n_train=4, n_test=0)
+    out = tmp_path / "study"
+    with pytest.raises(Interrupted):
+        study.main(["--data-dir", str(data), "--weights", "random", "--epochs", "1", "--cells", "lr_1e-4", "lr_1e-2",
+                    "--out", str(out)])
+    with pytest.raises(Interrupted):
+        study.main(["--resume", "--out", str(out)])
+    assert ran == [(["baseline", "lr_1e-4", "lr_1e-2"], False, False)] * 2
+    with pytest.raises(SystemExit) as exit_info:
+        study.main(["--resume", "--out", str(out), "--cells", "bn_frozen"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--resume with the cells baseline, bn_frozen (no combined cell); the " \
+        "study in" in err and "runs baseline, lr_1e-4, lr_1e-2 (no combined cell): resume without --cells" in err

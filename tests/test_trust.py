@@ -574,3 +574,171 @@ def test_an_interrupted_study_names_the_command_that_resumes_it(tmp_path, capsys
     command = f"python -m experiments.study --resume --out {shlex.quote(str(out))}"
     assert message.endswith(f"finished cells are kept: resume it with {command}") and "step 6" not in message
     assert hints == [command]
+
+
+# ------------------------------------------------------------------------------------------------ issue 43, part A
+
+@pytest.mark.parametrize("changes, message", [
+    ({"n_epochs": 2.5}, r"n_epochs \(--epochs\) must be an integer, got 2.5"),
+    ({"lr": "0.01"}, "lr must be a number, got '0.01'"),
+    ({"batch_size": "64"}, "batch_size must be an integer, got '64'"),
+    ({"img_size": 32.5}, "must be an integer, got 32.5"),
+    ({"seed": True}, "seed must be an integer, got True"),
+    ({"eval_every": 3.5}, "must be an integer, got 3.5"),  # would never evaluate mid-epoch
+    ({"flip": "no"}, "flip must be true or false"),
+    ({"data_dir": 3}, "must be a string, got 3"),
+])
+def test_config_validate_refuses_wrong_types_naming_the_field(changes, message):
+    from cifarjax.config import Config
+    with pytest.raises(UserError, match=message):
+        Config(**changes).validate()
+
+
+def test_the_public_api_refuses_inputs_it_would_misread(tmp_path):
+    from cifarjax.config import Config
+    from cifarjax.evaluation import probabilities
+    from cifarjax.plots import plot_confusion_matrix
+    from cifarjax.predictor import Run
+    images = np.zeros((2, 32, 32, 3), np.float32)
+    for wrong, message in ((images + 255, r"float32 values in \[255, 255\]"), (list(images), "got a list"),
+                           (np.zeros((2, 32, 32, 4), np.uint8), r"got uint8 \(2, 32, 32, 4\)"),
+                           (np.zeros((2, 32, 32, 3), np.int64), "got int64")):
+        with pytest.raises(UserError, match="probabilities' images must be an \\(N, height, width, 3\\) array .*"
+                                            + message):
+            probabilities(Config(), {}, wrong)
+    run = Run(tmp_path, Config(classes=("a", "b", "c"), num_classes=3), {}, False)
+    assert run.top(np.array([0.2, 0.5, 0.3]), 2) == [("b", 0.5), ("c", 0.3)]
+    for k in (0, -1, 1.5, True):
+        with pytest.raises(UserError, match="top's k is how many classes to list: a positive integer"):
+            run.top(np.array([0.2, 0.5, 0.3]), k)
+    assert plot_confusion_matrix(np.eye(3) * 2.5, ("a", "b", "c"), tmp_path / "float.png").stat().st_size > 1000
+    for wrong in (np.eye(2), -np.eye(3), np.full((3, 3), np.nan), np.array([["a"] * 3] * 3)):
+        with pytest.raises(UserError, match=r"plot_confusion_matrix takes a \(3, 3\) matrix of non-negative counts"):
+            plot_confusion_matrix(wrong, ("a", "b", "c"), tmp_path / "wrong.png")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: {**c, "lr": "0.001"}, "config.json: lr must be a number, got '0.001'; correct it"),
+    (lambda c: [c], "config.json holds a JSON list, not an object of settings"),
+    (lambda c: {**c, "n_epochs": "2"}, r"config.json: n_epochs \(--epochs\) must be an integer, got '2'"),
+    (lambda c: {**c, "batch_size": [8]}, r"config.json: batch_size must be an integer, got \[8\]"),
+    (lambda c: {**c, "data_fingerprint": "abc"}, "config.json: data_fingerprint must be an object with sha256"),
+])
+def test_a_hand_edited_config_json_is_one_line_naming_the_field(finished, tmp_path, capsys, edit, message):
+    """Valid JSON with wrong types ended in TypeErrors from optax, batching and the config: resume, evaluate,
+    predict and load_run read it back type-checked."""
+    import re
+
+    from cifarjax import load_run
+    from experiments import evaluate, predict
+    out = copy_run(finished, tmp_path)
+    config = json.loads((out / runs.CONFIG).read_text())
+    (out / runs.CONFIG).write_text(json.dumps(edit(config)))
+    image = sorted((finished[1] / "test").rglob("*.png"))[0]
+    for main, args in ((cnn.main, cnn_args(finished[1], out, "--resume", "--epochs", "3")),
+                       (evaluate.main, [str(out)]), (predict.main, [str(out), str(image)])):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and re.search(message, err) and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(UserError, match=message):
+        load_run(out)
+
+
+def test_resuming_a_finished_run_keeps_its_training_rate(finished, tmp_path, capsys):
+    """summary.json said 0 images/s after a --resume with nothing left to train: it keeps the earlier rate."""
+    out = copy_run(finished, tmp_path)
+    before = json.loads((out / runs.SUMMARY).read_text())
+    cnn.main(cnn_args(finished[1], out, "--resume", "--epochs", "2"))
+    after = json.loads((out / runs.SUMMARY).read_text())
+    assert "this process trained nothing" in capsys.readouterr().out
+    assert after["this_process"]["images_trained"] == 0 and after["sessions"] == 2
+    assert after["images_per_second"] == before["images_per_second"] > 0
+    (out / runs.SUMMARY).unlink()  # killed before its summary: nothing measured, and it says so
+    cnn.main(cnn_args(finished[1], out, "--resume", "--epochs", "2"))
+    assert json.loads((out / runs.SUMMARY).read_text())["images_per_second"] is None
+
+
+def test_a_class_folder_named_in_bytes_that_are_not_utf8_is_shown_escaped_everywhere(data_dir, tmp_path, capsys):
+    """os.listdir gives such a name as surrogate escapes: plotting raised three tracebacks and no summary.json
+    was written. The class is 'caf\\xe9' in plots, tables and JSON, and training, evaluate, predict and resume
+    work."""
+    from experiments import evaluate, predict
+    bad = os.fsdecode(b"caf\xe9")
+    for split in ("train", "test"):
+        os.rename(data_dir / split / "cat", data_dir / split / bad)
+    out = tmp_path / "run"
+    cnn.main(cnn_args(data_dir, out))
+    assert json.loads((out / runs.CONFIG).read_text())["classes"] == ["caf\\xe9", "dog", "frog"]
+    assert (out / runs.SUMMARY).is_file() and (out / "plots" / "confusion_matrix.png").is_file()
+    capsys.readouterr()
+    evaluate.main([str(out), "--json"])
+    assert set(json.loads(capsys.readouterr().out)["per_class"]) == {"caf\\xe9", "dog", "frog"}
+    predict.main([str(out), str(data_dir / "test" / bad), "--json", "--top", "1"])
+    printed = capsys.readouterr().out
+    printed.encode("utf-8")  # no surrogates left: it prints to any terminal
+    assert "caf\\\\xe9/0000.png" in printed  # the file's path, escaped (in JSON, the backslash doubled)
+    cnn.main(cnn_args(data_dir, out, "--resume", "--epochs", "2"))
+    assert json.loads((out / runs.SUMMARY).read_text())["epochs"] == 2
+    from cifarjax import plots  # a library caller's names reach the figures as they are, and are escaped there
+    assert plots.plot_runs({bad: {"val": [0.1, 0.2]}}, tmp_path / "runs.png", bad).is_file()
+    assert plots.plot_confusion_matrix(np.eye(2, dtype=int), [bad, "b"], tmp_path / "matrix.png").is_file()
+
+
+def test_commands_run_from_a_folder_holding_another_cifarjax_folder(tmp_path):
+    """From the clone's parent, the clone's folder `cifarjax/` was imported as a namespace package ahead of an
+    editable install's import hook (which Python consults after the working directory): `cifarjax.__version__`
+    failed and left an unmarked plots/. The hook is simulated as setuptools writes it; importing `experiments`
+    (what `python -m experiments.NAME` does first) must give the real package."""
+    (tmp_path / "cifarjax" / "cifarjax").mkdir(parents=True)  # a clone named cifarjax, seen from its parent
+    hook = f"""
+import importlib.util, sys
+class EditableFinder:
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name in ("cifarjax", "experiments"):
+            return importlib.util.spec_from_file_location(name, "{ROOT}/" + name + "/__init__.py",
+                                                          submodule_search_locations=["{ROOT}/" + name])
+sys.meta_path.append(EditableFinder)
+sys.path.insert(0, "")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = lambda code: subprocess.run([sys.executable, "-S", "-c", hook + code], cwd=tmp_path, env=env,  # noqa: E731
+                                      capture_output=True, text=True)
+    assert "has no attribute '__version__'" in run("import cifarjax; cifarjax.__version__").stderr  # the fault
+    result = run("import experiments, cifarjax; print(cifarjax.__version__, cifarjax.__file__)")
+    assert result.stdout.split() == [__import__("cifarjax").__version__, f"{ROOT}/cifarjax/__init__.py"], result.stderr
+
+
+def test_a_run_folder_is_marked_before_anything_is_made_in_it(tmp_path, monkeypatch):
+    import types
+    monkeypatch.setattr(runs, "cifarjax", types.ModuleType("cifarjax"))  # a namespace package has no __version__
+    with pytest.raises(AttributeError):
+        runs.create(tmp_path / "run", "cnn")
+    assert not (tmp_path / "run").exists()  # no unmarked plots/ that the correct rerun would refuse
+
+
+def test_no_module_of_the_package_shadows_the_standard_library():
+    """With cifarjax/ as the working directory, cifarjax/platform.py was Python's own `platform` to every import."""
+    from pathlib import Path
+    names = {p.stem for folder in ("cifarjax", "cifarjax/cpu", "experiments") for p in (Path(ROOT) / folder).iterdir()
+             if p.suffix == ".py" or (p / "__init__.py").is_file()}
+    assert "target" in names and not names & set(sys.stdlib_module_names)
+
+
+def test_an_image_over_pillows_pixel_limit_is_refused_in_one_line_as_a_corrupt_one_is(tmp_path, capfd, monkeypatch):
+    """A 100-megapixel PNG printed Pillow's two-line DecompressionBombWarning (the limit is lowered here, so that a
+    small image stands in for it)."""
+    from PIL import Image
+
+    from cifarjax.data import load_dataset
+    from cifarjax.predictor import read_images
+    data = make_image_folder(tmp_path / "data", n_train=2, n_test=0, size=48)  # 2,304 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # warned of from 2,000, an error from 4,000
+    with pytest.raises(UserError, match=r"cannot read image .*0000.png \(DecompressionBombWarning: Image size "
+                                        r"\(2304 pixels\) exceeds limit of 2000 pixels.*\); delete or replace"):
+        load_dataset(data)
+    images, read = read_images([data / "train" / "cat" / "0000.png"], 32, skip_unreadable=True)
+    assert read == [] and len(images) == 0
+    line, = capfd.readouterr().err.strip().splitlines()
+    assert line.startswith("warning: cannot read image") and line.endswith("it is skipped")

@@ -1,6 +1,6 @@
 """Everything cifarjax does only for the CPU: formulations XLA's CPU compiler runs faster, and process settings.
 
-A run's programs use these only where they are built for platform "cpu" (`cifarjax.platform`); the program a GPU
+A run's programs use these only where they are built for platform "cpu" (`cifarjax.target`); the program a GPU
 gets is plain JAX and imports none of them. docs/architecture.md tabulates each trick with its measured gain.
 
 * `conv`: Winograd/im2col convolutions and the fused conv+ReLU+max-pool blocks, with the CPU-measured thresholds

@@ -1,5 +1,5 @@
 """A command's process-wide settings for the CPU, applied when it starts (never when a module is imported) and
-only where its run executes on the CPU (`cifarjax.platform.runs_on_cpu`: JAX_PLATFORMS=cpu, or no accelerator
+only where its run executes on the CPU (`cifarjax.target.runs_on_cpu`: JAX_PLATFORMS=cpu, or no accelerator
 plugin installed), before JAX starts its backend:
 
 * huge pages for its buffers: the command relaunches itself with glibc's tunable (`cifarjax.cpu.hugepages`);
@@ -15,7 +15,7 @@ import os
 from typing import MutableMapping, Optional
 
 from cifarjax.cpu import hugepages, xla_flags
-from cifarjax.platform import runs_on_cpu
+from cifarjax.target import runs_on_cpu
 
 _trimming = False
 

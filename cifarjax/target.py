@@ -1,4 +1,5 @@
-"""The platform a run's programs are built for: the one place that chooses between the plain JAX program and the
+"""The platform a run's programs are built for (their target; a module named `platform` would shadow Python's
+own wherever cifarjax/ is the working directory): the one place that chooses between the plain JAX program and the
 CPU's formulations (`cifarjax.cpu`).
 
 A run resolves its platform once (`resolve`) and passes it to the builders (`build_model(config, platform=...)`,
