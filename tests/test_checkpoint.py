@@ -188,9 +188,10 @@ def test_a_head_only_fine_tune_stores_the_frozen_backbone_once(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_a_fine_tune_with_a_moving_average_resumes_bit_identically_in_the_gpu_program(tmp_path, monkeypatch):
-    """The GPU program (CIFARJAX_PLATFORM=gpu, on this CPU): layer4 and the head train, with a moving average and 2
-    steps per call; stopped after epoch 1 and resumed, it ends as the uninterrupted run, average included. The
+@pytest.mark.parametrize("platform", ["gpu", "cpu"])
+def test_a_fine_tune_with_a_moving_average_resumes_bit_identically(tmp_path, monkeypatch, platform):
+    """The GPU program (CIFARJAX_PLATFORM=gpu, built on this CPU) and the CPU's: layer4 and the head train, with a
+    moving average and 2 steps per call; stopped after epoch 1 and resumed, it ends as the uninterrupted run, average included. The
     average keeps the frozen weights' own bits and evaluates with averaged train-mode statistics (layer4's), which
     `load_variables(average=True)` returns as the run did."""
     from cifarjax.augment import AugmentSpec
@@ -198,7 +199,7 @@ def test_a_fine_tune_with_a_moving_average_resumes_bit_identically_in_the_gpu_pr
     from cifarjax.loop import fit
     from cifarjax.models import AXIS, Apply, initialize
     from tests.test_train import small_resnet
-    monkeypatch.setenv("CIFARJAX_PLATFORM", "gpu")
+    monkeypatch.setenv("CIFARJAX_PLATFORM", platform)
     config = fast(model="resnet18", unfreeze="layer4", ema_decay=0.9, steps_per_call=2, n_epochs=2)
     model = small_resnet(frozen_bn_stages=4, axis_name=AXIS)  # layer4's BatchNorm trains, as `--unfreeze layer4`'s
     variables = initialize(model)
