@@ -162,7 +162,7 @@ def test_a_fine_tune_is_bound_to_its_model_and_its_own_backbone(tmp_path, data_d
     weights = save_resnet(tmp_path / "resnet18.pth", seed=3)
     out = tmp_path / "ft"
     base = ["--data-dir", str(data_dir), "--batch-size", "8", "--weights", str(weights), "--conv-impl", "xla",
-            "--out", str(out)]
+            "--out", str(out), "--recipe", "frozen-bn"]  # BatchNorm frozen too: the whole backbone stays
     finetune.main(base + ["--epochs", "1", "2"])
     printed = capsys.readouterr().out
     assert "not torchvision's published ImageNet weights" in printed.splitlines()[-1]

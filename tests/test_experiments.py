@@ -261,7 +261,7 @@ def test_help_shows_the_defaults_a_run_gets(command):
                 continue
             value = finetune.epoch_counts(parser.parse_args([])) if dest == "n_epochs" and command == "finetune" \
                 else getattr(config, dest)
-            value = " ".join(map(str, value)) if isinstance(value, list) else str(value)
+            value = " ".join(map(str, value)) if isinstance(value, list) else "all" if value == () else str(value)
             parts = text.split("(default: ")[1].rstrip(")").split("; --recipe ")
             said = {"original": parts[0], **dict(p.split(": ", 1) for p in parts[1:])}
             assert said.get(name, said["original"]) == value, (command, name, dest, said, value)

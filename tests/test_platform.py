@@ -86,10 +86,10 @@ def test_deterministic_asks_xla_for_deterministic_gpu_kernels_before_the_backend
     """`--deterministic` (a Config field, so config.json records it) adds XLA's flag where the run is on a GPU,
     once, leaving a value the user set alone; on a CPU, nothing."""
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    platform.deterministic(env), platform.deterministic(env)
+    target.deterministic(env), target.deterministic(env)
     assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2 --xla_gpu_deterministic_ops=true"
     mine = {"XLA_FLAGS": "--xla_gpu_deterministic_ops=false"}
-    platform.deterministic(mine)
+    target.deterministic(mine)
     assert mine == {"XLA_FLAGS": "--xla_gpu_deterministic_ops=false"}
     from experiments import common
     calls = []
