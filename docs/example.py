@@ -6,7 +6,7 @@ config = cj.recipe_config("cnn", data_dir=os.environ.get("CIFARJAX_DATA", "data/
                           n_epochs=int(os.environ.get("CIFARJAX_EPOCHS", "3")))  # kept in the run's config.json
 data = cj.load_dataset(config.data_dir)  # decoded once, then cached
 train, val = cj.train_val_split(data, config.val_fraction, config.seed, config.subset)  # as evaluate redraws it
-config = config.replace(classes=data.classes, num_classes=len(data.classes))
+config = config.replace(classes=data.classes)  # num_classes follows
 result = cj.train_loop(config, train, val, run="runs/my-cnn")  # refuses a used folder; resume=True continues it
 cj.plot_training_results(result.history.records, "runs/my-cnn/my_training.png")
 
