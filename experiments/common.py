@@ -21,7 +21,7 @@ import cifarjax  # noqa: E402
 from cifarjax import binding, distributed, plots, runs  # noqa: E402
 from cifarjax.augment import with_normalization  # noqa: E402
 from cifarjax.batching import train_indices  # noqa: E402
-from cifarjax.checkpoint import latest_epoch  # noqa: E402
+from cifarjax.checkpoint import latest_epoch, quiet_orbax  # noqa: E402
 from cifarjax.config import Config  # noqa: E402
 from cifarjax.cpu import process as cpu_process, xla_flags  # noqa: E402
 from cifarjax.data import Dataset, Split, fingerprint, load_dataset, train_val_split  # noqa: E402
@@ -50,10 +50,11 @@ def launch(main: Callable[[], None], package: str = "experiments") -> None:
     """Run a command's `main` as `python -m experiments.NAME` does: first its process-wide settings, which importing
     a command never changes: albumentations' update check off, the CPU's settings where the run executes on the
     CPU, before JAX starts its backend (`cifarjax.cpu.process.tune`: it may relaunch the process with huge pages),
-    and the compilation cache."""
+    the compilation cache, and orbax's background noise kept out of the output (`cifarjax.checkpoint.quiet_orbax`)."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     cpu_process.tune(package)
     enable_compilation_cache()
+    quiet_orbax()
     main()
 
 

@@ -12,6 +12,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from cifarjax.cpu.xla_flags import add_cpu_flags  # noqa: E402
 
 add_cpu_flags()
+from cifarjax.checkpoint import quiet_orbax  # noqa: E402 - and orbax quieted, as a command does at its start
+
+quiet_orbax()
 # One persistent compilation cache for the session, shared with the subprocesses tests start: the suite
 # compiles each program once, not once per process.
 # pytest-xdist's workers inherit the folder from the session that started them, which removes it at the end.

@@ -27,6 +27,28 @@ def test_import_starts_neither_torch_nor_jax():
     assert done.returncode == 0, done.stderr
 
 
+def test_importing_every_module_leaves_the_process_as_it_was():
+    """Importing cifarjax changes no process-wide state: the asyncio policy and the logging configuration stay;
+    the commands quiet orbax at their start (`cifarjax.checkpoint.quiet_orbax`)."""
+    program = ("import asyncio, importlib, logging, pkgutil, cifarjax\n"
+               "def state():\n"
+               "    return (type(asyncio.get_event_loop_policy()), {name: (log.level, list(log.filters)) for name, log\n"
+               "            in logging.root.manager.loggerDict.items() if isinstance(log, logging.Logger)},\n"
+               "            logging.root.level, list(logging.root.filters), list(logging.root.handlers))\n"
+               "import jax, orbax.checkpoint, flax, optax\n"
+               "before = state()\n"
+               "for module in pkgutil.walk_packages(cifarjax.__path__, 'cifarjax.'):\n"
+               "    importlib.import_module(module.name)\n"
+               "after = state()\n"
+               "changed = {k: (before[1].get(k), v) for k, v in after[1].items() if before[1].get(k, (0, [])) != v}\n"
+               "assert before[0] == after[0] and not changed and before[2:] == after[2:], (before[0], after[0], changed)\n"
+               "from cifarjax.checkpoint import quiet_orbax\n"
+               "quiet_orbax()\n"
+               "assert type(asyncio.get_event_loop_policy()) is not before[0] and logging.getLogger('absl').filters\n")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+
+
 def test_every_public_name_resolves_with_its_own_docstring():
     modules = {p.stem for p in (ROOT / "cifarjax").glob("*.py")}
     assert not set(cifarjax.__all__) & modules  # importing a submodule would replace such a name by the module
