@@ -258,6 +258,9 @@ def find_run(run_dir) -> Path:
     run_dir = Path(run_dir)
     if (run_dir / CHECKPOINTS).is_dir():
         return run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a run folder; pass the --out folder of a finished run first "
+                        "(for predict: the run, then the images)")
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist; pass the --out folder of a finished run")
     subruns = sorted(p for p in run_dir.iterdir() if (p / CHECKPOINTS).is_dir())

@@ -14,8 +14,11 @@ import functools
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Optional
+
+from tqdm import tqdm
 
 EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143
 
@@ -101,14 +104,17 @@ def user_error_from_os(error: OSError, doing: str = "") -> UserError:
 
 
 _warned: set = set()
+_warn_lock = threading.Lock()
 
 
 def warn(message: str, key=None) -> None:
     """Print `warning: message` on stderr, once per key (default: the message)."""
     key = message if key is None else key
-    if key not in _warned:
-        _warned.add(key)
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+    with _warn_lock:  # one line each, even from several threads, and not run into a progress bar's line
+        if key not in _warned:
+            _warned.add(key)
+            tqdm.write(f"warning: {message}", file=sys.stderr)
+            sys.stderr.flush()
 
 
 def exit_on_user_error(main):

@@ -23,7 +23,8 @@ def main(argv=None) -> None:
     if distributed.is_writer():
         with s.phases("plotting", "writing plots"):
             plots.plot_training_results(result.history.records, s.run / runs.PLOTS / "training_results.png",
-                                        title=f"SimpleCNN ({s.config.recipe} recipe)")
+                                        title=f"SimpleCNN ({s.config.recipe} recipe)",
+                                        label_smoothing=s.config.label_smoothing)
     scored = common.report_split(s.config, result, *common.scored_split(s), s.run, s.phases)
     summary = common.run_summary("cnn", s, s.config, result, n_train=len(s.train), n_val=len(s.val), **scored)
     if distributed.is_writer():
