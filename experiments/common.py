@@ -2,6 +2,7 @@
 configuration, data), and its outputs (scoring, plots, summary.json)."""
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import math
 import os
@@ -55,6 +56,7 @@ def launch(main: Callable[[], None], package: str = "experiments") -> None:
     cpu_process.tune(package)
     enable_compilation_cache()
     quiet_orbax()
+    git_commit()  # the code that runs, read before it does
     main()
 
 
@@ -113,6 +115,7 @@ def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
 
     Nothing is written yet: `open_run` creates the run folder once the start has succeeded.
     """
+    git_commit()  # the code that runs, read before it trains
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
     run = runs.check_out(args.out, command, args.overwrite, args.resume)
     typed = binding.absolute_paths(given(args, command) if typed is None else typed)
@@ -260,8 +263,10 @@ def closing_figures(summary: dict) -> str:
     return f"{readings}; {trained}"
 
 
+@functools.lru_cache(maxsize=None)
 def git_commit() -> Optional[str]:
-    """The checkout's commit (with '+dirty' when it has uncommitted changes), or None outside git."""
+    """The checkout's commit (with '+dirty' when it has uncommitted changes), or None outside git; read once, when
+    the command starts, so a commit made while it runs is not recorded as the code that ran."""
     try:
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10)
