@@ -70,6 +70,15 @@ def short_names(names: list) -> list:
     return short if len(set(short)) == len(short) else [f"{n} ({i})" for i, n in enumerate(short, 1)]
 
 
+def legend_labels(names: list, loaded: list, most: int = 3) -> list:
+    """Each run's name with the settings that differ between the runs (the first `most`, then '...')."""
+    keys = differing([r["config"] for r in loaded])
+    def settings(config):
+        shown = [f"{k}={_cell(config.get(k))}" for k in keys[:most]] + (["..."] if len(keys) > most else [])
+        return f" [{', '.join(shown)}]" if shown else ""
+    return [name + settings(r["config"]) for name, r in zip(names, loaded)]
+
+
 def _cell(value) -> str:
     return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
@@ -143,7 +152,7 @@ def main(argv=None) -> None:
     loaded = [load_run(run) for folder in args.runs for run in expand(folder)]
     plot = plot_path(args.plot, loaded, args.overwrite)
     print(table(loaded))
-    names = short_names([r["name"] for r in loaded])
+    names = legend_labels(short_names([r["name"] for r in loaded]), loaded)
     plot = plots.plot_runs({n: {"val": r["history"].epoch_val_accuracy, "train": r["history"].train_accuracy,
                                 "val_loss": val_losses(r["history"])} for n, r in zip(names, loaded)}, plot,
                            title="Validation and training accuracy and validation loss per epoch")

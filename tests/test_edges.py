@@ -101,3 +101,10 @@ def test_warnings_from_threads_and_beside_a_progress_bar_are_lines_of_their_own(
     bar.close()
     lines = re.split(r"[\r\n]", capsys.readouterr().err)
     assert sorted(line for line in lines if "edge case" in line) == [f"warning: edge case {i}" for i in range(8)]
+
+
+def test_compare_names_the_differing_settings_in_its_legend():
+    from experiments import compare
+    loaded = [{"config": {"lr": lr, "seed": 0, "unfreeze": u}} for lr, u in ((1e-3, "head"), (1e-2, "all"))]
+    assert compare.legend_labels(["a", "b"], loaded) == ["a [lr=0.001, unfreeze=head]", "b [lr=0.01, unfreeze=all]"]
+    assert compare.legend_labels(["a"], loaded[:1]) == ["a"]
