@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import re
 from typing import Optional
 
 from cifarjax.config import Config, fields_for, flag_name, resumable_fields
@@ -18,7 +20,19 @@ class Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one `error: ...` line (a UserError), not a usage dump."""
 
     def error(self, message):
-        raise UserError(f"{message} (see {self.prog} --help)")
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        hints = [self.suggest(a.split("=")[0]) for a in unknown[1].split() if a.startswith("-")] if unknown else []
+        hint = "; ".join(f"did you mean {h}?" for h in hints if h)
+        raise UserError(f"{message}{'; ' + hint if hint else ''} (see {self.prog} --help)")
+
+    def suggest(self, flag: str) -> Optional[str]:
+        """The flag meant by a mistyped one: the closest spelling, else the flag whose help names its words
+        (--learning-rate: --lr, '(peak) learning rate')."""
+        flags = [f for f in self._option_string_actions if f.startswith("--")]
+        close = difflib.get_close_matches(flag, flags, n=1, cutoff=0.75)
+        words = flag.lstrip("-").replace("-", " ").replace("_", " ").lower()
+        named = [a.option_strings[-1] for a in self._actions if len(words) > 3 and words in (a.help or "").lower()]
+        return (close or named or [None])[0]
 
 
 def _number(kind):

@@ -108,3 +108,12 @@ def test_compare_names_the_differing_settings_in_its_legend():
     loaded = [{"config": {"lr": lr, "seed": 0, "unfreeze": u}} for lr, u in ((1e-3, "head"), (1e-2, "all"))]
     assert compare.legend_labels(["a", "b"], loaded) == ["a [lr=0.001, unfreeze=head]", "b [lr=0.01, unfreeze=all]"]
     assert compare.legend_labels(["a"], loaded[:1]) == ["a"]
+
+
+@pytest.mark.parametrize("typed, meant", [("--learning-rate", "--lr"), ("--batchsize", "--batch-size"),
+                                          ("--dropuot", "--dropout"), ("--zzz", None)])
+def test_a_mistyped_flag_gets_the_flag_it_meant(typed, meant):
+    from experiments import common
+    with pytest.raises(UserError) as error:
+        common.make_parser("cnn", "d").parse_args([typed, "1"])
+    assert (f"did you mean {meant}?" in str(error.value)) if meant else "did you mean" not in str(error.value)
