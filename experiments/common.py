@@ -207,11 +207,13 @@ def report_split(config: Config, result, split: Split, name: str, run: Path, pha
         with phases("plotting", "writing the confusion matrix and sample predictions"):
             plots.plot_confusion_matrix(np.asarray(result["confusion_matrix"]), config.classes,
                                         run / runs.PLOTS / "confusion_matrix.png",
-                                        title=f"Confusion matrix of {runs.run_name(run)} ({name} split, {len(split)} images)")
+                                        title=f"Confusion matrix of {runs.run_name(run)} ({name} split, "
+                                              f"{len(split)} images)")
             pick = np.random.default_rng(0).choice(len(split), min(n_samples, len(split)), replace=False)
             plots.plot_sample_predictions(split.images[pick], preds[pick], split.labels[pick], config.classes,
                                           run / runs.PLOTS / "sample_predictions.png",
-                                          title=f"Sample predictions of {runs.run_name(run)} ({name} split): predicted (true)")
+                                          title=f"Sample predictions of {runs.run_name(run)} ({name} split): "
+                                                "predicted (true)")
     return {f"{name}_accuracy": result["accuracy"], "scored_split": name}
 
 
