@@ -153,7 +153,7 @@ def plot_runs(curves: Mapping[str, Mapping[str, Sequence[float]]], path, title: 
     where the shorter one ends, so runs that share their first epochs do not hide each other.
 
     `curves`: {run label: {'val': [...], 'train': [...], 'val_loss': [...]}} (accuracies as fractions, one value
-    per epoch; 'train' and 'val_loss' optional).
+    per epoch; 'train' and 'val_loss' optional; 'val_sd' and 'train_sd' draw a band of one sd around a mean).
     """
     panels = [(k, name) for k, name in (("val", "Validation accuracy"), ("train", "Training accuracy"),
                                          ("val_loss", "Validation loss"))
@@ -173,6 +173,10 @@ def plot_runs(curves: Mapping[str, Mapping[str, Sequence[float]]], path, title: 
             final = "" if last is None else f"final {last:.1f}%" if scale == 100 else f"final {last:.3f}"
             shown = f"continues {continues[label]}; {final}" if label in continues else final
             offset = i * every // max(1, len(curves))  # runs' markers apart; a run shorter than it is marked at 1
+            sd = [scale * v for v in c.get(f"{key}_sd") or []]  # a band of one sd around a mean over seeds
+            if sd:
+                ax.fill_between(range(start, len(sd) + 1), [m - d for m, d in zip(y, sd)][start - 1:],
+                                [m + d for m, d in zip(y, sd)][start - 1:], color=PALETTE[i % len(PALETTE)], alpha=0.2)
             ax.plot(range(start, len(y) + 1), y[start - 1:], ls=STYLES[i % len(STYLES)],
                     marker=MARKERS[i % len(MARKERS)], markevery=(offset if offset <= len(y) - start else 0, every),
                     color=PALETTE[i % len(PALETTE)], label=f"{label} ({shown.strip('; ')})" if shown else label)

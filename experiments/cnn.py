@@ -2,10 +2,11 @@
 
     python -m experiments.cnn --data-dir DIR [--recipe improved]
     python -m experiments.cnn --resume --out RUN
+    python -m experiments.cnn --seeds 0 1 2 --out RUN        (once per seed; accuracy as mean ± sd)
 """
 from __future__ import annotations
 
-from experiments import common
+from experiments import common, seeds
 from cifarjax import distributed, plots, runs
 from cifarjax.errors import exit_on_user_error
 from cifarjax.files import write_json
@@ -16,6 +17,14 @@ from cifarjax.text import plural
 @exit_on_user_error
 def main(argv=None) -> None:
     args = common.parse("cnn", __doc__.splitlines()[0], argv)
+    each = seeds.planned(args)
+    if each:
+        seeds.run_each("cnn", args, train, each)
+    else:
+        train(args)
+
+
+def train(args) -> None:
     s = common.start("cnn", args, model="simple_cnn")
     common.open_run(s, "cnn", s.config.to_dict())
     result = train_loop(s.config, s.train, s.val, run=s.run, resume=s.resume, phases=s.phases,

@@ -19,6 +19,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import cifarjax  # noqa: E402
+from experiments import seeds  # noqa: E402
 from cifarjax import binding, distributed, plots, runs  # noqa: E402
 from cifarjax.augment import with_normalization  # noqa: E402
 from cifarjax.batching import train_indices  # noqa: E402
@@ -83,6 +84,8 @@ def make_parser(command: str, description: str, nargs: Optional[dict] = None, sh
                    help="replace the run in --out (only a folder cifarjax marked as a run; other files stay)")
     r.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest intact checkpoint, with its own settings")
+    if command in ("cnn", "finetune"):
+        seeds.add_flag(r)
     d = p.add_argument_group("several processes or hosts (jax.distributed)")
     d.add_argument("--distributed", action="store_true",
                    help="detect the cluster (SLURM, Open MPI, Kubernetes, TPU, JAX_COORDINATOR_ADDRESS ...)")
@@ -173,6 +176,7 @@ def open_run(s: Start, command: str, config_json: dict) -> None:
 
 
 def resume_hint(command: str, run: Path) -> str:
+    run = run.parent if seeds.is_seeds_folder(run.parent) else run  # one seed's run: resume them all
     return f"python -m experiments.{command} --resume --out {shlex.quote(str(run))}"
 
 

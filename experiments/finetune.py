@@ -2,6 +2,7 @@
 
     python -m experiments.finetune --epochs 100 --weights resnet18-f37072fd.pth --data-dir DIR
     python -m experiments.finetune --resume --out RUN
+    python -m experiments.finetune --seeds 0 1 2 --out RUN     (once per seed; accuracy as mean ± sd)
 
 With several --epochs values (default 20 50 100, like the original) each is its own run under
 --out/epochs-N and their curves are drawn together in --out/plots/fine_tuning_results.png. With a constant
@@ -18,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from experiments import common
+from experiments import common, seeds
 from cifarjax import binding, distributed, plots, runs
 from cifarjax.checkpoint import FROZEN, digest, frozen_params, join_frozen, latest_epoch, load_variables, \
     split_frozen, write_frozen_file
@@ -50,6 +51,14 @@ def epoch_counts(args) -> list:
 def main(argv=None) -> None:
     args = common.parse("finetune", __doc__.splitlines()[0], argv, nargs={"n_epochs": "+"},
                         shown={"n_epochs": " ".join(map(str, DEFAULT_EPOCHS))})
+    each = seeds.planned(args)
+    if each:
+        seeds.run_each("finetune", args, fine_tune, each)
+    else:
+        fine_tune(args)
+
+
+def fine_tune(args) -> None:
     counts = epoch_counts(args)
     typed = {**given(args, "finetune"), "n_epochs": max(counts)}
     s = common.start("finetune", args, typed, model="resnet18")
