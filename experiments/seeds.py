@@ -14,6 +14,7 @@ from cifarjax import distributed, plots, runs
 from cifarjax.errors import UserError
 from cifarjax.files import write_json
 from cifarjax.loop import History
+from cifarjax.seeds import mean_sd
 
 SEEDS = "seeds.json"  # OUT's record of its seeds, so that --resume --out OUT continues them all
 READINGS = {"val_accuracy": "validation accuracy", "best_val_accuracy": "best", "last5_mean_val_accuracy":
@@ -96,11 +97,6 @@ def leaf_runs(folder: Path) -> dict:
     lengths = sorted((p for p in folder.glob("epochs-*") if (p / runs.METRICS).is_file()),
                      key=lambda p: int(p.name.split("-")[1]))
     return {f"{p.name.split('-')[1]} epochs": p for p in lengths}
-
-
-def mean_sd(values: list) -> dict:
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
 
 
 def summarise(out: Path, seeds: list, commands: list) -> dict:

@@ -55,3 +55,16 @@ def test_one_seed_command_and_refusals(capsys):
         with pytest.raises(SystemExit):
             cnn.main(["--dataset", "fake", *extra])
         assert message in capsys.readouterr().err
+
+
+def test_the_library_runs_over_seeds_and_reports_mean_and_sd():
+    import cifarjax as cj
+    from cifarjax.loop import History
+
+    class Result:
+        def __init__(self, seed):
+            self.history = History([{"epoch": 1.0, "epoch_end": True, "val_accuracy": 0.5 + seed / 10}])
+    summary = cj.over_seeds(Result, [0, 1, 2])
+    assert sorted(summary["results"]) == [0, 1, 2]
+    assert summary["mean_sd"]["val_accuracy"] == pytest.approx({"mean": 0.6, "sd": 0.1, "n": 3})
+    assert cj.mean_sd([2.0]) == {"mean": 2.0, "sd": 0.0, "n": 1}
