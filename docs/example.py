@@ -1,6 +1,7 @@
 import os
 import cifarjax as cj
 
+cj.tune_process()  # the commands' CPU settings (XLA flags, huge pages): first, before anything starts JAX
 config = cj.recipe_config("cnn", data_dir=os.environ.get("CIFARJAX_DATA", "data/cifar10-jpeg"),
                           subset=int(os.environ.get("CIFARJAX_SUBSET", "4000")),
                           n_epochs=int(os.environ.get("CIFARJAX_EPOCHS", "3")))  # kept in the run's config.json

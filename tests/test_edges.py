@@ -117,3 +117,34 @@ def test_a_mistyped_flag_gets_the_flag_it_meant(typed, meant):
     with pytest.raises(UserError) as error:
         common.make_parser("cnn", "d").parse_args([typed, "1"])
     assert (f"did you mean {meant}?" in str(error.value)) if meant else "did you mean" not in str(error.value)
+
+
+def test_tune_process_applies_the_commands_cpu_settings_to_a_script(tmp_path):
+    """A script's first call gets what `python -m experiments.NAME` gets: the CPU's XLA flags (and huge pages by
+    relaunching, not asked for here); after JAX's backend started it changes nothing and says so in one line."""
+    import os
+    import subprocess
+    script = tmp_path / "script.py"
+    script.write_text("import os, cifarjax as cj, jax\n"
+                      "applied = cj.tune_process(relaunch=False)\n"
+                      "print(applied['xla_flags'], 'ynn_fusion' in os.environ['XLA_FLAGS'], jax.device_count())\n"
+                      "cj.tune_process()\n")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env={**env, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr
+    assert "True" in done.stdout and done.stderr == ("warning: tune_process() changed nothing: JAX's backend had "
+                                                     "already started (a jax.numpy array, jax.devices(), a cifarjax "
+                                                     "loop); call it first in the script\n")
+
+
+def test_huge_pages_relaunch_only_a_script_run_from_the_shell(tmp_path):
+    """tune_process relaunches what started the process: the script itself, never pytest or runpy running it."""
+    import subprocess
+    script = tmp_path / "script.py"
+    script.write_text("import sys\nfrom cifarjax.cpu.hugepages import _runs_the_main_script\n"
+                      "print(_runs_the_main_script(sys.orig_argv))\n")
+    runs_it = [[sys.executable, str(script)], [sys.executable, "-m", "script"],
+               [sys.executable, "-c", f"import runpy; runpy.run_path({str(script)!r}, run_name='__main__')"]]
+    printed = [subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path).stdout.strip() for argv in runs_it]
+    assert printed == ["True", "True", "False"]
