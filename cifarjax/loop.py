@@ -26,8 +26,9 @@ from cifarjax.batching import eval_indices, train_indices
 from cifarjax.checkpoint import Checkpointer, continue_run, latest_epoch
 from cifarjax.config import Config
 from cifarjax.data import Split
-from cifarjax.errors import (NonFiniteLossError, Terminated, UserError, interrupted, interrupted_at_once,  # noqa: F401
-                             non_finite_loss, set_interrupt_advice)
+from cifarjax.errors import NonFiniteLossError  # noqa: F401 - importable from here, as before
+from cifarjax.errors import (Terminated, UserError, interrupted, interrupted_at_once, non_finite_loss,
+                             set_interrupt_advice)
 from cifarjax.features import backbone_features, cacheable
 from cifarjax.files import write_json
 from cifarjax.freezing import Freezing
@@ -263,7 +264,8 @@ def _check_splits(config: Config, train: Split, val: Split, inputs) -> None:
 
 
 def _claim(run: Path, resume: bool, continue_from: Optional[Path]) -> bool:
-    """Claim and mark the run folder; with `continue_from`, a fresh run starts as that run resumed. Whether to resume."""
+    """Claim and mark the run folder; with `continue_from`, a fresh run starts as that run resumed. Returns whether
+    to resume."""
     runs.claim(run)
     distributed.barrier(f"claimed {run}")  # every process checked the folder before process 0 marks it
     if distributed.is_writer() and not runs.is_run(run):

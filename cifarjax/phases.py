@@ -75,7 +75,7 @@ class Chrono:
         with self.phases("compilation", "compiling the training step") if compiling else self.phases("training"):
             yield compiling
             if end is not None:
-                self.compile_steps += end - self.last_step if compiling else 0
+                self.compile_steps += (end - self.last_step) if compiling else 0
                 self.last_step = end
         self.call_seconds[compiling] += time.perf_counter() - start
 
@@ -92,6 +92,6 @@ class Chrono:
         (compilation and its `compile_images`); then `training_seconds` of steps (waiting for them included) at
         `images_per_second`. All zero when the fit had nothing left to train."""
         batch, seconds = self.batch_size, self.call_seconds
-        return {"images_trained": (self.last_step - self.start_step) * batch, "compile_seconds": round(seconds[True], 2),
-                "compile_images": self.compile_steps * batch, "training_seconds": round(seconds[False], 2),
-                "images_per_second": round(self.images_per_second(), 1)}
+        return {"images_trained": (self.last_step - self.start_step) * batch,
+                "compile_seconds": round(seconds[True], 2), "compile_images": self.compile_steps * batch,
+                "training_seconds": round(seconds[False], 2), "images_per_second": round(self.images_per_second(), 1)}

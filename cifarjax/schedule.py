@@ -59,7 +59,8 @@ def batches(config, n_train: int, start: int, devices, cheap: bool = False) -> I
     indices for one step a call, (steps, devices, per_device) for several, from each epoch's seeded permutation
     (`batching.train_indices`); at most `most_steps_per_call` steps a call on the devices' platform (`cheap`: a
     head on cached features)."""
-    per_epoch, total = n_train // config.batch_size, config.n_epochs * (n_train // config.batch_size)
+    per_epoch = n_train // config.batch_size
+    total = config.n_epochs * per_epoch
     steps = steps_per_call(most_steps_per_call(config, devices[0].platform, cheap), start,
                            (per_epoch, config.eval_every, config.checkpoint_every))
     for epoch in range(start // per_epoch, config.n_epochs):
