@@ -24,6 +24,9 @@ class Hooks(list):
     """Several hooks told as one: `hooks.after_call(trainer, call)` tells each hook that defines `after_call`."""
 
     def __getattr__(self, moment: str):
+        if moment.startswith("_"):  # not a moment: copy, pickle and numpy probe for these
+            raise AttributeError(moment)
+
         def tell(*args):
             for hook in self:
                 getattr(hook, moment, lambda *_: None)(*args)
