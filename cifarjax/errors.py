@@ -51,6 +51,59 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM outside the training loop (which saves a checkpoint first): ends the command as Ctrl-C does."""
 
 
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or infinite."""
+
+
+def non_finite_loss(step: int, loss: float, lr: float, saved: Optional[tuple], first_loss: Optional[float], run,
+                    resume_hint: str, restart_hint: Optional[str]) -> NonFiniteLossError:
+    """The error for a non-finite `loss` at `step`, with advice that works when followed. `saved`: the newest
+    checkpoint's (step, training loss) in the run folder `run`; `first_loss`: the run's first step's loss."""
+    where = f"the newest checkpoint (step {saved[0]}) is kept in {run}" if saved else "no checkpoint was written yet"
+    if step == 1:
+        return NonFiniteLossError(
+            f"training loss is {loss} at the very first step, before any update: the inputs or the starting "
+            "weights hold NaN or infinite values (check the data, --normalize and --weights); the learning "
+            "rate is not the cause")
+    lower = f"{lr / 10:g}"
+    exploded = saved and saved[1] is not None and first_loss is not None and saved[1] > 10 * first_loss
+    if saved and not exploded:
+        advice = f"resume from it with a lower learning rate: {resume_hint} --lr {lower}"
+    elif restart_hint:
+        advice = f"start again with a lower learning rate, replacing this run: {restart_hint} --lr {lower}"
+    else:
+        advice = f"start again with a lower learning rate ({lower}) in a new run folder"
+    return NonFiniteLossError(f"training loss became {loss} at step {step}; stopped ({where}); the learning "
+                              f"rate {lr:g} is probably too high: {advice}")
+
+
+def interrupted(step: int, epoch: float, run, resume_hint: str, terminated: bool) -> Interrupted:
+    """A first Ctrl-C (or SIGTERM: `terminated`) stopped training after `step`, saved when there is a run folder."""
+    saved = f" (epoch {epoch:.2f}); a checkpoint was saved: resume with {resume_hint}" if run is not None else \
+        "; nothing was saved (no run folder)"
+    return _interrupted(f"{'terminated (SIGTERM)' if terminated else 'interrupted'} at step {step}{saved}", terminated)
+
+
+def interrupted_at_once(terminated: bool, run, saved: Optional[tuple], steps_per_epoch: int,
+                        resume_hint: str) -> Interrupted:
+    """A second Ctrl-C (or a signal before the training loop started): what is saved, truthfully."""
+    how = "terminated (SIGTERM)" if terminated else "interrupted at once"
+    if run is None:
+        return _interrupted(f"{how}; nothing was saved (no run folder)", terminated)
+    if saved:
+        return _interrupted(f"{how}; the newest checkpoint (step {saved[0]}, epoch {saved[0] / steps_per_epoch:g}) "
+                            f"is kept in {run}: resume with {resume_hint}", terminated)
+    return _interrupted(f"{how} before the first checkpoint, so nothing is saved yet; the run folder {run} is kept: "
+                        f"{resume_hint} starts it from the beginning", terminated)
+
+
+def _interrupted(message: str, terminated: bool) -> Interrupted:
+    error = Interrupted(message)
+    if terminated:
+        error.exit_code = EXIT_TERMINATED
+    return error
+
+
 _interrupt_advice = None
 
 
@@ -177,8 +230,8 @@ def _on_sigterm(handler):
 
 
 _hard_exit_requested = False
-translators: list = []
-at_command_end: list = []  # functions run when a command ends, however it ends (runs.lock adds its release)  # functions error -> UserError or None (distributed.initialize adds one for dead peers)
+translators: list = []  # functions error -> UserError or None (distributed.initialize adds one for dead peers)
+at_command_end: list = []  # functions run when a command ends, however it ends (runs.lock adds its release)
 
 
 def request_hard_exit() -> None:
