@@ -2,8 +2,10 @@
 
 A hook is told, with the `loop.Trainer` (its state on the devices, its records), at the moments it defines:
 `after_call(trainer, call)` after each call of training steps (a `schedule.Call`), `after_evaluation(trainer,
-record)` (a line of metrics.jsonl), `after_checkpoint(trainer, step)`, and `at_end(trainer)` however the fit ends.
-The loop's own progress bar and metrics (metrics.jsonl, TensorBoard: `tensorboard --logdir runs/`) are hooks.
+record)` (a line of metrics.jsonl), `after_checkpoint(trainer, step)`, and `at_end(trainer)` however the fit ends
+(`trainer.finished` when it ran to its end). A hook may call `trainer.stop()` to end the fit after the current call.
+The loop's own progress bar, metrics (metrics.jsonl, TensorBoard: `tensorboard --logdir runs/`) and report
+(summary.json, plots) are hooks; research code passes its own to `fit`, `train_loop` and `fine_tune_loop`.
 """
 from __future__ import annotations
 
@@ -13,11 +15,14 @@ import socket
 import sys
 import threading
 
+import numpy as np
 from tqdm import tqdm
 
-from cifarjax import distributed, runs
+from cifarjax import distributed, plots, runs
 from cifarjax.errors import warn
-from cifarjax.files import best_effort, record_output
+from cifarjax.evaluation import score
+from cifarjax.files import best_effort, record_output, write_json
+from cifarjax.records import History
 
 
 class Hooks(list):
@@ -107,6 +112,32 @@ class Metrics:
         self.recent_loss(trainer)
         if self.writer is not None:
             best_effort(self.writer.close, f"TensorBoard event files in {self.folder}")
+
+
+class Report:
+    """A finished fit's summary.json and plots in its run folder, as the commands write theirs: the readings and
+    per-epoch curves, time and speed (`training_results.png`), and the validation split's confusion matrix."""
+
+    def at_end(self, trainer) -> None:
+        if not trainer.finished:
+            return
+        history, config, run = History(trainer.records), trainer.config, trainer.run
+        summary = {"experiment": "python", "recipe": config.recipe, "epochs": config.n_epochs, **history.readings(),
+                   "train_accuracy": history.train_accuracy[-1], "train_loss": history.train_loss[-1],
+                   "val_accuracy_per_epoch": history.epoch_val_accuracy,
+                   "train_accuracy_per_epoch": history.train_accuracy, "stopped_early": trainer.stopping,
+                   "wall_seconds": round(trainer.chrono.seconds(), 2),
+                   "images_per_second": round(trainer.chrono.images_per_second(), 1),
+                   "this_process": trainer.chrono.this_process(),
+                   "evaluated_weights": "moving average" if config.ema_decay > 0 else "final"}
+        write_json(run / runs.SUMMARY, summary)
+        plots.plot_training_results(trainer.records, run / runs.PLOTS / "training_results.png",
+                                    title=runs.run_name(run), label_smoothing=config.label_smoothing)
+        if trainer.val_predictions is not None and config.classes:
+            matrix = score(trainer.val.labels, trainer.val_predictions, config.classes)["confusion_matrix"]
+            plots.plot_confusion_matrix(np.asarray(matrix), config.classes, run / runs.PLOTS / "confusion_matrix.png",
+                                        title=f"Confusion matrix of {runs.run_name(run)} (val split, "
+                                              f"{len(trainer.val)} images)")
 
 
 def _quiet_writer_thread(previous):

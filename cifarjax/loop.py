@@ -15,7 +15,7 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import numpy as np
@@ -32,7 +32,7 @@ from cifarjax.errors import (Terminated, UserError, interrupted, interrupted_at_
 from cifarjax.features import backbone_features, cacheable
 from cifarjax.files import write_json
 from cifarjax.freezing import Freezing
-from cifarjax.hooks import Hooks, Metrics, Progress, StopRequest
+from cifarjax.hooks import Hooks, Metrics, Progress, Report, StopRequest
 from cifarjax.inputs import FeatureInputs, HostAugmentedInputs, HostAugmentFeed, ImageInputs, ResidentFeed
 from cifarjax.models import Apply, build_model, init_variables
 from cifarjax.optim import lr_at, make_optimizer
@@ -65,7 +65,12 @@ class Trainer:
         self.writer = run is not None and distributed.is_writer()
         self.checkpointer = Checkpointer(run, config.keep_checkpoints, trainable) if run is not None else None
         self.tracker, self.records, self.elapsed, self.saved = LossTracker(), [], 0.0, None
-        self.val_predictions = None
+        self.val_predictions, self.stopping, self.finished = None, False, False
+
+    def stop(self) -> None:
+        """Ask the fit to end after the current call, as if it were its last (a hook's early stop): a checkpoint is
+        saved and the fit returns its result. Every process must ask at the same call."""
+        self.stopping = True
 
     def restore(self, resume: bool) -> None:
         """With `resume`, continue from the newest intact checkpoint (refusing fewer epochs than already
@@ -198,7 +203,7 @@ class Trainer:
 def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inputs, *, run: Optional[Path] = None,
         resume: bool = False, devices=None, desc: str = "train", host_augment: Optional[HostAugment] = None,
         phases: Optional[Phases] = None, resume_hint: str = "--resume", restart_hint: Optional[str] = None,
-        continue_from: Optional[Path] = None) -> FitResult:
+        continue_from: Optional[Path] = None, hooks: Sequence = (), report: bool = True) -> FitResult:
     """Train `variables` under `apply_fn` on `train` (images or features), evaluating on `val`.
 
     With `run`, metrics go to run/metrics.jsonl, scalars to run/tensorboard and checkpoints to run/checkpoints;
@@ -207,13 +212,16 @@ def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inp
     epochs, makes a run without checkpoints of its own start as that run resumed here (`continue_run`): only
     exact when the learning rate does not depend on the number of epochs (`optim.rate_depends_on_length`).
     `resume_hint` and `restart_hint`: the commands that resume the run and start it again (errors give them).
+    `hooks`: objects told of the loop's moments (`cifarjax.hooks`), after its own; `trainer.stop()` ends the fit
+    early. `report`: with `run`, summary.json and plots/ written at the end, as the commands write them.
     """
     _check_splits(config, train, val, inputs)
     resume = _claim(run, resume, continue_from) if run is not None else resume
     trainer = Trainer(config, apply_fn, variables, train, val, inputs, run=Path(run) if run else None,
                       devices=devices, host_augment=host_augment, phases=phases or Phases(announce=False),
                       resume_hint=resume_hint, restart_hint=restart_hint)
-    hooks, graceful = Hooks([Progress(desc)] + ([Metrics(trainer.run)] if trainer.writer else [])), True
+    own = [Progress(desc)] + ([Metrics(trainer.run)] + ([Report()] if report else []) if trainer.writer else [])
+    hooks, graceful = Hooks([*own, *hooks]), True
     try:
         trainer.restore(resume)
         trainer.start()
@@ -245,13 +253,16 @@ def _train(trainer: Trainer, hooks: Hooks) -> None:
                 hooks.after_evaluation(trainer, trainer.evaluate(call.end))
             if trainer.checkpoint_due(call) and trainer.save(call.end):
                 hooks.after_checkpoint(trainer, call.end)
-            if stop.requested is not None:
+            if stop.requested is not None or trainer.stopping:
                 if trainer.save(call.end):
                     hooks.after_checkpoint(trainer, call.end)
+                if trainer.stopping:
+                    break
                 raise interrupted(call.end, call.end / trainer.steps_per_epoch, trainer.run, trainer.resume_hint,
                                   stop.requested == signal.SIGTERM)
     trainer.sync()
     trainer.check_finite()
+    trainer.finished = True
 
 
 def _check_splits(config: Config, train: Split, val: Split, inputs) -> None:
@@ -294,32 +305,34 @@ def _image_inputs(config: Config) -> tuple:
 
 def train_loop(config: Config, train: Split, val: Split, variables: Optional[dict] = None, *,
                run: Optional[Path] = None, resume: bool = False, devices=None, phases: Optional[Phases] = None,
-               resume_hint: str = "--resume", restart_hint: Optional[str] = None) -> FitResult:
-    """The original's train_loop: train the configured model (SimpleCNN by default) from scratch."""
+               resume_hint: str = "--resume", restart_hint: Optional[str] = None, hooks: Sequence = (),
+               report: bool = True) -> FitResult:
+    """The original's train_loop: train the configured model (SimpleCNN by default) from scratch. `hooks` and
+    `report`: as `fit`'s."""
     train.check_images("the training images"), val.check_images("the validation images")
     config = with_normalization(config.validate(), train.images)
     model, (inputs, host_augment) = build_model(config), _image_inputs(config)
     variables = variables if variables is not None else init_variables(model, config)
     return fit(config, Apply(model), variables, train, val, inputs, run=run, resume=resume, devices=devices,
                desc="train", host_augment=host_augment, phases=phases, resume_hint=resume_hint,
-               restart_hint=restart_hint)
+               restart_hint=restart_hint, hooks=hooks, report=report)
 
 
 def fine_tune_loop(config: Config, variables: dict, train: Split, val: Split, *, run: Optional[Path] = None,
                    resume: bool = False, devices=None, features=None, phases: Optional[Phases] = None,
                    resume_hint: str = "--resume", restart_hint: Optional[str] = None,
-                   continue_from: Optional[Path] = None) -> FitResult:
+                   continue_from: Optional[Path] = None, hooks: Sequence = (), report: bool = True) -> FitResult:
     """The original's fine_tune_loop: train a ResNet-18's unfrozen part (default: the head).
 
     When the backbone is fixed (`features.cacheable`), the head trains on cached backbone features (pass
     `features` from `features.backbone_features` to share them between runs); otherwise every step runs the
-    network on the images. `continue_from`: as `fit`'s.
+    network on the images. `continue_from`, `hooks` and `report`: as `fit`'s.
     """
     train.check_images("the training images"), val.check_images("the validation images")
     config = with_normalization(config.validate(), train.images)
     model = build_model(config)
     kw = dict(run=run, resume=resume, devices=devices, phases=phases, resume_hint=resume_hint,
-              restart_hint=restart_hint, continue_from=continue_from)
+              restart_hint=restart_hint, continue_from=continue_from, hooks=hooks, report=report)
     if cacheable(config):
         if features is None:
             with (phases or Phases(announce=False))("feature_extraction", "extracting backbone features"):

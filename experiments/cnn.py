@@ -28,7 +28,8 @@ def train(args) -> None:
     s = common.start("cnn", args, model="simple_cnn")
     common.open_run(s, "cnn", s.config.to_dict())
     result = train_loop(s.config, s.train, s.val, run=s.run, resume=s.resume, phases=s.phases,
-                        resume_hint=common.resume_hint("cnn", s.run), restart_hint=common.restart_hint(s))
+                        resume_hint=common.resume_hint("cnn", s.run), restart_hint=common.restart_hint(s),
+                        report=False)  # the command writes its own, richer summary and plots
     if distributed.is_writer():
         with s.phases("plotting", "writing plots"):
             plots.plot_training_results(result.history.records, s.run / runs.PLOTS / "training_results.png",

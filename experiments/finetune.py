@@ -161,7 +161,7 @@ def fine_tune_run(s, n_epochs: int, variables: dict, features, bound: dict, nest
     distributed.barrier(f"sub-run {n_epochs}")
     result = fine_tune_loop(config, variables, s.train, s.val, run=sub, resume=s.resume, features=features,
                             phases=s.phases, resume_hint=common.resume_hint("finetune", s.run),
-                            restart_hint=common.restart_hint(s), continue_from=continue_from)
+                            restart_hint=common.restart_hint(s), continue_from=continue_from, report=False)
     scored = common.report_split(config, result, *common.scored_split(s), sub, s.phases)
     summary = common.run_summary("finetune", s, config, result, sub, weights=weights_label,
                                  weights_sha256=bound["weights_sha256"],
