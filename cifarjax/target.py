@@ -1,11 +1,11 @@
 """The platform a run's programs are built for (their target; a module named `platform` would shadow Python's
-own wherever cifarjax/ is the working directory): the one place that chooses between the plain JAX program and the
-CPU's formulations (`cifarjax.cpu`).
+own wherever cifarjax/ is the working directory): the one place that decides it (`resolve`).
 
-A run resolves its platform once (`resolve`) and passes it to the builders (`build_model(config, platform=...)`,
-`make_optimizer(..., platform=...)`, `DataParallel(..., platform=...)`), which pass it on to the layers. Nothing
-below the builders asks which backend the process has, so a test on a CPU machine builds (and `jax.export`s) the
-very program a GPU gets by passing platform="gpu".
+Only the builders ask it, and they pass the plain JAX program's pieces or the CPU's (`cifarjax.cpu`) in:
+`models.build_model(config, platform=...)` its layers' formulations (`models.formulations_for`),
+`optim.make_optimizer(..., platform=...)` its optimizer, `train.DataParallel(..., pmap_train=step_factory(...))`
+its step factory. The layers, the model classes and the steps never ask, so a test on a CPU machine builds (and
+`jax.export`s) the very program a GPU gets by passing platform="gpu".
 
 * "cpu": the CPU's formulations: Winograd/im2col convolutions and fused conv+pool blocks, fusion barriers, the
   optimizer updates computed once, frozen-only donation (docs/architecture.md lists them with their gains).
@@ -49,6 +49,17 @@ def conv_impl(impl: str, platform: str) -> str:
     if impl == "auto":
         return "winograd" if platform == "cpu" else "xla"
     return impl
+
+
+def step_factory(platform: Optional[str] = None):
+    """How the training steps of a run built for `platform` (default: `resolve()`) are pmap-ed,
+    `(step, mask, axis_name, devices, **static) -> step`: on the CPU with only the frozen parameters donated
+    (`cifarjax.cpu.donation.frozen_apart`), elsewhere with the whole state (`cifarjax.train.donate_state`)."""
+    if resolve(platform) == "cpu":
+        from cifarjax.cpu.donation import frozen_apart
+        return frozen_apart
+    from cifarjax.train import donate_state
+    return donate_state
 
 
 def runs_on_cpu(environ: Mapping[str, str] = os.environ) -> bool:

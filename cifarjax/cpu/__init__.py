@@ -1,7 +1,8 @@
 """Everything cifarjax does only for the CPU: formulations XLA's CPU compiler runs faster, and process settings.
 
-A run's programs use these only where they are built for platform "cpu" (`cifarjax.target`); the program a GPU
-gets is plain JAX and imports none of them. docs/architecture.md tabulates each trick with its measured gain.
+The builders pass these in only where a run is built for platform "cpu" (`cifarjax.target`); the program a GPU
+gets is plain JAX and contains none of them. Nothing here imports the model modules (shared helpers:
+`cifarjax.ops`). docs/architecture.md tabulates each trick with its measured gain.
 
 * `conv`: Winograd/im2col convolutions and the fused conv+ReLU+max-pool blocks, with the CPU-measured thresholds
   (`LARGE_MAP`, `FEW_CHANNELS`, `XLA_FORWARD_WIDTHS`, `F4_FROM`).
