@@ -1,17 +1,14 @@
-"""Layers whose numerics match PyTorch, as plain JAX. How convolutions, linear layers and max pooling compute is
-injected (as flax's `nn.Conv` takes its `conv_general_dilated`): XLA's own unless a builder passes the CPU's
-formulations (`cifarjax.models.Formulations`).
+"""Layers whose numerics match PyTorch, as plain JAX. How convolutions and linear layers compute is injected (as
+flax's `nn.Conv` takes its `conv_general_dilated`): XLA's own unless a builder passes the CPU's formulations
+(`cifarjax.models.Formulations`).
 
-* `Conv`: a convolution with symmetric padding and PyTorch's default initialisation (`convolve`: by default
-  `lax.conv_general_dilated`, cuDNN on a GPU).
-* `Dense`: a linear layer with PyTorch's initialisation (`linear`: by default `x @ kernel + bias`).
-* `BatchNorm`: PyTorch's BatchNorm2d (running variance updated with the unbiased batch variance), with
-  optional synchronisation across devices.
+* `Conv`, `Dense`: PyTorch's initialisation; a convolution with symmetric padding, a linear layer.
+* `BatchNorm`: PyTorch's BatchNorm2d (running variance updated with the unbiased batch variance), optionally
+  synchronised across devices; it trains with `batch_norm_train`, whose backward pass is written by hand.
 * `Dropout`: inverted dropout whose mask comes from a counter-based integer hash seeded by the PRNG key
   (on the CPU ~50x cheaper than drawing threefry bits for every activation; the same masks everywhere).
 * `max_pool`: max pooling as reshape+max (non-overlapping windows) or as a max of strided slices whose
   gradient goes to each window's first maximum, as PyTorch's (`window_max_pool`).
-* `batch_norm_train`: train-mode BatchNorm with a hand-written backward pass (what `BatchNorm` trains with).
 """
 from __future__ import annotations
 
@@ -24,7 +21,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax import lax
 
-from cifarjax.ops import interleave, torch_bias_init, torch_uniform, xla_conv
+from cifarjax.ops import interleave, torch_uniform, xla_conv
 
 
 class Conv(nn.Module):
@@ -48,7 +45,7 @@ class Conv(nn.Module):
         else:  # mixed precision: XLA's convolution of cast operands (the CPU formulations are float32's)
             y = xla_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding)
         if self.use_bias:
-            bias = self.param("bias", torch_bias_init(math.prod(shape[:-1])), (self.features,))
+            bias = self.param("bias", partial(torch_uniform, fan_in=math.prod(shape[:-1])), (self.features,))
             y = y + (bias if self.dtype is None else bias.astype(self.dtype))
         return y
 
@@ -68,7 +65,7 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", torch_uniform, (x.shape[-1], self.features))
-        bias = self.param("bias", torch_bias_init(x.shape[-1]), (self.features,))
+        bias = self.param("bias", partial(torch_uniform, fan_in=x.shape[-1]), (self.features,))
         if self.dtype is not None:
             x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
         return self.linear(x, kernel, bias)

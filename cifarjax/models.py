@@ -54,28 +54,27 @@ class SimpleCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        drop = lambda name: Dropout(self.dropout_rate, name=name)  # noqa: E731
-        fused = self.dtype is None and self.formulations.conv_pool is not None
-        conv = partial(Conv, dtype=self.dtype, convolve=self.formulations.convolve)
-        dense = partial(Dense, dtype=self.dtype, linear=self.formulations.linear)
+        ops, drop = self.formulations, lambda name: Dropout(self.dropout_rate, name=name)  # noqa: E731
+        fused = self.dtype is None and ops.conv_pool is not None
+        conv = partial(Conv, dtype=self.dtype, convolve=ops.convolve)
+
+        def block(features, pool, name):  # max_pool(relu(conv3x3(x)), pool)
+            if fused:
+                return ops.conv_pool(features, pool, "winograd", name=name)
+            return lambda x: max_pool(nn.relu(conv(features, 3, name=name)(x)), pool)
         if fused:
-            x = self._fused_blocks(x, drop("dropout1"), train)
+            x = self._fused_conv1(x, drop("dropout1"), train)
         else:
             x = nn.relu(conv(128, 3, name="conv1")(x))
             x = max_pool(drop("dropout1")(x, deterministic=not train), 2)
-            x = max_pool(nn.relu(conv(256, 3, name="conv2")(x)), 2)
-        x = drop("dropout2")(x, deterministic=not train)
-        if fused:
-            x = self.formulations.conv_pool(256, 4, "winograd", name="conv3")(x)
-        else:
-            x = max_pool(nn.relu(conv(256, 3, name="conv3")(x)), 4)
-        x = drop("dropout3")(x, deterministic=not train)
-        x = x.reshape(x.shape[0], -1)
-        x = nn.relu(dense(512, name="fc1")(x))
+        x = drop("dropout2")(block(256, 2, "conv2")(x), deterministic=not train)
+        x = drop("dropout3")(block(256, 4, "conv3")(x), deterministic=not train)
+        dense = partial(Dense, dtype=self.dtype, linear=ops.linear)
+        x = nn.relu(dense(512, name="fc1")(x.reshape(x.shape[0], -1)))
         return dense(self.num_classes, name="fc2")(x)
 
-    def _fused_blocks(self, x, dropout1: Dropout, train: bool):
-        """conv1 (per output phase, dropout before the pool as in the original) and conv2 (Winograd)."""
+    def _fused_conv1(self, x, dropout1: Dropout, train: bool):
+        """conv1 fused per output phase, its dropout before the pool as in the original."""
         mask_phase = None
         if train and dropout1.rate > 0:
             n, h, w, _ = x.shape
@@ -85,9 +84,7 @@ class SimpleCNN(nn.Module):
             mask_phase = lambda z, pq: jnp.where(  # noqa: E731
                 keep[:, pq[0]:pq[0] + 2 * th - 1:2, pq[1]:pq[1] + 2 * tw - 1:2, :], z, jnp.zeros_like(z))
         x = self.formulations.conv_pool(128, 2, "phases", name="conv1")(x, mask_phase)
-        if mask_phase is not None:
-            x = x / (1.0 - dropout1.rate)
-        return self.formulations.conv_pool(256, 2, "winograd", name="conv2")(x)
+        return x if mask_phase is None else x / (1.0 - dropout1.rate)
 
 
 def _resnet_conv_init():

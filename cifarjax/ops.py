@@ -9,16 +9,11 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def torch_uniform(key, shape, dtype=jnp.float32):
-    """PyTorch's default Conv2d/Linear weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = prod(shape[:-1])."""
-    fan_in = math.prod(shape[:-1])
-    bound = 1.0 / math.sqrt(fan_in)
+def torch_uniform(key, shape, dtype=jnp.float32, fan_in=None):
+    """PyTorch's default Conv2d/Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), by default fan_in = prod(shape[:-1])
+    (a weight's; a bias takes its weight's)."""
+    bound = 1.0 / math.sqrt(fan_in or math.prod(shape[:-1]))
     return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-def torch_bias_init(fan_in: int):
-    bound = 1.0 / math.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def xla_conv(x, kernel, strides: int, padding: int):

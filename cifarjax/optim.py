@@ -60,14 +60,11 @@ def base_optimizer(config, steps_per_epoch: int, platform: Optional[str] = None)
                        optimizers.sgd(rate, config.momentum, nesterov=True))
 
 
-def freeze_labels(params, freezing: Freezing):
-    """'trainable'/'frozen' per parameter leaf, from the freezing policy."""
-    return jax.tree.map(lambda trains: TRAINABLE if trains else FROZEN, freezing.trainable_mask(params))
-
-
 def make_optimizer(config, params, steps_per_epoch: int = 1, platform: Optional[str] = None
                    ) -> optax.GradientTransformation:
     """The configured optimizer on the trainable leaves, built for `platform` (default:
     `cifarjax.target.resolve()`); frozen leaves get `set_to_zero` and no state."""
+    mask = Freezing.from_config(config).trainable_mask(params)
+    labels = jax.tree.map(lambda trains: TRAINABLE if trains else FROZEN, mask)
     return optax.multi_transform({TRAINABLE: base_optimizer(config, steps_per_epoch, platform),
-                                  FROZEN: optax.set_to_zero()}, freeze_labels(params, Freezing.from_config(config)))
+                                  FROZEN: optax.set_to_zero()}, labels)

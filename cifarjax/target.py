@@ -1,19 +1,14 @@
 """The platform a run's programs are built for (their target; a module named `platform` would shadow Python's
-own wherever cifarjax/ is the working directory): the one place that decides it (`resolve`).
+own wherever cifarjax/ is the working directory), decided in one place: `resolve`.
 
-Only the builders ask it, and they pass the plain JAX program's pieces or the CPU's (`cifarjax.cpu`) in:
-`models.build_model(config, platform=...)` its layers' formulations (`models.formulations_for`),
-`optim.make_optimizer(..., platform=...)` its optimizer, `train.DataParallel(..., pmap_train=step_factory(...))`
-its step factory. The layers, the model classes and the steps never ask, so a test on a CPU machine builds (and
-`jax.export`s) the very program a GPU gets by passing platform="gpu".
+Only the builders ask, and pass the plain JAX program's pieces or the CPU's (`cifarjax.cpu`) in: `build_model`
+the layers' formulations (`models.formulations_for`), `make_optimizer` the optimizer, `DataParallel` the step
+factory (`step_factory`). So a test on a CPU machine builds the very program a GPU gets with platform="gpu".
+"cpu": Winograd/im2col convolutions, fused conv+pool blocks, fusion barriers, optimizer updates computed once,
+frozen-only donation (docs/architecture.md). "gpu" (any accelerator): plain JAX, the whole state donated.
 
-* "cpu": the CPU's formulations: Winograd/im2col convolutions and fused conv+pool blocks, fusion barriers, the
-  optimizer updates computed once, frozen-only donation (docs/architecture.md lists them with their gains).
-* "gpu" (any accelerator): plain JAX: `lax.conv_general_dilated`, `optax.adam`/`optax.sgd`, the state donated.
-
-Whether this process *will run* on the CPU, asked before JAX starts a backend (to set the CPU's XLA flags and
-huge pages, which must be in place before it starts), is `runs_on_cpu`. `deterministic` asks XLA's GPU backend
-for deterministic kernels (`Config.deterministic`), also before it starts.
+`runs_on_cpu`: whether this process *will run* on the CPU, asked before JAX starts a backend (the CPU's XLA flags
+and huge pages must be in place before); `deterministic` asks XLA's GPU backend for deterministic kernels.
 """
 from __future__ import annotations
 

@@ -182,8 +182,7 @@ def donate_state(step, mask, axis_name: str, devices: list, **static):
 
 @functools.lru_cache(maxsize=32)
 def _pmapped_train(step, devices: tuple, trainable, pmap_train, **static):
-    """One pmap-ed training step per (step, devices, freezing, step factory, static settings), reused by repeated
-    runs."""
+    """One pmap-ed training step per (step, devices, freezing, step factory, static settings), reused by runs."""
     mask = None if trainable is None else jax.tree.unflatten(trainable[1], trainable[0])
     return pmap_train(step, mask, AXIS, list(devices), **static)
 
@@ -223,23 +222,19 @@ class DataParallel:
 
     def replicate(self, tree):
         """Copy a host pytree onto every device of this process (leading axis = devices)."""
-        local = [self.devices[i] for i in self.local_rows]
-
-        def put(x):
-            x = np.asarray(x)
-            return jax.make_array_from_single_device_arrays(
-                (self.n_devices,) + x.shape, self.sharding, [jax.device_put(x[None], d) for d in local])
-        return jax.tree.map(put, tree)
+        return self._place(tree, lambda x, i: x[None])
 
     def shard(self, tree):
         """Place this process's rows (local devices, ...) of a batch on its devices."""
-        local = [self.devices[i] for i in self.local_rows]
+        return self._place(tree, lambda x, i: x[i:i + 1])
 
+    def _place(self, tree, rows):
+        """`tree`'s leaves as arrays over the devices, this process's i-th device holding `rows(leaf, i)`."""
         def put(x):
             x = np.asarray(x)
-            return jax.make_array_from_single_device_arrays(
-                (self.n_devices,) + x.shape[1:], self.sharding, [jax.device_put(x[i:i + 1], d) for i, d in
-                                                                 enumerate(local)])
+            shards = [jax.device_put(rows(x, i), self.devices[d]) for i, d in enumerate(self.local_rows)]
+            return jax.make_array_from_single_device_arrays((self.n_devices,) + shards[0].shape[1:], self.sharding,
+                                                            shards)
         return jax.tree.map(put, tree)
 
     @staticmethod

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from cifarjax.cpu.fusion import apart, materialize
-from cifarjax.ops import interleave, torch_bias_init, torch_uniform, xla_conv
+from cifarjax.ops import interleave, torch_uniform, xla_conv
 
 # From this width XLA's own (Eigen) convolution computes a forward pass faster than im2col on CPU: 1.0-4.6x on
 # ResNet-18's strided convolutions of 8x8 to 224x224 maps. On 2x2 maps it is far slower.
@@ -423,7 +423,7 @@ class ConvReluMaxPool(nn.Module):
     def __call__(self, x, between: Optional[Callable] = None):
         shape = (3, 3, x.shape[-1], self.features)
         kernel = self.param("kernel", torch_uniform, shape)
-        bias = self.param("bias", torch_bias_init(math.prod(shape[:-1])), (self.features,))
+        bias = self.param("bias", partial(torch_uniform, fan_in=math.prod(shape[:-1])), (self.features,))
         if self.method == "winograd":
             if between is not None:
                 raise ValueError("the Winograd path pools before the ReLU and cannot apply `between`")
