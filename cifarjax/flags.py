@@ -100,6 +100,12 @@ def new_config(command: str, recipe: Optional[str], typed: dict, **fixed) -> Con
     return recipe_config(command, recipe or "original", **typed, **fixed).validate()
 
 
+def rate_depends_on_length(config) -> bool:
+    """Whether the learning rate at a step depends on the number of epochs (every schedule but 'constant'):
+    when it does not, a run's first epochs are those of the same run made shorter."""
+    return config.schedule != "constant"
+
+
 def resumed_config(saved: Config, typed: dict, recipe: Optional[str], where: str) -> Config:
     """The run's own config with the flags a user may change on resume; anything else that differs is refused.
 
@@ -109,7 +115,6 @@ def resumed_config(saved: Config, typed: dict, recipe: Optional[str], where: str
     differing = {k: v for k, v in typed.items() if getattr(saved, k) != v and k not in allowed}
     if recipe is not None and recipe != saved.recipe:
         differing["recipe"] = recipe
-    from cifarjax.optim import rate_depends_on_length  # here: `python -m cifarjax.data` imports no JAX
     if typed.get("n_epochs", saved.n_epochs) != saved.n_epochs and rate_depends_on_length(saved):
         raise UserError(f"--epochs {typed['n_epochs']} on resume: the run in {where} has a {saved.schedule} "
                         f"learning-rate schedule over its {saved.n_epochs} epochs, which another length would "

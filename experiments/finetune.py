@@ -26,11 +26,10 @@ from cifarjax.checkpoint import FROZEN, digest, frozen_params, join_frozen, late
 from cifarjax.errors import exit_on_user_error
 from cifarjax.features import backbone_features, cacheable
 from cifarjax.files import write_json
-from cifarjax.flags import given
+from cifarjax.flags import given, rate_depends_on_length
 from cifarjax.freezing import Freezing
 from cifarjax.loop import fine_tune_loop
 from cifarjax.models import build_model
-from cifarjax.optim import rate_depends_on_length
 from cifarjax.pretrained import Weights, sha256_file, starting_weights, weights_file
 from cifarjax.text import plural
 

@@ -11,6 +11,7 @@ from cifarjax.freezing import Freezing
 from cifarjax.inputs import FeatureInputs, HostAugmentedInputs, HostAugmentFeed, ImageInputs
 from cifarjax.models import AXIS, Apply, SimpleCNN, initialize
 from cifarjax.optim import make_optimizer
+from cifarjax.target import step_factory
 from cifarjax.train import DataParallel, StepOptions, create_train_state
 from tests.test_train import fast, small_resnet, tiny_split
 
@@ -18,7 +19,7 @@ from tests.test_train import fast, small_resnet, tiny_split
 def run_both(model, variables, inputs, data, idx, platform, trainable=None, config=fast(), options=StepOptions()):
     """(state after `train_step` called once per row of idx, the metrics of each; state after one `train_steps`
     call over all rows, its metrics), on 2 devices."""
-    parallel = DataParallel(inputs, trainable, jax.devices()[:2], options, platform=platform)
+    parallel = DataParallel(inputs, trainable, jax.devices()[:2], options, step_factory(platform))
     tx = make_optimizer(config, variables["params"], 10, platform=platform)
     new = lambda: parallel.replicate(create_train_state(  # noqa: E731
         Apply(model, "classify" if isinstance(inputs, FeatureInputs) else None), variables, tx, 0,
@@ -58,7 +59,7 @@ def test_a_rolled_scan_runs_the_steps_of_single_calls(name):
     inputs = ImageInputs(AugmentSpec(flip=True))
     config = fast(optimizer="sgd", lr=0.1)
     if name.startswith("simple_cnn"):
-        model, options, trainable = SimpleCNN(3, conv_impl="xla"), StepOptions(), None
+        model, options, trainable = SimpleCNN(3), StepOptions(), None
         variables = initialize(model)
     else:
         model = small_resnet(axis_name=AXIS)
@@ -95,7 +96,7 @@ def test_host_augmented_steps_packed_in_one_call_are_each_steps_own():
     """Host augmentation (albumentations) of K steps in one call: each step's rows are the images its own call
     would have augmented (the draws of its own step)."""
     data = tiny_split(16)
-    parallel = DataParallel(HostAugmentedInputs(AugmentSpec()), None, jax.devices()[:2], platform="gpu")
+    parallel = DataParallel(HostAugmentedInputs(AugmentSpec()), None, jax.devices()[:2], pmap_train=step_factory("gpu"))
     feed = HostAugmentFeed(parallel, data, HostAugment(seed=0))
     idx = np.arange(16, dtype=np.int32)[::-1].reshape(2, 2, 4)
     images, rows = feed(idx, 10)

@@ -32,7 +32,7 @@ def fast(**changes) -> Config:
 def small_resnet(**kw):
     """A ResNet with ResNet-18's stages, one block each, 8 filters wide: the properties of stages, BatchNorm and
     freezing hold for any width, and it compiles in a fraction of ResNet-18's time."""
-    return ResNet(3, stage_sizes=(1, 1, 1, 1), num_filters=8, conv_impl="xla", **kw)
+    return ResNet(3, stage_sizes=(1, 1, 1, 1), num_filters=8, **kw)
 
 
 def tiny_split(n, seed=0, classes=3, size=32):
@@ -78,7 +78,7 @@ ALGORITHM_ATOL = 1e-9
 def test_two_devices_equal_one_device_simple_cnn():
     """The same global batches give the same parameters on 2 devices as on 1 (augmentation included)."""
     assert jax.local_device_count() >= 2, "tests run with two simulated CPU devices (see conftest.py)"
-    model = SimpleCNN(3, dropout_rate=0.0, conv_impl="xla")
+    model = SimpleCNN(3, dropout_rate=0.0)
     data = tiny_split(32)
     with jax.enable_x64(True):
         variables = float64(initialize(model))
