@@ -210,7 +210,7 @@ def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inp
     with `resume`, training continues from the newest intact checkpoint and ends exactly where an
     uninterrupted run would. `continue_from`, the folder of a finished run of the same configuration but fewer
     epochs, makes a run without checkpoints of its own start as that run resumed here (`continue_run`): only
-    exact when the learning rate does not depend on the number of epochs (`optim.rate_depends_on_length`).
+    exact when the learning rate does not depend on the number of epochs (`flags.rate_depends_on_length`).
     `resume_hint` and `restart_hint`: the commands that resume the run and start it again (errors give them).
     `hooks`: objects told of the loop's moments (`cifarjax.hooks`), after its own; `trainer.stop()` ends the fit
     early. `report`: with `run`, summary.json and plots/ written at the end, as the commands write them.

@@ -137,7 +137,7 @@ def train_step(state: TrainState, data, idx, *, inputs, n_devices: int, trainabl
 def train_steps(state: TrainState, data, idxs, **kwargs):
     """Several `train_step`s in one call, so that dispatching them costs less than running them (a head on cached
     features; small images on a GPU): a rolled `lax.scan` over idxs' leading axis, one copy of the step inside a
-    loop (a fit's calls all run as many steps, `loop.steps_per_call`: one compilation). Metrics are per step.
+    loop (a fit's calls all run as many steps, `schedule.steps_per_call`: one compilation). Metrics are per step.
 
     The same steps as that many calls of `train_step`, equal within float32 rounding: XLA compiles a loop's body
     as a computation of its own, whose fusions may round differently (tests/test_steps_per_call.py).
