@@ -16,12 +16,7 @@ from cifarjax.text import plural
 
 @exit_on_user_error
 def main(argv=None) -> None:
-    args = common.parse("cnn", __doc__.splitlines()[0], argv)
-    each = seeds.planned(args)
-    if each:
-        seeds.run_each("cnn", args, train, each)
-    else:
-        train(args)
+    seeds.run("cnn", common.parse("cnn", __doc__.splitlines()[0], argv), train)
 
 
 def train(args) -> None:

@@ -50,11 +50,7 @@ def epoch_counts(args) -> list:
 def main(argv=None) -> None:
     args = common.parse("finetune", __doc__.splitlines()[0], argv, nargs={"n_epochs": "+"},
                         shown={"n_epochs": " ".join(map(str, DEFAULT_EPOCHS))})
-    each = seeds.planned(args)
-    if each:
-        seeds.run_each("finetune", args, fine_tune, each)
-    else:
-        fine_tune(args)
+    seeds.run("finetune", args, fine_tune)
 
 
 def fine_tune(args) -> None:

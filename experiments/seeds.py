@@ -65,6 +65,15 @@ def one_seed_command(command_line: str, seed: int, out: Path) -> str:
     return " ".join(map(shlex.quote, [*kept, "--seed", str(seed), "--out", str(out)]))
 
 
+def run(command: str, args, run_one: Callable) -> None:
+    """`run_one(args)`: once, or once per seed where --seeds asks (or --resume continues a --seeds folder)."""
+    seeds = planned(args)
+    if seeds:
+        run_each(command, args, run_one, seeds)
+    else:
+        run_one(args)
+
+
 def run_each(command: str, args, run_one: Callable, seeds: list) -> None:
     """Run `run_one(args)` once per seed into OUT/seed-N (resumed where it exists and --resume was given), then
     write OUT's summary.json and seeds.png and print the mean ± sd."""

@@ -102,7 +102,7 @@ def _skip_if_torch_is_broken(error: BaseException) -> None:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_setup(item):
+def _skipping_where_torch_is_broken(item):
     try:
         return (yield)
     except Exception as error:  # noqa: BLE001 - re-raised unless torch's import is what broke
@@ -110,10 +110,4 @@ def pytest_runtest_setup(item):
         raise
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item):
-    try:
-        return (yield)
-    except Exception as error:  # noqa: BLE001 - re-raised unless torch's import is what broke
-        _skip_if_torch_is_broken(error)
-        raise
+pytest_runtest_setup = pytest_runtest_call = _skipping_where_torch_is_broken  # a fixture's set-up and the test

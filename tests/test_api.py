@@ -17,14 +17,19 @@ from tests.helpers import make_image_folder
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def runs_cleanly(program: str) -> None:
+    """`program` in a fresh interpreter exits 0 (its failed assert's message shown otherwise)."""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+
+
 def test_import_starts_neither_torch_nor_jax():
     program = ("import sys, cifarjax\n"
                "cifarjax.Config, cifarjax.recipe_config, cifarjax.UserError\n"
                "assert 'torch' not in sys.modules and 'jax' not in sys.modules, sorted(sys.modules)\n"
                "cifarjax.load_run, cifarjax.train_loop, cifarjax.fine_tune_study, cifarjax.imagenet_resnet18\n"
                "assert 'torch' not in sys.modules\n")
-    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 0, done.stderr
+    runs_cleanly(program)
 
 
 def test_importing_every_module_leaves_the_process_as_it_was():
@@ -46,8 +51,7 @@ def test_importing_every_module_leaves_the_process_as_it_was():
                "from cifarjax.checkpoint import quiet_orbax\n"
                "quiet_orbax()\n"
                "assert type(asyncio.get_event_loop_policy()) is not before[0] and logging.getLogger('absl').filters\n")
-    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 0, done.stderr
+    runs_cleanly(program)
 
 
 def test_every_public_name_resolves_with_its_own_docstring():
