@@ -23,6 +23,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")  # the 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+pytest.register_assert_rewrite("tests.helpers")  # its asserts (`fails`) explain their failures as a test's do
 from tests.helpers import make_image_folder  # noqa: E402
 
 
@@ -47,6 +48,12 @@ def _isolated_cache(tmp_path, monkeypatch):
 def image_folder(tmp_path):
     """A tiny ImageFolder tree: 3 classes x 12 train images, 3 x 4 test images, 32x32 RGB PNG."""
     return make_image_folder(tmp_path / "data", classes=("cat", "dog", "frog"), n_train=12, n_test=4)
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """A learnable ImageFolder tree for the commands: 3 classes x 20 train images, 3 x 6 test images."""
+    return make_image_folder(tmp_path / "data", n_train=20, n_test=6, learnable=True)
 
 
 @pytest.fixture

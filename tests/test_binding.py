@@ -15,23 +15,7 @@ from cifarjax.errors import UserError
 from cifarjax.pretrained import (IMAGENET_DESCRIPTION, IMAGENET_SHA256, Weights, describe_weights, load_weights,
                                  resnet18_from_torchvision)
 from experiments import cnn, evaluate, finetune, study
-from tests.helpers import make_image_folder, randomized_torchvision_resnet18
-
-
-@pytest.fixture
-def data_dir(tmp_path):
-    return make_image_folder(tmp_path / "data", n_train=20, n_test=6, learnable=True)
-
-
-def fails(main, args, capsys, code=2):
-    """Run a command's main, expect exit `code`; return its one `error:` line."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == code
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
+from tests.helpers import fails, make_image_folder, randomized_torchvision_resnet18
 
 
 def save_resnet(path, seed=3, transform=None):

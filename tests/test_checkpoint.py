@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from cifarjax.checkpoint import load_variables
-from cifarjax.config import Config
 from cifarjax.errors import UserError
 from cifarjax.loop import train_loop
 from tests.test_train import fast, tiny_split

@@ -6,8 +6,7 @@ import pytest
 from cifarjax.config import Config
 from cifarjax.errors import UserError
 from experiments import cnn, evaluate
-from tests.helpers import make_image_folder
-from tests.test_reliability import cnn_args, fails
+from tests.helpers import cnn_args, fails, make_image_folder
 
 
 def test_a_config_derives_num_classes_from_classes_and_refuses_a_mismatch():
