@@ -75,7 +75,8 @@ def test_profile_counts_asynchronous_operations_until_their_completion_runs():
     # one lane busy: 'sync', 'conv''s launch, the flights alone, 'after_dot'; two: 'dot''s launch and 'after_conv'
     # while 'dot' is in flight; none: 8-9 and 50-51
     assert threads_busy(spans) == {1: 6 + 1 + 20 + 11 + 8, 2: 1 + 8, 0: 1 + 1}
-    assert shared_time([(0, 4, "x"), (2, 6, "y"), (2, 6, "y")]) == {"x": 2 + 2 / 3, "y": 2 * (2 / 3) + 2}  # the union: 6
+    assert shared_time([(0, 4, "x"), (2, 6, "y"), (2, 6, "y")]) == \
+        {"x": 2 + 2 / 3, "y": 2 * (2 / 3) + 2}  # the union: 6
 
 
 def test_profile_splits_wall_time_by_busy_threads():

@@ -61,7 +61,8 @@ def metrics(run):
 
 
 def same_parameters(a, b) -> bool:
-    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(load_variables(a)), jax.tree.leaves(load_variables(b))))
+    return all(np.array_equal(x, y)
+               for x, y in zip(jax.tree.leaves(load_variables(a)), jax.tree.leaves(load_variables(b))))
 
 
 @pytest.fixture(scope="module")

@@ -288,11 +288,3 @@ def test_gpu_and_cpu_programs_share_parameters_and_optimizer_state():
         trees.append(jax.tree.map(lambda x: (x.shape, x.dtype), (variables, state)))
     assert trees[0] == trees[1]
 
-
-def test_conditionals_reader_on_a_cpu_barrier():
-    """`cifarjax.cpu.fusion.materialize` is a conditional on data: what the GPU program must not contain."""
-    from cifarjax.cpu.fusion import materialize
-    text = jax.export.export(jax.jit(functools.partial(materialize)), platforms=("cpu",))(
-        jax.ShapeDtypeStruct((4,), jnp.float32)).mlir_module()
-    assert [c for c in conditionals(text) if not c[1]]
-    assert np.all(jax.jit(materialize)(jnp.arange(4.0)) == jnp.arange(4.0))

@@ -101,7 +101,8 @@ def test_the_library_writes_only_into_a_folder_of_its_own(data_dir, tmp_path):
     (mine / "metrics.jsonl").write_text("my notes\n")
     with pytest.raises(UserError, match="notes holds files that cifarjax did not create .* pass a new or empty"):
         train_loop(fast(num_classes=len(data.classes)), train, val, run=mine)
-    assert [p.name for p in mine.iterdir()] == ["metrics.jsonl"] and (mine / "metrics.jsonl").read_text() == "my notes\n"
+    assert [p.name for p in mine.iterdir()] == ["metrics.jsonl"]
+    assert (mine / "metrics.jsonl").read_text() == "my notes\n"
 
 
 def dead_pid() -> int:
@@ -247,7 +248,8 @@ def test_sigterm_stops_like_ctrl_c_and_says_so_at_once(tmp_path, data_dir):
 
 @pytest.mark.parametrize("args, message", [
     (["--seed", str(2**64)], "seed must be at most 4294967295"),
-    (["--schedule", "cosine", "--warmup-epochs", "2", "--epochs", "2"], "--warmup-epochs 2 is not shorter than --epochs 2"),
+    (["--schedule", "cosine", "--warmup-epochs", "2", "--epochs", "2"],
+     "--warmup-epochs 2 is not shorter than --epochs 2"),
     (["--schedule", "onecycle", "--warmup-epochs", "3", "--epochs", "1"], "--warmup-epochs 3 is not shorter"),
     (["--crop-padding", "17"], "crop-padding 17 is more than half the 32-pixel image"),
     (["--epochs", "1000000"], "epochs must be at most"),
