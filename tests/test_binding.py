@@ -193,7 +193,7 @@ def test_a_fine_tune_is_bound_to_its_model_and_its_own_backbone(tmp_path, data_d
 # ------------------------------------------------------------------------------------------------ a study
 
 def test_a_study_is_bound_to_its_settings_and_says_its_weights_are_not_imagenet(tmp_path, capsys):
-    data = make_image_folder(tmp_path / "data", n_train=12, n_test=0, learnable=True)
+    data = make_image_folder(tmp_path / "data", n_train=20, n_test=0, learnable=True)  # data_dir's split sizes
     weights = save_resnet(tmp_path / "resnet18.pth", seed=3)
     out = tmp_path / "study"
     reference = tmp_path / "cnn"  # the SimpleCNN reference, trained on the study's split for its 1 epoch
