@@ -12,8 +12,8 @@ import numpy as np
 from cifarjax.augment import AugmentSpec, HostAugment
 from cifarjax.config import Config
 from cifarjax.data import Split
-from cifarjax.inputs import HostAugmentedInputs
-from cifarjax.loop import HostAugmentFeed, fine_tune_loop
+from cifarjax.inputs import HostAugmentedInputs, HostAugmentFeed
+from cifarjax.loop import fine_tune_loop
 from cifarjax.models import build_model, init_variables
 from cifarjax.train import DataParallel
 

@@ -28,7 +28,7 @@ _HOMES = {  # public name -> the module that defines it, in docs/api.md's order
     "export_torchvision": "export",
     # training
     "train_loop": "loop", "fine_tune_loop": "loop", "fit": "loop", "FitResult": "loop", "ImageInputs": "inputs",
-    "AugmentSpec": "augment",
+    "AugmentSpec": "augment", "tune_process": "cpu.process", "over_seeds": "seeds", "mean_sd": "seeds",
     # evaluation
     "evaluate": "evaluation", "predict": "evaluation", "probabilities": "evaluation", "score": "evaluation",
     "format_table": "evaluation",

@@ -39,7 +39,6 @@ from cifarjax.freezing import join_frozen, split_frozen
 from cifarjax.runs import CONFIG, TENSORBOARD
 
 CHECKPOINTS, FROZEN = "checkpoints", "frozen_params.npz"
-logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 class _OrbaxFailuresRaise(logging.Filter):
@@ -48,9 +47,6 @@ class _OrbaxFailuresRaise(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
-
-
-logging.getLogger("absl").addFilter(_OrbaxFailuresRaise())
 
 
 class _QuietClosedLoop(asyncio.SelectorEventLoop):
@@ -72,8 +68,16 @@ class _QuietClosedLoopPolicy(asyncio.DefaultEventLoopPolicy):
     _loop_factory = _QuietClosedLoop
 
 
-if type(asyncio.get_event_loop_policy()) is asyncio.DefaultEventLoopPolicy:  # leave a chosen policy (uvloop) alone
-    asyncio.set_event_loop_policy(_QuietClosedLoopPolicy())
+def quiet_orbax() -> None:
+    """Keep orbax's background noise out of a command's output (process-wide, so the commands call it at their start
+    and importing cifarjax never does): absl's INFO and WARNING records, the ERROR tracebacks a failed save logs
+    from each of its threads, and the "Event loop is closed" tracebacks after a failed restore. Idempotent."""
+    absl = logging.getLogger("absl")
+    absl.setLevel(logging.ERROR)
+    if not any(isinstance(f, _OrbaxFailuresRaise) for f in absl.filters):
+        absl.addFilter(_OrbaxFailuresRaise())
+    if type(asyncio.get_event_loop_policy()) is asyncio.DefaultEventLoopPolicy:  # leave a chosen policy (uvloop) alone
+        asyncio.set_event_loop_policy(_QuietClosedLoopPolicy())
 
 
 def digest(tree) -> str:
@@ -254,6 +258,9 @@ def find_run(run_dir) -> Path:
     run_dir = Path(run_dir)
     if (run_dir / CHECKPOINTS).is_dir():
         return run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a run folder; pass the --out folder of a finished run first "
+                        "(for predict: the run, then the images)")
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist; pass the --out folder of a finished run")
     subruns = sorted(p for p in run_dir.iterdir() if (p / CHECKPOINTS).is_dir())

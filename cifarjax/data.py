@@ -255,7 +255,12 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def _download_cifar10(root: Path) -> Path:
-    CIFAR10 = torchlib.load("torchvision.datasets").CIFAR10
+    try:
+        CIFAR10 = torchlib.load("torchvision.datasets").CIFAR10
+    except UserError as error:
+        raise UserError(f"no --data-dir given, and CIFAR-10 cannot be downloaded: {error}; or pass --data-dir with "
+                        f"a folder holding {sources.CIFAR_DIR} or an ImageFolder tree (DIR/train/<class>/*.jpg)"
+                        ) from None
     try:
         root.mkdir(parents=True, exist_ok=True)
         CIFAR10(str(root), train=True, download=True)

@@ -14,8 +14,11 @@ import functools
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Optional
+
+from tqdm import tqdm
 
 EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143
 
@@ -46,6 +49,59 @@ class Interrupted(UserError):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM outside the training loop (which saves a checkpoint first): ends the command as Ctrl-C does."""
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or infinite."""
+
+
+def non_finite_loss(step: int, loss: float, lr: float, saved: Optional[tuple], first_loss: Optional[float], run,
+                    resume_hint: str, restart_hint: Optional[str]) -> NonFiniteLossError:
+    """The error for a non-finite `loss` at `step`, with advice that works when followed. `saved`: the newest
+    checkpoint's (step, training loss) in the run folder `run`; `first_loss`: the run's first step's loss."""
+    where = f"the newest checkpoint (step {saved[0]}) is kept in {run}" if saved else "no checkpoint was written yet"
+    if step == 1:
+        return NonFiniteLossError(
+            f"training loss is {loss} at the very first step, before any update: the inputs or the starting "
+            "weights hold NaN or infinite values (check the data, --normalize and --weights); the learning "
+            "rate is not the cause")
+    lower = f"{lr / 10:g}"
+    exploded = saved and saved[1] is not None and first_loss is not None and saved[1] > 10 * first_loss
+    if saved and not exploded:
+        advice = f"resume from it with a lower learning rate: {resume_hint} --lr {lower}"
+    elif restart_hint:
+        advice = f"start again with a lower learning rate, replacing this run: {restart_hint} --lr {lower}"
+    else:
+        advice = f"start again with a lower learning rate ({lower}) in a new run folder"
+    return NonFiniteLossError(f"training loss became {loss} at step {step}; stopped ({where}); the learning "
+                              f"rate {lr:g} is probably too high: {advice}")
+
+
+def interrupted(step: int, epoch: float, run, resume_hint: str, terminated: bool) -> Interrupted:
+    """A first Ctrl-C (or SIGTERM: `terminated`) stopped training after `step`, saved when there is a run folder."""
+    saved = f" (epoch {epoch:.2f}); a checkpoint was saved: resume with {resume_hint}" if run is not None else \
+        "; nothing was saved (no run folder)"
+    return _interrupted(f"{'terminated (SIGTERM)' if terminated else 'interrupted'} at step {step}{saved}", terminated)
+
+
+def interrupted_at_once(terminated: bool, run, saved: Optional[tuple], steps_per_epoch: int,
+                        resume_hint: str) -> Interrupted:
+    """A second Ctrl-C (or a signal before the training loop started): what is saved, truthfully."""
+    how = "terminated (SIGTERM)" if terminated else "interrupted at once"
+    if run is None:
+        return _interrupted(f"{how}; nothing was saved (no run folder)", terminated)
+    if saved:
+        return _interrupted(f"{how}; the newest checkpoint (step {saved[0]}, epoch {saved[0] / steps_per_epoch:g}) "
+                            f"is kept in {run}: resume with {resume_hint}", terminated)
+    return _interrupted(f"{how} before the first checkpoint, so nothing is saved yet; the run folder {run} is kept: "
+                        f"{resume_hint} starts it from the beginning", terminated)
+
+
+def _interrupted(message: str, terminated: bool) -> Interrupted:
+    error = Interrupted(message)
+    if terminated:
+        error.exit_code = EXIT_TERMINATED
+    return error
 
 
 _interrupt_advice = None
@@ -101,14 +157,17 @@ def user_error_from_os(error: OSError, doing: str = "") -> UserError:
 
 
 _warned: set = set()
+_warn_lock = threading.Lock()
 
 
 def warn(message: str, key=None) -> None:
     """Print `warning: message` on stderr, once per key (default: the message)."""
     key = message if key is None else key
-    if key not in _warned:
-        _warned.add(key)
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+    with _warn_lock:  # one line each, even from several threads, and not run into a progress bar's line
+        if key not in _warned:
+            _warned.add(key)
+            tqdm.write(f"warning: {message}", file=sys.stderr)
+            sys.stderr.flush()
 
 
 def exit_on_user_error(main):
@@ -171,8 +230,8 @@ def _on_sigterm(handler):
 
 
 _hard_exit_requested = False
-translators: list = []
-at_command_end: list = []  # functions run when a command ends, however it ends (runs.lock adds its release)  # functions error -> UserError or None (distributed.initialize adds one for dead peers)
+translators: list = []  # functions error -> UserError or None (distributed.initialize adds one for dead peers)
+at_command_end: list = []  # functions run when a command ends, however it ends (runs.lock adds its release)
 
 
 def request_hard_exit() -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import re
 from typing import Optional
 
 from cifarjax.config import Config, fields_for, flag_name, resumable_fields
@@ -18,7 +20,19 @@ class Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one `error: ...` line (a UserError), not a usage dump."""
 
     def error(self, message):
-        raise UserError(f"{message} (see {self.prog} --help)")
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        hints = [self.suggest(a.split("=")[0]) for a in unknown[1].split() if a.startswith("-")] if unknown else []
+        hint = "; ".join(f"did you mean {h}?" for h in hints if h)
+        raise UserError(f"{message}{'; ' + hint if hint else ''} (see {self.prog} --help)")
+
+    def suggest(self, flag: str) -> Optional[str]:
+        """The flag meant by a mistyped one: the closest spelling, else the flag whose help names its words
+        (--learning-rate: --lr, '(peak) learning rate')."""
+        flags = [f for f in self._option_string_actions if f.startswith("--")]
+        close = difflib.get_close_matches(flag, flags, n=1, cutoff=0.75)
+        words = flag.lstrip("-").replace("-", " ").replace("_", " ").lower()
+        named = [a.option_strings[-1] for a in self._actions if len(words) > 3 and words in (a.help or "").lower()]
+        return (close or named or [None])[0]
 
 
 def _number(kind):
@@ -86,6 +100,12 @@ def new_config(command: str, recipe: Optional[str], typed: dict, **fixed) -> Con
     return recipe_config(command, recipe or "original", **typed, **fixed).validate()
 
 
+def rate_depends_on_length(config) -> bool:
+    """Whether the learning rate at a step depends on the number of epochs (every schedule but 'constant'):
+    when it does not, a run's first epochs are those of the same run made shorter."""
+    return config.schedule != "constant"
+
+
 def resumed_config(saved: Config, typed: dict, recipe: Optional[str], where: str) -> Config:
     """The run's own config with the flags a user may change on resume; anything else that differs is refused.
 
@@ -95,7 +115,6 @@ def resumed_config(saved: Config, typed: dict, recipe: Optional[str], where: str
     differing = {k: v for k, v in typed.items() if getattr(saved, k) != v and k not in allowed}
     if recipe is not None and recipe != saved.recipe:
         differing["recipe"] = recipe
-    from cifarjax.optim import rate_depends_on_length  # here: `python -m cifarjax.data` imports no JAX
     if typed.get("n_epochs", saved.n_epochs) != saved.n_epochs and rate_depends_on_length(saved):
         raise UserError(f"--epochs {typed['n_epochs']} on resume: the run in {where} has a {saved.schedule} "
                         f"learning-rate schedule over its {saved.n_epochs} epochs, which another length would "

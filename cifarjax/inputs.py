@@ -1,4 +1,5 @@
-"""What a step feeds the model, gathered on the device from resident data and the step's indices.
+"""What a step feeds the model, gathered on the device from resident data and the step's indices, and the
+host's side of it: the data a call receives (`ResidentFeed`, `HostAugmentFeed`).
 
 * `ImageInputs`: uint8 images resident on the device; train steps augment them (jitted), eval steps scale,
   resize and normalise them.
@@ -12,11 +13,14 @@ how the batch is spread over devices and processes.
 """
 from __future__ import annotations
 
+import collections
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import jax.numpy as jnp
+import numpy as np
 
-from cifarjax.augment import AugmentSpec, augment, draw_choices, eval_view, flip
+from cifarjax.augment import AugmentSpec, HostAugment, augment, draw_choices, eval_view, flip
 
 
 def device_choices(key, per_device: int, device, n_devices: int, spec: AugmentSpec):
@@ -63,3 +67,64 @@ class HostAugmentedInputs:
 
     def eval(self, images, idx, mirrored: bool = False):
         return ImageInputs(self.spec).eval(images, idx, mirrored)
+
+
+class ResidentFeed:
+    """The training data lives on the devices; a step receives only this process's rows of the indices."""
+
+    def __init__(self, parallel, split):
+        self.parallel, self.data = parallel, parallel.replicate((split.images, split.labels))
+
+    def __call__(self, idx: np.ndarray, step: int):
+        return self.data, self.parallel.mine(idx, axis=idx.ndim - 2)
+
+    def ahead(self, batches):
+        """`batches` as they are: nothing to prepare."""
+        return batches
+
+
+class HostAugmentFeed:
+    """Host augmentation: every process augments the whole global batch (so draws do not depend on how the
+    devices are spread) and places its own rows; a step's data is then the batch itself, and its indices
+    are the batch's own rows. `ahead` prepares the next calls' batches while the device runs the current one."""
+    DEPTH = 2  # calls prepared ahead
+
+    def __init__(self, parallel, split, augment: HostAugment):
+        self.parallel, self.split, self.augment = parallel, split, augment
+        self.prepared = {}  # first step of a call -> (its indices, the Future of its placed batch), from `ahead`
+
+    def __call__(self, idx: np.ndarray, step: int):
+        """`idx`: one step's (devices, per_device) indices, or several steps' (steps, devices, per_device), the
+        first of them `step`: the batch `ahead` prepared for them, else prepared now."""
+        idx_future = self.prepared.pop(step, None)
+        if idx_future is not None and np.array_equal(idx_future[0], idx):
+            return idx_future[1].result()
+        return self.prepare(idx, step)
+
+    def prepare(self, idx: np.ndarray, step: int):
+        """Each step's batch augmented with its own step's draws; a device holds its rows of every step."""
+        steps = idx.reshape((-1,) + idx.shape[-2:])
+        images = np.concatenate([self.augment(self.split.images[i], step + s) for s, i in enumerate(steps)], axis=1)
+        labels = np.concatenate([self.split.labels[i] for i in steps], axis=1)
+        per_device = idx.shape[-1]
+        rows = np.arange(len(steps) * per_device, dtype=np.int32).reshape(len(steps), 1, per_device)
+        rows = np.broadcast_to(rows, steps.shape).reshape(idx.shape)
+        p = self.parallel
+        return p.shard((p.mine(images), p.mine(labels))), p.mine(rows, axis=idx.ndim - 2)
+
+    def ahead(self, batches):
+        """`batches` ((`schedule.Call`, its indices) per call) passed through, while one background thread prepares
+        the next `DEPTH` calls' batches in order: the same batches, each from its own steps' draws. Closing it (the
+        loop ended, failed or was interrupted) cancels what has not started and waits for the batch under way."""
+        pool, queued = ThreadPoolExecutor(1, thread_name_prefix="host-augment"), collections.deque()
+        try:
+            for call, idx in batches:
+                self.prepared[call.first] = idx, pool.submit(self.prepare, idx, call.first)
+                queued.append((call, idx))
+                if len(queued) > self.DEPTH:
+                    yield queued.popleft()
+            while queued:
+                yield queued.popleft()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            self.prepared.clear()

@@ -1,20 +1,14 @@
-"""Layers whose numerics match PyTorch, as plain JAX; each takes the `platform` its program is built for
-(`cifarjax.target`), and built for the CPU, runs the CPU's formulations (`cifarjax.cpu`).
+"""Layers whose numerics match PyTorch, as plain JAX. How convolutions and linear layers compute is injected (as
+flax's `nn.Conv` takes its `conv_general_dilated`): XLA's own unless a builder passes the CPU's formulations
+(`cifarjax.models.Formulations`).
 
-* `Conv`: a convolution with symmetric padding and PyTorch's default initialisation: `lax.conv_general_dilated`
-  (cuDNN on a GPU); on the CPU the fastest measured formulation for its shape (`cifarjax.cpu.conv.conv2d`:
-  Winograd, im2col, or XLA's forward with an im2col gradient).
-* `ConvReluMaxPool`: max_pool(relu(conv3x3(x))) fused (`cifarjax.cpu.conv.conv3x3_maxpool`, `conv_phases`):
-  SimpleCNN's blocks on the CPU; elsewhere a model uses `Conv` and `max_pool` (same parameter tree).
-* `Dense`: a linear layer with PyTorch's initialisation (on the CPU differentiated by
-  `cifarjax.cpu.dense.dense_transposed_backward`).
-* `BatchNorm`: PyTorch's BatchNorm2d (running variance updated with the unbiased batch variance), with
-  optional synchronisation across devices.
+* `Conv`, `Dense`: PyTorch's initialisation; a convolution with symmetric padding, a linear layer.
+* `BatchNorm`: PyTorch's BatchNorm2d (running variance updated with the unbiased batch variance), optionally
+  synchronised across devices; it trains with `batch_norm_train`, whose backward pass is written by hand.
 * `Dropout`: inverted dropout whose mask comes from a counter-based integer hash seeded by the PRNG key
   (on the CPU ~50x cheaper than drawing threefry bits for every activation; the same masks everywhere).
 * `max_pool`: max pooling as reshape+max (non-overlapping windows) or as a max of strided slices whose
   gradient goes to each window's first maximum, as PyTorch's (`window_max_pool`).
-* `batch_norm_train`: train-mode BatchNorm with a hand-written backward pass (what `BatchNorm` trains with).
 """
 from __future__ import annotations
 
@@ -27,40 +21,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax import lax
 
-from cifarjax.target import CONV_IMPLS, conv_impl
-
-PLAIN = "gpu"  # the platform a layer is built for unless told: the plain JAX program, which runs anywhere
-
-
-def _torch_uniform(key, shape, dtype=jnp.float32):
-    """PyTorch's default Conv2d/Linear weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = prod(shape[:-1])."""
-    fan_in = math.prod(shape[:-1])
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-def _torch_bias_init(fan_in: int):
-    bound = 1.0 / math.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-def xla_conv(x, kernel, strides: int, padding: int):
-    """NHWC x HWIO convolution with symmetric zero padding: XLA's own (`lax.conv_general_dilated`)."""
-    x = x.astype(jnp.result_type(x, kernel))  # float32 images meet float64 kernels in the float64 tests
-    return lax.conv_general_dilated(x, kernel, (strides, strides), [(padding, padding)] * 2,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def conv2d(x, kernel, strides: int = 1, padding: int = 0, impl: str = "xla", inference: bool = False):
-    """NHWC x HWIO convolution with symmetric zero padding, formulated as `impl` (resolved: not 'auto'): XLA's
-    convolution, or the CPU's 'im2col' / 'winograd' (`cifarjax.cpu.conv.conv2d`; `inference`, no train-mode
-    BatchNorm follows, lets it use larger Winograd tiles)."""
-    if impl == "xla":
-        return xla_conv(x, kernel, strides, padding)
-    if impl not in CONV_IMPLS or impl == "auto":
-        raise ValueError(f"conv2d needs a resolved formulation ('winograd', 'im2col' or 'xla'), got {impl!r}")
-    from cifarjax.cpu import conv as cpu_conv
-    return cpu_conv.conv2d(x, kernel, strides, padding, impl, inference)
+from cifarjax.ops import interleave, torch_uniform, xla_conv
 
 
 class Conv(nn.Module):
@@ -70,79 +31,44 @@ class Conv(nn.Module):
     strides: int = 1
     padding: int = 0
     use_bias: bool = True
-    impl: str = "auto"  # Config.conv_impl: 'auto' is the platform's choice (`cifarjax.target.conv_impl`)
     kernel_init: Optional[callable] = None
-    inference: bool = False  # no train-mode BatchNorm follows: a hint for the CPU's Winograd tiles (`conv2d`)
     dtype: Optional[Any] = None  # the operands' type (bfloat16: mixed precision); None: the inputs' own
-    platform: str = PLAIN
+    convolve: Callable = xla_conv  # (x, kernel, strides, padding) -> y, in float32 (mixed precision: XLA's)
 
     @nn.compact
     def __call__(self, x):
         cin = x.shape[-1]
         shape = (self.kernel_size, self.kernel_size, cin, self.features)
-        kernel = self.param("kernel", self.kernel_init or _torch_uniform, shape)
+        kernel = self.param("kernel", self.kernel_init or torch_uniform, shape)
         if self.dtype is None:
-            y = conv2d(x, kernel, self.strides, self.padding, conv_impl(self.impl, self.platform), self.inference)
+            y = self.convolve(x, kernel, self.strides, self.padding)
         else:  # mixed precision: XLA's convolution of cast operands (the CPU formulations are float32's)
             y = xla_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding)
         if self.use_bias:
-            bias = self.param("bias", _torch_bias_init(math.prod(shape[:-1])), (self.features,))
+            bias = self.param("bias", partial(torch_uniform, fan_in=math.prod(shape[:-1])), (self.features,))
             y = y + (bias if self.dtype is None else bias.astype(self.dtype))
         return y
 
 
-def _interleave(phases):
-    """phases[r][s] of shape (n, h, w, c) -> (n, k*h, k*w, c) with out[:, k*i + r, k*j + s] = phases[r][s][:, i, j]."""
-    k = len(phases)
-    n, h, w, c = phases[0][0].shape
-    return jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2).reshape(n, k * h, k * w, c)
-
-
-class ConvReluMaxPool(nn.Module):
-    """``max_pool(between(relu(conv3x3(x) + bias)), pool)`` for an unpadded 3x3 convolution, fused: a CPU
-    formulation (`cifarjax.cpu.conv`), which models use only where they are built for the CPU.
-
-    `method` 'winograd' (many input channels; `between` must be None) or 'phases' (im2col per output phase;
-    `between(z, (p, q))` may act on each phase before the max, e.g. dropout). Parameters are named like
-    `Conv`'s, so both formulations share one parameter tree.
-    """
-    features: int
-    pool: int
-    method: str = "winograd"
-
-    @nn.compact
-    def __call__(self, x, between: Optional[Callable] = None):
-        from cifarjax.cpu.conv import conv3x3_maxpool, conv_phases, maximum_of
-        shape = (3, 3, x.shape[-1], self.features)
-        kernel = self.param("kernel", _torch_uniform, shape)
-        bias = self.param("bias", _torch_bias_init(math.prod(shape[:-1])), (self.features,))
-        if self.method == "winograd":
-            if between is not None:
-                raise ValueError("the Winograd path pools before the ReLU and cannot apply `between`")
-            return nn.relu(conv3x3_maxpool(x, kernel, self.pool) + bias)
-        between = between or (lambda z, phase: z)
-        phases = conv_phases(x, kernel, self.pool)
-        return maximum_of(*[between(nn.relu(z + bias), phase) for phase, z in phases.items()])
+def affine(x, kernel, bias):
+    """x @ kernel + bias: `Dense`'s default `linear`."""
+    return x @ kernel + bias
 
 
 class Dense(nn.Module):
-    """Fully connected layer with PyTorch's default initialisation (kernel stored as (in, out)); built for the
-    CPU, differentiated by `cifarjax.cpu.dense.dense_transposed_backward`. `dtype`: the operands' type, as
-    `Conv`'s."""
+    """Fully connected layer with PyTorch's default initialisation (kernel stored as (in, out)). `dtype`: the
+    operands' type, as `Conv`'s."""
     features: int
     dtype: Optional[Any] = None
-    platform: str = PLAIN
+    linear: Callable = affine  # (x, kernel, bias) -> x @ kernel + bias
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", _torch_uniform, (x.shape[-1], self.features))
-        bias = self.param("bias", _torch_bias_init(x.shape[-1]), (self.features,))
+        kernel = self.param("kernel", torch_uniform, (x.shape[-1], self.features))
+        bias = self.param("bias", partial(torch_uniform, fan_in=x.shape[-1]), (self.features,))
         if self.dtype is not None:
             x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-        if self.platform == "cpu":
-            from cifarjax.cpu.dense import dense_transposed_backward
-            return dense_transposed_backward(x, kernel, bias)
-        return x @ kernel + bias
+        return self.linear(x, kernel, bias)
 
 
 def _accumulator(dtype):
@@ -287,7 +213,7 @@ class Dropout(nn.Module):
         return self.apply_mask(x, self.keep_mask(x.shape))
 
 
-def max_pool(x, window: int, strides: Optional[int] = None, padding: int = 0, platform: str = PLAIN):
+def max_pool(x, window: int, strides: Optional[int] = None, padding: int = 0, keep: Optional[Callable] = None):
     """Max pooling (PyTorch MaxPool2d semantics: floor output size, padding counts as -inf), NHWC.
 
     Non-overlapping windows are a reshape and a maximum (a tie shares its gradient); others `window_max_pool`.
@@ -298,7 +224,7 @@ def max_pool(x, window: int, strides: Optional[int] = None, padding: int = 0, pl
         ho, wo = h // window, w // window
         x = x[:, :ho * window, :wo * window, :]
         return x.reshape(n, ho, window, wo, window, c).max(axis=(2, 4))
-    return window_max_pool(x, window, strides, padding, platform == "cpu")
+    return window_max_pool(x, window, strides, padding, keep)
 
 
 def _window_taps(x, window: int, strides: int, padding: int):
@@ -312,7 +238,7 @@ def _window_taps(x, window: int, strides: int, padding: int):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
-def window_max_pool(x, window: int, strides: int, padding: int, keep: bool = False):
+def window_max_pool(x, window: int, strides: int, padding: int, keep: Optional[Callable] = None):
     """Max pooling over (possibly overlapping, padded) windows, differentiated like PyTorch: the gradient of
     each output goes to the first maximum of its window (row-major), located by an index saved in the forward
     pass, and is added into the input by output phase instead of through window*window selects.
@@ -320,7 +246,8 @@ def window_max_pool(x, window: int, strides: int, padding: int, keep: bool = Fal
     Undifferentiated (evaluation, feature extraction) it is XLA's `reduce_window`, without an index: after
     ResNet-18's stem it took 4.7 ms instead of 15.5 (32x32 images, batch 500) and 35 instead of 45 (224x224,
     batch 50) over the maximum of padded slices, for which XLA writes a padded copy of the input.
-    `keep` (the CPU's): the maximum and its index go to memory once (`cifarjax.cpu.fusion.materialize`)."""
+    `keep`: a function the forward's maximum and index pass through (the CPU's keeps them in memory once:
+    XLA's CPU fusion would recompute the comparisons inside the backward pass)."""
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, strides, strides, 1),
                              ((0, 0), (padding, padding), (padding, padding), (0, 0)))
 
@@ -332,9 +259,8 @@ def _window_max_pool_fwd(x, window, strides, padding, keep):
     for t, tap in enumerate(taps[1:], 1):
         first = jnp.where(tap > out, index(t), first)
         out = jnp.maximum(out, tap)
-    if keep:  # the CPU's: or XLA's CPU fusion recomputes the comparisons inside the backward pass
-        from cifarjax.cpu.fusion import materialize
-        out, first = materialize((out, first))
+    if keep is not None:
+        out, first = keep((out, first))
     return out, (first, x.shape)
 
 
@@ -348,7 +274,7 @@ def _window_max_pool_bwd(window, strides, padding, keep, residuals, g):
         part = jnp.pad(jnp.where(first == t, g, zero), ((0, 0), (di, reach - 1 - di), (dj, reach - 1 - dj), (0, 0)))
         phases[p][q] = part if phases[p][q] is None else phases[p][q] + part
     shape = (n, g.shape[1] + reach - 1, g.shape[2] + reach - 1, c)
-    dx = _interleave([[a if a is not None else jnp.zeros(shape, g.dtype) for a in row] for row in phases])
+    dx = interleave([[a if a is not None else jnp.zeros(shape, g.dtype) for a in row] for row in phases])
     hp, wp = h + 2 * padding, w + 2 * padding  # dx covers the padded input's first rows and columns
     dx = jnp.pad(dx, ((0, 0), (0, max(0, hp - dx.shape[1])), (0, max(0, wp - dx.shape[2])), (0, 0)))
     return (dx[:, padding:padding + h, padding:padding + w, :],)

@@ -9,18 +9,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache, partial
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cifarjax.cpu.conv import ConvReluMaxPool, conv2d
+from cifarjax.cpu.dense import dense_transposed_backward
+from cifarjax.cpu.fusion import materialize
 from cifarjax.freezing import STAGES, Freezing
-from cifarjax.layers import PLAIN, BatchNorm, Conv, ConvReluMaxPool, Dense, Dropout, max_pool
+from cifarjax.layers import BatchNorm, Conv, Dense, Dropout, affine, max_pool
+from cifarjax.ops import xla_conv
 from cifarjax.target import conv_impl, resolve
 
 ModuleDef = Any
 AXIS = "devices"  # the device axis of the pmap-ed steps, over which BatchNorm statistics are synchronised
+
+
+@dataclass(frozen=True)
+class Formulations:
+    """How a model's layers compute, injected by the builder (`formulations_for`): XLA's own by default."""
+    convolve: Callable = xla_conv  # `Conv`'s (x, kernel, strides, padding) -> y
+    eval_convolve: Callable = xla_conv  # the same where an inference-mode BatchNorm follows (ResNet)
+    linear: Callable = affine  # `Dense`'s (x, kernel, bias) -> x @ kernel + bias
+    keep: Optional[Callable] = None  # what overlapping max pooling's maximum and index pass through (`max_pool`)
+    conv_pool: Optional[ModuleDef] = None  # SimpleCNN's fused conv3x3+ReLU+max-pool block; None: unfused
 
 
 class SimpleCNN(nn.Module):
@@ -29,39 +43,38 @@ class SimpleCNN(nn.Module):
     Conv(3→128) ReLU Dropout MaxPool2 · Conv(128→256) ReLU MaxPool2 Dropout · Conv(256→256) ReLU MaxPool4
     Dropout · Flatten · Linear(256→512) ReLU · Linear(512→classes). 1,025,546 parameters for 10 classes.
 
-    With `conv_impl` 'winograd' (the CPU's choice: 'auto' built for platform "cpu") each conv+ReLU+pool block runs
-    fused (`ConvReluMaxPool`): same parameters, same dropout masks, same outputs up to float rounding. With a
-    `dtype` (mixed precision) every block runs unfused, on XLA's convolution.
+    With a fused block (`Formulations.conv_pool`: the CPU's Winograd) each conv+ReLU+pool block runs fused: same
+    parameters, same dropout masks, same outputs up to float rounding. With a `dtype` (mixed precision) every
+    block runs unfused, on XLA's convolution.
     """
     num_classes: int = 10
     dropout_rate: float = 0.3
-    conv_impl: str = "auto"
     dtype: Optional[Any] = None  # of the convolutions', matrix products' operands, activations (None: float32)
-    platform: str = PLAIN  # what the program is built for (`cifarjax.target`)
+    formulations: Formulations = Formulations()
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        drop = lambda name: Dropout(self.dropout_rate, name=name)  # noqa: E731
-        fused = self.dtype is None and conv_impl(self.conv_impl, self.platform) == "winograd"
-        conv = partial(Conv, impl=self.conv_impl, dtype=self.dtype, platform=self.platform)
+        ops, drop = self.formulations, lambda name: Dropout(self.dropout_rate, name=name)  # noqa: E731
+        fused = self.dtype is None and ops.conv_pool is not None
+        conv = partial(Conv, dtype=self.dtype, convolve=ops.convolve)
+
+        def block(features, pool, name):  # max_pool(relu(conv3x3(x)), pool)
+            if fused:
+                return ops.conv_pool(features, pool, "winograd", name=name)
+            return lambda x: max_pool(nn.relu(conv(features, 3, name=name)(x)), pool)
         if fused:
-            x = self._fused_blocks(x, drop("dropout1"), train)
+            x = self._fused_conv1(x, drop("dropout1"), train)
         else:
             x = nn.relu(conv(128, 3, name="conv1")(x))
             x = max_pool(drop("dropout1")(x, deterministic=not train), 2)
-            x = max_pool(nn.relu(conv(256, 3, name="conv2")(x)), 2)
-        x = drop("dropout2")(x, deterministic=not train)
-        if fused:
-            x = ConvReluMaxPool(256, 4, "winograd", name="conv3")(x)
-        else:
-            x = max_pool(nn.relu(conv(256, 3, name="conv3")(x)), 4)
-        x = drop("dropout3")(x, deterministic=not train)
-        x = x.reshape(x.shape[0], -1)
-        x = nn.relu(Dense(512, self.dtype, platform=self.platform, name="fc1")(x))
-        return Dense(self.num_classes, self.dtype, platform=self.platform, name="fc2")(x)
+        x = drop("dropout2")(block(256, 2, "conv2")(x), deterministic=not train)
+        x = drop("dropout3")(block(256, 4, "conv3")(x), deterministic=not train)
+        dense = partial(Dense, dtype=self.dtype, linear=ops.linear)
+        x = nn.relu(dense(512, name="fc1")(x.reshape(x.shape[0], -1)))
+        return dense(self.num_classes, name="fc2")(x)
 
-    def _fused_blocks(self, x, dropout1: Dropout, train: bool):
-        """conv1 (per output phase, dropout before the pool as in the original) and conv2 (Winograd)."""
+    def _fused_conv1(self, x, dropout1: Dropout, train: bool):
+        """conv1 fused per output phase, its dropout before the pool as in the original."""
         mask_phase = None
         if train and dropout1.rate > 0:
             n, h, w, _ = x.shape
@@ -70,10 +83,8 @@ class SimpleCNN(nn.Module):
             # Mask each phase, pool, then scale: the same values as scaling first (max commutes with it).
             mask_phase = lambda z, pq: jnp.where(  # noqa: E731
                 keep[:, pq[0]:pq[0] + 2 * th - 1:2, pq[1]:pq[1] + 2 * tw - 1:2, :], z, jnp.zeros_like(z))
-        x = ConvReluMaxPool(128, 2, "phases", name="conv1")(x, mask_phase)
-        if mask_phase is not None:
-            x = x / (1.0 - dropout1.rate)
-        return ConvReluMaxPool(256, 2, "winograd", name="conv2")(x)
+        x = self.formulations.conv_pool(128, 2, "phases", name="conv1")(x, mask_phase)
+        return x if mask_phase is None else x / (1.0 - dropout1.rate)
 
 
 def _resnet_conv_init():
@@ -108,9 +119,8 @@ class ResNetBackbone(nn.Module):
     num_filters: int = 64
     frozen_bn_stages: int = 0
     axis_name: Optional[str] = None
-    conv_impl: str = "auto"
     dtype: Optional[Any] = None  # of the convolutions' operands and the activations; BatchNorm's statistics float32
-    platform: str = PLAIN
+    formulations: Formulations = Formulations()
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -118,14 +128,15 @@ class ResNetBackbone(nn.Module):
             return not train or stage < self.frozen_bn_stages
 
         def conv(stage):
-            return partial(Conv, use_bias=False, impl=self.conv_impl, kernel_init=_resnet_conv_init(),
-                           inference=inference(stage), dtype=self.dtype, platform=self.platform)
+            ops = self.formulations
+            return partial(Conv, use_bias=False, kernel_init=_resnet_conv_init(), dtype=self.dtype,
+                           convolve=ops.eval_convolve if inference(stage) else ops.convolve)
 
         def norm(stage):
             return partial(BatchNorm, inference(stage), axis_name=self.axis_name)
 
         x = nn.relu(norm(0)(name="bn1")(conv(0)(self.num_filters, 7, 2, 3, name="conv1")(x)))
-        x = max_pool(x, 3, 2, 1, platform=self.platform)
+        x = max_pool(x, 3, 2, 1, keep=self.formulations.keep)
         self.sow("intermediates", "stem", x)
         for i, size in enumerate(self.stage_sizes):
             for b in range(size):
@@ -142,15 +153,14 @@ class ResNet(nn.Module):
     block_cls: ModuleDef = BasicBlock
     frozen_bn_stages: int = 0
     axis_name: Optional[str] = None
-    conv_impl: str = "auto"
     num_filters: int = 64
     dtype: Optional[Any] = None  # of the convolutions' and the head's operands and the activations (None: float32)
-    platform: str = PLAIN
+    formulations: Formulations = Formulations()
 
     def setup(self):
         self.backbone = ResNetBackbone(self.stage_sizes, self.block_cls, self.num_filters, self.frozen_bn_stages,
-                                       self.axis_name, self.conv_impl, self.dtype, self.platform)
-        self.head = Dense(self.num_classes, self.dtype, platform=self.platform)
+                                       self.axis_name, self.dtype, self.formulations)
+        self.head = Dense(self.num_classes, self.dtype, self.formulations.linear)
 
     def __call__(self, x, train: bool = False):
         return self.head(self.backbone(x, train))
@@ -185,16 +195,30 @@ def compute_dtype(precision: str):
     return {"fp32": None, "bf16": jnp.bfloat16}[precision]
 
 
+@lru_cache(maxsize=None)
+def formulations_for(impl: str = "xla", platform: str = "gpu") -> Formulations:
+    """The formulations of a model built for `platform` with `Config.conv_impl` `impl`: convolutions as `impl`
+    resolves (`cifarjax.target.conv_impl`: XLA's, or on any platform the CPU's im2col or Winograd, with SimpleCNN's
+    fused blocks: `cifarjax.cpu.conv`), and built for "cpu" the CPU's linear layers (`cifarjax.cpu.dense`) and max
+    pooling (its maximum kept in memory: `cifarjax.cpu.fusion`). One object per choice, so models built alike
+    compare equal (and reuse their compiled steps)."""
+    impl = conv_impl(impl, platform)
+    cpu = {"linear": dense_transposed_backward, "keep": materialize} if platform == "cpu" else {}
+    if impl == "xla":
+        return Formulations(**cpu)
+    return Formulations(partial(conv2d, impl=impl), partial(conv2d, impl=impl, inference=True),
+                        conv_pool=ConvReluMaxPool if impl == "winograd" else None, **cpu)
+
+
 def build_model(config, platform: Optional[str] = None):
-    """The configured model, built for `platform` (default: `cifarjax.target.resolve()`); ResNet-18's BatchNorm
-    modes come from the freezing policy and its statistics are synchronised over the training devices. Parameters
-    are float32 whatever `config.precision`."""
-    platform, dtype = resolve(platform), compute_dtype(config.precision)
+    """The configured model, built for `platform` (default: `cifarjax.target.resolve()`, `formulations_for`);
+    ResNet-18's BatchNorm modes come from the freezing policy and its statistics are synchronised over the training
+    devices. Parameters are float32 whatever `config.precision`."""
+    dtype, formulations = compute_dtype(config.precision), formulations_for(config.conv_impl, resolve(platform))
     if config.model == "simple_cnn":
-        return SimpleCNN(config.num_classes, dropout_rate=config.dropout, conv_impl=config.conv_impl, dtype=dtype,
-                         platform=platform)
+        return SimpleCNN(config.num_classes, config.dropout, dtype, formulations)
     return ResNet18(config.num_classes, frozen_bn_stages=Freezing.from_config(config).frozen_bn_stages,
-                    axis_name=AXIS, conv_impl=config.conv_impl, dtype=dtype, platform=platform)
+                    axis_name=AXIS, dtype=dtype, formulations=formulations)
 
 
 @lru_cache(maxsize=16)

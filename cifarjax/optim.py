@@ -12,6 +12,7 @@ from typing import Optional
 import jax
 import optax
 
+from cifarjax.cpu import optim as cpu_optimizers
 from cifarjax.freezing import Freezing
 from cifarjax.target import resolve
 
@@ -35,12 +36,6 @@ def learning_rate(config, steps_per_epoch: int):
     return optax.cosine_onecycle_schedule(total, config.lr, pct_start=pct_start)
 
 
-def rate_depends_on_length(config) -> bool:
-    """Whether the learning rate at a step depends on the number of epochs (every schedule but 'constant'):
-    when it does not, a run's first epochs are those of the same run made shorter."""
-    return config.schedule != "constant"
-
-
 def lr_at(config, steps_per_epoch: int, step: int) -> float:
     rate = learning_rate(config, steps_per_epoch)
     return float(rate(step)) if callable(rate) else float(rate)
@@ -55,10 +50,7 @@ def base_optimizer(config, steps_per_epoch: int, platform: Optional[str] = None)
     """Adam (optax.adam), AdamW (optax.adamw, decay on kernels) or SGD with Nesterov momentum and L2 decay; built
     for the CPU (`platform`, default `cifarjax.target.resolve()`), `cifarjax.cpu.optim`'s (the same arithmetic
     and state)."""
-    if resolve(platform) == "cpu":
-        from cifarjax.cpu import optim as optimizers
-    else:
-        optimizers = optax
+    optimizers = cpu_optimizers if resolve(platform) == "cpu" else optax
     rate = learning_rate(config, steps_per_epoch)
     if config.optimizer == "adam":
         return optimizers.adam(rate)
@@ -68,14 +60,11 @@ def base_optimizer(config, steps_per_epoch: int, platform: Optional[str] = None)
                        optimizers.sgd(rate, config.momentum, nesterov=True))
 
 
-def freeze_labels(params, freezing: Freezing):
-    """'trainable'/'frozen' per parameter leaf, from the freezing policy."""
-    return jax.tree.map(lambda trains: TRAINABLE if trains else FROZEN, freezing.trainable_mask(params))
-
-
 def make_optimizer(config, params, steps_per_epoch: int = 1, platform: Optional[str] = None
                    ) -> optax.GradientTransformation:
     """The configured optimizer on the trainable leaves, built for `platform` (default:
     `cifarjax.target.resolve()`); frozen leaves get `set_to_zero` and no state."""
+    mask = Freezing.from_config(config).trainable_mask(params)
+    labels = jax.tree.map(lambda trains: TRAINABLE if trains else FROZEN, mask)
     return optax.multi_transform({TRAINABLE: base_optimizer(config, steps_per_epoch, platform),
-                                  FROZEN: optax.set_to_zero()}, freeze_labels(params, Freezing.from_config(config)))
+                                  FROZEN: optax.set_to_zero()}, labels)

@@ -1,6 +1,6 @@
 """Where a process's time goes: named phases (data loading, compilation, feature extraction, training,
 evaluation, checkpoints, plotting), each announced as it starts so progress never goes silent, and the
-whole process's wall time, so the phases in summary.json add up to it."""
+whole process's wall time, so the phases in summary.json add up to it; and a fit's clock (`Chrono`)."""
 from __future__ import annotations
 
 import contextlib
@@ -53,3 +53,45 @@ class Phases:
         phases = {k: round(v, 2) for k, v in self.seconds.items()}
         phases["other"] = round(max(0.0, total - sum(self.seconds.values())), 2)
         return {"phases": phases, "process_seconds": round(total, 2)}
+
+
+class Chrono:
+    """A fit's clock (big_vision's `chrono`): its wall time (a resumed run's earlier seconds included), its training
+    calls' seconds with the first (compiling) call's apart, the last checkpoint's time, and the throughput."""
+
+    def __init__(self, phases: Phases, batch_size: int, elapsed: float = 0.0, start_step: int = 0):
+        self.phases, self.batch_size, self.start_step, self.last_step = phases, batch_size, start_step, start_step
+        self.t0, self.last_checkpoint = time.perf_counter() - elapsed, time.perf_counter()
+        self.compile_steps, self.call_seconds = 0, {True: 0.0, False: 0.0}  # the compiling first call; the others
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+    @contextlib.contextmanager
+    def training(self, end: Optional[int] = None):
+        """Time the call of training steps that ends at step `end` (yields whether it is the first, which compiles),
+        or without `end` a wait for the calls queued (dispatch is asynchronous: a call returns before it ran)."""
+        compiling, start = end is not None and not self.compile_steps, time.perf_counter()
+        with self.phases("compilation", "compiling the training step") if compiling else self.phases("training"):
+            yield compiling
+            if end is not None:
+                self.compile_steps += (end - self.last_step) if compiling else 0
+                self.last_step = end
+        self.call_seconds[compiling] += time.perf_counter() - start
+
+    def images_per_second(self) -> float:
+        """Trained images per second of this fit, compilation and evaluation excluded. When every step ran in the
+        first (compiling) call, as a short run on cached features does, that call counts: a lower bound."""
+        steps, seconds = self.last_step - self.start_step - self.compile_steps, self.call_seconds[False]
+        if steps <= 0 or seconds <= 0:
+            steps, seconds = self.last_step - self.start_step, seconds + self.call_seconds[True]
+        return steps * self.batch_size / seconds if steps > 0 and seconds > 0 else 0.0
+
+    def this_process(self) -> dict:
+        """This fit's figures, which add up: `images_trained` in this process; the first call's `compile_seconds`
+        (compilation and its `compile_images`); then `training_seconds` of steps (waiting for them included) at
+        `images_per_second`. All zero when the fit had nothing left to train."""
+        batch, seconds = self.batch_size, self.call_seconds
+        return {"images_trained": (self.last_step - self.start_step) * batch,
+                "compile_seconds": round(seconds[True], 2), "compile_images": self.compile_steps * batch,
+                "training_seconds": round(seconds[False], 2), "images_per_second": round(self.images_per_second(), 1)}

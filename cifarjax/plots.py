@@ -106,12 +106,17 @@ def _accuracy_axis(ax, values: Sequence[float], label: str) -> None:
 
 
 @_styled("whitegrid")
-def plot_training_results(records: Sequence[dict], path, title: str = "Training") -> Path:
-    """Loss (training and validation) and accuracy (training and validation) against epochs."""
+def plot_training_results(records: Sequence[dict], path, title: str = "Training", label_smoothing: float = 0.0
+                          ) -> Path:
+    """Loss (training and validation) and accuracy (training and validation) against epochs. With
+    `label_smoothing`, the training loss is the smoothed cross-entropy (higher than the validation's plain one
+    for the same predictions), and its label says so."""
     ends = [r for r in records if r.get("epoch_end")]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     x_end, x_all = [r["epoch"] for r in ends], [r["epoch"] for r in records]
-    left.plot(x_end, [r["train_loss"] for r in ends], marker="o", color=PALETTE[0], label="training (epoch mean)")
+    smoothed = f", label smoothing {label_smoothing:g}: not comparable" if label_smoothing else ""
+    left.plot(x_end, [r["train_loss"] for r in ends], marker="o", color=PALETTE[0],
+              label=f"training (epoch mean{smoothed})")
     left.plot(x_all, [r.get("val_loss") for r in records], marker="s", ls="--", color=PALETTE[1], label="validation")
     left.set(title="Loss", ylabel="cross-entropy")
     right.plot(x_end, [100 * r["train_accuracy"] for r in ends], marker="o", color=PALETTE[0],
@@ -148,7 +153,7 @@ def plot_runs(curves: Mapping[str, Mapping[str, Sequence[float]]], path, title: 
     where the shorter one ends, so runs that share their first epochs do not hide each other.
 
     `curves`: {run label: {'val': [...], 'train': [...], 'val_loss': [...]}} (accuracies as fractions, one value
-    per epoch; 'train' and 'val_loss' optional).
+    per epoch; 'train' and 'val_loss' optional; 'val_sd' and 'train_sd' draw a band of one sd around a mean).
     """
     panels = [(k, name) for k, name in (("val", "Validation accuracy"), ("train", "Training accuracy"),
                                          ("val_loss", "Validation loss"))
@@ -167,8 +172,13 @@ def plot_runs(curves: Mapping[str, Mapping[str, Sequence[float]]], path, title: 
             last = next((v for v in reversed(y) if v is not None), None)
             final = "" if last is None else f"final {last:.1f}%" if scale == 100 else f"final {last:.3f}"
             shown = f"continues {continues[label]}; {final}" if label in continues else final
+            offset = i * every // max(1, len(curves))  # runs' markers apart; a run shorter than it is marked at 1
+            sd = [scale * v for v in c.get(f"{key}_sd") or []]  # a band of one sd around a mean over seeds
+            if sd:
+                ax.fill_between(range(start, len(sd) + 1), [m - d for m, d in zip(y, sd)][start - 1:],
+                                [m + d for m, d in zip(y, sd)][start - 1:], color=PALETTE[i % len(PALETTE)], alpha=0.2)
             ax.plot(range(start, len(y) + 1), y[start - 1:], ls=STYLES[i % len(STYLES)],
-                    marker=MARKERS[i % len(MARKERS)], markevery=(i * every // max(1, len(curves)), every),
+                    marker=MARKERS[i % len(MARKERS)], markevery=(offset if offset <= len(y) - start else 0, every),
                     color=PALETTE[i % len(PALETTE)], label=f"{label} ({shown.strip('; ')})" if shown else label)
         ax.set_title(name)
         _epochs_axis(ax, longest)
@@ -206,8 +216,9 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path, titl
                         f"got {matrix.dtype} {matrix.shape}" + (" with negative or non-finite values" if numeric
                                                                and matrix.shape == (n, n) else ""))
     accuracy = np.trace(matrix) / max(matrix.sum(), 1)
-    size = 1.0 + 0.75 * len(classes)
-    fig, (counts, rates) = plt.subplots(1, 2, figsize=(2 * size + 1, size))
+    cells = 0.75 * len(classes)  # inches of heatmap; then room for the class names (rotated below) and labels
+    room = 1.2 + 0.09 * max((len(printable(c)) for c in classes), default=0)
+    fig, (counts, rates) = plt.subplots(1, 2, figsize=(2 * (cells + room) + 1.5, cells + room + 0.6))
     _heatmap(counts, matrix, classes, "d" if np.issubdtype(matrix.dtype, np.integer) else ".3g", "images")
     counts.set(title="counts", xlabel="predicted class", ylabel="true class")
     normalised = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
@@ -218,7 +229,8 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path, titl
 
 
 def plot_sample_predictions(images: np.ndarray, predicted: Sequence[int], true: Sequence[int],
-                            classes: Sequence[str], path, columns: int = 8) -> Path:
+                            classes: Sequence[str], path, columns: int = 8,
+                            title: str = "Sample predictions: predicted (true)") -> Path:
     """A grid of uint8 images titled 'predicted (true)', marked ✓ (blue) when right and ✗ (orange) when wrong.
 
     The images are tiled into one picture on one axes: an axes per image took 2.8 s to draw 32, this 0.35 s."""
@@ -238,7 +250,7 @@ def plot_sample_predictions(images: np.ndarray, predicted: Sequence[int], true: 
                 va="bottom", fontsize=8, color=PALETTE[0] if right else PALETTE[1])
     ax.imshow(canvas, interpolation="nearest", cmap="gray" if canvas.ndim == 2 else None)
     ax.axis("off")
-    fig.suptitle("Sample predictions: predicted (true)")
+    _suptitle(fig, title)
     return _save(fig, path)
 
 
@@ -254,7 +266,8 @@ def plot_study_effects(cells: Sequence[dict], noise: float, reference: float, ba
                else PALETTE[7] for c in cells]
     sns.barplot(x=[c["effect_points"] for c in cells], y=[c["name"] for c in cells], hue=[c["name"] for c in cells],
                 palette=colours, legend=False, ax=ax, orient="h")
-    ax.axvspan(-2 * noise, 2 * noise, color="0.85", zorder=0, label=f"within noise (±{2 * noise:.1f} points)")
+    ax.axvspan(-2 * noise, 2 * noise, facecolor="0.85", edgecolor="0.45", zorder=0,
+               label=f"within noise: twice the noise of ±{noise:.2f} (±{2 * noise:.2f} points)")
     if reference is not None:
         ax.axvline(100 * (reference - baseline), color=PALETTE[0], ls="--", lw=2,
                    label=f"SimpleCNN reference ({100 * reference:.1f}%)")

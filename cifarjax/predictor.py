@@ -116,10 +116,10 @@ def load_run(path, average: Optional[bool] = None) -> Run:
                saved.get("weights_label"))
 
 
-def image_files(paths: Iterable) -> list:
+def image_files(paths: Iterable, report=warn) -> list:
     """The files to classify: each file given (whatever its name), and the image files (by extension) below each
     folder given, in sorted order; hidden files and folders are skipped. A missing path or a folder without
-    images is reported in one warning line."""
+    images is passed to `report` in one line (default: a warning)."""
     found = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -129,12 +129,12 @@ def image_files(paths: Iterable) -> list:
                 below += [Path(folder) / n for n in sorted(names)
                           if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
             if not below:
-                warn(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+                report(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
             found += below
         elif path.exists():
             found.append(path)
         else:
-            warn(f"{path} does not exist; it is skipped")
+            report(f"{path} does not exist; it is skipped")
     return found
 
 

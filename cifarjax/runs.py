@@ -13,6 +13,7 @@ import atexit
 import functools
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -37,6 +38,12 @@ OWN_IN_FOLDERS = {PLOTS: ("*.png",), TENSORBOARD: ("events.out.tfevents.*",),
 
 def default_run_dir(experiment: str) -> Path:
     return Path("runs") / f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_name(run: Path) -> str:
+    """How figures name a run: its folder's name, with its parent's for one length of a fine-tune (`X/epochs-20`)."""
+    run = Path(run).resolve()
+    return f"{run.parent.name}/{run.name}" if re.fullmatch(r"epochs-\d+", run.name) else run.name
 
 
 def is_run(folder: Path) -> bool:
@@ -76,7 +83,8 @@ def check_out(out, experiment: str, overwrite: bool = False, resume: bool = Fals
         raise user_error_from_os(error, f"cannot read --out {run}") from None
     if resume:
         if not holds_files:
-            raise UserError(f"--resume needs an existing run folder, and {run} is empty or missing")
+            raise UserError(f"--resume needs an existing run folder, and {run} is empty or missing; check the "
+                            "path, or leave out --resume to start a new run there")
         if not is_run(run):
             raise UserError(f"{run} is not a cifarjax run folder (it has no {MARKER} marker); pass the --out "
                             "folder of a run to resume")

@@ -218,11 +218,11 @@ class Study:
         variables = self.variables(cell, config)
         if cell.model == "simple_cnn":
             result = train_loop(config, self.train, self.val, variables, run=folder, resume=self.resume,
-                                phases=self.phases, resume_hint=self.resume_hint)
+                                phases=self.phases, resume_hint=self.resume_hint, report=False)
         else:
             result = fine_tune_loop(config, variables, self.train, self.val, run=folder, resume=self.resume,
                                     features=self.shared_features(config, variables), phases=self.phases,
-                                    resume_hint=self.resume_hint)
+                                    resume_hint=self.resume_hint, report=False)
         summary = {"name": cell.name, "hypothesis": cell.hypothesis, "model": cell.model, "changes": dict(cell.changes),
                    "settings": {k: getattr(config, k) for k in ("img_size", "unfreeze", "bn", "normalize", "lr",
                                                                  "batch_size", "n_epochs", "optimizer")},

@@ -1,19 +1,14 @@
 """The platform a run's programs are built for (their target; a module named `platform` would shadow Python's
-own wherever cifarjax/ is the working directory): the one place that chooses between the plain JAX program and the
-CPU's formulations (`cifarjax.cpu`).
+own wherever cifarjax/ is the working directory), decided in one place: `resolve`.
 
-A run resolves its platform once (`resolve`) and passes it to the builders (`build_model(config, platform=...)`,
-`make_optimizer(..., platform=...)`, `DataParallel(..., platform=...)`), which pass it on to the layers. Nothing
-below the builders asks which backend the process has, so a test on a CPU machine builds (and `jax.export`s) the
-very program a GPU gets by passing platform="gpu".
+Only the builders ask, and pass the plain JAX program's pieces or the CPU's (`cifarjax.cpu`) in: `build_model`
+the layers' formulations (`models.formulations_for`), `make_optimizer` the optimizer, `DataParallel` the step
+factory (`step_factory`). So a test on a CPU machine builds the very program a GPU gets with platform="gpu".
+"cpu": Winograd/im2col convolutions, fused conv+pool blocks, fusion barriers, optimizer updates computed once,
+frozen-only donation (docs/architecture.md). "gpu" (any accelerator): plain JAX, the whole state donated.
 
-* "cpu": the CPU's formulations: Winograd/im2col convolutions and fused conv+pool blocks, fusion barriers, the
-  optimizer updates computed once, frozen-only donation (docs/architecture.md lists them with their gains).
-* "gpu" (any accelerator): plain JAX: `lax.conv_general_dilated`, `optax.adam`/`optax.sgd`, the state donated.
-
-Whether this process *will run* on the CPU, asked before JAX starts a backend (to set the CPU's XLA flags and
-huge pages, which must be in place before it starts), is `runs_on_cpu`. `deterministic` asks XLA's GPU backend
-for deterministic kernels (`Config.deterministic`), also before it starts.
+`runs_on_cpu`: whether this process *will run* on the CPU, asked before JAX starts a backend (the CPU's XLA flags
+and huge pages must be in place before); `deterministic` asks XLA's GPU backend for deterministic kernels.
 """
 from __future__ import annotations
 
@@ -49,6 +44,17 @@ def conv_impl(impl: str, platform: str) -> str:
     if impl == "auto":
         return "winograd" if platform == "cpu" else "xla"
     return impl
+
+
+def step_factory(platform: Optional[str] = None):
+    """How the training steps of a run built for `platform` (default: `resolve()`) are pmap-ed,
+    `(step, mask, axis_name, devices, **static) -> step`: on the CPU with only the frozen parameters donated
+    (`cifarjax.cpu.donation.frozen_apart`), elsewhere with the whole state (`cifarjax.train.donate_state`)."""
+    if resolve(platform) == "cpu":
+        from cifarjax.cpu.donation import frozen_apart
+        return frozen_apart
+    from cifarjax.train import donate_state
+    return donate_state
 
 
 def runs_on_cpu(environ: Mapping[str, str] = os.environ) -> bool:

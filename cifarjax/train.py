@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cifarjax.batching import eval_indices
 from cifarjax.freezing import Freezing, join_frozen, leaves_like, split_frozen
 from cifarjax.models import AXIS
-from cifarjax.target import resolve
+from cifarjax.target import step_factory
 
 
 class TrainState(train_state.TrainState):
@@ -100,7 +100,7 @@ def train_step(state: TrainState, data, idx, *, inputs, n_devices: int, trainabl
 
     `trainable`: the freezing policy's mask (None: everything trains). Only what trains is differentiated, unless
     `differentiate_frozen`: the gradient of every parameter, whose unused part the compiler drops (the CPU
-    program, whose recorded numerics it keeps).
+    program's step factory asks for it: its recorded numerics).
     """
     images, targets = data
     device = lax.axis_index(AXIS)
@@ -137,7 +137,7 @@ def train_step(state: TrainState, data, idx, *, inputs, n_devices: int, trainabl
 def train_steps(state: TrainState, data, idxs, **kwargs):
     """Several `train_step`s in one call, so that dispatching them costs less than running them (a head on cached
     features; small images on a GPU): a rolled `lax.scan` over idxs' leading axis, one copy of the step inside a
-    loop (a fit's calls all run as many steps, `loop.steps_per_call`: one compilation). Metrics are per step.
+    loop (a fit's calls all run as many steps, `schedule.steps_per_call`: one compilation). Metrics are per step.
 
     The same steps as that many calls of `train_step`, equal within float32 rounding: XLA compiles a loop's body
     as a computation of its own, whose fusions may round differently (tests/test_steps_per_call.py).
@@ -174,21 +174,17 @@ def probabilities_step(state: TrainState, data, idx, *, inputs, tta_flip: bool =
     return lax.all_gather(jax.nn.softmax(logits.astype(jnp.float32)), AXIS)
 
 
-@functools.lru_cache(maxsize=32)
-def _pmapped_train(step, devices: tuple, trainable, platform: str = "gpu", **static):
-    """One pmap-ed training step per (step, devices, freezing, platform, static settings), reused by repeated runs.
-
-    The state is donated: the step returns its successor in the same buffers. Built for the CPU, only the frozen
-    parameters are (`cifarjax.cpu.donation`).
-    """
-    mask = None if trainable is None else jax.tree.unflatten(trainable[1], trainable[0])
-    if platform == "cpu":
-        if mask is None:
-            return jax.pmap(functools.partial(step, trainable=None, **static), axis_name=AXIS, devices=list(devices))
-        from cifarjax.cpu.donation import frozen_apart
-        return frozen_apart(step, mask, AXIS, list(devices), differentiate_frozen=True, **static)
-    return jax.pmap(functools.partial(step, trainable=mask, **static), axis_name=AXIS, devices=list(devices),
+def donate_state(step, mask, axis_name: str, devices: list, **static):
+    """`step` pmap-ed with the whole state donated: it returns its successor in the same buffers."""
+    return jax.pmap(functools.partial(step, trainable=mask, **static), axis_name=axis_name, devices=devices,
                     donate_argnums=(0,))
+
+
+@functools.lru_cache(maxsize=32)
+def _pmapped_train(step, devices: tuple, trainable, pmap_train, **static):
+    """One pmap-ed training step per (step, devices, freezing, step factory, static settings), reused by runs."""
+    mask = None if trainable is None else jax.tree.unflatten(trainable[1], trainable[0])
+    return pmap_train(step, mask, AXIS, list(devices), **static)
 
 
 @functools.lru_cache(maxsize=32)
@@ -198,18 +194,20 @@ def _pmapped_eval(step, devices: tuple, **static):
 
 class DataParallel:
     """The pmap-ed steps over `devices` (default: every device of every process), and the boundary between
-    host arrays and device-resident ones. Each process passes only its own devices' rows of a batch."""
+    host arrays and device-resident ones. Each process passes only its own devices' rows of a batch.
+    `pmap_train(step, mask, axis_name, devices, **static)` pmap-s the training steps (default: the run's,
+    `cifarjax.target.step_factory()`; `donate_state` donates the whole state)."""
 
     def __init__(self, inputs, trainable=None, devices: Optional[list] = None,
-                 options: StepOptions = StepOptions(), platform: Optional[str] = None):
+                 options: StepOptions = StepOptions(), pmap_train: Optional[Callable] = None):
         self.devices = list(devices or jax.devices())
-        self.platform = resolve(platform)
+        pmap_train = pmap_train or step_factory()
         self.local_rows = [i for i, d in enumerate(self.devices) if d.process_index == jax.process_index()]
         self.sharding = NamedSharding(Mesh(np.array(self.devices), (AXIS,)), PartitionSpec(AXIS))
         key = None if trainable is None else (tuple(jax.tree.leaves(trainable)), jax.tree.structure(trainable))
         static = dict(inputs=inputs, n_devices=self.n_devices, options=options)
-        self.train_step = _pmapped_train(train_step, tuple(self.devices), key, self.platform, **static)
-        self.train_steps = _pmapped_train(train_steps, tuple(self.devices), key, self.platform, **static)
+        self.train_step = _pmapped_train(train_step, tuple(self.devices), key, pmap_train, **static)
+        self.train_steps = _pmapped_train(train_steps, tuple(self.devices), key, pmap_train, **static)
         self.eval_step = _pmapped_eval(eval_step, tuple(self.devices), inputs=inputs, tta_flip=options.tta_flip)
         self.probabilities_step = _pmapped_eval(probabilities_step, tuple(self.devices), inputs=inputs,
                                                 tta_flip=options.tta_flip)
@@ -224,23 +222,19 @@ class DataParallel:
 
     def replicate(self, tree):
         """Copy a host pytree onto every device of this process (leading axis = devices)."""
-        local = [self.devices[i] for i in self.local_rows]
-
-        def put(x):
-            x = np.asarray(x)
-            return jax.make_array_from_single_device_arrays(
-                (self.n_devices,) + x.shape, self.sharding, [jax.device_put(x[None], d) for d in local])
-        return jax.tree.map(put, tree)
+        return self._place(tree, lambda x, i: x[None])
 
     def shard(self, tree):
         """Place this process's rows (local devices, ...) of a batch on its devices."""
-        local = [self.devices[i] for i in self.local_rows]
+        return self._place(tree, lambda x, i: x[i:i + 1])
 
+    def _place(self, tree, rows):
+        """`tree`'s leaves as arrays over the devices, this process's i-th device holding `rows(leaf, i)`."""
         def put(x):
             x = np.asarray(x)
-            return jax.make_array_from_single_device_arrays(
-                (self.n_devices,) + x.shape[1:], self.sharding, [jax.device_put(x[i:i + 1], d) for i, d in
-                                                                 enumerate(local)])
+            shards = [jax.device_put(rows(x, i), self.devices[d]) for i, d in enumerate(self.local_rows)]
+            return jax.make_array_from_single_device_arrays((self.n_devices,) + shards[0].shape[1:], self.sharding,
+                                                            shards)
         return jax.tree.map(put, tree)
 
     @staticmethod

@@ -1,6 +1,7 @@
 import os
 import cifarjax as cj
 
+cj.tune_process()  # the commands' CPU settings (XLA flags, huge pages): first, before anything starts JAX
 config = cj.recipe_config("cnn", data_dir=os.environ.get("CIFARJAX_DATA", "data/cifar10-jpeg"),
                           subset=int(os.environ.get("CIFARJAX_SUBSET", "4000")),
                           n_epochs=int(os.environ.get("CIFARJAX_EPOCHS", "3")))  # kept in the run's config.json
@@ -13,4 +14,5 @@ cj.plot_training_results(result.history.records, "runs/my-cnn/my_training.png")
 run = cj.load_run("runs/my-cnn")  # a loop's run folder, experiments.cnn's or one fine-tune length's
 print(cj.format_table(run.evaluate(val)))  # accuracy, per class, the most confused pairs
 image = os.environ.get("CIFARJAX_IMAGE", "my_cat.jpg")
-print(image, run.top(run.predict_files([image])[image]))  # [('cat', 0.61), ('dog', 0.22), ('bird', 0.07)]
+top3 = run.top(run.predict_files([image])[image])  # the 3 most probable (class, probability) pairs
+print(image, [(c, round(p, 2)) for c, p in top3])  # e.g. my_cat.jpg [('cat', 0.61), ('dog', 0.22), ('bird', 0.07)]

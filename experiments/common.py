@@ -2,6 +2,7 @@
 configuration, data), and its outputs (scoring, plots, summary.json)."""
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import math
 import os
@@ -18,10 +19,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import cifarjax  # noqa: E402
+from experiments import seeds  # noqa: E402
 from cifarjax import binding, distributed, plots, runs  # noqa: E402
 from cifarjax.augment import with_normalization  # noqa: E402
 from cifarjax.batching import train_indices  # noqa: E402
-from cifarjax.checkpoint import latest_epoch  # noqa: E402
+from cifarjax.checkpoint import latest_epoch, quiet_orbax  # noqa: E402
 from cifarjax.config import Config  # noqa: E402
 from cifarjax.cpu import process as cpu_process, xla_flags  # noqa: E402
 from cifarjax.data import Dataset, Split, fingerprint, load_dataset, train_val_split  # noqa: E402
@@ -50,10 +52,12 @@ def launch(main: Callable[[], None], package: str = "experiments") -> None:
     """Run a command's `main` as `python -m experiments.NAME` does: first its process-wide settings, which importing
     a command never changes: albumentations' update check off, the CPU's settings where the run executes on the
     CPU, before JAX starts its backend (`cifarjax.cpu.process.tune`: it may relaunch the process with huge pages),
-    and the compilation cache."""
+    the compilation cache, and orbax's background noise kept out of the output (`cifarjax.checkpoint.quiet_orbax`)."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     cpu_process.tune(package)
     enable_compilation_cache()
+    quiet_orbax()
+    git_commit()  # the code that runs, read before it does
     main()
 
 
@@ -80,6 +84,8 @@ def make_parser(command: str, description: str, nargs: Optional[dict] = None, sh
                    help="replace the run in --out (only a folder cifarjax marked as a run; other files stay)")
     r.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest intact checkpoint, with its own settings")
+    if command in ("cnn", "finetune"):
+        seeds.add_flag(r)
     d = p.add_argument_group("several processes or hosts (jax.distributed)")
     d.add_argument("--distributed", action="store_true",
                    help="detect the cluster (SLURM, Open MPI, Kubernetes, TPU, JAX_COORDINATOR_ADDRESS ...)")
@@ -112,6 +118,7 @@ def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
 
     Nothing is written yet: `open_run` creates the run folder once the start has succeeded.
     """
+    git_commit()  # the code that runs, read before it trains
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
     run = runs.check_out(args.out, command, args.overwrite, args.resume)
     typed = binding.absolute_paths(given(args, command) if typed is None else typed)
@@ -169,6 +176,7 @@ def open_run(s: Start, command: str, config_json: dict) -> None:
 
 
 def resume_hint(command: str, run: Path) -> str:
+    run = run.parent if seeds.is_seeds_folder(run.parent) else run  # one seed's run: resume them all
     return f"python -m experiments.{command} --resume --out {shlex.quote(str(run))}"
 
 
@@ -203,10 +211,13 @@ def report_split(config: Config, result, split: Split, name: str, run: Path, pha
         with phases("plotting", "writing the confusion matrix and sample predictions"):
             plots.plot_confusion_matrix(np.asarray(result["confusion_matrix"]), config.classes,
                                         run / runs.PLOTS / "confusion_matrix.png",
-                                        title=f"Confusion matrix ({name} split, {len(split)} images)")
+                                        title=f"Confusion matrix of {runs.run_name(run)} ({name} split, "
+                                              f"{len(split)} images)")
             pick = np.random.default_rng(0).choice(len(split), min(n_samples, len(split)), replace=False)
             plots.plot_sample_predictions(split.images[pick], preds[pick], split.labels[pick], config.classes,
-                                          run / runs.PLOTS / "sample_predictions.png")
+                                          run / runs.PLOTS / "sample_predictions.png",
+                                          title=f"Sample predictions of {runs.run_name(run)} ({name} split): "
+                                                "predicted (true)")
     return {f"{name}_accuracy": result["accuracy"], "scored_split": name}
 
 
@@ -258,8 +269,10 @@ def closing_figures(summary: dict) -> str:
     return f"{readings}; {trained}"
 
 
+@functools.lru_cache(maxsize=None)
 def git_commit() -> Optional[str]:
-    """The checkout's commit (with '+dirty' when it has uncommitted changes), or None outside git."""
+    """The checkout's commit (with '+dirty' when it has uncommitted changes), or None outside git; read once, when
+    the command starts, so a commit made while it runs is not recorded as the code that ran."""
     try:
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10)

@@ -10,9 +10,11 @@ goes beside it (comparison-2.png, said in one line), and --out naming one is ref
 from __future__ import annotations
 
 import re
+import statistics
 import textwrap
 from pathlib import Path
 
+from experiments import seeds
 from cifarjax import plots, runs
 from cifarjax.checkpoint import find_run
 from cifarjax.errors import UserError, exit_on_user_error
@@ -34,6 +36,18 @@ def load_run(folder) -> dict:
         raise UserError(f"{run} has no finished epoch in {runs.METRICS} yet; pass a run that finished an epoch")
     return {"name": str(folder), "folder": run, "config": runs.read_config(run),
             "history": History(records)}
+
+
+def seed_groups(folder) -> list:
+    """A --seeds folder as one entry per length: its seeds' runs as `members`, compared as mean ± sd."""
+    groups, each = {}, seeds.planned_in(folder)
+    for seed in each:
+        for label, run in seeds.leaf_runs(Path(folder) / f"seed-{seed}").items():
+            groups.setdefault(label, []).append(load_run(run))
+    return [{"name": f"{folder} ({label + ', ' if len(groups) > 1 else ''}{len(members)} seeds)",
+             "folder": Path(folder), "members": members, "history": members[0]["history"],
+             "config": {**members[0]["config"], "seed": " ".join(map(str, each))}}
+            for label, members in groups.items()]
 
 
 def expand(folder) -> list:
@@ -70,6 +84,30 @@ def short_names(names: list) -> list:
     return short if len(set(short)) == len(short) else [f"{n} ({i})" for i, n in enumerate(short, 1)]
 
 
+def legend_labels(names: list, loaded: list, most: int = 3) -> list:
+    """Each run's name with the settings that differ between the runs (the first `most`, then '...')."""
+    keys = differing([r["config"] for r in loaded])
+    def settings(config):
+        shown = [f"{k}={_cell(config.get(k))}" for k in keys[:most]] + (["..."] if len(keys) > most else [])
+        return f" [{', '.join(shown)}]" if shown else ""
+    return [name + settings(r["config"]) for name, r in zip(names, loaded)]
+
+
+def readings(history: History, n_last: int) -> tuple:
+    """Final validation accuracy (%) and loss, best accuracy (%), the mean of the last `n_last` epochs' (%)."""
+    acc, losses = history.epoch_val_accuracy, val_losses(history)
+    return (100 * acc[-1], losses[-1] if losses else None, 100 * max(acc), 100 * sum(acc[-n_last:]) / n_last)
+
+
+def _spread(values: tuple, digits: int) -> str:
+    """One run's value, or several seeds' mean±sd (sample sd); '-' where a run has none."""
+    if any(v is None for v in values):
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f}±{statistics.stdev(values):.{digits}f}"
+
+
 def _cell(value) -> str:
     return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
@@ -78,15 +116,15 @@ def table(loaded: list, width: int = WIDTH) -> str:
     """One row per run: the settings that differ, epochs trained, then final validation accuracy and loss, best
     accuracy and the mean of the last five epochs' (fewer when fewer ran). Settings columns that would make the
     table wider than `width` are listed under it instead."""
-    histories = [r["history"] for r in loaded]
+    histories = [m["history"] for r in loaded for m in r.get("members", [r])]
     n_last = min(5, *(len(h.epoch_val_accuracy) for h in histories))
     rows = []
-    for r, h in zip(loaded, histories):
-        acc, trained, planned = h.epoch_val_accuracy, len(h.epoch_val_accuracy), r["config"].get("n_epochs")
-        losses = val_losses(h)
-        rows.append([str(trained) if planned in (None, trained) else f"{trained}/{planned}",
-                     f"{100 * acc[-1]:.2f}", f"{losses[-1]:.4f}" if losses and losses[-1] is not None else "-",
-                     f"{100 * max(acc):.2f}", f"{100 * sum(acc[-n_last:]) / n_last:.2f}"])
+    for r in loaded:
+        members = [m["history"] for m in r.get("members", [r])]
+        trained, planned = min(len(h.epoch_val_accuracy) for h in members), r["config"].get("n_epochs")
+        figures = list(zip(*(readings(h, n_last) for h in members)))  # per reading, one value per member
+        cells = [_spread(values, digits) for values, digits in zip(figures, (2, 4, 2, 2))]
+        rows.append([str(trained) if planned in (None, trained) else f"{trained}/{planned}", *cells])
     header = ["epochs", "val acc %", "val loss", "best %", f"last-{n_last} mean %"]
     names = short_names([r["name"] for r in loaded])
     keys, columns, rest = differing([r["config"] for r in loaded]), [["run", *names]], []
@@ -110,6 +148,20 @@ def table(loaded: list, width: int = WIDTH) -> str:
         settings = ", ".join(f"{k}={_cell(r['config'].get(k))}" for k in rest)
         out += textwrap.wrap(f"{name}: {settings}", width, subsequent_indent="    ", break_on_hyphens=False)
     return "\n".join(out)
+
+
+def curves(entry: dict) -> dict:
+    """plot_runs' curves of a run, or of a seeds group: the mean with its sd per epoch."""
+    members = [m["history"] for m in entry.get("members", [entry])]
+    curve = {}
+    for key, of in (("val", lambda h: h.epoch_val_accuracy), ("train", lambda h: h.train_accuracy),
+                    ("val_loss", val_losses)):
+        by_epoch = list(zip(*map(of, members)))
+        if by_epoch and all(v is not None for e in by_epoch for v in e):
+            curve[key] = [statistics.fmean(e) for e in by_epoch]
+            if len(members) > 1:
+                curve[f"{key}_sd"] = [statistics.stdev(e) for e in by_epoch]
+    return curve
 
 
 def plot_path(given, loaded: list, overwrite: bool) -> Path:
@@ -140,12 +192,12 @@ def main(argv=None) -> None:
                    help="replace an existing plot (the default one or --out; never a file cifarjax did not write in a "
                         "run folder)")
     args = p.parse_args(argv)
-    loaded = [load_run(run) for folder in args.runs for run in expand(folder)]
+    loaded = [entry for folder in args.runs for entry in (seed_groups(folder) if seeds.is_seeds_folder(folder)
+                                                           else map(load_run, expand(folder)))]
     plot = plot_path(args.plot, loaded, args.overwrite)
     print(table(loaded))
-    names = short_names([r["name"] for r in loaded])
-    plot = plots.plot_runs({n: {"val": r["history"].epoch_val_accuracy, "train": r["history"].train_accuracy,
-                                "val_loss": val_losses(r["history"])} for n, r in zip(names, loaded)}, plot,
+    names = legend_labels(short_names([r["name"] for r in loaded]), loaded)
+    plot = plots.plot_runs({n: curves(r) for n, r in zip(names, loaded)}, plot,
                            title="Validation and training accuracy and validation loss per epoch")
     print(f"plot: {plot}")
 

@@ -72,7 +72,8 @@ def main(argv=None) -> None:
     result = evaluate(config, loaded.variables, split)
     try:
         path = plots.plot_confusion_matrix(result["confusion_matrix"], config.classes, plot,
-                                           title=f"Confusion matrix ({name} split, {len(split)} images)")
+                                           title=f"Confusion matrix of {runs.run_name(run)} ({name} split, "
+                                                 f"{len(split)} images)")
     except OSError as error:  # a read-only run: the score is worth printing without its plot
         path = None
         warn(f"the confusion matrix was not written ({error.strerror or error} on {error.filename or plot}); pass "

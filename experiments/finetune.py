@@ -2,6 +2,7 @@
 
     python -m experiments.finetune --epochs 100 --weights resnet18-f37072fd.pth --data-dir DIR
     python -m experiments.finetune --resume --out RUN
+    python -m experiments.finetune --seeds 0 1 2 --out RUN     (once per seed; accuracy as mean ± sd)
 
 With several --epochs values (default 20 50 100, like the original) each is its own run under
 --out/epochs-N and their curves are drawn together in --out/plots/fine_tuning_results.png. With a constant
@@ -18,18 +19,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from experiments import common
+from experiments import common, seeds
 from cifarjax import binding, distributed, plots, runs
 from cifarjax.checkpoint import FROZEN, digest, frozen_params, join_frozen, latest_epoch, load_variables, \
     split_frozen, write_frozen_file
 from cifarjax.errors import exit_on_user_error
 from cifarjax.features import backbone_features, cacheable
 from cifarjax.files import write_json
-from cifarjax.flags import given
+from cifarjax.flags import given, rate_depends_on_length
 from cifarjax.freezing import Freezing
 from cifarjax.loop import fine_tune_loop
 from cifarjax.models import build_model
-from cifarjax.optim import rate_depends_on_length
 from cifarjax.pretrained import Weights, sha256_file, starting_weights, weights_file
 from cifarjax.text import plural
 
@@ -50,6 +50,10 @@ def epoch_counts(args) -> list:
 def main(argv=None) -> None:
     args = common.parse("finetune", __doc__.splitlines()[0], argv, nargs={"n_epochs": "+"},
                         shown={"n_epochs": " ".join(map(str, DEFAULT_EPOCHS))})
+    seeds.run("finetune", args, fine_tune)
+
+
+def fine_tune(args) -> None:
     counts = epoch_counts(args)
     typed = {**given(args, "finetune"), "n_epochs": max(counts)}
     s = common.start("finetune", args, typed, model="resnet18")
@@ -152,7 +156,7 @@ def fine_tune_run(s, n_epochs: int, variables: dict, features, bound: dict, nest
     distributed.barrier(f"sub-run {n_epochs}")
     result = fine_tune_loop(config, variables, s.train, s.val, run=sub, resume=s.resume, features=features,
                             phases=s.phases, resume_hint=common.resume_hint("finetune", s.run),
-                            restart_hint=common.restart_hint(s), continue_from=continue_from)
+                            restart_hint=common.restart_hint(s), continue_from=continue_from, report=False)
     scored = common.report_split(config, result, *common.scored_split(s), sub, s.phases)
     summary = common.run_summary("finetune", s, config, result, sub, weights=weights_label,
                                  weights_sha256=bound["weights_sha256"],

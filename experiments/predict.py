@@ -14,7 +14,7 @@ import json
 import os
 
 from experiments import common
-from cifarjax.errors import UserError, exit_on_user_error
+from cifarjax.errors import UserError, exit_on_user_error, warn
 from cifarjax.flags import Parser
 from cifarjax.predictor import image_files, load_run
 from cifarjax.sources import IMAGE_EXTENSIONS
@@ -47,12 +47,15 @@ def main(argv=None) -> None:
     if args.top < 1:
         raise UserError(f"--top must be at least 1, got {args.top}")
     run = load_run(args.run)
-    files = image_files(args.images)
-    if not files:
+    skipped = []
+    files = image_files(args.images, report=skipped.append)
+    if not files:  # one error line, no warnings before it
         if not any(os.path.exists(path) for path in args.images):
             raise UserError(f"{', '.join(args.images)}: no such file or folder; pass image files or folders")
         raise UserError(f"no images to classify in {', '.join(args.images)}; pass image files or folders holding "
                         f"{', '.join(IMAGE_EXTENSIONS)} files")
+    for message in skipped:
+        warn(message)
     k = min(args.top, len(run.classes))
     rows, unreadable = [], []
     for start in range(0, len(files), CHUNK):

@@ -1,8 +1,10 @@
 """Test set-up: two simulated CPU devices (before jax initialises), and shared tiny-data fixtures."""
 import atexit
+import functools
 import os
 import shutil
 import tempfile
+import traceback
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
@@ -12,6 +14,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from cifarjax.cpu.xla_flags import add_cpu_flags  # noqa: E402
 
 add_cpu_flags()
+from cifarjax.checkpoint import quiet_orbax  # noqa: E402 - and orbax quieted, as a command does at its start
+
+quiet_orbax()
 # One persistent compilation cache for the session, shared with the subprocesses tests start: the suite
 # compiles each program once, not once per process.
 # pytest-xdist's workers inherit the folder from the session that started them, which removes it at the end.
@@ -82,3 +87,36 @@ def _release_compiled_programs():
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
+
+
+@functools.lru_cache(maxsize=None)
+def _broken_torch():
+    """torchlib's one-line message when torch or torchvision cannot be imported (a mismatched pair), else None."""
+    from cifarjax import torchlib
+    from cifarjax.errors import UserError
+    try:
+        torchlib.load("torchvision")
+    except UserError as error:
+        return str(error)
+    return None
+
+
+def _skip_if_torch_is_broken(error: BaseException) -> None:
+    """A test that failed inside an import of torch or torchvision, where that import is broken, skips with the
+    fix instead of failing with the import's traceback."""
+    frames = traceback.extract_tb(error.__traceback__)
+    inside = any(f"{os.sep}torch" in frame.filename for frame in frames) or "cannot import torch" in str(error)
+    if inside and _broken_torch():
+        pytest.skip(f"needs torch and torchvision: {_broken_torch()}")
+
+
+@pytest.hookimpl(wrapper=True)
+def _skipping_where_torch_is_broken(item):
+    try:
+        return (yield)
+    except Exception as error:  # noqa: BLE001 - re-raised unless torch's import is what broke
+        _skip_if_torch_is_broken(error)
+        raise
+
+
+pytest_runtest_setup = pytest_runtest_call = _skipping_where_torch_is_broken  # a fixture's set-up and the test

@@ -14,14 +14,41 @@ import cifarjax
 from tests.helpers import ROOT, make_image_folder
 
 
+def runs_cleanly(program: str) -> None:
+    """`program` in a fresh interpreter exits 0 (its failed assert's message shown otherwise)."""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+
+
 def test_import_starts_neither_torch_nor_jax():
     program = ("import sys, cifarjax\n"
                "cifarjax.Config, cifarjax.recipe_config, cifarjax.UserError\n"
                "assert 'torch' not in sys.modules and 'jax' not in sys.modules, sorted(sys.modules)\n"
                "cifarjax.load_run, cifarjax.train_loop, cifarjax.fine_tune_study, cifarjax.imagenet_resnet18\n"
                "assert 'torch' not in sys.modules\n")
-    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 0, done.stderr
+    runs_cleanly(program)
+
+
+def test_importing_every_module_leaves_the_process_as_it_was():
+    """Importing cifarjax changes no process-wide state: the asyncio policy and the logging configuration stay;
+    the commands quiet orbax at their start (`cifarjax.checkpoint.quiet_orbax`)."""
+    program = ("import asyncio, importlib, logging, pkgutil, cifarjax\n"
+               "def state():\n"
+               "    loggers = logging.root.manager.loggerDict.items()\n"
+               "    return (type(asyncio.get_event_loop_policy()), {name: (log.level, list(log.filters))\n"
+               "            for name, log in loggers if isinstance(log, logging.Logger)},\n"
+               "            logging.root.level, list(logging.root.filters), list(logging.root.handlers))\n"
+               "import jax, orbax.checkpoint, flax, optax\n"
+               "before = state()\n"
+               "for module in pkgutil.walk_packages(cifarjax.__path__, 'cifarjax.'):\n"
+               "    importlib.import_module(module.name)\n"
+               "after = state()\n"
+               "changed = {k: (before[1].get(k), v) for k, v in after[1].items() if before[1].get(k, (0, [])) != v}\n"
+               "assert before[0] == after[0] and not changed and before[2:] == after[2:], (after[0], changed)\n"
+               "from cifarjax.checkpoint import quiet_orbax\n"
+               "quiet_orbax()\n"
+               "assert type(asyncio.get_event_loop_policy()) is not before[0] and logging.getLogger('absl').filters\n")
+    runs_cleanly(program)
 
 
 def test_every_public_name_resolves_with_its_own_docstring():

@@ -75,9 +75,9 @@ def test_the_memory_schedule_needs_less_memory_and_changes_no_arithmetic():
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from cifarjax.models import ResNet18
+    from cifarjax.models import ResNet18, formulations_for
     from cifarjax.cpu.xla_flags import MEMORY_SCHEDULE
-    model = ResNet18(10, platform="cpu")
+    model = ResNet18(10, formulations=formulations_for("auto", "cpu"))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 32, 32, 3)), jnp.float32)
     variables = model.init(jax.random.PRNGKey(0), x[:1], train=False)
 

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from cifarjax import torchlib
 from cifarjax.augment import with_normalization
 from cifarjax.config import Config
 from cifarjax.errors import UserError
@@ -10,8 +11,10 @@ from cifarjax.predictor import Run
 from cifarjax.pretrained import convert_state_dict
 from tests.helpers import randomized_torchvision_resnet18
 
-torch = pytest.importorskip("torch")
-torchvision = pytest.importorskip("torchvision")
+try:
+    torch, torchvision = torchlib.load("torch"), torchlib.load("torchvision")
+except UserError as broken:  # a missing or mismatched pair: skipped with the fix
+    pytest.skip(f"needs torch and torchvision: {broken}", allow_module_level=True)
 
 
 def test_port_then_export_gives_back_torchvisions_state_dict_bit_for_bit():
@@ -40,8 +43,9 @@ def test_an_exported_run_loads_strictly_and_gives_the_runs_probabilities(tmp_pat
     x = (images / np.float32(255) - np.array(config.norm_mean, np.float32)) / np.array(config.norm_std, np.float32)
     with torch.no_grad():
         theirs = torch.softmax(model(torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float32))), -1).numpy()
-    # Both sides are float32 through 20 convolutions summed in different orders (oneDNN; XLA's here, the CPU's
-    # own formulations equal it to rounding: tests/test_models.py): logits agree to a few 1e-6 relative, so probabilities, which are at most 1, to 1e-5.
+    # Both sides are float32 through 20 convolutions summed in different orders (oneDNN; XLA's here, which the CPU's
+    # own formulations equal to rounding: tests/test_models.py): logits agree to a few 1e-6 relative, so
+    # probabilities, which are at most 1, to 1e-5.
     np.testing.assert_allclose(run.predict(images), theirs, atol=1e-5)
 
 

@@ -25,6 +25,7 @@ from cifarjax.freezing import Freezing
 from cifarjax.inputs import FeatureInputs, ImageInputs
 from cifarjax.models import Apply, build_model
 from cifarjax.optim import make_optimizer
+from cifarjax.target import step_factory
 from cifarjax.train import DataParallel, StepOptions, create_train_state
 
 N_DEVICES, PER_DEVICE = 2, 2
@@ -72,7 +73,7 @@ def build_step(kind: str, platform: str, **changes):
     inputs = FeatureInputs(AugmentSpec()) if features else ImageInputs(AugmentSpec.from_config(config))
     apply = Apply(model, "classify" if features else None)
     parallel = DataParallel(inputs, trainable, jax.devices()[:N_DEVICES], StepOptions.from_config(config),
-                            platform=platform)
+                            step_factory(platform))
     state = jax.eval_shape(lambda v: create_train_state(apply, v, tx, 0, config.ema_decay > 0, freezing), variables)
 
     def replicated(tree):

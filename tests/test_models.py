@@ -7,11 +7,12 @@ import flax.linen as nn
 import optax
 import pytest
 
-from cifarjax.cpu.conv import conv3x3_maxpool, conv3x3_same, conv_phases, winograd_phases
+from cifarjax.cpu.conv import conv2d, conv3x3_maxpool, conv3x3_same, conv_phases, winograd_phases
 from cifarjax.cpu.dense import dense_transposed_backward
 from cifarjax.cpu.fusion import materialize
-from cifarjax.layers import Conv, Dropout, conv2d, max_pool
-from cifarjax.models import ResNet18, SimpleCNN
+from cifarjax.layers import Conv, Dropout, max_pool
+from cifarjax.models import ResNet18, SimpleCNN, formulations_for
+from cifarjax.ops import xla_conv
 from tests.helpers import n_params, skip_unless_measured_xla_cpu, temporary_bytes
 
 
@@ -44,7 +45,7 @@ def test_simple_cnn_matches_the_pytorch_original_in_eval_mode(impl):
                    for i, l in enumerate(linears)})
     x = np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)
     expected = ref(torch.from_numpy(x)).detach().numpy()
-    got = jax.jit(partial(SimpleCNN(conv_impl=impl).apply, train=False))({"params": params},
+    got = jax.jit(partial(SimpleCNN(formulations=formulations_for(impl)).apply, train=False))({"params": params},
                                                                         jnp.asarray(x.transpose(0, 2, 3, 1)))
     # The port's specification: the largest difference at most 1e-5 of the largest logit, about 100x the rounding
     # of five float32 layers, and orders of magnitude below any difference of semantics.
@@ -67,11 +68,11 @@ def test_im2col_convolution_equals_xla(size, k, stride, pad, rng):
     x = jnp.asarray(rng.normal(size=(2, size, size, 5)).astype(np.float32))
     w = jnp.asarray(rng.normal(size=(k, k, 5, 6)).astype(np.float32))
     a = conv2d(x, w, stride, pad, "im2col")
-    b = conv2d(x, w, stride, pad, "xla")
-    magnitude = conv2d(jnp.abs(x), jnp.abs(w), stride, pad, "xla")
+    b = xla_conv(x, w, stride, pad)
+    magnitude = xla_conv(jnp.abs(x), jnp.abs(w), stride, pad)
     assert (np.abs(a - b) <= summation_bound(magnitude, k * k * 5)).all()
     ga = jax.grad(lambda x: conv2d(x, w, stride, pad, "im2col").sum())(x)
-    gb = jax.grad(lambda x: conv2d(x, w, stride, pad, "xla").sum())(x)
+    gb = jax.grad(lambda x: xla_conv(x, w, stride, pad).sum())(x)
     assert (np.abs(ga - gb) <= summation_bound(np.abs(w).sum(axis=(0, 1, 3)), k * k * 6)).all()
 
 
@@ -82,7 +83,7 @@ WINOGRAD_SHAPES = [(15, 16, 2, 4), (6, 16, 4, 2), (13, 8, 2, 2), (14, 8, 4, None
 def winograd_and_reference(rng, size, cin, pool, tile, dtype):
     x = jnp.asarray(rng.normal(size=(2, size, size, cin)).astype(dtype))
     w = jnp.asarray((rng.normal(size=(3, 3, cin, 8)) / np.sqrt(9 * cin)).astype(dtype))
-    reference = jax.jit(lambda x, w: max_pool(conv2d(x, w, impl="xla"), pool))
+    reference = jax.jit(lambda x, w: max_pool(xla_conv(x, w, 1, 0), pool))
     fused = jax.jit(lambda x, w: conv3x3_maxpool(x, w, pool, tile))
     cotangent = jnp.asarray(rng.normal(size=reference(x, w).shape).astype(dtype))
     outputs = []
@@ -128,7 +129,7 @@ def test_conv3x3_same_is_exactly_the_padded_convolution(size, rng):
         w = jnp.asarray(rng.normal(size=(3, 3, 5, 6)))
         cotangent = jnp.asarray(rng.normal(size=(2, height, width, 6)))
         outputs = [(jax.jit(f)(x, w), *jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) * cotangent), (0, 1)))(x, w))
-                   for f in (lambda x, w: conv2d(x, w, 1, 1, "xla"), conv3x3_same)]
+                   for f in (lambda x, w: xla_conv(x, w, 1, 1), conv3x3_same)]
     for a, b in zip(*outputs):
         assert_relative_to_largest(b, a, 1e-10)
 
@@ -192,7 +193,7 @@ def test_undifferentiated_convolutions_of_8_to_13_wide_maps_are_xlas(size, rng):
 
         def winograd(x, w):
             return conv3x3_same(x, w, inference=inference)
-        expected = (lambda x, w: conv2d(x, w, 1, 1, "xla")) if 8 <= size <= 13 else winograd
+        expected = (lambda x, w: xla_conv(x, w, 1, 1)) if 8 <= size <= 13 else winograd
         np.testing.assert_array_equal(jax.jit(chosen)(x, w), jax.jit(expected)(x, w))
         for a, b in zip(jax.jit(lambda x, w: jax.vjp(chosen, x, w)[1](dy))(x, w),
                         jax.jit(lambda x, w: jax.vjp(winograd, x, w)[1](dy))(x, w)):
@@ -202,15 +203,16 @@ def test_undifferentiated_convolutions_of_8_to_13_wide_maps_are_xlas(size, rng):
 @pytest.mark.parametrize("train,frozen_bn_stages,expected", [
     (False, 0, [True] * 5), (True, 0, [False] * 5), (True, 2, [True, True, False, False, False])])
 def test_resnet_convolutions_know_whether_their_batchnorm_trains(train, frozen_bn_stages, expected):
-    """Each stage's convolutions (stem, layer1..4) run in inference exactly where its BatchNorm does."""
-    seen = {}
+    """Each stage's convolutions (stem, layer1..4) run the inference formulation exactly where its BatchNorm runs
+    in inference mode."""
+    seen, formulations = {}, formulations_for("winograd", "cpu")
 
     def record(next_fun, args, kwargs, context):
         if isinstance(context.module, Conv) and context.method_name == "__call__":
             stage = context.module.path[1] if len(context.module.path) > 2 else "stem"
-            seen.setdefault(stage.split("_")[0], set()).add(context.module.inference)
+            seen.setdefault(stage.split("_")[0], set()).add(context.module.convolve is formulations.eval_convolve)
         return next_fun(*args, **kwargs)
-    model = ResNet18(10, frozen_bn_stages=frozen_bn_stages)
+    model = ResNet18(10, frozen_bn_stages=frozen_bn_stages, formulations=formulations)
     variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, 32, 32, 3)))
     with nn.intercept_methods(record):
         jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, 32, 32, 3)), train=train, mutable=["batch_stats"]),
@@ -230,7 +232,7 @@ def test_the_cpu_formulations_are_exactly_the_convolution(size, k, stride, pad, 
         out = (size + 2 * pad - k) // stride + 1
         cotangent = jnp.asarray(rng.normal(size=(2, out, out, 4)))
         outputs = [(jax.jit(f)(x, w), *jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) * cotangent), (0, 1)))(x, w))
-                   for f in (lambda x, w: conv2d(x, w, stride, pad, "xla"),
+                   for f in (lambda x, w: xla_conv(x, w, stride, pad),
                              lambda x, w: conv2d(x, w, stride, pad, "winograd"))]
     for a, b in zip(*outputs):
         assert_relative_to_largest(b, a, 1e-10)
@@ -249,8 +251,8 @@ def test_the_stems_kernel_gradient_is_xlas_convolution(cin, convolutions):
 def test_conv_phases_are_the_strided_convolution_output(rng):
     x = jnp.asarray(rng.normal(size=(2, 11, 11, 3)).astype(np.float32))
     w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)).astype(np.float32))
-    full = conv2d(x, w, impl="xla")
-    magnitude = conv2d(jnp.abs(x), jnp.abs(w), impl="xla")
+    full = xla_conv(x, w, 1, 0)
+    magnitude = xla_conv(jnp.abs(x), jnp.abs(w), 1, 0)
     for (p, q), phase in conv_phases(x, w, 2).items():
         assert (np.abs(phase - full[:, p:8:2, q:8:2]) <= summation_bound(magnitude[:, p:8:2, q:8:2], 27)).all()
 
@@ -260,7 +262,7 @@ def test_fused_simple_cnn_equals_the_unfused_one_in_training(rng):
     agree to rounding (~1e-14; a wrong mask or a missing scale would differ by O(1))."""
     x = jnp.asarray(rng.random((8, 32, 32, 3)))
     y = jnp.arange(8) % 10
-    fused, plain = SimpleCNN(conv_impl="winograd"), SimpleCNN(conv_impl="im2col")
+    fused, plain = (SimpleCNN(formulations=formulations_for(impl)) for impl in ("winograd", "im2col"))
     variables = jax.jit(plain.init)(jax.random.PRNGKey(0), x[:1])
     jax.tree.map(np.testing.assert_array_equal, jax.jit(fused.init)(jax.random.PRNGKey(0), x[:1]), variables)
     rngs = {"dropout": jax.random.PRNGKey(3)}
@@ -327,7 +329,7 @@ def test_dropout_rate_scaling_and_determinism():
 
 
 def test_simple_cnn_dropout_only_in_training():
-    model = SimpleCNN(conv_impl="xla")  # the fused path's masks are checked against this one above
+    model = SimpleCNN()  # XLA's convolutions: the fused path's masks are checked against this one above
     x = jnp.ones((2, 32, 32, 3))
     v = jax.jit(model.init)(jax.random.PRNGKey(0), x)
     apply = jax.jit(model.apply, static_argnames="train")

@@ -61,6 +61,30 @@ def test_auto_convolutions_are_the_platforms_choice():
         target.conv_impl("cudnn", "gpu")
 
 
+def test_only_the_builders_know_the_platform_and_pass_its_pieces_in():
+    """The layers and the steps never name a platform nor import the CPU's package, which imports no model
+    module; the builders inject the CPU's pieces, one object per choice (models built alike compare equal, so
+    their compiled steps are reused)."""
+    from cifarjax.config import Config
+    from cifarjax.cpu import conv, dense, donation, fusion
+    from cifarjax.models import Formulations, build_model
+    from cifarjax.train import donate_state
+    for name in ("layers", "train"):
+        text = (ROOT / "cifarjax" / f"{name}.py").read_text()
+        assert "platform" not in text and "cifarjax.cpu" not in text, name
+    for path in (ROOT / "cifarjax" / "cpu").glob("*.py"):
+        for line in path.read_text().splitlines():
+            module, _, names = line.strip().removeprefix("from ").partition(" import ")
+            if line.strip().startswith("from cifarjax") and not module.startswith("cifarjax.cpu"):
+                assert module.split(".")[-1] not in ("cifarjax", "layers", "models", "freezing"), (path, line)
+                assert not any(n.strip().startswith("_") for n in names.split(",")), (path, line)
+    cpu, gpu = (build_model(Config(), platform) for platform in ("cpu", "gpu"))
+    assert cpu == build_model(Config(), "cpu") and gpu.formulations == Formulations()
+    assert (cpu.formulations.convolve.func, cpu.formulations.conv_pool) == (conv.conv2d, conv.ConvReluMaxPool)
+    assert (cpu.formulations.linear, cpu.formulations.keep) == (dense.dense_transposed_backward, fusion.materialize)
+    assert (target.step_factory("cpu"), target.step_factory("gpu")) == (donation.frozen_apart, donate_state)
+
+
 def test_the_cpu_settings_apply_only_where_the_run_executes_on_the_cpu():
     gpu = {"JAX_PLATFORMS": "cuda"}
     assert not process.tune(environ=gpu) and gpu == {"JAX_PLATFORMS": "cuda"} and process.applied(gpu) is None

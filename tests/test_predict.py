@@ -118,6 +118,8 @@ def test_command_prints_a_table_and_json_and_skips_an_unreadable_image(trained, 
     ("no images", "no images to classify in"),
     ("none readable", "none of the 1 image(s) could be read"),
     ("bad top", "--top must be at least 1"),
+    ("swapped", "is a file, not a run folder"),
+    ("missing image", "no such file or folder"),
 ])
 def test_bad_input_is_one_clear_line(trained, tmp_path, capsys, case, message):
     image = tmp_path / "photo.png"
@@ -130,12 +132,15 @@ def test_bad_input_is_one_clear_line(trained, tmp_path, capsys, case, message):
     shutil.copytree(trained / "checkpoints", no_config / "checkpoints")
     args = {"missing run": [tmp_path / "nowhere", image], "not a run": [empty, image], "no config": [no_config, image],
             "no images": [trained, empty], "none readable": [trained, broken],
-            "bad top": [trained, image, "--top", "0"]}[case]
+            "bad top": [trained, image, "--top", "0"], "swapped": [image, trained],
+            "missing image": [trained, tmp_path / "nowhere.jpg"]}[case]
     with pytest.raises(SystemExit) as exit_info:
         predict.main([str(a) for a in args])
     assert exit_info.value.code == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    lines = capsys.readouterr().err.splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], errors
+    assert case == "none readable" or not any(line.startswith("warning:") for line in lines), lines
 
 
 def test_the_library_names_a_missing_image_and_a_missing_split(trained, tmp_path, capsys):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cifarjax.errors import UserError
-from cifarjax.models import ResNet18
+from cifarjax.models import ResNet18, formulations_for
 from cifarjax.pretrained import (IMAGENET_FILE, _expected_shapes, _torch_key, imagenet_resnet18,
                                  resnet18_from_torchvision)
 from tests.helpers import randomized_torchvision_resnet18
@@ -45,7 +45,7 @@ def test_eval_logits_and_stages_match_torchvision(torch_model, ported, size, imp
     x = np.random.default_rng(size).normal(size=(2, 3, size, size)).astype(np.float32)
     with torch.no_grad():
         stages, logits = torch_stages(torch_model, torch.from_numpy(x))
-    model = ResNet18(1000, conv_impl=impl)
+    model = ResNet18(1000, formulations=formulations_for(impl))
     ours, state = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]))(
         ported, jnp.asarray(x.transpose(0, 2, 3, 1)))
     assert max_rel_err(ours, logits.numpy()) <= 1e-5
@@ -195,9 +195,9 @@ def test_train_mode_gradients_match_pytorch(impl):
     expected = resnet18_from_torchvision({k: v.detach() for k, v in grads.items()})["params"]
 
     def loss(params):
-        logits, _ = ResNet18(1000, conv_impl=impl).apply({"params": params, "batch_stats": variables["batch_stats"]},
-                                                         jnp.asarray(x.transpose(0, 2, 3, 1)), train=True,
-                                                         mutable=["batch_stats"])
+        model = ResNet18(1000, formulations=formulations_for(impl))
+        logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                jnp.asarray(x.transpose(0, 2, 3, 1)), train=True, mutable=["batch_stats"])
         return jnp.sum(logits * w)
 
     got = jax.jit(jax.grad(loss))(variables["params"])

@@ -1,9 +1,6 @@
-"""Several training steps per call (`Config.steps_per_call`): every call of a fit runs the same number of steps
-(one compiled program, a rolled `lax.scan`), none crosses an evaluation, a checkpoint or an epoch end, and the
+"""Several training steps per call (`Config.steps_per_call`; which steps each call runs: tests/test_schedule.py): the
 scan runs the steps of as many single calls, equal within float32 rounding (checked here at the step function,
 where a difference cannot hide behind a training loop)."""
-from types import SimpleNamespace
-
 import jax
 import numpy as np
 import pytest
@@ -11,50 +8,19 @@ import pytest
 from cifarjax.augment import AugmentSpec, HostAugment
 from cifarjax.data import Split
 from cifarjax.freezing import Freezing
-from cifarjax.inputs import FeatureInputs, HostAugmentedInputs, ImageInputs
-from cifarjax.loop import ACCELERATOR_STEPS_PER_CALL, CHEAP_STEPS_PER_CALL, HostAugmentFeed, Trainer, \
-    most_steps_per_call, steps_per_call
+from cifarjax.inputs import FeatureInputs, HostAugmentedInputs, HostAugmentFeed, ImageInputs
 from cifarjax.models import AXIS, Apply, SimpleCNN, initialize
 from cifarjax.optim import make_optimizer
+from cifarjax.target import step_factory
 from cifarjax.train import DataParallel, StepOptions, create_train_state
 from tests.test_train import fast, small_resnet, tiny_split
-
-
-def schedule(config, n_train: int, most: int, start: int = 0):
-    """[(last step, steps)] of each call `Trainer.batches` makes."""
-    per_epoch = n_train // config.batch_size
-    chunk = steps_per_call(most, start, (per_epoch, config.eval_every, config.checkpoint_every))
-    fake = SimpleNamespace(start_step=start, steps_per_epoch=per_epoch, chunk=chunk, config=config,
-                           train=range(n_train), parallel=SimpleNamespace(n_devices=2))
-    return [(end, 1 if idx.ndim == 2 else len(idx)) for end, idx in Trainer.batches(fake)]
-
-
-def test_every_call_runs_as_many_steps_and_ends_on_every_event():
-    config = fast(n_epochs=2, eval_every=4, checkpoint_every=0)  # 8 steps per epoch: events at 4, 8, 12, 16
-    assert schedule(config, 64, 8) == [(4, 4), (8, 4), (12, 4), (16, 4)]
-    assert schedule(config, 64, 3) == [(s, 2) for s in range(2, 17, 2)]  # up to 3: 2 divides every interval
-    assert schedule(config, 64, 1) == [(s, 1) for s in range(1, 17)]
-    assert schedule(config.replace(eval_every=0, checkpoint_every=3), 48, 8, start=3) == [(6, 3), (9, 3), (12, 3)]
-    assert schedule(config.replace(eval_every=0), 64, 8, start=4) == [(8, 4), (12, 4), (16, 4)]  # resumed at 4
-    assert schedule(config.replace(eval_every=0), 64, 8, start=5) == [(s, 1) for s in range(6, 17)]
-    assert steps_per_call(8, 0, (625, 2000, 0)) == 5 and steps_per_call(64, 0, (625, 0, 0)) == 25
-    assert steps_per_call(8, 0, (625, 7, 0)) == 1
-
-
-def test_auto_runs_several_steps_only_where_dispatch_dominates():
-    config = fast()
-    assert most_steps_per_call(config, "cpu", cheap=False) == 1
-    assert most_steps_per_call(config, "gpu", cheap=False) == ACCELERATOR_STEPS_PER_CALL > 1  # 32x32
-    assert most_steps_per_call(config.replace(model="resnet18", img_size=224), "gpu", cheap=False) == 1
-    assert most_steps_per_call(config, "cpu", cheap=True) == CHEAP_STEPS_PER_CALL  # a head on cached features
-    assert most_steps_per_call(config.replace(steps_per_call=3), "cpu", cheap=False) == 3
 
 
 def step_runners(model, variables, inputs, data, platform, trainable=None, config=fast(), options=StepOptions()):
     """(single, scan) on 2 devices, each from the same initial state: `single(idx)` calls `train_step` once per row
     of idx, `scan(idx)` calls `train_steps` once over all rows; each returns (the state after, each step's loss).
     One optimizer and one `DataParallel` serve every call, so each program compiles once."""
-    parallel = DataParallel(inputs, trainable, jax.devices()[:2], options, platform=platform)
+    parallel = DataParallel(inputs, trainable, jax.devices()[:2], options, step_factory(platform))
     tx = make_optimizer(config, variables["params"], 10, platform=platform)
     apply = Apply(model, "classify" if isinstance(inputs, FeatureInputs) else None)
     new = lambda: parallel.replicate(create_train_state(  # noqa: E731
@@ -100,7 +66,7 @@ def test_a_rolled_scan_runs_the_steps_of_single_calls(name):
     inputs = ImageInputs(AugmentSpec(flip=True))
     config = fast(optimizer="sgd", lr=0.1)
     if name.startswith("simple_cnn"):
-        model, options, trainable = SimpleCNN(3, conv_impl="xla"), StepOptions(), None
+        model, options, trainable = SimpleCNN(3), StepOptions(), None
         variables = initialize(model)
     else:
         model = small_resnet(axis_name=AXIS)
@@ -137,7 +103,7 @@ def test_host_augmented_steps_packed_in_one_call_are_each_steps_own():
     """Host augmentation (albumentations) of K steps in one call: each step's rows are the images its own call
     would have augmented (the draws of its own step)."""
     data = tiny_split(16)
-    parallel = DataParallel(HostAugmentedInputs(AugmentSpec()), None, jax.devices()[:2], platform="gpu")
+    parallel = DataParallel(HostAugmentedInputs(AugmentSpec()), None, jax.devices()[:2], pmap_train=step_factory("gpu"))
     feed = HostAugmentFeed(parallel, data, HostAugment(seed=0))
     idx = np.arange(16, dtype=np.int32)[::-1].reshape(2, 2, 4)
     images, rows = feed(idx, 10)

@@ -15,7 +15,8 @@ from cifarjax.errors import UserError
 from cifarjax.freezing import Freezing
 from cifarjax.inputs import FeatureInputs, HostAugmentedInputs, ImageInputs
 from cifarjax.features import backbone_features, cacheable
-from cifarjax.loop import CHEAP_STEPS_PER_CALL, HostAugmentFeed, NonFiniteLossError, fit, steps_per_call, train_loop
+from cifarjax.loop import HostAugmentFeed, NonFiniteLossError, fit, train_loop
+from cifarjax.schedule import CHEAP_STEPS_PER_CALL, Call, steps_per_call
 from cifarjax.models import AXIS, Apply, ResNet, ResNet18, SimpleCNN, initialize
 from cifarjax.optim import base_optimizer, make_optimizer
 from cifarjax.train import DataParallel, create_train_state
@@ -31,7 +32,7 @@ def fast(**changes) -> Config:
 def small_resnet(**kw):
     """A ResNet with ResNet-18's stages, one block each, 8 filters wide: the properties of stages, BatchNorm and
     freezing hold for any width, and it compiles in a fraction of ResNet-18's time."""
-    return ResNet(3, stage_sizes=(1, 1, 1, 1), num_filters=8, conv_impl="xla", **kw)
+    return ResNet(3, stage_sizes=(1, 1, 1, 1), num_filters=8, **kw)
 
 
 def tiny_split(n, seed=0, classes=3, size=32):
@@ -77,7 +78,7 @@ ALGORITHM_ATOL = 1e-9
 def test_two_devices_equal_one_device_simple_cnn():
     """The same global batches give the same parameters on 2 devices as on 1 (augmentation included)."""
     assert jax.local_device_count() >= 2, "tests run with two simulated CPU devices (see conftest.py)"
-    model = SimpleCNN(3, dropout_rate=0.0, conv_impl="xla")
+    model = SimpleCNN(3, dropout_rate=0.0)
     data = tiny_split(32)
     with jax.enable_x64(True):
         variables = float64(initialize(model))
@@ -254,11 +255,11 @@ def test_host_batches_are_prepared_ahead_in_order_and_stop_with_the_loop():
     parallel = DataParallel(HostAugmentedInputs(AugmentSpec()), devices=jax.local_devices()[:2])
     feed = HostAugmentFeed(parallel, data, HostAugment(seed=0))
     epoch = train_indices(len(data), 8, 2, 0, 0)
-    calls = [(1, epoch[0]), (3, epoch[1:3]), (4, epoch[3])]  # one step, two in a call, one
+    calls = [(Call(0), epoch[0]), (Call(1, 2), epoch[1:3]), (Call(3), epoch[3])]  # one step, two in a call, one
     seen = []
     with contextlib.closing(feed.ahead(iter(calls))) as batches:
-        for end, idx in batches:
-            first = end - (len(idx) if idx.ndim == 3 else 1)
+        for call, idx in batches:
+            first, end = call.first, call.end
             assert first in feed.prepared and len(feed.prepared) <= 1 + HostAugmentFeed.DEPTH
             (images, labels), rows = feed(idx, first)
             (want_images, want_labels), want_rows = feed.prepare(idx, first)
@@ -273,8 +274,8 @@ def test_host_batches_are_prepared_ahead_in_order_and_stop_with_the_loop():
         raise OSError("disk gone")
     feed.prepare = fails
     with pytest.raises(OSError, match="disk gone"), contextlib.closing(feed.ahead(iter(calls))) as batches:
-        for end, idx in batches:
-            feed(idx, end - 1)
+        for call, idx in batches:
+            feed(idx, call.first)
     assert not host_augment_threads()
     with pytest.raises(KeyboardInterrupt), contextlib.closing(feed.ahead(iter(calls))) as batches:
         for _ in batches:
@@ -297,14 +298,14 @@ def test_freed_compiler_memory_is_returned_after_each_compilation(monkeypatch):
 def test_the_progress_bar_reaches_its_total_when_calls_run_several_steps(monkeypatch):
     """Cheap steps (a head on cached features) go several per call: the bar must count steps, not calls (it
     stopped at 4%, 42% and 52% of the fine-tunes with an ETA still showing)."""
-    import cifarjax.loop
+    import cifarjax.hooks
     closed = []
 
-    class Bar(cifarjax.loop.tqdm):
+    class Bar(cifarjax.hooks.tqdm):
         def close(self):
             closed.append((self.n, self.total))
             super().close()
-    monkeypatch.setattr(cifarjax.loop, "tqdm", Bar)
+    monkeypatch.setattr(cifarjax.hooks, "tqdm", Bar)
     config = fast(model="resnet18", unfreeze="head", n_epochs=3, batch_size=4)  # 12 steps per epoch
     model = small_resnet(frozen_bn_stages=5, axis_name=AXIS)
     variables = initialize(model)

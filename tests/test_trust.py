@@ -190,7 +190,8 @@ def test_orbax_failures_logged_by_its_threads_stay_out_of_the_output():
     """On a real full disk (a 400 KB tmpfs) orbax logged six tracebacks, 400 lines, from its background threads
     before the error reached the waiting thread and its one line: those records are dropped, others are not."""
     import logging
-    import cifarjax.checkpoint  # noqa: F401 - installs the filter
+    from cifarjax.checkpoint import quiet_orbax
+    quiet_orbax()  # as a command does at its start
     absl = logging.getLogger("absl")
     record = lambda path: logging.LogRecord("absl", logging.ERROR, path, 1, "failed", None, None)  # noqa: E731
     assert not absl.filter(record(os.path.join("site-packages", "orbax", "checkpoint", "future.py")))

@@ -1,15 +1,8 @@
-"""Everything cifarjax does only for the CPU: formulations XLA's CPU compiler runs faster, and process settings.
+"""Everything cifarjax does only for the CPU: formulations XLA's CPU compiler runs faster (`conv`, `dense`,
+`fusion`, `optim`, `donation`) and a command's process-wide settings, applied at its start (`xla_flags`,
+`hugepages`, `malloc`, `process`); docs/architecture.md tabulates each trick with its measured gain.
 
-A run's programs use these only where they are built for platform "cpu" (`cifarjax.target`); the program a GPU
-gets is plain JAX and imports none of them. docs/architecture.md tabulates each trick with its measured gain.
-
-* `conv`: Winograd/im2col convolutions and the fused conv+ReLU+max-pool blocks, with the CPU-measured thresholds
-  (`LARGE_MAP`, `FEW_CHANNELS`, `XLA_FORWARD_WIDTHS`, `F4_FROM`).
-* `dense`: the linear layer's kernel gradient through a transposed copy.
-* `fusion`: fusion barriers (`materialize`, `apart`), a data-dependent conditional XLA's CPU fusion stops at.
-* `optim`: optax's Adam/AdamW/SGD with their moments computed once.
-* `donation`: a training step that donates only its frozen parameters.
-* `xla_flags`, `hugepages`, `malloc`, `process`: a command's process-wide settings, applied at its start.
-
-Importing this package imports nothing else (a command's start reads it before JAX starts its backend).
+The builders pass the formulations in only where a run is built for platform "cpu" (`cifarjax.target`); the
+program a GPU gets is plain JAX and contains none of them. Nothing here imports the model modules (shared helpers:
+`cifarjax.ops`), and importing this package imports nothing else (a command's start reads it before JAX starts).
 """

@@ -1,26 +1,28 @@
 """The CPU's convolution formulations: faster than XLA's CPU convolutions for the shapes cifarjax runs, the same
-arithmetic up to float rounding. `cifarjax.layers` uses them where a model is built for the CPU (`conv_impl`
-'winograd' or 'im2col'); the program a GPU gets never contains them.
+arithmetic up to float rounding. A model built for the CPU (`conv_impl` 'winograd' or 'im2col') convolves with
+them (`cifarjax.models.formulations`); the program a GPU gets never contains them.
 
 * `conv2d`: the fastest measured formulation per shape: Winograd (`conv3x3_same`), im2col, or XLA's forward
   with an im2col gradient (`xla_forward_im2col_backward`), by the CPU-measured thresholds `LARGE_MAP`,
   `FEW_CHANNELS` and `XLA_FORWARD_WIDTHS`.
 * `conv3x3_maxpool` and `conv_phases` (+ `maximum_of`): max_pool(relu(conv3x3(x))) without forming the full
   convolution output, with Winograd F(2x2, 3x3) on pool-aligned tiles or per output phase (im2col): SimpleCNN's
-  fused blocks (`cifarjax.layers.ConvReluMaxPool`).
+  fused blocks (`ConvReluMaxPool`).
 """
 from __future__ import annotations
 
+import math
 from functools import partial
-from typing import Optional
+from typing import Callable, Optional
 
+import flax.linen as nn
 import numpy as np
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from cifarjax.cpu.fusion import apart, materialize
-from cifarjax.layers import _interleave, xla_conv
+from cifarjax.ops import interleave, torch_uniform, xla_conv
 
 # From this width XLA's own (Eigen) convolution computes a forward pass faster than im2col on CPU: 1.0-4.6x on
 # ResNet-18's strided convolutions of 8x8 to 224x224 maps. On 2x2 maps it is far slower.
@@ -214,7 +216,7 @@ def _winograd_input_bwd(m, th, tw, shape, dv):
     # Input pixel (m*i + r, m*j + s) gets entry (r, s) of tile (i, j) and entries (r + m, .) of the tiles above.
     phases = [[sum(shifted(dd[r + di * m][s + dj * m], di, dj) for di in range(2) for dj in range(2)
                    if r + di * m < t and s + dj * m < t) for s in range(m)] for r in range(m)]
-    dx = _interleave(phases)
+    dx = interleave(phases)
     dx = jnp.pad(dx, ((0, 0), (0, max(0, h - dx.shape[1])), (0, max(0, w - dx.shape[2])), (0, 0)))
     return (dx[:, :h, :w, :],)
 
@@ -348,7 +350,7 @@ def conv3x3_same(x, kernel, tile: Optional[int] = None, inference: bool = False)
     m = tile or (4 if min(h, w) >= (F4_FROM_INFERENCE if inference else F4_FROM) else 2)
     th, tw = -(-h // m), -(-w // m)
     x = jnp.pad(x, ((0, 0), (1, m * th + 1 - h), (1, m * tw + 1 - w), (0, 0)))
-    return _interleave(winograd_phases(x, kernel, m, th, tw, keep_tiles=m == 2))[:, :h, :w, :]
+    return interleave(winograd_phases(x, kernel, m, th, tw, keep_tiles=m == 2))[:, :h, :w, :]
 
 
 # Maps of these widths run an undifferentiated 3x3 'same' convolution by XLA's (Eigen's) forward: ResNet-18's
@@ -402,4 +404,30 @@ def conv3x3_maxpool(x, kernel, pool: int, tile: Optional[int] = None):
     k = m // pool
     pooled = [[maximum_of(*[y[pool * u_ + i][pool * v_ + j] for i in range(pool) for j in range(pool)])
                for v_ in range(k)] for u_ in range(k)]
-    return _interleave(pooled)
+    return interleave(pooled)
+
+
+class ConvReluMaxPool(nn.Module):
+    """``max_pool(between(relu(conv3x3(x) + bias)), pool)`` for an unpadded 3x3 convolution, fused: SimpleCNN's
+    blocks where it is built with the CPU's Winograd formulation.
+
+    `method` 'winograd' (many input channels; `between` must be None) or 'phases' (im2col per output phase;
+    `between(z, (p, q))` may act on each phase before the max, e.g. dropout). Parameters are named like
+    `cifarjax.layers.Conv`'s, so both formulations share one parameter tree.
+    """
+    features: int
+    pool: int
+    method: str = "winograd"
+
+    @nn.compact
+    def __call__(self, x, between: Optional[Callable] = None):
+        shape = (3, 3, x.shape[-1], self.features)
+        kernel = self.param("kernel", torch_uniform, shape)
+        bias = self.param("bias", partial(torch_uniform, fan_in=math.prod(shape[:-1])), (self.features,))
+        if self.method == "winograd":
+            if between is not None:
+                raise ValueError("the Winograd path pools before the ReLU and cannot apply `between`")
+            return nn.relu(conv3x3_maxpool(x, kernel, self.pool) + bias)
+        between = between or (lambda z, phase: z)
+        phases = conv_phases(x, kernel, self.pool)
+        return maximum_of(*[between(nn.relu(z + bias), phase) for phase, z in phases.items()])

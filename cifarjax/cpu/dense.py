@@ -1,5 +1,5 @@
-"""The CPU's linear layer: `cifarjax.layers.Dense` built for the CPU differentiates through
-`dense_transposed_backward`."""
+"""The CPU's linear layer: a model built for the CPU passes `dense_transposed_backward` to its `Dense` layers
+(`cifarjax.layers.Dense.linear`)."""
 from __future__ import annotations
 
 import jax

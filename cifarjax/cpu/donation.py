@@ -8,6 +8,7 @@ ones copied those (head-only steps 0.87x). Elsewhere (`cifarjax.train`) the whol
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import jax
@@ -28,7 +29,11 @@ def _join_params(state, frozen_params, frozen: tuple, treedef):
 
 def frozen_apart(step, mask, axis_name: str, devices: list, **static):
     """`step` pmap-ed with only the parameters that `mask` (the freezing policy's, a pytree of bools) leaves
-    frozen donated, as a separate first argument and result; called like the plain pmap-ed step."""
+    frozen donated, as a separate first argument and result, and every parameter differentiated (the CPU's
+    recorded numerics); called like the plain pmap-ed step. Without a mask (everything trains) nothing is donated."""
+    if mask is None:
+        return jax.pmap(partial(step, trainable=None, **static), axis_name=axis_name, devices=devices)
+    static["differentiate_frozen"] = True
     leaves, treedef = jax.tree.leaves(mask), jax.tree.structure(mask)
     frozen = tuple(not t for t in leaves)
 

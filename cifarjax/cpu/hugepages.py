@@ -11,6 +11,7 @@ command from doing so.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -62,11 +63,32 @@ def in_effect(environ: Mapping[str, str] = os.environ, mode: Optional[str] = Non
     return mode == "always" or (mode == "madvise" and f"{TUNABLE}=1" in environ.get("GLIBC_TUNABLES", "").split(":"))
 
 
-def relaunch_command(package: str) -> None:
-    """Exec this process again with huge pages where it was started as `python -m <package>.NAME` and that would
-    change something; otherwise (and if the exec fails) return. Call it first thing, before JAX starts its backend."""
+def _runs_the_main_script(argv: list) -> bool:
+    """Whether executing `argv` again runs the script that is `__main__` now (`python script.py ...` or
+    `python -m module ...`), not something that runs it in turn (pytest, runpy, a notebook's kernel)."""
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main is None or len(argv) < 2:
+        return False
+    first = next((i for i, a in enumerate(argv[1:], 1) if not a.startswith("-") or a == "-m"), None)
+    if first is None or argv[first] == "-m" and first + 1 >= len(argv):
+        return False
+    if argv[first] == "-m":
+        spec = importlib.util.find_spec(argv[first + 1])
+        started = spec.origin if spec is not None else None
+    else:
+        started = argv[first]
+    return started is not None and os.path.realpath(started) == os.path.realpath(main)
+
+
+def relaunch_command(package: Optional[str]) -> None:
+    """Exec this process again with huge pages where it was started as `python -m <package>.NAME` (`package`
+    None: as any script or module, not an interactive session) and that would change something; otherwise (and
+    if the exec fails) return. Call it first thing, before JAX starts its backend."""
     argv = sys.orig_argv
-    launched = any(a == "-m" and b.startswith(f"{package}.") for a, b in zip(argv, argv[1:]))
+    if package is None:
+        launched = _runs_the_main_script(argv)
+    else:
+        launched = any(a == "-m" and b.startswith(f"{package}.") for a, b in zip(argv, argv[1:]))
     environ = relaunch_environ(os.environ, kernel_mode()) if launched else None
     if environ is None:
         return

@@ -15,22 +15,41 @@ import os
 from typing import MutableMapping, Optional
 
 from cifarjax.cpu import hugepages, xla_flags
+from cifarjax.errors import warn
 from cifarjax.target import runs_on_cpu
 
 _trimming = False
 
 
-def tune(package: str = "experiments", environ: MutableMapping[str, str] = os.environ) -> bool:
+def tune(package: Optional[str] = "experiments", environ: MutableMapping[str, str] = os.environ,
+         relaunch: bool = True) -> bool:
     """Apply the CPU's process-wide settings where this process will run on the CPU (started as
-    `python -m <package>.NAME`, it may exec itself again first, with huge pages); returns whether it did."""
+    `python -m <package>.NAME`, or with `package` None as any script, it may exec itself again first, with huge
+    pages, unless not `relaunch`); returns whether it did."""
     global _trimming
     if not runs_on_cpu(environ):
         return False
-    hugepages.relaunch_command(package)
+    if relaunch:
+        hugepages.relaunch_command(package)
     xla_flags.add_cpu_flags(environ)
     from cifarjax.cpu.malloc import trim_after_compiling
     _trimming = trim_after_compiling()
     return True
+
+
+def tune_process(relaunch: bool = True) -> Optional[dict]:
+    """The commands' CPU settings for a research script (`cj.tune_process()`): call it first, before anything
+    starts JAX's backend. Where the script runs on the CPU: the CPU's XLA flags, compiler memory handed back, and
+    (`relaunch`) huge pages, by running the script again from its start with glibc's tunable (a script or module
+    run from the shell; never an interactive session). Returns what is in effect (`applied()`), None off the CPU.
+    Called after JAX's backend started, it changes nothing and says so in one warning line."""
+    import jax._src.xla_bridge as xla_bridge
+    if xla_bridge.backends_are_initialized():
+        warn("tune_process() changed nothing: JAX's backend had already started (a jax.numpy array, jax.devices(), "
+             "a cifarjax loop); call it first in the script")
+    elif not tune(None, os.environ, relaunch):
+        return None
+    return applied()
 
 
 def applied(environ: MutableMapping[str, str] = os.environ) -> Optional[dict]:

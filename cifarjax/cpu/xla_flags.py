@@ -42,8 +42,7 @@ def add_cpu_flags(environ: MutableMapping[str, str] = os.environ, jaxlib_version
 def memory_schedule_pays(config) -> bool:
     """Whether `config` trains all of a ResNet, whose backward pass runs through every layer: where the
     memory-optimised schedule was measured faster."""
-    from cifarjax.freezing import Freezing
-    return config.model == "resnet18" and Freezing.from_config(config).everything_trains
+    return config.model == "resnet18" and config.unfreeze == "all"
 
 
 def schedule_for(config, environ: MutableMapping[str, str] = os.environ) -> str:

@@ -1,0 +1,202 @@
+"""What the training loop (`loop.fit`) tells as it goes, and the stop request it listens to.
+
+A hook is told, with the `loop.Trainer` (its state on the devices, its records), at the moments it defines:
+`after_call(trainer, call)` after each call of training steps (a `schedule.Call`), `after_evaluation(trainer,
+record)` (a line of metrics.jsonl), `after_checkpoint(trainer, step)`, and `at_end(trainer)` however the fit ends
+(`trainer.finished` when it ran to its end). A hook may call `trainer.stop()` to end the fit after the current call.
+The loop's own progress bar, metrics (metrics.jsonl, TensorBoard: `tensorboard --logdir runs/`) and report
+(summary.json, plots) are hooks; research code passes its own to `fit`, `train_loop` and `fine_tune_loop`.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import sys
+import threading
+
+import numpy as np
+from tqdm import tqdm
+
+from cifarjax import distributed, plots, runs
+from cifarjax.errors import warn
+from cifarjax.evaluation import score
+from cifarjax.files import best_effort, record_output, write_json
+from cifarjax.records import History
+
+
+class Hooks(list):
+    """Several hooks told as one: `hooks.after_call(trainer, call)` tells each hook that defines `after_call`."""
+
+    def __getattr__(self, moment: str):
+        if moment.startswith("_"):  # not a moment: copy, pickle and numpy probe for these
+            raise AttributeError(moment)
+
+        def tell(*args):
+            for hook in self:
+                getattr(hook, moment, lambda *_: None)(*args)
+        return tell
+
+
+class Progress:
+    """The progress bar (process 0), made after the first call, which compiled: its ETA never counts compilation."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+
+    def after_call(self, trainer, call) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=trainer.total_steps, initial=call.end, desc=self.desc, unit="step", mininterval=1.0,
+                            dynamic_ncols=True, disable=not distributed.is_writer())
+        else:
+            self.bar.update(call.end - self.bar.n)  # a call may run several (cheap) steps
+        if call.evaluate:
+            self.bar.set_postfix_str("evaluating", refresh=True)
+
+    def after_evaluation(self, trainer, record: dict) -> None:
+        self.bar.set_postfix(epoch=f"{record['epoch']:g}", loss=f"{record['train_loss']:.4f}",
+                             val=f"{record['val_accuracy']:.3f}")
+
+    def at_end(self, trainer) -> None:
+        if self.bar is not None:  # so that an error message that follows starts on a line of its own
+            self.bar.close()
+
+
+class Metrics:
+    """Each evaluation's record appended to the run's metrics.jsonl and written as TensorBoard scalars (losses,
+    accuracies, learning rate, images per second); between evaluations, the mean training loss of the steps read
+    since the last write (every 25 calls). Without TensorBoard installed, the run goes on and says once how to get
+    it; a full disk stops the event files only, said once."""
+
+    def __init__(self, run):
+        self.run, self.writer = run, None
+        try:
+            from tensorboard.summary import Writer
+        except ImportError:
+            warn("TensorBoard is not installed, so no event files are written; pip install 'cifarjax[tensorboard]'",
+                 key="tensorboard")
+            return
+        if not hasattr(threading.excepthook, "quiets_tensorboard"):
+            threading.excepthook = _quiet_writer_thread(threading.excepthook)
+        folder = self.folder = run / runs.TENSORBOARD
+        before = set(folder.glob("events.out.tfevents.*"))
+        self.writer = best_effort(lambda: Writer(str(folder)), f"TensorBoard event files in {folder}")
+        for path in set(folder.glob("events.out.tfevents.*")) - before:
+            record_output(path)  # the run folder's manifest lists it, so --overwrite removes it and only it
+
+    def write(self, step: int, scalars: dict) -> None:
+        def write():
+            for tag, value in scalars.items():
+                if value is not None:
+                    self.writer.add_scalar(tag, float(value), int(step))
+            self.writer.flush()
+            return True
+        if self.writer is not None and not best_effort(write, f"TensorBoard event files in {self.folder}", False):
+            self.writer = None  # a full disk: the run goes on without them, said once
+
+    def recent_loss(self, trainer, *_) -> None:
+        recent = trainer.tracker.take_recent()
+        if recent is not None:
+            self.write(recent[0], {"train/loss_recent_steps": recent[1]})
+
+    after_call = after_checkpoint = recent_loss
+
+    def after_evaluation(self, trainer, record: dict) -> None:
+        self.recent_loss(trainer)
+        runs.append_metrics(self.run, record)
+        self.write(record["step"], {"train/loss": record["train_loss"], "train/accuracy": record["train_accuracy"],
+                                    "val/accuracy": record["val_accuracy"], "val/loss": record["val_loss"],
+                                    "lr": record["lr"], "images_per_second": trainer.chrono.images_per_second()})
+
+    def at_end(self, trainer) -> None:
+        self.recent_loss(trainer)
+        if self.writer is not None:
+            best_effort(self.writer.close, f"TensorBoard event files in {self.folder}")
+
+
+class Report:
+    """A finished fit's summary.json and plots in its run folder, as the commands write theirs: the readings and
+    per-epoch curves, time and speed (`training_results.png`), and the validation split's confusion matrix."""
+
+    def at_end(self, trainer) -> None:
+        if not trainer.finished:
+            return
+        history, config, run = History(trainer.records), trainer.config, trainer.run
+        summary = {"experiment": "python", "recipe": config.recipe, "epochs": config.n_epochs, **history.readings(),
+                   "train_accuracy": history.train_accuracy[-1], "train_loss": history.train_loss[-1],
+                   "val_accuracy_per_epoch": history.epoch_val_accuracy,
+                   "train_accuracy_per_epoch": history.train_accuracy, "stopped_early": trainer.stopping,
+                   "wall_seconds": round(trainer.chrono.seconds(), 2),
+                   "images_per_second": round(trainer.chrono.images_per_second(), 1),
+                   "this_process": trainer.chrono.this_process(),
+                   "evaluated_weights": "moving average" if config.ema_decay > 0 else "final"}
+        write_json(run / runs.SUMMARY, summary)
+        plots.plot_training_results(trainer.records, run / runs.PLOTS / "training_results.png",
+                                    title=runs.run_name(run), label_smoothing=config.label_smoothing)
+        if trainer.val_predictions is not None and config.classes:
+            matrix = score(trainer.val.labels, trainer.val_predictions, config.classes)["confusion_matrix"]
+            plots.plot_confusion_matrix(np.asarray(matrix), config.classes, run / runs.PLOTS / "confusion_matrix.png",
+                                        title=f"Confusion matrix of {runs.run_name(run)} (val split, "
+                                              f"{len(trainer.val)} images)")
+
+
+def _quiet_writer_thread(previous):
+    """A `threading.excepthook` that leaves out the traceback of TensorBoard's writer thread (a path too long, a full
+    disk): the writer raises the same error in the thread that writes next, where it becomes one warning line."""
+    def hook(args):
+        if not type(args.thread).__module__.startswith("tensorboard."):
+            previous(args)
+    hook.quiets_tensorboard = True
+    return hook
+
+
+class StopRequest:
+    """The first Ctrl-C (or SIGTERM, what SLURM, Kubernetes and systemd send) asks the loop to stop after the
+    current step (the state must not be lost mid-step); a second one interrupts at once.
+
+    The request is announced at once, even while the main thread waits for the device and Python's handler
+    cannot run yet: a helper thread reads the signal's byte from the wakeup file descriptor."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, saves: bool = True):
+        self.saves = saves  # whether stopping saves a checkpoint (a run folder), for the announcement
+        self.requested = None  # the signal that asked to stop
+        self.previous = None  # the signals' handlers before, while this one's are in place
+
+    def __enter__(self):
+        try:
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        except ValueError:  # not the main thread
+            return self
+        self.reader, self.writer = socket.socketpair()
+        self.writer.setblocking(False)
+        self.previous_fd = signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
+        threading.Thread(target=self._announce, daemon=True, name="cifarjax-stop").start()
+        return self
+
+    def _announce(self) -> None:
+        seen = 0
+        with contextlib.suppress(OSError):
+            while data := self.reader.recv(16):
+                for signum in data:
+                    if signum in self.SIGNALS:
+                        seen += 1
+                        then = ", then saving a checkpoint" if self.saves else ""
+                        sys.stderr.write(f"\nstopping after this step{then} (Ctrl-C again stops at once)\n"
+                                         if seen == 1 else "\nstopping now\n")
+                        sys.stderr.flush()
+
+    def _handle(self, signum, _frame):
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signum
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.set_wakeup_fd(self.previous_fd)
+            for s, handler in self.previous.items():
+                signal.signal(s, handler)
+            self.writer.close()
+            self.reader.shutdown(socket.SHUT_RDWR)
+            self.reader.close()
+        return False

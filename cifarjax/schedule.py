@@ -1,0 +1,72 @@
+"""Which training steps each compiled call of a fit runs, and what follows it: an evaluation, an epoch's end, a
+checkpoint. Pure: no device work and no clock (the clock's checkpoints at epoch ends are the loop's).
+
+Steps count from 1. Every call of a fit runs as many steps (one compiled program), a number that divides the step
+it starts from and every interval at which something happens, so that no call crosses an event.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, NamedTuple
+
+from cifarjax.batching import train_indices
+
+# The most training steps per call where `--steps-per-call` is auto (0): for a head on cached features (microseconds
+# of work a step), and on a GPU or TPU for images of at most SMALL_IMAGES pixels a side, where dispatching a step
+# takes about as long as computing it (a SimpleCNN or ResNet-18 step at 32x32). Elsewhere a step outlasts its
+# dispatch (on a CPU; a ResNet at 224x224 on a GPU: milliseconds against well under one), and one step a call
+# compiles fastest.
+CHEAP_STEPS_PER_CALL, ACCELERATOR_STEPS_PER_CALL, SMALL_IMAGES = 64, 8, 64
+
+
+def most_steps_per_call(config, platform: str, cheap: bool) -> int:
+    """The most training steps a call may run: `config.steps_per_call`, or when it is 0 (auto) the above."""
+    if config.steps_per_call:
+        return config.steps_per_call
+    if cheap:
+        return CHEAP_STEPS_PER_CALL
+    return ACCELERATOR_STEPS_PER_CALL if platform != "cpu" and config.img_size <= SMALL_IMAGES else 1
+
+
+def steps_per_call(most: int, start: int, intervals) -> int:
+    """How many steps every call of a fit runs: the largest number up to `most` that divides the step it starts
+    from and each interval at which something happens (the epoch, evaluations, step-counted checkpoints; 0: none)."""
+    every = math.gcd(start, *intervals)
+    return max(d for d in range(1, min(most, every) + 1) if every % d == 0)
+
+
+def itstime(step: int, every: int) -> bool:
+    """Whether an every-N-steps event is due at `step` (never when `every` is 0)."""
+    return bool(every) and step % every == 0
+
+
+class Call(NamedTuple):
+    """One compiled call: the `steps` steps after step `first`, and what follows it."""
+    first: int
+    steps: int = 1
+    evaluate: bool = False  # every `eval_every` steps, and at each epoch end
+    epoch_end: bool = False
+    checkpoint: bool = False  # whatever the clock says: every `checkpoint_every` steps, and after the last step
+
+    @property
+    def end(self) -> int:
+        """The last step it runs."""
+        return self.first + self.steps
+
+
+def batches(config, n_train: int, start: int, devices, cheap: bool = False) -> Iterator[tuple]:
+    """(call, its indices) from step `start` to the end of the last epoch, over `devices`: (devices, per_device)
+    indices for one step a call, (steps, devices, per_device) for several, from each epoch's seeded permutation
+    (`batching.train_indices`); at most `most_steps_per_call` steps a call on the devices' platform (`cheap`: a
+    head on cached features)."""
+    per_epoch = n_train // config.batch_size
+    total = config.n_epochs * per_epoch
+    steps = steps_per_call(most_steps_per_call(config, devices[0].platform, cheap), start,
+                           (per_epoch, config.eval_every, config.checkpoint_every))
+    for epoch in range(start // per_epoch, config.n_epochs):
+        order = train_indices(n_train, config.batch_size, len(devices), config.seed, epoch)
+        for done in range(max(start - epoch * per_epoch, 0), per_epoch, steps):
+            end, epoch_end = epoch * per_epoch + done + steps, done + steps == per_epoch
+            call = Call(end - steps, steps, itstime(end, config.eval_every) or epoch_end, epoch_end,
+                        itstime(end, config.checkpoint_every) or end == total)
+            yield call, order[done] if steps == 1 else order[done:done + steps]

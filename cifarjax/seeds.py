@@ -1,0 +1,23 @@
+"""One experiment over several seeds, summarised as mean ± sd: the library side of the commands' `--seeds`."""
+from __future__ import annotations
+
+import statistics
+from typing import Callable, Iterable
+
+READINGS = ("val_accuracy", "best_val_accuracy", "last5_mean_val_accuracy")
+
+
+def mean_sd(values: Iterable[float]) -> dict:
+    """{'mean', 'sd' (the sample sd; 0 for one value), 'n'} of `values`."""
+    values = [float(v) for v in values]
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def over_seeds(train: Callable, seeds: Iterable[int]) -> dict:
+    """Call `train(seed)` (returning a `FitResult`, e.g. a `train_loop` on that seed's split and config) once per
+    seed; returns {'results': {seed: FitResult}, 'mean_sd': {reading: mean_sd}} over the final, best and
+    last-five-mean validation accuracy."""
+    results = {seed: train(seed) for seed in seeds}
+    readings = [result.history.readings() for result in results.values()]
+    return {"results": results, "mean_sd": {k: mean_sd(r[k] for r in readings) for k in READINGS}}
