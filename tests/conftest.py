@@ -28,13 +28,16 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")  # the 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+pytest.register_assert_rewrite("tests.helpers")  # its asserts (`fails`) explain their failures as a test's do
 from tests.helpers import make_image_folder  # noqa: E402
 
 
-# The longest files first, so that with pytest-xdist (`-n 2 --dist loadfile`) no worker starts a long file while
-# the other has nothing left: order changes nothing else, every test makes its own state.
-LONGEST_FIRST = ("test_experiments.py", "test_standin.py", "test_models.py", "test_train.py", "test_distributed.py", "test_reliability.py",
-                 "test_pretrained.py", "test_study.py")
+# The longest files first (as `--durations` measured them), so that with pytest-xdist (`-n 2 --dist loadfile`) no
+# worker starts a long file while the other has nothing left: order changes nothing else, every test makes its own
+# state.
+LONGEST_FIRST = ("test_distributed.py", "test_experiments.py", "test_models.py", "test_train.py", "test_binding.py",
+                 "test_trust.py", "test_standin.py", "test_checkpoint.py", "test_reliability.py", "test_pretrained.py",
+                 "test_precision.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -52,6 +55,12 @@ def _isolated_cache(tmp_path, monkeypatch):
 def image_folder(tmp_path):
     """A tiny ImageFolder tree: 3 classes x 12 train images, 3 x 4 test images, 32x32 RGB PNG."""
     return make_image_folder(tmp_path / "data", classes=("cat", "dog", "frog"), n_train=12, n_test=4)
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """A learnable ImageFolder tree for the commands: 3 classes x 20 train images, 3 x 6 test images."""
+    return make_image_folder(tmp_path / "data", n_train=20, n_test=6, learnable=True)
 
 
 @pytest.fixture

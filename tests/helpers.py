@@ -1,9 +1,15 @@
-"""Builders of tiny datasets and reference models for the tests."""
+"""Builders of tiny datasets and reference models, and runners of the commands, for the tests."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]  # the project's root
 
 
 def make_image_folder(root: Path, classes=("cat", "dog", "frog"), n_train=12, n_test=4, size=32, seed=0,
@@ -50,15 +56,36 @@ def randomized_torchvision_resnet18(num_classes=1000, seed=0):
     return model
 
 
-def run_module(module, *args, env=None, cwd=None):
-    """`python -m module args` in a fresh process (the project's root on the path), captured."""
-    import os
-    import subprocess
-    import sys
-    root = Path(__file__).resolve().parents[1]
-    full_env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONPATH=str(root), **(env or {}))
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd or root, env=full_env)
+def start_module(module, *args, env=None, cwd=None) -> subprocess.Popen:
+    """`python -m module args` started in a fresh process (the project's root on the path), its output piped;
+    `env`: variables added to this process's."""
+    full_env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=cwd or ROOT, env=full_env)
+
+
+def run_module(module, *args, env=None, cwd=None) -> subprocess.CompletedProcess:
+    """`start_module`'s process, run to its end."""
+    child = start_module(module, *args, env=env, cwd=cwd)
+    out, err = child.communicate()
+    return subprocess.CompletedProcess(child.args, child.returncode, out, err)
+
+
+def cnn_args(data_dir, out, *extra) -> list:
+    """experiments.cnn's arguments for one quick epoch on `data_dir` (XLA's convolution: the fastest to compile)."""
+    return ["--data-dir", str(data_dir), "--epochs", "1", "--batch-size", "8", "--conv-impl", "xla", "--out", str(out),
+            *extra]
+
+
+def fails(main, args, capsys, code=2) -> str:
+    """Run a command's main, expect exit `code`; return its stderr, which must be one `error:` line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
 
 
 def n_params(tree) -> int:
@@ -78,7 +105,6 @@ def skip_unless_measured_xla_cpu(what: str) -> None:
     import platform
 
     import jaxlib
-    import pytest
     from cifarjax.cpu.xla_flags import MEASURED_JAXLIB
     here = []
     if not jaxlib.__version__.startswith(MEASURED_JAXLIB):
@@ -94,7 +120,6 @@ def skip_unless_measured_xla_cpu(what: str) -> None:
 
 def temporary_bytes(compiled, what: str) -> int:
     """XLA's temporary-buffer bytes of a compiled program; skips the test where the backend does not report them."""
-    import pytest
     analysis = compiled.memory_analysis()
     if analysis is None or getattr(analysis, "temp_size_in_bytes", None) is None:
         pytest.skip(f"{what}: this backend reports no memory analysis")

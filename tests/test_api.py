@@ -5,16 +5,13 @@ import re
 import runpy
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import cifarjax
-from tests.helpers import make_image_folder
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, make_image_folder
 
 
 def runs_cleanly(program: str) -> None:
@@ -91,8 +88,13 @@ def test_readme_shows_the_research_example():
     assert not re.search(r"\bcifarjax\.", example)
 
 
-@pytest.mark.slow  # compiles the default SimpleCNN's steps at batch 64: a minute or more on 2 cores
+@pytest.mark.slow  # compiles SimpleCNN's steps at batch 64
 def test_research_example_runs(tmp_path, monkeypatch, capsys):
+    """docs/example.py as written, its recipe on XLA's convolution (the example is not about the formulation, and
+    the CPU's compiles several times slower)."""
+    recipe_config = cifarjax.recipe_config
+    monkeypatch.setattr(cifarjax, "recipe_config", lambda *args, **changes: recipe_config(*args, conv_impl="xla",
+                                                                                          **changes))
     data = make_image_folder(tmp_path / "data", n_train=120, n_test=0, learnable=True)
     image = tmp_path / "my_photo.jpg"
     Image.fromarray(np.full((50, 40, 3), (30, 200, 90), np.uint8)).save(image)  # not the data's size

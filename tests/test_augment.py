@@ -14,7 +14,7 @@ def images(rng):
 
 def test_prepare_scales_to_unit_range_without_randomness(images):
     x = np.asarray(eval_view(jnp.asarray(images), AugmentSpec()))
-    assert x.dtype == np.float32 and x.min() >= 0 and x.max() <= 1
+    assert x.dtype == np.float32
     np.testing.assert_allclose(x, images / 255.0, rtol=1e-6)  # one float32 division: within 1 ulp (6e-8)
 
 

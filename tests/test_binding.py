@@ -15,23 +15,7 @@ from cifarjax.errors import UserError
 from cifarjax.pretrained import (IMAGENET_DESCRIPTION, IMAGENET_SHA256, Weights, describe_weights, load_weights,
                                  resnet18_from_torchvision)
 from experiments import cnn, evaluate, finetune, study
-from tests.helpers import make_image_folder, randomized_torchvision_resnet18
-
-
-@pytest.fixture
-def data_dir(tmp_path):
-    return make_image_folder(tmp_path / "data", n_train=20, n_test=6, learnable=True)
-
-
-def fails(main, args, capsys, code=2):
-    """Run a command's main, expect exit `code`; return its one `error:` line."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == code
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
+from tests.helpers import fails, make_image_folder, randomized_torchvision_resnet18
 
 
 def save_resnet(path, seed=3, transform=None):
@@ -106,7 +90,8 @@ def test_tensors_that_are_not_dense_finite_floats_are_refused_in_one_line(tmp_pa
     state["layer1.0.conv1.weight"] = {"sparse": lambda: t.to_sparse(),
                                       "quantized": lambda: torch.quantize_per_tensor(t, 0.01, 0, torch.qint8),
                                       "integer": lambda: t.to(torch.int32),
-                                      "nan": lambda: t.index_put_((torch.tensor([0]),) * 4, torch.tensor(float("nan")))}[kind]()
+                                      "nan": lambda: t.index_put_((torch.tensor([0]),) * 4,
+                                                                  torch.tensor(float("nan")))}[kind]()
     torch.save(state, tmp_path / "w.pth")
     with pytest.raises(UserError, match=message):
         resnet18_from_torchvision(tmp_path / "w.pth")
@@ -157,8 +142,10 @@ def test_a_run_is_bound_to_its_data(tmp_path, data_dir, capsys, monkeypatch):
 # ------------------------------------------------------------------------------------------------ weights of a run
 
 def test_a_fine_tune_is_bound_to_its_model_and_its_own_backbone(tmp_path, data_dir, capsys):
-    """The lengths share one frozen backbone file; replacing the weights file at the same path does not change a
-    resumed run's backbone; cnn --resume of a fine-tune run (and the reverse) is refused, naming the model."""
+    """The frozen-bn recipe keeps the whole backbone, BatchNorm statistics included, bit for bit and trains the head
+    on cached features; the lengths share one frozen backbone file; replacing the weights file at the same path does
+    not change a resumed run's backbone; cnn --resume of a fine-tune run (and the reverse) is refused, naming the
+    model."""
     weights = save_resnet(tmp_path / "resnet18.pth", seed=3)
     out = tmp_path / "ft"
     base = ["--data-dir", str(data_dir), "--batch-size", "8", "--weights", str(weights), "--conv-impl", "xla",
@@ -172,8 +159,13 @@ def test_a_fine_tune_is_bound_to_its_model_and_its_own_backbone(tmp_path, data_d
         assert ref["path"] == "../frozen_params.npz" and len(ref["sha256"]) == 64
     original = load_variables(out / "epochs-2")
     port = resnet18_from_torchvision(weights, num_classes=3)
-    for a, b in zip(jax.tree.leaves(port["params"]["backbone"]), jax.tree.leaves(original["params"]["backbone"])):
+    for a, b in zip(jax.tree.leaves((port["params"]["backbone"], port["batch_stats"])),
+                    jax.tree.leaves((original["params"]["backbone"], original["batch_stats"]))):
         np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(port["params"]["head"]["kernel"], original["params"]["head"]["kernel"])
+    config = json.loads((out / "epochs-2" / "config.json").read_text())
+    assert (config["unfreeze"], config["bn"], config["recipe"]) == ("head", "frozen", "frozen-bn")
+    assert json.loads((out / "epochs-2" / "summary.json").read_text())["cached_features"]
 
     error = fails(cnn.main, ["--resume", "--out", str(out / "epochs-2"), "--epochs", "3"], capsys)
     assert "is a ResNet-18 run made by experiments.finetune" in error and "experiments.cnn trains a SimpleCNN" in error
@@ -201,7 +193,7 @@ def test_a_fine_tune_is_bound_to_its_model_and_its_own_backbone(tmp_path, data_d
 # ------------------------------------------------------------------------------------------------ a study
 
 def test_a_study_is_bound_to_its_settings_and_says_its_weights_are_not_imagenet(tmp_path, capsys):
-    data = make_image_folder(tmp_path / "data", n_train=12, n_test=0, learnable=True)
+    data = make_image_folder(tmp_path / "data", n_train=20, n_test=0, learnable=True)  # data_dir's split sizes
     weights = save_resnet(tmp_path / "resnet18.pth", seed=3)
     out = tmp_path / "study"
     reference = tmp_path / "cnn"  # the SimpleCNN reference, trained on the study's split for its 1 epoch

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from cifarjax.checkpoint import load_variables
-from cifarjax.config import Config
 from cifarjax.errors import UserError
 from cifarjax.loop import train_loop
 from tests.test_train import fast, tiny_split
@@ -191,9 +190,9 @@ def test_a_head_only_fine_tune_stores_the_frozen_backbone_once(tmp_path):
 @pytest.mark.parametrize("platform", ["gpu", "cpu"])
 def test_a_fine_tune_with_a_moving_average_resumes_bit_identically(tmp_path, monkeypatch, platform):
     """The GPU program (CIFARJAX_PLATFORM=gpu, built on this CPU) and the CPU's: layer4 and the head train, with a
-    moving average and 2 steps per call; stopped after epoch 1 and resumed, it ends as the uninterrupted run, average included. The
-    average keeps the frozen weights' own bits and evaluates with averaged train-mode statistics (layer4's), which
-    `load_variables(average=True)` returns as the run did."""
+    moving average and 2 steps per call; stopped after epoch 1 and resumed, it ends as the uninterrupted run, average
+    included. The average keeps the frozen weights' own bits and evaluates with averaged train-mode statistics
+    (layer4's), which `load_variables(average=True)` returns as the run did."""
     from cifarjax.augment import AugmentSpec
     from cifarjax.inputs import ImageInputs
     from cifarjax.loop import fit

@@ -4,8 +4,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import jax
@@ -16,9 +14,7 @@ from cifarjax import runs
 from cifarjax.cpu import hugepages
 from cifarjax.checkpoint import load_variables
 from experiments import cnn
-from tests.helpers import make_image_folder
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import make_image_folder, start_module
 EPOCHS = 6
 pytestmark = pytest.mark.slow  # several processes each; run with -m slow
 
@@ -43,8 +39,6 @@ def free_port() -> int:
 def launch(data_dir, outs, *extra, processes=2, devices_each=1, command="cnn", epochs=(EPOCHS,)):
     """Start `processes` processes of experiments.`command` (one --out each, or one shared), each with
     `devices_each` CPU devices."""
-    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONPATH=ROOT,
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}")
     port = free_port()
     outs = outs if isinstance(outs, list) else [outs] * processes
     children = []
@@ -52,9 +46,9 @@ def launch(data_dir, outs, *extra, processes=2, devices_each=1, command="cnn", e
         distributed = ["--coordinator", f"localhost:{port}", "--num-processes", processes, "--process-id", i] \
             if processes > 1 else []
         per_process = extra[i] if extra and isinstance(extra[0], list) else extra
-        children.append(subprocess.Popen([sys.executable, "-m", f"experiments.{command}",
-                                          *args(data_dir, outs[i], *distributed, *per_process, epochs=epochs)],
-                                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        children.append(start_module(f"experiments.{command}",
+                                     *args(data_dir, outs[i], *distributed, *per_process, epochs=epochs),
+                                     env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}"}))
     return children
 
 
@@ -67,7 +61,8 @@ def metrics(run):
 
 
 def same_parameters(a, b) -> bool:
-    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(load_variables(a)), jax.tree.leaves(load_variables(b))))
+    return all(np.array_equal(x, y)
+               for x, y in zip(jax.tree.leaves(load_variables(a)), jax.tree.leaves(load_variables(b))))
 
 
 @pytest.fixture(scope="module")

@@ -40,11 +40,16 @@ LAYER4_CONVS = 2 * 2 + 1
 SIMPLE_CNN_CONVS = 3
 
 
-@functools.lru_cache(maxsize=4)
-def gpu_module(name: str, precision: str) -> str:
-    """The exported CUDA module of CASES[name] at `precision` (exported once for the tests that read it)."""
+@functools.lru_cache(maxsize=None)
+def gpu_export(name: str, precision: str = "fp32") -> jax.export.Exported:
+    """CASES[name]'s step built for the GPU at `precision`, exported for CUDA (once for the tests that read it)."""
     kind, changes, _, _ = CASES[name]
-    return export_step(kind, "gpu", precision=precision, **changes).mlir_module()
+    return export_step(kind, "gpu", precision=precision, **changes)
+
+
+def gpu_module(name: str, precision: str = "fp32") -> str:
+    """The text of `gpu_export`'s module."""
+    return gpu_export(name, precision).mlir_module()
 
 
 def export_step(kind: str, platform: str, platforms=("cuda",), **changes):
@@ -154,7 +159,9 @@ def assert_plain(text: str, convolutions: int, products: int):
 
 # (kind, Config changes, forward + backward convolutions, forward + backward products). In a training step every
 # training convolution has a kernel gradient, and an input gradient where something before it trains (not the
-# stem's on the images); the head's input gradient only where the backbone trains.
+# stem's on the images); the head's input gradient only where the backbone trains. Each count is read once, at
+# 32 pixels and fp32; the cases that differ: one step at 224 (resized on the device to ResNet's ImageNet size)
+# and, in bf16, the two steps whose activations `test_bf16_activations_and_their_gradients_stay_bfloat16` reads.
 RESNET = dict(model="resnet18", weights="random")
 CASES = {
     "simple_cnn_train": ("train", {}, SIMPLE_CNN_CONVS + 3 + 2, 2 + 2 * 2),
@@ -163,21 +170,17 @@ CASES = {
     "resnet_layer4_32": ("train", {**RESNET, "unfreeze": "layer4"},
                          RESNET18_CONVS + LAYER4_CONVS + (LAYER4_CONVS - 2), 1 + 2),
     "resnet_all_32": ("train", {**RESNET, "unfreeze": "all"}, RESNET18_CONVS * 3 - 1, 1 + 2),
-    "resnet_head_224": ("train", {**RESNET, "unfreeze": "head", "bn": "train", "img_size": 224},
-                        RESNET18_CONVS, 1 + 1),
-    "resnet_layer4_224": ("train", {**RESNET, "unfreeze": "layer4", "img_size": 224},
-                          RESNET18_CONVS + LAYER4_CONVS + (LAYER4_CONVS - 2), 1 + 2),
     "resnet_all_224": ("train", {**RESNET, "unfreeze": "all", "img_size": 224}, RESNET18_CONVS * 3 - 1, 1 + 2),
     "resnet_eval_32": ("eval", RESNET, RESNET18_CONVS, 1),
     "cached_feature_head": ("features", {**RESNET, "unfreeze": "head"}, 0, 1 + 1),
 }
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name, precision", [(name, "fp32") for name in CASES] +
+                         [("simple_cnn_train", "bf16"), ("resnet_all_32", "bf16")])
 def test_the_gpu_program_is_plain_jax(name, precision):
-    kind, changes, convolutions, products = CASES[name]
-    exported = export_step(kind, "gpu", precision=precision, **changes)
+    _, _, convolutions, products = CASES[name]
+    exported = gpu_export(name, precision)
     text = exported.mlir_module()
     assert_plain(text, convolutions, products)
     operands = {"fp32": "f32", "bf16": "bf16"}[precision]
@@ -193,15 +196,15 @@ def test_several_steps_per_call_hold_one_copy_of_the_step_in_a_loop(name):
     text = export_step("steps", "gpu", **changes).mlir_module()
     assert_plain(text, convolutions, products)
     assert op_counts(text)["stablehlo.while"] == 1
-    assert op_counts(export_step("train", "gpu", **changes).mlir_module())["stablehlo.while"] == 0
+    assert op_counts(gpu_module(name))["stablehlo.while"] == 0
 
 
 def test_the_moving_average_takes_only_what_trains():
     """With --ema-decay, the step's state grows by the trainable parameters and the train-mode BatchNorm
     statistics (layer4's, where layer4 trains), never by a copy of the frozen layers."""
-    changes = {**RESNET, "unfreeze": "layer4"}
-    sizes = [sum(int(np.prod(a.shape)) for a in export_step("train", "gpu", ema_decay=ema, **changes).in_avals)
-             for ema in (0.0, 0.9)]
+    _, changes, _, _ = CASES["resnet_layer4_32"]
+    sizes = [sum(int(np.prod(a.shape)) for a in exported.in_avals)
+             for exported in (gpu_export("resnet_layer4_32"), export_step("train", "gpu", ema_decay=0.9, **changes))]
     config = Config(**changes)
     variables = jax.eval_shape(lambda: build_model(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
     flat = jax.tree_util.tree_leaves_with_path(variables)
@@ -271,9 +274,8 @@ def test_the_cpu_program_keeps_the_cpu_formulations(name):
     assert counts["stablehlo.convolution"] < convolutions
     assert counts["stablehlo.dot_general"] > products + 10  # Winograd's and im2col's matrix products
     assert any(not constant for _, constant in conditionals(text))
-    if name == "simple_cnn_train":  # and the check above would refuse it as a GPU program
-        with pytest.raises(AssertionError, match="conditional on data"):
-            assert_plain(export_step(kind, "cpu", **changes).mlir_module(), convolutions, products)
+    with pytest.raises(AssertionError, match="conditional on data"):  # the check above would refuse it
+        assert_plain(text, convolutions, products)
 
 
 def test_gpu_and_cpu_programs_share_parameters_and_optimizer_state():
@@ -287,11 +289,3 @@ def test_gpu_and_cpu_programs_share_parameters_and_optimizer_state():
         trees.append(jax.tree.map(lambda x: (x.shape, x.dtype), (variables, state)))
     assert trees[0] == trees[1]
 
-
-def test_conditionals_reader_on_a_cpu_barrier():
-    """`cifarjax.cpu.fusion.materialize` is a conditional on data: what the GPU program must not contain."""
-    from cifarjax.cpu.fusion import materialize
-    text = jax.export.export(jax.jit(functools.partial(materialize)), platforms=("cpu",))(
-        jax.ShapeDtypeStruct((4,), jnp.float32)).mlir_module()
-    assert [c for c in conditionals(text) if not c[1]]
-    assert np.all(jax.jit(materialize)(jnp.arange(4.0)) == jnp.arange(4.0))

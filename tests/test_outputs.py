@@ -175,7 +175,8 @@ def test_fine_tuning_plot_tells_the_runs_apart_and_does_not_zoom_silently(monkey
     plots.plot_runs(curves, "x.png", "t")
     val_ax, train_ax = figures[0].axes[:2]
     lines = val_ax.get_lines()
-    assert len(lines) == 3 and len({l.get_linestyle() for l in lines}) == 3 and len({l.get_marker() for l in lines}) == 3
+    assert len(lines) == 3 and len({line.get_linestyle() for line in lines}) == 3
+    assert len({line.get_marker() for line in lines}) == 3
     # the 50- and 100-epoch runs continue the shorter ones: each is drawn from where the one it continues ends
     assert [(l.get_xdata()[0], l.get_xdata()[-1]) for l in lines] == [(1, 20), (20, 50), (50, 100)]
     assert "continues 20 epochs" in lines[1].get_label() and "continues 50 epochs" in lines[2].get_label()

@@ -156,14 +156,13 @@ def test_the_library_names_a_missing_image_and_a_missing_split(trained, tmp_path
 
 
 def test_command_in_its_own_process(trained, tmp_path):
+    """`python -m experiments.predict` as a user starts it (a refusal's real exit status in a process of its own:
+    tests/test_experiments.py's bad weights file)."""
     image = tmp_path / "photo.png"
     Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(image)
     done = run_module("experiments.predict", trained, image, "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["predictions"][0]["path"] == str(image)
-    done = run_module("experiments.predict", tmp_path / "nowhere", image)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip().startswith("error: run folder")
 
 
 def test_a_run_says_which_weights_predict_where_training_stopped_and_what_it_started_from():

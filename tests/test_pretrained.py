@@ -5,7 +5,8 @@ import pytest
 
 from cifarjax.errors import UserError
 from cifarjax.models import ResNet18, formulations_for
-from cifarjax.pretrained import IMAGENET_FILE, _expected_shapes, _torch_key, imagenet_resnet18, resnet18_from_torchvision
+from cifarjax.pretrained import (IMAGENET_FILE, _expected_shapes, _torch_key, imagenet_resnet18,
+                                 resnet18_from_torchvision)
 from tests.helpers import randomized_torchvision_resnet18
 
 

@@ -57,7 +57,7 @@ def test_improved_recipe_keeps_the_network():
 
 
 def test_dropout_flag_sets_the_rate_and_keeps_the_parameters():
-    config = parse("cnn", ["--dropout", "0"])
+    config = parse("cnn", ["--dropout", "0", "--conv-impl", "xla"])  # XLA's convolution: applied without jit
     model = build_model(config)
     assert model.dropout_rate == 0.0 and build_model(Config()).dropout_rate == 0.3
     variables = initialize(model)

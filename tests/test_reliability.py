@@ -13,30 +13,7 @@ import pytest
 from cifarjax import runs
 from cifarjax.errors import UserError
 from experiments import cnn, finetune
-from tests.helpers import make_image_folder, run_module, tree_bytes
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture
-def data_dir(tmp_path):
-    return make_image_folder(tmp_path / "data", n_train=20, n_test=6, learnable=True)
-
-
-def cnn_args(data_dir, out, *extra):
-    return ["--data-dir", str(data_dir), "--epochs", "1", "--batch-size", "8", "--conv-impl", "xla", "--out", str(out),
-            *extra]
-
-
-def fails(main, args, capsys, code=2):
-    """Run a command's main, expect exit `code`; return its stderr, which must be one `error:` line."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == code
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
+from tests.helpers import ROOT, cnn_args, fails, make_image_folder, run_module, tree_bytes
 
 
 def fake_run(folder, experiment="cnn"):

@@ -16,21 +16,28 @@ from cifarjax.train import DataParallel, StepOptions, create_train_state
 from tests.test_train import fast, small_resnet, tiny_split
 
 
-def run_both(model, variables, inputs, data, idx, platform, trainable=None, config=fast(), options=StepOptions()):
-    """(state after `train_step` called once per row of idx, the metrics of each; state after one `train_steps`
-    call over all rows, its metrics), on 2 devices."""
+def step_runners(model, variables, inputs, data, platform, trainable=None, config=fast(), options=StepOptions()):
+    """(single, scan) on 2 devices, each from the same initial state: `single(idx)` calls `train_step` once per row
+    of idx, `scan(idx)` calls `train_steps` once over all rows; each returns (the state after, each step's loss).
+    One optimizer and one `DataParallel` serve every call, so each program compiles once."""
     parallel = DataParallel(inputs, trainable, jax.devices()[:2], options, step_factory(platform))
     tx = make_optimizer(config, variables["params"], 10, platform=platform)
+    apply = Apply(model, "classify" if isinstance(inputs, FeatureInputs) else None)
     new = lambda: parallel.replicate(create_train_state(  # noqa: E731
-        Apply(model, "classify" if isinstance(inputs, FeatureInputs) else None), variables, tx, 0,
-        ema=options.ema_decay > 0, freezing=Freezing.from_config(config)))
+        apply, variables, tx, 0, ema=options.ema_decay > 0, freezing=Freezing.from_config(config)))
     resident = parallel.replicate((data.images, data.labels))
-    state, single = new(), []
-    for i in idx:
-        state, metrics = parallel.train_step(state, resident, i)
-        single.append(float(metrics["loss"][0]))
-    scanned, metrics = parallel.train_steps(new(), resident, np.swapaxes(idx, 0, 1))
-    return parallel.unreplicate(state), single, parallel.unreplicate(scanned), list(np.asarray(metrics["loss"][0]))
+
+    def single(idx):
+        state, losses = new(), []
+        for i in idx:
+            state, metrics = parallel.train_step(state, resident, i)
+            losses.append(float(metrics["loss"][0]))
+        return parallel.unreplicate(state), losses
+
+    def scan(idx):
+        state, metrics = parallel.train_steps(new(), resident, np.swapaxes(idx, 0, 1))
+        return parallel.unreplicate(state), list(np.asarray(metrics["loss"][0]))
+    return single, scan
 
 
 def max_difference(a, b) -> float:
@@ -66,14 +73,14 @@ def test_a_rolled_scan_runs_the_steps_of_single_calls(name):
         config = config.replace(model="resnet18", unfreeze="layer4", bn="train")
         variables, options = initialize(model), StepOptions(ema_decay=0.9)
         trainable = Freezing.from_config(config).trainable_mask(variables["params"])
-    single, losses, scanned, scan_losses = run_both(model, variables, inputs, data, idx, "gpu", trainable, config,
-                                                    options)
-    assert int(single.step) == int(scanned.step) == 3
-    assert max_difference(single, scanned) < ROUNDING
+    single, scan = step_runners(model, variables, inputs, data, "gpu", trainable, config, options)
+    (stepped, losses), (scanned, scan_losses) = single(idx), scan(idx)
+    assert int(stepped.step) == int(scanned.step) == 3
+    assert max_difference(stepped, scanned) < ROUNDING
     np.testing.assert_allclose(scan_losses, losses, rtol=ROUNDING)
-    assert max_difference(single.params, variables["params"]) > 1e4 * ROUNDING
-    _, _, reordered, _ = run_both(model, variables, inputs, data, idx[::-1], "gpu", trainable, config, options)
-    assert max_difference(single.params, reordered.params) > 1e3 * ROUNDING  # the check sees another order
+    assert max_difference(stepped.params, variables["params"]) > 1e4 * ROUNDING
+    reordered, _ = single(idx[::-1])
+    assert max_difference(stepped.params, reordered.params) > 1e3 * ROUNDING  # the check sees another order
 
 
 def test_a_head_on_cached_features_gives_the_same_bits_in_a_rolled_scan_on_a_cpu():
@@ -85,9 +92,9 @@ def test_a_head_on_cached_features_gives_the_same_bits_in_a_rolled_scan_on_a_cpu
     config = fast(model="resnet18", unfreeze="head")
     trainable = Freezing.from_config(config).trainable_mask(variables["params"])
     idx = np.arange(24, dtype=np.int32).reshape(3, 2, 4)
-    single, losses, scanned, scan_losses = run_both(model, variables, FeatureInputs(AugmentSpec()), data, idx, "cpu",
-                                                    trainable, config)
-    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(scanned)):
+    single, scan = step_runners(model, variables, FeatureInputs(AugmentSpec()), data, "cpu", trainable, config)
+    (stepped, losses), (scanned, scan_losses) = single(idx), scan(idx)
+    for a, b in zip(jax.tree.leaves(stepped), jax.tree.leaves(scanned)):
         np.testing.assert_array_equal(a, b)
     assert scan_losses == losses
 

@@ -13,13 +13,7 @@ import pytest
 from cifarjax import runs
 from cifarjax.errors import UserError
 from experiments import cnn
-from tests.helpers import make_image_folder, run_module, tree_bytes
-from tests.test_reliability import ROOT, cnn_args, fails
-
-
-@pytest.fixture
-def data_dir(tmp_path):
-    return make_image_folder(tmp_path / "data", n_train=20, n_test=6, learnable=True)
+from tests.helpers import ROOT, cnn_args, fails, make_image_folder, run_module, start_module, tree_bytes
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +101,8 @@ def test_the_library_writes_only_into_a_folder_of_its_own(data_dir, tmp_path):
     (mine / "metrics.jsonl").write_text("my notes\n")
     with pytest.raises(UserError, match="notes holds files that cifarjax did not create .* pass a new or empty"):
         train_loop(fast(num_classes=len(data.classes)), train, val, run=mine)
-    assert [p.name for p in mine.iterdir()] == ["metrics.jsonl"] and (mine / "metrics.jsonl").read_text() == "my notes\n"
+    assert [p.name for p in mine.iterdir()] == ["metrics.jsonl"]
+    assert (mine / "metrics.jsonl").read_text() == "my notes\n"
 
 
 def dead_pid() -> int:
@@ -234,10 +229,7 @@ def test_a_run_killed_before_its_summary_is_completed_by_resume(data_dir, tmp_pa
 @pytest.mark.slow
 def test_sigterm_stops_like_ctrl_c_and_says_so_at_once(tmp_path, data_dir):
     out = tmp_path / "run"
-    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONPATH=ROOT)
-    child = subprocess.Popen([sys.executable, "-m", "experiments.cnn", *cnn_args(data_dir, out, "--epochs", "200",
-                                                                                   "--eval-every", "0")],
-                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = start_module("experiments.cnn", *cnn_args(data_dir, out, "--epochs", "200", "--eval-every", "0"))
     deadline = time.time() + 240  # a hang guard, not a timing
     while time.time() < deadline and len(runs.read_metrics(out)) < 2:
         time.sleep(0.2)
@@ -257,7 +249,8 @@ def test_sigterm_stops_like_ctrl_c_and_says_so_at_once(tmp_path, data_dir):
 
 @pytest.mark.parametrize("args, message", [
     (["--seed", str(2**64)], "seed must be at most 4294967295"),
-    (["--schedule", "cosine", "--warmup-epochs", "2", "--epochs", "2"], "--warmup-epochs 2 is not shorter than --epochs 2"),
+    (["--schedule", "cosine", "--warmup-epochs", "2", "--epochs", "2"],
+     "--warmup-epochs 2 is not shorter than --epochs 2"),
     (["--schedule", "onecycle", "--warmup-epochs", "3", "--epochs", "1"], "--warmup-epochs 3 is not shorter"),
     (["--crop-padding", "17"], "crop-padding 17 is more than half the 32-pixel image"),
     (["--epochs", "1000000"], "epochs must be at most"),
@@ -414,9 +407,7 @@ def test_a_checkpoint_that_cannot_be_written_ends_the_command_with_one_line(tmp_
     """A path too long for the checkpoint's files (PATH_MAX is 4096): the folder and the run's other files fit.
     Orbax's threads of a save that failed before them waited five minutes for signals that never came."""
     out = folder_of_length(tmp_path, length - 4) + "/run"
-    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONPATH=ROOT)
-    child = subprocess.Popen([sys.executable, "-m", "experiments.cnn", *cnn_args(data_dir, out)], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = start_module("experiments.cnn", *cnn_args(data_dir, out))
     try:
         _, err = child.communicate(timeout=150)  # a hang guard, not a timing
     finally:
@@ -721,8 +712,7 @@ def test_a_run_folder_is_marked_before_anything_is_made_in_it(tmp_path, monkeypa
 
 def test_no_module_of_the_package_shadows_the_standard_library():
     """With cifarjax/ as the working directory, cifarjax/platform.py was Python's own `platform` to every import."""
-    from pathlib import Path
-    names = {p.stem for folder in ("cifarjax", "cifarjax/cpu", "experiments") for p in (Path(ROOT) / folder).iterdir()
+    names = {p.stem for folder in ("cifarjax", "cifarjax/cpu", "experiments") for p in (ROOT / folder).iterdir()
              if p.suffix == ".py" or (p / "__init__.py").is_file()}
     assert "target" in names and not names & set(sys.stdlib_module_names)
 
