@@ -42,11 +42,16 @@ CHECKPOINTS, FROZEN = "checkpoints", "frozen_params.npz"
 
 
 class _OrbaxFailuresRaise(logging.Filter):
-    """Drop orbax's ERROR records: a failed save (a full disk) is logged with a traceback by each of its background
-    threads, then raised in the thread that waits for it, where cifarjax reports it in one line."""
+    """Drop orbax's ERROR records: a failed save (a full disk, a path too long) is logged with a traceback by each
+    of its background threads, then raised in the thread that waits for it, where cifarjax reports it in one line;
+    and as the command then ends, asyncio logs each of that save's tasks whose exception nobody read."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+        if record.levelno < logging.ERROR:
+            return True
+        if record.name == "asyncio":
+            return not ("never retrieved" in record.getMessage() and f"{os.sep}orbax{os.sep}" in record.getMessage())
+        return f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
 class _QuietClosedLoop(asyncio.SelectorEventLoop):
@@ -71,11 +76,12 @@ class _QuietClosedLoopPolicy(asyncio.DefaultEventLoopPolicy):
 def quiet_orbax() -> None:
     """Keep orbax's background noise out of a command's output (process-wide, so the commands call it at their start
     and importing cifarjax never does): absl's INFO and WARNING records, the ERROR tracebacks a failed save logs
-    from each of its threads, and the "Event loop is closed" tracebacks after a failed restore. Idempotent."""
-    absl = logging.getLogger("absl")
-    absl.setLevel(logging.ERROR)
-    if not any(isinstance(f, _OrbaxFailuresRaise) for f in absl.filters):
-        absl.addFilter(_OrbaxFailuresRaise())
+    from each of its threads and tasks, and the "Event loop is closed" tracebacks after a failed restore.
+    Idempotent."""
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    for logger in map(logging.getLogger, ("absl", "asyncio")):
+        if not any(isinstance(f, _OrbaxFailuresRaise) for f in logger.filters):
+            logger.addFilter(_OrbaxFailuresRaise())
     if type(asyncio.get_event_loop_policy()) is asyncio.DefaultEventLoopPolicy:  # leave a chosen policy (uvloop) alone
         asyncio.set_event_loop_policy(_QuietClosedLoopPolicy())
 

@@ -116,7 +116,8 @@ class Metrics:
 
 class Report:
     """A finished fit's summary.json and plots in its run folder, as the commands write theirs: the readings and
-    per-epoch curves, time and speed (`training_results.png`), and the validation split's confusion matrix."""
+    per-epoch curves, time and speed (`training_results.png`), and the validation split's confusion matrix and
+    sample predictions."""
 
     def at_end(self, trainer) -> None:
         if not trainer.finished:
@@ -133,11 +134,18 @@ class Report:
         write_json(run / runs.SUMMARY, summary)
         plots.plot_training_results(trainer.records, run / runs.PLOTS / "training_results.png",
                                     title=runs.run_name(run), label_smoothing=config.label_smoothing)
-        if trainer.val_predictions is not None and config.classes:
-            matrix = score(trainer.val.labels, trainer.val_predictions, config.classes)["confusion_matrix"]
-            plots.plot_confusion_matrix(np.asarray(matrix), config.classes, run / runs.PLOTS / "confusion_matrix.png",
-                                        title=f"Confusion matrix of {runs.run_name(run)} (val split, "
-                                              f"{len(trainer.val)} images)")
+        preds, val = trainer.val_predictions, trainer.val
+        if preds is None or not config.classes:
+            return
+        matrix = score(val.labels, preds, config.classes)["confusion_matrix"]
+        plots.plot_confusion_matrix(np.asarray(matrix), config.classes, run / runs.PLOTS / "confusion_matrix.png",
+                                    title=f"Confusion matrix of {runs.run_name(run)} (val split, {len(val)} images)")
+        if val.images.dtype == np.uint8:  # images, not cached features
+            pick = np.random.default_rng(0).choice(len(val), min(32, len(val)), replace=False)
+            plots.plot_sample_predictions(val.images[pick], preds[pick], val.labels[pick], config.classes,
+                                          run / runs.PLOTS / "sample_predictions.png",
+                                          title=f"Sample predictions of {runs.run_name(run)} (val split): "
+                                                "predicted (true)")
 
 
 def _quiet_writer_thread(previous):

@@ -59,5 +59,6 @@ def test_a_library_run_writes_a_summary_and_plots_as_a_command_does(data, tmp_pa
     assert summary["epochs"] == 1 and summary["val_accuracy_per_epoch"] == [summary["val_accuracy"]]
     assert summary["images_per_second"] > 0 and not summary["stopped_early"]
     assert {p.name for p in (tmp_path / "run" / runs.PLOTS).iterdir()} == {"training_results.png",
-                                                                         "confusion_matrix.png"}
+                                                                         "confusion_matrix.png",
+                                                                         "sample_predictions.png"}
     assert cj.load_run(tmp_path / "run").records()[-1]["val_accuracy"] == summary["val_accuracy"]
