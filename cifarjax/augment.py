@@ -9,6 +9,7 @@ augmented: they are only scaled, resized and normalised.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -153,17 +154,19 @@ class HostAugment:
     output, stacked in its own type (uint8 unless it converts); the device scales, resizes and normalises it.
 
     Seeded: the same seed gives the same augmented batches; with `step`, each batch's draws depend only on
-    (seed, step), so a resumed run augments exactly as an uninterrupted one.
+    (seed, step), so a resumed run augments exactly as an uninterrupted one. The transform's random state is shared,
+    so one batch is drawn at a time (a lock): threads that augment at once still get each step's own draws.
     """
 
     def __init__(self, transform=None, seed: int = 0):
         self.transform = transform if transform is not None else albumentations_pipeline()
-        self.seed = seed
+        self.seed, self.lock = seed, threading.Lock()
         self.transform.set_random_seed(seed)
 
     def __call__(self, images: np.ndarray, step: Optional[int] = None) -> np.ndarray:
-        if step is not None:
-            self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, step]).generate_state(1)[0]))
         flat = images.reshape((-1,) + images.shape[-3:])
-        out = np.stack([self.transform(image=im)["image"] for im in flat])
+        with self.lock:
+            if step is not None:
+                self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, step]).generate_state(1)[0]))
+            out = np.stack([self.transform(image=im)["image"] for im in flat])
         return out.reshape(images.shape[:-3] + out.shape[1:])
