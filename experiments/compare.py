@@ -21,6 +21,7 @@ from cifarjax.errors import UserError, exit_on_user_error
 from cifarjax.files import beside_foreign
 from cifarjax.flags import Parser
 from cifarjax.loop import History
+from cifarjax.seeds import per_epoch
 
 IGNORED = ("classes", "norm_mean", "norm_std", "data_dir", "weights_label", "n_epochs", "epoch_counts", "weights_file",
            "weights_sha256", "data_fingerprint", "commands", "frozen_params")
@@ -156,11 +157,9 @@ def curves(entry: dict) -> dict:
     curve = {}
     for key, of in (("val", lambda h: h.epoch_val_accuracy), ("train", lambda h: h.train_accuracy),
                     ("val_loss", val_losses)):
-        by_epoch = list(zip(*map(of, members)))
-        if by_epoch and all(v is not None for e in by_epoch for v in e):
-            curve[key] = [statistics.fmean(e) for e in by_epoch]
-            if len(members) > 1:
-                curve[f"{key}_sd"] = [statistics.stdev(e) for e in by_epoch]
+        series = [of(h) for h in members]
+        if all(series) and all(v is not None for values in series for v in values):
+            curve[key], curve[f"{key}_sd"] = per_epoch(series)
     return curve
 
 

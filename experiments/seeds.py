@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import shlex
-import statistics
 from pathlib import Path
 from typing import Callable
 
@@ -14,7 +13,7 @@ from cifarjax import distributed, plots, runs
 from cifarjax.errors import UserError
 from cifarjax.files import write_json
 from cifarjax.loop import History
-from cifarjax.seeds import mean_sd
+from cifarjax.seeds import mean_sd, per_epoch
 
 SEEDS = "seeds.json"  # OUT's record of its seeds, so that --resume --out OUT continues them all
 READINGS = {"val_accuracy": "validation accuracy", "best_val_accuracy": "best", "last5_mean_val_accuracy":
@@ -138,14 +137,11 @@ def curves(out: Path, seeds: list) -> dict:
     found = {}
     for seed in seeds:
         for label, folder in leaf_runs(out / f"seed-{seed}").items():
-            history = History(runs.read_metrics(folder))
-            found.setdefault(label, []).append({"val": history.epoch_val_accuracy, "train": history.train_accuracy})
+            found.setdefault(label, []).append(History(runs.read_metrics(folder)))
     result = {}
-    for label, members in found.items():
+    for label, histories in found.items():
         curve = {}
-        for key in ("val", "train"):
-            by_epoch = list(zip(*(m[key] for m in members)))  # as many epochs as every seed ran
-            curve[key] = [statistics.fmean(e) for e in by_epoch]
-            curve[f"{key}_sd"] = [statistics.stdev(e) if len(e) > 1 else 0.0 for e in by_epoch]
-        result[f"{label}, mean of {len(members)} seeds"] = curve
+        for key, of in (("val", lambda h: h.epoch_val_accuracy), ("train", lambda h: h.train_accuracy)):
+            curve[key], curve[f"{key}_sd"] = per_epoch(map(of, histories))
+        result[f"{label}, mean of {len(histories)} seeds"] = curve
     return result
