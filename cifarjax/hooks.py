@@ -1,11 +1,8 @@
-"""What the training loop (`loop.fit`) tells as it goes, and the stop request it listens to.
+"""The hooks `loop.fit` tells as it goes (progress bar, metrics, report) and the stop request it listens to.
 
-A hook is told, with the `loop.Trainer` (its state on the devices, its records), at the moments it defines:
-`after_call(trainer, call)` after each call of training steps (a `schedule.Call`), `after_evaluation(trainer,
-record)` (a line of metrics.jsonl), `after_checkpoint(trainer, step)`, and `at_end(trainer)` however the fit ends
-(`trainer.finished` when it ran to its end). A hook may call `trainer.stop()` to end the fit after the current call.
-The loop's own progress bar, metrics (metrics.jsonl, TensorBoard: `tensorboard --logdir runs/`) and report
-(summary.json, plots) are hooks; research code passes its own to `fit`, `train_loop` and `fine_tune_loop`.
+A hook defines any of `after_call(trainer, call)`, `after_evaluation(trainer, record)`, `after_checkpoint(trainer,
+step)` and `at_end(trainer)` (however the fit ends; `trainer.finished` when it ran to its end), and may call
+`trainer.stop()` to end the fit after the current call. Research code passes its own to `fit` and the loops.
 """
 from __future__ import annotations
 
@@ -15,7 +12,6 @@ import socket
 import sys
 import threading
 
-import numpy as np
 from tqdm import tqdm
 
 from cifarjax import distributed, plots, runs
@@ -63,10 +59,8 @@ class Progress:
 
 
 class Metrics:
-    """Each evaluation's record appended to the run's metrics.jsonl and written as TensorBoard scalars (losses,
-    accuracies, learning rate, images per second); between evaluations, the mean training loss of the steps read
-    since the last write (every 25 calls). Without TensorBoard installed, the run goes on and says once how to get
-    it; a full disk stops the event files only, said once."""
+    """Each evaluation's record in metrics.jsonl and as TensorBoard scalars, with the mean training loss of the steps
+    read between writes. Without TensorBoard, or on a full disk, the run goes on without event files, said once."""
 
     def __init__(self, run):
         self.run, self.writer = run, None
@@ -115,9 +109,7 @@ class Metrics:
 
 
 class Report:
-    """A finished fit's summary.json and plots in its run folder, as the commands write theirs: the readings and
-    per-epoch curves, time and speed (`training_results.png`), and the validation split's confusion matrix and
-    sample predictions."""
+    """A finished fit's summary.json and plots in its run folder, as the commands write theirs."""
 
     def at_end(self, trainer) -> None:
         if not trainer.finished:
@@ -135,22 +127,14 @@ class Report:
         plots.plot_training_results(trainer.records, run / runs.PLOTS / "training_results.png",
                                     title=runs.run_name(run), label_smoothing=config.label_smoothing)
         preds, val = trainer.val_predictions, trainer.val
-        if preds is None or not config.classes:
-            return
-        matrix = score(val.labels, preds, config.classes)["confusion_matrix"]
-        plots.plot_confusion_matrix(np.asarray(matrix), config.classes, run / runs.PLOTS / "confusion_matrix.png",
-                                    title=f"Confusion matrix of {runs.run_name(run)} (val split, {len(val)} images)")
-        if val.images.dtype == np.uint8:  # images, not cached features
-            pick = np.random.default_rng(0).choice(len(val), min(32, len(val)), replace=False)
-            plots.plot_sample_predictions(val.images[pick], preds[pick], val.labels[pick], config.classes,
-                                          run / runs.PLOTS / "sample_predictions.png",
-                                          title=f"Sample predictions of {runs.run_name(run)} (val split): "
-                                                "predicted (true)")
+        if preds is not None and config.classes:
+            matrix = score(val.labels, preds, config.classes)["confusion_matrix"]
+            plots.plot_split(run, "val", val, preds, matrix, config.classes)
 
 
 def _quiet_writer_thread(previous):
-    """A `threading.excepthook` that leaves out the traceback of TensorBoard's writer thread (a path too long, a full
-    disk): the writer raises the same error in the thread that writes next, where it becomes one warning line."""
+    """A `threading.excepthook` without the traceback of TensorBoard's writer thread (a full disk, a path too long):
+    the writer raises the same error where it writes next, and that becomes one warning line."""
     def hook(args):
         if not type(args.thread).__module__.startswith("tensorboard."):
             previous(args)
@@ -159,11 +143,9 @@ def _quiet_writer_thread(previous):
 
 
 class StopRequest:
-    """The first Ctrl-C (or SIGTERM, what SLURM, Kubernetes and systemd send) asks the loop to stop after the
-    current step (the state must not be lost mid-step); a second one interrupts at once.
-
-    The request is announced at once, even while the main thread waits for the device and Python's handler
-    cannot run yet: a helper thread reads the signal's byte from the wakeup file descriptor."""
+    """The first Ctrl-C (or SIGTERM, as SLURM and Kubernetes send) stops the loop after the current step; a second
+    interrupts at once. A helper thread reads the wakeup file descriptor, so the request is announced even while
+    the main thread waits for the device."""
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, saves: bool = True):

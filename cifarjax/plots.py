@@ -1,14 +1,9 @@
-"""Figures written to PNG files (headless): training curves, fine-tuning runs, confusion matrices, sample
-predictions and comparisons of runs. Colours come from seaborn's colour-blind palette, and every distinction
-drawn in colour is also drawn in line style or marker.
-
-Seaborn itself is imported only by the plot that needs it (the study's bar chart): with pandas and scipy it takes
-2 s to import, longer than drawing the other figures. The others draw in matplotlib's copy of seaborn's styles,
-inside a style context, so the caller's own matplotlib settings are left as they were.
+"""Figures written to PNG files (headless), in seaborn's colour-blind palette, each colour also told by line style or
+marker. Seaborn (2 s to import) is imported only by the study's bar chart; the others draw in matplotlib's copy of
+seaborn's styles, in a style context that leaves the caller's settings as they were.
 """
 from __future__ import annotations
 
-import functools
 import math
 import textwrap
 from pathlib import Path
@@ -21,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cifarjax import runs  # noqa: E402
 from cifarjax.errors import UserError, warn  # noqa: E402
 from cifarjax.files import atomic_write, beside_foreign  # noqa: E402
 from cifarjax.text import printable  # noqa: E402
@@ -33,20 +29,9 @@ CELL_INCHES, TITLE_INCHES = 1.6, 0.36  # a sample image's width in the figure, a
 MIN_SPAN = 10.0  # accuracy axes span at least this many points, so noise does not look like a trend
 
 
-def _styled(style: str):
-    """Draw the decorated plot in seaborn's `style` ('whitegrid', 'white'), as matplotlib ships it."""
-    def decorate(plot):
-        @functools.wraps(plot)
-        def styled(*args, **kwargs):
-            with plt.style.context(f"seaborn-v0_8-{style}"):
-                return plot(*args, **kwargs)
-        return styled
-    return decorate
-
-
 def output_path(path) -> Path:
-    """The file a figure for `path` is written to, checked as it will be written: '.png' added when it has no
-    extension (as matplotlib would), a format matplotlib can write, and not a folder."""
+    """The file a figure for `path` goes to: '.png' added to a name without extension (as matplotlib does), checked
+    to be a format matplotlib writes and not a folder."""
     path = Path(path)
     path = path if path.suffix else path.with_name(path.name + ".png")
     if path.suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
@@ -58,9 +43,8 @@ def output_path(path) -> Path:
 
 
 def _save(fig, path) -> Path:
-    """Write `fig` to `path` atomically (a full disk leaves the old file, or none, never half a figure), every text
-    drawable (`printable`); returns the path written: beside `path`, said in one line, where a file cifarjax did not
-    write takes its name in a run folder (`files.beside_foreign`)."""
+    """Write `fig` to `path` atomically (never half a figure), every text `printable`; returns the path written:
+    beside `path`, said in one line, where a file cifarjax did not write holds the name (`files.beside_foreign`)."""
     asked = output_path(path)
     path = beside_foreign(asked)
     if path != asked:
@@ -76,14 +60,10 @@ def _save(fig, path) -> Path:
     return path
 
 
-def _wrapped(text: str, width_inches: float, fontsize: float = 12) -> str:
-    """`text` broken into lines that fit `width_inches` at `fontsize` (an average glyph is 0.6 em wide)."""
-    return "\n".join(textwrap.wrap(text, max(20, int(width_inches * 72 / (0.6 * fontsize))))) or text
-
-
 def _suptitle(fig, title: str) -> None:
-    """The figure's title, wrapped to its width (tight_layout then keeps every line inside the figure)."""
-    fig.suptitle(_wrapped(title, fig.get_figwidth() * 0.95, 12), fontsize=12)
+    """The figure's title in 12 points, wrapped to its width (an average glyph is 0.6 em wide)."""
+    width = max(20, int(fig.get_figwidth() * 0.95 * 72 / (0.6 * 12)))
+    fig.suptitle("\n".join(textwrap.wrap(title, width)) or title, fontsize=12)
 
 
 def _epochs_axis(ax, last_epoch: float) -> None:
@@ -93,7 +73,7 @@ def _epochs_axis(ax, last_epoch: float) -> None:
 
 
 def _accuracy_axis(ax, values: Sequence[float], label: str) -> None:
-    """Percent axis from the data, widened to at least MIN_SPAN points, saying when it does not start at 0."""
+    """Percent axis from the data, at least MIN_SPAN points wide, saying when it does not start at 0."""
     values = [v for v in values if v is not None]
     lo, hi = (min(values), max(values)) if values else (0.0, 100.0)
     if hi - lo < MIN_SPAN:
@@ -105,12 +85,11 @@ def _accuracy_axis(ax, values: Sequence[float], label: str) -> None:
     ax.set_ylabel(label + (f" (axis from {lo:.0f}%)" if lo > 0 else ""))
 
 
-@_styled("whitegrid")
+@plt.style.context("seaborn-v0_8-whitegrid")
 def plot_training_results(records: Sequence[dict], path, title: str = "Training", label_smoothing: float = 0.0
                           ) -> Path:
-    """Loss (training and validation) and accuracy (training and validation) against epochs. With
-    `label_smoothing`, the training loss is the smoothed cross-entropy (higher than the validation's plain one
-    for the same predictions), and its label says so."""
+    """Training and validation loss and accuracy against epochs; with `label_smoothing`, the training loss's label
+    says it is the smoothed cross-entropy (not comparable with the validation's)."""
     ends = [r for r in records if r.get("epoch_end")]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     x_end, x_all = [r["epoch"] for r in ends], [r["epoch"] for r in records]
@@ -134,8 +113,7 @@ def plot_training_results(records: Sequence[dict], path, title: str = "Training"
 
 
 def _continued(curves: Mapping[str, Mapping[str, Sequence[float]]]) -> dict:
-    """{label: the label of the shorter run it continues}: a run whose curves begin with another's exactly (a
-    longer fine-tune started from a shorter one's end); the longest such shorter run."""
+    """{label: the longest shorter run whose curves its own begin with exactly} (a fine-tune continuing another)."""
     found = {}
     for label, c in curves.items():
         shorter = [(len(o["val"]), other) for other, o in curves.items()
@@ -146,15 +124,13 @@ def _continued(curves: Mapping[str, Mapping[str, Sequence[float]]]) -> dict:
     return found
 
 
-@_styled("whitegrid")
+@plt.style.context("seaborn-v0_8-whitegrid")
 def plot_runs(curves: Mapping[str, Mapping[str, Sequence[float]]], path, title: str) -> Path:
-    """Validation and training accuracy (and validation loss, when given) per epoch, one line style, marker and
-    colour per run. A run that continues a shorter one (its curves begin with the shorter run's) is drawn from
-    where the shorter one ends, so runs that share their first epochs do not hide each other.
+    """Validation and training accuracy (and validation loss) per epoch, a line style, marker and colour per run; a
+    run that continues a shorter one is drawn from where that one ends, so the two do not hide each other.
 
-    `curves`: {run label: {'val': [...], 'train': [...], 'val_loss': [...]}} (accuracies as fractions, one value
-    per epoch; 'train' and 'val_loss' optional; 'val_sd' and 'train_sd' draw a band of one sd around a mean).
-    """
+    `curves`: {label: {'val': [...], 'train': [...], 'val_loss': [...]}}, fractions per epoch ('train', 'val_loss'
+    optional; 'val_sd', 'train_sd': a band of one sd around a mean)."""
     panels = [(k, name) for k, name in (("val", "Validation accuracy"), ("train", "Training accuracy"),
                                          ("val_loss", "Validation loss"))
               if k == "val" or any(c.get(k) for c in curves.values())]
@@ -192,8 +168,7 @@ def plot_runs(curves: Mapping[str, Mapping[str, Sequence[float]]], path, title: 
 
 
 def _heatmap(ax, values: np.ndarray, classes: Sequence[str], fmt: str, label: str, vmax=None) -> None:
-    """`values` as coloured cells, each annotated in black or white (whichever reads on its colour), with a
-    colour bar: seaborn's annotated heatmap, drawn by matplotlib alone."""
+    """seaborn's annotated heatmap in matplotlib alone: coloured cells, each value in black or white as reads best."""
     image = ax.imshow(values, cmap="viridis", vmin=0, vmax=vmax if vmax is not None else max(values.max(), 1))
     for (i, j), v in np.ndenumerate(values):
         r, g, b, _ = image.cmap(image.norm(v))
@@ -205,10 +180,9 @@ def _heatmap(ax, values: np.ndarray, classes: Sequence[str], fmt: str, label: st
     ax.figure.colorbar(image, ax=ax, label=label)
 
 
-@_styled("white")
+@plt.style.context("seaborn-v0_8-white")
 def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path, title="Confusion matrix") -> Path:
-    """Counts beside the row-normalised matrix (recall per true class); the overall accuracy in the title. Float
-    counts (averages, weights) are drawn with 3 significant digits."""
+    """Counts (floats with 3 significant digits) beside the row-normalised matrix; the accuracy in the title."""
     matrix, n = np.asarray(matrix), len(classes)
     numeric = np.issubdtype(matrix.dtype, np.integer) or np.issubdtype(matrix.dtype, np.floating)
     if matrix.shape != (n, n) or not numeric or not np.all(np.isfinite(matrix)) or np.any(matrix < 0):
@@ -231,9 +205,8 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path, titl
 def plot_sample_predictions(images: np.ndarray, predicted: Sequence[int], true: Sequence[int],
                             classes: Sequence[str], path, columns: int = 8,
                             title: str = "Sample predictions: predicted (true)") -> Path:
-    """A grid of uint8 images titled 'predicted (true)', marked ✓ (blue) when right and ✗ (orange) when wrong.
-
-    The images are tiled into one picture on one axes: an axes per image took 2.8 s to draw 32, this 0.35 s."""
+    """A grid of uint8 images titled 'predicted (true)', marked ✓ (blue) when right and ✗ (orange) when wrong; tiled
+    on one axes (an axes per image took 2.8 s to draw 32, this 0.35 s)."""
     images = np.asarray(images)
     n, h, w = images.shape[:3]
     rows = -(-n // columns)
@@ -254,10 +227,23 @@ def plot_sample_predictions(images: np.ndarray, predicted: Sequence[int], true: 
     return _save(fig, path)
 
 
-@_styled("whitegrid")
-def plot_study_effects(cells: Sequence[dict], noise: float, reference: float, baseline: float, path, title: str) -> Path:
-    """Each cell's change in validation accuracy against the baseline (points), the noise band (twice the noise),
-    and the SimpleCNN reference as a line."""
+def plot_split(run: Path, name: str, split, predicted: np.ndarray, matrix, classes: Sequence[str]) -> None:
+    """A run's confusion matrix and 32 sample predictions (of images, not cached features) on its `name` split."""
+    of = f"of {runs.run_name(run)} ({name} split"
+    plot_confusion_matrix(np.asarray(matrix), classes, run / runs.PLOTS / "confusion_matrix.png",
+                          title=f"Confusion matrix {of}, {len(split)} images)")
+    if split.images.dtype == np.uint8:
+        pick = np.random.default_rng(0).choice(len(split), min(32, len(split)), replace=False)
+        plot_sample_predictions(split.images[pick], predicted[pick], split.labels[pick], classes,
+                                run / runs.PLOTS / "sample_predictions.png",
+                                title=f"Sample predictions {of}): predicted (true)")
+
+
+@plt.style.context("seaborn-v0_8-whitegrid")
+def plot_study_effects(cells: Sequence[dict], noise: float, reference: float, baseline: float, path,
+                       title: str) -> Path:
+    """Each cell's change in validation accuracy against the baseline, the band of twice the noise, and the
+    SimpleCNN reference as a line."""
     import seaborn as sns  # only here (see the module's docstring)
 
     cells = sorted(cells, key=lambda c: -c["effect_points"])

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 import cifarjax  # noqa: E402
 from experiments import seeds  # noqa: E402
@@ -198,8 +197,7 @@ def scored_split(s: Start):
     return (s.dataset.test, "test") if s.dataset.test is not None else (s.val, "val")
 
 
-def report_split(config: Config, result, split: Split, name: str, run: Path, phases: Phases,
-                 n_samples: int = 32) -> dict:
+def report_split(config: Config, result, split: Split, name: str, run: Path, phases: Phases) -> dict:
     """Accuracy on `split`, with its confusion-matrix and sample-prediction plots in run/plots (the validation
     split reuses the training's final evaluation when there was one)."""
     preds = result.val_predictions if name == "val" else None
@@ -209,15 +207,7 @@ def report_split(config: Config, result, split: Split, name: str, run: Path, pha
     result = score(split.labels, preds, config.classes)
     if distributed.is_writer():
         with phases("plotting", "writing the confusion matrix and sample predictions"):
-            plots.plot_confusion_matrix(np.asarray(result["confusion_matrix"]), config.classes,
-                                        run / runs.PLOTS / "confusion_matrix.png",
-                                        title=f"Confusion matrix of {runs.run_name(run)} ({name} split, "
-                                              f"{len(split)} images)")
-            pick = np.random.default_rng(0).choice(len(split), min(n_samples, len(split)), replace=False)
-            plots.plot_sample_predictions(split.images[pick], preds[pick], split.labels[pick], config.classes,
-                                          run / runs.PLOTS / "sample_predictions.png",
-                                          title=f"Sample predictions of {runs.run_name(run)} ({name} split): "
-                                                "predicted (true)")
+            plots.plot_split(run, name, split, preds, result["confusion_matrix"], config.classes)
     return {f"{name}_accuracy": result["accuracy"], "scored_split": name}
 
 
