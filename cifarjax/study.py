@@ -1,17 +1,12 @@
 """The study of the original's question: why did the fine-tuned ResNet-18 do worse than the small CNN?
 
-A grid is data: named `Cell`s, each a set of Config changes to the baseline (the original's setting). The
-default grid changes one thing at a time for each hypothesis, then combines the changes that helped:
+A grid is data: `Cell`s, each a set of Config changes to the baseline (the original's setting)::
 
-    from cifarjax.study import DEFAULT_GRID, Cell, study
     grid = DEFAULT_GRID + (Cell("crop", "augmentation", {"crop_padding": 4}),)
     answer = study("DIR", "imagenet", grid, epochs=5, subset=2000, out="runs/my-study")
 
-Each cell is its own run folder under out/cells/ (resumable), cells with a fixed backbone share cached
-features, and the answer is written as study.json, study.md and plots/. study.json records, from the start,
-the settings every cell shares (`shared_settings`: epochs, subset, batch size, seed, the weights' SHA-256, the
-data's fingerprint ...) and its grid (`grid_record`: the cells, the reference, the combination); a resume with
-other ones is refused, naming them, and `experiments.study --resume` runs the recorded grid.
+Each cell is a resumable run folder under out/cells/; cells with a fixed backbone share cached features. study.json
+records from the start the settings every cell shares and the grid; a resume with others is refused, naming them.
 """
 from __future__ import annotations
 
@@ -89,8 +84,8 @@ def cell_config(cell: Cell, base: Config) -> Config:
 
 
 def noise_points(results: Sequence[dict], n_val: int) -> float:
-    """Accuracy noise in points: the larger of the validation set's sampling error of a difference of two
-    accuracies and the pooled epoch-to-epoch spread over each cell's last quarter of epochs."""
+    """Accuracy noise in points: the larger of the sampling error of a difference of two validation accuracies and
+    the pooled epoch-to-epoch spread over each cell's last quarter of epochs."""
     accs = [r["val_accuracy"] for r in results]
     p = float(np.mean(accs)) if accs else 0.5
     sampling = math.sqrt(2 * p * (1 - p) / max(n_val, 1))
@@ -101,11 +96,7 @@ def noise_points(results: Sequence[dict], n_val: int) -> float:
 
 
 def verdict(effect: float, noise: float) -> str:
-    if effect > 2 * noise:
-        return "supported"
-    if effect < -2 * noise:
-        return "refuted"
-    return "within noise"
+    return "supported" if effect > 2 * noise else "refuted" if effect < -2 * noise else "within noise"
 
 
 def combined_changes(results: Sequence[dict], noise: float) -> dict:
@@ -145,14 +136,6 @@ class Study:
         """What a Ctrl-C between cells' checkpoints leaves: the study, whose finished cells are kept."""
         set_interrupt_advice(f"the study's finished cells are kept: resume it with {self.resume_hint}")
 
-    @property
-    def weights_label(self) -> str:
-        return self.weights.description
-
-    @property
-    def pretrained(self) -> bool:
-        return self.weights.pretrained
-
     def folder(self, cell: Cell) -> Path:
         return self.out / "cells" / cell.name
 
@@ -165,37 +148,27 @@ class Study:
             starting_weights(config)[0]
 
     def estimate_seconds(self, cell: Cell, steps: int = 3) -> dict:
-        """The cell's time from a short warm-up: {'compilation': ..., 'training': ...} in seconds.
-
-        Training (evaluation excluded): epochs x training images x seconds per image, measured over a few steps
-        after compilation; with cached features, the extraction's 2 x train + val images. Compilation: the
-        training step's first call, and the evaluation step's for each program the run compiles that way (its
-        evaluation and the test split's scoring; with cached features, the extraction and the scoring, while
-        the head's own steps compile in no time). The run compiles them again for its own shapes, so each
-        counts: on a small subset, compilation is most of a cell's time."""
+        """The cell's {'compilation', 'training'} seconds from a short warm-up: the training step's first call and the
+        evaluation step's once per program compiled that way (evaluation, test scoring; with cached features the
+        extraction), then seconds per image times the images trained (with cached features, those extracted)."""
         config = with_normalization(cell_config(cell, self.base), self.train.images)
         model, variables = build_model(config), self.variables(cell, config)
         freezing = Freezing.from_config(config)
         trainable = None if freezing.everything_trains else freezing.trainable_mask(variables["params"])
         parallel = DataParallel(ImageInputs(AugmentSpec.from_config(config)), trainable,
                                 options=StepOptions.from_config(config))
-        state = parallel.replicate(create_train_state(Apply(model), variables, make_optimizer(config, variables["params"]),
-                                                      config.seed))
+        optimizer = make_optimizer(config, variables["params"])
+        state = parallel.replicate(create_train_state(Apply(model), variables, optimizer, config.seed))
         batch = min(config.batch_size, len(self.train) - len(self.train) % parallel.n_devices)
         data = parallel.replicate((self.train.images[:batch], self.train.labels[:batch]))
         idx = parallel.mine(np.arange(batch, dtype=np.int32).reshape(parallel.n_devices, -1))
-        start = time.perf_counter()
-        state, metrics = parallel.train_step(state, data, idx)
-        metrics["loss"].block_until_ready()
-        train_compile = time.perf_counter() - start
-        start = time.perf_counter()
-        for _ in range(steps):
-            state, metrics = parallel.train_step(state, data, idx)
-        metrics["loss"].block_until_ready()
-        per_image = (time.perf_counter() - start) / (steps * batch)
-        start = time.perf_counter()
-        jax.block_until_ready(parallel.eval_step(state, data, idx))
-        eval_compile = time.perf_counter() - start
+        seconds = []
+        for step in [parallel.train_step] * (steps + 1) + [parallel.eval_step]:  # first calls compile
+            start = time.perf_counter()
+            out = jax.block_until_ready(step(state, data, idx))
+            state = out[0] if len(seconds) <= steps else state  # a training step's new state
+            seconds.append(time.perf_counter() - start)
+        train_compile, eval_compile, per_image = seconds[0], seconds[-1], sum(seconds[1:-1]) / (steps * batch)
         scorings = 1 + (self.dataset.test is not None)
         if cacheable(config):  # the head then trains on cached features in a negligible time
             return {"compilation": eval_compile * (1 + scorings), "training": per_image * (2 * len(self.train) +
@@ -216,13 +189,12 @@ class Study:
         write_json(folder / runs.CONFIG, config.to_dict())
         start = time.perf_counter()
         variables = self.variables(cell, config)
+        common = dict(run=folder, resume=self.resume, phases=self.phases, resume_hint=self.resume_hint, report=False)
         if cell.model == "simple_cnn":
-            result = train_loop(config, self.train, self.val, variables, run=folder, resume=self.resume,
-                                phases=self.phases, resume_hint=self.resume_hint, report=False)
+            result = train_loop(config, self.train, self.val, variables, **common)
         else:
-            result = fine_tune_loop(config, variables, self.train, self.val, run=folder, resume=self.resume,
-                                    features=self.shared_features(config, variables), phases=self.phases,
-                                    resume_hint=self.resume_hint, report=False)
+            result = fine_tune_loop(config, variables, self.train, self.val,
+                                    features=self.shared_features(config, variables), **common)
         summary = {"name": cell.name, "hypothesis": cell.hypothesis, "model": cell.model, "changes": dict(cell.changes),
                    "settings": {k: getattr(config, k) for k in ("img_size", "unfreeze", "bn", "normalize", "lr",
                                                                  "batch_size", "n_epochs", "optimizer")},
@@ -249,10 +221,8 @@ class Study:
 
 def run_study(study: Study, grid: Sequence[Cell] = DEFAULT_GRID, reference: Optional[dict] = None,
               train_reference: bool = True, combine: bool = True, announce: Callable = print) -> dict:
-    """Run every cell (then, with `combine`, the combination of the changes that helped) and write the answer.
-
-    The SimpleCNN reference is trained as a cell (`train_reference`) unless `reference` gives the summary of an
-    existing experiments.cnn run."""
+    """Run every cell (then, with `combine`, the changes that helped together) and write the answer. The SimpleCNN
+    reference trains as a cell (`train_reference`) unless `reference` is an experiments.cnn run's summary."""
     cells = list(grid) + ([REFERENCE] if train_reference and reference is None else [])
     todo = [c for c in cells if study.finished(c) is None]
     if todo:
@@ -279,9 +249,8 @@ def run_study(study: Study, grid: Sequence[Cell] = DEFAULT_GRID, reference: Opti
 def study(data_dir, weights: str = "imagenet", grid: Sequence[Cell] = DEFAULT_GRID, *, epochs: int = DEFAULT_EPOCHS,
           subset: int = 0, out=None, resume: bool = False, overwrite: bool = False, cnn_run=None,
           train_reference: bool = True, combine: bool = True, announce: Callable = print, **baseline) -> dict:
-    """Run a study in one call: load the data and weights, make (or resume) the study folder `out`, run the grid
-    and write the answer (study.json, study.md, plots/). `baseline`: Config changes to the baseline (seed,
-    batch_size, dataset, ...); `cnn_run`: a finished experiments.cnn run to take the SimpleCNN reference from."""
+    """A study in one call: load the data and weights, make (or resume) the folder `out`, run the grid and write the
+    answer. `baseline`: Config changes to the baseline; `cnn_run`: an experiments.cnn run as the SimpleCNN reference."""
     out = runs.check_out(out, "study", overwrite, resume)
     phases = Phases(announce=True)
     paths = binding.absolute_paths({"data_dir": data_dir, "weights": weights})
@@ -297,9 +266,7 @@ def study(data_dir, weights: str = "imagenet", grid: Sequence[Cell] = DEFAULT_GR
     settings = shared_settings(base, loaded, fingerprint(dataset))
     planned = grid_record(grid, train_reference, combine)
     if resume:
-        check_settings(out, settings)
-        check_grid(out, planned)
-        cnn_run = check_reference_run(out, cnn_run)
+        cnn_run = check_resume(out, settings, planned, cnn_run)
     reference_run = None if cnn_run is None else str(find_run(cnn_run).resolve())
     reference = None if reference_run is None else reference_summary(Path(reference_run), base, settings)
     runs.create(out, "study", replace=overwrite, take_lock=True)  # resuming: only the lock is new
@@ -309,7 +276,7 @@ def study(data_dir, weights: str = "imagenet", grid: Sequence[Cell] = DEFAULT_GR
     the_study = Study(out, dataset, train, val, base, loaded, resume=resume, phases=phases, settings=settings,
                       grid=planned, reference_run=reference_run)
     the_study.advise_resume()
-    if not the_study.pretrained:
+    if not loaded.pretrained:
         announce("note: --weights random uses no pretraining; the study then tests the pipeline, not the original's "
                  "question")
     return run_study(the_study, grid, reference, train_reference, combine, announce)
@@ -334,30 +301,41 @@ def recorded(out) -> dict:
     return runs.read_json(path) if path.is_file() else {}
 
 
-def recorded_settings(out) -> dict:
-    """The shared settings study.json recorded ({} when it has none: a study made before they were recorded)."""
-    return recorded(out).get("settings") or {}
-
-
-def check_settings(out: Path, settings: dict) -> None:
-    """Refuse to resume a study with shared settings other than its own, naming each (old → new)."""
-    recorded = recorded_settings(out)
-    differing = [k for k in settings if k in recorded and k != "data_images" and recorded[k] != settings[k]]
-    if not differing:
-        return
-    shown = {"weights_sha256": lambda v: v[:12] if v else None, "data_fingerprint": lambda v: v[:12]}
-    details = ", ".join(f"{k}: {shown.get(k, repr)(recorded[k])} → {shown.get(k, repr)(settings[k])}"
-                        for k in differing)
-    if "data_fingerprint" in differing:
-        details += (f" ({sum(settings['data_images'].values())} images now, "
-                    f"{sum(recorded.get('data_images', {}).values())} when the study started)")
-    raise UserError(f"--resume with settings that differ from the study in {out} ({details}); its cells must share "
-                    "them: resume with the study's own settings and data, or start a new study with another --out")
+def check_resume(out: Path, settings: dict, planned: dict, cnn_run) -> Optional[str]:
+    """Refuse to resume a study with other shared settings (naming each: old → new), other cells, or another
+    reference run than study.json records; returns the reference run to use (`cnn_run` for older studies)."""
+    record = recorded(out)
+    then = record.get("settings") or {}
+    differing = [k for k in settings if k in then and k != "data_images" and then[k] != settings[k]]
+    if differing:
+        shown = {"weights_sha256": lambda v: v[:12] if v else None, "data_fingerprint": lambda v: v[:12]}
+        details = ", ".join(f"{k}: {shown.get(k, repr)(then[k])} → {shown.get(k, repr)(settings[k])}"
+                            for k in differing)
+        if "data_fingerprint" in differing:
+            details += (f" ({sum(settings['data_images'].values())} images now, "
+                        f"{sum(then.get('data_images', {}).values())} when the study started)")
+        raise UserError(f"--resume with settings that differ from the study in {out} ({details}); its cells must "
+                        "share them: resume with the study's own settings and data, or start a new study with "
+                        "another --out")
+    if record.get("grid") and record["grid"] != planned:
+        def shown_grid(grid):
+            names = [c["name"] for c in grid["cells"]] + (["simple_cnn"] if grid["train_reference"] else [])
+            return ", ".join(names) + ("" if grid["combine"] else " (no combined cell)")
+        raise UserError(f"--resume with the cells {shown_grid(planned)}; the study in {out} runs "
+                        f"{shown_grid(record['grid'])}: resume without --cells (it runs its own), or start a new "
+                        "study with another --out")
+    if "cnn_run" not in record:
+        return cnn_run
+    now = None if cnn_run is None else str(find_run(cnn_run).resolve())
+    if cnn_run is not None and now != record["cnn_run"]:
+        raise UserError(f"--cnn-run {now} on resume: the study in {out} took its SimpleCNN reference from "
+                        f"{record['cnn_run'] or 'a cell it trains itself'}; resume without --cnn-run, or start a new "
+                        "study with another --out")
+    return record["cnn_run"]
 
 
 def grid_record(grid: Sequence[Cell], train_reference: bool, combine: bool) -> dict:
-    """What shapes a study's grid, as study.json records it from the start: its cells, whether it trains the
-    SimpleCNN reference, whether it combines the changes that helped."""
+    """The study's grid as study.json records it from the start: its cells, the reference, the combination."""
     cells = [{"name": c.name, "hypothesis": c.hypothesis, "changes": dict(c.changes), "model": c.model} for c in grid]
     return json.loads(json.dumps({"cells": cells, "train_reference": train_reference, "combine": combine}))
 
@@ -370,26 +348,13 @@ def recorded_grid(out) -> Optional[tuple]:
     return tuple(Cell(**c) for c in record["cells"]), record["train_reference"], record["combine"]
 
 
-def check_grid(out: Path, planned: dict) -> None:
-    """Refuse to resume a study with other cells (or another reference or combination) than it started with."""
-    then = recorded(out).get("grid")
-    if not then or then == planned:
-        return
-
-    def shown(record):
-        names = [c["name"] for c in record["cells"]] + (["simple_cnn"] if record["train_reference"] else [])
-        return ", ".join(names) + ("" if record["combine"] else " (no combined cell)")
-    raise UserError(f"--resume with the cells {shown(planned)}; the study in {out} runs {shown(then)}: resume "
-                    "without --cells (it runs its own), or start a new study with another --out")
-
-
 # What the SimpleCNN reference shares with the study's cells: the split it is scored on, and its length.
 REFERENCE_SHARES = ("n_epochs", "subset", "seed", "val_fraction", "decode_size")
 
 
 def reference_summary(run: Path, base: Config, settings: dict) -> dict:
-    """The summary of a finished experiments.cnn run taken as the study's SimpleCNN reference (`--cnn-run`),
-    refused unless it is a SimpleCNN trained on the study's split for as many epochs as its cells."""
+    """The summary of an experiments.cnn run as the SimpleCNN reference (`--cnn-run`), refused unless a SimpleCNN
+    trained on the study's split for as many epochs as its cells."""
     config = runs.read_config(run)
     if config.get("model") != "simple_cnn":
         raise UserError(f"--cnn-run {run} is a {config.get('model')} run; the reference is a SimpleCNN: pass the "
@@ -406,21 +371,6 @@ def reference_summary(run: Path, base: Config, settings: dict) -> dict:
     return runs.read_json(run / runs.SUMMARY)
 
 
-def check_reference_run(out: Path, cnn_run) -> Optional[Path]:
-    """On resume: the reference run study.json recorded (also when --cnn-run is not given again); another one is
-    refused. Studies made before the reference was recorded take `cnn_run` as given."""
-    record = recorded(out)
-    if "cnn_run" not in record:
-        return cnn_run
-    then = record["cnn_run"]
-    now = None if cnn_run is None else str(find_run(cnn_run).resolve())
-    if cnn_run is not None and now != then:
-        raise UserError(f"--cnn-run {now} on resume: the study in {out} took its SimpleCNN reference from "
-                        f"{then or 'a cell it trains itself'}; resume without --cnn-run, or start a new study with "
-                        "another --out")
-    return then
-
-
 def summarise(study: Study, results: Sequence[dict]) -> dict:
     """study.json's content: each cell with its change against the baseline, the noise, and the verdicts."""
     baseline = next(r for r in results if r["name"] == "baseline")
@@ -429,12 +379,10 @@ def summarise(study: Study, results: Sequence[dict]) -> dict:
     for c in cells:
         c["verdict"] = "baseline" if c["name"] == "baseline" else "reference" if c.get("model") == "simple_cnn" else \
             verdict(c["effect_points"], noise)
-    return {"folder": str(study.out), "weights": study.weights_label, "pretrained": study.pretrained,
+    return {"folder": str(study.out), "weights": study.weights.description, "pretrained": study.weights.pretrained,
             "imagenet": study.weights.imagenet, "answers_the_question": study.weights.imagenet,
             "settings": study.settings, "grid": study.grid, "data_dir": study.base.data_dir,
-            "cnn_run": study.reference_run,
-            "epochs": study.base.n_epochs,
-            "subset": study.base.subset,
+            "cnn_run": study.reference_run, "epochs": study.base.n_epochs, "subset": study.base.subset,
             "n_train": len(study.train), "n_val": len(study.val), "noise_points": round(noise, 2), "cells": cells}
 
 
@@ -453,17 +401,14 @@ def write_outputs(study: Study, answer: dict) -> None:
 
 def markdown(answer: dict) -> str:
     """study.md: the weights first, then the table sorted by effect, then one sentence per hypothesis."""
-    if answer.get("imagenet", answer["pretrained"]):
-        lines = [f"Weights: {answer['weights']}.", ""]
-    elif answer["pretrained"]:
-        lines = [f"Weights: {answer['weights']}: the original's question is about ImageNet features, so these "
-                 "numbers answer it only as far as these weights stand in for them.", ""]
-    else:
-        lines = [f"Weights: {answer['weights']}: NO PRETRAINING was used, so these numbers do not answer the "
-                 "original's question (which is about ImageNet features); they only show the pipeline works.", ""]
-    lines += [f"{plural(answer['epochs'], 'epoch')} per cell; {answer['n_train']} training and {answer['n_val']} "
-              f"validation images; noise ±{answer['noise_points']:.2f} points (changes beyond twice that count).", "",
-              "| cell | tests | validation accuracy | change (points) | verdict |", "|---|---|---|---|---|"]
+    caveat = "." if answer.get("imagenet", answer["pretrained"]) else (
+        ": the original's question is about ImageNet features, so these numbers answer it only as far as these "
+        "weights stand in for them." if answer["pretrained"] else ": NO PRETRAINING was used, so these numbers do "
+        "not answer the original's question (which is about ImageNet features); they only show the pipeline works.")
+    lines = [f"Weights: {answer['weights']}{caveat}", "",
+             f"{plural(answer['epochs'], 'epoch')} per cell; {answer['n_train']} training and {answer['n_val']} "
+             f"validation images; noise ±{answer['noise_points']:.2f} points (changes beyond twice that count).", "",
+             "| cell | tests | validation accuracy | change (points) | verdict |", "|---|---|---|---|---|"]
     for c in sorted(answer["cells"], key=lambda c: -c["effect_points"]):
         lines.append(f"| {c['name']} | {c['hypothesis']} | {100 * c['val_accuracy']:.2f}% | "
                      f"{c['effect_points']:+.2f} | {c['verdict']} |")

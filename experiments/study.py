@@ -17,8 +17,7 @@ from cifarjax.errors import UserError, exit_on_user_error
 from cifarjax.flags import Parser, add_config_flags, given
 from cifarjax.target import deterministic, runs_on_cpu
 from cifarjax.recipes import recipe_config
-from cifarjax.study import (BASELINE, DEFAULT_EPOCHS, DEFAULT_GRID, REFERENCE, recorded, recorded_grid,
-                            recorded_settings, study)
+from cifarjax.study import BASELINE, DEFAULT_EPOCHS, DEFAULT_GRID, REFERENCE, recorded, recorded_grid, study
 
 FLAGS = ("seed", "batch_size", "weights", "conv_impl", "precision", "steps_per_call", "deterministic", "dataset",
          "data_dir", "decode_size", "subset", "eval_batch_size", "classes")
@@ -62,8 +61,9 @@ def main(argv=None) -> None:
     if args.epochs is not None:
         typed["n_epochs"] = args.epochs
     if args.resume and args.out is not None:  # what was not typed is the study's own
-        settings = recorded_settings(args.out)
-        saved_dir = recorded(args.out).get("data_dir") if settings else None
+        record = recorded(args.out)
+        settings = record.get("settings") or {}  # none: a study made before they were recorded
+        saved_dir = record.get("data_dir") if settings else None
         typed = {**{k: v for k, v in settings.items() if k in FLAGS + ("n_epochs",)},
                  **({"data_dir": saved_dir} if saved_dir else {}), **typed}
         own = recorded_grid(args.out) if args.cells is None else None
