@@ -1,5 +1,4 @@
-"""Scoring a model on a split: predictions (with the run's test-time flip averaging), accuracy, per-class
-accuracy, the confusion matrix and its most confused pairs."""
+"""Scoring a model on a split: predictions (with test-time flips), accuracy per class, the confusion matrix."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,8 +15,7 @@ from cifarjax.train import DataParallel, StepOptions, create_train_state
 
 
 def evaluator(config: Config, variables: dict, devices=None):
-    """(DataParallel, its replicated state) that evaluate `variables` under `config`'s model and evaluation view
-    (scaled, resized, normalised; mirror-averaged with `tta_flip`)."""
+    """(DataParallel, its replicated state) evaluating `variables` in `config`'s model and evaluation view."""
     parallel = DataParallel(ImageInputs(AugmentSpec.from_config(config)), devices=devices,
                             options=StepOptions(tta_flip=config.tta_flip))
     state = parallel.replicate(create_train_state(Apply(build_model(config)), variables, optax.identity(), config.seed))
@@ -34,8 +32,8 @@ def predict(config: Config, variables: dict, split: Split, devices=None) -> np.n
 
 
 def probabilities(config: Config, variables: dict, images: np.ndarray, devices=None) -> np.ndarray:
-    """(N, classes) float32 class probabilities of (N, H, W, 3) uint8 images (or floats in [0, 1]), batched and
-    viewed as `predict` does (the softmax of the logits it takes the largest of)."""
+    """(N, classes) float32 class probabilities of (N, H, W, 3) uint8 images (or floats in [0, 1]), as `predict`
+    views them."""
     check_pixels(images, "probabilities' images")
     parallel, state = evaluator(config, variables, devices)
     return parallel.probabilities(state, parallel.replicate(images), len(images), config.eval_batch_size)

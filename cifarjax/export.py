@@ -1,13 +1,11 @@
-"""A trained ResNet-18 run as a torchvision `state_dict`, the inverse of the port (`cifarjax.pretrained`):
+"""A trained ResNet-18 run as a torchvision `state_dict`, the inverse of the port (`cifarjax.pretrained`)::
 
     python -m experiments.export RUN OUT.pth
-    model = torchvision.models.resnet18(num_classes=N)
-    model.load_state_dict(torch.load("OUT.pth", weights_only=True), strict=True)
+    torchvision.models.resnet18(num_classes=N).load_state_dict(torch.load("OUT.pth", weights_only=True))
 
-Every parameter and BatchNorm running statistic is written (`num_batches_tracked` as 0: cifarjax does not count
-them, and with a BatchNorm momentum set, as torchvision's is, PyTorch never reads it). The weights are those the
-run evaluates with (its moving average where it kept one). In `model.eval()` the model gives the run's
-probabilities on the same preprocessed input: the run's image size, [0, 1] scaling and normalisation.
+The weights are those the run evaluates with; `num_batches_tracked` is 0 (with a BatchNorm momentum set, as
+torchvision's is, PyTorch never reads it). In `model.eval()` it gives the run's probabilities on the same input
+(the run's image size, [0, 1] scaling and normalisation).
 """
 from __future__ import annotations
 
@@ -40,8 +38,7 @@ def torchvision_state_dict(variables: dict) -> dict:
 
 
 def export_torchvision(run: Union[str, Path, Run], out: Union[str, Path]) -> Path:
-    """Write a ResNet-18 run (a folder or a `load_run` result) to `out` as a torchvision state_dict; returns the
-    path. An existing `out` is never replaced."""
+    """Write a ResNet-18 run (a folder or a `Run`) to `out`, never an existing file, as a torchvision state_dict."""
     loaded = run if isinstance(run, Run) else load_run(run)
     if loaded.config.model != "resnet18":
         raise UserError(f"{loaded.path} is a {loaded.config.model} run; export writes torchvision ResNet-18 weights, "

@@ -94,20 +94,16 @@ def plot_training_results(records: Sequence[dict], path, title: str = "Training"
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     x_end, x_all = [r["epoch"] for r in ends], [r["epoch"] for r in records]
     smoothed = f", label smoothing {label_smoothing:g}: not comparable" if label_smoothing else ""
-    left.plot(x_end, [r["train_loss"] for r in ends], marker="o", color=PALETTE[0],
-              label=f"training (epoch mean{smoothed})")
-    left.plot(x_all, [r.get("val_loss") for r in records], marker="s", ls="--", color=PALETTE[1], label="validation")
-    left.set(title="Loss", ylabel="cross-entropy")
-    right.plot(x_end, [100 * r["train_accuracy"] for r in ends], marker="o", color=PALETTE[0],
-               label="training (epoch mean)")
-    right.plot(x_all, [100 * r["val_accuracy"] for r in records], marker="s", ls="--", color=PALETTE[1],
-               label="validation")
-    right.set(title="Accuracy")
-    _accuracy_axis(right, [100 * r["train_accuracy"] for r in ends] + [100 * r["val_accuracy"] for r in records],
-                   "accuracy (%)")
-    for ax in (left, right):
+    for ax, key, scale, mean in ((left, "loss", 1, f"epoch mean{smoothed}"), (right, "accuracy", 100, "epoch mean")):
+        train = [scale * r[f"train_{key}"] for r in ends]
+        val = [None if r.get(f"val_{key}") is None else scale * r[f"val_{key}"] for r in records]
+        ax.plot(x_end, train, marker="o", color=PALETTE[0], label=f"training ({mean})")
+        ax.plot(x_all, val, marker="s", ls="--", color=PALETTE[1], label="validation")
+        ax.set_title(key.capitalize())
         _epochs_axis(ax, max(x_all, default=1.0))
         ax.legend()
+    left.set_ylabel("cross-entropy")
+    _accuracy_axis(right, train + val, "accuracy (%)")
     _suptitle(fig, title)
     return _save(fig, path)
 
@@ -167,7 +163,7 @@ def plot_runs(curves: Mapping[str, Mapping[str, Sequence[float]]], path, title: 
     return _save(fig, path)
 
 
-def _heatmap(ax, values: np.ndarray, classes: Sequence[str], fmt: str, label: str, vmax=None) -> None:
+def _heatmap(ax, values: np.ndarray, classes: Sequence[str], fmt: str, title: str, label: str, vmax=None) -> None:
     """seaborn's annotated heatmap in matplotlib alone: coloured cells, each value in black or white as reads best."""
     image = ax.imshow(values, cmap="viridis", vmin=0, vmax=vmax if vmax is not None else max(values.max(), 1))
     for (i, j), v in np.ndenumerate(values):
@@ -178,6 +174,7 @@ def _heatmap(ax, values: np.ndarray, classes: Sequence[str], fmt: str, label: st
     ax.set_xticks(range(len(classes)), classes, rotation=90)
     ax.set_yticks(range(len(classes)), classes)
     ax.figure.colorbar(image, ax=ax, label=label)
+    ax.set(title=title, xlabel="predicted class", ylabel="true class")
 
 
 @plt.style.context("seaborn-v0_8-white")
@@ -193,11 +190,9 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path, titl
     cells = 0.75 * len(classes)  # inches of heatmap; then room for the class names (rotated below) and labels
     room = 1.2 + 0.09 * max((len(printable(c)) for c in classes), default=0)
     fig, (counts, rates) = plt.subplots(1, 2, figsize=(2 * (cells + room) + 1.5, cells + room + 0.6))
-    _heatmap(counts, matrix, classes, "d" if np.issubdtype(matrix.dtype, np.integer) else ".3g", "images")
-    counts.set(title="counts", xlabel="predicted class", ylabel="true class")
+    _heatmap(counts, matrix, classes, "d" if np.issubdtype(matrix.dtype, np.integer) else ".3g", "counts", "images")
     normalised = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    _heatmap(rates, 100 * normalised, classes, ".0f", "% of the true class", vmax=100)
-    rates.set(title="row-normalised (%)", xlabel="predicted class", ylabel="true class")
+    _heatmap(rates, 100 * normalised, classes, ".0f", "row-normalised (%)", "% of the true class", vmax=100)
     _suptitle(fig, f"{title}: accuracy {100 * accuracy:.2f}%")
     return _save(fig, path)
 

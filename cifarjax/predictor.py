@@ -1,13 +1,7 @@
-"""A finished run, loaded to classify new images exactly as its evaluation did.
+"""A finished run, loaded to classify new images exactly as its evaluation did::
 
     run = cifarjax.load_run("runs/cnn-20261204-101500")
-    probabilities = run.predict_files(["my_cat.jpg"])["my_cat.jpg"]
-    print(run.top(probabilities))            # [('cat', 0.91), ('dog', 0.06), ('frog', 0.02)]
-
-`load_run` reads the run's config.json and its newest intact checkpoint (the moving average of the weights
-where the run kept one, as `experiments.evaluate` scores it). Image files are read as the data loader reads
-them (`sources.decode_image`: any mode to 8-bit RGB, resized to the run's decode size); the model sees them
-through the run's own evaluation view (resize to its img_size, its normalisation, its test-time flips).
+    print(run.top(run.predict_files(["my_cat.jpg"])["my_cat.jpg"]))  # [('cat', 0.91), ('dog', 0.06), ...]
 """
 from __future__ import annotations
 
@@ -49,8 +43,7 @@ class Run:
 
     @property
     def description(self) -> str:
-        """Which weights predict, where training stopped when the run is unfinished, and what a ResNet's weights
-        started from ('final weights, 3 of 20 epochs (unfinished), random initialisation, no pretraining')."""
+        """E.g. 'final weights, 3 of 20 epochs (unfinished), random initialisation, no pretraining'."""
         parts = [f"{self.weights} weights"]
         if self.epochs is not None and self.epochs < self.config.n_epochs:
             parts.append(f"{self.epochs:g} of {self.config.n_epochs} epochs (unfinished)")
@@ -61,8 +54,8 @@ class Run:
         return runs.read_metrics(self.path)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """(N, classes) float32 class probabilities of (N, H, W, 3) uint8 RGB images of any size (resized on the
-        device to the run's img_size, as its evaluation did; decode-size images match it exactly)."""
+        """(N, classes) float32 probabilities of (N, H, W, 3) uint8 RGB images of any size, viewed as the run's
+        evaluation views its images (resized to its img_size, normalised, test-time flips)."""
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise UserError(f"predict takes (N, H, W, 3) uint8 RGB images, got a {images.dtype} array of shape "
@@ -75,8 +68,8 @@ class Run:
         return parallel.probabilities(state, parallel.replicate(images), len(images), self.config.eval_batch_size)
 
     def predict_files(self, paths: Iterable, skip_unreadable: bool = False) -> dict:
-        """{path: class probabilities} of image files, read as the data loader reads them. An unreadable file
-        raises UserError, or with `skip_unreadable` is reported in one warning line and left out."""
+        """{path: class probabilities} of image files, decoded as the data loader decodes them; an unreadable file
+        raises UserError, or with `skip_unreadable` is left out with a warning."""
         paths = [str(p) for p in paths]
         images, readable = read_images(paths, self.config.decode_size, skip_unreadable)
         return dict(zip(readable, self.predict(images)))
@@ -105,9 +98,8 @@ class Run:
 
 
 def load_run(path, average: Optional[bool] = None) -> Run:
-    """A finished run (the --out folder of experiments.cnn or .finetune, one of a multi-length fine-tune's
-    sub-runs, or a `train_loop`/`fine_tune_loop` run folder) with its newest intact checkpoint's weights.
-    `average`: the moving average of the weights (default: when the run kept one)."""
+    """A run folder with its newest intact checkpoint's weights; `average`: the moving average of the weights
+    (default: when the run kept one)."""
     folder = find_run(Path(path).expanduser())
     saved = runs.read_config(folder)
     config = Config.from_dict(saved, str(folder / runs.CONFIG))
@@ -117,9 +109,8 @@ def load_run(path, average: Optional[bool] = None) -> Run:
 
 
 def image_files(paths: Iterable, report=warn) -> list:
-    """The files to classify: each file given (whatever its name), and the image files (by extension) below each
-    folder given, in sorted order; hidden files and folders are skipped. A missing path or a folder without
-    images is passed to `report` in one line (default: a warning)."""
+    """Each file given, and the image files below each folder given (sorted, hidden ones skipped); a missing path
+    or a folder without images is passed to `report` in one line."""
     found = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -139,8 +130,7 @@ def image_files(paths: Iterable, report=warn) -> list:
 
 
 def read_images(paths: list, size: int, skip_unreadable: bool = False):
-    """(images (N, size, size, 3) uint8, the paths read) of image files, decoded as the data loader decodes
-    them; see `Run.predict_files` for unreadable files."""
+    """((N, size, size, 3) uint8 images, the paths read) of image files; see `Run.predict_files`."""
     def read(path):
         if not skip_unreadable:
             return decode_image(Path(path), size)

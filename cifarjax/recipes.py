@@ -1,11 +1,5 @@
-"""Named recipes: reviewable presets of `Config` values, one place, each with its command and expected result.
-
-    python -m experiments.cnn --recipe improved --data-dir DIR
-
-A recipe is applied on top of `Config`'s defaults; flags given on the command line override it, and
-config.json records the recipe's name and every resolved value. Research code uses `recipe_config`.
-A recipe's warm-up is a share of its run: with another --epochs (and no --warmup-epochs) it scales with it
-(the improved recipe's 3 of 20 epochs become 0.45 of 3), so a short run is not warming up all the way.
+"""Named recipes: reviewable presets of `Config` values over its defaults, each with its command and expected result.
+Flags override a recipe; a recipe's warm-up scales with another --epochs (3 of 20 epochs become 0.45 of 3).
 """
 from __future__ import annotations
 
@@ -72,10 +66,8 @@ FINETUNE_FROZEN_BN = Recipe(
     {"model": "resnet18", "unfreeze": "head", "bn": "frozen", "eval_every": 0, "weights": "imagenet"},
     "python -m experiments.finetune --recipe frozen-bn --data-dir DIR --weights FILE (docs/results.md).")
 
-RECIPES = {
-    "cnn": {r.name: r for r in (CNN_ORIGINAL, CNN_IMPROVED)},
-    "finetune": {r.name: r for r in (FINETUNE_ORIGINAL, FINETUNE_FROZEN_BN)},
-}
+RECIPES = {"cnn": {r.name: r for r in (CNN_ORIGINAL, CNN_IMPROVED)},
+           "finetune": {r.name: r for r in (FINETUNE_ORIGINAL, FINETUNE_FROZEN_BN)}}
 
 
 def recipe(command: str, name: str) -> Recipe:

@@ -1,5 +1,5 @@
-"""What a fit records: per-step metrics read from the devices in bulk (`LossTracker`), one record per evaluation
-(`History`, metrics.jsonl's lines) and its result (`FitResult`)."""
+"""What a fit records: per-step metrics read in bulk (`LossTracker`), one record per evaluation (`History`) and
+its result (`FitResult`)."""
 from __future__ import annotations
 
 import math
@@ -22,9 +22,8 @@ class LossTracker:
         self.pending.append((step, metrics))
 
     def flush(self) -> Optional[tuple]:
-        """Fold pending metrics into the sums; returns (step, loss) of the first non-finite loss, if any.
-
-        Each pending entry is the metrics of the call ending at its step (one step, or several: arrays)."""
+        """Fold the pending calls' metrics (one step's, or several's as arrays) into the sums; returns (step, loss)
+        of the first non-finite loss, if any."""
         fetched = jax.device_get([m for _, m in self.pending])
         pending, self.pending = self.pending, []
         for (end, _), m in zip(pending, fetched):
@@ -54,9 +53,7 @@ class LossTracker:
 
 @dataclass
 class History:
-    """What a run records: one dict per evaluation (metrics.jsonl); the original's per-epoch lists derive from
-    it. `train_loop` returned (train_loss, val_accuracy, val_epoch); `fine_tune_loop` (train_accuracy,
-    epoch_val_accuracy)."""
+    """One dict per evaluation (metrics.jsonl's lines), and the original's per-epoch lists derived from them."""
     records: list
 
     def _epoch_ends(self, key):
@@ -65,13 +62,11 @@ class History:
     train_loss = property(lambda self: self._epoch_ends("train_loss"))
     train_accuracy = property(lambda self: self._epoch_ends("train_accuracy"))
     epoch_val_accuracy = property(lambda self: self._epoch_ends("val_accuracy"))
-    epoch_val_loss = property(lambda self: self._epoch_ends("val_loss"))
     val_accuracy = property(lambda self: [r["val_accuracy"] for r in self.records])
     val_epoch = property(lambda self: [r["epoch"] for r in self.records])
 
     def readings(self) -> dict:
-        """Final, best and last-five-mean validation accuracy over the epoch-end evaluations (the mean is over
-        `last_mean_epochs`: fewer than five when fewer ran)."""
+        """Final, best and last-five-mean (`last_mean_epochs`: fewer when fewer ran) epoch-end validation accuracy."""
         acc = self.epoch_val_accuracy
         if not acc:
             return {}

@@ -15,17 +15,14 @@ def mean_sd(values: Iterable[float]) -> dict:
 
 
 def per_epoch(series: Iterable) -> tuple:
-    """(mean, sd) per epoch of several seeds' per-epoch values, over as many epochs as every seed ran; the sd is
-    None for one seed."""
+    """(mean, sd: None for one seed) per epoch of several seeds' per-epoch values, over the epochs all ran."""
     by_epoch = list(zip(*series))
     sd = [statistics.stdev(e) for e in by_epoch] if by_epoch and len(by_epoch[0]) > 1 else None
     return [statistics.fmean(e) for e in by_epoch], sd
 
 
 def over_seeds(train: Callable, seeds: Iterable[int]) -> dict:
-    """Call `train(seed)` (returning a `FitResult`, e.g. a `train_loop` on that seed's split and config) once per
-    seed; returns {'results': {seed: FitResult}, 'mean_sd': {reading: mean_sd}} over the final, best and
-    last-five-mean validation accuracy."""
+    """{'results': {seed: train(seed)}, 'mean_sd': {reading: mean_sd}} of `train` returning a `FitResult`."""
     results = {seed: train(seed) for seed in seeds}
     readings = [result.history.readings() for result in results.values()]
     return {"results": results, "mean_sd": {k: mean_sd(r[k] for r in readings) for k in READINGS}}

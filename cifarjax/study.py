@@ -291,8 +291,7 @@ SHARED = ("n_epochs", "subset", "batch_size", "seed", "weights", "dataset", "dec
 def shared_settings(base: Config, weights: Weights, data: dict) -> dict:
     """What every cell of a study shares, recorded in study.json and checked on resume."""
     return {**{k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(base, k)) for k in SHARED)},
-            "weights_sha256": weights.sha256,
-            "data_fingerprint": data["sha256"], "data_images": data["images"]}
+            "weights_sha256": weights.sha256, "data_fingerprint": data["sha256"], "data_images": data["images"]}
 
 
 def recorded(out) -> dict:
