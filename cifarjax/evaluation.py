@@ -32,8 +32,7 @@ def predict(config: Config, variables: dict, split: Split, devices=None) -> np.n
 
 
 def probabilities(config: Config, variables: dict, images: np.ndarray, devices=None) -> np.ndarray:
-    """(N, classes) float32 class probabilities of (N, H, W, 3) uint8 images (or floats in [0, 1]), as `predict`
-    views them."""
+    """(N, classes) float32 class probabilities of (N, H, W, 3) uint8 images (or floats in [0, 1])."""
     check_pixels(images, "probabilities' images")
     parallel, state = evaluator(config, variables, devices)
     return parallel.probabilities(state, parallel.replicate(images), len(images), config.eval_batch_size)

@@ -143,9 +143,8 @@ def _quiet_writer_thread(previous):
 
 
 class StopRequest:
-    """The first Ctrl-C (or SIGTERM, as SLURM and Kubernetes send) stops the loop after the current step; a second
-    interrupts at once. A helper thread reads the wakeup file descriptor, so the request is announced even while
-    the main thread waits for the device."""
+    """The first Ctrl-C (or SIGTERM) stops the loop after the current step, a second at once; a thread reading the
+    wakeup file descriptor announces the request even while the main thread waits for the device."""
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, saves: bool = True):

@@ -30,8 +30,7 @@ MIN_SPAN = 10.0  # accuracy axes span at least this many points, so noise does n
 
 
 def output_path(path) -> Path:
-    """The file a figure for `path` goes to: '.png' added to a name without extension (as matplotlib does), checked
-    to be a format matplotlib writes and not a folder."""
+    """The file a figure for `path` goes to ('.png' added as matplotlib adds it), refused unless matplotlib can."""
     path = Path(path)
     path = path if path.suffix else path.with_name(path.name + ".png")
     if path.suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
@@ -88,8 +87,7 @@ def _accuracy_axis(ax, values: Sequence[float], label: str) -> None:
 @plt.style.context("seaborn-v0_8-whitegrid")
 def plot_training_results(records: Sequence[dict], path, title: str = "Training", label_smoothing: float = 0.0
                           ) -> Path:
-    """Training and validation loss and accuracy against epochs; with `label_smoothing`, the training loss's label
-    says it is the smoothed cross-entropy (not comparable with the validation's)."""
+    """Training and validation loss and accuracy per epoch (a smoothed training loss is labelled not comparable)."""
     ends = [r for r in records if r.get("epoch_end")]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     x_end, x_all = [r["epoch"] for r in ends], [r["epoch"] for r in records]
@@ -237,8 +235,7 @@ def plot_split(run: Path, name: str, split, predicted: np.ndarray, matrix, class
 @plt.style.context("seaborn-v0_8-whitegrid")
 def plot_study_effects(cells: Sequence[dict], noise: float, reference: float, baseline: float, path,
                        title: str) -> Path:
-    """Each cell's change in validation accuracy against the baseline, the band of twice the noise, and the
-    SimpleCNN reference as a line."""
+    """Each cell's change against the baseline, the band of twice the noise, and the SimpleCNN reference as a line."""
     import seaborn as sns  # only here (see the module's docstring)
 
     cells = sorted(cells, key=lambda c: -c["effect_points"])

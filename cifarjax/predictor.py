@@ -54,8 +54,7 @@ class Run:
         return runs.read_metrics(self.path)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """(N, classes) float32 probabilities of (N, H, W, 3) uint8 RGB images of any size, viewed as the run's
-        evaluation views its images (resized to its img_size, normalised, test-time flips)."""
+        """(N, classes) float32 probabilities of (N, H, W, 3) uint8 RGB images of any size, as the run evaluates."""
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise UserError(f"predict takes (N, H, W, 3) uint8 RGB images, got a {images.dtype} array of shape "
@@ -98,8 +97,7 @@ class Run:
 
 
 def load_run(path, average: Optional[bool] = None) -> Run:
-    """A run folder with its newest intact checkpoint's weights; `average`: the moving average of the weights
-    (default: when the run kept one)."""
+    """A run folder with its newest intact checkpoint's weights (`average`: their moving average, default if kept)."""
     folder = find_run(Path(path).expanduser())
     saved = runs.read_config(folder)
     config = Config.from_dict(saved, str(folder / runs.CONFIG))

@@ -81,8 +81,7 @@ def recipe(command: str, name: str) -> Recipe:
 
 
 def recipe_config(command: str, name: str = "original", **overrides) -> Config:
-    """Config's defaults, then the recipe's values (its warm-up scaled to `overrides`' n_epochs, unless they set
-    warmup_epochs), then `overrides`."""
+    """Config's defaults, then the recipe's (its warm-up scaled to an overridden n_epochs), then `overrides`."""
     changes = dict(recipe(command, name).changes)
     if changes.get("warmup_epochs") and "n_epochs" in overrides and "warmup_epochs" not in overrides:
         length = changes.get("n_epochs", Config().n_epochs)

@@ -84,8 +84,7 @@ def cell_config(cell: Cell, base: Config) -> Config:
 
 
 def noise_points(results: Sequence[dict], n_val: int) -> float:
-    """Accuracy noise in points: the larger of the sampling error of a difference of two validation accuracies and
-    the pooled epoch-to-epoch spread over each cell's last quarter of epochs."""
+    """Accuracy noise in points: the larger of a difference's sampling error and the last epochs' pooled spread."""
     accs = [r["val_accuracy"] for r in results]
     p = float(np.mean(accs)) if accs else 0.5
     sampling = math.sqrt(2 * p * (1 - p) / max(n_val, 1))
@@ -148,9 +147,8 @@ class Study:
             starting_weights(config)[0]
 
     def estimate_seconds(self, cell: Cell, steps: int = 3) -> dict:
-        """The cell's {'compilation', 'training'} seconds from a short warm-up: the training step's first call and the
-        evaluation step's once per program compiled that way (evaluation, test scoring; with cached features the
-        extraction), then seconds per image times the images trained (with cached features, those extracted)."""
+        """The cell's {'compilation', 'training'} seconds from a short warm-up: each program the run compiles, and
+        seconds per image times the images it trains (with cached features: extracts)."""
         config = with_normalization(cell_config(cell, self.base), self.train.images)
         model, variables = build_model(config), self.variables(cell, config)
         freezing = Freezing.from_config(config)
@@ -221,8 +219,7 @@ class Study:
 
 def run_study(study: Study, grid: Sequence[Cell] = DEFAULT_GRID, reference: Optional[dict] = None,
               train_reference: bool = True, combine: bool = True, announce: Callable = print) -> dict:
-    """Run every cell (then, with `combine`, the changes that helped together) and write the answer. The SimpleCNN
-    reference trains as a cell (`train_reference`) unless `reference` is an experiments.cnn run's summary."""
+    """Run the cells (and the SimpleCNN reference, unless `reference` gives one), then the helpful changes together."""
     cells = list(grid) + ([REFERENCE] if train_reference and reference is None else [])
     todo = [c for c in cells if study.finished(c) is None]
     if todo:
@@ -249,8 +246,7 @@ def run_study(study: Study, grid: Sequence[Cell] = DEFAULT_GRID, reference: Opti
 def study(data_dir, weights: str = "imagenet", grid: Sequence[Cell] = DEFAULT_GRID, *, epochs: int = DEFAULT_EPOCHS,
           subset: int = 0, out=None, resume: bool = False, overwrite: bool = False, cnn_run=None,
           train_reference: bool = True, combine: bool = True, announce: Callable = print, **baseline) -> dict:
-    """A study in one call: load the data and weights, make (or resume) the folder `out`, run the grid and write the
-    answer. `baseline`: Config changes to the baseline; `cnn_run`: an experiments.cnn run as the SimpleCNN reference."""
+    """A study in one call; `baseline`: Config changes to the baseline, `cnn_run`: an experiments.cnn reference."""
     out = runs.check_out(out, "study", overwrite, resume)
     phases = Phases(announce=True)
     paths = binding.absolute_paths({"data_dir": data_dir, "weights": weights})
@@ -301,8 +297,7 @@ def recorded(out) -> dict:
 
 
 def check_resume(out: Path, settings: dict, planned: dict, cnn_run) -> Optional[str]:
-    """Refuse to resume a study with other shared settings (naming each: old → new), other cells, or another
-    reference run than study.json records; returns the reference run to use (`cnn_run` for older studies)."""
+    """Refuse a resume with other shared settings, cells or reference run than study.json's; returns the reference."""
     record = recorded(out)
     then = record.get("settings") or {}
     differing = [k for k in settings if k in then and k != "data_images" and then[k] != settings[k]]
@@ -352,8 +347,7 @@ REFERENCE_SHARES = ("n_epochs", "subset", "seed", "val_fraction", "decode_size")
 
 
 def reference_summary(run: Path, base: Config, settings: dict) -> dict:
-    """The summary of an experiments.cnn run as the SimpleCNN reference (`--cnn-run`), refused unless a SimpleCNN
-    trained on the study's split for as many epochs as its cells."""
+    """The summary of `--cnn-run`, refused unless a SimpleCNN trained on the study's split for as many epochs."""
     config = runs.read_config(run)
     if config.get("model") != "simple_cnn":
         raise UserError(f"--cnn-run {run} is a {config.get('model')} run; the reference is a SimpleCNN: pass the "
