@@ -70,19 +70,14 @@ RECIPES = {"cnn": {r.name: r for r in (CNN_ORIGINAL, CNN_IMPROVED)},
            "finetune": {r.name: r for r in (FINETUNE_ORIGINAL, FINETUNE_FROZEN_BN)}}
 
 
-def recipe(command: str, name: str) -> Recipe:
-    """The named recipe of an experiment command ('cnn' or 'finetune')."""
+def recipe_config(command: str, name: str = "original", **overrides) -> Config:
+    """Config's defaults, then the recipe's (its warm-up scaled to an overridden n_epochs), then `overrides`."""
     if command not in RECIPES:
         raise UserError(f"recipes are for {' or '.join(map(repr, RECIPES))}, got {command!r}")
     known = RECIPES[command]
     if name not in known:
         raise UserError(f"unknown recipe {name!r} for experiments.{command}; choose one of {', '.join(known)}")
-    return known[name]
-
-
-def recipe_config(command: str, name: str = "original", **overrides) -> Config:
-    """Config's defaults, then the recipe's (its warm-up scaled to an overridden n_epochs), then `overrides`."""
-    changes = dict(recipe(command, name).changes)
+    changes = dict(known[name].changes)
     if changes.get("warmup_epochs") and "n_epochs" in overrides and "warmup_epochs" not in overrides:
         length = changes.get("n_epochs", Config().n_epochs)
         changes["warmup_epochs"] = changes["warmup_epochs"] * overrides["n_epochs"] / length
