@@ -68,16 +68,17 @@ def test_the_schedule_is_left_alone_once_the_backend_started_and_read_back_as_xl
 
 
 def test_the_memory_schedule_needs_less_memory_and_changes_no_arithmetic():
-    """ResNet-18's gradient in train mode, compiled with XLA's default schedule and with `MEMORY_SCHEDULE`: fewer
+    """A ResNet's gradient in train mode, compiled with XLA's default schedule and with `MEMORY_SCHEDULE`: fewer
     bytes of temporaries, and bit for bit the same gradients and statistics (only the order of operations
-    changes)."""
+    changes). ResNet-18's stages with one block each and XLA's convolution: the same kind of program (half the
+    temporaries, measured), compiled in a quarter of ResNet-18's time with the CPU's Winograd."""
     skip_unless_measured_xla_cpu("the memory schedule's smaller temporaries")
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from cifarjax.models import ResNet18, formulations_for
+    from cifarjax.models import ResNet, formulations_for
     from cifarjax.cpu.xla_flags import MEMORY_SCHEDULE
-    model = ResNet18(10, formulations=formulations_for("auto", "cpu"))
+    model = ResNet(10, stage_sizes=(1, 1, 1, 1), formulations=formulations_for("xla", "cpu"))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 32, 32, 3)), jnp.float32)
     variables = model.init(jax.random.PRNGKey(0), x[:1], train=False)
 

@@ -15,7 +15,7 @@ from cifarjax.cpu import hugepages
 from cifarjax.checkpoint import load_variables
 from experiments import cnn
 from tests.helpers import make_image_folder, start_module
-EPOCHS = 6
+EPOCHS = 3  # a checkpoint at each epoch end: a killed run resumes from one, mid-run
 pytestmark = pytest.mark.slow  # several processes each; run with -m slow
 
 
