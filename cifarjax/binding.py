@@ -1,9 +1,5 @@
-"""What a run is bound to, recorded in its config.json and checked before it is resumed or evaluated.
-
-A run records its data folder and weights file as absolute paths, a fingerprint of its data (`data.fingerprint`:
-what the seeded split depends on), the SHA-256 of its weights file, and every command that made or resumed it.
-A mismatch is refused in one line naming what changed; the same images in another folder are the same data.
-"""
+"""What a run is bound to, recorded in its config.json: its data folder and weights file as absolute paths, its
+data's fingerprint (`data.fingerprint`) and its weights file's SHA-256; a mismatch is refused naming the change."""
 from __future__ import annotations
 
 import os
@@ -12,8 +8,6 @@ from typing import Optional
 
 from cifarjax.errors import UserError
 
-MODEL_NAMES = {"simple_cnn": "SimpleCNN", "resnet18": "ResNet-18"}
-COMMAND_MODELS = {"cnn": "simple_cnn", "finetune": "resnet18"}
 NAMED_WEIGHTS = ("imagenet", "random")
 
 
@@ -30,19 +24,10 @@ def absolute(path) -> Optional[str]:
 def absolute_paths(values: dict) -> dict:
     """Config values with data_dir and a weights file made absolute ('imagenet' and 'random' stay names)."""
     values = dict(values)
-    if values.get("data_dir") is not None and str(values["data_dir"]).strip():
-        values["data_dir"] = absolute(values["data_dir"])
-    if values.get("weights") not in (None, *NAMED_WEIGHTS) and str(values["weights"]).strip():
-        values["weights"] = absolute(values["weights"])
+    for key, names in (("data_dir", ()), ("weights", NAMED_WEIGHTS)):
+        if values.get(key) not in (None, *names) and str(values[key]).strip():
+            values[key] = absolute(values[key])
     return values
-
-
-def record(saved: Optional[dict], data_fingerprint: dict, command_line: str) -> dict:
-    """config.json's binding: the data's fingerprint (the run's own, once it started) and every command that
-    made or resumed the run, oldest first."""
-    saved = saved or {}
-    return {"data_fingerprint": saved.get("data_fingerprint") or data_fingerprint,
-            "commands": [*saved.get("commands", []), command_line]}
 
 
 def check_data(saved: dict, now: dict, data_dir, run,
@@ -56,19 +41,6 @@ def check_data(saved: dict, now: dict, data_dir, run,
               f"{n_now} images as when the run started, but not the same ones")
     raise UserError(f"the data in {data_dir} differs from the run's in {run} ({change}; fingerprint "
                     f"{now['sha256'][:12]} now, {then['sha256'][:12]} then): {fix}")
-
-
-def check_command(saved: dict, experiment: Optional[str], command: str, run) -> None:
-    """Refuse to resume a run with a command that trains another model (cnn of a fine-tune, or the reverse)."""
-    model, wanted = saved.get("model"), COMMAND_MODELS.get(command)
-    made_by = experiment if experiment in COMMAND_MODELS else \
-        next((c for c, m in COMMAND_MODELS.items() if m == model), None)
-    if wanted is None or (model == wanted and made_by in (None, command)):
-        return
-    maker = f"experiments.{made_by or experiment}"
-    raise UserError(f"the run in {run} is a {MODEL_NAMES.get(model, model)} run made by {maker}, and "
-                    f"experiments.{command} trains a {MODEL_NAMES[wanted]}: resume it with python -m {maker} "
-                    f"--resume --out {run}")
 
 
 def check_weights(recorded: Optional[str], now: Optional[str], path, run, needed_for: str) -> None:

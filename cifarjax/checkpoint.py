@@ -1,17 +1,7 @@
-"""Orbax checkpoints of a run: variables, optimizer state and step, and JSON metadata (config, history).
-
-* Writes are atomic (orbax commits a finished checkpoint by renaming it), only the last k are kept, and saving
-  runs in a background thread: `close()` waits for it. A write that fails (a full disk, a folder made
-  unwritable, a path too long) is one line naming the folder; orbax's threads of that save may then wait minutes
-  for signals that never come, so a command ends at once (`errors.request_hard_exit`).
-* Each checkpoint's metadata holds a SHA-256 digest of its arrays. A checkpoint that fails to read or whose
-  digest differs is damaged: restoring falls back to the newest intact one and says so in one line.
-* Disk use follows what trains: parameters that never change (a frozen backbone) are written once, to
-  `frozen_params.npz` in the run folder, and each checkpoint holds only the trainable ones. A run whose
-  config.json names another frozen file (`"frozen_params": {"path": ..., "sha256": ...}`, a path relative to
-  the run: the fine-tune's lengths share one) uses that one, checked against its SHA-256 on every load.
-  Restoring takes the frozen parameters from the run's file, never from the caller's variables.
-  `load_variables` returns the whole model.
+"""Orbax checkpoints of a run: its arrays (variables, optimizer state, step) and JSON metadata (config, history,
+a SHA-256 digest of the arrays). Orbax commits a finished checkpoint atomically; a damaged one (unreadable, or its
+digest differs) is reported and the newest intact one used. A frozen backbone is written once, to the run's
+`frozen_params.npz` (its config.json may name a shared one with its SHA-256), and checkpoints hold what trains.
 """
 from __future__ import annotations
 
@@ -42,9 +32,8 @@ CHECKPOINTS, FROZEN = "checkpoints", "frozen_params.npz"
 
 
 class _OrbaxFailuresRaise(logging.Filter):
-    """Drop orbax's ERROR records: a failed save (a full disk, a path too long) is logged with a traceback by each
-    of its background threads, then raised in the thread that waits for it, where cifarjax reports it in one line;
-    and as the command then ends, asyncio logs each of that save's tasks whose exception nobody read."""
+    """Drop orbax's ERROR records, and asyncio's about orbax's unread task exceptions: a failed save is logged by
+    each of its threads, then raised where cifarjax reports it in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR:
@@ -55,10 +44,8 @@ class _OrbaxFailuresRaise(logging.Filter):
 
 
 class _QuietClosedLoop(asyncio.SelectorEventLoop):
-    """An event loop that drops callbacks arriving after it closed. A restore that fails on a damaged array makes
-    orbax close its loop while tensorstore's other reads are still in flight; their completions then call
-    `call_soon_threadsafe` on the closed loop, and tensorstore prints each one's "Event loop is closed"
-    traceback before the run's one-line error."""
+    """An event loop that drops callbacks arriving after it closed: after a restore fails on a damaged array,
+    tensorstore's reads still in flight would each print an "Event loop is closed" traceback."""
 
     def call_soon_threadsafe(self, callback, *args, context=None):
         try:
@@ -74,10 +61,8 @@ class _QuietClosedLoopPolicy(asyncio.DefaultEventLoopPolicy):
 
 
 def quiet_orbax() -> None:
-    """Keep orbax's background noise out of a command's output (process-wide, so the commands call it at their start
-    and importing cifarjax never does): absl's INFO and WARNING records, the ERROR tracebacks a failed save logs
-    from each of its threads and tasks, and the "Event loop is closed" tracebacks after a failed restore.
-    Idempotent."""
+    """Keep orbax's background noise out of a command's output (process-wide: the commands call it at their start,
+    importing cifarjax never does). Idempotent."""
     logging.getLogger("absl").setLevel(logging.ERROR)
     for logger in map(logging.getLogger, ("absl", "asyncio")):
         if not any(isinstance(f, _OrbaxFailuresRaise) for f in logger.filters):
@@ -97,11 +82,8 @@ def digest(tree) -> str:
 
 
 class Checkpointer:
-    """Save and restore a `TrainState` (unreplicated) plus a JSON-able `meta` dict under run_dir/checkpoints.
-
-    `trainable`: the freezing policy's mask over the parameters (None: everything trains); frozen parameters
-    are written once by `write_frozen` and taken from the state on restore.
-    """
+    """Save and restore a `TrainState` (unreplicated) and a JSON-able `meta` under run_dir/checkpoints, in the
+    background (`close()` waits). `trainable`: the freezing policy's mask over the parameters (None: all train)."""
 
     def __init__(self, run_dir: Path, keep: int = 3, trainable=None):
         self.run_dir = Path(run_dir).resolve()
@@ -117,8 +99,7 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def _stored(self, state) -> dict:
-        """The arrays a checkpoint holds: trainable parameters, statistics, the average of those training changes
-        (`TrainState.ema_params`, `ema_batch_stats`), optimizer."""
+        """The arrays a checkpoint holds: what trains, statistics, their moving average, optimizer state."""
         prune = (lambda p: p) if self.trainable is None else (lambda p: split_frozen(p, self.trainable)[0])
         variables = {"params": prune(state.params), "batch_stats": state.batch_stats}
         if state.ema_params is not None:
@@ -127,8 +108,7 @@ class Checkpointer:
                 "train": {"opt_state": state.opt_state, "step": np.asarray(state.step), "key": np.asarray(state.key)}}
 
     def write_frozen(self, params, is_writer: bool = True) -> None:
-        """Write the frozen parameters once (process 0), unless the run's config.json names a frozen file that
-        was already written for it."""
+        """Write the frozen parameters once, unless the file the run's config.json names exists."""
         if self.trainable is None or not is_writer:
             return
         path, recorded = frozen_file(self.run_dir)
@@ -147,9 +127,8 @@ class Checkpointer:
 
     @contextlib.contextmanager
     def _write_errors(self):
-        """A failed write (raised here, or by an earlier save in the background) becomes one line naming the folder,
-        why (`_why_not_written`) and how to go on; the unfinished checkpoint is removed. Where orbax's threads of
-        the failed save are left waiting, the command is asked to end at once."""
+        """A failed write (here, or an earlier save in the background) becomes one line saying why and how to go on;
+        the unfinished checkpoint is removed. Where orbax's threads of it are left waiting, the command ends at once."""
         try:
             yield
         except Exception as error:  # noqa: BLE001 - orbax and tensorstore wrap OS errors in many types
@@ -157,7 +136,8 @@ class Checkpointer:
             if any(t.is_alive() and not t.daemon and type(t).__module__.startswith("orbax")
                    for t in threading.enumerate()):
                 request_hard_exit()
-            self.remove_unfinished()
+            for unfinished in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(unfinished, ignore_errors=True)
             why, fix = _why_not_written(error)
             finished = self.directory.is_dir() and any(p.name.isdigit() for p in self.directory.iterdir())
             too_long = (why, fix) == _WRITE_FIXES[errno.ENAMETOOLONG]
@@ -169,23 +149,15 @@ class Checkpointer:
                                                          f"{fix}, then start the run again with --overwrite")
             raise UserError(f"cannot write a checkpoint in {self.directory}: {why}; {then}") from None
 
-    def remove_unfinished(self) -> None:
-        """Remove orbax's temporary folders of checkpoints that never finished."""
-        for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
-            shutil.rmtree(tmp, ignore_errors=True)
-
     def restore(self, state):
         """(state, meta) of the newest intact checkpoint; damaged newer ones are reported and removed."""
         target = jax.eval_shape(lambda: self._stored(state))
-        restored = restore_newest_intact(self.manager, self.directory, lambda step: self.manager.restore(
-            step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(target["variables"]),
-                                          train=ocp.args.StandardRestore(target["train"]),
-                                          meta=ocp.args.JsonRestore())), ("variables", "train"), remove_damaged=True)
+        restored = restore_newest_intact(self.manager, target, remove_damaged=True)
         v, t = restored.variables, restored.train
-        frozen = (frozen_params(self.run_dir) or split_frozen(state.params, self.trainable)[1]
-                  if self.trainable is not None else None)
-        join = (lambda part, full: part) if self.trainable is None else (lambda part, full: join_frozen(part, frozen))
-        state = state.replace(params=join(v["params"], state.params), batch_stats=v["batch_stats"],
+        params = v["params"]
+        if self.trainable is not None:  # frozen parameters from the run's own file, never the caller's
+            params = join_frozen(params, frozen_params(self.run_dir) or split_frozen(state.params, self.trainable)[1])
+        state = state.replace(params=params, batch_stats=v["batch_stats"],
                               opt_state=t["opt_state"], step=t["step"], key=t["key"],
                               ema_params=v.get("ema_params"), ema_batch_stats=v.get("ema_batch_stats"))
         return state, restored.meta
@@ -212,8 +184,8 @@ _WRITE_FIXES = {errno.ENOSPC: ("the disk is full", "free space there"),
 
 
 def _why_not_written(error: Exception) -> tuple:
-    """(what went wrong, what to do) for a failed checkpoint write: an OSError, or orbax's and tensorstore's errors,
-    which carry the OS error in their text ("[os_error_code='36']", "[OS error: 28]", RESOURCE_EXHAUSTED)."""
+    """(what went wrong, what to do) for a failed write: an OSError, or orbax's and tensorstore's errors, which
+    carry it in their text ("[os_error_code='36']", "[OS error: 28]", RESOURCE_EXHAUSTED)."""
     text = str(error)
     code = error.errno if isinstance(error, OSError) else None
     found = re.search(r"os_error_code='(\d+)'|OS error: (\d+)|\[Errno (\d+)\]", text)
@@ -229,17 +201,17 @@ def _why_not_written(error: Exception) -> tuple:
     return f"{type(error).__name__}{': ' + first if first else ''}", "check that folder"
 
 
-def restore_newest_intact(manager, directory: Path, restore, items, remove_damaged: bool = False):
-    """`restore(step)` of the newest step whose arrays read back and match their digests (checked on `items`).
-
-    Each damaged step is reported in one warning line; with no intact step, a UserError names the folder.
-    """
-    failures = []
+def restore_newest_intact(manager, targets: dict, remove_damaged: bool = False):
+    """The newest checkpoint whose items (`targets`: name -> shapes, None: as saved) read back and match their
+    digests, and its metadata; each damaged step is reported in one line."""
+    directory, failures = manager.directory, []
+    args = ocp.args.Composite(meta=ocp.args.JsonRestore(), **{k: ocp.args.StandardRestore(v) for k, v in
+                                                               targets.items()})
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            restored = restore(step)
+            restored = manager.restore(step, args=args)
             recorded = restored.meta.get("digest", {})
-            for item in items:
+            for item in targets:
                 if item in recorded and digest(jax.device_get(restored[item])) != recorded[item]:
                     raise ValueError(f"its {item} do not match the digest recorded when it was saved")
         except Exception as error:  # noqa: BLE001 - orbax and tensorstore raise many types for a damaged file
@@ -296,9 +268,8 @@ def latest_epoch(run_dir) -> Optional[float]:
 
 
 def continue_run(source, run) -> None:
-    """Copy a finished run's training state (checkpoints, frozen parameters, TensorBoard scalars; the metrics
-    come back from the newest checkpoint) into the new run folder `run`, where resuming then continues it: a
-    longer run whose first epochs are `source`'s."""
+    """Copy a finished run's checkpoints, frozen parameters and TensorBoard scalars into the new run folder `run`,
+    where resuming continues it (a longer run whose first epochs are `source`'s)."""
     source, run = Path(source), Path(run)
     try:
         for name in (CHECKPOINTS, TENSORBOARD):
@@ -311,8 +282,7 @@ def continue_run(source, run) -> None:
 
 
 def frozen_file(run: Path) -> tuple:
-    """(path, recorded SHA-256 digest or None) of the run's frozen parameters: the file its config.json names, or
-    run/frozen_params.npz."""
+    """(path, recorded SHA-256 or None) of the run's frozen parameters: its config.json's, or frozen_params.npz."""
     run = Path(run)
     try:
         ref = json.loads((run / CONFIG).read_text()).get("frozen_params")
@@ -352,15 +322,12 @@ def frozen_params(run: Path) -> dict:
 
 
 def load_variables(run_dir, average: bool = False) -> dict:
-    """The newest intact checkpoint's {'params': ..., 'batch_stats': ...} (host numpy arrays) of the run in
-    run_dir, frozen parameters included. With `average`, the moving average of the weights and of the BatchNorm
-    statistics training updated, when the run kept one (a UserError says so when it did not)."""
+    """The newest intact checkpoint's {'params', 'batch_stats'} (host arrays, frozen parameters included); with
+    `average`, their moving average where the run kept one."""
     run = find_run(run_dir).resolve()
     manager = ocp.CheckpointManager(run / CHECKPOINTS)
     try:
-        restored = restore_newest_intact(manager, run / CHECKPOINTS, lambda step: manager.restore(
-            step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())),
-            ("variables",))
+        restored = restore_newest_intact(manager, {"variables": None})
     finally:
         manager.close()
     variables = jax.device_get(restored.variables)

@@ -1,11 +1,5 @@
-"""User-facing failures: one clear line on stderr, a non-zero exit, no traceback.
-
-* `UserError`: bad input (a path, a file, a flag, weights), with a message that says how to fix it; exit 2.
-* `Interrupted`: Ctrl-C, after the run was left resumable; exit 130 (143 for SIGTERM, which ends a command
-  as Ctrl-C does), at any moment: one that Python drops where it lands is delivered again (`_redeliver`).
-* An `OSError` from the file system (a full disk, a read-only or unreadable folder, a symlink loop) becomes
-  one line naming the path; exit 2.
-"""
+"""User-facing failures and their wording: one `error: ...` line on stderr naming the fix, no traceback; exit 2
+for bad input or a file-system error, 130 for Ctrl-C and 143 for SIGTERM (which ends a command as Ctrl-C does)."""
 from __future__ import annotations
 
 import _thread
@@ -43,12 +37,15 @@ class UserError(Exception):
 
 
 class Interrupted(UserError):
-    """Ctrl-C: training stopped cleanly; the message says how to resume."""
-    exit_code = EXIT_INTERRUPTED
+    """Ctrl-C (or SIGTERM: `terminated`): training stopped cleanly; the message says how to resume."""
+
+    def __init__(self, message: str, terminated: bool = False):
+        super().__init__(message)
+        self.exit_code = EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM outside the training loop (which saves a checkpoint first): ends the command as Ctrl-C does."""
+    """SIGTERM: ends the command as Ctrl-C does."""
 
 
 class NonFiniteLossError(UserError):
@@ -57,8 +54,7 @@ class NonFiniteLossError(UserError):
 
 def non_finite_loss(step: int, loss: float, lr: float, saved: Optional[tuple], first_loss: Optional[float], run,
                     resume_hint: str, restart_hint: Optional[str]) -> NonFiniteLossError:
-    """The error for a non-finite `loss` at `step`, with advice that works when followed. `saved`: the newest
-    checkpoint's (step, training loss) in the run folder `run`; `first_loss`: the run's first step's loss."""
+    """A non-finite `loss` at `step`, with advice that works (`saved`: the newest checkpoint's step and loss)."""
     where = f"the newest checkpoint (step {saved[0]}) is kept in {run}" if saved else "no checkpoint was written yet"
     if step == 1:
         return NonFiniteLossError(
@@ -78,10 +74,10 @@ def non_finite_loss(step: int, loss: float, lr: float, saved: Optional[tuple], f
 
 
 def interrupted(step: int, epoch: float, run, resume_hint: str, terminated: bool) -> Interrupted:
-    """A first Ctrl-C (or SIGTERM: `terminated`) stopped training after `step`, saved when there is a run folder."""
+    """A first Ctrl-C (or SIGTERM) stopped training after `step`, saved when there is a run folder."""
     saved = f" (epoch {epoch:.2f}); a checkpoint was saved: resume with {resume_hint}" if run is not None else \
         "; nothing was saved (no run folder)"
-    return _interrupted(f"{'terminated (SIGTERM)' if terminated else 'interrupted'} at step {step}{saved}", terminated)
+    return Interrupted(f"{'terminated (SIGTERM)' if terminated else 'interrupted'} at step {step}{saved}", terminated)
 
 
 def interrupted_at_once(terminated: bool, run, saved: Optional[tuple], steps_per_epoch: int,
@@ -89,27 +85,19 @@ def interrupted_at_once(terminated: bool, run, saved: Optional[tuple], steps_per
     """A second Ctrl-C (or a signal before the training loop started): what is saved, truthfully."""
     how = "terminated (SIGTERM)" if terminated else "interrupted at once"
     if run is None:
-        return _interrupted(f"{how}; nothing was saved (no run folder)", terminated)
+        return Interrupted(f"{how}; nothing was saved (no run folder)", terminated)
     if saved:
-        return _interrupted(f"{how}; the newest checkpoint (step {saved[0]}, epoch {saved[0] / steps_per_epoch:g}) "
-                            f"is kept in {run}: resume with {resume_hint}", terminated)
-    return _interrupted(f"{how} before the first checkpoint, so nothing is saved yet; the run folder {run} is kept: "
-                        f"{resume_hint} starts it from the beginning", terminated)
-
-
-def _interrupted(message: str, terminated: bool) -> Interrupted:
-    error = Interrupted(message)
-    if terminated:
-        error.exit_code = EXIT_TERMINATED
-    return error
+        return Interrupted(f"{how}; the newest checkpoint (step {saved[0]}, epoch {saved[0] / steps_per_epoch:g}) "
+                           f"is kept in {run}: resume with {resume_hint}", terminated)
+    return Interrupted(f"{how} before the first checkpoint, so nothing is saved yet; the run folder {run} is kept: "
+                       f"{resume_hint} starts it from the beginning", terminated)
 
 
 _interrupt_advice = None
 
 
 def set_interrupt_advice(advice: Optional[str]) -> None:
-    """What a Ctrl-C outside the training loop leaves (the training loop says it when it saves or restores a
-    checkpoint); None: nothing to resume."""
+    """What a Ctrl-C outside the training loop leaves (None: nothing to resume)."""
     global _interrupt_advice
     _interrupt_advice = advice
 
@@ -119,12 +107,10 @@ def _raise_terminated(*_):
 
 
 def _redeliver(previous):
-    """A `sys.unraisablehook` for a command: a KeyboardInterrupt (Ctrl-C, SIGTERM) raised where Python can only
-    print "Exception ignored in" and drop it, and the run would go on to its end (a garbage-collection callback:
-    JAX frees its buffers in one at every collection, so a Ctrl-C while data loads often lands there; a weakref
-    callback; a finaliser), is delivered again a moment later from another thread, until it lands where it ends
-    the command. Everything else goes to `previous`. One delivery at a time, none after the command ended; the
-    thread starts without waiting for it (a signal delivered while the hook still ran would be dropped for good)."""
+    """A `sys.unraisablehook` that delivers again, a moment later from another thread, a Ctrl-C or SIGTERM that
+    Python would drop (raised in a garbage-collection callback, where JAX frees its buffers, or a finaliser), until
+    it lands where it ends the command; everything else goes to `previous`. The thread starts without waiting for it:
+    a signal delivered while the hook still ran would be dropped for good."""
     def hook(unraisable):
         if unraisable.exc_type is None or not issubclass(unraisable.exc_type, KeyboardInterrupt):
             return previous(unraisable)
@@ -171,11 +157,8 @@ def warn(message: str, key=None) -> None:
 
 
 def exit_on_user_error(main):
-    """Decorate a command's `main`: UserError, Ctrl-C and file-system errors end in one `error: ...` line.
-
-    After `request_hard_exit()` (a peer process of a distributed run died) the process leaves with
-    `os._exit`, since the distributed runtime's shutdown would wait for the dead peer.
-    """
+    """Decorate a command's `main`: UserError, Ctrl-C and file-system errors end in one `error: ...` line. After
+    `request_hard_exit()` it leaves with `os._exit` (a dead distributed peer or a failed save's threads would hang)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -217,8 +200,7 @@ def exit_on_user_error(main):
 
 
 def _on_sigterm(handler):
-    """Install `handler` for SIGTERM where Python may (the main thread) and the default is in place; returns what
-    to restore (None: nothing was changed)."""
+    """Install `handler` for SIGTERM in the main thread over the default; returns what to restore (None: nothing)."""
     if handler is None:
         return None
     try:
@@ -235,6 +217,6 @@ at_command_end: list = []  # functions run when a command ends, however it ends 
 
 
 def request_hard_exit() -> None:
-    """Make the next handled error leave with os._exit (used when a distributed peer is gone)."""
+    """Make the next handled error leave with os._exit."""
     global _hard_exit_requested
     _hard_exit_requested = True

@@ -1,14 +1,4 @@
-"""Safe file writing and the cache folder.
-
-* `atomic_write`: write to a temporary file unique to this process and thread, then rename it into place;
-  on any failure the temporary file is removed, so a full disk never stays full of leftovers.
-* `cache_dir`: `$CIFARJAX_CACHE`, default `~/.cache/cifarjax` (decoded datasets, converted weights).
-* `best_effort`: caches are helpers, never blockers; a read-only, full or broken cache warns once and the
-  run continues without it.
-* `record_output`: a file written inside a run folder (one holding the `.cifarjax-run` marker) is listed in
-  that folder's manifest `.cifarjax-files`, so `--overwrite` removes exactly what cifarjax wrote.
-* `beside_foreign`: an output whose name a user's file takes in a run folder goes beside it, never over it.
-"""
+"""Safe file writing (`atomic_write`), the cache folder, and the manifest of what cifarjax wrote in a run folder."""
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +10,6 @@ from typing import Callable, Iterator, Optional
 
 from cifarjax.errors import os_error_message, warn
 
-
 MARKER, MANIFEST = ".cifarjax-run", ".cifarjax-files"
 _recorded: set = set()
 _UMASK = os.umask(0)
@@ -28,13 +17,14 @@ os.umask(_UMASK)
 
 
 def cache_dir() -> Path:
-    """The cache folder: $CIFARJAX_CACHE, default ~/.cache/cifarjax."""
+    """The cache folder (decoded datasets, converted weights): $CIFARJAX_CACHE, default ~/.cache/cifarjax."""
     return Path(os.environ.get("CIFARJAX_CACHE", Path.home() / ".cache" / "cifarjax")).expanduser()
 
 
 @contextlib.contextmanager
 def atomic_write(path, mode: str = "w") -> Iterator:
-    """Open a unique temporary file beside `path`; on success it replaces `path`, on failure it is removed."""
+    """Open a unique temporary file beside `path`; on success it replaces `path`, on failure it is removed (a full
+    disk never stays full of leftovers)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -56,31 +46,25 @@ def atomic_write(path, mode: str = "w") -> Iterator:
 
 def run_folder_of(path) -> Optional[Path]:
     """The nearest folder at or above `path`'s parent that cifarjax marked as a run, or None."""
-    for parent in Path(path).absolute().parents:
-        if (parent / MARKER).is_file():
-            return parent
-    return None
+    return next((parent for parent in Path(path).absolute().parents if (parent / MARKER).is_file()), None)
 
 
 def record_output(path) -> None:
-    """List `path` (a file or a folder cifarjax wrote) in the manifest of the run folder holding it, if any."""
+    """List `path` (a file or folder cifarjax wrote) in the manifest of the run folder holding it, so that
+    --overwrite removes exactly what cifarjax wrote."""
     run = run_folder_of(path)
     if run is None or Path(path).name in (MARKER, MANIFEST):
         return
     entry = Path(path).absolute().relative_to(run).as_posix()
-    if (run, entry) in _recorded:
-        return
-    manifest = run / MANIFEST
-    if entry not in read_manifest(run):
-        with open(manifest, "a") as f:
+    if (run, entry) not in _recorded and entry not in read_manifest(run):
+        with open(run / MANIFEST, "a") as f:
             f.write(entry + "\n")
     _recorded.add((run, entry))
 
 
 def beside_foreign(path) -> Path:
-    """`path`, or, where it names a file in a run folder that cifarjax did not write (its manifest does not list it),
-    the first name beside it that is free or cifarjax's own: NAME-2.png, NAME-3.png ... (A run made before the
-    manifest has none: its names decide, as for --overwrite.)"""
+    """`path`, or where a user's file (one the manifest does not list) takes that name in a run folder, the first
+    free or cifarjax's own name beside it: NAME-2.png, NAME-3.png ... (a run without a manifest: `path`)."""
     path = Path(path)
     run = run_folder_of(path)
     listed = set(read_manifest(run)) if run is not None else set()
@@ -111,8 +95,8 @@ def write_json(path, value) -> None:
 
 
 def best_effort(action: Callable, what: str, fallback=None):
-    """Run a cache operation; if the file system refuses (read-only, full, unreadable), warn once and return
-    `fallback`."""
+    """Run a cache operation; where the file system refuses (read-only, full), warn once and return `fallback`:
+    a cache is a helper, never a blocker."""
     try:
         return action()
     except OSError as error:

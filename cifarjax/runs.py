@@ -1,15 +1,13 @@
-"""The run folder: config.json, metrics.jsonl (one JSON object per evaluation), summary.json, plots/,
-checkpoints/, tensorboard/, the `.cifarjax-run` marker that says cifarjax made the folder, the manifest
-`.cifarjax-files` of every file cifarjax wrote there, and `.cifarjax-lock` while a process uses it.
+"""The run folder: config.json, metrics.jsonl, summary.json, plots/, checkpoints/, tensorboard/, the marker
+`.cifarjax-run` (cifarjax made it), the manifest `.cifarjax-files` (what cifarjax wrote) and `.cifarjax-lock`.
 
-A user's files are never touched: `check_out` decides, before anything is written, whether --out may be
-used (a new or empty folder, a run to resume, or with --overwrite a folder cifarjax marked as a run, and
-never one a live process holds), and `create` makes or replaces the folder only after the new run has
-started successfully, removing exactly the files its manifest lists (a folder only once it is empty).
+A user's files are never touched: `check_out` decides before anything is written whether --out may be used, and
+`create` makes or replaces the folder only once the new run has started, removing only what the manifest lists.
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import json
 import os
@@ -18,26 +16,68 @@ import shutil
 import socket
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
 import cifarjax
-from cifarjax import errors
+from cifarjax import binding, errors
 from cifarjax.config import Config
 from cifarjax.errors import UserError, user_error_from_os, warn
-from cifarjax.files import MANIFEST, MARKER, atomic_write, read_manifest, write_json
+from cifarjax.files import MANIFEST, MARKER, atomic_write, read_manifest, write_json  # noqa: F401 - runs.MANIFEST
 
 CONFIG, METRICS, SUMMARY, PLOTS = "config.json", "metrics.jsonl", "summary.json", "plots"
 TENSORBOARD, LOCK = "tensorboard", ".cifarjax-lock"
-# Runs made before the manifest (2026-12-04): their top-level files cifarjax wrote, and in its folders the
-# entries it names this way; a folder is removed only once nothing else is left in it.
+# Runs made before the manifest (2026-12-04): the names cifarjax gave its files there.
 OWN_FILES = (CONFIG, METRICS, SUMMARY, "frozen_params.npz", "study.json", "study.md")
 OWN_IN_FOLDERS = {PLOTS: ("*.png",), TENSORBOARD: ("events.out.tfevents.*",),
                   "checkpoints": ("[0-9]*", "*.orbax-checkpoint-tmp*")}
+MODEL_NAMES = {"simple_cnn": "SimpleCNN", "resnet18": "ResNet-18"}
+COMMAND_MODELS = {"cnn": "simple_cnn", "finetune": "resnet18"}
+NOT_OURS = "holds files that cifarjax did not create (it has no {} marker), so it will not write there".format(MARKER)
 
 
-def default_run_dir(experiment: str) -> Path:
-    return Path("runs") / f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+@dataclass
+class RunFolder:
+    """A command's run folder, checked before anything is written, with the config.json of the run it resumes."""
+    path: Path
+    experiment: str
+    resume: bool = False
+    overwrite: bool = False
+    saved: Optional[dict] = None
+
+    @classmethod
+    def check(cls, out, experiment: str, overwrite: bool = False, resume: bool = False) -> RunFolder:
+        path = check_out(out, experiment, overwrite, resume)
+        return cls(path, experiment, resume, overwrite, read_config(path) if resume else None)
+
+    def check_command(self, command: str) -> None:
+        """Refuse to resume a run with a command that trains another model (cnn of a fine-tune, or the reverse)."""
+        model, wanted = self.saved.get("model"), COMMAND_MODELS.get(command)
+        experiment = marker(self.path).get("experiment")
+        made_by = experiment if experiment in COMMAND_MODELS else \
+            next((c for c, m in COMMAND_MODELS.items() if m == model), None)
+        if wanted is None or (model == wanted and made_by in (None, command)):
+            return
+        maker = f"experiments.{made_by or experiment}"
+        raise UserError(f"the run in {self.path} is a {MODEL_NAMES.get(model, model)} run made by {maker}, and "
+                        f"experiments.{command} trains a {MODEL_NAMES[wanted]}: resume it with python -m {maker} "
+                        f"--resume --out {self.path}")
+
+    def check_data(self, now: dict, data_dir) -> None:
+        if self.resume:
+            binding.check_data(self.saved, now, data_dir, self.path)
+
+    def binding(self, data_fingerprint: dict, command_line: str) -> dict:
+        """config.json's binding: the data's fingerprint (the run's own) and every command that made the run."""
+        saved = self.saved or {}
+        return {"data_fingerprint": saved.get("data_fingerprint") or data_fingerprint,
+                "commands": [*saved.get("commands", []), command_line]}
+
+    def open(self, config_json: dict) -> None:
+        """Create (or replace) the folder, locked for this process, and write config.json."""
+        create(self.path, self.experiment, replace=self.overwrite, take_lock=True)
+        write_json(self.path / CONFIG, config_json)
 
 
 def run_name(run: Path) -> str:
@@ -58,11 +98,12 @@ def marker(folder: Path) -> dict:
         return {}
 
 
-def _file_above(path: Path) -> Optional[Path]:
-    for parent in [path, *path.parents]:
-        if parent.exists() and not parent.is_dir():
-            return parent
-    return None
+def holds_files(folder: Path, doing: str) -> bool:
+    """Whether `folder` exists and holds anything (a file counts)."""
+    try:
+        return folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
+    except OSError as error:
+        raise user_error_from_os(error, f"cannot read {doing} {folder}") from None
 
 
 def check_out(out, experiment: str, overwrite: bool = False, resume: bool = False) -> Path:
@@ -71,39 +112,31 @@ def check_out(out, experiment: str, overwrite: bool = False, resume: bool = Fals
         raise UserError("--overwrite and --resume contradict each other; pass one of them")
     if resume and out is None:
         raise UserError("--resume needs --out RUN: the folder of the run to continue")
-    run = Path(out).expanduser() if out is not None else default_run_dir(experiment)
-    blocker = _file_above(run)
-    if blocker == run:
-        raise UserError(f"--out {run} is a file; choose a folder path")
+    run = Path(out).expanduser() if out is not None else Path("runs") / f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+    blocker = next((p for p in [run, *run.parents] if p.exists() and not p.is_dir()), None)
     if blocker is not None:
-        raise UserError(f"--out {run} lies below the file {blocker}; choose a folder path")
-    try:
-        holds_files = run.is_dir() and any(run.iterdir())
-    except OSError as error:
-        raise user_error_from_os(error, f"cannot read --out {run}") from None
-    if resume:
-        if not holds_files:
-            raise UserError(f"--resume needs an existing run folder, and {run} is empty or missing; check the "
-                            "path, or leave out --resume to start a new run there")
-        if not is_run(run):
-            raise UserError(f"{run} is not a cifarjax run folder (it has no {MARKER} marker); pass the --out "
-                            "folder of a run to resume")
-    elif holds_files:
-        if not is_run(run):
-            raise UserError(f"{run} holds files that cifarjax did not create (it has no {MARKER} marker), so it "
-                            "will not write there or replace it; choose another --out")
-        if not overwrite:
-            raise UserError(f"run folder {run} already holds a run; pass --resume to continue it, --overwrite to "
-                            "replace it, or choose another --out")
-    if holds_files:
+        raise UserError(f"--out {run} is a file; choose a folder path" if blocker == run else
+                        f"--out {run} lies below the file {blocker}; choose a folder path")
+    used = holds_files(run, "--out")
+    if resume and not used:
+        raise UserError(f"--resume needs an existing run folder, and {run} is empty or missing; check the "
+                        "path, or leave out --resume to start a new run there")
+    if resume and not is_run(run):
+        raise UserError(f"{run} is not a cifarjax run folder (it has no {MARKER} marker); pass the --out "
+                        "folder of a run to resume")
+    if used and not resume and not is_run(run):
+        raise UserError(f"{run} {NOT_OURS} or replace it; choose another --out")
+    if used and not resume and not overwrite:
+        raise UserError(f"run folder {run} already holds a run; pass --resume to continue it, --overwrite to "
+                        "replace it, or choose another --out")
+    if used:
         check_unlocked(run)
         check_no_links(run)
     return run
 
 
 def check_outside_data(run: Path, data_dir) -> None:
-    """Refuse a run folder inside the data folder the run reads (None: CIFAR-10 in the cache): its folders would be
-    read as data (a `test/` split, a class) by every later run on it."""
+    """Refuse a run folder inside the data folder the run reads: its folders would be read as data."""
     if not data_dir or not str(data_dir).strip():
         return
     data = os.path.realpath(Path(data_dir).expanduser())  # not Path.resolve: a symbolic link loop is refused later
@@ -113,8 +146,7 @@ def check_outside_data(run: Path, data_dir) -> None:
 
 
 def check_no_links(run: Path) -> None:
-    """Refuse a run folder whose own subfolders (plots/, tensorboard/, checkpoints/) are symbolic links: cifarjax
-    would write, and on --overwrite replace files, in a folder it did not create."""
+    """Refuse a run folder whose plots/, tensorboard/ or checkpoints/ is a symbolic link out of it."""
     for name in OWN_IN_FOLDERS:
         if (run / name).is_symlink():
             raise UserError(f"{run / name} is a symbolic link (to {os.readlink(run / name)}); cifarjax writes its "
@@ -123,26 +155,19 @@ def check_no_links(run: Path) -> None:
 
 
 def claim(run: Path) -> None:
-    """A run folder research code passed (`fit(run=...)`): made and marked as cifarjax's when it is new or empty;
-    refused when it holds files cifarjax did not create. A command's folder, already checked and marked, passes."""
+    """Accept a run folder research code passed (`fit(run=...)`) when it is cifarjax's, new or empty."""
     run = Path(run)
     if is_run(run):
         check_no_links(run)
-        return
-    try:
-        foreign = run.exists() and (not run.is_dir() or any(run.iterdir()))
-    except OSError as error:
-        raise user_error_from_os(error, f"cannot read the run folder {run}") from None
-    if foreign:
-        raise UserError(f"{run} holds files that cifarjax did not create (it has no {MARKER} marker), so it will "
-                        "not write there; pass a new or empty run folder")
+    elif holds_files(run, "the run folder"):
+        raise UserError(f"{run} {NOT_OURS}; pass a new or empty run folder")
 
 
 def create(run: Path, experiment: str, replace: bool = False, take_lock: bool = False) -> Path:
-    """Make the run folder and its marker; with `take_lock`, first lock it for this process (refused while
-    another live process holds it); with `replace`, then remove an old run's own files (never others)."""
-    marker = {"experiment": experiment, "id": uuid.uuid4().hex, "cifarjax": cifarjax.__version__,
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # before anything is made
+    """Make the run folder and its marker; with `take_lock` first lock it for this process, with `replace` then
+    remove an old run's own files."""
+    mark = {"experiment": experiment, "id": uuid.uuid4().hex, "cifarjax": cifarjax.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # before anything is made
     try:
         run.mkdir(parents=True, exist_ok=True)
         if take_lock:
@@ -150,7 +175,7 @@ def create(run: Path, experiment: str, replace: bool = False, take_lock: bool = 
         if replace and is_run(run):
             remove_run_files(run)
         if not is_run(run):
-            write_json(run / MARKER, marker)
+            write_json(run / MARKER, mark)
         (run / PLOTS).mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise user_error_from_os(error, f"cannot create the run folder {run}") from None
@@ -158,8 +183,7 @@ def create(run: Path, experiment: str, replace: bool = False, take_lock: bool = 
 
 
 def remove_run_files(run: Path) -> None:
-    """Remove exactly what cifarjax wrote in a marked run folder (the files its manifest lists, marked sub-runs,
-    orbax's unfinished checkpoints), then the folders left empty; anything else stays, and is named."""
+    """Remove exactly what cifarjax wrote in a marked run folder, then the folders left empty; name what stays."""
     run = Path(run)
     for entry in _own_entries(run):
         if entry.is_dir() and not entry.is_symlink():
@@ -184,50 +208,40 @@ def remove_run_files(run: Path) -> None:
 
 
 def _own_entries(run: Path) -> list:
-    """What cifarjax wrote in `run`: its manifest's paths (never one outside the folder), else (a run made before
-    the manifest) the names cifarjax gives its files; orbax's unfinished checkpoints in either case."""
-    listed = read_manifest(run)
-    inside = run.resolve()
+    """What cifarjax wrote in `run`: its manifest's paths inside it (else the names it gives its files), and orbax's
+    unfinished checkpoints."""
+    listed, inside = read_manifest(run), run.resolve()
     entries = [run / e for e in listed if not Path(e).is_absolute() and ".." not in Path(e).parts
                and Path(e).name not in (MANIFEST, MARKER)
                and (run / e).parent.resolve().is_relative_to(inside)]  # not through a link out of the run
     if not listed:
         entries = [run / name for name in OWN_FILES]
-        entries += [p for folder, patterns in OWN_IN_FOLDERS.items() if (run / folder).is_dir()
-                    for pattern in patterns for p in (run / folder).glob(pattern)]
-    entries += list((run / "checkpoints").glob("*.orbax-checkpoint-tmp*")) if (run / "checkpoints").is_dir() else []
-    return entries
+        entries += [p for folder, patterns in OWN_IN_FOLDERS.items() for pattern in patterns
+                    for p in (run / folder).glob(pattern)]
+    return entries + list((run / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
 
 
 def _remove_if_empty(folder: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         folder.rmdir()
-    except OSError:
-        pass
 
-
-# ---------------------------------------------------------------------------------------------- the lock
 
 def _lock_holder(run: Path) -> Optional[dict]:
-    """The live process holding `run` ({'host', 'pid'}), or None (no lock, this process's own, or a stale one:
-    this host's process that is gone)."""
+    """The live process holding `run` ({'host', 'pid'}), or None (no lock, this process's own, a stale one)."""
     try:
         holder = json.loads((Path(run) / LOCK).read_text())
         host, pid = str(holder["host"]), int(holder["pid"])
-    except FileNotFoundError:
-        return None
     except (OSError, ValueError, KeyError, TypeError):
-        return None  # a lock cut by a crash while it was written: its process never started the run
-    if host != socket.gethostname():
-        return {"host": host, "pid": pid}
-    if pid == os.getpid():
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
+        return None  # none, or one cut by a crash while it was written: its process never started the run
+    if host == socket.gethostname():
+        if pid == os.getpid():
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
     return {"host": host, "pid": pid}
 
 
@@ -252,18 +266,16 @@ def lock(run: Path) -> None:
                                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
     except OSError as error:
         raise user_error_from_os(error, f"cannot lock the run folder {run}") from None
-    release = functools.partial(unlock, path.absolute(), os.getpid())
+    release = functools.partial(_unlock, path.absolute(), os.getpid())
     atexit.register(release)
     errors.at_command_end.append(release)
 
 
-def unlock(path: Path, pid: int) -> None:
+def _unlock(path: Path, pid: int) -> None:
     """Remove the lock at `path` if this process `pid` still holds it."""
-    try:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         if json.loads(Path(path).read_text()).get("pid") == pid == os.getpid():
             Path(path).unlink()
-    except (OSError, ValueError, AttributeError):
-        pass
 
 
 # config.json's keys beside the Config fields (cifarjax.binding, experiments.finetune), each with what it must be.
@@ -279,8 +291,7 @@ RECORDED = {"data_fingerprint": ("an object with sha256 and images", lambda v: i
 
 
 def read_config(run) -> dict:
-    """A run's config.json, every value's type checked (`Config.from_dict` for the settings, `RECORDED` for the
-    rest): a hand-edited file is refused in one line naming the file and the key."""
+    """A run's config.json, every value's type checked: a hand-edited file is refused naming the file and key."""
     path = Path(run) / CONFIG
     saved = read_json(path)
     Config.from_dict(saved, str(path))
@@ -302,7 +313,7 @@ def read_json(path: Path):
 
 
 def write_metrics(run: Path, records: Iterable[dict]) -> None:
-    """Rewrite metrics.jsonl with `records` (used at start and on resume, to match the checkpoint)."""
+    """Rewrite metrics.jsonl with `records` (at start and on resume, to match the checkpoint)."""
     with atomic_write(run / METRICS) as f:
         f.write("".join(json.dumps(r) + "\n" for r in records))
 
@@ -313,10 +324,8 @@ def append_metrics(run: Path, record: dict) -> None:
 
 
 def read_metrics(run) -> list:
-    """The records of a metrics.jsonl (`run`: a run folder or the file itself); [] when there is none yet.
-
-    A last line cut by a crash mid-write is left out with a warning; a damaged line before it is a UserError
-    naming the line."""
+    """The records of a metrics.jsonl (`run`: a run folder or the file); [] when there is none yet. A last line cut
+    by a crash is left out with a warning; a damaged line before it is a UserError naming the line."""
     path = Path(run)
     path = path / METRICS if path.is_dir() else path
     try:

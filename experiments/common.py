@@ -28,7 +28,7 @@ from cifarjax.cpu import process as cpu_process, xla_flags  # noqa: E402
 from cifarjax.data import Dataset, Split, fingerprint, load_dataset, train_val_split  # noqa: E402
 from cifarjax.errors import UserError, set_interrupt_advice  # noqa: E402
 from cifarjax.evaluation import predict, score  # noqa: E402
-from cifarjax.files import cache_dir, write_json  # noqa: E402
+from cifarjax.files import cache_dir  # noqa: E402
 from cifarjax.flags import Parser, add_config_flags, given, new_config, resumed_config  # noqa: E402
 from cifarjax.memory import peak_memory_mb  # noqa: E402
 from cifarjax.phases import Phases  # noqa: E402
@@ -96,35 +96,45 @@ def make_parser(command: str, description: str, nargs: Optional[dict] = None, sh
 
 @dataclass
 class Start:
-    """A command's starting point: its resolved configuration, run folder, data and phase clock."""
+    """A command's starting point: its run folder, resolved configuration, data and phase clock."""
+    folder: runs.RunFolder
     config: Config
-    run: Path
-    resume: bool
-    overwrite: bool
     dataset: Dataset
     train: Split
     val: Split
     phases: Phases
     command_line: str
+    binding: dict = field(default_factory=dict)  # what config.json records the run is bound to (`RunFolder.binding`)
     commands: Optional[list] = None  # every command that built the run, this one last (set by `open_run`)
-    saved: Optional[dict] = None  # the resumed run's config.json
-    binding: dict = field(default_factory=dict)  # what config.json records the run is bound to (cifarjax.binding)
+
+    @property
+    def run(self) -> Path:
+        return self.folder.path
+
+    @property
+    def resume(self) -> bool:
+        return self.folder.resume
+
+    @property
+    def saved(self) -> Optional[dict]:
+        """The resumed run's config.json."""
+        return self.folder.saved
 
 
 def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
-    """Initialise the distributed runtime, check --out, resolve the configuration (a new run: defaults, recipe,
-    flags; --resume: the run's config.json and the flags that may change) and load the data.
+    """Initialise the distributed runtime, check the run folder (--out), resolve the configuration (a new run:
+    defaults, recipe, flags; --resume: the run's config.json and the flags that may change) and load the data.
 
     Nothing is written yet: `open_run` creates the run folder once the start has succeeded.
     """
     git_commit()  # the code that runs, read before it trains
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
-    run = runs.check_out(args.out, command, args.overwrite, args.resume)
+    folder = runs.RunFolder.check(args.out, command, args.overwrite, args.resume)
+    run = folder.path
     typed = binding.absolute_paths(given(args, command) if typed is None else typed)
-    saved = runs.read_config(run) if args.resume else None
     if args.resume:
-        binding.check_command(saved, runs.marker(run).get("experiment"), command, run)
-        config = resumed_config(Config.from_dict(saved, str(run / runs.CONFIG)), typed, args.recipe, str(run))
+        folder.check_command(command)
+        config = resumed_config(Config.from_dict(folder.saved, str(run / runs.CONFIG)), typed, args.recipe, str(run))
     else:
         config = new_config(command, args.recipe, typed, **fixed)
     runs.check_outside_data(run, config.data_dir)
@@ -144,15 +154,14 @@ def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
         raise UserError(f"the data in {config.data_dir} has classes {list(dataset.classes)}, the run in {run} was "
                         f"trained on {list(config.classes)}; pass the run's own data folder")
     data = fingerprint(dataset)
-    if args.resume:
-        binding.check_data(saved, data, config.data_dir, run)
+    folder.check_data(data, config.data_dir)
     config = with_normalization(config.replace(classes=tuple(dataset.classes), num_classes=len(dataset.classes))
                                 .validate(), train.images)
     train_indices(len(train), config.batch_size, jax.device_count(), config.seed, 0)  # the batch fits data and devices
     distributed.agree({"config": {**config.to_dict(), "data_dir": None}, "data": data_fingerprint(train, val),
                        "run": str(run.resolve())}, "their settings")
-    return Start(config, run, args.resume, args.overwrite, dataset, train, val, phases, args.command_line,
-                 saved=saved, binding=binding.record(saved, data, args.command_line))
+    return Start(folder, config, dataset, train, val, phases, args.command_line,
+                 binding=folder.binding(data, args.command_line))
 
 
 def data_fingerprint(train: Split, val: Split) -> dict:
@@ -164,10 +173,9 @@ def open_run(s: Start, command: str, config_json: dict) -> None:
     """Create (or replace) the run folder now that the run has started, write config.json (with every command
     that built the run: the one that started it, then each resume), and check every process sees the same
     folder. From here a Ctrl-C says how to resume (the training loop adds what its checkpoints hold)."""
-    s.commands = s.binding.get("commands") or [s.command_line]
+    s.commands = s.binding["commands"]
     if distributed.is_writer():
-        runs.create(s.run, command, replace=s.overwrite, take_lock=True)
-        write_json(s.run / runs.CONFIG, {**config_json, **s.binding, "commands": s.commands})
+        s.folder.open({**config_json, **s.binding})
     set_interrupt_advice(f"the run folder {s.run} is kept: resume with {resume_hint(command, s.run)}")
     distributed.barrier("run folder created")
     distributed.agree({"run_id": runs.marker(s.run).get("id")}, f"the run folder {s.run} (it must be the same "
@@ -292,5 +300,6 @@ def environment() -> dict:
     """Where a run ran (every device of every process), and its peak memory so far."""
     devices = jax.devices()
     return {"device_kind": devices[0].device_kind, "device_count": len(devices), "process_count": jax.process_count(),
-            "platform": devices[0].platform, "jax": jax.__version__, "host": platform.node(), "cpu_count": os.cpu_count(),
-            "program_platform": resolve(), "cpu_tuning": cpu_process.applied(), "peak_rss_mb": peak_memory_mb()}
+            "platform": devices[0].platform, "jax": jax.__version__, "host": platform.node(),
+            "cpu_count": os.cpu_count(), "program_platform": resolve(), "cpu_tuning": cpu_process.applied(),
+            "peak_rss_mb": peak_memory_mb()}
