@@ -131,16 +131,11 @@ def eval_view(images, spec: AugmentSpec):
 
 
 class HostAugment:
-    """Any albumentations `A.Compose` per image on the host: uint8 (..., H, W, 3) → the transform's output, stacked;
-    the device scales, resizes and normalises it. The default is the host's part of the original's transforms, its
-    flip (the device's `eval_view` does Resize and ToFloat(255): a step ships 1 byte per decoded pixel, not 4).
-
-    Seeded: with `step`, each batch's draws depend only on (seed, step), so a resumed run augments as an
-    uninterrupted one. The transform's random state is shared, so a lock lets one batch draw at a time.
-    """
+    """An albumentations `A.Compose` (default: the original's flip) per uint8 image on the host, its draws a function
+    of (seed, step) so a resumed run augments as an uninterrupted one; the device scales, resizes and normalises."""
 
     def __init__(self, transform=None, seed: int = 0):
-        if transform is None:
+        if transform is None:  # the original's Resize and ToFloat(255) run on the device: 1 byte a pixel crosses
             import albumentations as A
             transform = A.Compose([A.HorizontalFlip(p=0.5)])
         self.transform, self.seed, self.lock = transform, seed, threading.Lock()
@@ -148,7 +143,7 @@ class HostAugment:
 
     def __call__(self, images: np.ndarray, step: Optional[int] = None) -> np.ndarray:
         flat = images.reshape((-1,) + images.shape[-3:])
-        with self.lock:
+        with self.lock:  # the transform's random state is shared: one batch draws at a time
             if step is not None:
                 self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, step]).generate_state(1)[0]))
             out = np.stack([self.transform(image=im)["image"] for im in flat])
