@@ -256,16 +256,16 @@ def _save(dataset: Dataset, path: Path, key: str) -> None:
         np.savez(f, **arrays)
 
 
-def _load(path: Path, key: str, size: int) -> Optional[Dataset]:
-    """The cached dataset; None, or an error, when the file's key or contents do not match."""
+def _load(path: Path, key: str, size: int) -> Dataset:
+    """The cached dataset; an error when the file's key or contents do not match."""
     with np.load(path) as z:
-        if "key" not in z.files or str(z["key"]) != key:
-            return None
+        if str(z["key"]) != key:
+            raise ValueError("the arrays of another source")
         classes = tuple(str(c) for c in z["classes"])
         splits = [Split(z[f"{n}_images"], z[f"{n}_labels"]) if f"{n}_images" in z.files else None for n in _SPLITS]
         for split in filter(None, splits):
             if split.check_images(allow_empty=True).images.shape[1:3] != (size, size):
-                return None
+                raise ValueError("images of another size")
             sources.check_labels(split.labels, len(classes), str(path))
         return Dataset(str(z["source"]), classes, *splits)
 
@@ -275,12 +275,9 @@ def _cached(kind: str, root: Path, size: int, fingerprint, build) -> Dataset:
     path = cache_dir() / "datasets" / f"{kind}-{key[:20]}.npz"
     if path.is_file():
         try:
-            dataset = _load(path, key, size)
-        except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
-            dataset = None
-        if dataset is not None:
-            return dataset
-        warn(f"cached arrays {path} are damaged or do not match their source; decoding the images again")
+            return _load(path, key, size)
+        except Exception:  # noqa: BLE001 - a damaged or mismatched cache entry is rebuilt
+            warn(f"cached arrays {path} are damaged or do not match their source; decoding the images again")
     dataset = build()
     best_effort(lambda: _save(dataset, path, key), f"writing the dataset cache {path}")
     return dataset
