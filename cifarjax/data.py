@@ -300,13 +300,12 @@ def _load_dataset(data_dir, dataset: str, size: int) -> Dataset:
         return _load_fake(size)
     if data_dir is not None and not str(data_dir).strip():
         raise UserError("--data-dir is empty; pass the folder that holds your images")
-    root = Path(data_dir).expanduser() if data_dir is not None else None
-    if dataset == "folder" and root is None:
+    if dataset == "folder" and data_dir is None:
         raise UserError("--dataset folder needs --data-dir DIR (a folder with DIR/train/<class>/*.jpg)")
+    root = Path(data_dir).expanduser() if data_dir is not None else cache_dir() / "cifar10"
+    folder = root if root.name == sources.CIFAR_DIR else root / sources.CIFAR_DIR
     try:
-        if dataset == "cifar10" or (dataset == "auto" and root is None):
-            root = root or cache_dir() / "cifar10"
-            folder = root if root.name == sources.CIFAR_DIR else root / sources.CIFAR_DIR
+        if dataset == "cifar10" or (dataset == "auto" and data_dir is None):
             return _load_cifar(folder if (folder / "batches.meta").is_file() else _download_cifar10(root), size)
         try:
             root.stat()  # not exists(), which says False for a symbolic link loop: that is an OSError below
@@ -316,11 +315,7 @@ def _load_dataset(data_dir, dataset: str, size: int) -> Dataset:
         if not root.is_dir():
             raise UserError(_archive_advice(root) or f"{root} is a file, not a data folder; pass the folder that "
                             "holds it")
-        if dataset == "auto":
-            for folder in (root, root / sources.CIFAR_DIR):
-                if folder.name == sources.CIFAR_DIR and folder.is_dir():
-                    return _load_cifar(folder, size)
-        return _load_folder(root, size)
+        return _load_cifar(folder, size) if dataset == "auto" and folder.is_dir() else _load_folder(root, size)
     except OSError as error:
         raise user_error_from_os(error, f"cannot read the data in {root}") from None
 
