@@ -1,12 +1,6 @@
-"""Augmentation: the original's pipeline on the device (jitted, a function of a PRNG key), plus an
-albumentations pipeline on the host.
-
-Which to use: the device pipeline (default) keeps the whole dataset on the accelerator and costs almost
-nothing per step; use it for the original's transforms (resize, horizontal flip, scale to [0, 1]) and for
-pad-and-random-crop, cutout and normalisation. Use the albumentations pipeline when you need a transform from its
-catalogue; it runs per image in Python on the host and is much slower. Validation and test data are never
-augmented: they are only scaled, resized and normalised.
-"""
+"""Augmentation: the original's pipeline on the device (jitted, a function of a PRNG key), or any albumentations
+pipeline per image on the host (slower; for transforms from its catalogue). Validation and test images are never
+augmented, only scaled, resized and normalised."""
 from __future__ import annotations
 
 import threading
@@ -24,16 +18,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def normalization_stats(kind: str, train_images: Optional[np.ndarray] = None):
-    """(mean, std) per channel for 'imagenet' or 'dataset' (computed from the uint8 training images), or
-    (None, None) for 'none'."""
+    """(mean, std) per channel for 'imagenet' or 'dataset' (from the uint8 training images); (None, None) for 'none'."""
     if kind == "none":
         return None, None
     if kind == "imagenet":
         return IMAGENET_MEAN, IMAGENET_STD
     pixels = train_images.reshape(-1, 3)
-    mean = np.zeros(3)
-    sq = np.zeros(3)
-    for chunk in np.array_split(pixels, max(1, len(pixels) // 4_000_000)):
+    mean, sq = np.zeros(3), np.zeros(3)
+    for chunk in np.array_split(pixels, max(1, len(pixels) // 4_000_000)):  # float64 sums without a float64 copy
         mean += chunk.sum(0, dtype=np.float64)
         sq += np.square(chunk, dtype=np.float64).sum(0)
     mean, sq = mean / len(pixels) / 255.0, sq / len(pixels) / 255.0**2
@@ -74,25 +66,17 @@ class Choices(NamedTuple):
     offsets: jax.Array
     corners: jax.Array
 
-    def slice(self, start, size: int) -> "Choices":
-        return Choices(*(jax.lax.dynamic_slice_in_dim(x, start, size) for x in self))
 
-
-def draw_choices(key, n: int, spec: AugmentSpec) -> Choices:
-    """Random choices for a global batch of n (the cutout draw does not disturb the flips and crops)."""
+def draw_choices(key, n: int, spec: AugmentSpec, rows: Optional[tuple] = None) -> Choices:
+    """Random choices for a global batch of n (the cutout draw does not disturb the flips and crops); with `rows`
+    (start, size), only those rows: a device's share does not depend on how the batch is spread."""
     flip_key, crop_key = jax.random.split(key)
     flips = jax.random.bernoulli(flip_key, 0.5, (n,)) if spec.flip else jnp.zeros((n,), bool)
     offsets = jax.random.randint(crop_key, (n, 2), 0, 2 * spec.crop_padding + 1)
     corners = (jax.random.randint(jax.random.fold_in(key, 2), (n, 2), 0, spec.img_size) if spec.cutout
                else jnp.zeros((n, 2), jnp.int32))
-    return Choices(flips, offsets, corners)
-
-
-def to_float(images):
-    """uint8 [0, 255] → float32 [0, 1] (albumentations' ToFloat(255)); float input passes through."""
-    if jnp.issubdtype(images.dtype, jnp.integer):
-        return images.astype(jnp.float32) / 255.0
-    return images.astype(jnp.float32)
+    choices = Choices(flips, offsets, corners)
+    return choices if rows is None else Choices(*(jax.lax.dynamic_slice_in_dim(x, *rows) for x in choices))
 
 
 def flip(images, flips):
@@ -120,8 +104,13 @@ def cut_out(images, corners, size: int):
     return jnp.where(inside[..., None], jnp.zeros((), images.dtype), images)
 
 
-def resize_and_normalize(images, spec: AugmentSpec):
-    """The deterministic tail: resize to spec.img_size (bilinear) and normalise."""
+def _to_float(images):
+    """uint8 [0, 255] → float32 [0, 1] (albumentations' ToFloat(255)); float input passes through."""
+    return images.astype(jnp.float32) / 255.0 if jnp.issubdtype(images.dtype, jnp.integer) else \
+        images.astype(jnp.float32)
+
+
+def _resize_and_normalize(images, spec: AugmentSpec):
     n, h, w, c = images.shape
     if (h, w) != (spec.img_size, spec.img_size):
         images = jax.image.resize(images, (n, spec.img_size, spec.img_size, c), "bilinear")
@@ -132,40 +121,29 @@ def resize_and_normalize(images, spec: AugmentSpec):
 
 def augment(images, choices: Choices, spec: AugmentSpec):
     """Training view of a batch: scale, random crop, random flip, resize, normalise, cutout."""
-    x = flip(crop(to_float(images), choices.offsets, spec.crop_padding), choices.flips)
-    return cut_out(resize_and_normalize(x, spec), choices.corners, spec.cutout)
+    x = flip(crop(_to_float(images), choices.offsets, spec.crop_padding), choices.flips)
+    return cut_out(_resize_and_normalize(x, spec), choices.corners, spec.cutout)
 
 
 def eval_view(images, spec: AugmentSpec):
     """Evaluation view of a batch: scale, resize, normalise; no randomness."""
-    return resize_and_normalize(to_float(images), spec)
-
-
-def albumentations_pipeline():
-    """The host's part of the original's albumentations transforms (Resize(img_size) + HorizontalFlip(p=0.5) +
-    ToFloat(255)): the flip, on uint8 images at their decoded size. The device scales and resizes them
-    (`inputs.HostAugmentedInputs`: `eval_view`), so a step ships 1 byte per decoded pixel, not 4 per resized one."""
-    import albumentations as A
-    return A.Compose([A.HorizontalFlip(p=0.5)])
+    return _resize_and_normalize(_to_float(images), spec)
 
 
 class HostAugment:
-    """Apply any albumentations `A.Compose` per image on the host: uint8 (..., H, W, 3) → the transform's
-    output, stacked in its own type (uint8 unless it converts); the device scales, resizes and normalises it.
-
-    Seeded: the same seed gives the same augmented batches; with `step`, each batch's draws depend only on
-    (seed, step), so a resumed run augments exactly as an uninterrupted one. The transform's random state is shared,
-    so one batch is drawn at a time (a lock): threads that augment at once still get each step's own draws.
-    """
+    """An albumentations `A.Compose` (default: the original's flip) per uint8 image on the host, its draws a function
+    of (seed, step) so a resumed run augments as an uninterrupted one; the device scales, resizes and normalises."""
 
     def __init__(self, transform=None, seed: int = 0):
-        self.transform = transform if transform is not None else albumentations_pipeline()
-        self.seed, self.lock = seed, threading.Lock()
+        if transform is None:  # the original's Resize and ToFloat(255) run on the device: 1 byte a pixel crosses
+            import albumentations as A
+            transform = A.Compose([A.HorizontalFlip(p=0.5)])
+        self.transform, self.seed, self.lock = transform, seed, threading.Lock()
         self.transform.set_random_seed(seed)
 
     def __call__(self, images: np.ndarray, step: Optional[int] = None) -> np.ndarray:
         flat = images.reshape((-1,) + images.shape[-3:])
-        with self.lock:
+        with self.lock:  # the transform's random state is shared: one batch draws at a time
             if step is not None:
                 self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, step]).generate_state(1)[0]))
             out = np.stack([self.transform(image=im)["image"] for im in flat])

@@ -1,18 +1,11 @@
-"""Datasets decoded once into uint8 arrays and cached on disk; torchvision appears only at the edge.
+"""Datasets decoded once into uint8 arrays and cached on disk, then split with a seed.
 
-Sources (`dataset=`):
-* 'auto' (default): `data_dir` holding `cifar-10-batches-py`, or an ImageFolder tree
-  (`DIR/train/<class>/*`, optionally `DIR/test/<class>/*`, or `DIR/<class>/*` as a train split);
-  with no `data_dir`, CIFAR-10 downloaded by torchvision into the cache folder.
-* 'cifar10': torchvision's CIFAR10, downloaded into `data_dir` (default: the cache folder) on first use.
-* 'folder': an ImageFolder tree, as above.
-* 'fake': torchvision's FakeData, for smoke runs without any data.
-
-Every image becomes RGB at `size`x`size` (converted and resized if needed). The arrays are cached under
-the cache folder (`cifarjax.files.cache_dir`), keyed by source, size and the files' names and contents (a SHA-256
-of their bytes: files changed with their sizes and times kept are noticed); each cache file stores its key and is
-rebuilt when it does not match. A cache that cannot be written or read
-is skipped with a warning.
+Sources (`dataset=`): 'auto' (default) reads `data_dir` holding `cifar-10-batches-py` or an ImageFolder tree
+(`DIR/train/<class>/*`, optionally `DIR/test/<class>/*`, or `DIR/<class>/*` as a train split), or without `data_dir`
+downloads CIFAR-10 into the cache folder; 'cifar10' downloads it into `data_dir`; 'folder' reads an ImageFolder tree;
+'fake' is torchvision's FakeData. Every image becomes RGB at `size`x`size`. The arrays are cached under
+`cifarjax.files.cache_dir`, keyed by source, size and a SHA-256 of the files' names and bytes (changes that keep
+sizes and times are noticed); a cache that cannot be written or read is skipped with a warning.
 
 `python -m cifarjax.data DIR` prints the source, classes and per-split counts as one JSON object.
 """
@@ -29,7 +22,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from PIL import Image
 
 from cifarjax import sources, torchlib
 from cifarjax.config import SOURCES
@@ -38,20 +30,19 @@ from cifarjax.files import atomic_write, best_effort, cache_dir
 from cifarjax.flags import Parser
 
 _CACHE_FORMAT = 3
+_SPLITS = ("train", "test")
 
 
 @dataclass
 class Split:
-    """Images (or a backbone's features) and their labels. Construction checks they pair up: as many labels as
-    rows, labels a 1-D integer array; `check_images` checks the images' own form."""
+    """Images (or a backbone's features) and their labels, checked to pair up; `check_images` checks the images."""
     images: np.ndarray  # (N, size, size, 3) uint8
     labels: np.ndarray  # (N,) int32
 
     def __post_init__(self):
         labels, images = self.labels, self.images
         if not hasattr(labels, "dtype") or labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-            raise UserError(f"a Split's labels must be a 1-D integer array of shape (N,); got "
-                            f"{_form(labels)}")
+            raise UserError(f"a Split's labels must be a 1-D integer array of shape (N,); got {_form(labels)}")
         if not hasattr(images, "shape") or images.ndim < 1 or len(images) != len(labels):
             raise UserError(f"a Split needs as many labels as images: got {_form(images)} images and "
                             f"{len(labels)} labels")
@@ -61,11 +52,8 @@ class Split:
 
     def check_images(self, what: str = "images", allow_empty: bool = False) -> "Split":
         """Raise a UserError unless the images are uint8 of shape (N, H, W, 3) (and N > 0 unless allowed)."""
-        images = self.images
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8 or 0 in images.shape[1:3]:
-            raise UserError(f"{what} must be a uint8 array of shape (N, height, width, 3) (RGB, 0-255); got "
-                            f"{_form(images)}")
-        if not allow_empty and len(images) == 0:
+        check_pixels(self.images, what, floats=False)
+        if not allow_empty and len(self.images) == 0:
             raise UserError(f"{what} are empty; give at least one image")
         return self
 
@@ -73,15 +61,15 @@ class Split:
         return Split(self.images[indices], self.labels[indices])
 
 
-def check_pixels(images, what: str = "images") -> np.ndarray:
-    """`images` unless they are not RGB pixels as the evaluation view reads them: an (N, H, W, 3) array of uint8
-    [0, 255] or floats in [0, 1] (floats in [0, 255] would be read 255 times too bright); a UserError says what
-    it got."""
-    form = "an (N, height, width, 3) array of uint8 RGB pixels (0-255) or floats in [0, 1]"
+def check_pixels(images, what: str = "images", floats: bool = True) -> np.ndarray:
+    """`images` if they are (N, H, W, 3) uint8 (or, with `floats`, floats in [0, 1]: floats in [0, 255] would read
+    255 times too bright); else a UserError saying what it got."""
+    form = ("an (N, height, width, 3) array of uint8 RGB pixels (0-255) or floats in [0, 1]" if floats else
+            "a uint8 array of shape (N, height, width, 3) (RGB, 0-255)")
     if not hasattr(images, "shape") or not hasattr(images, "dtype"):
         raise UserError(f"{what} must be {form}; got a {type(images).__name__} (np.stack a list of images)")
     if images.ndim != 4 or images.shape[-1] != 3 or 0 in images.shape[1:3] or not (
-            images.dtype == np.uint8 or np.issubdtype(images.dtype, np.floating)):
+            images.dtype == np.uint8 or floats and np.issubdtype(images.dtype, np.floating)):
         raise UserError(f"{what} must be {form}; got {_form(images)}")
     if images.dtype != np.uint8 and images.size:
         lo, hi = float(np.min(images)), float(np.max(images))
@@ -92,7 +80,6 @@ def check_pixels(images, what: str = "images") -> np.ndarray:
 
 
 def _form(array) -> str:
-    """An array's dtype and shape, for an error message."""
     return f"{array.dtype} {tuple(array.shape)}" if hasattr(array, "shape") else type(array).__name__
 
 
@@ -108,30 +95,24 @@ class Dataset:
 # ---------------------------------------------------------------------------------------------- splits
 
 def split_indices(n: int, val_fraction: float = 0.2, seed: int = 0):
-    """Seeded, deterministic (train, val) index arrays: a permutation cut at round(n * val_fraction)."""
+    """Seeded (train, val) index arrays, sorted: a permutation cut at round(n * val_fraction)."""
     perm = np.random.default_rng(seed).permutation(n)
     n_val = int(round(n * val_fraction))
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def balanced_indices(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-    """A seeded, class-balanced choice of n indices (sorted): n // classes per class, the remainder to the
-    first classes; a class with fewer images gives all it has."""
-    classes = np.unique(labels)
+def _balanced(split: Split, n: int, seed: int) -> Split:
+    """A seeded, class-balanced n of `split`: n // classes per class, the remainder to the first classes."""
+    classes = np.unique(split.labels)
     rng = np.random.default_rng([seed, n])
-    picks = []
-    for i, c in enumerate(classes):
-        members = np.flatnonzero(labels == c)
-        k = n // len(classes) + (i < n % len(classes))
-        picks.append(rng.permutation(members)[:k])
-    return np.sort(np.concatenate(picks))
+    picks = [rng.permutation(np.flatnonzero(split.labels == c))[:n // len(classes) + (i < n % len(classes))]
+             for i, c in enumerate(classes)]
+    return split.subset(np.sort(np.concatenate(picks)))
 
 
 def train_val_split(dataset: Dataset, val_fraction: float = 0.2, seed: int = 0, subset: int = 0):
-    """The original's 80/20 split of the training images: (train Split, val Split).
-
-    With `subset` N, a seeded class-balanced N of the training part and N // 4 of the validation part.
-    """
+    """The original's 80/20 split of the training images: (train Split, val Split); with `subset` N, a seeded
+    class-balanced N of the training part and N // 4 of the validation part."""
     if dataset.train is None or len(dataset.train) < 2:
         raise UserError("this dataset has no training images to split; give a folder with DIR/train/<class>/*")
     dataset.train.check_images("the dataset's training images")
@@ -141,25 +122,22 @@ def train_val_split(dataset: Dataset, val_fraction: float = 0.2, seed: int = 0, 
     for name, value in (("seed", seed), ("subset", subset)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2**32:
             raise UserError(f"{name} must be an integer from 0 to {2**32 - 1}, got {value!r}")
-    train_idx, val_idx = split_indices(len(dataset.train), val_fraction, seed)
-    if not len(train_idx) or not len(val_idx):
+    train, val = (dataset.train.subset(i) for i in split_indices(len(dataset.train), val_fraction, seed))
+    if not len(train) or not len(val):
         raise UserError(f"val_fraction {val_fraction} of {len(dataset.train)} images leaves an empty "
-                        f"{'training' if not len(train_idx) else 'validation'} split; give more images or another "
+                        f"{'training' if not len(train) else 'validation'} split; give more images or another "
                         "val_fraction")
-    train, val = dataset.train.subset(train_idx), dataset.train.subset(val_idx)
-    if subset:
-        if subset >= len(train):
-            warn(f"--subset {subset} is not less than the {len(train)} training images of this split; all of them "
-                 f"are used")
-        else:
-            train = train.subset(balanced_indices(train.labels, subset, seed))
-            val = val.subset(balanced_indices(val.labels, min(max(1, subset // 4), len(val)), seed + 1))
+    if subset and subset >= len(train):
+        warn(f"--subset {subset} is not less than the {len(train)} training images of this split; all of them are "
+             "used")
+    elif subset:
+        train, val = _balanced(train, subset, seed), _balanced(val, min(max(1, subset // 4), len(val)), seed + 1)
     return train, val
 
 
 def select_classes(dataset: Dataset, classes) -> Dataset:
-    """`dataset` restricted to the named `classes`, labels renumbered 0.. in the order given (train and test
-    alike); the dataset itself when `classes` is empty or every class in the data's own order."""
+    """`dataset` restricted to the named `classes`, labels renumbered 0.. in the order given; the dataset itself
+    when `classes` is empty or every class in the data's own order."""
     classes = tuple(c.strip() for c in classes.split(",") if c.strip()) if isinstance(classes, str) else \
         tuple(classes or ())
     if not classes or classes == tuple(dataset.classes):
@@ -173,35 +151,33 @@ def select_classes(dataset: Dataset, classes) -> Dataset:
     renumber[[dataset.classes.index(c) for c in classes]] = np.arange(len(classes))
 
     def cut(split):
-        if split is None:
-            return None
         keep = np.flatnonzero(renumber[split.labels] >= 0)
         return Split(split.images[keep], renumber[split.labels[keep]])
-    return Dataset(dataset.source, classes, cut(dataset.train), cut(dataset.test))
+    return Dataset(dataset.source, classes, *(None if s is None else cut(s) for s in (dataset.train, dataset.test)))
 
 
 def fingerprint(dataset: Dataset) -> dict:
-    """What a run's split depends on: the image counts and a SHA-256 of the classes and of every decoded image
-    and label, in order. Equal for the same images in another folder; changed by any image added, removed,
-    relabelled or altered."""
+    """What a run's split depends on: the image counts and a SHA-256 of the classes and every decoded image and
+    label, in order (equal for the same images in another folder)."""
     h = hashlib.sha256(json.dumps(list(dataset.classes)).encode())
     counts = {}
-    for name in ("train", "test"):
-        split = getattr(dataset, name)
-        if split is not None:
-            counts[name] = len(split)
-            h.update(f"|{name}|{split.images.shape}|".encode())
-            h.update(np.ascontiguousarray(split.images).data)
-            h.update(np.ascontiguousarray(split.labels, dtype=np.int64).data)
+    for name, split in _present(dataset):
+        counts[name] = len(split)
+        h.update(f"|{name}|{split.images.shape}|".encode())
+        h.update(np.ascontiguousarray(split.images).data)
+        h.update(np.ascontiguousarray(split.labels, dtype=np.int64).data)
     return {"images": counts, "sha256": h.hexdigest()}
+
+
+def _present(dataset: Dataset):
+    return [(name, getattr(dataset, name)) for name in _SPLITS if getattr(dataset, name) is not None]
 
 
 # ---------------------------------------------------------------------------------------------- sources
 
 def _folder_splits(root: Path, unused: Optional[list] = None):
-    """{'train': (classes, files), 'test': ...} for an ImageFolder tree rooted at `root` (`unused` collects the
-    paths of entries that are not used)."""
-    splits = {s: sources.class_files(root / s, unused) for s in ("train", "test") if (root / s).is_dir()}
+    """{'train': (classes, files), 'test': ...} of an ImageFolder tree (`unused` collects entries not used)."""
+    splits = {s: sources.class_files(root / s, unused) for s in _SPLITS if (root / s).is_dir()}
     if not splits:
         nested = sorted(e.path for e in os.scandir(root) if e.is_dir() and os.path.isdir(os.path.join(e.path, "train")))
         if nested:  # the folder that holds the unpacked data, one level too high
@@ -210,68 +186,56 @@ def _folder_splits(root: Path, unused: Optional[list] = None):
     return {s: v for s, v in splits.items() if v[1]}
 
 
-def _relative(path: str, root: Path) -> str:
-    """`path` (a file below `root`, as os.scandir joined it) relative to `root`: str(Path.relative_to), by string
-    slicing (50,000 Path objects take seconds; the cache key must not change with the method)."""
-    base = "" if str(root) == "." else os.path.join(str(root), "")  # Path(".") / "train" is "train"
-    return path[len(base):] if path.startswith(base) else str(Path(path).relative_to(root))
-
-
 def _load_folder(root: Path, size: int) -> Dataset:
     splits = _folder_splits(root)
     if not splits:
         raise UserError(f"no images found in {root}: expected {root}/train/<class>/*.jpg (and optionally "
                         f"{root}/test/<class>/*.jpg) with extensions {', '.join(sources.IMAGE_EXTENSIONS)}")
-    class_lists = {s: tuple(v[0]) for s, v in splits.items()}
-    if len(set(class_lists.values())) > 1:
-        train, test = class_lists["train"], class_lists["test"]
+    classes = {s: tuple(v[0]) for s, v in splits.items()}
+    if len(set(classes.values())) > 1:
+        train, test = classes["train"], classes["test"]
         raise UserError(f"the train and test class folders in {root} disagree: only in train: "
                         f"{sorted(set(train) - set(test))}, only in test: {sorted(set(test) - set(train))}; "
                         "give both splits the same class folders")
-    classes = next(iter(class_lists.values()))
-    fingerprint = {s: sources.content_digest([f.path for f in v[1]], [_relative(f.path, root) for f in v[1]])
-                   for s, v in splits.items()}
+    # names relative to root by string slicing (50,000 Paths take seconds): str(Path(f.path).relative_to(root))
+    base = "" if str(root) == "." else os.path.join(str(root), "")  # Path(".") / "train" is "train"
+    digests = {s: sources.content_digest([f.path for f in v[1]], [f.path[len(base):] for f in v[1]])
+               for s, v in splits.items()}
 
     def build():
         decoded = {s: Split(*sources.decode_files(v[1], size, f"decoding {s}")) for s, v in splits.items()}
-        return Dataset("folder", classes, decoded.get("train"), decoded.get("test"))
-    return _cached("folder", root, size, fingerprint, build)
+        return Dataset("folder", classes[next(iter(splits))], decoded.get("train"), decoded.get("test"))
+    return _cached("folder", root, size, digests, build)
 
 
-def _load_cifar_batches(folder: Path, size: int) -> Dataset:
-    classes = sources.cifar_classes(folder)
+def _load_cifar(folder: Path, size: int) -> Dataset:
+    names = sorted(e.name for e in os.scandir(folder) if e.is_file())
 
-    def split(names):
-        parts = [sources.read_cifar_batch(folder / n, len(classes)) for n in names]
-        images = np.concatenate([p[0] for p in parts])
-        return Split(_resize(images, size), np.concatenate([p[1] for p in parts]))
-    return Dataset("cifar-10-batches-py", classes, split(sources.CIFAR_TRAIN_BATCHES), split(["test_batch"]))
-
-
-def _resize(images: np.ndarray, size: int) -> np.ndarray:
-    if images.shape[1:3] == (size, size):
-        return np.ascontiguousarray(images)
-    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])
+    def build():
+        classes = sources.cifar_classes(folder)
+        train = [sources.read_cifar_batch(folder / n, len(classes), size) for n in sources.CIFAR_TRAIN_BATCHES]
+        test = sources.read_cifar_batch(folder / "test_batch", len(classes), size)
+        return Dataset("cifar-10-batches-py", classes, Split(*map(np.concatenate, zip(*train))), Split(*test))
+    return _cached("cifar", folder, size, sources.content_digest([folder / n for n in names], names), build)
 
 
 def _download_cifar10(root: Path) -> Path:
+    elsewhere = (f"pass --data-dir with a folder holding {sources.CIFAR_DIR} or an ImageFolder tree "
+                 "(DIR/train/<class>/*.jpg)")
     try:
         CIFAR10 = torchlib.load("torchvision.datasets").CIFAR10
     except UserError as error:
-        raise UserError(f"no --data-dir given, and CIFAR-10 cannot be downloaded: {error}; or pass --data-dir with "
-                        f"a folder holding {sources.CIFAR_DIR} or an ImageFolder tree (DIR/train/<class>/*.jpg)"
-                        ) from None
+        raise UserError(f"no --data-dir given, and CIFAR-10 cannot be downloaded: {error}; or {elsewhere}") from None
     try:
         root.mkdir(parents=True, exist_ok=True)
         CIFAR10(str(root), train=True, download=True)
     except Exception as error:  # noqa: BLE001 - network failures surface as many types
         raise UserError(f"could not download CIFAR-10 into {root} ({type(error).__name__}: {error}); "
-                        "on a machine without network, pass --data-dir with a folder holding "
-                        f"{sources.CIFAR_DIR} or an ImageFolder tree (DIR/train/<class>/*.jpg)") from None
+                        f"on a machine without network, {elsewhere}") from None
     return root / sources.CIFAR_DIR
 
 
-def _load_fake(size: int, seed: int = 0, n_train: int = 1000, n_test: int = 200) -> Dataset:
+def _load_fake(size: int, n_train: int = 1000, n_test: int = 200) -> Dataset:
     FakeData = torchlib.load("torchvision.datasets").FakeData
 
     def split(n, offset):
@@ -279,78 +243,47 @@ def _load_fake(size: int, seed: int = 0, n_train: int = 1000, n_test: int = 200)
         items = [fake[i] for i in range(n)]  # each item draws its image and label afresh: draw once
         return Split(np.stack([np.asarray(image, np.uint8) for image, _ in items]),
                      np.array([int(label) for _, label in items], np.int32))
-
-    return Dataset("fake", tuple(f"class{i}" for i in range(10)), split(n_train, seed), split(n_test, seed + n_train))
+    return Dataset("fake", tuple(f"class{i}" for i in range(10)), split(n_train, 0), split(n_test, n_train))
 
 
 # ---------------------------------------------------------------------------------------------- cache
 
-def _cache_key(kind: str, root: Path, size: int, fingerprint) -> str:
-    blob = json.dumps([_CACHE_FORMAT, kind, str(root.resolve()), size, fingerprint])
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
 def _save(dataset: Dataset, path: Path, key: str) -> None:
     arrays = {"key": np.array(key), "source": np.array(dataset.source), "classes": np.array(dataset.classes, str)}
-    for name in ("train", "test"):
-        split = getattr(dataset, name)
-        if split is not None:
-            arrays[f"{name}_images"], arrays[f"{name}_labels"] = split.images, split.labels
+    for name, split in _present(dataset):
+        arrays[f"{name}_images"], arrays[f"{name}_labels"] = split.images, split.labels
     with atomic_write(path, "wb") as f:
         np.savez(f, **arrays)
 
 
-def _load(path: Path, key: str, size: int) -> Optional[Dataset]:
-    """The cached dataset, or None when the file's stored key or contents do not match."""
+def _load(path: Path, key: str, size: int) -> Dataset:
+    """The cached dataset; an error when the file's key or contents do not match."""
     with np.load(path) as z:
-        if "key" not in z.files or str(z["key"]) != key:
-            return None
+        if str(z["key"]) != key:
+            raise ValueError("the arrays of another source")
         classes = tuple(str(c) for c in z["classes"])
-        splits = {}
-        for n in ("train", "test"):
-            if f"{n}_images" not in z.files:
-                splits[n] = None
-                continue
-            split = Split(z[f"{n}_images"], z[f"{n}_labels"])
-            if (split.images.dtype != np.uint8 or split.images.shape[1:] != (size, size, 3)
-                    or len(split.images) != len(split.labels) or
-                    (len(split) and not 0 <= split.labels.min() <= split.labels.max() < len(classes))):
-                return None
-            splits[n] = split
-        return Dataset(str(z["source"]), classes, splits["train"], splits["test"])
+        splits = [Split(z[f"{n}_images"], z[f"{n}_labels"]) if f"{n}_images" in z.files else None for n in _SPLITS]
+        for split in filter(None, splits):
+            if split.check_images(allow_empty=True).images.shape[1:3] != (size, size):
+                raise ValueError("images of another size")
+            sources.check_labels(split.labels, len(classes), str(path))
+        return Dataset(str(z["source"]), classes, *splits)
 
 
 def _cached(kind: str, root: Path, size: int, fingerprint, build) -> Dataset:
-    key = _cache_key(kind, root, size, fingerprint)
+    key = hashlib.sha256(json.dumps([_CACHE_FORMAT, kind, str(root.resolve()), size, fingerprint]).encode()).hexdigest()
     path = cache_dir() / "datasets" / f"{kind}-{key[:20]}.npz"
     if path.is_file():
         try:
-            dataset = _load(path, key, size)
-        except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
-            dataset = None
-        if dataset is not None:
-            return dataset
-        warn(f"cached arrays {path} are damaged or do not match their source; decoding the images again")
+            return _load(path, key, size)
+        except Exception:  # noqa: BLE001 - a damaged or mismatched cache entry is rebuilt
+            warn(f"cached arrays {path} are damaged or do not match their source; decoding the images again")
     dataset = build()
     best_effort(lambda: _save(dataset, path, key), f"writing the dataset cache {path}")
     return dataset
 
 
-def _batches_fingerprint(folder: Path):
-    names = sorted(e.name for e in os.scandir(folder) if e.is_file())
-    return sources.content_digest([folder / n for n in names], names)
-
-
 # ---------------------------------------------------------------------------------------------- entry
-
-def _check_size(size: int) -> None:
-    if not isinstance(size, int) or not 8 <= size <= 1024:
-        raise UserError(f"image size must be an integer between 8 and 1024, got {size!r}")
-
-
-def _load_cifar(folder: Path, size: int) -> Dataset:
-    return _cached("cifar", folder, size, _batches_fingerprint(folder), lambda: _load_cifar_batches(folder, size))
-
 
 def load_dataset(data_dir=None, dataset: str = "auto", size: int = 32, classes=()) -> Dataset:
     """Load a dataset as uint8 arrays (see the module docstring for the sources); cached after the first load.
@@ -359,20 +292,20 @@ def load_dataset(data_dir=None, dataset: str = "auto", size: int = 32, classes=(
 
 
 def _load_dataset(data_dir, dataset: str, size: int) -> Dataset:
-    _check_size(size)
+    if not isinstance(size, int) or not 8 <= size <= 1024:
+        raise UserError(f"image size must be an integer between 8 and 1024, got {size!r}")
     if dataset not in SOURCES:
         raise UserError(f"dataset must be one of {', '.join(SOURCES)}, got {dataset!r}")
     if dataset == "fake":
         return _load_fake(size)
     if data_dir is not None and not str(data_dir).strip():
         raise UserError("--data-dir is empty; pass the folder that holds your images")
-    root = Path(data_dir).expanduser() if data_dir is not None else None
-    if dataset == "folder" and root is None:
+    if dataset == "folder" and data_dir is None:
         raise UserError("--dataset folder needs --data-dir DIR (a folder with DIR/train/<class>/*.jpg)")
+    root = Path(data_dir).expanduser() if data_dir is not None else cache_dir() / "cifar10"
+    folder = root if root.name == sources.CIFAR_DIR else root / sources.CIFAR_DIR
     try:
-        if dataset == "cifar10" or (dataset == "auto" and root is None):
-            root = root or cache_dir() / "cifar10"
-            folder = root if root.name == sources.CIFAR_DIR else root / sources.CIFAR_DIR
+        if dataset == "cifar10" or (dataset == "auto" and data_dir is None):
             return _load_cifar(folder if (folder / "batches.meta").is_file() else _download_cifar10(root), size)
         try:
             root.stat()  # not exists(), which says False for a symbolic link loop: that is an OSError below
@@ -382,47 +315,36 @@ def _load_dataset(data_dir, dataset: str, size: int) -> Dataset:
         if not root.is_dir():
             raise UserError(_archive_advice(root) or f"{root} is a file, not a data folder; pass the folder that "
                             "holds it")
-        if dataset == "auto":
-            for folder in (root, root / sources.CIFAR_DIR):
-                if folder.name == sources.CIFAR_DIR and folder.is_dir():
-                    return _load_cifar(folder, size)
-        return _load_folder(root, size)
+        return _load_cifar(folder, size) if dataset == "auto" and folder.is_dir() else _load_folder(root, size)
     except OSError as error:
         raise user_error_from_os(error, f"cannot read the data in {root}") from None
 
 
-ARCHIVES = {".tar.gz": "tar xzf", ".tgz": "tar xzf", ".tar": "tar xf", ".tar.bz2": "tar xjf", ".tar.xz": "tar xJf"}
+_UNPACK = {".zip": "unzip {} -d DIR", ".tar.gz": "tar xzf {} -C DIR", ".tgz": "tar xzf {} -C DIR",
+           ".tar": "tar xf {} -C DIR", ".tar.bz2": "tar xjf {} -C DIR", ".tar.xz": "tar xJf {} -C DIR"}
 
 
 def _archive_advice(path: Path) -> Optional[str]:
-    """For an archive passed as the data folder: the message saying how to unpack it (None for other files)."""
+    """For an archive passed as the data folder: how to unpack it, and the folder it unpacks into (from its first
+    entry); None for other files."""
     name = path.name.lower()
-    if name.endswith(".zip"):
-        unpack, inner = f"unzip {shlex.quote(str(path))} -d DIR", _first_member(path, "zip")
-    else:
-        command = next((c for ext, c in ARCHIVES.items() if name.endswith(ext)), None)
-        if command is None:
-            return None
-        unpack, inner = f"{command} {shlex.quote(str(path))} -C DIR", _first_member(path, "tar")
-    return (f"{path} is an archive; unpack it first ({unpack}), then pass --data-dir "
-            f"{'DIR/' + inner if inner else 'DIR (or the folder it unpacked into)'}")
-
-
-def _first_member(path: Path, kind: str) -> Optional[str]:
-    """The top-level folder an archive unpacks into, from its first entry (None if unknown)."""
+    command = next((c for ext, c in _UNPACK.items() if name.endswith(ext)), None)
+    if command is None:
+        return None
     try:
-        if kind == "zip":
+        if name.endswith(".zip"):
             with zipfile.ZipFile(path) as z:
-                name = next(iter(z.namelist()), "")
-                is_dir = name.endswith("/")
+                first = next(iter(z.namelist()), "")
         else:
             with tarfile.open(path) as t:
                 member = t.next()
-                name, is_dir = (member.name, member.isdir()) if member is not None else ("", False)
+                first = "" if member is None else member.name + "/" * member.isdir()
     except Exception:  # noqa: BLE001 - a damaged archive still gets the unpacking advice
-        return None
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    return parts[0] if parts and (is_dir or len(parts) > 1) else None
+        first = ""
+    parts = [p for p in first.split("/") if p not in ("", ".")]
+    inner = parts[0] if parts and (first.endswith("/") or len(parts) > 1) else None
+    return (f"{path} is an archive; unpack it first ({command.format(shlex.quote(str(path)))}), then pass "
+            f"--data-dir {'DIR/' + inner if inner else 'DIR (or the folder it unpacked into)'}")
 
 
 def describe(dataset: Dataset, val_fraction: float = 0.2, seed: int = 0) -> dict:
@@ -453,12 +375,11 @@ def main(argv=None) -> None:
     parser.add_argument("--classes", default="", metavar="NAME,NAME",
                         help="only these classes, relabelled in this order (default: all)")
     args = parser.parse_args(argv)
-    described = describe(load_dataset(args.data_dir, args.dataset, args.decode_size, args.classes), args.val_fraction,
-                         args.seed)
+    dataset = load_dataset(args.data_dir, args.dataset, args.decode_size, args.classes)
     unused = []
-    if described["source"] == "folder":
+    if dataset.source == "folder":
         _folder_splits(Path(args.data_dir).expanduser(), unused)
-    print(json.dumps({**described, "unused_entries": unused}))
+    print(json.dumps({**describe(dataset, args.val_fraction, args.seed), "unused_entries": unused}))
 
 
 if __name__ == "__main__":

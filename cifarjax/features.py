@@ -1,7 +1,6 @@
-"""Frozen-feature caching: when the freezing policy leaves the whole backbone and its BatchNorm fixed and the
-augmentation is flips only, backbone features are a fixed function of the image, so compute them once per view
-(as is, mirrored) and train the head on them (`inputs.FeatureInputs`). A step draws the same flips as the image
-path would, so both paths follow the same curve."""
+"""Frozen-feature caching: with the whole backbone and its BatchNorm fixed and flips the only augmentation, the
+backbone's features are a fixed function of the image, so they are computed once per view (as is, mirrored) and the
+head trains on them (`inputs.FeatureInputs`), drawing the same flips as the image path would."""
 from __future__ import annotations
 
 import functools
@@ -41,29 +40,21 @@ def _extractor(model, spec: AugmentSpec, devices: tuple):
                     in_axes=(0, 0, None))
 
 
-def extract_features(model, variables, images: np.ndarray, spec: AugmentSpec, views: int = 2,
-                     batch_size: int = 500, devices=None, desc: str = "features") -> np.ndarray:
-    """(N, views, D) float32 backbone features; view 0 as is, view 1 mirrored left-right. Every process gets
-    all of them."""
+def backbone_features(config, model, variables: dict, train: Split, val: Split, devices=None):
+    """Cached features for the head, (N, views, D) float32 in every process, view 1 mirrored: (train with 2 views,
+    val with 2 when test-time flip averaging needs the mirror, else 1)."""
     parallel = DataParallel(None, devices=devices)
-    fn = _extractor(model, spec, tuple(parallel.devices))
+    extract = _extractor(model, AugmentSpec.from_config(config), tuple(parallel.devices))
     replicated = parallel.replicate(variables)
-    idx, mask = eval_indices(len(images), batch_size, parallel.n_devices)
-    out = []
-    for view in range(views):
-        chunks = [fn(replicated, images[parallel.mine(i)], np.bool_(view))
-                  for i in tqdm(idx, desc=f"{desc} view {view}", leave=False, mininterval=2.0,
-                                disable=jax.process_index() != 0)]
-        out.append(np.concatenate([parallel.unreplicate(c)[m] for c, m in zip(chunks, mask)]))
-    return np.stack(out, axis=1)
 
-
-def backbone_features(config, model, variables: dict, train, val, devices=None):
-    """Cached features for the head: (train (N, 2, D), val (N, views, D)); validation keeps the mirrored view
-    only when test-time flip averaging needs it."""
-    spec = AugmentSpec.from_config(config)
-    kw = dict(batch_size=config.eval_batch_size, devices=devices)
-    train_f = extract_features(model, variables, train.images, spec, views=2, desc="train features", **kw)
-    val_f = extract_features(model, variables, val.images, spec, views=2 if config.tta_flip else 1,
-                             desc="val features", **kw)
-    return Split(train_f, train.labels), Split(val_f, val.labels)
+    def features(images, views, desc):
+        idx, mask = eval_indices(len(images), config.eval_batch_size, parallel.n_devices)
+        out = []
+        for view in range(views):
+            chunks = [extract(replicated, images[parallel.mine(i)], np.bool_(view))
+                      for i in tqdm(idx, desc=f"{desc} view {view}", leave=False, mininterval=2.0,
+                                    disable=jax.process_index() != 0)]
+            out.append(np.concatenate([parallel.unreplicate(c)[m] for c, m in zip(chunks, mask)]))
+        return np.stack(out, axis=1)
+    return (Split(features(train.images, 2, "train features"), train.labels),
+            Split(features(val.images, 2 if config.tta_flip else 1, "val features"), val.labels))

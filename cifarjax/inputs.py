@@ -1,16 +1,6 @@
-"""What a step feeds the model, gathered on the device from resident data and the step's indices, and the
-host's side of it: the data a call receives (`ResidentFeed`, `HostAugmentFeed`).
-
-* `ImageInputs`: uint8 images resident on the device; train steps augment them (jitted), eval steps scale,
-  resize and normalise them.
-* `FeatureInputs`: cached backbone features (N, views, D); view 1 is the mirrored image's, so a flip draw
-  picks a view, exactly as the image path would flip the image.
-* `HostAugmentedInputs`: a batch already augmented on the host (albumentations) at its decoded size; the
-  step's data is the batch itself and its indices are its own rows (see `loop.HostAugmentFeed`).
-
-Random choices are drawn for the global batch and sliced per device, so augmentation does not depend on
-how the batch is spread over devices and processes.
-"""
+"""What a step feeds the model, gathered on the device from resident data and the step's indices, and the data
+a call receives from the host (`ResidentFeed`, `HostAugmentFeed`). Random choices are drawn for the global batch
+and sliced per device, so augmentation does not depend on how the batch is spread over devices and processes."""
 from __future__ import annotations
 
 import collections
@@ -23,19 +13,18 @@ import numpy as np
 from cifarjax.augment import AugmentSpec, HostAugment, augment, draw_choices, eval_view, flip
 
 
-def device_choices(key, per_device: int, device, n_devices: int, spec: AugmentSpec):
-    """This device's slice of the random choices drawn for the whole global batch."""
-    return draw_choices(key, per_device * n_devices, spec).slice(device * per_device, per_device)
+def _choices(key, idx, device, n_devices, spec: AugmentSpec):
+    """This device's rows of the choices drawn for the whole global batch."""
+    return draw_choices(key, idx.shape[0] * n_devices, spec, (device * idx.shape[0], idx.shape[0]))
 
 
 @dataclass(frozen=True)
 class ImageInputs:
-    """uint8 images resident on the device: augmented for training, scaled, resized and normalised for
-    evaluation, as `spec` says."""
+    """uint8 images resident on the device: augmented for training; scaled, resized and normalised for evaluation."""
     spec: AugmentSpec
 
     def train(self, key, images, idx, device, n_devices):
-        return augment(images[idx], device_choices(key, idx.shape[0], device, n_devices, self.spec), self.spec)
+        return augment(images[idx], _choices(key, idx, device, n_devices, self.spec), self.spec)
 
     def eval(self, images, idx, mirrored: bool = False):
         x = eval_view(images[idx], self.spec)
@@ -43,30 +32,26 @@ class ImageInputs:
 
 
 @dataclass(frozen=True)
+class HostAugmentedInputs(ImageInputs):
+    """Images augmented on the host (`HostAugmentFeed`; the step's indices are the batch's own rows): the device
+    only scales, resizes and normalises them."""
+
+    def train(self, key, images, idx, device, n_devices):
+        return eval_view(images[idx], self.spec)
+
+
+@dataclass(frozen=True)
 class FeatureInputs:
+    """Cached backbone features (N, views, D), view 1 the mirrored image's: a flip draw picks a view, as the image
+    path would flip the image."""
     spec: AugmentSpec
     cheap_steps = True  # a head on cached features: the loop runs many steps per call (train.train_steps)
 
     def train(self, key, features, idx, device, n_devices):
-        flips = device_choices(key, idx.shape[0], device, n_devices, self.spec).flips
-        return features[idx, flips.astype(jnp.int32)]
+        return features[idx, _choices(key, idx, device, n_devices, self.spec).flips.astype(jnp.int32)]
 
     def eval(self, features, idx, mirrored: bool = False):
         return features[idx, int(mirrored)]
-
-
-@dataclass(frozen=True)
-class HostAugmentedInputs:
-    """Images augmented on the host (uint8 at their decoded size, or whatever the host's transform made): the
-    device scales, resizes and normalises them (the host flipped them)."""
-    spec: AugmentSpec
-
-    def train(self, key, images, idx, device, n_devices):
-        del key, device, n_devices
-        return eval_view(images[idx], self.spec)
-
-    def eval(self, images, idx, mirrored: bool = False):
-        return ImageInputs(self.spec).eval(images, idx, mirrored)
 
 
 class ResidentFeed:
@@ -79,14 +64,13 @@ class ResidentFeed:
         return self.data, self.parallel.mine(idx, axis=idx.ndim - 2)
 
     def ahead(self, batches):
-        """`batches` as they are: nothing to prepare."""
         return batches
 
 
 class HostAugmentFeed:
-    """Host augmentation: every process augments the whole global batch (so draws do not depend on how the
-    devices are spread) and places its own rows; a step's data is then the batch itself, and its indices
-    are the batch's own rows. `ahead` prepares the next calls' batches while the device runs the current one."""
+    """Every process augments the whole global batch (so draws do not depend on how the devices are spread) and
+    places its own rows; a step's indices are then the batch's own rows. `ahead` prepares the next calls' batches
+    while the device runs the current one."""
     DEPTH = 2  # calls prepared ahead
 
     def __init__(self, parallel, split, augment: HostAugment):
@@ -94,8 +78,8 @@ class HostAugmentFeed:
         self.prepared = {}  # first step of a call -> (its indices, the Future of its placed batch), from `ahead`
 
     def __call__(self, idx: np.ndarray, step: int):
-        """`idx`: one step's (devices, per_device) indices, or several steps' (steps, devices, per_device), the
-        first of them `step`: the batch `ahead` prepared for them, else prepared now."""
+        """The batch of `idx` ((devices, per_device) or (steps, devices, per_device), the first step `step`): the one
+        `ahead` prepared, else prepared now."""
         idx_future = self.prepared.pop(step, None)
         if idx_future is not None and np.array_equal(idx_future[0], idx):
             return idx_future[1].result()
@@ -113,9 +97,8 @@ class HostAugmentFeed:
         return p.shard((p.mine(images), p.mine(labels))), p.mine(rows, axis=idx.ndim - 2)
 
     def ahead(self, batches):
-        """`batches` ((`schedule.Call`, its indices) per call) passed through, while one background thread prepares
-        the next `DEPTH` calls' batches in order: the same batches, each from its own steps' draws. Closing it (the
-        loop ended, failed or was interrupted) cancels what has not started and waits for the batch under way."""
+        """`batches` ((`schedule.Call`, its indices) per call) passed through while one thread prepares the next
+        `DEPTH` calls' batches in order; closing it cancels what has not started and waits for the one under way."""
         pool, queued = ThreadPoolExecutor(1, thread_name_prefix="host-augment"), collections.deque()
         try:
             for call, idx in batches:
@@ -123,8 +106,7 @@ class HostAugmentFeed:
                 queued.append((call, idx))
                 if len(queued) > self.DEPTH:
                     yield queued.popleft()
-            while queued:
-                yield queued.popleft()
+            yield from queued
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             self.prepared.clear()

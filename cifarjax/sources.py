@@ -1,11 +1,7 @@
-"""Reading the data sources into uint8 arrays, refusing anything malformed with a message naming the file.
-
-* ImageFolder trees: every image mode Pillow opens becomes the right 8-bit RGB picture (16-bit and float
-  images are scaled, palettes and CMYK converted, alpha dropped as torchvision's loader does) or is refused;
-  an image over Pillow's pixel limit (`Image.MAX_IMAGE_PIXELS`, 89 megapixels) is refused as a corrupt one is.
-* CIFAR-10's python batches: read by an unpickler that accepts only numpy objects, then checked (keys,
-  dtype, shape, label count and range).
-"""
+"""Reading image files and CIFAR-10's python batches into uint8 arrays, refusing anything malformed with a message
+naming the file: every image mode Pillow opens becomes 8-bit RGB (16-bit and float images scaled, palettes and
+CMYK converted, alpha dropped as torchvision's loader does) or is refused, as is an image over Pillow's pixel limit;
+CIFAR batches are unpickled accepting only numpy objects, then checked field by field."""
 from __future__ import annotations
 
 import contextlib
@@ -35,31 +31,23 @@ class ImageFile(NamedTuple):
     label: int
 
 
-# ---------------------------------------------------------------------------------------------- folders
-
 def _scan(folder):
     try:
-        return sorted(os.scandir(folder), key=lambda e: e.name)
+        return [e for e in sorted(os.scandir(folder), key=lambda e: e.name) if not e.name.startswith(".")]
     except OSError as error:
         raise user_error_from_os(error, f"cannot list the data folder {folder}") from None
 
 
 def class_files(split_dir: Path, unused: Optional[list] = None):
     """(classes, [ImageFile]) of DIR/<class>/*. Empty class folders are skipped with a warning, and so, in one
-    warning line, is every entry that is not used (hidden ones aside): files without an image extension, broken
-    links, special files, folders inside a class folder, files beside the class folders. `unused` collects
-    their paths."""
+    line, is every other entry not used (hidden ones aside); `unused` collects their paths."""
     classes, files, skipped = [], [], []
     for entry in _scan(split_dir):
-        if entry.name.startswith("."):
-            continue
         if not entry.is_dir():
             skipped.append(entry.path)
             continue
         images = []
         for e in _scan(entry.path):
-            if e.name.startswith("."):
-                continue
             if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS):
                 images.append(e)
             else:
@@ -71,19 +59,18 @@ def class_files(split_dir: Path, unused: Optional[list] = None):
         files += [ImageFile(e.path, len(classes)) for e in images]
         classes.append(printable(entry.name))  # a name that is not UTF-8 is shown escaped everywhere
     if skipped:
-        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
-        warn(f"{len(skipped)} {'entry' if len(skipped) == 1 else 'entries'} in {printable(str(split_dir))} "
-             f"{'is' if len(skipped) == 1 else 'are'} not used (not image files, broken links, special files or "
-             f"folders): {', '.join(map(printable, skipped[:3]))}{more}; python -m cifarjax.data lists them all")
+        n, more = len(skipped), f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        warn(f"{n} {'entry' if n == 1 else 'entries'} in {printable(str(split_dir))} {'is' if n == 1 else 'are'} "
+             f"not used (not image files, broken links, special files or folders): "
+             f"{', '.join(map(printable, skipped[:3]))}{more}; python -m cifarjax.data lists them all")
     if unused is not None:
         unused += skipped
     return classes, files
 
 
 def content_digest(paths, names=None) -> str:
-    """A SHA-256 of each file's name (from `names`) and the SHA-256 of its bytes, in order: changed by any byte
-    altered, any file added, removed, renamed or moved, whatever the files' sizes and times say. Raw reads into one
-    buffer: 50,000 small files in about 0.35 s of CPU on 2 cores, less than with Python's file objects."""
+    """A SHA-256 of each file's name (from `names`) and the SHA-256 of its bytes, in order: changed by any byte,
+    file or name changed, whatever sizes and times say. Raw reads into one buffer (50,000 small files: 0.35 s)."""
     digest, buffer = hashlib.sha256(), bytearray(1 << 16)  # under malloc's mmap threshold; a JPEG fits
     view = memoryview(buffer)
     for i, path in enumerate(paths):
@@ -100,11 +87,9 @@ def content_digest(paths, names=None) -> str:
 
 
 def to_rgb8(image) -> np.ndarray:
-    """A Pillow image of any mode as an (H, W, 3) uint8 RGB array with the right brightness.
-
-    16-bit images are scaled from [0, 65535]; 32-bit integer and float images are read as 8-bit when their
-    values fit [0, 255] (float: [0, 1] is scaled), as 16-bit when they fit [0, 65535], and refused otherwise.
-    """
+    """A Pillow image of any mode as (H, W, 3) uint8 RGB of the right brightness: 16-bit images scaled from
+    [0, 65535]; 32-bit integer and float images read as 8-bit when they fit [0, 255] (floats in [0, 1] scaled), as
+    16-bit when they fit [0, 65535], else refused."""
     mode = image.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
@@ -112,11 +97,11 @@ def to_rgb8(image) -> np.ndarray:
             raise ValueError(f"mode {mode} image with non-finite values")
         lo, hi = float(values.min()), float(values.max())
         if mode == "F" and lo >= 0 and hi <= 1:
-            scale = 255.0  # float images in [0, 1]
+            scale = 255.0
         elif lo >= 0 and hi <= 255 and not mode.startswith("I;16"):
-            scale = 1.0  # 32-bit integer or float images holding 8-bit values
+            scale = 1.0
         elif lo >= 0 and hi <= 65535:
-            scale = 255.0 / 65535.0  # 16-bit images
+            scale = 255.0 / 65535.0
         else:
             raise ValueError(f"mode {mode} image with values in [{lo:g}, {hi:g}], outside 8- or 16-bit ranges")
         gray = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
@@ -126,20 +111,23 @@ def to_rgb8(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)  # Pillow refuses modes it cannot convert
 
 
+def resized(rgb: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 at (size, size, 3), by Pillow's bilinear resize where the size differs."""
+    if rgb.shape[:2] == (size, size):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
 def decode_image(path, size: int, advice: str = "delete or replace that file and run again",
                  missing: str = "check the path") -> np.ndarray:
-    """One image file as (size, size, 3) uint8 RGB (bilinear resize when its size differs); a file that cannot be
-    read raises UserError naming it, then `advice` (`missing` when there is no such file). Only a regular file is
-    opened (a FIFO would block the read forever), as the data loader lists only regular files."""
+    """One image file as (size, size, 3) uint8 RGB; one that cannot be read raises UserError naming it, then
+    `advice` (`missing` when there is no such file). Only a regular file is opened (a FIFO would block forever)."""
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             raise UserError(f"image {path} is not a regular file (a FIFO, a socket, a device or a folder); {advice}")
         with Image.open(path) as image:
             image.seek(0)
-            rgb = Image.fromarray(to_rgb8(image))
-        if rgb.size != (size, size):
-            rgb = rgb.resize((size, size), Image.BILINEAR)
-        return np.asarray(rgb, dtype=np.uint8)
+            return resized(to_rgb8(image), size)
     except FileNotFoundError:
         raise UserError(f"image {path} does not exist; {missing}") from None
     except UserError:
@@ -150,9 +138,8 @@ def decode_image(path, size: int, advice: str = "delete or replace that file and
 
 @contextlib.contextmanager
 def refusing_bombs():
-    """Pillow's DecompressionBombWarning (an image of more than Image.MAX_IMAGE_PIXELS) raised as an error, so that
-    such an image is refused in one line as a corrupt one is, not warned of in two. Entered by the thread that
-    starts a decoding pool: warning filters are the process's, and entering them from several threads races."""
+    """Pillow's DecompressionBombWarning raised as an error, so such an image is refused in one line as a corrupt one
+    is. Entered by the thread that starts a decoding pool: warning filters are the process's, and racy."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         yield
@@ -172,8 +159,6 @@ def decode_files(files: Sequence[ImageFile], size: int, desc: str):
     return images, np.array([f.label for f in files], np.int32)
 
 
-# ---------------------------------------------------------------------------------------------- CIFAR-10
-
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """CIFAR-10's python batches hold dicts of lists and numpy arrays; nothing else may be unpickled."""
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype")} | {
@@ -189,7 +174,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 _REDOWNLOAD = "download CIFAR-10 again (python version)"
 
 
-def read_cifar_pickle(path: Path) -> dict:
+def _read_cifar_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             value = _NumpyOnlyUnpickler(f, encoding="latin1").load()
@@ -206,16 +191,15 @@ def read_cifar_pickle(path: Path) -> dict:
 
 
 def cifar_classes(folder: Path) -> tuple:
-    meta = read_cifar_pickle(folder / "batches.meta")
-    names = meta.get("label_names")
+    names = _read_cifar_pickle(folder / "batches.meta").get("label_names")
     if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
         raise UserError(f"{folder / 'batches.meta'} has no list of class names ('label_names'); {_REDOWNLOAD}")
     return tuple(names)
 
 
-def read_cifar_batch(path: Path, num_classes: int):
-    """(images (N, 32, 32, 3) uint8, labels (N,) int32) of one batch file, checked field by field."""
-    batch = read_cifar_pickle(path)
+def read_cifar_batch(path: Path, num_classes: int, size: int):
+    """(images (N, size, size, 3) uint8, labels (N,) int32) of one batch file, checked field by field."""
+    batch = _read_cifar_pickle(path)
     missing = [k for k in ("data", "labels") if k not in batch]
     if missing:
         raise UserError(f"{path} lacks the key(s) {', '.join(missing)} of a CIFAR-10 batch; {_REDOWNLOAD}")
@@ -232,7 +216,8 @@ def read_cifar_batch(path: Path, num_classes: int):
     if len(labels) != len(data):
         raise UserError(f"{path} holds {len(data)} images but {len(labels)} labels; {_REDOWNLOAD}")
     check_labels(labels, num_classes, str(path))
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels.astype(np.int32)
+    images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    return np.stack([resized(im, size) for im in images]) if size != 32 else images, labels.astype(np.int32)
 
 
 def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
