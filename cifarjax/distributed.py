@@ -4,10 +4,9 @@
     distributed.initialize(auto=True)                       # SLURM, Open MPI, Kubernetes, TPU, JAX_COORDINATOR_*
     distributed.initialize("host0:1234", num_processes=2, process_id=0)
 
-`initialize` must run before anything touches a JAX backend. Without it, one process uses all its local
-devices and every helper here is a no-op. With it, the pmap-ed steps span every device of every process
-(`train.DataParallel`), process 0 alone writes files and shows progress (`is_writer`), `agree` refuses
-mismatched settings between processes, and a peer that dies ends the others with one clear line.
+`initialize` runs before anything starts a JAX backend; without it every helper here is a no-op. With it the
+steps span every device of every process, process 0 alone writes (`is_writer`), `agree` refuses mismatched settings,
+and a peer that dies ends the others with one clear line.
 """
 from __future__ import annotations
 
@@ -58,17 +57,13 @@ def process_count() -> int:
     return jax.process_count()
 
 
-def _fingerprint(value) -> np.ndarray:
-    text = json.dumps(value, sort_keys=True, default=str)
-    return np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8).astype(np.int32)
-
-
 def agree(values: dict, what: str) -> None:
     """Refuse to go on unless every process has the same `values` (compared by digest, key by key)."""
     if jax.process_count() == 1:
         return
     keys = sorted(values)
-    mine = np.stack([_fingerprint(values[k]) for k in keys])
+    digests = [hashlib.sha256(json.dumps(values[k], sort_keys=True, default=str).encode()).digest() for k in keys]
+    mine = np.stack([np.frombuffer(d, np.uint8).astype(np.int32) for d in digests])
     everyone = np.asarray(multihost_utils.process_allgather(mine))  # (processes, keys, 32)
     differing = [k for i, k in enumerate(keys) if not (everyone[:, i] == everyone[0, i]).all()]
     if differing:
@@ -78,8 +73,7 @@ def agree(values: dict, what: str) -> None:
 
 
 def writer_decides(flag: bool) -> bool:
-    """Process 0's `flag`, in every process: for a choice that every process must make alike (such as when to
-    checkpoint: every process joins a save) but that reads something local (such as a clock)."""
+    """Process 0's `flag` in every process: a choice all must make alike from something local (a clock)."""
     if jax.process_count() == 1:
         return flag
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))

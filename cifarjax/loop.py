@@ -305,8 +305,7 @@ def train_loop(config: Config, train: Split, val: Split, variables: Optional[dic
     return _fit_on_images(config, model, variables, train, val, "train", **options)
 
 
-def fine_tune_loop(config: Config, variables: dict, train: Split, val: Split, *, features=None,
-                   **options) -> FitResult:
+def fine_tune_loop(config: Config, variables: dict, train: Split, val: Split, *, features=None, **options) -> FitResult:
     """The original's fine_tune_loop: train a ResNet-18's unfrozen part (default: the head), on cached backbone
     features where the backbone is fixed (`features.cacheable`; `features` shares them between runs); `options`:
     `fit`'s."""
