@@ -1,12 +1,8 @@
 """Several processes or hosts with JAX's distributed runtime: start-up, one writer, agreement, and faults.
 
-    from cifarjax import distributed
-    distributed.initialize(auto=True)                       # SLURM, Open MPI, Kubernetes, TPU, JAX_COORDINATOR_*
-    distributed.initialize("host0:1234", num_processes=2, process_id=0)
-
-`initialize` runs before anything starts a JAX backend; without it every helper here is a no-op. With it the
-steps span every device of every process, process 0 alone writes (`is_writer`), `agree` refuses mismatched settings,
-and a peer that dies ends the others with one clear line.
+`initialize` (explicit, or `auto` from SLURM, Open MPI, Kubernetes, TPU) runs before anything starts a JAX backend;
+without it every helper here is a no-op. With it process 0 alone writes (`is_writer`), `agree` refuses mismatched
+settings, and a peer that dies ends the others with one clear line.
 """
 from __future__ import annotations
 

@@ -43,24 +43,18 @@ def _number(kind):
     return convert
 
 
-def _names(text: str) -> tuple:
-    """'cat,dog' -> ('cat', 'dog')."""
-    return tuple(name.strip() for name in text.split(",") if name.strip())
-
-
-_TYPES = {"int": _number(int), "float": _number(float), "str": str, "Optional[str]": str, "tuple": _names}
+_TYPES = {"int": _number(int), "float": _number(float), "str": str, "Optional[str]": str,
+          "tuple": lambda text: tuple(name.strip() for name in text.split(",") if name.strip())}  # 'cat,dog'
+_METAVARS = {"int": "N", "float": "X", "tuple": "NAME,NAME"}
 
 
 def add_config_flags(parser: argparse.ArgumentParser, command: str, base: Config, title: str = "settings",
-                     nargs: Optional[dict] = None, only: Optional[tuple] = None,
-                     shown: Optional[dict] = None) -> None:
+                     nargs: Optional[dict] = None, only: Optional[tuple] = None, shown: Optional[dict] = None) -> None:
     """One flag per Config field offered by `command` (or in `only`), its --help default `base`'s value (or
     `shown`'s text) and the other recipes'; `nargs`: field name -> argparse's nargs."""
     group = parser.add_argument_group(title)
     others = [r for r in RECIPES.get(command, {}).values() if r.name != base.recipe]
-    for f in fields_for(command):
-        if only is not None and f.name not in only:
-            continue
+    for f in (f for f in fields_for(command) if only is None or f.name in only):
         m, default = f.metadata, (shown or {}).get(f.name, getattr(base, f.name))
         default = "all" if default == () else default
         recipes = "".join(f"; --recipe {r.name}: {r.changes[f.name]}" for r in others
@@ -69,20 +63,13 @@ def add_config_flags(parser: argparse.ArgumentParser, command: str, base: Config
         if f.type == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs.update(type=_TYPES[f.type], choices=m["choices"], metavar=_metavar(f))
-            if nargs and f.name in nargs:
-                kwargs["nargs"] = nargs[f.name]
+            kwargs.update(type=_TYPES[f.type], choices=m["choices"], nargs=(nargs or {}).get(f.name),
+                          metavar=None if m["choices"] else _METAVARS.get(f.type, "VALUE"))
         group.add_argument(flag_name(f), **kwargs)
     if command in RECIPES:
         parser.add_argument("--recipe", default=None, choices=tuple(RECIPES[command]),
                             help="a named preset of these settings (cifarjax.recipes); flags override it "
                                  "(default: original)")
-
-
-def _metavar(f) -> Optional[str]:
-    if f.metadata["choices"]:
-        return None
-    return {"int": "N", "float": "X", "tuple": "NAME,NAME"}.get(f.type, "VALUE")
 
 
 def given(args: argparse.Namespace, command: str) -> dict:

@@ -1,10 +1,7 @@
-"""Training loops with the original's semantics: `train_loop` (SimpleCNN) and `fine_tune_loop` (ResNet-18), both
-running `fit`: one `for` (`_train`) over the calls `schedule.batches` lays out, telling its `hooks` what happened.
-
-Evaluation every `eval_every` steps and at epoch ends; checkpoints at epoch ends (at most one per
-`checkpoint_seconds`, the last epoch's always) and every `checkpoint_every` steps; resumption from the newest intact
-checkpoint; a stop on a non-finite loss; Ctrl-C or SIGTERM stops with a resumable checkpoint. Same seed, same
-machine: the same numbers, whether the devices sit in one process or several.
+"""Training loops with the original's semantics, `train_loop` (SimpleCNN) and `fine_tune_loop` (ResNet-18), over
+`fit`: one `for` (`_train`) over the calls `schedule.batches` lays out, telling its `hooks`. It resumes from the
+newest intact checkpoint, stops on a non-finite loss, and on Ctrl-C or SIGTERM with a resumable checkpoint; same
+seed, same machine: the same numbers, whether the devices sit in one process or several.
 """
 from __future__ import annotations
 
@@ -113,11 +110,9 @@ class Trainer:
         """One call of training steps (one, or several in a scan); the first compiles, timed as compilation."""
         with self.chrono.training(call.end) as compiling:
             data, local = self.feed(idx, call.first)
-            if call.steps == 1:
-                self.device_state, metrics = self.parallel.train_step(self.device_state, data, local)
-            else:
-                self.device_state, metrics = self.parallel.train_steps(self.device_state, data,
-                                                                       np.swapaxes(local, 0, 1))
+            several = call.steps > 1
+            steps = self.parallel.train_steps if several else self.parallel.train_step
+            self.device_state, metrics = steps(self.device_state, data, np.swapaxes(local, 0, 1) if several else local)
             if compiling:
                 jax.block_until_ready(metrics)
             self.tracker.add(call.end, metrics)

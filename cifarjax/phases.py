@@ -29,9 +29,7 @@ class Phases:
     """Accumulates seconds per phase; `with phases("training"):` times one. `announce` prints what starts."""
 
     def __init__(self, announce: bool = True):
-        self.seconds = defaultdict(float)
-        self.announce = announce
-        self.started = process_start()
+        self.seconds, self.announce, self.started = defaultdict(float), announce, process_start()
 
     @contextlib.contextmanager
     def __call__(self, name: str, message: Optional[str] = None):

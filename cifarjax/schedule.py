@@ -1,9 +1,6 @@
-"""Which training steps each compiled call of a fit runs, and what follows it: an evaluation, an epoch's end, a
-checkpoint. Pure: no device work and no clock (the clock's checkpoints at epoch ends are the loop's).
-
-Steps count from 1. Every call of a fit runs as many steps (one compiled program), a number that divides the step
-it starts from and every event interval, so that no call crosses an event.
-"""
+"""Which training steps each compiled call of a fit runs (steps count from 1), and what follows it: an evaluation,
+an epoch's end, a checkpoint. Pure: no devices, no clock. Every call runs as many steps (one compiled program), a
+number dividing the start step and every event interval, so that no call crosses an event."""
 from __future__ import annotations
 
 import math

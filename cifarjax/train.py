@@ -82,13 +82,6 @@ def ema_update(ema, params, decay: float, step):
     return jax.tree.map(lambda e, p: e * d + p * (1.0 - d), ema, params)
 
 
-def _keep_frozen(trainable, new, old):
-    """Frozen leaves keep their exact old bits (adding a zero update could still flip -0.0)."""
-    if trainable is None:
-        return new
-    return jax.tree.map(lambda trains, n, o: n if trains else o, trainable, new, old)
-
-
 def train_step(state: TrainState, data, idx, *, inputs, n_devices: int, trainable=None,
                options: StepOptions = StepOptions(), differentiate_frozen: bool = False):
     """One optimisation step on this device's share `idx` of the global batch (under `pmap`). `trainable`: the
@@ -117,7 +110,9 @@ def train_step(state: TrainState, data, idx, *, inputs, n_devices: int, trainabl
         grads = lax.pmean(grads, AXIS)
     grads = join_frozen(grads, jax.tree.map(jnp.zeros_like, frozen))
     new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
-    new_state = new_state.replace(params=_keep_frozen(trainable, new_state.params, state.params))
+    if trainable is not None:  # frozen leaves keep their exact old bits (adding a zero update could flip -0.0)
+        kept = jax.tree.map(lambda trains, n, o: n if trains else o, trainable, new_state.params, state.params)
+        new_state = new_state.replace(params=kept)
     if options.ema_decay:  # over the leaves training changes only (`TrainState`)
         average = [ema_update(e, leaves_like(n, e), options.ema_decay, state.step) for e, n in
                    ((state.ema_params, new_state.params), (state.ema_batch_stats, new_state.batch_stats))]
