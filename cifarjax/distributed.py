@@ -17,15 +17,13 @@ from cifarjax.errors import UserError, request_hard_exit, translators
 
 HEARTBEAT_SECONDS = 30  # a dead peer is noticed within this, plus the shutdown timeout below
 SHUTDOWN_SECONDS = 30
-_started = False
 
 
 def initialize(coordinator: str = None, num_processes: int = None, process_id: int = None, auto: bool = False,
                heartbeat_seconds: int = HEARTBEAT_SECONDS, shutdown_seconds: int = SHUTDOWN_SECONDS) -> None:
     """Start JAX's distributed runtime: from explicit settings, or (`auto`) detected from the cluster."""
-    global _started
     explicit = (coordinator, num_processes, process_id)
-    if _started or (not auto and all(v is None for v in explicit)):
+    if jax.distributed.is_initialized() or (not auto and all(v is None for v in explicit)):
         return
     if not auto and any(v is None for v in explicit):
         raise UserError("--coordinator, --num-processes and --process-id go together; pass all three, or "
@@ -39,7 +37,6 @@ def initialize(coordinator: str = None, num_processes: int = None, process_id: i
         raise UserError(f"could not start JAX's distributed runtime ({str(error).splitlines()[0][:300]}); "
                         "check --coordinator HOST:PORT is reachable from every process, or the cluster's "
                         "environment for --distributed") from None
-    _started = True
     translators.append(lambda error: peer_lost(error, "the same command and --resume") if is_peer_failure(error)
                        else None)
 

@@ -124,9 +124,7 @@ def train_step(state: TrainState, data, idx, *, inputs, n_devices: int, trainabl
 def train_steps(state: TrainState, data, idxs, **kwargs):
     """Several `train_step`s in one call, a rolled `lax.scan` over idxs' leading axis; metrics per step. Equal to
     that many calls within float32 rounding: XLA's fusions in a loop body may round differently."""
-    def one(state, idx):
-        return train_step(state, data, idx, **kwargs)
-    return lax.scan(one, state, idxs)
+    return lax.scan(lambda state, idx: train_step(state, data, idx, **kwargs), state, idxs)
 
 
 def eval_logits(state: TrainState, data, idx, inputs, tta_flip: bool):
