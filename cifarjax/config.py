@@ -137,29 +137,26 @@ class Config:
         """Check every field against its metadata, then the combinations; raise UserError naming the field."""
         for f in dataclasses.fields(self):
             _check_field(f, getattr(self, f.name))
-        if self.model == "simple_cnn" and self.img_size < 30:
-            raise UserError(f"SimpleCNN needs img_size >= 30 (three unpadded convolutions and pools), "
-                            f"got {self.img_size}")
-        if self.model != "resnet18" and self.unfreeze != "all":
-            raise UserError(f"--unfreeze {self.unfreeze} needs a backbone: only resnet18 has one")
-        if self.classes and (len(self.classes) != self.num_classes or len(set(self.classes)) != len(self.classes)):
-            raise UserError(f"classes names {len(self.classes)} classes ({', '.join(map(str, self.classes))}) but "
-                            f"num_classes is {self.num_classes}" if len(self.classes) != self.num_classes else
-                            f"classes names a class twice: {', '.join(map(str, self.classes))}")
-        if self.num_classes < 2:
-            named = f" ({', '.join(self.classes)})" if self.classes else ""
-            raise UserError(f"a classifier needs at least 2 classes, and the data has {self.num_classes}{named}: "
-                            "give a data folder with one subfolder of images per class")
-        if self.cutout > self.img_size:
-            raise UserError(f"cutout {self.cutout} is larger than the {self.img_size}-pixel image")
-        half = min(self.img_size, self.decode_size) // 2
-        if self.crop_padding > half:
-            raise UserError(f"crop-padding {self.crop_padding} is more than half the {2 * half}-pixel image; pass "
-                            f"--crop-padding {half} or less")
-        if self.schedule != "constant" and self.warmup_epochs >= self.n_epochs:
-            raise UserError(f"--warmup-epochs {self.warmup_epochs:g} is not shorter than --epochs {self.n_epochs}: the "
-                            f"{self.schedule} schedule would rise for the whole run; pass --warmup-epochs below "
-                            f"{self.n_epochs} or more --epochs")
+        half, names = min(self.img_size, self.decode_size) // 2, ", ".join(map(str, self.classes))
+        for broken, message in (
+                (self.model == "simple_cnn" and self.img_size < 30,
+                 f"SimpleCNN needs img_size >= 30 (three unpadded convolutions and pools), got {self.img_size}"),
+                (self.model != "resnet18" and self.unfreeze != "all",
+                 f"--unfreeze {self.unfreeze} needs a backbone: only resnet18 has one"),
+                (self.classes and len(self.classes) != self.num_classes,
+                 f"classes names {len(self.classes)} classes ({names}) but num_classes is {self.num_classes}"),
+                (len(set(self.classes)) != len(self.classes), f"classes names a class twice: {names}"),
+                (self.num_classes < 2, f"a classifier needs at least 2 classes, and the data has {self.num_classes}"
+                 f"{f' ({names})' if names else ''}: give a data folder with one subfolder of images per class"),
+                (self.cutout > self.img_size, f"cutout {self.cutout} is larger than the {self.img_size}-pixel image"),
+                (self.crop_padding > half, f"crop-padding {self.crop_padding} is more than half the {2 * half}-pixel "
+                 f"image; pass --crop-padding {half} or less"),
+                (self.schedule != "constant" and self.warmup_epochs >= self.n_epochs,
+                 f"--warmup-epochs {self.warmup_epochs:g} is not shorter than --epochs {self.n_epochs}: the "
+                 f"{self.schedule} schedule would rise for the whole run; pass --warmup-epochs below {self.n_epochs} "
+                 "or more --epochs")):
+            if broken:
+                raise UserError(message)
         return self
 
     def to_dict(self) -> dict:
