@@ -33,7 +33,6 @@ from cifarjax.models import Apply, build_model, init_variables
 from cifarjax.optim import lr_at, make_optimizer
 from cifarjax.phases import Chrono, Phases
 from cifarjax.records import FitResult, History, LossTracker
-from cifarjax.schedule import Call
 from cifarjax.sources import check_labels
 from cifarjax.train import DataParallel, StepOptions, create_train_state
 
@@ -106,7 +105,7 @@ class Trainer:
         self.batches = self.feed.ahead(calls)
         self.chrono = Chrono(self.phases, self.config.batch_size, self.elapsed, start)
 
-    def step(self, call: Call, idx: np.ndarray) -> None:
+    def step(self, call: schedule.Call, idx: np.ndarray) -> None:
         """One call of training steps (one, or several in a scan); the first compiles, timed as compilation."""
         with self.chrono.training(call.end) as compiling:
             data, local = self.feed(idx, call.first)
@@ -119,7 +118,7 @@ class Trainer:
             if len(self.tracker.pending) >= 25:
                 self.check_finite()
 
-    def checkpoint_due(self, call: Call) -> bool:
+    def checkpoint_due(self, call: schedule.Call) -> bool:
         """Whether to checkpoint after `call`: when the schedule says so; at other epoch ends once `checkpoint_seconds`
         passed (process 0's clock decides), as a checkpoint costs about an epoch of a head on cached features."""
         if self.checkpointer is None or not (call.checkpoint or call.epoch_end):
@@ -185,9 +184,8 @@ class Trainer:
     def result(self) -> FitResult:
         final = self.parallel.unreplicate(self.device_state)
         average = None if final.ema_params is None else final.eval_variables
-        return FitResult(History(self.records), {"params": final.params, "batch_stats": final.batch_stats}, average,
-                         self.chrono.seconds(), self.chrono.images_per_second(), self.val_predictions,
-                         self.chrono.this_process())
+        return FitResult(History(self.records), final.variables, average, self.chrono.seconds(),
+                         self.chrono.images_per_second(), self.val_predictions, self.chrono.this_process())
 
 
 def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inputs, *, run: Optional[Path] = None,
