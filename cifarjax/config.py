@@ -1,13 +1,9 @@
 """Experiment configuration as code: every knob once, with its help text, allowed values and range.
 
-`Config` is a frozen dataclass: a resolved configuration is a new value (`config.replace(...)`), never a
-mutation. Each field's metadata drives the command-line flags (`cifarjax.flags`), validation and resume:
-
-* `help`, `choices`, `minimum`/`maximum` (or `positive`), `flag` (the flag's name when it differs);
-* `commands`: which experiment commands offer it as a flag (none: set by the code, not the user);
-* `resumable`: a user may change it when resuming a run (the learning rate, the epoch count, ...).
-
-Named presets of these values live in `cifarjax.recipes`.
+`Config` is a frozen dataclass (`config.replace(...)` makes a new one). Each field's metadata drives the flags
+(`cifarjax.flags`), validation and resume: `help`, `choices`, `minimum`/`maximum` (or `positive`), `flag` (its name
+where it differs), `commands` offering it as a flag (none: set by the code) and `resumable` (may change on resume).
+Named presets live in `cifarjax.recipes`.
 """
 from __future__ import annotations
 
@@ -20,16 +16,7 @@ from typing import Optional
 from cifarjax.errors import UserError
 
 TRAINING, FINETUNE = ("cnn", "finetune", "study"), ("finetune", "study")
-MODELS = ("simple_cnn", "resnet18")
-NORMALIZATIONS = ("none", "imagenet", "dataset")
-UNFREEZE_CHOICES = ("head", "layer4", "all")
-BN_MODES = ("frozen", "train")
-AUGMENT_BACKENDS = ("device", "albumentations")
-CONV_IMPLS = ("auto", "winograd", "im2col", "xla")
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine", "onecycle")
 SOURCES = ("auto", "cifar10", "folder", "fake")
-PRECISIONS = ("fp32", "bf16")
 
 
 def option(default, help: str, *, commands=TRAINING, flag: Optional[str] = None, choices=None, minimum=None,
@@ -37,20 +24,17 @@ def option(default, help: str, *, commands=TRAINING, flag: Optional[str] = None,
     """A Config field with the metadata that flags, validation and resume read."""
     meta = dict(help=help, commands=tuple(commands), flag=flag, choices=choices, minimum=minimum,
                 maximum=maximum, positive=positive, resumable=resumable)
-    if isinstance(default, (list, dict, set)):
-        raise TypeError("Config defaults must be immutable")
     return field(default=default, metadata=meta)
 
 
-def internal(default, help: str):
+def internal(default, help: str, choices=None):
     """A field set by the code (from the data or a resolved setting), not by a flag."""
-    return option(default, help, commands=())
+    return option(default, help, commands=(), choices=choices)
 
 
 @dataclass(frozen=True)
 class Config:
-    """Every setting of a run, each with its help, range and flag (see the module docstring); `recipe_config`
-    gives a named preset."""
+    """Every setting of a run, each with its help, range and flag; `recipe_config` gives a named preset."""
     # The original project's settings.
     seed: int = option(0, "seed of the split, initialisation, data order, augmentation and dropout", minimum=0,
                        maximum=2**32 - 1)
@@ -59,10 +43,9 @@ class Config:
     lr: float = option(1e-3, "(peak) learning rate", positive=True, maximum=1e30, resumable=True)
     eval_every: int = option(2000, "also evaluate every N steps (0: only at epoch ends)", minimum=0,
                              maximum=10**9, resumable=True)
-    img_size: int = option(32, "size the network sees; images are resized on the device", minimum=8,
-                           maximum=1024)
+    img_size: int = option(32, "size the network sees; images are resized on the device", minimum=8, maximum=1024)
     # Model and what trains.
-    model: str = internal("simple_cnn", "network: simple_cnn or resnet18 (set by the command)")
+    model: str = internal("simple_cnn", "network (set by the command)", choices=("simple_cnn", "resnet18"))
     num_classes: int = internal(0, "number of classes (0: from `classes`, else 10; a run sets it from its data)")
     classes: tuple = option((), "train, validate and test on these classes only, labels renumbered in the order "
                             "given (comma-separated names, e.g. cat,dog); default: every class of the data",
@@ -70,38 +53,35 @@ class Config:
     weights: str = option("random", "starting weights: 'imagenet' (torchvision's, downloaded or cached), a "
                           "torchvision resnet18 .pth file, or 'random' (no pretraining)", commands=FINETUNE)
     unfreeze: str = option("all", "what trains: the head (the original), head + layer4, or all", commands=FINETUNE,
-                           choices=UNFREEZE_CHOICES)
+                           choices=("head", "layer4", "all"))
     bn: str = option("frozen", "frozen layers' BatchNorm: 'frozen' (inference mode) or 'train' (batch statistics "
                      "and running-statistics updates, PyTorch's behaviour in the original)", commands=FINETUNE,
-                     choices=BN_MODES)
+                     choices=("frozen", "train"))
     cache_features: bool = option(True, "train the head on cached backbone features when only the head trains "
                                   "and BatchNorm is frozen", commands=FINETUNE, flag="feature-cache")
-    conv_impl: str = option("auto", "convolution formulation (auto: on a CPU 'winograd', the CPU's formulations: "
-                            "fused SimpleCNN blocks, Winograd, im2col or XLA's forward per shape; on a GPU 'xla', "
-                            "XLA/cuDNN)", choices=CONV_IMPLS)
+    conv_impl: str = option("auto", "convolution formulation (auto: on a CPU 'winograd', the CPU's fused blocks, "
+                            "Winograd, im2col or XLA's per shape; on a GPU 'xla', XLA/cuDNN)",
+                            choices=("auto", "winograd", "im2col", "xla"))
     precision: str = option("fp32", "arithmetic of convolutions and matrix products: fp32 (the original's; TF32 on "
-                            "Ampere/Hopper GPUs, JAX's default) or bf16 (bfloat16 operands and activations; "
-                            "parameters, optimizer state, BatchNorm statistics, softmax and "
-                            "loss stay float32)", choices=PRECISIONS)
-    steps_per_call: int = option(0, "at most N training steps per dispatch, run as one rolled lax.scan: the largest "
-                                 "number up to N dividing the epoch, the evaluation and checkpoint intervals and the "
-                                 "step a run resumes from (0: auto: up to 8 on a GPU or TPU for images of at most "
-                                 "64 pixels a side, 64 for a head on cached features, else 1); results equal one "
-                                 "step per call's within float32 rounding (bit for bit where tested: a head on "
-                                 "cached features, on a CPU)", minimum=0, resumable=True)
-    deterministic: bool = option(False, "on a GPU, XLA's deterministic kernels (--xla_gpu_deterministic_ops: no "
-                                 "atomics-based reductions; possibly slower), which a run needs there to repeat its "
-                                 "bits and to resume bit-identically (a CPU's kernels are deterministic already)",
+                            "Ampere/Hopper GPUs) or bf16 (bfloat16 operands and activations; parameters, optimizer "
+                            "state, BatchNorm statistics, softmax and loss stay float32)", choices=("fp32", "bf16"))
+    steps_per_call: int = option(0, "at most N training steps per dispatch, as one rolled lax.scan: the largest N "
+                                 "dividing the epoch, the evaluation and checkpoint intervals and the resumed step "
+                                 "(0: auto: up to 8 on a GPU or TPU for images up to 64 pixels, 64 for a head on "
+                                 "cached features, else 1); equal to one step a call within float32 rounding",
+                                 minimum=0, resumable=True)
+    deterministic: bool = option(False, "on a GPU, XLA's deterministic kernels (--xla_gpu_deterministic_ops; maybe "
+                                 "slower), for repeatable bits and bit-identical resumes (a CPU's already are)",
                                  resumable=True)
-    dropout: float = option(0.3, "SimpleCNN's dropout rate, a training-time regulariser (0.3 in the original; "
-                            "the layers and parameters do not change)", commands=("cnn",), minimum=0.0,
-                            maximum=0.9)
+    dropout: float = option(0.3, "SimpleCNN's training-time dropout rate (0.3 in the original)", commands=("cnn",),
+                            minimum=0.0, maximum=0.9)
     # Optimisation.
-    optimizer: str = option("adam", "optimizer", choices=OPTIMIZERS)
+    optimizer: str = option("adam", "optimizer", choices=("adam", "adamw", "sgd"))
     momentum: float = option(0.9, "SGD momentum (Nesterov); Adam's b1 is fixed at 0.9", minimum=0.0, maximum=0.999)
     weight_decay: float = option(0.0, "decoupled weight decay (adamw), or L2 added to the gradient (sgd)",
                                  minimum=0.0, maximum=10.0)
-    schedule: str = option("constant", "learning-rate schedule over the whole run", choices=SCHEDULES)
+    schedule: str = option("constant", "learning-rate schedule over the whole run",
+                           choices=("constant", "cosine", "onecycle"))
     warmup_epochs: float = option(0.0, "linear warm-up from 0 over this many epochs (cosine); one-cycle's rise; "
                                   "shorter than the run (a recipe's warm-up scales with --epochs)", minimum=0.0,
                                   maximum=100_000)
@@ -123,11 +103,13 @@ class Config:
     crop_padding: int = option(0, "pad-and-random-crop by N pixels (0: off, as in the original; at most half the "
                                "image)", minimum=0, maximum=512)
     cutout: int = option(0, "zero a random N x N square of each training image (0: off)", minimum=0, maximum=1024)
-    normalize: str = option("none", "per-channel normalisation after scaling to [0, 1]", choices=NORMALIZATIONS)
+    normalize: str = option("none", "per-channel normalisation after scaling to [0, 1]",
+                            choices=("none", "imagenet", "dataset"))
     norm_mean: Optional[tuple] = internal(None, "resolved from `normalize` when training starts")
     norm_std: Optional[tuple] = internal(None, "resolved from `normalize` when training starts")
     augment_backend: str = option("device", "where augmentation runs: jitted on the device, or albumentations "
-                                  "per image on the host", flag="augment", choices=AUGMENT_BACKENDS)
+                                  "per image on the host", flag="augment",
+                                  choices=("device", "albumentations"))
     tta_flip: bool = option(False, "evaluate on the mean of each image's and its mirror image's logits")
     eval_batch_size: int = option(500, "evaluation batch size", minimum=1, maximum=2**20, resumable=True)
     # Checkpoints.
@@ -155,31 +137,26 @@ class Config:
         """Check every field against its metadata, then the combinations; raise UserError naming the field."""
         for f in dataclasses.fields(self):
             _check_field(f, getattr(self, f.name))
-        if self.model == "simple_cnn" and self.img_size < 30:
-            raise UserError(f"SimpleCNN needs img_size >= 30 (three unpadded convolutions and pools), "
-                            f"got {self.img_size}")
-        if self.model != "resnet18" and self.unfreeze != "all":
-            raise UserError(f"--unfreeze {self.unfreeze} needs a backbone: only resnet18 has one")
-        if self.model not in MODELS:
-            raise UserError(f"model must be one of {', '.join(MODELS)}; got {self.model!r}")
-        if self.classes and (len(self.classes) != self.num_classes or len(set(self.classes)) != len(self.classes)):
-            raise UserError(f"classes names {len(self.classes)} classes ({', '.join(map(str, self.classes))}) but "
-                            f"num_classes is {self.num_classes}" if len(self.classes) != self.num_classes else
-                            f"classes names a class twice: {', '.join(map(str, self.classes))}")
-        if self.num_classes < 2:
-            named = f" ({', '.join(self.classes)})" if self.classes else ""
-            raise UserError(f"a classifier needs at least 2 classes, and the data has {self.num_classes}{named}: "
-                            "give a data folder with one subfolder of images per class")
-        if self.cutout > self.img_size:
-            raise UserError(f"cutout {self.cutout} is larger than the {self.img_size}-pixel image")
-        half = min(self.img_size, self.decode_size) // 2
-        if self.crop_padding > half:
-            raise UserError(f"crop-padding {self.crop_padding} is more than half the {2 * half}-pixel image; pass "
-                            f"--crop-padding {half} or less")
-        if self.schedule != "constant" and self.warmup_epochs >= self.n_epochs:
-            raise UserError(f"--warmup-epochs {self.warmup_epochs:g} is not shorter than --epochs {self.n_epochs}: the "
-                            f"{self.schedule} schedule would rise for the whole run; pass --warmup-epochs below "
-                            f"{self.n_epochs} or more --epochs")
+        half, names = min(self.img_size, self.decode_size) // 2, ", ".join(map(str, self.classes))
+        for broken, message in (
+                (self.model == "simple_cnn" and self.img_size < 30,
+                 f"SimpleCNN needs img_size >= 30 (three unpadded convolutions and pools), got {self.img_size}"),
+                (self.model != "resnet18" and self.unfreeze != "all",
+                 f"--unfreeze {self.unfreeze} needs a backbone: only resnet18 has one"),
+                (self.classes and len(self.classes) != self.num_classes,
+                 f"classes names {len(self.classes)} classes ({names}) but num_classes is {self.num_classes}"),
+                (len(set(self.classes)) != len(self.classes), f"classes names a class twice: {names}"),
+                (self.num_classes < 2, f"a classifier needs at least 2 classes, and the data has {self.num_classes}"
+                 f"{f' ({names})' if names else ''}: give a data folder with one subfolder of images per class"),
+                (self.cutout > self.img_size, f"cutout {self.cutout} is larger than the {self.img_size}-pixel image"),
+                (self.crop_padding > half, f"crop-padding {self.crop_padding} is more than half the {2 * half}-pixel "
+                 f"image; pass --crop-padding {half} or less"),
+                (self.schedule != "constant" and self.warmup_epochs >= self.n_epochs,
+                 f"--warmup-epochs {self.warmup_epochs:g} is not shorter than --epochs {self.n_epochs}: the "
+                 f"{self.schedule} schedule would rise for the whole run; pass --warmup-epochs below {self.n_epochs} "
+                 "or more --epochs")):
+            if broken:
+                raise UserError(message)
         return self
 
     def to_dict(self) -> dict:
@@ -206,10 +183,6 @@ class Config:
 def fields_for(command: str):
     """The Config fields offered as flags by `command`."""
     return [f for f in dataclasses.fields(Config) if command in f.metadata["commands"]]
-
-
-def resumable_fields() -> tuple:
-    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["resumable"])
 
 
 def flag_name(f) -> str:
@@ -241,11 +214,8 @@ def _check_field(f, value) -> None:
         raise UserError(f"{name} must be one of {', '.join(m['choices'])}; got {value!r}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return
-    if not math.isfinite(value):
-        raise UserError(f"{name} must be a finite number, got {value}")
-    if m["positive"] and not value > 0:
-        raise UserError(f"{name} must be positive, got {value}")
-    if m["minimum"] is not None and value < m["minimum"]:
-        raise UserError(f"{name} must be at least {m['minimum']}, got {value}")
-    if m["maximum"] is not None and value > m["maximum"]:
-        raise UserError(f"{name} must be at most {m['maximum']}, got {value}")
+    for broken, rule in ((not math.isfinite(value), "a finite number"), (m["positive"] and not value > 0, "positive"),
+                         (m["minimum"] is not None and value < m["minimum"], f"at least {m['minimum']}"),
+                         (m["maximum"] is not None and value > m["maximum"], f"at most {m['maximum']}")):
+        if broken:
+            raise UserError(f"{name} must be {rule}, got {value}")

@@ -1,13 +1,8 @@
 """Several processes or hosts with JAX's distributed runtime: start-up, one writer, agreement, and faults.
 
-    from cifarjax import distributed
-    distributed.initialize(auto=True)                       # SLURM, Open MPI, Kubernetes, TPU, JAX_COORDINATOR_*
-    distributed.initialize("host0:1234", num_processes=2, process_id=0)
-
-`initialize` must run before anything touches a JAX backend. Without it, one process uses all its local
-devices and every helper here is a no-op. With it, the pmap-ed steps span every device of every process
-(`train.DataParallel`), process 0 alone writes files and shows progress (`is_writer`), `agree` refuses
-mismatched settings between processes, and a peer that dies ends the others with one clear line.
+`initialize` (explicit, or `auto` from SLURM, Open MPI, Kubernetes, TPU) runs before anything starts a JAX backend;
+without it every helper here is a no-op. With it process 0 alone writes (`is_writer`), `agree` refuses mismatched
+settings, and a peer that dies ends the others with one clear line.
 """
 from __future__ import annotations
 
@@ -22,15 +17,13 @@ from cifarjax.errors import UserError, request_hard_exit, translators
 
 HEARTBEAT_SECONDS = 30  # a dead peer is noticed within this, plus the shutdown timeout below
 SHUTDOWN_SECONDS = 30
-_started = False
 
 
 def initialize(coordinator: str = None, num_processes: int = None, process_id: int = None, auto: bool = False,
                heartbeat_seconds: int = HEARTBEAT_SECONDS, shutdown_seconds: int = SHUTDOWN_SECONDS) -> None:
     """Start JAX's distributed runtime: from explicit settings, or (`auto`) detected from the cluster."""
-    global _started
     explicit = (coordinator, num_processes, process_id)
-    if _started or (not auto and all(v is None for v in explicit)):
+    if jax.distributed.is_initialized() or (not auto and all(v is None for v in explicit)):
         return
     if not auto and any(v is None for v in explicit):
         raise UserError("--coordinator, --num-processes and --process-id go together; pass all three, or "
@@ -44,7 +37,6 @@ def initialize(coordinator: str = None, num_processes: int = None, process_id: i
         raise UserError(f"could not start JAX's distributed runtime ({str(error).splitlines()[0][:300]}); "
                         "check --coordinator HOST:PORT is reachable from every process, or the cluster's "
                         "environment for --distributed") from None
-    _started = True
     translators.append(lambda error: peer_lost(error, "the same command and --resume") if is_peer_failure(error)
                        else None)
 
@@ -58,17 +50,13 @@ def process_count() -> int:
     return jax.process_count()
 
 
-def _fingerprint(value) -> np.ndarray:
-    text = json.dumps(value, sort_keys=True, default=str)
-    return np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8).astype(np.int32)
-
-
 def agree(values: dict, what: str) -> None:
     """Refuse to go on unless every process has the same `values` (compared by digest, key by key)."""
     if jax.process_count() == 1:
         return
     keys = sorted(values)
-    mine = np.stack([_fingerprint(values[k]) for k in keys])
+    digests = [hashlib.sha256(json.dumps(values[k], sort_keys=True, default=str).encode()).digest() for k in keys]
+    mine = np.stack([np.frombuffer(d, np.uint8).astype(np.int32) for d in digests])
     everyone = np.asarray(multihost_utils.process_allgather(mine))  # (processes, keys, 32)
     differing = [k for i, k in enumerate(keys) if not (everyone[:, i] == everyone[0, i]).all()]
     if differing:
@@ -78,8 +66,7 @@ def agree(values: dict, what: str) -> None:
 
 
 def writer_decides(flag: bool) -> bool:
-    """Process 0's `flag`, in every process: for a choice that every process must make alike (such as when to
-    checkpoint: every process joins a save) but that reads something local (such as a clock)."""
+    """Process 0's `flag` in every process: a choice all must make alike from something local (a clock)."""
     if jax.process_count() == 1:
         return flag
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))

@@ -1,8 +1,6 @@
-"""Command-line flags generated from `Config`'s fields: names, types, choices and help text in one place.
-
-Flags default to "not given", so a configuration resolves as Config's defaults, then the `--recipe`, then
-the flags the user typed; on `--resume`, the run's config.json, then the flags a user may change on resume.
-"""
+"""Command-line flags generated from `Config`'s fields. Flags default to "not given": a configuration resolves as
+Config's defaults, the `--recipe`, then the typed flags; on `--resume`, the run's config.json, then the flags that
+may change on resume."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +9,7 @@ import difflib
 import re
 from typing import Optional
 
-from cifarjax.config import Config, fields_for, flag_name, resumable_fields
+from cifarjax.config import Config, fields_for, flag_name
 from cifarjax.errors import UserError
 from cifarjax.recipes import RECIPES, recipe_config
 
@@ -40,32 +38,23 @@ def _number(kind):
         try:
             return kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
     convert.__name__ = kind.__name__
     return convert
 
 
-def _names(text: str) -> tuple:
-    """'cat,dog' -> ('cat', 'dog')."""
-    return tuple(name.strip() for name in text.split(",") if name.strip())
-
-
-_TYPES = {"int": _number(int), "float": _number(float), "str": str, "Optional[str]": str, "tuple": _names}
+_TYPES = {"int": _number(int), "float": _number(float), "str": str, "Optional[str]": str,
+          "tuple": lambda text: tuple(name.strip() for name in text.split(",") if name.strip())}  # 'cat,dog'
+_METAVARS = {"int": "N", "float": "X", "tuple": "NAME,NAME"}
 
 
 def add_config_flags(parser: argparse.ArgumentParser, command: str, base: Config, title: str = "settings",
-                     nargs: Optional[dict] = None, only: Optional[tuple] = None,
-                     shown: Optional[dict] = None) -> None:
-    """One flag per Config field offered by `command` (or just the fields in `only`); `base` gives the defaults
-    shown in --help (`shown`: field name -> the text to show instead, where the command's default is not
-    `base`'s value), each with the other recipes' values. `nargs` maps a field name to argparse's nargs
-    (finetune's several epoch counts)."""
+                     nargs: Optional[dict] = None, only: Optional[tuple] = None, shown: Optional[dict] = None) -> None:
+    """One flag per Config field offered by `command` (or in `only`), its --help default `base`'s value (or
+    `shown`'s text) and the other recipes'; `nargs`: field name -> argparse's nargs."""
     group = parser.add_argument_group(title)
     others = [r for r in RECIPES.get(command, {}).values() if r.name != base.recipe]
-    for f in fields_for(command):
-        if only is not None and f.name not in only:
-            continue
+    for f in (f for f in fields_for(command) if only is None or f.name in only):
         m, default = f.metadata, (shown or {}).get(f.name, getattr(base, f.name))
         default = "all" if default == () else default
         recipes = "".join(f"; --recipe {r.name}: {r.changes[f.name]}" for r in others
@@ -74,20 +63,13 @@ def add_config_flags(parser: argparse.ArgumentParser, command: str, base: Config
         if f.type == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs.update(type=_TYPES[f.type], choices=m["choices"], metavar=_metavar(f))
-            if nargs and f.name in nargs:
-                kwargs["nargs"] = nargs[f.name]
+            kwargs.update(type=_TYPES[f.type], choices=m["choices"], nargs=(nargs or {}).get(f.name),
+                          metavar=None if m["choices"] else _METAVARS.get(f.type, "VALUE"))
         group.add_argument(flag_name(f), **kwargs)
     if command in RECIPES:
         parser.add_argument("--recipe", default=None, choices=tuple(RECIPES[command]),
                             help="a named preset of these settings (cifarjax.recipes); flags override it "
                                  "(default: original)")
-
-
-def _metavar(f) -> Optional[str]:
-    if f.metadata["choices"]:
-        return None
-    return {"int": "N", "float": "X", "tuple": "NAME,NAME"}.get(f.type, "VALUE")
 
 
 def given(args: argparse.Namespace, command: str) -> dict:
@@ -101,17 +83,14 @@ def new_config(command: str, recipe: Optional[str], typed: dict, **fixed) -> Con
 
 
 def rate_depends_on_length(config) -> bool:
-    """Whether the learning rate at a step depends on the number of epochs (every schedule but 'constant'):
-    when it does not, a run's first epochs are those of the same run made shorter."""
+    """Whether the rate at a step depends on the epoch count (all but 'constant'): if not, a shorter run is a prefix."""
     return config.schedule != "constant"
 
 
 def resumed_config(saved: Config, typed: dict, recipe: Optional[str], where: str) -> Config:
-    """The run's own config with the flags a user may change on resume; anything else that differs is refused.
-
-    `typed` maps field names to the values given beside --resume.
-    """
-    allowed = set(resumable_fields())
+    """The run's own config with the `typed` values a user may change on resume; any other difference is refused."""
+    resumable = [f for f in dataclasses.fields(Config) if f.metadata["resumable"]]
+    allowed = {f.name for f in resumable}
     differing = {k: v for k, v in typed.items() if getattr(saved, k) != v and k not in allowed}
     if recipe is not None and recipe != saved.recipe:
         differing["recipe"] = recipe
@@ -122,7 +101,7 @@ def resumed_config(saved: Config, typed: dict, recipe: Optional[str], where: str
                         "without --epochs), or start a new run with another --out")
     if differing:
         details = ", ".join(f"{k}: {getattr(saved, k)!r} → {v!r}" for k, v in differing.items())
-        may = ", ".join(flag_name(f) for f in dataclasses.fields(Config) if f.name in allowed)
+        may = ", ".join(map(flag_name, resumable))
         raise UserError(f"--resume with settings that differ from the run in {where} ({details}); on resume only "
                         f"{may} may change: drop the others, or start a new run with another --out")
     return saved.replace(**{k: v for k, v in typed.items() if k in allowed}).validate()

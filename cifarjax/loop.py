@@ -1,12 +1,7 @@
-"""Training loops with the original's semantics: `train_loop` (SimpleCNN) and `fine_tune_loop` (ResNet-18).
-
-Both run `fit`: epochs over a seeded permutation, evaluation every `eval_every` steps and at each epoch end,
-checkpoints at epoch ends (at most one per `checkpoint_seconds`, and the last epoch's always; and every
-`checkpoint_every` steps), resumption from the newest intact checkpoint, a guard that stops on a non-finite loss,
-and Ctrl-C or SIGTERM that stops cleanly with a resumable checkpoint. Same seed, same machine: the same numbers,
-whether the devices sit in one process or several.
-
-The loop (`_train`) is one `for` over the calls `schedule.batches` lays out, telling its `hooks` what happened.
+"""Training loops with the original's semantics, `train_loop` (SimpleCNN) and `fine_tune_loop` (ResNet-18), over
+`fit`: one `for` (`_train`) over the calls `schedule.batches` lays out, telling its `hooks`. It resumes from the
+newest intact checkpoint, stops on a non-finite loss, and on Ctrl-C or SIGTERM with a resumable checkpoint; same
+seed, same machine: the same numbers, whether the devices sit in one process or several.
 """
 from __future__ import annotations
 
@@ -20,7 +15,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from cifarjax import binding, distributed, runs, schedule
+from cifarjax import binding, distributed, runs, schedule, target
 from cifarjax.augment import AugmentSpec, HostAugment, with_normalization
 from cifarjax.batching import eval_indices, train_indices
 from cifarjax.checkpoint import Checkpointer, continue_run, latest_epoch
@@ -38,7 +33,6 @@ from cifarjax.models import Apply, build_model, init_variables
 from cifarjax.optim import lr_at, make_optimizer
 from cifarjax.phases import Chrono, Phases
 from cifarjax.records import FitResult, History, LossTracker
-from cifarjax.schedule import Call
 from cifarjax.sources import check_labels
 from cifarjax.train import DataParallel, StepOptions, create_train_state
 
@@ -68,13 +62,11 @@ class Trainer:
         self.val_predictions, self.stopping, self.finished = None, False, False
 
     def stop(self) -> None:
-        """Ask the fit to end after the current call, as if it were its last (a hook's early stop): a checkpoint is
-        saved and the fit returns its result. Every process must ask at the same call."""
+        """End the fit after the current call with a checkpoint (a hook's early stop; every process at one call)."""
         self.stopping = True
 
     def restore(self, resume: bool) -> None:
-        """With `resume`, continue from the newest intact checkpoint (refusing fewer epochs than already
-        trained); a new run writes its frozen parameters once."""
+        """With `resume`, continue from the newest intact checkpoint; a new run writes its frozen parameters."""
         if self.checkpointer is None:
             return
         latest = self.checkpointer.latest_step()
@@ -91,12 +83,11 @@ class Trainer:
                             f"--epochs {math.ceil(done / self.steps_per_epoch)} or more to resume it")
         self.records = meta["records"]
         self.tracker = LossTracker(meta["loss_sum"], meta["acc_sum"], meta["count"], meta.get("first_loss"))
-        self.elapsed, self.saved = meta["seconds"], (done, meta.get("train_loss"))
-        set_interrupt_advice(f"its newest checkpoint (step {done}) is saved: resume with {self.resume_hint}")
+        self.elapsed = meta["seconds"]
+        self.saved_at(done, meta.get("train_loss"))
 
     def start(self) -> None:
-        """Place the data and the state on the devices, compile the evaluation step (timed as compilation), and
-        lay out the calls from the restored step on."""
+        """Place the data and state on the devices, compile the evaluation step, lay out the calls."""
         if self.writer:
             if not (self.run / runs.CONFIG).exists():  # a run research code started: `load_run` needs its settings
                 write_json(self.run / runs.CONFIG, binding.absolute_paths(self.config.to_dict()))
@@ -110,30 +101,26 @@ class Trainer:
             eval_idx = eval_indices(len(self.val), self.config.eval_batch_size, p.n_devices)[0][0]
             jax.block_until_ready(p.eval_step(self.device_state, self.val_data, p.mine(eval_idx)))
         start = int(self.state.step)
-        self.batches = self.feed.ahead(schedule.batches(self.config, len(self.train), start, p.devices, self.cheap))
+        calls = schedule.batches(self.config, len(self.train), start, p.n_devices, target.resolve(), self.cheap)
+        self.batches = self.feed.ahead(calls)
         self.chrono = Chrono(self.phases, self.config.batch_size, self.elapsed, start)
 
-    def step(self, call: Call, idx: np.ndarray) -> None:
-        """One call of training steps: one step, or several in a rolled scan. The first call compiles the program
-        and is timed as compilation."""
+    def step(self, call: schedule.Call, idx: np.ndarray) -> None:
+        """One call of training steps (one, or several in a scan); the first compiles, timed as compilation."""
         with self.chrono.training(call.end) as compiling:
             data, local = self.feed(idx, call.first)
-            if call.steps == 1:
-                self.device_state, metrics = self.parallel.train_step(self.device_state, data, local)
-            else:
-                self.device_state, metrics = self.parallel.train_steps(self.device_state, data,
-                                                                       np.swapaxes(local, 0, 1))
+            several = call.steps > 1
+            steps = self.parallel.train_steps if several else self.parallel.train_step
+            self.device_state, metrics = steps(self.device_state, data, np.swapaxes(local, 0, 1) if several else local)
             if compiling:
                 jax.block_until_ready(metrics)
             self.tracker.add(call.end, metrics)
             if len(self.tracker.pending) >= 25:
                 self.check_finite()
 
-    def checkpoint_due(self, call: Call) -> bool:
-        """Whether to checkpoint after `call`: when the schedule says so; at the other epoch ends, once
-        `checkpoint_seconds` passed since the last checkpoint (process 0's clock decides for every process). A
-        checkpoint costs about as much as an epoch of a head on cached features (orbax: 0.1 s for 5,000
-        parameters), so short epochs are not each checkpointed."""
+    def checkpoint_due(self, call: schedule.Call) -> bool:
+        """Whether to checkpoint after `call`: when the schedule says so; at other epoch ends once `checkpoint_seconds`
+        passed (process 0's clock decides), as a checkpoint costs about an epoch of a head on cached features."""
         if self.checkpointer is None or not (call.checkpoint or call.epoch_end):
             return False
         if call.checkpoint:
@@ -143,13 +130,12 @@ class Trainer:
         return distributed.writer_decides(waited >= self.config.checkpoint_seconds)
 
     def sync(self) -> None:
-        """Wait for the queued training steps, so their time counts as training."""
+        """Wait for the queued steps, so their time counts as training."""
         with self.chrono.training():
             jax.block_until_ready(self.device_state)
 
     def check_finite(self) -> None:
-        """Read the queued steps' metrics (every 25 calls, and before evaluations and checkpoints): stop on a
-        non-finite loss."""
+        """Read the queued steps' metrics (every 25 calls, before evaluations and checkpoints): stop if non-finite."""
         bad = self.tracker.flush()
         if bad is not None:
             raise non_finite_loss(*bad, self.config.lr, self.saved, self.tracker.first_loss, self.run,
@@ -175,8 +161,7 @@ class Trainer:
         return record
 
     def save(self, step: int) -> bool:
-        """Checkpoint the state after `step` (its losses checked finite); False when there is no run folder or
-        that step is saved already."""
+        """Checkpoint the state after `step`; False without a run folder or when that step is saved already."""
         if self.checkpointer is None or (self.saved and self.saved[0] == step):
             return False
         self.sync()
@@ -188,16 +173,19 @@ class Trainer:
                     "first_loss": t.first_loss, "seconds": self.chrono.seconds(), "epoch": step / self.steps_per_epoch,
                     "train_loss": loss}
             self.checkpointer.save(self.parallel.unreplicate(self.device_state), meta)
-            self.saved, self.chrono.last_checkpoint = (step, loss), time.perf_counter()
-            set_interrupt_advice(f"its newest checkpoint (step {step}) is saved: resume with {self.resume_hint}")
+            self.chrono.last_checkpoint = time.perf_counter()
+            self.saved_at(step, loss)
         return True
+
+    def saved_at(self, step: int, train_loss) -> None:
+        self.saved = (step, train_loss)
+        set_interrupt_advice(f"its newest checkpoint (step {step}) is saved: resume with {self.resume_hint}")
 
     def result(self) -> FitResult:
         final = self.parallel.unreplicate(self.device_state)
         average = None if final.ema_params is None else final.eval_variables
-        return FitResult(History(self.records), {"params": final.params, "batch_stats": final.batch_stats}, average,
-                         self.chrono.seconds(), self.chrono.images_per_second(), self.val_predictions,
-                         self.chrono.this_process())
+        return FitResult(History(self.records), final.variables, average, self.chrono.seconds(),
+                         self.chrono.images_per_second(), self.val_predictions, self.chrono.this_process())
 
 
 def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inputs, *, run: Optional[Path] = None,
@@ -206,14 +194,11 @@ def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inp
         continue_from: Optional[Path] = None, hooks: Sequence = (), report: bool = True) -> FitResult:
     """Train `variables` under `apply_fn` on `train` (images or features), evaluating on `val`.
 
-    With `run`, metrics go to run/metrics.jsonl, scalars to run/tensorboard and checkpoints to run/checkpoints;
-    with `resume`, training continues from the newest intact checkpoint and ends exactly where an
-    uninterrupted run would. `continue_from`, the folder of a finished run of the same configuration but fewer
-    epochs, makes a run without checkpoints of its own start as that run resumed here (`continue_run`): only
-    exact when the learning rate does not depend on the number of epochs (`flags.rate_depends_on_length`).
-    `resume_hint` and `restart_hint`: the commands that resume the run and start it again (errors give them).
-    `hooks`: objects told of the loop's moments (`cifarjax.hooks`), after its own; `trainer.stop()` ends the fit
-    early. `report`: with `run`, summary.json and plots/ written at the end, as the commands write them.
+    With `run`: metrics.jsonl, TensorBoard scalars and checkpoints there; `resume` continues from the newest intact
+    checkpoint and ends where an uninterrupted run would. `continue_from`: a finished shorter run of the same
+    configuration, which a run without checkpoints starts from (exact only for a rate that does not depend on the
+    epoch count, `flags.rate_depends_on_length`). `resume_hint`, `restart_hint`: the commands errors give.
+    `hooks`: told of the loop's moments after its own (`cifarjax.hooks`). `report`: summary.json and plots/.
     """
     _check_splits(config, train, val, inputs)
     resume = _claim(run, resume, continue_from) if run is not None else resume
@@ -242,8 +227,7 @@ def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inp
 
 
 def _train(trainer: Trainer, hooks: Hooks) -> None:
-    """The loop itself: a call of training steps, then what the schedule puts after it (an evaluation, a
-    checkpoint); a stop request (Ctrl-C, SIGTERM) saves a checkpoint and stops."""
+    """Each call of training steps, then what the schedule puts after it; a stop request saves and stops."""
     with StopRequest(saves=trainer.checkpointer is not None) as stop, \
             contextlib.closing(trainer.batches) as batches:
         for call, idx in batches:
@@ -275,8 +259,7 @@ def _check_splits(config: Config, train: Split, val: Split, inputs) -> None:
 
 
 def _claim(run: Path, resume: bool, continue_from: Optional[Path]) -> bool:
-    """Claim and mark the run folder; with `continue_from`, a fresh run starts as that run resumed. Returns whether
-    to resume."""
+    """Claim and mark the run folder (a fresh one starts as `continue_from` resumed); whether to resume."""
     runs.claim(run)
     distributed.barrier(f"claimed {run}")  # every process checked the folder before process 0 marks it
     if distributed.is_writer() and not runs.is_run(run):
@@ -293,51 +276,37 @@ def _claim(run: Path, resume: bool, continue_from: Optional[Path]) -> bool:
     return resume or fresh
 
 
-# ---------------------------------------------------------------------------------------------- the original's loops
-
-def _image_inputs(config: Config) -> tuple:
-    """The inputs of a network that runs on the images, and the host's augmentation where albumentations does it."""
-    spec = AugmentSpec.from_config(config)
-    if config.augment_backend == "albumentations":
-        return HostAugmentedInputs(spec), HostAugment(seed=config.seed)
-    return ImageInputs(spec), None
-
-
-def train_loop(config: Config, train: Split, val: Split, variables: Optional[dict] = None, *,
-               run: Optional[Path] = None, resume: bool = False, devices=None, phases: Optional[Phases] = None,
-               resume_hint: str = "--resume", restart_hint: Optional[str] = None, hooks: Sequence = (),
-               report: bool = True) -> FitResult:
-    """The original's train_loop: train the configured model (SimpleCNN by default) from scratch. `hooks` and
-    `report`: as `fit`'s."""
+def _prepared(config: Config, train: Split, val: Split) -> tuple:
+    """The validated config with its normalisation resolved from `train`, and its model."""
     train.check_images("the training images"), val.check_images("the validation images")
     config = with_normalization(config.validate(), train.images)
-    model, (inputs, host_augment) = build_model(config), _image_inputs(config)
+    return config, build_model(config)
+
+
+def _fit_on_images(config: Config, model, variables: dict, train: Split, val: Split, desc: str, **options):
+    """`fit` of a network that runs on the images, augmented on the device or by albumentations on the host."""
+    spec, on_host = AugmentSpec.from_config(config), config.augment_backend == "albumentations"
+    return fit(config, Apply(model), variables, train, val, HostAugmentedInputs(spec) if on_host else ImageInputs(spec),
+               desc=desc, host_augment=HostAugment(seed=config.seed) if on_host else None, **options)
+
+
+def train_loop(config: Config, train: Split, val: Split, variables: Optional[dict] = None, **options) -> FitResult:
+    """The original's train_loop: train the configured model (SimpleCNN by default) from scratch; `options`: `fit`'s
+    (run, resume, devices, phases, resume_hint, restart_hint, hooks, report)."""
+    config, model = _prepared(config, train, val)
     variables = variables if variables is not None else init_variables(model, config)
-    return fit(config, Apply(model), variables, train, val, inputs, run=run, resume=resume, devices=devices,
-               desc="train", host_augment=host_augment, phases=phases, resume_hint=resume_hint,
-               restart_hint=restart_hint, hooks=hooks, report=report)
+    return _fit_on_images(config, model, variables, train, val, "train", **options)
 
 
-def fine_tune_loop(config: Config, variables: dict, train: Split, val: Split, *, run: Optional[Path] = None,
-                   resume: bool = False, devices=None, features=None, phases: Optional[Phases] = None,
-                   resume_hint: str = "--resume", restart_hint: Optional[str] = None,
-                   continue_from: Optional[Path] = None, hooks: Sequence = (), report: bool = True) -> FitResult:
-    """The original's fine_tune_loop: train a ResNet-18's unfrozen part (default: the head).
-
-    When the backbone is fixed (`features.cacheable`), the head trains on cached backbone features (pass
-    `features` from `features.backbone_features` to share them between runs); otherwise every step runs the
-    network on the images. `continue_from`, `hooks` and `report`: as `fit`'s.
-    """
-    train.check_images("the training images"), val.check_images("the validation images")
-    config = with_normalization(config.validate(), train.images)
-    model = build_model(config)
-    kw = dict(run=run, resume=resume, devices=devices, phases=phases, resume_hint=resume_hint,
-              restart_hint=restart_hint, continue_from=continue_from, hooks=hooks, report=report)
-    if cacheable(config):
-        if features is None:
-            with (phases or Phases(announce=False))("feature_extraction", "extracting backbone features"):
-                features = backbone_features(config, model, variables, train, val, devices)
-        return fit(config, Apply(model, "classify"), variables, *features,
-                   FeatureInputs(AugmentSpec.from_config(config)), desc="fine-tune (cached features)", **kw)
-    inputs, host_augment = _image_inputs(config)
-    return fit(config, Apply(model), variables, train, val, inputs, desc="fine-tune", host_augment=host_augment, **kw)
+def fine_tune_loop(config: Config, variables: dict, train: Split, val: Split, *, features=None, **options) -> FitResult:
+    """The original's fine_tune_loop: train a ResNet-18's unfrozen part (default: the head), on cached backbone
+    features where the backbone is fixed (`features.cacheable`; `features` shares them between runs); `options`:
+    `fit`'s."""
+    config, model = _prepared(config, train, val)
+    if not cacheable(config):
+        return _fit_on_images(config, model, variables, train, val, "fine-tune", **options)
+    if features is None:
+        with (options.get("phases") or Phases(announce=False))("feature_extraction", "extracting backbone features"):
+            features = backbone_features(config, model, variables, train, val, options.get("devices"))
+    return fit(config, Apply(model, "classify"), variables, *features, FeatureInputs(AugmentSpec.from_config(config)),
+               desc="fine-tune (cached features)", **options)

@@ -1,6 +1,5 @@
-"""Where a process's time goes: named phases (data loading, compilation, feature extraction, training,
-evaluation, checkpoints, plotting), each announced as it starts so progress never goes silent, and the
-whole process's wall time, so the phases in summary.json add up to it; and a fit's clock (`Chrono`)."""
+"""Where a process's time goes: named phases, each announced as it starts, adding up to the process's wall time in
+summary.json (`Phases`); and a fit's clock (`Chrono`)."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +11,7 @@ from typing import Optional
 
 
 def process_start() -> float:
-    """This process's start, as a `time.time()` value (Linux: from /proc; elsewhere: the first call)."""
+    """This process's start as a `time.time()` value (Linux: from /proc; elsewhere: this module's import)."""
     try:
         with open("/proc/self/stat") as f:
             ticks = int(f.read().rsplit(")", 1)[1].split()[19])
@@ -30,9 +29,7 @@ class Phases:
     """Accumulates seconds per phase; `with phases("training"):` times one. `announce` prints what starts."""
 
     def __init__(self, announce: bool = True):
-        self.seconds = defaultdict(float)
-        self.announce = announce
-        self.started = process_start()
+        self.seconds, self.announce, self.started = defaultdict(float), announce, process_start()
 
     @contextlib.contextmanager
     def __call__(self, name: str, message: Optional[str] = None):
@@ -44,9 +41,6 @@ class Phases:
         finally:
             self.seconds[name] += time.perf_counter() - start
 
-    def add(self, name: str, seconds: float) -> None:
-        self.seconds[name] += seconds
-
     def summary(self) -> dict:
         """{'phases': seconds per phase plus 'other' (start-up, imports, ...), 'process_seconds': the total}."""
         total = time.time() - self.started
@@ -56,8 +50,8 @@ class Phases:
 
 
 class Chrono:
-    """A fit's clock (big_vision's `chrono`): its wall time (a resumed run's earlier seconds included), its training
-    calls' seconds with the first (compiling) call's apart, the last checkpoint's time, and the throughput."""
+    """A fit's clock (big_vision's `chrono`): wall time (a resumed run's included), training calls' seconds with the
+    first (compiling) call's apart, the last checkpoint's time, and the throughput."""
 
     def __init__(self, phases: Phases, batch_size: int, elapsed: float = 0.0, start_step: int = 0):
         self.phases, self.batch_size, self.start_step, self.last_step = phases, batch_size, start_step, start_step
@@ -69,8 +63,7 @@ class Chrono:
 
     @contextlib.contextmanager
     def training(self, end: Optional[int] = None):
-        """Time the call of training steps that ends at step `end` (yields whether it is the first, which compiles),
-        or without `end` a wait for the calls queued (dispatch is asynchronous: a call returns before it ran)."""
+        """Time the call of steps ending at `end` (yields whether it compiles), or without `end` a wait."""
         compiling, start = end is not None and not self.compile_steps, time.perf_counter()
         with self.phases("compilation", "compiling the training step") if compiling else self.phases("training"):
             yield compiling
@@ -80,17 +73,15 @@ class Chrono:
         self.call_seconds[compiling] += time.perf_counter() - start
 
     def images_per_second(self) -> float:
-        """Trained images per second of this fit, compilation and evaluation excluded. When every step ran in the
-        first (compiling) call, as a short run on cached features does, that call counts: a lower bound."""
+        """Trained images per second, compilation excluded unless every step ran in the compiling call."""
         steps, seconds = self.last_step - self.start_step - self.compile_steps, self.call_seconds[False]
         if steps <= 0 or seconds <= 0:
             steps, seconds = self.last_step - self.start_step, seconds + self.call_seconds[True]
         return steps * self.batch_size / seconds if steps > 0 and seconds > 0 else 0.0
 
     def this_process(self) -> dict:
-        """This fit's figures, which add up: `images_trained` in this process; the first call's `compile_seconds`
-        (compilation and its `compile_images`); then `training_seconds` of steps (waiting for them included) at
-        `images_per_second`. All zero when the fit had nothing left to train."""
+        """This process's figures, which add up: images trained, the compiling call's seconds and images, then the
+        other calls' seconds at images per second."""
         batch, seconds = self.batch_size, self.call_seconds
         return {"images_trained": (self.last_step - self.start_step) * batch,
                 "compile_seconds": round(seconds[True], 2), "compile_images": self.compile_steps * batch,

@@ -1,9 +1,6 @@
-"""Which training steps each compiled call of a fit runs, and what follows it: an evaluation, an epoch's end, a
-checkpoint. Pure: no device work and no clock (the clock's checkpoints at epoch ends are the loop's).
-
-Steps count from 1. Every call of a fit runs as many steps (one compiled program), a number that divides the step
-it starts from and every interval at which something happens, so that no call crosses an event.
-"""
+"""Which training steps each compiled call of a fit runs (steps count from 1), and what follows it: an evaluation,
+an epoch's end, a checkpoint. Pure: no devices, no clock. Every call runs as many steps (one compiled program), a
+number dividing the start step and every event interval, so that no call crosses an event."""
 from __future__ import annotations
 
 import math
@@ -11,16 +8,14 @@ from typing import Iterator, NamedTuple
 
 from cifarjax.batching import train_indices
 
-# The most training steps per call where `--steps-per-call` is auto (0): for a head on cached features (microseconds
-# of work a step), and on a GPU or TPU for images of at most SMALL_IMAGES pixels a side, where dispatching a step
-# takes about as long as computing it (a SimpleCNN or ResNet-18 step at 32x32). Elsewhere a step outlasts its
-# dispatch (on a CPU; a ResNet at 224x224 on a GPU: milliseconds against well under one), and one step a call
-# compiles fastest.
+# Auto (`--steps-per-call 0`) runs several steps a call only where dispatching a step costs about as much as running
+# it: a head on cached features, or a GPU or TPU on images of at most SMALL_IMAGES pixels a side (a SimpleCNN or
+# ResNet-18 at 32x32). Elsewhere (a CPU; 224x224 on a GPU) a step outlasts its dispatch: one a call compiles fastest.
 CHEAP_STEPS_PER_CALL, ACCELERATOR_STEPS_PER_CALL, SMALL_IMAGES = 64, 8, 64
 
 
 def most_steps_per_call(config, platform: str, cheap: bool) -> int:
-    """The most training steps a call may run: `config.steps_per_call`, or when it is 0 (auto) the above."""
+    """`config.steps_per_call`, or when it is 0 (auto) the above for `platform` (`cheap`: a head on features)."""
     if config.steps_per_call:
         return config.steps_per_call
     if cheap:
@@ -29,8 +24,7 @@ def most_steps_per_call(config, platform: str, cheap: bool) -> int:
 
 
 def steps_per_call(most: int, start: int, intervals) -> int:
-    """How many steps every call of a fit runs: the largest number up to `most` that divides the step it starts
-    from and each interval at which something happens (the epoch, evaluations, step-counted checkpoints; 0: none)."""
+    """The largest number up to `most` that divides `start` and each event interval (0: none)."""
     every = math.gcd(start, *intervals)
     return max(d for d in range(1, min(most, every) + 1) if every % d == 0)
 
@@ -54,17 +48,15 @@ class Call(NamedTuple):
         return self.first + self.steps
 
 
-def batches(config, n_train: int, start: int, devices, cheap: bool = False) -> Iterator[tuple]:
-    """(call, its indices) from step `start` to the end of the last epoch, over `devices`: (devices, per_device)
-    indices for one step a call, (steps, devices, per_device) for several, from each epoch's seeded permutation
-    (`batching.train_indices`); at most `most_steps_per_call` steps a call on the devices' platform (`cheap`: a
-    head on cached features)."""
+def batches(config, n_train: int, start: int, n_devices: int, platform: str, cheap: bool = False) -> Iterator[tuple]:
+    """(call, its indices) from step `start` to the end of the last epoch: (devices, per_device) indices for one
+    step a call, (steps, devices, per_device) for several, from each epoch's seeded permutation."""
     per_epoch = n_train // config.batch_size
     total = config.n_epochs * per_epoch
-    steps = steps_per_call(most_steps_per_call(config, devices[0].platform, cheap), start,
+    steps = steps_per_call(most_steps_per_call(config, platform, cheap), start,
                            (per_epoch, config.eval_every, config.checkpoint_every))
     for epoch in range(start // per_epoch, config.n_epochs):
-        order = train_indices(n_train, config.batch_size, len(devices), config.seed, epoch)
+        order = train_indices(n_train, config.batch_size, n_devices, config.seed, epoch)
         for done in range(max(start - epoch * per_epoch, 0), per_epoch, steps):
             end, epoch_end = epoch * per_epoch + done + steps, done + steps == per_epoch
             call = Call(end - steps, steps, itstime(end, config.eval_every) or epoch_end, epoch_end,

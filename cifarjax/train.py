@@ -1,11 +1,9 @@
-"""Pure per-device train and eval steps over a `TrainState`, and their `jax.pmap` wrapper over every device of
-every process.
+"""Pure per-device train and eval steps over a `TrainState`, and their `jax.pmap` over every device of every process.
 
-Each step receives the data resident on its device and the indices of its share of the global batch; the
-`inputs` object (`cifarjax.inputs`) gathers and augments them on the device. Gradients and metrics are
-averaged over all devices with `lax.pmean`; BatchNorm statistics are synchronised by the model
-(`axis_name=AXIS`). Dropout keys depend on (step, global device index), so a run is the same whether its
-devices sit in one process or several.
+A step gets the data resident on its device and the indices of its share of the batch, which `inputs`
+(`cifarjax.inputs`) gathers and augments on the device. Gradients and metrics are `pmean`-ed over the devices,
+BatchNorm statistics synchronised by the model (`axis_name=AXIS`); dropout keys depend on (step, global device
+index), so a run is the same whether its devices sit in one process or several.
 """
 from __future__ import annotations
 
@@ -28,10 +26,8 @@ from cifarjax.target import step_factory
 
 
 class TrainState(train_state.TrainState):
-    """Flax's TrainState plus BatchNorm statistics, the run's base PRNG key and, optionally, an exponential
-    moving average of what training changes (`Freezing.averaged`): the trainable parameters (`ema_params`) and
-    the statistics of BatchNorm layers in train mode (`ema_batch_stats`), as trees of those leaves alone. Frozen
-    parameters and statistics are their own average: the step neither reads nor writes a copy of them."""
+    """Flax's TrainState plus BatchNorm statistics, the base PRNG key and optionally a moving average of what
+    training changes alone (`Freezing.averaged`): frozen leaves are their own average, never copied."""
     batch_stats: Any = None
     key: Any = None
     ema_params: Any = None
@@ -43,7 +39,7 @@ class TrainState(train_state.TrainState):
 
     @property
     def eval_variables(self):
-        """The weights evaluation uses: the moving average, with the averaged statistics, when the run keeps one."""
+        """The weights evaluation uses: the moving average where the run keeps one."""
         if self.ema_params is None:
             return self.variables
         return {"params": join_frozen(self.ema_params, self.params),
@@ -72,8 +68,7 @@ class StepOptions:
 
 
 def cross_entropy(logits, labels, smoothing: float = 0.0):
-    """Per-example cross-entropy against integer labels, optionally label-smoothed; in float32 (or wider)
-    whatever the logits' type (bfloat16 under mixed precision)."""
+    """Per-example cross-entropy against integer labels, optionally label-smoothed, in float32 or wider."""
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     if not smoothing:
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -87,21 +82,11 @@ def ema_update(ema, params, decay: float, step):
     return jax.tree.map(lambda e, p: e * d + p * (1.0 - d), ema, params)
 
 
-def _keep_frozen(trainable, new, old):
-    """Frozen leaves keep their exact old bits (adding a zero update could still flip -0.0)."""
-    if trainable is None:
-        return new
-    return jax.tree.map(lambda trains, n, o: n if trains else o, trainable, new, old)
-
-
 def train_step(state: TrainState, data, idx, *, inputs, n_devices: int, trainable=None,
                options: StepOptions = StepOptions(), differentiate_frozen: bool = False):
-    """One optimisation step on this device's share `idx` of the global batch (call under `pmap`).
-
-    `trainable`: the freezing policy's mask (None: everything trains). Only what trains is differentiated, unless
-    `differentiate_frozen`: the gradient of every parameter, whose unused part the compiler drops (the CPU
-    program's step factory asks for it: its recorded numerics).
-    """
+    """One optimisation step on this device's share `idx` of the global batch (under `pmap`). `trainable`: the
+    freezing mask (None: everything trains); `differentiate_frozen`: differentiate every parameter, the unused part
+    dropped by the compiler (the CPU program's step factory asks for it: its recorded numerics)."""
     images, targets = data
     device = lax.axis_index(AXIS)
     step_key = jax.random.fold_in(state.key, state.step)
@@ -125,7 +110,9 @@ def train_step(state: TrainState, data, idx, *, inputs, n_devices: int, trainabl
         grads = lax.pmean(grads, AXIS)
     grads = join_frozen(grads, jax.tree.map(jnp.zeros_like, frozen))
     new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
-    new_state = new_state.replace(params=_keep_frozen(trainable, new_state.params, state.params))
+    if trainable is not None:  # frozen leaves keep their exact old bits (adding a zero update could flip -0.0)
+        kept = jax.tree.map(lambda trains, n, o: n if trains else o, trainable, new_state.params, state.params)
+        new_state = new_state.replace(params=kept)
     if options.ema_decay:  # over the leaves training changes only (`TrainState`)
         average = [ema_update(e, leaves_like(n, e), options.ema_decay, state.step) for e, n in
                    ((state.ema_params, new_state.params), (state.ema_batch_stats, new_state.batch_stats))]
@@ -135,16 +122,9 @@ def train_step(state: TrainState, data, idx, *, inputs, n_devices: int, trainabl
 
 
 def train_steps(state: TrainState, data, idxs, **kwargs):
-    """Several `train_step`s in one call, so that dispatching them costs less than running them (a head on cached
-    features; small images on a GPU): a rolled `lax.scan` over idxs' leading axis, one copy of the step inside a
-    loop (a fit's calls all run as many steps, `schedule.steps_per_call`: one compilation). Metrics are per step.
-
-    The same steps as that many calls of `train_step`, equal within float32 rounding: XLA compiles a loop's body
-    as a computation of its own, whose fusions may round differently (tests/test_steps_per_call.py).
-    """
-    def one(state, idx):
-        return train_step(state, data, idx, **kwargs)
-    return lax.scan(one, state, idxs)
+    """Several `train_step`s in one call, a rolled `lax.scan` over idxs' leading axis; metrics per step. Equal to
+    that many calls within float32 rounding: XLA's fusions in a loop body may round differently."""
+    return lax.scan(lambda state, idx: train_step(state, data, idx, **kwargs), state, idxs)
 
 
 def eval_logits(state: TrainState, data, idx, inputs, tta_flip: bool):
@@ -159,8 +139,7 @@ def eval_logits(state: TrainState, data, idx, inputs, tta_flip: bool):
 
 
 def eval_step(state: TrainState, data, idx, *, inputs, tta_flip: bool = False):
-    """Predicted classes and per-example losses of this device's share `idx`, gathered from every device
-    (call under `pmap`): each is (devices, per_device)."""
+    """Predicted classes and per-example losses of this device's share `idx`, gathered: (devices, per_device)."""
     logits = eval_logits(state, data, idx, inputs, tta_flip)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, data[1][idx])
     preds = jnp.argmax(logits, -1).astype(jnp.int32)
@@ -168,8 +147,7 @@ def eval_step(state: TrainState, data, idx, *, inputs, tta_flip: bool = False):
 
 
 def probabilities_step(state: TrainState, data, idx, *, inputs, tta_flip: bool = False):
-    """Class probabilities (softmax of `eval_logits`) of this device's share `idx`, gathered from every device
-    (call under `pmap`): (devices, per_device, classes)."""
+    """Class probabilities of this device's share `idx`, gathered: (devices, per_device, classes)."""
     logits = eval_logits(state, data, idx, inputs, tta_flip)
     return lax.all_gather(jax.nn.softmax(logits.astype(jnp.float32)), AXIS)
 
@@ -182,7 +160,7 @@ def donate_state(step, mask, axis_name: str, devices: list, **static):
 
 @functools.lru_cache(maxsize=32)
 def _pmapped_train(step, devices: tuple, trainable, pmap_train, **static):
-    """One pmap-ed training step per (step, devices, freezing, step factory, static settings), reused by runs."""
+    """One pmap-ed training step per (step, devices, freezing, step factory, settings), reused by runs."""
     mask = None if trainable is None else jax.tree.unflatten(trainable[1], trainable[0])
     return pmap_train(step, mask, AXIS, list(devices), **static)
 
@@ -193,10 +171,9 @@ def _pmapped_eval(step, devices: tuple, **static):
 
 
 class DataParallel:
-    """The pmap-ed steps over `devices` (default: every device of every process), and the boundary between
-    host arrays and device-resident ones. Each process passes only its own devices' rows of a batch.
-    `pmap_train(step, mask, axis_name, devices, **static)` pmap-s the training steps (default: the run's,
-    `cifarjax.target.step_factory()`; `donate_state` donates the whole state)."""
+    """The pmap-ed steps over `devices` (default: all of every process) and the boundary between host and device
+    arrays; each process passes its own devices' rows. `pmap_train`: how the training steps are pmap-ed (default:
+    `cifarjax.target.step_factory()`)."""
 
     def __init__(self, inputs, trainable=None, devices: Optional[list] = None,
                  options: StepOptions = StepOptions(), pmap_train: Optional[Callable] = None):
@@ -229,7 +206,6 @@ class DataParallel:
         return self._place(tree, lambda x, i: x[i:i + 1])
 
     def _place(self, tree, rows):
-        """`tree`'s leaves as arrays over the devices, this process's i-th device holding `rows(leaf, i)`."""
         def put(x):
             x = np.asarray(x)
             shards = [jax.device_put(rows(x, i), self.devices[d]) for i, d in enumerate(self.local_rows)]
@@ -239,21 +215,21 @@ class DataParallel:
 
     @staticmethod
     def unreplicate(tree):
-        """The first local device's copy, as host numpy arrays. Reads the shard directly: indexing would
-        dispatch a new program that can deadlock against a queued collective step on CPU devices."""
+        """The first local device's copy as numpy; read from the shard, as indexing would dispatch a program that
+        can deadlock against a queued collective step on CPU devices."""
         return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
 
-    def evaluate(self, state, data, n: int, batch_size: int):
-        """(predicted classes, per-example losses) for examples 0..n-1 of the resident `data`, each example
-        counted exactly once; every process gets all of them."""
+    def _examples(self, step, state, data, n: int, batch_size: int):
+        """`step`'s outputs for examples 0..n-1 of the resident `data`, each once, in every process."""
         idx, mask = eval_indices(n, batch_size, self.n_devices)
-        outputs = [self.eval_step(state, data, self.mine(i)) for i in idx]
-        preds, losses = zip(*[self.unreplicate(o) for o in outputs])
-        return np.concatenate([p[m] for p, m in zip(preds, mask)]), np.concatenate([l[m] for l, m in zip(losses, mask)])
+        outputs = [step(state, data, self.mine(i)) for i in idx]  # all dispatched before the first is read
+        return jax.tree.map(lambda *batches: np.concatenate([b[m] for b, m in zip(batches, mask)]),
+                            *[self.unreplicate(o) for o in outputs])
+
+    def evaluate(self, state, data, n: int, batch_size: int):
+        """(predicted classes, per-example losses) for examples 0..n-1 of the resident `data`."""
+        return self._examples(self.eval_step, state, data, n, batch_size)
 
     def probabilities(self, state, images, n: int, batch_size: int) -> np.ndarray:
-        """(n, classes) class probabilities of images 0..n-1 of the resident `images`, batched as `evaluate`
-        batches them."""
-        idx, mask = eval_indices(n, batch_size, self.n_devices)
-        outputs = [self.unreplicate(self.probabilities_step(state, (images,), self.mine(i))) for i in idx]
-        return np.concatenate([p[m] for p, m in zip(outputs, mask)])
+        """(n, classes) class probabilities of images 0..n-1 of the resident `images`."""
+        return self._examples(self.probabilities_step, state, (images,), n, batch_size)

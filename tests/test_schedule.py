@@ -1,7 +1,5 @@
 """The schedule of a fit (`cifarjax.schedule`): which steps each compiled call runs, where the events fall, and the
 indices each call receives. Pure: no devices, no training."""
-from types import SimpleNamespace
-
 import numpy as np
 
 from cifarjax.batching import train_indices
@@ -9,15 +7,15 @@ from cifarjax.config import Config
 from cifarjax.schedule import ACCELERATOR_STEPS_PER_CALL, CHEAP_STEPS_PER_CALL, Call, batches, most_steps_per_call, \
     steps_per_call
 
-CPU, GPU = [SimpleNamespace(platform="cpu")] * 2, [SimpleNamespace(platform="gpu")] * 2  # two devices of each
+CPU, GPU = "cpu", "gpu"  # the platform a run is built for, over two devices
 
 
 def settings(**changes) -> Config:
     return Config(**{"batch_size": 8, "num_classes": 3, "eval_every": 0, **changes})
 
 
-def calls(config, n_train: int, start: int = 0, devices=CPU, cheap: bool = False) -> list:
-    return [call for call, _ in batches(config, n_train, start, devices, cheap)]
+def calls(config, n_train: int, start: int = 0, platform=CPU, cheap: bool = False) -> list:
+    return [call for call, _ in batches(config, n_train, start, 2, platform, cheap)]
 
 
 def spans(config, n_train: int, most: int, start: int = 0) -> list:
@@ -54,14 +52,14 @@ def test_each_call_gets_its_steps_indices_from_its_epochs_permutation():
     """One step a call: (devices, per_device) indices; several: (steps, devices, per_device), the same rows; and a
     run resumed mid-epoch gets the rest of that epoch's order."""
     config = settings(n_epochs=2, eval_every=0, batch_size=8, seed=3)  # 5 steps per epoch, 4 images each device
-    single = [(c, idx) for c, idx in batches(config.replace(steps_per_call=1), 43, 0, CPU)]
+    single = [(c, idx) for c, idx in batches(config.replace(steps_per_call=1), 43, 0, 2, CPU)]
     epochs = [train_indices(43, 8, 2, 3, e) for e in range(2)]
     assert all(idx.shape == (2, 4) for _, idx in single)
     np.testing.assert_array_equal(np.stack([idx for _, idx in single]), np.concatenate(epochs))
-    several = list(batches(config.replace(steps_per_call=5), 43, 0, CPU))
+    several = list(batches(config.replace(steps_per_call=5), 43, 0, 2, CPU))
     assert [(c.first, idx.shape) for c, idx in several] == [(0, (5, 2, 4)), (5, (5, 2, 4))]
     np.testing.assert_array_equal(np.concatenate([idx for _, idx in several]), np.concatenate(epochs))
-    resumed = list(batches(config.replace(steps_per_call=1), 43, 7, CPU))
+    resumed = list(batches(config.replace(steps_per_call=1), 43, 7, 2, CPU))
     assert [c.first for c, _ in resumed] == [7, 8, 9]
     np.testing.assert_array_equal(np.stack([idx for _, idx in resumed]), epochs[1][2:])
 
@@ -74,6 +72,6 @@ def test_auto_runs_several_steps_only_where_dispatch_dominates():
     assert most_steps_per_call(config, "cpu", cheap=True) == CHEAP_STEPS_PER_CALL  # a head on cached features
     assert most_steps_per_call(config.replace(steps_per_call=3), "cpu", cheap=False) == 3
     auto = settings(n_epochs=1, eval_every=0, batch_size=2, steps_per_call=0)  # 64 steps per epoch
-    assert {c.steps for c in calls(auto, 128, devices=CPU)} == {1}  # the devices' platform decides
-    assert {c.steps for c in calls(auto, 128, devices=GPU)} == {ACCELERATOR_STEPS_PER_CALL}
-    assert {c.steps for c in calls(auto, 128, devices=CPU, cheap=True)} == {64}
+    assert {c.steps for c in calls(auto, 128, platform=CPU)} == {1}  # the run's platform decides
+    assert {c.steps for c in calls(auto, 128, platform=GPU)} == {ACCELERATOR_STEPS_PER_CALL}
+    assert {c.steps for c in calls(auto, 128, platform=CPU, cheap=True)} == {64}
