@@ -1,10 +1,5 @@
-"""The CPU's optimizers: optax's Adam, AdamW and SGD with Nesterov momentum, bit for bit, with their new moments
-(or trace) computed once into memory before the update reads them (`scale_by_adam`, `nesterov_momentum`): XLA's
-CPU fusion otherwise recomputes them inside the fusion that forms each update. ResNet-18's step at 32x32 ran
-1.09x faster with everything training, 1.07x with layer4 training (and more where the old state is donated,
-which then had to be copied first). `adam`, `adamw` and `sgd` take optax's arguments and give optax's state
-trees, so a checkpoint does not depend on the platform that wrote it.
-"""
+"""The CPU's optimizers: optax's Adam, AdamW and Nesterov SGD bit for bit and with optax's state trees, their new
+moments computed once into memory (XLA's CPU fusion recomputes them inside each update: 1.07-1.09x slower)."""
 from __future__ import annotations
 
 import jax
@@ -15,7 +10,7 @@ from cifarjax.cpu.fusion import materialize
 
 
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
-    """`optax.scale_by_adam(b1, b2, eps)` with its new moments computed once (the module's docstring)."""
+    """`optax.scale_by_adam(b1, b2, eps)` with its new moments computed once."""
     def update(grads, state, params=None):
         del params
         mu, nu = materialize((optax.tree.update_moment(grads, state.mu, b1, 1),
@@ -28,7 +23,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> opta
 
 
 def nesterov_momentum(decay: float) -> optax.GradientTransformation:
-    """`optax.trace(decay, nesterov=True)` with its new trace computed once (the module's docstring)."""
+    """`optax.trace(decay, nesterov=True)` with its new trace computed once."""
     def update(grads, state, params=None):
         del params
         trace = materialize(jax.tree.map(lambda g, t: g + decay * t, grads, state.trace))
