@@ -30,8 +30,7 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        cin = x.shape[-1]
-        shape = (self.kernel_size, self.kernel_size, cin, self.features)
+        shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
         kernel = self.param("kernel", self.kernel_init or torch_uniform, shape)
         if self.dtype is None:
             y = self.convolve(x, kernel, self.strides, self.padding)
@@ -197,16 +196,6 @@ def max_pool(x, window: int, strides: Optional[int] = None, padding: int = 0, ke
     return window_max_pool(x, window, strides, padding, keep)
 
 
-def _window_taps(x, window: int, strides: int, padding: int):
-    """The window's window*window strided slices of the -inf-padded input, in row-major order."""
-    if padding:
-        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
-    n, h, w, c = x.shape
-    ho, wo = (h - window) // strides + 1, (w - window) // strides + 1
-    span_h, span_w = strides * (ho - 1) + 1, strides * (wo - 1) + 1
-    return [x[:, i:i + span_h:strides, j:j + span_w:strides, :] for i in range(window) for j in range(window)]
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def window_max_pool(x, window: int, strides: int, padding: int, keep: Optional[Callable] = None):
     """Max pooling over overlapping, padded windows: XLA's `reduce_window` undifferentiated (3x faster); its
@@ -217,7 +206,10 @@ def window_max_pool(x, window: int, strides: int, padding: int, keep: Optional[C
 
 
 def _window_max_pool_fwd(x, window, strides, padding, keep):
-    taps = _window_taps(x, window, strides, padding)
+    padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
+    ho, wo = (padded.shape[1] - window) // strides + 1, (padded.shape[2] - window) // strides + 1
+    span_h, span_w = strides * (ho - 1) + 1, strides * (wo - 1) + 1
+    taps = [padded[:, i:i + span_h:strides, j:j + span_w:strides] for i in range(window) for j in range(window)]
     index = jnp.int8 if len(taps) <= 127 else jnp.int32
     out, first = taps[0], jnp.zeros(taps[0].shape, index)
     for t, tap in enumerate(taps[1:], 1):

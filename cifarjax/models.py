@@ -11,8 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from cifarjax.cpu.conv import ConvReluMaxPool, conv2d
-from cifarjax.cpu.dense import dense_transposed_backward
-from cifarjax.cpu.fusion import materialize
+from cifarjax.cpu.fusion import dense_transposed_backward, materialize
 from cifarjax.freezing import STAGES, Freezing
 from cifarjax.layers import BatchNorm, Conv, Dense, Dropout, affine, max_pool
 from cifarjax.ops import xla_conv

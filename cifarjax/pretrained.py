@@ -28,11 +28,11 @@ from cifarjax.models import ResNet18, build_model, init_variables, initialize
 
 IMAGENET_FILE = "resnet18-f37072fd.pth"
 IMAGENET_URL = f"https://download.pytorch.org/models/{IMAGENET_FILE}"
-# torchvision's published ResNet18_Weights.IMAGENET1K_V1 file (46,830,571 bytes): its full SHA-256, of which
-# torchvision's file name and its own download check keep the first 8 hex digits.
+# torchvision's published IMAGENET1K_V1 file's full SHA-256 (its name and download check keep 8 hex digits)
 IMAGENET_SHA256 = "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec"
 IMAGENET_DESCRIPTION = "ImageNet weights (torchvision IMAGENET1K_V1, verified)"
 RANDOM_DESCRIPTION = "random initialisation, no pretraining"
+_TORCH_MODULES = {"head": "fc", "downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
 _TORCH_FIELDS = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 _TORCH_AXES = {4: (2, 3, 1, 0), 2: (1, 0), 1: (0,)}  # flax axis i is torch axis _TORCH_AXES[ndim][i] (OIHW → HWIO)
 
@@ -40,14 +40,8 @@ _TORCH_AXES = {4: (2, 3, 1, 0), 2: (1, 0), 1: (0,)}  # flax axis i is torch axis
 def _torch_key(flax_key: tuple) -> str:
     """('params', 'backbone', 'layer2_block0', 'conv1', 'kernel') → 'layer2.0.conv1.weight'."""
     _, *module, leaf = flax_key
-    if module == ["head"]:
-        return {"kernel": "fc.weight", "bias": "fc.bias"}[leaf]
-    names = []
-    for part in module[1:]:
-        m = re.fullmatch(r"(layer[1-4])_block(\d)", part)
-        names += [m.group(1), m.group(2)] if m else [{"downsample_conv": "downsample.0",
-                                                      "downsample_bn": "downsample.1"}.get(part, part)]
-    return ".".join(names + [_TORCH_FIELDS[leaf]])
+    names = [_TORCH_MODULES.get(part, part) for part in module if part != "backbone"]
+    return re.sub(r"_block(\d)", r".\1", ".".join(names + [_TORCH_FIELDS[leaf]]))
 
 
 def _expected_shapes(num_classes: int):
@@ -212,28 +206,6 @@ def _cached_conversion(cached: Path, load_state_dict) -> dict:
     return variables
 
 
-def _torch_hub_file() -> Path:
-    """Where torchvision keeps IMAGENET1K_V1 (torch.hub.get_dir()'s rule, without importing torch)."""
-    home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "torch")
-    return Path(home).expanduser() / "hub" / "checkpoints" / IMAGENET_FILE
-
-
-def _fetch_imagenet_file() -> Path:
-    """torchvision's IMAGENET1K_V1 file in torch's cache, downloaded (with torchvision's hash check) when missing."""
-    path = _torch_hub_file()
-    if path.is_file():
-        return path
-    ResNet18_Weights = torchlib.load("torchvision.models").ResNet18_Weights
-    try:
-        ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
-    except Exception as error:  # noqa: BLE001 - network or hash failure
-        raise UserError(f"could not fetch torchvision's ImageNet ResNet-18 weights ({type(error).__name__}); "
-                        f"download {IMAGENET_FILE} from {IMAGENET_URL} on a machine with network access "
-                        "and pass it with --weights PATH") from None
-    import torch
-    return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILE
-
-
 @dataclass(frozen=True)
 class Weights:
     """Where a run's starting weights came from: 'random', or a file and its SHA-256."""
@@ -264,10 +236,23 @@ def describe_weights(source: str, sha256: Optional[str] = None) -> str:
 
 
 def weights_file(weights: str) -> Optional[Path]:
-    """The file behind a --weights value ('imagenet': torchvision's, fetched when missing; 'random': None)."""
-    if weights == "random":
-        return None
-    return _fetch_imagenet_file() if weights == "imagenet" else Path(weights)
+    """The file behind a --weights value: None for 'random'; for 'imagenet' torchvision's IMAGENET1K_V1 in torch's
+    cache (found without importing torch), downloaded with torchvision's hash check when missing."""
+    if weights != "imagenet":
+        return None if weights == "random" else Path(weights)
+    home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "torch")
+    path = Path(home).expanduser() / "hub" / "checkpoints" / IMAGENET_FILE
+    if path.is_file():
+        return path
+    ResNet18_Weights = torchlib.load("torchvision.models").ResNet18_Weights
+    try:
+        ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
+    except Exception as error:  # noqa: BLE001 - network or hash failure
+        raise UserError(f"could not fetch torchvision's ImageNet ResNet-18 weights ({type(error).__name__}); "
+                        f"download {IMAGENET_FILE} from {IMAGENET_URL} on a machine with network access "
+                        "and pass it with --weights PATH") from None
+    import torch
+    return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILE
 
 
 def load_weights(path: Union[str, Path], cache_dir: Optional[Path] = None) -> tuple:
@@ -283,7 +268,7 @@ def imagenet_resnet18(num_classes: int = 10, weights: Optional[Union[str, Path]]
                       cache_dir: Optional[Path] = None) -> dict:
     """ImageNet ResNet-18 variables with a fresh seeded `num_classes` head, from `weights` (a local torchvision .pth)
     or torchvision's IMAGENET1K_V1 (downloaded with a hash check into torch's cache)."""
-    variables, _ = load_weights(weights if weights is not None else _fetch_imagenet_file(), cache_dir)
+    variables, _ = load_weights(weights if weights is not None else weights_file("imagenet"), cache_dir)
     return with_new_head(variables, num_classes, seed)
 
 

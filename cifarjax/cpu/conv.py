@@ -51,10 +51,6 @@ def xla_forward_im2col_backward(x, kernel, strides: int, padding: int):
     return xla_conv(x, kernel, strides, padding)
 
 
-def _xla_im2col_fwd(x, kernel, strides, padding):
-    return xla_conv(x, kernel, strides, padding), (x, kernel)
-
-
 def _xla_im2col_bwd(strides, padding, residuals, dy):
     x, kernel = residuals
     if x.shape[-1] > FEW_CHANNELS:
@@ -64,7 +60,8 @@ def _xla_im2col_bwd(strides, padding, residuals, dy):
     return dx, dkernel
 
 
-xla_forward_im2col_backward.defvjp(_xla_im2col_fwd, _xla_im2col_bwd)
+xla_forward_im2col_backward.defvjp(lambda x, k, strides, padding: (xla_conv(x, k, strides, padding), (x, k)),
+                                   _xla_im2col_bwd)
 
 
 def conv2d(x, kernel, strides: int = 1, padding: int = 0, impl: str = "winograd", inference: bool = False):
@@ -85,18 +82,10 @@ def conv2d(x, kernel, strides: int = 1, padding: int = 0, impl: str = "winograd"
 def conv_phases(x, kernel, pool: int):
     """The unpadded convolution by output phase, ``out[(p, q)] = conv2d(x)[:, p::pool, q::pool]`` cropped to what
     max pooling keeps, each phase its own im2col matmul."""
-    n, h, w, _ = x.shape
-    kh, kw, cin, cout = kernel.shape
+    (_, h, w, _), (kh, kw, _, _) = x.shape, kernel.shape
     th, tw = (h - kh + 1) // pool, (w - kw + 1) // pool
-    flat_kernel = kernel.reshape(kh * kw * cin, cout)
-    phases = {}
-    for p in range(pool):
-        for q in range(pool):
-            patches = [x[:, p + i:p + i + pool * (th - 1) + 1:pool, q + j:q + j + pool * (tw - 1) + 1:pool, :]
-                       for i in range(kh) for j in range(kw)]
-            patches = jnp.concatenate(patches, axis=-1).reshape(n * th * tw, kh * kw * cin)
-            phases[(p, q)] = (patches @ flat_kernel).reshape(n, th, tw, cout)
-    return phases
+    return {(p, q): _im2col_conv(x[:, p:p + pool * (th - 1) + kh, q:q + pool * (tw - 1) + kw], kernel, pool, 0)
+            for p in range(pool) for q in range(pool)}
 
 
 @jax.custom_vjp
@@ -110,12 +99,7 @@ def _maximum_of_fwd(*xs):
     return out, (xs, out)
 
 
-def _maximum_of_bwd(res, g):
-    xs, out = res
-    return tuple(jnp.where(x == out, g, jnp.zeros_like(g)) for x in xs)
-
-
-maximum_of.defvjp(_maximum_of_fwd, _maximum_of_bwd)
+maximum_of.defvjp(_maximum_of_fwd, lambda res, g: tuple(jnp.where(x == res[1], g, jnp.zeros_like(g)) for x in res[0]))
 
 # Winograd F(m x m, 3x3) (Lavin & Gray 2016), (B^T, G, A^T): out_tile = A^T [(G k G^T) * (B^T d B)] A over
 # (m+2)x(m+2) input tiles d at stride m. Exact in float64; float32 computations round them.
@@ -165,10 +149,6 @@ def winograd_input_tiles(x, m: int, th: int, tw: int):
     return [[col[i] for col in columns] for i in range(t)]
 
 
-def _winograd_input_fwd(x, m, th, tw):
-    return winograd_input_tiles(x, m, th, tw), x.shape
-
-
 def _winograd_input_bwd(m, th, tw, shape, dv):
     n, h, w, c = shape
     t = m + 2
@@ -185,7 +165,7 @@ def _winograd_input_bwd(m, th, tw, shape, dv):
     return (dx[:, :h, :w, :],)
 
 
-winograd_input_tiles.defvjp(_winograd_input_fwd, _winograd_input_bwd)
+winograd_input_tiles.defvjp(lambda x, m, th, tw: (winograd_input_tiles(x, m, th, tw), x.shape), _winograd_input_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -195,16 +175,12 @@ def winograd_kernel(kernel, m: int):
     return _sandwich(WINOGRAD[m][1], [[kernel[i, j] for j in range(3)] for i in range(3)])
 
 
-def _winograd_kernel_fwd(kernel, m):
-    return winograd_kernel(kernel, m), None
-
-
 def _winograd_kernel_bwd(m, _, du):
     taps = _sandwich(WINOGRAD[m][1].T, du)  # G^T du G
     return (materialize(jnp.stack([jnp.stack(row) for row in taps])),)
 
 
-winograd_kernel.defvjp(_winograd_kernel_fwd, _winograd_kernel_bwd)
+winograd_kernel.defvjp(lambda kernel, m: (winograd_kernel(kernel, m), None), _winograd_kernel_bwd)
 
 
 def _tile_products(v, u):
@@ -221,10 +197,6 @@ def winograd_products(x, u, m: int, th: int, tw: int):
     return _tile_products(winograd_input_tiles(materialize(x), m, th, tw), u)
 
 
-def _winograd_products_fwd(x, u, m, th, tw):
-    return winograd_products(x, u, m, th, tw), (x, u)
-
-
 def _winograd_products_bwd(m, th, tw, residuals, dp):
     x, u = residuals
     # recomputed, not the forward's kept alive; x's first element is padding, which XLA folds, dp's is data
@@ -233,7 +205,7 @@ def _winograd_products_bwd(m, th, tw, residuals, dp):
     return _winograd_input_bwd(m, th, tw, x.shape, dv)[0], du
 
 
-winograd_products.defvjp(_winograd_products_fwd, _winograd_products_bwd)
+winograd_products.defvjp(lambda x, u, m, th, tw: (winograd_products(x, u, m, th, tw), (x, u)), _winograd_products_bwd)
 
 
 def winograd_phases(x, kernel, m: int, th: int, tw: int, keep_tiles: bool = True):
@@ -261,10 +233,6 @@ def whole_map_conv3x3(x, kernel):
     return jnp.stack(outputs, axis=1).reshape(n, h, w, -1)
 
 
-def _whole_map_fwd(x, kernel):
-    return whole_map_conv3x3(x, kernel), (x, kernel)
-
-
 def _whole_map_bwd(residuals, dy):
     x, kernel = residuals
     n, h, w, cin = x.shape
@@ -277,7 +245,7 @@ def _whole_map_bwd(residuals, dy):
     return dx, dk
 
 
-whole_map_conv3x3.defvjp(_whole_map_fwd, _whole_map_bwd)
+whole_map_conv3x3.defvjp(lambda x, kernel: (whole_map_conv3x3(x, kernel), (x, kernel)), _whole_map_bwd)
 
 
 F4_FROM = 14  # map width from which `conv3x3_same` uses F(4x4) tiles (below, F(2x2): half the rounding error)
@@ -305,11 +273,9 @@ def xla_forward_winograd_backward(x, kernel, inference: bool = False):
     return xla_conv(x, kernel, 1, 1)
 
 
-def _xla_winograd_fwd(x, kernel, inference):
-    return jax.vjp(lambda x, kernel: conv3x3_same(x, kernel, inference=inference), x, kernel)
-
-
-xla_forward_winograd_backward.defvjp(_xla_winograd_fwd, lambda inference, vjp, dy: vjp(dy))
+xla_forward_winograd_backward.defvjp(
+    lambda x, kernel, inference: jax.vjp(lambda x, kernel: conv3x3_same(x, kernel, inference=inference), x, kernel),
+    lambda inference, vjp, dy: vjp(dy))
 
 
 def conv3x3_maxpool(x, kernel, pool: int, tile: Optional[int] = None):

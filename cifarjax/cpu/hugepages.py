@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import platform
+import re
 import sys
 from pathlib import Path
 from typing import Mapping, Optional
@@ -26,27 +28,17 @@ def kernel_mode(setting: Path = THP_SETTING) -> Optional[str]:
     return text[text.index("[") + 1:text.index("]")] if "[" in text and "]" in text else None
 
 
-def running_libc() -> str:
-    """This process's C library and version ("glibc 2.36"), "" where it does not say."""
-    try:
-        return os.confstr("CS_GNU_LIBC_VERSION") or ""
-    except (AttributeError, ValueError, OSError):
-        return ""
-
-
 def _glibc_has_tunable(libc: str) -> bool:
+    """Whether `libc` ("glibc 2.36") reads the tunable."""
     name, _, version = libc.partition(" ")
-    try:
-        return name == "glibc" and tuple(int(p) for p in version.split(".")[:2]) >= FIRST_GLIBC
-    except ValueError:
-        return False
+    return name == "glibc" and tuple(int(p) for p in re.findall(r"\d+", version)[:2]) >= FIRST_GLIBC
 
 
 def relaunch_environ(environ: Mapping[str, str], mode: Optional[str], libc: Optional[str] = None) -> Optional[dict]:
     """`environ` plus the tunable, or None where relaunching changes nothing (the kernel's mode is not "madvise",
     no glibc with the tunable, or GLIBC_TUNABLES already sets it)."""
     current = environ.get("GLIBC_TUNABLES", "")
-    if mode != "madvise" or f"{TUNABLE}=" in current or not _glibc_has_tunable(libc or running_libc()):
+    if mode != "madvise" or f"{TUNABLE}=" in current or not _glibc_has_tunable(libc or " ".join(platform.libc_ver())):
         return None
     return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [current, f"{TUNABLE}=1"]))}
 

@@ -37,12 +37,13 @@ def memory_schedule_pays(config) -> bool:
 
 def schedule_for(config, environ: MutableMapping[str, str] = os.environ) -> str:
     """Add `MEMORY_SCHEDULE` where it pays and JAX's backend has not started; returns the scheduler asked for."""
-    if memory_schedule_pays(config) and not _backend_started():
+    if memory_schedule_pays(config) and not backend_started():
         add_cpu_flags(environ, flags=MEMORY_SCHEDULE)
     return scheduler(environ)
 
 
-def _backend_started() -> bool:
+def backend_started() -> bool:
+    """Whether JAX's backend has started (and read XLA_FLAGS)."""
     try:
         from jax._src.xla_bridge import backends_are_initialized
     except ImportError:  # moved in a later JAX: change nothing that might not take effect
