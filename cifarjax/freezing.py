@@ -10,11 +10,7 @@ import jax
 from flax import traverse_util
 
 # --unfreeze value -> patterns (full match) of '/'-joined parameter paths that train.
-TRAINABLE_RULES = {
-    "head": (r"head/.*",),
-    "layer4": (r"head/.*", r"backbone/layer4_.*"),
-    "all": (r".*",),
-}
+TRAINABLE_RULES = {"head": (r"head/.*",), "layer4": (r"head/.*", r"backbone/layer4_.*"), "all": (r".*",)}
 # ResNet stages in order, each with a parameter path that belongs to it.
 STAGES = (("stem", "backbone/conv1/kernel"),) + tuple(
     (f"layer{i}", f"backbone/layer{i}_block0/conv1/kernel") for i in range(1, 5))
@@ -47,7 +43,7 @@ def stage_of(name: str) -> int:
 
 def path_name(path) -> str:
     """A pytree key path as 'backbone/layer1_block0/conv1/kernel'."""
-    return "/".join(str(getattr(k, "key", k)) for k in path)
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 @dataclass(frozen=True)

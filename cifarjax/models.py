@@ -110,23 +110,19 @@ class ResNetBackbone(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        def inference(stage):
-            return not train or stage < self.frozen_bn_stages
+        def layers(stage):  # a stage's (conv, norm): BatchNorm in inference mode where the stage does not train
+            inference, ops = not train or stage < self.frozen_bn_stages, self.formulations
+            return (partial(Conv, use_bias=False, kernel_init=RESNET_CONV_INIT, dtype=self.dtype,
+                            convolve=ops.eval_convolve if inference else ops.convolve),
+                    partial(BatchNorm, inference, axis_name=self.axis_name))
 
-        def conv(stage):
-            ops = self.formulations
-            return partial(Conv, use_bias=False, kernel_init=RESNET_CONV_INIT, dtype=self.dtype,
-                           convolve=ops.eval_convolve if inference(stage) else ops.convolve)
-
-        def norm(stage):
-            return partial(BatchNorm, inference(stage), axis_name=self.axis_name)
-
-        x = nn.relu(norm(0)(name="bn1")(conv(0)(self.num_filters, 7, 2, 3, name="conv1")(x)))
+        conv, norm = layers(0)
+        x = nn.relu(norm(name="bn1")(conv(self.num_filters, 7, 2, 3, name="conv1")(x)))
         x = max_pool(x, 3, 2, 1, keep=self.formulations.keep)
         self.sow("intermediates", "stem", x)
         for i, size in enumerate(self.stage_sizes):
             for b in range(size):
-                x = self.block_cls(self.num_filters * 2 ** i, conv(i + 1), norm(i + 1), 2 if (b == 0 and i > 0) else 1,
+                x = self.block_cls(self.num_filters * 2 ** i, *layers(i + 1), 2 if (b == 0 and i > 0) else 1,
                                    name=f"layer{i + 1}_block{b}")(x)
             self.sow("intermediates", f"layer{i + 1}", x)
         return jnp.mean(x, axis=(1, 2))

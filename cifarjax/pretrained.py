@@ -1,10 +1,6 @@
-"""Port torchvision ResNet-18 weights (a state_dict or a .pth file, read with `torch.load(weights_only=True)`) to
-`ResNet18` Flax variables.
-
-Weights are what they claim: every load computes the file's SHA-256 (which keys the converted .npz cache, so no
-cache hit skips it), a `resnet18-<hash>.pth` name must match it, a zip archive's CRCs are verified, and every
-tensor is converted to float32 or refused in one line. A damaged or unwritable cache is rebuilt or skipped.
-"""
+"""Port torchvision ResNet-18 weights (a state_dict, or a .pth read with `weights_only=True`) to `ResNet18`
+variables. Every load computes the file's SHA-256 (which keys the converted .npz cache), checks a
+`resnet18-<hash>.pth` name and a zip's CRCs against it, and converts every tensor to float32 or refuses it."""
 from __future__ import annotations
 
 import hashlib

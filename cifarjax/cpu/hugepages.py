@@ -6,6 +6,7 @@ grants them on request ("madvise"): 40-125x fewer faults. `GLIBC_TUNABLES=glibc.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import platform
@@ -75,9 +76,6 @@ def relaunch_command(package: Optional[str]) -> None:
     else:
         launched = any(a == "-m" and b.startswith(f"{package}.") for a, b in zip(argv, argv[1:]))
     environ = relaunch_environ(os.environ, kernel_mode()) if launched else None
-    if environ is None:
-        return
-    try:
-        os.execve(sys.executable, argv, environ)
-    except OSError:  # run as started
-        return
+    if environ is not None:
+        with contextlib.suppress(OSError):  # run as started
+            os.execve(sys.executable, argv, environ)
