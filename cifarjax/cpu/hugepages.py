@@ -1,9 +1,6 @@
-"""Transparent huge pages for a command's buffers (Linux, glibc 2.35+), by relaunching it with glibc's tunable.
-
-XLA allocates each step's buffers anew, and glibc maps and unmaps large ones, page-faulting every 4 KB page each
-step; with `glibc.malloc.hugetlb=1` (read only at a process's start) glibc asks for 2 MB pages where the kernel
-grants them on request ("madvise"): 40-125x fewer faults. `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` opts out.
-"""
+"""Transparent huge pages for a command's buffers (Linux, glibc 2.35+; 40-125x fewer page faults on XLA's buffers),
+by relaunching it with glibc's tunable, read only at a process's start. `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` opts
+out."""
 from __future__ import annotations
 
 import contextlib

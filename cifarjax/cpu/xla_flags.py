@@ -1,9 +1,6 @@
-"""XLA flags cifarjax adds for the CPU backend before JAX starts it (XLA reads them once, at its start).
-
-`CPU_FLAGS`: XLA's own (Eigen) convolutions instead of YNNPACK's (strided ones 1.3-3.1x faster on jaxlib 0.10).
-`MEMORY_SCHEDULE`: XLA's memory-optimised schedule where all of a ResNet trains (1.05-1.2x faster there, slower
-elsewhere); it changes the order of operations, not their arithmetic.
-"""
+"""XLA flags cifarjax adds for the CPU backend before JAX starts it (XLA reads them once): `CPU_FLAGS`, XLA's own
+convolutions instead of YNNPACK's, and `MEMORY_SCHEDULE` where all of a ResNet trains (the order of operations
+changes, not their arithmetic)."""
 from __future__ import annotations
 
 import os
