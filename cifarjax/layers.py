@@ -97,11 +97,8 @@ def _normalize(x, mean, inv, scale, bias):
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def batch_norm_train(x, scale, bias, epsilon: float, axis_name: Optional[str]):
-    """Train-mode batch normalisation: (y in x's type, mean, biased variance over the global batch).
-
-    Differentiated by hand, keeping only x (autodiff keeps x - mean and more); one collective a pass across
-    devices. The statistics' cotangents are ignored: they feed the running averages only, never the loss.
-    """
+    """Train-mode batch normalisation: (y in x's type, mean, biased variance over the global batch), differentiated
+    by hand keeping only x; the statistics' cotangents are ignored (they feed the running averages, never the loss)."""
     return _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name)[0]
 
 

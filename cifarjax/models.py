@@ -33,11 +33,8 @@ class Formulations:
 
 class SimpleCNN(nn.Module):
     """The original SimpleCNNModel: Conv(3→128) ReLU Dropout MaxPool2 · Conv(128→256) ReLU MaxPool2 Dropout ·
-    Conv(256→256) ReLU MaxPool4 Dropout · Linear(256→512) ReLU · Linear(512→classes), unpadded 3x3 convolutions.
-
-    With `Formulations.conv_pool` each conv+ReLU+pool block runs fused (the same parameters and dropout masks),
-    unless a `dtype` (mixed precision) asks for XLA's convolution.
-    """
+    Conv(256→256) ReLU MaxPool4 Dropout · Linear(256→512) ReLU · Linear(512→classes), unpadded 3x3 convolutions;
+    fused blocks with `Formulations.conv_pool` (the same parameters and masks) unless a `dtype` asks for XLA's."""
     num_classes: int = 10
     dropout_rate: float = 0.3
     dtype: Optional[Any] = None  # of the convolutions', matrix products' operands, activations (None: float32)
