@@ -40,4 +40,9 @@ def frozen_apart(step, mask, axis_name: str, devices: list, **static):
         rest, kept = _split_params(state, frozen)
         kept, rest, metrics = pmapped(kept, rest, *args)
         return _join_params(rest, kept, frozen, treedef), metrics
+
+    def lower(state, *args):
+        rest, kept = _split_params(state, frozen)
+        return pmapped.lower(kept, rest, *args)
+    call.lower = lower
     return call
