@@ -39,7 +39,7 @@ from benchmarks.data import find_data  # noqa: E402
 from cifarjax.augment import AugmentSpec  # noqa: E402
 from cifarjax.config import Config  # noqa: E402
 from cifarjax.cpu import xla_flags  # noqa: E402
-from cifarjax.cpu.malloc import trim_after_compiling  # noqa: E402
+from cifarjax.cpu.process import trim_after_compiling  # noqa: E402
 from cifarjax.data import load_dataset, train_val_split  # noqa: E402
 from cifarjax.freezing import Freezing  # noqa: E402
 from cifarjax.inputs import FeatureInputs, ImageInputs  # noqa: E402

@@ -1,16 +1,6 @@
-"""cifarjax: train and fine-tune CIFAR-10 classifiers in pure-functional JAX/Flax.
-
-Research code needs one import (docs/example.py)::
-
-    import cifarjax as cj
-    config = cj.recipe_config("cnn", data_dir="data/cifar10-jpeg", subset=4000)  # kept in the run's config.json
-    data = cj.load_dataset(config.data_dir)
-    train, val = cj.train_val_split(data, config.val_fraction, config.seed, config.subset)
-    cj.train_loop(config.replace(classes=data.classes), train, val, run="runs/my-cnn")
-    print(cj.load_run("runs/my-cnn").predict_files(["my_cat.jpg"]))
-
-`__all__` lists the public names, each described in one line in docs/api.md. Each is loaded from its module on
-first use (PEP 562), so `import cifarjax` itself starts neither JAX nor PyTorch.
+"""cifarjax: train and fine-tune CIFAR-10 classifiers in pure-functional JAX/Flax (`import cifarjax as cj`:
+docs/example.py). The public names (`__all__`, docs/api.md) load from their modules on first use (PEP 562), so
+`import cifarjax` itself starts neither JAX nor PyTorch.
 """
 from __future__ import annotations
 

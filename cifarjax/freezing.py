@@ -1,12 +1,6 @@
-"""Which parts of a model train, decided once: the optimizer's mask, the BatchNorm modes and whether backbone
-features are fixed all derive from one list of rules (big_vision's style: patterns over parameter paths).
-
-    policy = Freezing.from_config(config)
-    policy.trainable_mask(params)   # True where a parameter trains (the optimizer's mask)
-    policy.frozen_bn_stages         # leading ResNet stages whose BatchNorm runs in inference mode
-    policy.backbone_fixed           # backbone features are a fixed function of the image (cacheable)
-    policy.averaged(variables)      # what training changes, and a moving average of the weights keeps
-"""
+"""Which parts of a model train, decided once: the optimizer's mask, the BatchNorm modes, whether backbone features
+are fixed and what a moving average keeps all derive from one list of patterns over parameter paths (big_vision's
+style)."""
 from __future__ import annotations
 
 import re
@@ -16,18 +10,14 @@ import jax
 from flax import traverse_util
 
 # --unfreeze value -> patterns (full match) of '/'-joined parameter paths that train.
-TRAINABLE_RULES = {
-    "head": (r"head/.*",),
-    "layer4": (r"head/.*", r"backbone/layer4_.*"),
-    "all": (r".*",),
-}
+TRAINABLE_RULES = {"head": (r"head/.*",), "layer4": (r"head/.*", r"backbone/layer4_.*"), "all": (r".*",)}
 # ResNet stages in order, each with a parameter path that belongs to it.
 STAGES = (("stem", "backbone/conv1/kernel"),) + tuple(
     (f"layer{i}", f"backbone/layer{i}_block0/conv1/kernel") for i in range(1, 5))
 
 
 def split_frozen(params, trainable):
-    """(trainable part, frozen part) of a parameter tree, as nested dicts without the other part's leaves."""
+    """(trainable part, frozen part) of a parameter tree, as nested dicts."""
     flat, mask = traverse_util.flatten_dict(params), traverse_util.flatten_dict(trainable)
     parts = ({k: v for k, v in flat.items() if mask[k]}, {k: v for k, v in flat.items() if not mask[k]})
     return tuple(traverse_util.unflatten_dict(p) for p in parts)
@@ -46,14 +36,14 @@ def leaves_like(tree, part):
 
 
 def stage_of(name: str) -> int:
-    """The ResNet stage (0: the stem, i: layer i) a '/'-joined variable path belongs to."""
+    """The ResNet stage (0: the stem, i: layer i) of a '/'-joined variable path."""
     match = re.match(r"backbone/layer(\d+)_", name)
     return int(match.group(1)) if match else 0
 
 
 def path_name(path) -> str:
     """A pytree key path as 'backbone/layer1_block0/conv1/kernel'."""
-    return "/".join(str(getattr(k, "key", k)) for k in path)
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 @dataclass(frozen=True)
@@ -81,17 +71,11 @@ class Freezing:
         """How many leading ResNet stages (stem, layer1..4) keep BatchNorm in inference mode while training."""
         if not self.bn_frozen:
             return 0
-        count = 0
-        for _, sample in STAGES:
-            if self.trains(sample):
-                break
-            count += 1
-        return count
+        return next((i for i, (_, sample) in enumerate(STAGES) if self.trains(sample)), len(STAGES))
 
     def averaged(self, variables) -> dict:
-        """The parts of {'params', 'batch_stats'} that training changes, which a moving average of the weights
-        keeps: the trainable parameters and the statistics of BatchNorm layers in train mode. The rest, unchanged
-        by training, is its own average."""
+        """What training changes, which a moving average of the weights keeps: the trainable parameters and the
+        statistics of BatchNorm layers in train mode."""
         stats = variables.get("batch_stats", {})
         updated = jax.tree_util.tree_map_with_path(
             lambda path, _: stage_of(path_name(path)) >= self.frozen_bn_stages, stats)

@@ -1,14 +1,7 @@
-"""Layers whose numerics match PyTorch, as plain JAX. How convolutions and linear layers compute is injected (as
-flax's `nn.Conv` takes its `conv_general_dilated`): XLA's own unless a builder passes the CPU's formulations
-(`cifarjax.models.Formulations`).
-
-* `Conv`, `Dense`: PyTorch's initialisation; a convolution with symmetric padding, a linear layer.
-* `BatchNorm`: PyTorch's BatchNorm2d (running variance updated with the unbiased batch variance), optionally
-  synchronised across devices; it trains with `batch_norm_train`, whose backward pass is written by hand.
-* `Dropout`: inverted dropout whose mask comes from a counter-based integer hash seeded by the PRNG key
-  (on the CPU ~50x cheaper than drawing threefry bits for every activation; the same masks everywhere).
-* `max_pool`: max pooling as reshape+max (non-overlapping windows) or as a max of strided slices whose
-  gradient goes to each window's first maximum, as PyTorch's (`window_max_pool`).
+"""Layers whose numerics match PyTorch, as plain JAX: `Conv`, `Dense`, `BatchNorm` (optionally synchronised across
+devices), `Dropout` (a counter-hash mask: on the CPU ~50x cheaper than threefry bits) and `max_pool`. How
+convolutions and linear layers compute is injected (`cifarjax.models.Formulations`), as flax's `nn.Conv` takes
+its `conv_general_dilated`.
 """
 from __future__ import annotations
 
@@ -37,8 +30,7 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        cin = x.shape[-1]
-        shape = (self.kernel_size, self.kernel_size, cin, self.features)
+        shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
         kernel = self.param("kernel", self.kernel_init or torch_uniform, shape)
         if self.dtype is None:
             y = self.convolve(x, kernel, self.strides, self.padding)
@@ -56,8 +48,7 @@ def affine(x, kernel, bias):
 
 
 class Dense(nn.Module):
-    """Fully connected layer with PyTorch's default initialisation (kernel stored as (in, out)). `dtype`: the
-    operands' type, as `Conv`'s."""
+    """Fully connected layer, PyTorch's initialisation, kernel stored as (in, out); `dtype` as `Conv`'s."""
     features: int
     dtype: Optional[Any] = None
     linear: Callable = affine  # (x, kernel, bias) -> x @ kernel + bias
@@ -77,19 +68,14 @@ def _accumulator(dtype):
 
 
 def _spanned(axis_name: Optional[str]) -> int:
-    """How many devices the statistics span: `axis_name`'s size (1 without one)."""
+    """How many devices the statistics span."""
     return 1 if axis_name is None else lax.axis_size(axis_name)
 
 
 def _batch_moments(x, axis_name: Optional[str]):
-    """Per-channel mean and biased variance over every axis but the last (and over devices with `axis_name`),
-    in float32 (or wider) whatever the activations' type.
-
-    Each device computes its own mean and centred variance in two passes, as PyTorch does; across devices the
-    moments of equal shares combine exactly (Chan et al.: the mean of the means, and the mean of each share's
-    variance plus its mean's squared distance from the global one) after one collective, an all-gather of
-    (mean, variance).
-    """
+    """Per-channel mean and biased variance over every axis but the last (and over `axis_name`'s devices), in
+    float32 or wider: two passes per device as PyTorch, equal shares combined exactly (Chan et al.) after one
+    all-gather."""
     axes, acc, devices = tuple(range(x.ndim - 1)), _accumulator(x.dtype), _spanned(axis_name)
     # Over one device a pmean is the identity, but XLA fuses around it: without it the CPU program's moments
     # came out different in the last bit (measured), so it stays where it stood and one device's results with it.
@@ -104,21 +90,15 @@ def _batch_moments(x, axis_name: Optional[str]):
 
 
 def _normalize(x, mean, inv, scale, bias):
-    """(x - mean) * inv * scale + bias in the activations' type, from float32 (or wider) per-channel values."""
+    """(x - mean) * inv * scale + bias in the activations' type."""
     cast = lambda v: v.astype(x.dtype)  # noqa: E731  (a no-op in float32)
     return (x - cast(mean)) * cast(inv) * cast(scale) + cast(bias)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def batch_norm_train(x, scale, bias, epsilon: float, axis_name: Optional[str]):
-    """Train-mode batch normalisation: (y, mean, biased variance), the statistics over the (global) batch.
-
-    y has x's type (bfloat16 under mixed precision); the statistics and the parameters' gradients are float32
-    (or wider). Differentiated by hand: the backward pass reads x and dy once for two per-channel sums and once
-    more for dx, and keeps only x, which the convolution before it produced anyway (autodiff keeps x - mean and
-    more, and XLA materialises them). Across devices each pass takes one collective. The statistics are returned
-    for the running averages only; their cotangents are ignored, so they must not feed the loss.
-    """
+    """Train-mode batch normalisation: (y in x's type, mean, biased variance over the global batch), differentiated
+    by hand keeping only x; the statistics' cotangents are ignored (they feed the running averages, never the loss)."""
     return _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name)[0]
 
 
@@ -148,12 +128,8 @@ batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
 class BatchNorm(nn.Module):
-    """PyTorch BatchNorm2d: eps 1e-5, momentum 0.1, running_var updated with the unbiased variance.
-
-    `use_running_average=True` is inference mode. With `axis_name`, batch statistics are computed over
-    the whole batch across devices (synchronised BatchNorm), so N devices match one device exactly. Statistics,
-    parameters and running averages are float32; the output has the input's type (bfloat16 stays bfloat16).
-    """
+    """PyTorch BatchNorm2d (eps 1e-5, momentum 0.1, running_var from the unbiased variance); `axis_name`: statistics
+    over every device's batch, so N devices match one. Float32 statistics, the output in the input's type."""
     use_running_average: bool = False
     momentum: float = 0.1
     epsilon: float = 1e-5
@@ -199,25 +175,15 @@ class Dropout(nn.Module):
         threshold = jnp.uint32(min(int(round(self.rate * 2**32)), 2**32 - 1))
         return hash_uniform_bits(self.make_rng("dropout"), shape) >= threshold
 
-    def apply_mask(self, x, keep):
-        """x scaled by 1/(1-rate) where `keep`, zero elsewhere.
-
-        Masking before scaling gives the same bits as scaling first (SimpleCNN's fused block masks, pools,
-        then scales).
-        """
-        return jnp.where(keep, x, jnp.zeros_like(x)) / (1.0 - self.rate)
-
     def __call__(self, x, deterministic: bool):
         if deterministic or self.rate == 0.0:
             return x
-        return self.apply_mask(x, self.keep_mask(x.shape))
+        # masking before scaling: the same bits as SimpleCNN's fused block (mask, pool, then scale)
+        return jnp.where(self.keep_mask(x.shape), x, jnp.zeros_like(x)) / (1.0 - self.rate)
 
 
 def max_pool(x, window: int, strides: Optional[int] = None, padding: int = 0, keep: Optional[Callable] = None):
-    """Max pooling (PyTorch MaxPool2d semantics: floor output size, padding counts as -inf), NHWC.
-
-    Non-overlapping windows are a reshape and a maximum (a tie shares its gradient); others `window_max_pool`.
-    """
+    """PyTorch's MaxPool2d, NHWC: non-overlapping windows as a reshape and a maximum, others `window_max_pool`."""
     strides = strides or window
     if strides == window and padding == 0:
         n, h, w, c = x.shape
@@ -227,33 +193,20 @@ def max_pool(x, window: int, strides: Optional[int] = None, padding: int = 0, ke
     return window_max_pool(x, window, strides, padding, keep)
 
 
-def _window_taps(x, window: int, strides: int, padding: int):
-    """The window's window*window strided slices of the -inf-padded input, in row-major order."""
-    if padding:
-        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
-    n, h, w, c = x.shape
-    ho, wo = (h - window) // strides + 1, (w - window) // strides + 1
-    span_h, span_w = strides * (ho - 1) + 1, strides * (wo - 1) + 1
-    return [x[:, i:i + span_h:strides, j:j + span_w:strides, :] for i in range(window) for j in range(window)]
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def window_max_pool(x, window: int, strides: int, padding: int, keep: Optional[Callable] = None):
-    """Max pooling over (possibly overlapping, padded) windows, differentiated like PyTorch: the gradient of
-    each output goes to the first maximum of its window (row-major), located by an index saved in the forward
-    pass, and is added into the input by output phase instead of through window*window selects.
-
-    Undifferentiated (evaluation, feature extraction) it is XLA's `reduce_window`, without an index: after
-    ResNet-18's stem it took 4.7 ms instead of 15.5 (32x32 images, batch 500) and 35 instead of 45 (224x224,
-    batch 50) over the maximum of padded slices, for which XLA writes a padded copy of the input.
-    `keep`: a function the forward's maximum and index pass through (the CPU's keeps them in memory once:
-    XLA's CPU fusion would recompute the comparisons inside the backward pass)."""
+    """Max pooling over overlapping, padded windows: XLA's `reduce_window` undifferentiated (3x faster); its
+    gradient goes to each window's first maximum, as PyTorch's, by an index the forward saves, added by output
+    phase. `keep`: what the forward's maximum and index pass through (the CPU's keeps them in memory)."""
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, strides, strides, 1),
                              ((0, 0), (padding, padding), (padding, padding), (0, 0)))
 
 
 def _window_max_pool_fwd(x, window, strides, padding, keep):
-    taps = _window_taps(x, window, strides, padding)
+    padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
+    ho, wo = (padded.shape[1] - window) // strides + 1, (padded.shape[2] - window) // strides + 1
+    span_h, span_w = strides * (ho - 1) + 1, strides * (wo - 1) + 1
+    taps = [padded[:, i:i + span_h:strides, j:j + span_w:strides] for i in range(window) for j in range(window)]
     index = jnp.int8 if len(taps) <= 127 else jnp.int32
     out, first = taps[0], jnp.zeros(taps[0].shape, index)
     for t, tap in enumerate(taps[1:], 1):

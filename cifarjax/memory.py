@@ -1,4 +1,4 @@
-"""This process's peak memory. (Giving back the memory XLA's compiler frees: `cifarjax.cpu.malloc`.)"""
+"""This process's peak memory. (Giving back the memory XLA's compiler frees: `cifarjax.cpu.process`.)"""
 from __future__ import annotations
 
 import resource

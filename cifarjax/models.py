@@ -1,10 +1,5 @@
-"""Flax (linen) models: the original's SimpleCNN and torchvision's ResNet-18, and the factory of a run's model.
-
-Both take float32 NHWC images and are applied as pure functions::
-
-    logits = model.apply(variables, images, train=False)
-    logits, updates = model.apply(variables, images, train=True, rngs={"dropout": key}, mutable=["batch_stats"])
-"""
+"""Flax models (the original's SimpleCNN, torchvision's ResNet-18) on float32 NHWC images, and the factory of a
+run's model (`build_model`, the only model code that knows the platform)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,8 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from cifarjax.cpu.conv import ConvReluMaxPool, conv2d
-from cifarjax.cpu.dense import dense_transposed_backward
-from cifarjax.cpu.fusion import materialize
+from cifarjax.cpu.fusion import dense_transposed_backward, materialize
 from cifarjax.freezing import STAGES, Freezing
 from cifarjax.layers import BatchNorm, Conv, Dense, Dropout, affine, max_pool
 from cifarjax.ops import xla_conv
@@ -38,15 +32,9 @@ class Formulations:
 
 
 class SimpleCNN(nn.Module):
-    """The original SimpleCNNModel: three unpadded 3x3 convolutions, max pools, dropout 0.3, two linear layers.
-
-    Conv(3→128) ReLU Dropout MaxPool2 · Conv(128→256) ReLU MaxPool2 Dropout · Conv(256→256) ReLU MaxPool4
-    Dropout · Flatten · Linear(256→512) ReLU · Linear(512→classes). 1,025,546 parameters for 10 classes.
-
-    With a fused block (`Formulations.conv_pool`: the CPU's Winograd) each conv+ReLU+pool block runs fused: same
-    parameters, same dropout masks, same outputs up to float rounding. With a `dtype` (mixed precision) every
-    block runs unfused, on XLA's convolution.
-    """
+    """The original SimpleCNNModel: Conv(3→128) ReLU Dropout MaxPool2 · Conv(128→256) ReLU MaxPool2 Dropout ·
+    Conv(256→256) ReLU MaxPool4 Dropout · Linear(256→512) ReLU · Linear(512→classes), unpadded 3x3 convolutions;
+    fused blocks with `Formulations.conv_pool` (the same parameters and masks) unless a `dtype` asks for XLA's."""
     num_classes: int = 10
     dropout_rate: float = 0.3
     dtype: Optional[Any] = None  # of the convolutions', matrix products' operands, activations (None: float32)
@@ -87,9 +75,7 @@ class SimpleCNN(nn.Module):
         return x if mask_phase is None else x / (1.0 - dropout1.rate)
 
 
-def _resnet_conv_init():
-    # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu")
-    return nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+RESNET_CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's kaiming_normal_
 
 
 class BasicBlock(nn.Module):
@@ -109,11 +95,8 @@ class BasicBlock(nn.Module):
 
 
 class ResNetBackbone(nn.Module):
-    """A torchvision ResNet up to the global average pool: returns (N, channels) features.
-
-    Stage outputs (stem, layer1, ...) are sown into the 'intermediates' collection. `frozen_bn_stages`: the
-    first k stages run BatchNorm in inference mode even when `train=True`, so their statistics never change.
-    """
+    """A torchvision ResNet up to the global average pool, stage outputs sown into 'intermediates';
+    `frozen_bn_stages`: the first k stages' BatchNorm runs in inference mode even when `train=True`."""
     stage_sizes: Sequence[int]
     block_cls: ModuleDef
     num_filters: int = 64
@@ -124,23 +107,19 @@ class ResNetBackbone(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        def inference(stage):
-            return not train or stage < self.frozen_bn_stages
+        def layers(stage):  # a stage's (conv, norm): BatchNorm in inference mode where the stage does not train
+            inference, ops = not train or stage < self.frozen_bn_stages, self.formulations
+            return (partial(Conv, use_bias=False, kernel_init=RESNET_CONV_INIT, dtype=self.dtype,
+                            convolve=ops.eval_convolve if inference else ops.convolve),
+                    partial(BatchNorm, inference, axis_name=self.axis_name))
 
-        def conv(stage):
-            ops = self.formulations
-            return partial(Conv, use_bias=False, kernel_init=_resnet_conv_init(), dtype=self.dtype,
-                           convolve=ops.eval_convolve if inference(stage) else ops.convolve)
-
-        def norm(stage):
-            return partial(BatchNorm, inference(stage), axis_name=self.axis_name)
-
-        x = nn.relu(norm(0)(name="bn1")(conv(0)(self.num_filters, 7, 2, 3, name="conv1")(x)))
+        conv, norm = layers(0)
+        x = nn.relu(norm(name="bn1")(conv(self.num_filters, 7, 2, 3, name="conv1")(x)))
         x = max_pool(x, 3, 2, 1, keep=self.formulations.keep)
         self.sow("intermediates", "stem", x)
         for i, size in enumerate(self.stage_sizes):
             for b in range(size):
-                x = self.block_cls(self.num_filters * 2 ** i, conv(i + 1), norm(i + 1), 2 if (b == 0 and i > 0) else 1,
+                x = self.block_cls(self.num_filters * 2 ** i, *layers(i + 1), 2 if (b == 0 and i > 0) else 1,
                                    name=f"layer{i + 1}_block{b}")(x)
             self.sow("intermediates", f"layer{i + 1}", x)
         return jnp.mean(x, axis=(1, 2))
@@ -170,19 +149,18 @@ class ResNet(nn.Module):
         return self.backbone(x, train)
 
     def classify(self, features, train: bool = False):
-        """Logits from backbone features: the head alone (`train` is accepted for a uniform signature)."""
-        del train
+        """Logits from backbone features: the head alone (`train` only for a uniform signature)."""
         return self.head(features)
 
 
-ResNet18 = partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
-assert len(STAGES) == 1 + len(ResNet18.keywords["stage_sizes"])
+ResNet18 = ResNet  # its defaults are ResNet-18's
+assert len(STAGES) == 1 + len(ResNet18.stage_sizes)
 
 
 @dataclass(frozen=True)
 class Apply:
-    """`model.apply(variables, ..., method=method)` as a value that compares equal for equal models, so steps
-    compiled for one run are reused by the next (bound methods compare by identity)."""
+    """`model.apply(..., method=method)` comparing equal for equal models (bound methods compare by identity), so
+    compiled steps are reused."""
     model: nn.Module
     method: Optional[str] = None
 
@@ -197,11 +175,8 @@ def compute_dtype(precision: str):
 
 @lru_cache(maxsize=None)
 def formulations_for(impl: str = "xla", platform: str = "gpu") -> Formulations:
-    """The formulations of a model built for `platform` with `Config.conv_impl` `impl`: convolutions as `impl`
-    resolves (`cifarjax.target.conv_impl`: XLA's, or on any platform the CPU's im2col or Winograd, with SimpleCNN's
-    fused blocks: `cifarjax.cpu.conv`), and built for "cpu" the CPU's linear layers (`cifarjax.cpu.dense`) and max
-    pooling (its maximum kept in memory: `cifarjax.cpu.fusion`). One object per choice, so models built alike
-    compare equal (and reuse their compiled steps)."""
+    """The formulations for `platform` and `Config.conv_impl` `impl` (`cifarjax.target.conv_impl`), and on the CPU
+    its linear layers and max pooling; one object per choice, so models built alike compare equal."""
     impl = conv_impl(impl, platform)
     cpu = {"linear": dense_transposed_backward, "keep": materialize} if platform == "cpu" else {}
     if impl == "xla":
@@ -211,9 +186,8 @@ def formulations_for(impl: str = "xla", platform: str = "gpu") -> Formulations:
 
 
 def build_model(config, platform: Optional[str] = None):
-    """The configured model, built for `platform` (default: `cifarjax.target.resolve()`, `formulations_for`);
-    ResNet-18's BatchNorm modes come from the freezing policy and its statistics are synchronised over the training
-    devices. Parameters are float32 whatever `config.precision`."""
+    """The configured model built for `platform` (default `cifarjax.target.resolve()`), float32 parameters;
+    ResNet-18's BatchNorm modes from the freezing policy, its statistics synchronised over the devices."""
     dtype, formulations = compute_dtype(config.precision), formulations_for(config.conv_impl, resolve(platform))
     if config.model == "simple_cnn":
         return SimpleCNN(config.num_classes, config.dropout, dtype, formulations)
@@ -228,9 +202,8 @@ def _jitted_init(model, img_size: int):
 
 
 def initialize(model, seed: int = 0, img_size: int = 32) -> dict:
-    """Freshly initialised variables (host arrays), seeded: {'params'}, and 'batch_stats' where the model has
-    BatchNorm. Compiled in one piece: running `init` op by op costs 10-20 s on a CPU (its random normals may differ
-    from op-by-op ones in the last bit)."""
+    """Freshly initialised, seeded variables (host arrays), compiled in one piece (op by op costs 10-20 s on a CPU,
+    and its random normals may differ in the last bit)."""
     return jax.device_get(dict(_jitted_init(model, img_size)(jax.random.PRNGKey(seed))))
 
 

@@ -1,10 +1,5 @@
-"""The optimizer of a run: Adam (the original), AdamW or SGD with Nesterov momentum, a learning-rate schedule,
-and the frozen part of the model (`optax.multi_transform` over `Freezing.trainable_mask`: frozen leaves get
-`set_to_zero` and no optimizer state).
-
-Built for the CPU, the same optimizers come from `cifarjax.cpu.optim` (optax's arithmetic, bit for bit, with
-the moments computed once into memory); elsewhere they are optax's own.
-"""
+"""The optimizer of a run: Adam (the original), AdamW or Nesterov SGD with a learning-rate schedule, nothing for
+the frozen leaves; built for the CPU, `cifarjax.cpu.fusion`'s (optax's arithmetic, bit for bit)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -12,7 +7,7 @@ from typing import Optional
 import jax
 import optax
 
-from cifarjax.cpu import optim as cpu_optimizers
+from cifarjax.cpu import fusion as cpu_optimizers
 from cifarjax.freezing import Freezing
 from cifarjax.target import resolve
 
@@ -20,12 +15,8 @@ TRAINABLE, FROZEN = "trainable", "frozen"
 
 
 def learning_rate(config, steps_per_epoch: int):
-    """The learning rate: a float for 'constant' (the original), else an optax schedule over the run's steps.
-
-    'cosine': linear warm-up from 0 over `warmup_epochs`, then cosine decay to 0.
-    'onecycle': cosine rise from lr/25 to lr over `warmup_epochs` (default 30% of the run), then cosine decay
-    to lr/25e4 (optax.cosine_onecycle_schedule).
-    """
+    """A float for 'constant' (the original), else an optax schedule: 'cosine' (linear warm-up, cosine decay to 0)
+    or 'onecycle' (warm-up over `warmup_epochs`, default 30% of the run)."""
     total = max(1, config.n_epochs * steps_per_epoch)
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
     if config.schedule == "constant":
@@ -47,9 +38,7 @@ def _decays(params):
 
 
 def base_optimizer(config, steps_per_epoch: int, platform: Optional[str] = None) -> optax.GradientTransformation:
-    """Adam (optax.adam), AdamW (optax.adamw, decay on kernels) or SGD with Nesterov momentum and L2 decay; built
-    for the CPU (`platform`, default `cifarjax.target.resolve()`), `cifarjax.cpu.optim`'s (the same arithmetic
-    and state)."""
+    """Adam, AdamW (decay on kernels) or Nesterov SGD with L2 decay, built for `platform` (default `resolve()`)."""
     optimizers = cpu_optimizers if resolve(platform) == "cpu" else optax
     rate = learning_rate(config, steps_per_epoch)
     if config.optimizer == "adam":
@@ -62,8 +51,7 @@ def base_optimizer(config, steps_per_epoch: int, platform: Optional[str] = None)
 
 def make_optimizer(config, params, steps_per_epoch: int = 1, platform: Optional[str] = None
                    ) -> optax.GradientTransformation:
-    """The configured optimizer on the trainable leaves, built for `platform` (default:
-    `cifarjax.target.resolve()`); frozen leaves get `set_to_zero` and no state."""
+    """The configured optimizer on the trainable leaves; frozen leaves get `set_to_zero` and no state."""
     mask = Freezing.from_config(config).trainable_mask(params)
     labels = jax.tree.map(lambda trains: TRAINABLE if trains else FROZEN, mask)
     return optax.multi_transform({TRAINABLE: base_optimizer(config, steps_per_epoch, platform),

@@ -1,17 +1,6 @@
-"""Port torchvision ResNet-18 weights (a state_dict or a .pth file) to `ResNet18` Flax variables.
-
-Conv kernels OIHW → HWIO, fc weight transposed, BatchNorm weight/bias/running_mean/running_var →
-scale/bias/mean/var. Files are read with `torch.load(weights_only=True)`: no pickled code runs.
-ImageNet weights come from torchvision's weights API (downloaded into torch's cache) or from a local file.
-
-Weights are what they claim: every load computes the file's SHA-256 (the converted .npz cache is keyed by it,
-so no cache hit skips the check), a `resnet18-<hash>.pth` name must match it, a zip archive's CRCs are
-verified, and every tensor is converted to float32 or refused in one line. `describe_weights` says in one
-wording, used by every output, whether they are torchvision's published ImageNet weights. The converted
-variables are cached as .npz so later runs need no torch at all (a damaged or unwritable cache is rebuilt or
-skipped, never a blocker). Ported weights are merged into a fresh initialisation, so a new head of any size
-keeps its own seeded initialisation (`merge`).
-"""
+"""Port torchvision ResNet-18 weights (a state_dict, or a .pth read with `weights_only=True`) to `ResNet18`
+variables. Every load computes the file's SHA-256 (which keys the converted .npz cache), checks a
+`resnet18-<hash>.pth` name and a zip's CRCs against it, and converts every tensor to float32 or refuses it."""
 from __future__ import annotations
 
 import hashlib
@@ -35,58 +24,20 @@ from cifarjax.models import ResNet18, build_model, init_variables, initialize
 
 IMAGENET_FILE = "resnet18-f37072fd.pth"
 IMAGENET_URL = f"https://download.pytorch.org/models/{IMAGENET_FILE}"
-# torchvision's published ResNet18_Weights.IMAGENET1K_V1 file (46,830,571 bytes): its full SHA-256, of which
-# torchvision's file name and its own download check keep the first 8 hex digits.
+# torchvision's published IMAGENET1K_V1 file's full SHA-256 (its name and download check keep 8 hex digits)
 IMAGENET_SHA256 = "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec"
 IMAGENET_DESCRIPTION = "ImageNet weights (torchvision IMAGENET1K_V1, verified)"
 RANDOM_DESCRIPTION = "random initialisation, no pretraining"
-_BN_FIELDS = {"weight": ("params", "scale"), "bias": ("params", "bias"),
-              "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
-
-
-def _flax_path(torch_key: str):
-    """Map a torchvision key to (collection, flax path tuple, kind), or None if it has no Flax counterpart."""
-    parts = torch_key.split(".")
-    if parts[-1] == "num_batches_tracked":
-        return None
-    if parts[0] == "fc":
-        return "params", ("head", {"weight": "kernel", "bias": "bias"}[parts[1]]), "fc"
-    if parts[0] in ("conv1", "bn1"):
-        module, field = ("backbone", parts[0]), parts[1]
-    elif re.fullmatch(r"layer[1-4]", parts[0]):
-        block = f"{parts[0]}_block{parts[1]}"
-        if parts[2] == "downsample":
-            module, field = ("backbone", block, {"0": "downsample_conv", "1": "downsample_bn"}[parts[3]]), parts[4]
-        else:
-            module, field = ("backbone", block, parts[2]), parts[3]
-    else:
-        raise KeyError(torch_key)
-    if "conv" in module[-1]:
-        return "params", module + ("kernel",), "conv"
-    collection, name = _BN_FIELDS[field]
-    return collection, module + (name,), "bn"
+_TORCH_MODULES = {"head": "fc", "downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
+_TORCH_FIELDS = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+_TORCH_AXES = {4: (2, 3, 1, 0), 2: (1, 0), 1: (0,)}  # flax axis i is torch axis _TORCH_AXES[ndim][i] (OIHW → HWIO)
 
 
 def _torch_key(flax_key: tuple) -> str:
-    """Inverse of `_flax_path`: ('params', 'backbone', 'layer2_block0', 'conv1', 'kernel') → 'layer2.0.conv1.weight'."""
+    """('params', 'backbone', 'layer2_block0', 'conv1', 'kernel') → 'layer2.0.conv1.weight'."""
     _, *module, leaf = flax_key
-    if module == ["head"]:
-        return {"kernel": "fc.weight", "bias": "fc.bias"}[leaf]
-    names = []
-    for part in module[1:]:
-        m = re.fullmatch(r"(layer[1-4])_block(\d)", part)
-        names += [m.group(1), m.group(2)] if m else [{"downsample_conv": "downsample.0",
-                                                      "downsample_bn": "downsample.1"}.get(part, part)]
-    field = {v[1]: k for k, v in _BN_FIELDS.items()}.get(leaf, "weight") if leaf != "kernel" else "weight"
-    return ".".join(names + [field])
-
-
-def _to_flax(array: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "conv":
-        return np.transpose(array, (2, 3, 1, 0))
-    if kind == "fc" and array.ndim == 2:
-        return array.T
-    return array
+    names = [_TORCH_MODULES.get(part, part) for part in module if part != "backbone"]
+    return re.sub(r"_block(\d)", r".\1", ".".join(names + [_TORCH_FIELDS[leaf]]))
 
 
 def _expected_shapes(num_classes: int):
@@ -103,39 +54,34 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_name(path: Path, digest: str) -> None:
-    """A `resnet18-<hash>.pth` name (torchvision's convention) promises the first hex digits of the SHA-256."""
-    m = re.fullmatch(r"resnet18-([0-9a-f]{8,})\.pth", path.name)
-    if m and not digest.startswith(m.group(1)):
-        raise UserError(f"weights file {path} is corrupt or renamed: its SHA-256 starts {digest[:8]}, its name "
-                        f"promises {m.group(1)}; download it again from {IMAGENET_URL}")
-
-
-def _check_archive(path: Path) -> None:
-    """A .pth saved by torch.save is a zip archive: every member must match its CRC."""
-    if not zipfile.is_zipfile(path):
-        return  # torch's legacy format: torch.load checks it
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
-        raise UserError(f"weights file {path} is damaged ({type(error).__name__}: {error}); download or copy it "
-                        "again") from None
-    if bad is not None:
-        raise UserError(f"weights file {path} is damaged: its member {bad} fails its CRC check; download or copy "
-                        "it again")
-
-
-def _load_state_dict(path: Union[str, Path], digest: Optional[str] = None) -> Mapping[str, np.ndarray]:
-    path = Path(path)
+def _verified_digest(path: Path) -> str:
+    """The SHA-256 of the weights file at `path`, checked against a `resnet18-<hash>.pth` name (torchvision's)."""
     if path.is_dir():
         raise UserError(f"weights file {path} is a folder; pass the path of the .pth file itself, for example "
                         f"{path / IMAGENET_FILE}")
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist; pass the path of a torchvision ResNet-18 "
                         f"state_dict (.pth), for example {IMAGENET_FILE} from {IMAGENET_URL}")
-    _check_name(path, digest or sha256_file(path))
-    _check_archive(path)
+    digest = sha256_file(path)
+    m = re.fullmatch(r"resnet18-([0-9a-f]{8,})\.pth", path.name)
+    if m and not digest.startswith(m.group(1)):
+        raise UserError(f"weights file {path} is corrupt or renamed: its SHA-256 starts {digest[:8]}, its name "
+                        f"promises {m.group(1)}; download it again from {IMAGENET_URL}")
+    return digest
+
+
+def _load_state_dict(path: Path) -> Mapping[str, np.ndarray]:
+    """The state_dict in a verified file, its zip archive's CRCs checked first."""
+    if zipfile.is_zipfile(path):  # torch.save's format (torch.load checks the legacy one)
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+            raise UserError(f"weights file {path} is damaged ({type(error).__name__}: {error}); download or copy "
+                            "it again") from None
+        if bad is not None:
+            raise UserError(f"weights file {path} is damaged: its member {bad} fails its CRC check; download or "
+                            "copy it again")
     torch = torchlib.load("torch")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -160,8 +106,7 @@ def _load_failure(error: Exception) -> str:
 
 
 def _numpy(key: str, value) -> np.ndarray:
-    """A float32 copy of a tensor or array (float16, bfloat16 and float64 converted); a sparse, quantized or
-    non-float tensor, or one holding a NaN or an infinity, is refused in one line."""
+    """A float32 copy of a tensor or array; a sparse, quantized, non-float or non-finite one is refused."""
     if hasattr(value, "detach"):
         import torch
         if value.layout != torch.strided:
@@ -170,10 +115,8 @@ def _numpy(key: str, value) -> np.ndarray:
         if value.is_quantized:
             raise UserError(f"tensor {key} is quantized ({str(value.dtype).replace('torch.', '')}); pass the "
                             "float weights the quantized model was made from")
-        if not value.is_floating_point():
-            raise UserError(f"tensor {key} holds {str(value.dtype).replace('torch.', '')} values where weights "
-                            "are floating point; these are not ResNet-18 weights")
-        value = value.detach().cpu().to(torch.float32).numpy()  # numpy has no bfloat16: convert in torch
+        # numpy has no bfloat16: floats are converted in torch (other types are refused below)
+        value = value.detach().cpu().to(torch.float32 if value.is_floating_point() else value.dtype).numpy()
     array = np.asarray(value)
     if array.dtype.kind != "f" and array.dtype.name != "bfloat16":
         raise UserError(f"tensor {key} holds {array.dtype} values where weights are floating point; these are not "
@@ -189,27 +132,22 @@ def _numpy(key: str, value) -> np.ndarray:
 def convert_state_dict(state_dict: Mapping) -> dict:
     """Convert a torchvision resnet18 state_dict (any fc size) to {'params', 'batch_stats'} numpy trees."""
     fc = state_dict.get("fc.weight")
-    num_classes = int(fc.shape[0]) if fc is not None else 1000
-    expected = _expected_shapes(num_classes)
+    expected = _expected_shapes(int(fc.shape[0]) if fc is not None else 1000)
+    paths = {_torch_key(path): path for path in expected}
     flat, unexpected = {}, []
     for key, value in state_dict.items():
-        try:
-            target = _flax_path(key)
-        except (KeyError, IndexError):
+        if key.split(".")[-1] == "num_batches_tracked":
+            continue
+        if key not in paths:
             unexpected.append(key)
             continue
-        if target is None:
-            continue
-        collection, path, kind = target
-        if (collection,) + path not in expected:
-            unexpected.append(key)
-            continue
-        array = _to_flax(_numpy(key, value), kind)
-        want = expected[(collection,) + path]
-        if array.shape != tuple(want):
-            raise UserError(f"tensor {key} has shape {tuple(value.shape)}, a ResNet-18 needs "
-                            f"{tuple(_from_flax_shape(want, kind))}; these are not ResNet-18 weights")
-        flat[(collection,) + path] = array
+        array, want = _numpy(key, value), expected[paths[key]]
+        axes = _TORCH_AXES[len(want)]
+        needs = tuple(want[i] for i in np.argsort(axes))
+        if array.shape != needs:
+            raise UserError(f"tensor {key} has shape {tuple(value.shape)}, a ResNet-18 needs {needs}; these are not "
+                            "ResNet-18 weights")
+        flat[paths[key]] = np.transpose(array, axes)
     missing = sorted(_torch_key(p) for p in expected if p not in flat)
     if missing or unexpected:
         raise UserError("this state_dict is not a torchvision ResNet-18: "
@@ -220,104 +158,46 @@ def convert_state_dict(state_dict: Mapping) -> dict:
     return {"params": nested["params"], "batch_stats": nested["batch_stats"]}
 
 
-def _from_flax_shape(shape, kind):
-    if kind == "conv":
-        return (shape[3], shape[2], shape[0], shape[1])
-    return tuple(reversed(shape)) if kind == "fc" else shape
-
-
-def merge(fresh: dict, loaded: dict, dont_load=()) -> dict:
-    """`loaded` variables merged into a `fresh` initialisation: every leaf whose '/'-joined path (collection
-    first) fully matches a pattern of `dont_load` keeps its fresh value (big_vision's `load(..., dont_load=...)`).
-
-    Both trees must have the same structure apart from those leaves; a shape mismatch names the leaf.
-    """
-    fresh_flat, loaded_flat = traverse_util.flatten_dict(fresh), traverse_util.flatten_dict(loaded)
-    merged = {}
-    for key, value in fresh_flat.items():
-        name = "/".join(key)
-        if any(re.fullmatch(p, name) for p in dont_load) or key not in loaded_flat:
-            merged[key] = value
-        elif np.shape(loaded_flat[key]) != np.shape(value):
-            raise UserError(f"weights for {name} have shape {np.shape(loaded_flat[key])}, the model needs "
-                            f"{np.shape(value)}")
-        else:
-            merged[key] = loaded_flat[key]
-    return traverse_util.unflatten_dict(merged)
-
-
 def with_new_head(variables: dict, num_classes: int, seed: int = 0, keep_same_size: bool = True) -> dict:
-    """Ported ResNet-18 variables with their head replaced by a fresh, seeded `num_classes` head (the same
-    initialisation `--weights random` gives, PyTorch's Linear init); a head of that size already is kept unless
-    `keep_same_size` is False (a fine-tune always starts a new head, as the original's `model.fc = Linear`)."""
+    """Ported variables with a fresh, seeded `num_classes` head (as `--weights random` gives); a head of that size
+    is kept unless not `keep_same_size` (a fine-tune always starts a new head, as the original's)."""
     if keep_same_size and variables["params"]["head"]["bias"].shape[0] == num_classes:
         return variables
-    return merge(initialize(ResNet18(num_classes), seed), variables, dont_load=(r"params/head/.*",))
+    head = initialize(ResNet18(num_classes), seed)["params"]["head"]
+    return {**variables, "params": {**variables["params"], "head": head}}
 
 
 def resnet18_from_torchvision(state_dict_or_path, num_classes: int = 1000, seed: int = 0) -> dict:
-    """Variables for `ResNet18(num_classes)` from a torchvision resnet18 state_dict or `.pth` path.
-
-    With num_classes == 1000 the ImageNet head is kept; otherwise a new seeded head replaces it.
-    """
+    """Variables for `ResNet18(num_classes)` from a torchvision resnet18 state_dict or `.pth` path; with 1000
+    classes the ImageNet head is kept, otherwise a new seeded head replaces it."""
     state_dict = state_dict_or_path
     if isinstance(state_dict_or_path, (str, os.PathLike)):
-        state_dict = _load_state_dict(state_dict_or_path)
+        path = Path(state_dict_or_path)
+        _verified_digest(path)
+        state_dict = _load_state_dict(path)
     return with_new_head(convert_state_dict(state_dict), num_classes, seed)
 
 
-def save_variables_npz(variables: dict, path: Path) -> None:
-    """Write variables to a flat .npz (keys joined with '/'), atomically."""
-    flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(variables).items()}
-    with atomic_write(path, "wb") as f:
-        np.savez(f, **flat)
-
-
-def load_variables_npz(path: Path) -> dict:
-    with np.load(path) as data:
-        return traverse_util.unflatten_dict({tuple(k.split("/")): data[k] for k in data.files})
-
-
 def _cached_conversion(cached: Path, load_state_dict) -> dict:
-    """Converted variables from the .npz cache, or converted now (needs torch) and cached.
-
-    A cache file that cannot be read or does not hold a whole ResNet-18 is converted again and rewritten.
-    """
+    """Converted variables from the .npz cache (keys joined with '/'), or converted now (needs torch) and cached;
+    a cache file that cannot be read or does not hold a whole ResNet-18 is converted again."""
     if cached.is_file():
         try:
-            variables = load_variables_npz(cached)
+            with np.load(cached) as data:
+                variables = traverse_util.unflatten_dict({tuple(k.split("/")): data[k] for k in data.files})
             expected = _expected_shapes(variables["params"]["head"]["bias"].shape[0])
-            flat = {k: v.shape for k, v in traverse_util.flatten_dict(variables).items()}
-            if flat == expected:
+            if {k: v.shape for k, v in traverse_util.flatten_dict(variables).items()} == expected:
                 return variables
         except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt
             pass
         warn(f"cached converted weights {cached} are damaged; converting the weights again")
     variables = convert_state_dict(load_state_dict())
-    best_effort(lambda: save_variables_npz(variables, cached), f"writing converted weights to {cached}")
+
+    def save():
+        with atomic_write(cached, "wb") as f:
+            np.savez(f, **{"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(variables).items()})
+    best_effort(save, f"writing converted weights to {cached}")
     return variables
-
-
-def _torch_hub_file() -> Path:
-    """Where torchvision keeps IMAGENET1K_V1 (torch.hub.get_dir()'s rule, without importing torch)."""
-    home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "torch")
-    return Path(home).expanduser() / "hub" / "checkpoints" / IMAGENET_FILE
-
-
-def _fetch_imagenet_file() -> Path:
-    """torchvision's IMAGENET1K_V1 file in torch's cache, downloaded (with torchvision's hash check) when missing."""
-    path = _torch_hub_file()
-    if path.is_file():
-        return path
-    ResNet18_Weights = torchlib.load("torchvision.models").ResNet18_Weights
-    try:
-        ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
-    except Exception as error:  # noqa: BLE001 - network or hash failure
-        raise UserError(f"could not fetch torchvision's ImageNet ResNet-18 weights ({type(error).__name__}); "
-                        f"download {IMAGENET_FILE} from {IMAGENET_URL} on a machine with network access "
-                        "and pass it with --weights PATH") from None
-    import torch
-    return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILE
 
 
 @dataclass(frozen=True)
@@ -341,8 +221,7 @@ class Weights:
 
 
 def describe_weights(source: str, sha256: Optional[str] = None) -> str:
-    """The one wording every output uses for a run's weights: torchvision's published ImageNet weights
-    (verified by their SHA-256), a random initialisation, or a file that is not the published weights."""
+    """The one wording every output uses for a run's weights (ImageNet's recognised by their SHA-256 only)."""
     if source == "random" or sha256 is None:
         return RANDOM_DESCRIPTION
     if sha256 == IMAGENET_SHA256:
@@ -351,39 +230,44 @@ def describe_weights(source: str, sha256: Optional[str] = None) -> str:
 
 
 def weights_file(weights: str) -> Optional[Path]:
-    """The file behind a --weights value ('imagenet': torchvision's, fetched when missing; 'random': None)."""
-    if weights == "random":
-        return None
-    return _fetch_imagenet_file() if weights == "imagenet" else Path(weights)
+    """The file behind a --weights value: None for 'random'; for 'imagenet' torchvision's IMAGENET1K_V1 in torch's
+    cache (found without importing torch), downloaded with torchvision's hash check when missing."""
+    if weights != "imagenet":
+        return None if weights == "random" else Path(weights)
+    home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "torch")
+    path = Path(home).expanduser() / "hub" / "checkpoints" / IMAGENET_FILE
+    if path.is_file():
+        return path
+    ResNet18_Weights = torchlib.load("torchvision.models").ResNet18_Weights
+    try:
+        ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
+    except Exception as error:  # noqa: BLE001 - network or hash failure
+        raise UserError(f"could not fetch torchvision's ImageNet ResNet-18 weights ({type(error).__name__}); "
+                        f"download {IMAGENET_FILE} from {IMAGENET_URL} on a machine with network access "
+                        "and pass it with --weights PATH") from None
+    import torch
+    return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILE
 
 
 def load_weights(path: Union[str, Path], cache_dir: Optional[Path] = None) -> tuple:
-    """(variables as in the file, SHA-256) of a torchvision resnet18 .pth: the SHA-256 is computed on every call
-    and checked against a `resnet18-<hash>.pth` name before the converted cache (keyed by it) is read."""
+    """(variables as in the file, SHA-256) of a torchvision resnet18 .pth, the SHA-256 computed and checked on
+    every call, before the converted cache (keyed by it) is read."""
     path = Path(path)
-    if not path.is_file():
-        _load_state_dict(path)  # raises the missing-file or folder message
-    digest = sha256_file(path)
-    _check_name(path, digest)
+    digest = _verified_digest(path)
     cache = (cache_dir or default_cache()) / "weights"
-    return _cached_conversion(cache / f"resnet18-{digest[:16]}.npz", lambda: _load_state_dict(path, digest)), digest
+    return _cached_conversion(cache / f"resnet18-{digest[:16]}.npz", lambda: _load_state_dict(path)), digest
 
 
 def imagenet_resnet18(num_classes: int = 10, weights: Optional[Union[str, Path]] = None, seed: int = 0,
                       cache_dir: Optional[Path] = None) -> dict:
-    """ImageNet ResNet-18 variables with a fresh seeded `num_classes` head.
-
-    `weights`: a local torchvision `.pth`; otherwise torchvision's `ResNet18_Weights.IMAGENET1K_V1`
-    (downloaded with a hash check into torch's cache). Either way the converted variables are cached
-    (keyed by the file's SHA-256), so later runs need no torch.
-    """
-    variables, _ = load_weights(weights if weights is not None else _fetch_imagenet_file(), cache_dir)
+    """ImageNet ResNet-18 variables with a fresh seeded `num_classes` head, from `weights` (a local torchvision .pth)
+    or torchvision's IMAGENET1K_V1 (downloaded with a hash check into torch's cache)."""
+    variables, _ = load_weights(weights if weights is not None else weights_file("imagenet"), cache_dir)
     return with_new_head(variables, num_classes, seed)
 
 
 def starting_weights(config) -> tuple:
-    """(variables, `Weights`) of a run's starting weights from config.weights: 'imagenet', 'random' or a .pth
-    path."""
+    """(variables, `Weights`) of a run's starting weights from config.weights: 'imagenet', 'random' or a path."""
     if config.weights == "random":
         return init_variables(build_model(config), config), Weights("random")
     path = weights_file(config.weights)

@@ -1,14 +1,6 @@
-"""The platform a run's programs are built for (their target; a module named `platform` would shadow Python's
-own wherever cifarjax/ is the working directory), decided in one place: `resolve`.
-
-Only the builders ask, and pass the plain JAX program's pieces or the CPU's (`cifarjax.cpu`) in: `build_model`
-the layers' formulations (`models.formulations_for`), `make_optimizer` the optimizer, `DataParallel` the step
-factory (`step_factory`). So a test on a CPU machine builds the very program a GPU gets with platform="gpu".
-"cpu": Winograd/im2col convolutions, fused conv+pool blocks, fusion barriers, optimizer updates computed once,
-frozen-only donation (docs/architecture.md). "gpu" (any accelerator): plain JAX, the whole state donated.
-
-`runs_on_cpu`: whether this process *will run* on the CPU, asked before JAX starts a backend (the CPU's XLA flags
-and huge pages must be in place before); `deterministic` asks XLA's GPU backend for deterministic kernels.
+"""The platform a run's programs are built for, decided in one place (`resolve`) and asked only by the builders,
+which pass the plain JAX program's pieces or the CPU's (`cifarjax.cpu`) in (docs/architecture.md). (A module named
+`platform` would shadow Python's own.)
 """
 from __future__ import annotations
 
@@ -23,8 +15,8 @@ ACCELERATOR_PLUGINS = ("jax_plugins", "jax_cuda12_plugin", "jax_cuda13_plugin", 
 
 
 def resolve(platform: Optional[str] = None, environ: Mapping[str, str] = os.environ) -> str:
-    """`platform` if given, else $CIFARJAX_PLATFORM, else the platform of JAX's default backend ('cpu', or 'gpu'
-    for any accelerator). Resolving from the backend starts it."""
+    """`platform` if given, else $CIFARJAX_PLATFORM, else JAX's default backend's ('cpu', or 'gpu' for any
+    accelerator), which this starts: the one source of the platform of a run."""
     if platform is None:
         platform = environ.get(ENV) or None
     if platform is None:
@@ -36,9 +28,8 @@ def resolve(platform: Optional[str] = None, environ: Mapping[str, str] = os.envi
 
 
 def conv_impl(impl: str, platform: str) -> str:
-    """The convolution formulation of Config.conv_impl: 'auto' is the platform's choice ('winograd' on the CPU,
-    XLA's convolution elsewhere); 'winograd' and 'im2col' (the CPU's, `cifarjax.cpu.conv`) and 'xla' are taken
-    as asked, on any platform."""
+    """Config.conv_impl's formulation: 'auto' is the platform's ('winograd' on the CPU, else 'xla'), the others are
+    taken as asked on any platform."""
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
     if impl == "auto":
@@ -47,9 +38,8 @@ def conv_impl(impl: str, platform: str) -> str:
 
 
 def step_factory(platform: Optional[str] = None):
-    """How the training steps of a run built for `platform` (default: `resolve()`) are pmap-ed,
-    `(step, mask, axis_name, devices, **static) -> step`: on the CPU with only the frozen parameters donated
-    (`cifarjax.cpu.donation.frozen_apart`), elsewhere with the whole state (`cifarjax.train.donate_state`)."""
+    """How a run's training steps are pmap-ed, `(step, mask, axis_name, devices, **static) -> step`: on the CPU
+    with only the frozen parameters donated, elsewhere the whole state."""
     if resolve(platform) == "cpu":
         from cifarjax.cpu.donation import frozen_apart
         return frozen_apart
@@ -58,8 +48,8 @@ def step_factory(platform: Optional[str] = None):
 
 
 def runs_on_cpu(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether this process's JAX will run on the CPU, decided without starting a backend: JAX_PLATFORMS's first
-    platform where it is set, else whether no accelerator plugin is installed."""
+    """Whether this process's JAX will run on the CPU, without starting a backend (the CPU's XLA flags must come
+    first): JAX_PLATFORMS's first platform, else whether no accelerator plugin is installed."""
     platforms = [p.strip() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
     if platforms:
         return platforms[0] == "cpu"
@@ -70,9 +60,8 @@ DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
 
 
 def deterministic(environ=os.environ) -> None:
-    """Add XLA's GPU deterministic-ops flag to XLA_FLAGS (`Config.deterministic`): no atomics-based kernels, and
-    autotuning only among deterministic ones, so a program repeats its results bit for bit on a GPU (a CPU's
-    already do). XLA reads its flags when the backend starts: call this before anything starts it."""
+    """Add XLA's GPU deterministic-ops flag to XLA_FLAGS (`Config.deterministic`), before the backend starts, so a
+    program repeats its results bit for bit on a GPU (a CPU's already do)."""
     current = environ.get("XLA_FLAGS", "")
     if "--xla_gpu_deterministic_ops=" not in current:
         environ["XLA_FLAGS"] = f"{current} {DETERMINISTIC_FLAG}".strip()

@@ -8,8 +8,7 @@ import optax
 import pytest
 
 from cifarjax.cpu.conv import conv2d, conv3x3_maxpool, conv3x3_same, conv_phases, winograd_phases
-from cifarjax.cpu.dense import dense_transposed_backward
-from cifarjax.cpu.fusion import materialize
+from cifarjax.cpu.fusion import dense_transposed_backward, materialize
 from cifarjax.layers import Conv, Dropout, max_pool
 from cifarjax.models import ResNet18, SimpleCNN, formulations_for
 from cifarjax.ops import xla_conv

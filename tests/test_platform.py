@@ -13,7 +13,7 @@ from cifarjax.cpu import process, xla_flags
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ("cifarjax", "experiments", "experiments.common", "experiments.cnn", "experiments.finetune",
            "experiments.evaluate", "experiments.study", "experiments.compare", "cifarjax.loop", "cifarjax.cpu.conv",
-           "cifarjax.cpu.process", "cifarjax.cpu.hugepages", "cifarjax.cpu.xla_flags", "cifarjax.cpu.malloc")
+           "cifarjax.cpu.process", "cifarjax.cpu.hugepages", "cifarjax.cpu.xla_flags")
 
 
 def test_importing_the_packages_changes_no_environment_variable_and_runs_once():
@@ -66,7 +66,7 @@ def test_only_the_builders_know_the_platform_and_pass_its_pieces_in():
     module; the builders inject the CPU's pieces, one object per choice (models built alike compare equal, so
     their compiled steps are reused)."""
     from cifarjax.config import Config
-    from cifarjax.cpu import conv, dense, donation, fusion
+    from cifarjax.cpu import conv, donation, fusion
     from cifarjax.models import Formulations, build_model
     from cifarjax.train import donate_state
     for name in ("layers", "train"):
@@ -81,7 +81,7 @@ def test_only_the_builders_know_the_platform_and_pass_its_pieces_in():
     cpu, gpu = (build_model(Config(), platform) for platform in ("cpu", "gpu"))
     assert cpu == build_model(Config(), "cpu") and gpu.formulations == Formulations()
     assert (cpu.formulations.convolve.func, cpu.formulations.conv_pool) == (conv.conv2d, conv.ConvReluMaxPool)
-    assert (cpu.formulations.linear, cpu.formulations.keep) == (dense.dense_transposed_backward, fusion.materialize)
+    assert (cpu.formulations.linear, cpu.formulations.keep) == (fusion.dense_transposed_backward, fusion.materialize)
     assert (target.step_factory("cpu"), target.step_factory("gpu")) == (donation.frozen_apart, donate_state)
 
 

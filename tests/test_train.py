@@ -285,7 +285,7 @@ def test_host_batches_are_prepared_ahead_in_order_and_stop_with_the_loop():
 
 def test_freed_compiler_memory_is_returned_after_each_compilation(monkeypatch):
     """The commands hand glibc's free heap back after every XLA compilation (on glibc; elsewhere a no-op)."""
-    import cifarjax.cpu.malloc as memory
+    import cifarjax.cpu.process as memory
     if not memory.trim_after_compiling():
         pytest.skip("not glibc")
     calls = []

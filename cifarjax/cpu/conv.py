@@ -1,18 +1,10 @@
-"""The CPU's convolution formulations: faster than XLA's CPU convolutions for the shapes cifarjax runs, the same
-arithmetic up to float rounding. A model built for the CPU (`conv_impl` 'winograd' or 'im2col') convolves with
-them (`cifarjax.models.formulations`); the program a GPU gets never contains them.
-
-* `conv2d`: the fastest measured formulation per shape: Winograd (`conv3x3_same`), im2col, or XLA's forward
-  with an im2col gradient (`xla_forward_im2col_backward`), by the CPU-measured thresholds `LARGE_MAP`,
-  `FEW_CHANNELS` and `XLA_FORWARD_WIDTHS`.
-* `conv3x3_maxpool` and `conv_phases` (+ `maximum_of`): max_pool(relu(conv3x3(x))) without forming the full
-  convolution output, with Winograd F(2x2, 3x3) on pool-aligned tiles or per output phase (im2col): SimpleCNN's
-  fused blocks (`ConvReluMaxPool`).
-"""
+"""The CPU's convolution formulations (`conv2d`: Winograd, im2col or XLA's forward per shape; SimpleCNN's fused
+conv+ReLU+pool block `ConvReluMaxPool`): faster than XLA's CPU convolutions, the same arithmetic up to rounding.
+The measured gains behind each threshold: docs/architecture.md."""
 from __future__ import annotations
 
 import math
-from functools import partial
+from functools import partial, reduce
 from typing import Callable, Optional
 
 import flax.linen as nn
@@ -24,20 +16,18 @@ from jax import lax
 from cifarjax.cpu.fusion import apart, materialize
 from cifarjax.ops import interleave, torch_uniform, xla_conv
 
-# From this width XLA's own (Eigen) convolution computes a forward pass faster than im2col on CPU: 1.0-4.6x on
-# ResNet-18's strided convolutions of 8x8 to 224x224 maps. On 2x2 maps it is far slower.
-LARGE_MAP = 8
+LARGE_MAP = 8  # from this width XLA's forward beats im2col (1.0-4.6x); on 2x2 maps it is far slower
+
 
 def _reached_taps(size: int, k: int, strides: int, padding: int) -> range:
-    """The kernel offsets along one axis that meet the input (not only padding) at some output position."""
+    """The kernel offsets along one axis that meet the input (not only padding) at some output."""
     outputs = (size + 2 * padding - k) // strides + 1
     reached = [i for i in range(k) if any(0 <= o * strides + i - padding < size for o in range(outputs))]
     return range(reached[0], reached[-1] + 1)
 
 
 def _im2col_conv(x, kernel, strides: int, padding: int):
-    """Shifted slices concatenated, then one matmul. Taps that meet only padding (ResNet's stride-2 convolution
-    of a 2x2 map reaches 4 of its 9) are left out: their products are all zero."""
+    """Shifted slices concatenated, then one matmul; taps that meet only padding are left out (all zero)."""
     kh, kw, cin, cout = kernel.shape
     n, h, w, _ = x.shape
     rows, cols = _reached_taps(h, kh, strides, padding), _reached_taps(w, kw, strides, padding)
@@ -51,23 +41,14 @@ def _im2col_conv(x, kernel, strides: int, padding: int):
     return (patches.reshape(n * ho * wo, len(rows) * len(cols) * cin) @ taps).reshape(n, ho, wo, cout)
 
 
-# Up to this many input channels (images), XLA's (Eigen's) kernel gradient is faster than im2col's: 2.2x for the
-# stem's 7x7 stride-2 kernel at 32x32 and 224x224 alone, and ResNet-18's 224x224 step 1.16x faster. Alone, it was
-# also 1.14-1.75x faster for the 3x3 stride-2 kernels (64-256 channels), but their steps ran 0.97x (224x224) and
-# 0.90x (32x32) as fast.
-FEW_CHANNELS = 4
+FEW_CHANNELS = 4  # up to this many input channels (images) XLA's kernel gradient beats im2col's (the stem: 2.2x)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def xla_forward_im2col_backward(x, kernel, strides: int, padding: int):
-    """A convolution computed by XLA (its CPU forward is fast on large maps) and differentiated through im2col
-    (XLA's CPU backward convolutions are not), but for the kernel gradient of inputs with `FEW_CHANNELS` or
-    fewer, where XLA's is faster."""
+    """XLA's convolution (fast forward on large maps) differentiated through im2col (XLA's CPU backward is slow),
+    but for the kernel gradient of inputs with at most `FEW_CHANNELS` channels."""
     return xla_conv(x, kernel, strides, padding)
-
-
-def _xla_im2col_fwd(x, kernel, strides, padding):
-    return xla_conv(x, kernel, strides, padding), (x, kernel)
 
 
 def _xla_im2col_bwd(strides, padding, residuals, dy):
@@ -79,18 +60,13 @@ def _xla_im2col_bwd(strides, padding, residuals, dy):
     return dx, dkernel
 
 
-xla_forward_im2col_backward.defvjp(_xla_im2col_fwd, _xla_im2col_bwd)
+xla_forward_im2col_backward.defvjp(lambda x, k, strides, padding: (xla_conv(x, k, strides, padding), (x, k)),
+                                   _xla_im2col_bwd)
 
 
 def conv2d(x, kernel, strides: int = 1, padding: int = 0, impl: str = "winograd", inference: bool = False):
-    """NHWC x HWIO convolution with symmetric zero padding: im2col+matmul ('im2col'), or ('winograd') the fastest
-    measured formulation for the shape: 3x3 stride-1 'same' convolutions as `conv3x3_same` (by XLA's forward where
-    undifferentiated on maps of `XLA_FORWARD_WIDTHS`), the others by XLA on maps of `LARGE_MAP` and wider and
-    im2col on smaller ones, differentiated through im2col either way (XLA's own backward convolutions ran at
-    0.06-1.4x im2col's speed, slowest on small maps), but for the kernel gradient of few-channel inputs (see
-    `xla_forward_im2col_backward`).
-    XLA's convolution is Eigen's where `cifarjax.cpu.xla_flags` took effect.
-    `inference`: no train-mode BatchNorm follows, which lets `conv3x3_same` use larger Winograd tiles."""
+    """NHWC x HWIO convolution, symmetric zero padding: im2col ('im2col'), or ('winograd') the fastest measured
+    formulation per shape. `inference`: no train-mode BatchNorm follows (larger Winograd tiles)."""
     kh, kw, cin, cout = kernel.shape
     if impl == "im2col":
         return _im2col_conv(x, kernel, strides, padding)
@@ -104,35 +80,18 @@ def conv2d(x, kernel, strides: int = 1, padding: int = 0, impl: str = "winograd"
 
 
 def conv_phases(x, kernel, pool: int):
-    """The unpadded stride-1 convolution's output split by phase: ``out[(p, q)] = conv2d(x)[:, p::pool, q::pool]``.
-
-    Each phase is cropped to ``floor(out_size / pool)`` rows and columns (what max pooling keeps) and is
-    computed as its own im2col matmul, so pooling never has to gather from an interleaved array.
-    """
-    n, h, w, _ = x.shape
-    kh, kw, cin, cout = kernel.shape
+    """The unpadded convolution by output phase, ``out[(p, q)] = conv2d(x)[:, p::pool, q::pool]`` cropped to what
+    max pooling keeps, each phase its own im2col matmul."""
+    (_, h, w, _), (kh, kw, _, _) = x.shape, kernel.shape
     th, tw = (h - kh + 1) // pool, (w - kw + 1) // pool
-    flat_kernel = kernel.reshape(kh * kw * cin, cout)
-    phases = {}
-    for p in range(pool):
-        for q in range(pool):
-            patches = [x[:, p + i:p + i + pool * (th - 1) + 1:pool, q + j:q + j + pool * (tw - 1) + 1:pool, :]
-                       for i in range(kh) for j in range(kw)]
-            patches = jnp.concatenate(patches, axis=-1).reshape(n * th * tw, kh * kw * cin)
-            phases[(p, q)] = (patches @ flat_kernel).reshape(n, th, tw, cout)
-    return phases
+    return {(p, q): _im2col_conv(x[:, p:p + pool * (th - 1) + kh, q:q + pool * (tw - 1) + kw], kernel, pool, 0)
+            for p in range(pool) for q in range(pool)}
 
 
 @jax.custom_vjp
 def maximum_of(*xs):
-    """Elementwise maximum of equally shaped arrays; the gradient goes to every input equal to the maximum.
-
-    Used for max pooling over phases: after a ReLU, ties only occur at zero, where the gradient is zero anyway.
-    """
-    out = xs[0]
-    for x in xs[1:]:
-        out = jnp.maximum(out, x)
-    return out
+    """Elementwise maximum whose gradient goes to every input equal to it (after a ReLU ties are zeros)."""
+    return reduce(jnp.maximum, xs)
 
 
 def _maximum_of_fwd(*xs):
@@ -140,16 +99,10 @@ def _maximum_of_fwd(*xs):
     return out, (xs, out)
 
 
-def _maximum_of_bwd(res, g):
-    xs, out = res
-    return tuple(jnp.where(x == out, g, jnp.zeros_like(g)) for x in xs)
+maximum_of.defvjp(_maximum_of_fwd, lambda res, g: tuple(jnp.where(x == res[1], g, jnp.zeros_like(g)) for x in res[0]))
 
-
-maximum_of.defvjp(_maximum_of_fwd, _maximum_of_bwd)
-
-# Winograd F(m x m, 3x3) (Lavin & Gray 2016): out_tile = A^T [(G k G^T) * (B^T d B)] A, for (m+2)x(m+2) input
-# tiles d taken at stride m. F(2,3) needs 16 products per 4 outputs, F(4,3) 36 per 16 (4x fewer than direct).
-# The matrices are exact in float64 (1/6, 1/24, ...); float32 computations round them as before.
+# Winograd F(m x m, 3x3) (Lavin & Gray 2016), (B^T, G, A^T): out_tile = A^T [(G k G^T) * (B^T d B)] A over
+# (m+2)x(m+2) input tiles d at stride m. Exact in float64; float32 computations round them.
 WINOGRAD = {
     2: (np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64),
         np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]], np.float64),
@@ -177,32 +130,23 @@ def _combine(matrix, xs):
 
 
 def _sandwich(matrix, grid, keep_first_pass: bool = False):
-    """matrix @ grid @ matrix^T for a square nested list `grid` of equally shaped arrays; `keep_first_pass`
-    computes grid @ matrix^T into memory first, where fusing both passes would re-read many inputs per output."""
+    """matrix @ grid @ matrix^T over a nested list of arrays; `keep_first_pass` materializes grid @ matrix^T."""
     rows = [_combine(matrix, row) for row in grid]
     rows = materialize(rows) if keep_first_pass else rows
     cols = [_combine(matrix, [row[j] for row in rows]) for j in range(len(rows[0]))]
     return [[col[i] for col in cols] for i in range(len(cols[0]))]
 
 
-
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def winograd_input_tiles(x, m: int, th: int, tw: int):
-    """B^T d B for the th x tw grid of (m+2)x(m+2) input tiles at stride m: nested lists of (n, th, tw, c) arrays.
+    """B^T d B for the th x tw grid of (m+2)x(m+2) input tiles at stride m, as nested lists of (n, th, tw, c).
 
-    Two passes, the first kept in memory: `d B` for every row of the map at once (m+2 arrays of full height), then
-    `B^T (.)` over their rows at stride m. Fused into one pass, every tile re-read up to 16 strided slices of x
-    (the 28x28x128 forward convolution, batch 50, took 1.2x as long). The sums and their order are unchanged.
-    The custom gradient overlap-adds per input phase instead of transposing (m+2)^2 strided slices.
-    """
+    `d B` is kept in memory first (fused, each tile re-read up to 16 slices: 1.2x slower); the gradient
+    overlap-adds per input phase instead of transposing (m+2)^2 strided slices."""
     t, bt = m + 2, WINOGRAD[m][0]
     db = materialize(_combine(bt, [x[:, :, b:b + m * (tw - 1) + 1:m, :] for b in range(t)]))  # db[j]: (n, H, tw, c)
     columns = [_combine(bt, [col[:, a:a + m * (th - 1) + 1:m] for a in range(t)]) for col in db]
     return [[col[i] for col in columns] for i in range(t)]
-
-
-def _winograd_input_fwd(x, m, th, tw):
-    return winograd_input_tiles(x, m, th, tw), x.shape
 
 
 def _winograd_input_bwd(m, th, tw, shape, dv):
@@ -221,22 +165,14 @@ def _winograd_input_bwd(m, th, tw, shape, dv):
     return (dx[:, :h, :w, :],)
 
 
-winograd_input_tiles.defvjp(_winograd_input_fwd, _winograd_input_bwd)
+winograd_input_tiles.defvjp(lambda x, m, th, tw: (winograd_input_tiles(x, m, th, tw), x.shape), _winograd_input_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
 def winograd_kernel(kernel, m: int):
-    """G k G^T for a (3, 3, cin, cout) kernel: nested lists of (cin, cout) arrays.
-
-    The custom gradient assembles the kernel's gradient once, as one array; differentiating the taps
-    `kernel[i, j]` would pad each tap's gradient to the kernel's full size and sum nine of them inside every
-    consumer (the optimizer's moment and parameter updates each recomputed it).
-    """
+    """G k G^T as nested lists of (cin, cout) arrays; the gradient is assembled once (autodiff would pad nine
+    taps to the kernel's size inside every consumer)."""
     return _sandwich(WINOGRAD[m][1], [[kernel[i, j] for j in range(3)] for i in range(3)])
-
-
-def _winograd_kernel_fwd(kernel, m):
-    return winograd_kernel(kernel, m), None
 
 
 def _winograd_kernel_bwd(m, _, du):
@@ -244,11 +180,11 @@ def _winograd_kernel_bwd(m, _, du):
     return (materialize(jnp.stack([jnp.stack(row) for row in taps])),)
 
 
-winograd_kernel.defvjp(_winograd_kernel_fwd, _winograd_kernel_bwd)
+winograd_kernel.defvjp(lambda kernel, m: (winograd_kernel(kernel, m), None), _winograd_kernel_bwd)
 
 
 def _tile_products(v, u):
-    """[[v[a][b] @ u[a][b]]]: the Winograd-domain products of input tiles (n, th, tw, cin) and kernels (cin, cout)."""
+    """[[v[a][b] @ u[a][b]]]: the Winograd-domain products of input tiles and kernels."""
     n, th, tw, cin = v[0][0].shape
     return [[(va.reshape(n * th * tw, cin) @ ua).reshape(n, th, tw, ua.shape[-1]) for va, ua in zip(vrow, urow)]
             for vrow, urow in zip(v, u)]
@@ -256,15 +192,9 @@ def _tile_products(v, u):
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def winograd_products(x, u, m: int, th: int, tw: int):
-    """`_tile_products` of x's input tiles (`winograd_input_tiles`) and u, whose gradient recomputes the tiles
-    from x instead of keeping them (for F(4x4) they are 2.25x the size of x, which the backward pass keeps
-    anyway): the same values, bit for bit. ResNet-18's 224x224 step (batch 32, everything training) needed
-    1,251 MB of XLA temporaries instead of 1,425 and ran 1.03-1.06x faster."""
+    """`_tile_products` of x's input tiles and u whose gradient recomputes the tiles from x (F(4x4)'s are 2.25x
+    x's size), bit for bit the same."""
     return _tile_products(winograd_input_tiles(materialize(x), m, th, tw), u)
-
-
-def _winograd_products_fwd(x, u, m, th, tw):
-    return winograd_products(x, u, m, th, tw), (x, u)
 
 
 def _winograd_products_bwd(m, th, tw, residuals, dp):
@@ -275,13 +205,12 @@ def _winograd_products_bwd(m, th, tw, residuals, dp):
     return _winograd_input_bwd(m, th, tw, x.shape, dv)[0], du
 
 
-winograd_products.defvjp(_winograd_products_fwd, _winograd_products_bwd)
+winograd_products.defvjp(lambda x, u, m, th, tw: (winograd_products(x, u, m, th, tw), (x, u)), _winograd_products_bwd)
 
 
 def winograd_phases(x, kernel, m: int, th: int, tw: int, keep_tiles: bool = True):
-    """The unpadded 3x3 convolution of x's th x tw grid of m x m output tiles, by output phase:
-    y[i][j] (n, th, tw, cout) holds outputs (m*t + i, m*u + j). x needs m*th + 2 rows and m*tw + 2 columns.
-    `keep_tiles=False` recomputes the input tiles for the gradient (`winograd_products`)."""
+    """The unpadded 3x3 convolution of th x tw output tiles of m x m by phase: y[i][j] holds outputs (m*t + i,
+    m*u + j). `keep_tiles=False` recomputes the input tiles for the gradient."""
     at = WINOGRAD[m][2]
     u = winograd_kernel(kernel, m)  # G k G^T
     if keep_tiles:
@@ -294,24 +223,14 @@ def winograd_phases(x, kernel, m: int, th: int, tw: int, keep_tiles: bool = True
 
 @jax.custom_vjp
 def whole_map_conv3x3(x, kernel):
-    """``conv2d(x, kernel, strides=1, padding=1)`` of maps at most 2x2, where every output meets every input.
-
-    Output (i, j) is one matmul of the whole flattened map by the kernel's 2x2 (or smaller) block of taps
-    (p - i + 1, q - j + 1) that it reaches: a 1x1 map meets only the centre (9x fewer products than im2col), a
-    2x2 map needs as many products as Winograd F(2x2), exactly. The input gradient is the same convolution of
-    the output gradient by the flipped, transposed kernel; the kernel gradient one matmul of the flattened
-    maps, whose blocks add up per tap (autodiff would pad each block to the kernel's size first).
-    """
+    """``conv2d(x, kernel, 1, 1)`` of maps at most 2x2: each output one matmul of the flattened map by the taps it
+    reaches; the gradients likewise (the input's by the flipped kernel, the kernel's summed per tap)."""
     n, h, w, cin = x.shape
     if h > 2 or w > 2:
         raise ValueError(f"whole-map convolution is for maps of at most 2x2, got {h}x{w}")
     outputs = [lax.dot_general(x, kernel[1 - i:1 - i + h, 1 - j:1 - j + w], (((1, 2, 3), (0, 1, 2)), ((), ())))
                for i in range(h) for j in range(w)]
     return jnp.stack(outputs, axis=1).reshape(n, h, w, -1)
-
-
-def _whole_map_fwd(x, kernel):
-    return whole_map_conv3x3(x, kernel), (x, kernel)
 
 
 def _whole_map_bwd(residuals, dy):
@@ -326,24 +245,16 @@ def _whole_map_bwd(residuals, dy):
     return dx, dk
 
 
-whole_map_conv3x3.defvjp(_whole_map_fwd, _whole_map_bwd)
+whole_map_conv3x3.defvjp(lambda x, kernel: (whole_map_conv3x3(x, kernel), (x, kernel)), _whole_map_bwd)
 
 
-F4_FROM = 14  # map width from which `conv3x3_same` uses F(4x4) tiles
+F4_FROM = 14  # map width from which `conv3x3_same` uses F(4x4) tiles (below, F(2x2): half the rounding error)
 F4_FROM_INFERENCE = 8  # the same where no train-mode BatchNorm amplifies F(4x4)'s rounding
 
 
 def conv3x3_same(x, kernel, tile: Optional[int] = None, inference: bool = False):
-    """``conv2d(x, kernel, strides=1, padding=1)`` for a 3x3 kernel, formulated for small and large maps alike.
-
-    Maps of at most 2x2 run as `whole_map_conv3x3`. Larger ones run Winograd F(m x m, 3x3) over zero-padded
-    tiles: F(4x4) (4x fewer products than im2col, where most of a ResNet's work is) on maps at least `F4_FROM`
-    wide (`F4_FROM_INFERENCE` with `inference`: no train-mode BatchNorm follows), recomputing its input tiles for
-    the gradient, F(2x2) (2.25x fewer, and half the rounding error, which train-mode BatchNorm over a few values
-    amplifies) on smaller ones, keeping them (recomputing measured 0.99-1.02x at 32x32, where memory is no
-    concern). In inference, F(4x4) from 8x8 maps made ResNet-18's 32x32 evaluation 1.05-1.08x faster; in
-    training it gained nothing and doubled the error.
-    """
+    """``conv2d(x, kernel, 1, 1)`` for a 3x3 kernel: `whole_map_conv3x3` on maps of at most 2x2, else Winograd
+    F(4x4) (recomputing its input tiles for the gradient) from `F4_FROM` wide, F(2x2) below."""
     n, h, w, cin = x.shape
     if h <= 2 and w <= 2 and tile is None:
         return whole_map_conv3x3(x, kernel)
@@ -353,39 +264,23 @@ def conv3x3_same(x, kernel, tile: Optional[int] = None, inference: bool = False)
     return interleave(winograd_phases(x, kernel, m, th, tw, keep_tiles=m == 2))[:, :h, :w, :]
 
 
-# Maps of these widths run an undifferentiated 3x3 'same' convolution by XLA's (Eigen's) forward: ResNet-18's
-# 32x32 evaluation (layer1's 8x8 maps, batch 500) ran 1.08-1.10x faster. Alone XLA's forward was also faster on
-# 28x28 and 56x56 maps, but in whole networks Winograd stays faster on ResNet-18's 224x224 maps (7x7 to 56x56:
-# feature extraction 0.85-0.89x with XLA's), and on 4x4 maps they tie.
-XLA_FORWARD_WIDTHS = range(8, 14)
+XLA_FORWARD_WIDTHS = range(8, 14)  # undifferentiated 3x3 'same' convolutions of these widths run XLA's forward
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def xla_forward_winograd_backward(x, kernel, inference: bool = False):
-    """``conv3x3_same(x, kernel, inference=inference)`` computed by XLA's convolution where nothing
-    differentiates it (evaluation, feature extraction); differentiated, by `conv3x3_same` forward and backward
-    (XLA's CPU backward convolutions are slow, and the backward pass needs the forward's Winograd tiles)."""
+    """``conv3x3_same(x, kernel)`` by XLA's convolution where undifferentiated, else by `conv3x3_same` both ways."""
     return xla_conv(x, kernel, 1, 1)
 
 
-def _xla_winograd_fwd(x, kernel, inference):
-    return jax.vjp(lambda x, kernel: conv3x3_same(x, kernel, inference=inference), x, kernel)
-
-
-def _xla_winograd_bwd(inference, vjp, dy):
-    return vjp(dy)
-
-
-xla_forward_winograd_backward.defvjp(_xla_winograd_fwd, _xla_winograd_bwd)
+xla_forward_winograd_backward.defvjp(
+    lambda x, kernel, inference: jax.vjp(lambda x, kernel: conv3x3_same(x, kernel, inference=inference), x, kernel),
+    lambda inference, vjp, dy: vjp(dy))
 
 
 def conv3x3_maxpool(x, kernel, pool: int, tile: Optional[int] = None):
-    """``max_pool(conv2d(x, kernel), pool)`` for an unpadded 3x3 convolution and an even pool, via Winograd.
-
-    Only the output tiles that max pooling keeps are computed, and pooling windows never straddle tiles, so the
-    pool is a maximum over output phases. `tile` (output tile size m of F(m x m, 3x3)) defaults to 4 where
-    the pooled region divides into at least 2x2 tiles of 4x4 (fewer, larger matmuls measured slower), else 2.
-    """
+    """``max_pool(conv2d(x, kernel), pool)`` for an unpadded 3x3 convolution and an even pool: Winograd on the
+    tiles pooling keeps, the pool a maximum over output phases. `tile`: F(4x4) where 2x2 such tiles fit, else 2."""
     if pool % 2:
         raise ValueError(f"Winograd pooling needs an even pool, got {pool}")
     n, h, w, _ = x.shape
@@ -408,13 +303,8 @@ def conv3x3_maxpool(x, kernel, pool: int, tile: Optional[int] = None):
 
 
 class ConvReluMaxPool(nn.Module):
-    """``max_pool(between(relu(conv3x3(x) + bias)), pool)`` for an unpadded 3x3 convolution, fused: SimpleCNN's
-    blocks where it is built with the CPU's Winograd formulation.
-
-    `method` 'winograd' (many input channels; `between` must be None) or 'phases' (im2col per output phase;
-    `between(z, (p, q))` may act on each phase before the max, e.g. dropout). Parameters are named like
-    `cifarjax.layers.Conv`'s, so both formulations share one parameter tree.
-    """
+    """``max_pool(between(relu(conv3x3(x) + bias)), pool)``, fused; parameters named as `layers.Conv`'s. `method`
+    'winograd' (no `between`) or 'phases' (`between(z, (p, q))` acts on each phase, e.g. dropout)."""
     features: int
     pool: int
     method: str = "winograd"

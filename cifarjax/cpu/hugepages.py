@@ -1,18 +1,13 @@
-"""Transparent huge pages for a command's buffers (Linux, glibc 2.35+), by relaunching it with glibc's tunable.
-
-XLA allocates each step's temporary buffers anew: glibc maps large ones from the kernel and unmaps them when
-freed, so every step page-faults each 4 KB page again (ResNet-18's step at 224x224: 275,000 faults and about
-1 s of system time a step on a 2-core CPU). With `glibc.malloc.hugetlb=1` glibc asks for 2 MB transparent
-huge pages where the kernel grants them on request ("madvise", a common default): 40-125 times fewer faults,
-the same arithmetic and peak memory (docs/results.md). glibc reads its tunables only when a process
-starts, so a command started without it execs itself again (same process id, same arguments) at its start,
-where its run executes on the CPU (`cifarjax.cpu.process.tune`). `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` keeps a
-command from doing so.
-"""
+"""Transparent huge pages for a command's buffers (Linux, glibc 2.35+; 40-125x fewer page faults on XLA's buffers),
+by relaunching it with glibc's tunable, read only at a process's start. `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` opts
+out."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import platform
+import re
 import sys
 from pathlib import Path
 from typing import Mapping, Optional
@@ -31,28 +26,17 @@ def kernel_mode(setting: Path = THP_SETTING) -> Optional[str]:
     return text[text.index("[") + 1:text.index("]")] if "[" in text and "]" in text else None
 
 
-def running_libc() -> str:
-    """This process's C library and version ("glibc 2.36"), "" where it does not say."""
-    try:
-        return os.confstr("CS_GNU_LIBC_VERSION") or ""
-    except (AttributeError, ValueError, OSError):
-        return ""
-
-
 def _glibc_has_tunable(libc: str) -> bool:
+    """Whether `libc` ("glibc 2.36") reads the tunable."""
     name, _, version = libc.partition(" ")
-    try:
-        return name == "glibc" and tuple(int(p) for p in version.split(".")[:2]) >= FIRST_GLIBC
-    except ValueError:
-        return False
+    return name == "glibc" and tuple(int(p) for p in re.findall(r"\d+", version)[:2]) >= FIRST_GLIBC
 
 
 def relaunch_environ(environ: Mapping[str, str], mode: Optional[str], libc: Optional[str] = None) -> Optional[dict]:
-    """The environment to relaunch with (`environ` plus the tunable), or None where relaunching changes nothing:
-    the kernel grants huge pages to every mapping anyway ("always") or to none, glibc is too old or absent, or
-    GLIBC_TUNABLES already sets the tunable (the user's choice)."""
+    """`environ` plus the tunable, or None where relaunching changes nothing (the kernel's mode is not "madvise",
+    no glibc with the tunable, or GLIBC_TUNABLES already sets it)."""
     current = environ.get("GLIBC_TUNABLES", "")
-    if mode != "madvise" or f"{TUNABLE}=" in current or not _glibc_has_tunable(libc or running_libc()):
+    if mode != "madvise" or f"{TUNABLE}=" in current or not _glibc_has_tunable(libc or " ".join(platform.libc_ver())):
         return None
     return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [current, f"{TUNABLE}=1"]))}
 
@@ -64,8 +48,8 @@ def in_effect(environ: Mapping[str, str] = os.environ, mode: Optional[str] = Non
 
 
 def _runs_the_main_script(argv: list) -> bool:
-    """Whether executing `argv` again runs the script that is `__main__` now (`python script.py ...` or
-    `python -m module ...`), not something that runs it in turn (pytest, runpy, a notebook's kernel)."""
+    """Whether executing `argv` again runs the script that is `__main__` now, not something that runs it in turn
+    (pytest, runpy, a notebook's kernel)."""
     main = getattr(sys.modules.get("__main__"), "__file__", None)
     if main is None or len(argv) < 2:
         return False
@@ -81,18 +65,14 @@ def _runs_the_main_script(argv: list) -> bool:
 
 
 def relaunch_command(package: Optional[str]) -> None:
-    """Exec this process again with huge pages where it was started as `python -m <package>.NAME` (`package`
-    None: as any script or module, not an interactive session) and that would change something; otherwise (and
-    if the exec fails) return. Call it first thing, before JAX starts its backend."""
+    """Exec this process again with huge pages where it was started as `python -m <package>.NAME` (`package` None:
+    any script or module) and that changes something; otherwise (or if the exec fails) return."""
     argv = sys.orig_argv
     if package is None:
         launched = _runs_the_main_script(argv)
     else:
         launched = any(a == "-m" and b.startswith(f"{package}.") for a, b in zip(argv, argv[1:]))
     environ = relaunch_environ(os.environ, kernel_mode()) if launched else None
-    if environ is None:
-        return
-    try:
-        os.execve(sys.executable, argv, environ)
-    except OSError:  # run as started
-        return
+    if environ is not None:
+        with contextlib.suppress(OSError):  # run as started
+            os.execve(sys.executable, argv, environ)
