@@ -44,6 +44,7 @@ def tiny_split(n, seed=0, classes=3, size=32):
 
 
 def run_steps(model, variables, data, steps, n_devices, unfreeze="all", batch=8, seed=0, tx=None):
+    """`steps` training steps on `n_devices`: the state (unreplicated), the last metrics and the compiled step's text."""
     devices = jax.local_devices()[:n_devices]
     config = Config(model="resnet18" if unfreeze != "all" else "simple_cnn", unfreeze=unfreeze)
     trainable = Freezing.from_config(config).trainable_mask(variables["params"])
@@ -51,10 +52,12 @@ def run_steps(model, variables, data, steps, n_devices, unfreeze="all", batch=8,
     parallel = DataParallel(ImageInputs(AugmentSpec()), trainable if unfreeze != "all" else None, devices)
     state = parallel.replicate(create_train_state(model.apply, variables, tx, seed))
     resident = parallel.replicate((data.images, data.labels))
+    # The text of the program the steps ran: the same program again, from the persistent compilation cache.
+    program = parallel.train_step.lower(state, resident, np.zeros((n_devices, batch // n_devices), np.int32))
     for s in range(steps):
         idx = (np.arange(batch) + s * batch) % len(data)
         state, metrics = parallel.train_step(state, resident, idx.reshape(n_devices, -1).astype(np.int32))
-    return parallel.unreplicate(state), metrics
+    return parallel.unreplicate(state), metrics, program.compile().as_text()
 
 
 def assert_trees_close(a, b, atol):
@@ -83,8 +86,8 @@ def test_two_devices_equal_one_device_resnet_with_synchronised_batchnorm():
     data = tiny_split(16)
     with jax.enable_x64(True):
         variables = float64(initialize(model))
-        one, m1 = run_steps(model, variables, data, 3, 1, batch=16)
-        two, m2 = run_steps(model, variables, data, 3, 2, batch=16)
+        one, m1, _ = run_steps(model, variables, data, 3, 1, batch=16)
+        two, m2, _ = run_steps(model, variables, data, 3, 2, batch=16)
     assert one.params["head"]["kernel"].dtype == np.float64
     assert_trees_close(one.params, two.params, ALGORITHM_ATOL)
     assert not np.allclose(one.params["head"]["kernel"], variables["params"]["head"]["kernel"], atol=1e-4)
@@ -95,9 +98,15 @@ def test_two_devices_equal_one_device_resnet_with_synchronised_batchnorm():
 
 @pytest.mark.parametrize("unfreeze,bn_frozen_stages", [("head", 5), ("layer4", 4)])
 def test_frozen_parameters_and_statistics_stay_bit_identical(unfreeze, bn_frozen_stages):
+    """Frozen parameters and BatchNorm statistics keep their bits, and XLA drops the frozen layers' backward pass:
+    with only the head trainable the compiled step holds no more convolutions than the forward pass has kernels
+    (with layer4 trainable it holds more: the count sees backward convolutions)."""
     model = small_resnet(frozen_bn_stages=bn_frozen_stages, axis_name=AXIS)
     variables = initialize(model)
-    after, _ = run_steps(model, variables, tiny_split(16), 3, 2, unfreeze=unfreeze)
+    after, _, program = run_steps(model, variables, tiny_split(16), 3, 2, unfreeze=unfreeze)
+    kernels, convolutions = sum(leaf.ndim == 4 for leaf in jax.tree.leaves(variables["params"])), \
+        program.count(" convolution(")
+    assert kernels == 12 and (convolutions == kernels if unfreeze == "head" else convolutions > kernels)
     mask = Freezing.from_config(Config(model="resnet18", unfreeze=unfreeze)).trainable_mask(variables["params"])
     flat_mask = jax.tree_util.tree_leaves_with_path(mask)
     for (path, trains), old, new in zip(flat_mask, jax.tree.leaves(variables["params"]),
@@ -147,29 +156,9 @@ def test_optimizers_equal_optax_bit_for_bit(name, rng):
         params = optax.apply_updates(params, u0)
 
 
-def test_frozen_step_skips_the_backbone_backward_pass():
-    """With only the head trainable, XLA must drop the backbone's gradient: the compiled step holds no more
-    convolutions than the forward pass has kernels."""
-    config = Config(model="resnet18", unfreeze="head")
-    model = small_resnet(frozen_bn_stages=5, axis_name=AXIS)
-    variables = initialize(model)
-    kernels = sum(leaf.ndim == 4 for leaf in jax.tree.leaves(variables["params"]))
-    trainable = Freezing.from_config(config).trainable_mask(variables["params"])
-    data = tiny_split(8)
-    counts = []
-    for mask, unfreeze in ((trainable, "head"), (None, "all")):
-        parallel = DataParallel(ImageInputs(AugmentSpec()), mask, jax.local_devices()[:1])
-        state = parallel.replicate(create_train_state(Apply(model), variables, make_optimizer(
-            config.replace(unfreeze=unfreeze), variables["params"]), 0))
-        resident = parallel.replicate((data.images, data.labels))
-        hlo = parallel.train_step.lower(state, resident, np.zeros((1, 8), np.int32)).compile().as_text()
-        counts.append(hlo.count(" convolution("))
-    assert kernels == 12 and counts[0] == kernels and counts[1] > 2 * kernels
-
-
 def test_memorises_a_tiny_set():
     data = tiny_split(40)
-    result = train_loop(fast(n_epochs=30), data, data)
+    result = train_loop(fast(n_epochs=6), data, data)  # all right from the second epoch on
     assert result.history.epoch_val_accuracy[-1] == 1.0
 
 
