@@ -118,7 +118,7 @@ def test_winograd_conv_maxpool_float32_error_stays_small(size, cin, pool, tile, 
         assert_relative_to_largest(b, a, 1e-4)
 
 
-@pytest.mark.parametrize("size", [1, 2, (1, 2), (2, 1), 3, 5, 8, 14, 17])
+@pytest.mark.parametrize("size", [1, 2, (1, 2), (2, 1), 3, 8, 14, 17])
 def test_conv3x3_same_is_exactly_the_padded_convolution(size, rng):
     """Whole maps of at most 2x2 (one matmul per output), F(2x2) and F(4x4) tiles, sizes that do not divide into
     tiles: exact in float64, forward and both gradients."""
@@ -219,8 +219,9 @@ def test_resnet_convolutions_know_whether_their_batchnorm_trains(train, frozen_b
     assert [seen[s] for s in ("stem", "layer1", "layer2", "layer3", "layer4")] == [{e} for e in expected]
 
 
-@pytest.mark.parametrize("cin", [3, 8])
-@pytest.mark.parametrize("size,k,stride,pad", [(32, 3, 1, 1), (33, 3, 2, 1), (32, 1, 2, 0), (34, 7, 2, 3), (8, 3, 2, 1)])
+# Input channels choose the kernel gradient only where XLA runs the forward (large maps, not 3x3 stride-1 'same').
+@pytest.mark.parametrize("size,k,stride,pad,cin", [(32, 3, 1, 1, 8), (8, 3, 2, 1, 8)] + [
+    (*shape, cin) for shape in ((33, 3, 2, 1), (32, 1, 2, 0), (34, 7, 2, 3)) for cin in (3, 8)])
 def test_the_cpu_formulations_are_exactly_the_convolution(size, k, stride, pad, cin, rng):
     """conv_impl 'winograd' picks a formulation per shape (Winograd for 3x3 stride-1 'same', else XLA forward with
     an im2col backward on large maps, im2col on small ones; XLA's kernel gradient for images' few channels): exact
@@ -259,8 +260,8 @@ def test_conv_phases_are_the_strided_convolution_output(rng):
 def test_fused_simple_cnn_equals_the_unfused_one_in_training(rng):
     """Same parameters, same dropout masks, same logits and gradients: the same function, so in float64 they
     agree to rounding (~1e-14; a wrong mask or a missing scale would differ by O(1))."""
-    x = jnp.asarray(rng.random((8, 32, 32, 3)))
-    y = jnp.arange(8) % 10
+    x = jnp.asarray(rng.random((2, 32, 32, 3)))  # two images: each has its own dropout masks
+    y = jnp.arange(2)
     fused, plain = (SimpleCNN(formulations=formulations_for(impl)) for impl in ("winograd", "im2col"))
     variables = jax.jit(plain.init)(jax.random.PRNGKey(0), x[:1])
     jax.tree.map(np.testing.assert_array_equal, jax.jit(fused.init)(jax.random.PRNGKey(0), x[:1]), variables)

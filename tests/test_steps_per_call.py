@@ -13,7 +13,7 @@ from cifarjax.models import AXIS, Apply, SimpleCNN, initialize
 from cifarjax.optim import make_optimizer
 from cifarjax.target import step_factory
 from cifarjax.train import DataParallel, StepOptions, create_train_state
-from tests.test_train import fast, small_resnet, tiny_split
+from tests.test_train import fast, small_resnet, small_resnet_variables, tiny_split
 
 
 def step_runners(model, variables, inputs, data, platform, trainable=None, config=fast(), options=StepOptions()):
@@ -71,7 +71,7 @@ def test_a_rolled_scan_runs_the_steps_of_single_calls(name):
     else:
         model = small_resnet(axis_name=AXIS)
         config = config.replace(model="resnet18", unfreeze="layer4", bn="train")
-        variables, options = initialize(model), StepOptions(ema_decay=0.9)
+        variables, options = small_resnet_variables(), StepOptions(ema_decay=0.9)
         trainable = Freezing.from_config(config).trainable_mask(variables["params"])
     single, scan = step_runners(model, variables, inputs, data, "gpu", trainable, config, options)
     (stepped, losses), (scanned, scan_losses) = single(idx), scan(idx)
@@ -88,7 +88,7 @@ def test_a_head_on_cached_features_gives_the_same_bits_in_a_rolled_scan_on_a_cpu
     rng = np.random.default_rng(0)
     data = Split(rng.normal(size=(24, 2, 64)).astype(np.float32), np.arange(24, dtype=np.int32) % 3)
     model = small_resnet(frozen_bn_stages=5, axis_name=AXIS)
-    variables = initialize(model)
+    variables = small_resnet_variables()
     config = fast(model="resnet18", unfreeze="head")
     trainable = Freezing.from_config(config).trainable_mask(variables["params"])
     idx = np.arange(24, dtype=np.int32).reshape(3, 2, 4)
