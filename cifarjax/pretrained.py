@@ -115,8 +115,10 @@ def _numpy(key: str, value) -> np.ndarray:
         if value.is_quantized:
             raise UserError(f"tensor {key} is quantized ({str(value.dtype).replace('torch.', '')}); pass the "
                             "float weights the quantized model was made from")
-        # numpy has no bfloat16: floats are converted in torch (other types are refused below)
-        value = value.detach().cpu().to(torch.float32 if value.is_floating_point() else value.dtype).numpy()
+        if not value.is_floating_point():  # before converting: numpy cannot hold every torch type
+            raise UserError(f"tensor {key} holds {str(value.dtype).replace('torch.', '')} values where weights "
+                            "are floating point; these are not ResNet-18 weights")
+        value = value.detach().cpu().to(torch.float32).numpy()  # numpy has no bfloat16: convert in torch
     array = np.asarray(value)
     if array.dtype.kind != "f" and array.dtype.name != "bfloat16":
         raise UserError(f"tensor {key} holds {array.dtype} values where weights are floating point; these are not "

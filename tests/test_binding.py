@@ -82,6 +82,7 @@ def test_every_float_dtype_in_a_weights_file_is_converted(tmp_path, dtype):
     ("sparse", r"tensor layer1\.0\.conv1\.weight is stored as sparse_coo, not as a dense tensor"),
     ("quantized", r"tensor layer1\.0\.conv1\.weight is quantized \(qint8\)"),
     ("integer", r"tensor layer1\.0\.conv1\.weight holds int32 values where weights are floating point"),
+    ("complex32", r"tensor layer1\.0\.conv1\.weight holds complex32 values where"),  # numpy has no such type
     ("nan", r"tensor layer1\.0\.conv1\.weight holds 1 non-finite value\(s\) .* the weights are damaged")])
 def test_tensors_that_are_not_dense_finite_floats_are_refused_in_one_line(tmp_path, kind, message):
     import torch
@@ -90,6 +91,7 @@ def test_tensors_that_are_not_dense_finite_floats_are_refused_in_one_line(tmp_pa
     state["layer1.0.conv1.weight"] = {"sparse": lambda: t.to_sparse(),
                                       "quantized": lambda: torch.quantize_per_tensor(t, 0.01, 0, torch.qint8),
                                       "integer": lambda: t.to(torch.int32),
+                                      "complex32": lambda: t.to(torch.complex32),
                                       "nan": lambda: t.index_put_((torch.tensor([0]),) * 4,
                                                                   torch.tensor(float("nan")))}[kind]()
     torch.save(state, tmp_path / "w.pth")
