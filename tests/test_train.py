@@ -50,7 +50,7 @@ def tiny_split(n, seed=0, classes=3, size=32):
 
 
 def run_steps(model, variables, data, steps, n_devices, unfreeze="all", batch=8, seed=0, tx=None):
-    """`steps` training steps on `n_devices`: the state (unreplicated), the last metrics and the compiled step's text."""
+    """`steps` training steps on `n_devices`: the state (unreplicated), the last metrics, the compiled step's text."""
     devices = jax.local_devices()[:n_devices]
     config = Config(model="resnet18" if unfreeze != "all" else "simple_cnn", unfreeze=unfreeze)
     trainable = Freezing.from_config(config).trainable_mask(variables["params"])
@@ -99,7 +99,8 @@ def test_two_devices_equal_one_device_resnet_with_synchronised_batchnorm():
     assert not np.allclose(one.params["head"]["kernel"], variables["params"]["head"]["kernel"], atol=1e-4)
     np.testing.assert_allclose(m1["loss"][0], m2["loss"][0], rtol=1e-12)
     assert_trees_close(one.batch_stats, two.batch_stats, ALGORITHM_ATOL)
-    assert not np.allclose(one.batch_stats["backbone"]["bn1"]["mean"], variables["batch_stats"]["backbone"]["bn1"]["mean"])
+    bn1_mean = variables["batch_stats"]["backbone"]["bn1"]["mean"]
+    assert not np.allclose(one.batch_stats["backbone"]["bn1"]["mean"], bn1_mean)
 
 
 @pytest.mark.parametrize("unfreeze,bn_frozen_stages", [("head", 5), ("layer4", 4)])
