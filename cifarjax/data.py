@@ -1,9 +1,9 @@
 """Datasets decoded once into uint8 RGB arrays at `size`x`size`, cached under `files.cache_dir` keyed by a SHA-256
-of the files' names and bytes, then split with a seed. Sources (`dataset=`): 'auto' reads `data_dir` holding
-`cifar-10-batches-py` or an ImageFolder tree (`DIR/train/<class>/*`, optionally `DIR/test/<class>/*`, or
-`DIR/<class>/*` as a train split), or without `data_dir` downloads CIFAR-10; 'cifar10' downloads it into `data_dir`;
-'folder' reads an ImageFolder tree; 'fake' is torchvision's FakeData. `python -m cifarjax.data DIR` prints the
-source, classes and per-split counts as one JSON object."""
+of the files' names and bytes, split with a seed and cut into index batches for the devices. Sources (`dataset=`):
+'auto' reads `data_dir` holding `cifar-10-batches-py` or an ImageFolder tree (`DIR/train/<class>/*`, optionally
+`DIR/test/<class>/*`, or `DIR/<class>/*` as a train split), or without `data_dir` downloads CIFAR-10; 'cifar10'
+downloads it into `data_dir`; 'folder' reads an ImageFolder tree; 'fake' is torchvision's FakeData.
+`python -m cifarjax.data DIR` prints the source, classes and per-split counts as one JSON object."""
 from __future__ import annotations
 
 import hashlib
@@ -132,6 +132,34 @@ def train_val_split(dataset: Dataset, val_fraction: float = 0.2, seed: int = 0, 
     elif subset:
         train, val = _balanced(train, subset, seed), _balanced(val, min(max(1, subset // 4), len(val)), seed + 1)
     return train, val
+
+
+def per_device(batch_size: int, n_devices: int) -> int:
+    """The per-device share of a global batch; the batch must split evenly."""
+    if batch_size < n_devices or batch_size % n_devices:
+        raise UserError(f"batch size {batch_size} does not split evenly over {n_devices} devices; "
+                        f"use a multiple of {n_devices}")
+    return batch_size // n_devices
+
+
+def train_indices(n: int, batch_size: int, n_devices: int, seed: int, epoch: int) -> np.ndarray:
+    """One epoch's shuffled (steps, devices, per_device) indices, a function of (seed, epoch) alone so resumed runs
+    repeat it; the last partial batch is dropped. The images stay on the devices: a step receives its indices."""
+    b, steps = per_device(batch_size, n_devices), n // batch_size
+    if steps == 0:
+        raise UserError(f"batch size {batch_size} is larger than the {n} training images; use a smaller batch")
+    order = np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
+    return order[:steps * batch_size].reshape(steps, n_devices, b)
+
+
+def eval_indices(n: int, batch_size: int, n_devices: int):
+    """(indices, mask) covering every example exactly once, the tail padded with index 0 and mask False; per-device
+    batches shrink for small sets."""
+    b = max(1, min(batch_size, -(-n // n_devices) * n_devices) // n_devices)
+    total = -(-n // (b * n_devices)) * b * n_devices
+    idx = np.zeros(total, np.int32)
+    idx[:n] = np.arange(n)
+    return idx.reshape(-1, n_devices, b), (np.arange(total) < n).reshape(-1, n_devices, b)
 
 
 def select_classes(dataset: Dataset, classes) -> Dataset:
@@ -337,14 +365,11 @@ def describe(dataset: Dataset, val_fraction: float = 0.2, seed: int = 0) -> dict
         per_class = np.bincount(labels, minlength=len(dataset.classes)) if len(labels) else np.zeros(0, int)
         return {"n": int(len(labels)), "per_class": {c: int(n) for c, n in zip(dataset.classes, per_class)}}
 
-    splits = {}
-    if dataset.train is not None:
-        splits["train_folder"] = counts(dataset.train.labels)
-        if len(dataset.train) >= 2:
-            train, val = train_val_split(dataset, val_fraction, seed)
-            splits["train"], splits["val"] = counts(train.labels), counts(val.labels)
-    if dataset.test is not None:
-        splits["test"] = counts(dataset.test.labels)
+    named = {"train_folder": dataset.train}
+    if dataset.train is not None and len(dataset.train) >= 2:
+        named["train"], named["val"] = train_val_split(dataset, val_fraction, seed)
+    named["test"] = dataset.test
+    splits = {name: counts(split.labels) for name, split in named.items() if split is not None}
     return {"source": dataset.source, "classes": list(dataset.classes), "splits": splits}
 
 

@@ -12,8 +12,7 @@ from jax import lax
 from tqdm import tqdm
 
 from cifarjax.augment import AugmentSpec, eval_view, flip
-from cifarjax.batching import eval_indices
-from cifarjax.data import Split
+from cifarjax.data import Split, eval_indices
 from cifarjax.freezing import Freezing
 from cifarjax.models import AXIS
 from cifarjax.train import DataParallel

@@ -80,10 +80,8 @@ class HostAugmentFeed:
     def __call__(self, idx: np.ndarray, step: int):
         """The batch of `idx` ((devices, per_device) or (steps, devices, per_device)) from `step` on, as `ahead`
         prepared it or prepared now."""
-        idx_future = self.prepared.pop(step, None)
-        if idx_future is not None and np.array_equal(idx_future[0], idx):
-            return idx_future[1].result()
-        return self.prepare(idx, step)
+        prepared_idx, future = self.prepared.pop(step, (None, None))
+        return future.result() if np.array_equal(prepared_idx, idx) else self.prepare(idx, step)
 
     def prepare(self, idx: np.ndarray, step: int):
         """Each step's batch augmented with its own step's draws; a device holds its rows of every step."""

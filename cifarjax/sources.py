@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import pickle
 import stat
@@ -45,12 +46,10 @@ def class_files(split_dir: Path, unused: Optional[list] = None):
         if not entry.is_dir():
             skipped.append(entry.path)
             continue
-        images = []
-        for e in _scan(entry.path):
-            if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS):
-                images.append(e)
-            else:
-                skipped.append(e.path)
+        entries = _scan(entry.path)
+        is_image = [e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries]
+        images = list(itertools.compress(entries, is_image))
+        skipped += [e.path for e, used in zip(entries, is_image) if not used]
         if not images:
             warn(f"class folder {entry.path} holds no images ({', '.join(IMAGE_EXTENSIONS)}); it is skipped and "
                  "is not a class")
