@@ -337,8 +337,7 @@ _UNPACK = {".zip": "unzip {} -d DIR", ".tar.gz": "tar xzf {} -C DIR", ".tgz": "t
 
 
 def _archive_advice(path: Path) -> Optional[str]:
-    """For an archive passed as the data folder: how to unpack it, and the folder it unpacks into (from its first
-    entry); None for other files."""
+    """How to unpack an archive passed as the data folder, and the folder it unpacks into; None for other files."""
     name = path.name.lower()
     command = next((c for ext, c in _UNPACK.items() if name.endswith(ext)), None)
     if command is None:

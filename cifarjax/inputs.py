@@ -78,8 +78,7 @@ class HostAugmentFeed:
         self.prepared = {}  # first step of a call -> (its indices, the Future of its placed batch), from `ahead`
 
     def __call__(self, idx: np.ndarray, step: int):
-        """The batch of `idx` ((devices, per_device) or (steps, devices, per_device)) from `step` on, as `ahead`
-        prepared it or prepared now."""
+        """The batch of `idx` (one step's or a call's) from `step` on, as `ahead` prepared it or prepared now."""
         prepared_idx, future = self.prepared.pop(step, (None, None))
         return future.result() if np.array_equal(prepared_idx, idx) else self.prepare(idx, step)
 

@@ -120,17 +120,15 @@ def decode_image(path, size: int, advice: str = "delete or replace that file and
     """One image file as (size, size, 3) uint8 RGB, or a UserError naming it and `advice` (`missing` when there is
     no such file). Only a regular file is opened (a FIFO would block forever)."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise UserError(f"image {path} is not a regular file (a FIFO, a socket, a device or a folder); {advice}")
-        with Image.open(path) as image:
-            image.seek(0)
-            return resized(to_rgb8(image), size)
+        if stat.S_ISREG(os.stat(path).st_mode):
+            with Image.open(path) as image:
+                image.seek(0)
+                return resized(to_rgb8(image), size)
     except FileNotFoundError:
         raise UserError(f"image {path} does not exist; {missing}") from None
-    except UserError:
-        raise
     except Exception as error:  # noqa: BLE001 - PIL raises many types for a bad file
         raise UserError(f"cannot read image {path} ({type(error).__name__}: {error}); {advice}") from None
+    raise UserError(f"image {path} is not a regular file (a FIFO, a socket, a device or a folder); {advice}")
 
 
 @contextlib.contextmanager
@@ -188,8 +186,7 @@ def _read_cifar_pickle(path: Path) -> dict:
 
 
 def read_cifar(folder: Path, size: int):
-    """(classes, train, test) of a cifar-10-batches-py folder, each split (images (N, size, size, 3) uint8, labels
-    (N,) int32), every batch checked field by field."""
+    """(classes, train, test) of a cifar-10-batches-py folder, each split (images, labels), every batch checked."""
     classes = _read_cifar_pickle(folder / "batches.meta").get("label_names")
     if not isinstance(classes, (list, tuple)) or not classes or not all(isinstance(n, str) for n in classes):
         raise UserError(f"{folder / 'batches.meta'} has no list of class names ('label_names'); {_REDOWNLOAD}")
