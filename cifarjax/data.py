@@ -255,7 +255,7 @@ def _download_cifar10(root: Path) -> Path:
     return root / sources.CIFAR_DIR
 
 
-def _load_fake(size: int, n_train: int = 1000, n_test: int = 200) -> Dataset:
+def _load_fake(size: int) -> Dataset:
     FakeData = torchlib.load("torchvision.datasets").FakeData
 
     def split(n, offset):
@@ -263,7 +263,7 @@ def _load_fake(size: int, n_train: int = 1000, n_test: int = 200) -> Dataset:
         items = [fake[i] for i in range(n)]  # each item draws its image and label afresh: draw once
         return Split(np.stack([np.asarray(image, np.uint8) for image, _ in items]),
                      np.array([int(label) for _, label in items], np.int32))
-    return Dataset("fake", tuple(f"class{i}" for i in range(10)), split(n_train, 0), split(n_test, n_train))
+    return Dataset("fake", tuple(f"class{i}" for i in range(10)), split(1000, 0), split(200, 1000))
 
 
 def _cached(kind: str, root: Path, size: int, fingerprint, build) -> Dataset:
