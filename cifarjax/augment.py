@@ -19,10 +19,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def normalization_stats(kind: str, train_images: Optional[np.ndarray] = None):
     """(mean, std) per channel for 'imagenet' or 'dataset' (from the uint8 training images); (None, None) for 'none'."""
-    if kind == "none":
-        return None, None
-    if kind == "imagenet":
-        return IMAGENET_MEAN, IMAGENET_STD
+    if kind != "dataset":
+        return {"none": (None, None), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}[kind]
     pixels = train_images.reshape(-1, 3)
     mean, sq = np.zeros(3), np.zeros(3)
     for chunk in np.array_split(pixels, max(1, len(pixels) // 4_000_000)):  # float64 sums without a float64 copy
@@ -67,16 +65,14 @@ class Choices(NamedTuple):
     corners: jax.Array
 
 
-def draw_choices(key, n: int, spec: AugmentSpec, rows: Optional[tuple] = None) -> Choices:
-    """Random choices for a global batch of n (the cutout draw does not disturb the flips and crops); with `rows`
-    (start, size), only those rows: a device's share does not depend on how the batch is spread."""
+def draw_choices(key, n: int, spec: AugmentSpec) -> Choices:
+    """Random choices for a global batch of n (the cutout draw does not disturb the flips and crops)."""
     flip_key, crop_key = jax.random.split(key)
     flips = jax.random.bernoulli(flip_key, 0.5, (n,)) if spec.flip else jnp.zeros((n,), bool)
     offsets = jax.random.randint(crop_key, (n, 2), 0, 2 * spec.crop_padding + 1)
     corners = (jax.random.randint(jax.random.fold_in(key, 2), (n, 2), 0, spec.img_size) if spec.cutout
                else jnp.zeros((n, 2), jnp.int32))
-    choices = Choices(flips, offsets, corners)
-    return choices if rows is None else Choices(*(jax.lax.dynamic_slice_in_dim(x, *rows) for x in choices))
+    return Choices(flips, offsets, corners)
 
 
 def flip(images, flips):
@@ -104,30 +100,22 @@ def cut_out(images, corners, size: int):
     return jnp.where(inside[..., None], jnp.zeros((), images.dtype), images)
 
 
-def _to_float(images):
-    """uint8 [0, 255] → float32 [0, 1] (albumentations' ToFloat(255)); float input passes through."""
-    return images.astype(jnp.float32) / 255.0 if jnp.issubdtype(images.dtype, jnp.integer) else \
+def augment(images, choices: Choices, spec: AugmentSpec):
+    """Training view of a batch: random crop, random flip, then `eval_view`, then cutout."""
+    x = flip(crop(images, choices.offsets, spec.crop_padding), choices.flips)  # on uint8: crop pads with 0 either way
+    return cut_out(eval_view(x, spec), choices.corners, spec.cutout)
+
+
+def eval_view(images, spec: AugmentSpec):
+    """Evaluation view of a batch: scale uint8 to [0, 1] (float input passes), resize, normalise; no randomness."""
+    images = images.astype(jnp.float32) / 255.0 if jnp.issubdtype(images.dtype, jnp.integer) else \
         images.astype(jnp.float32)
-
-
-def _resize_and_normalize(images, spec: AugmentSpec):
     n, h, w, c = images.shape
     if (h, w) != (spec.img_size, spec.img_size):
         images = jax.image.resize(images, (n, spec.img_size, spec.img_size, c), "bilinear")
     if spec.mean is not None:
         images = (images - jnp.asarray(spec.mean, jnp.float32)) / jnp.asarray(spec.std, jnp.float32)
     return images
-
-
-def augment(images, choices: Choices, spec: AugmentSpec):
-    """Training view of a batch: scale, random crop, random flip, resize, normalise, cutout."""
-    x = flip(crop(_to_float(images), choices.offsets, spec.crop_padding), choices.flips)
-    return cut_out(_resize_and_normalize(x, spec), choices.corners, spec.cutout)
-
-
-def eval_view(images, spec: AugmentSpec):
-    """Evaluation view of a batch: scale, resize, normalise; no randomness."""
-    return _resize_and_normalize(_to_float(images), spec)
 
 
 class HostAugment:

@@ -1,14 +1,9 @@
-"""Datasets decoded once into uint8 arrays and cached on disk, then split with a seed.
-
-Sources (`dataset=`): 'auto' (default) reads `data_dir` holding `cifar-10-batches-py` or an ImageFolder tree
-(`DIR/train/<class>/*`, optionally `DIR/test/<class>/*`, or `DIR/<class>/*` as a train split), or without `data_dir`
-downloads CIFAR-10 into the cache folder; 'cifar10' downloads it into `data_dir`; 'folder' reads an ImageFolder tree;
-'fake' is torchvision's FakeData. Every image becomes RGB at `size`x`size`. The arrays are cached under
-`cifarjax.files.cache_dir`, keyed by source, size and a SHA-256 of the files' names and bytes (changes that keep
-sizes and times are noticed); a cache that cannot be written or read is skipped with a warning.
-
-`python -m cifarjax.data DIR` prints the source, classes and per-split counts as one JSON object.
-"""
+"""Datasets decoded once into uint8 RGB arrays at `size`x`size`, cached under `files.cache_dir` keyed by a SHA-256
+of the files' names and bytes, split with a seed and cut into index batches for the devices. Sources (`dataset=`):
+'auto' reads `data_dir` holding `cifar-10-batches-py` or an ImageFolder tree (`DIR/train/<class>/*`, optionally
+`DIR/test/<class>/*`, or `DIR/<class>/*` as a train split), or without `data_dir` downloads CIFAR-10; 'cifar10'
+downloads it into `data_dir`; 'folder' reads an ImageFolder tree; 'fake' is torchvision's FakeData.
+`python -m cifarjax.data DIR` prints the source, classes and per-split counts as one JSON object."""
 from __future__ import annotations
 
 import hashlib
@@ -51,7 +46,7 @@ class Split:
         return len(self.labels)
 
     def check_images(self, what: str = "images", allow_empty: bool = False) -> "Split":
-        """Raise a UserError unless the images are uint8 of shape (N, H, W, 3) (and N > 0 unless allowed)."""
+        """Raise a UserError unless the images are uint8 (N, H, W, 3), N > 0 unless allowed."""
         check_pixels(self.images, what, floats=False)
         if not allow_empty and len(self.images) == 0:
             raise UserError(f"{what} are empty; give at least one image")
@@ -62,8 +57,8 @@ class Split:
 
 
 def check_pixels(images, what: str = "images", floats: bool = True) -> np.ndarray:
-    """`images` if they are (N, H, W, 3) uint8 (or, with `floats`, floats in [0, 1]: floats in [0, 255] would read
-    255 times too bright); else a UserError saying what it got."""
+    """`images` if (N, H, W, 3) uint8 (or, with `floats`, floats in [0, 1]: [0, 255] would read 255 times too
+    bright); else a UserError saying what it got."""
     form = ("an (N, height, width, 3) array of uint8 RGB pixels (0-255) or floats in [0, 1]" if floats else
             "a uint8 array of shape (N, height, width, 3) (RGB, 0-255)")
     if not hasattr(images, "shape") or not hasattr(images, "dtype"):
@@ -91,6 +86,10 @@ class Dataset:
     train: Optional[Split]
     test: Optional[Split]
 
+    def splits(self) -> dict:
+        """{'train': Split, 'test': Split}, without the splits it lacks."""
+        return {name: getattr(self, name) for name in _SPLITS if getattr(self, name) is not None}
+
 
 # ---------------------------------------------------------------------------------------------- splits
 
@@ -111,8 +110,8 @@ def _balanced(split: Split, n: int, seed: int) -> Split:
 
 
 def train_val_split(dataset: Dataset, val_fraction: float = 0.2, seed: int = 0, subset: int = 0):
-    """The original's 80/20 split of the training images: (train Split, val Split); with `subset` N, a seeded
-    class-balanced N of the training part and N // 4 of the validation part."""
+    """The original's 80/20 split of the training images, (train, val); with `subset` N, a seeded class-balanced N
+    of the training part and N // 4 of the validation part."""
     if dataset.train is None or len(dataset.train) < 2:
         raise UserError("this dataset has no training images to split; give a folder with DIR/train/<class>/*")
     dataset.train.check_images("the dataset's training images")
@@ -135,9 +134,36 @@ def train_val_split(dataset: Dataset, val_fraction: float = 0.2, seed: int = 0, 
     return train, val
 
 
+def per_device(batch_size: int, n_devices: int) -> int:
+    """The per-device share of a global batch; the batch must split evenly."""
+    if batch_size < n_devices or batch_size % n_devices:
+        raise UserError(f"batch size {batch_size} does not split evenly over {n_devices} devices; "
+                        f"use a multiple of {n_devices}")
+    return batch_size // n_devices
+
+
+def train_indices(n: int, batch_size: int, n_devices: int, seed: int, epoch: int) -> np.ndarray:
+    """One epoch's shuffled (steps, devices, per_device) indices, a function of (seed, epoch) alone so resumed runs
+    repeat it; the last partial batch is dropped. The images stay on the devices: a step receives its indices."""
+    b, steps = per_device(batch_size, n_devices), n // batch_size
+    if steps == 0:
+        raise UserError(f"batch size {batch_size} is larger than the {n} training images; use a smaller batch")
+    order = np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
+    return order[:steps * batch_size].reshape(steps, n_devices, b)
+
+
+def eval_indices(n: int, batch_size: int, n_devices: int):
+    """(indices, mask) covering every example exactly once, the tail padded with index 0 and mask False; per-device
+    batches shrink for small sets."""
+    b = max(1, min(batch_size, -(-n // n_devices) * n_devices) // n_devices)
+    total = -(-n // (b * n_devices)) * b * n_devices
+    idx = np.zeros(total, np.int32)
+    idx[:n] = np.arange(n)
+    return idx.reshape(-1, n_devices, b), (np.arange(total) < n).reshape(-1, n_devices, b)
+
+
 def select_classes(dataset: Dataset, classes) -> Dataset:
-    """`dataset` restricted to the named `classes`, labels renumbered 0.. in the order given; the dataset itself
-    when `classes` is empty or every class in the data's own order."""
+    """`dataset` restricted to `classes` (names, or one comma-separated string), relabelled 0.. in that order."""
     classes = tuple(c.strip() for c in classes.split(",") if c.strip()) if isinstance(classes, str) else \
         tuple(classes or ())
     if not classes or classes == tuple(dataset.classes):
@@ -161,16 +187,12 @@ def fingerprint(dataset: Dataset) -> dict:
     label, in order (equal for the same images in another folder)."""
     h = hashlib.sha256(json.dumps(list(dataset.classes)).encode())
     counts = {}
-    for name, split in _present(dataset):
+    for name, split in dataset.splits().items():
         counts[name] = len(split)
         h.update(f"|{name}|{split.images.shape}|".encode())
         h.update(np.ascontiguousarray(split.images).data)
         h.update(np.ascontiguousarray(split.labels, dtype=np.int64).data)
     return {"images": counts, "sha256": h.hexdigest()}
-
-
-def _present(dataset: Dataset):
-    return [(name, getattr(dataset, name)) for name in _SPLITS if getattr(dataset, name) is not None]
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -212,10 +234,8 @@ def _load_cifar(folder: Path, size: int) -> Dataset:
     names = sorted(e.name for e in os.scandir(folder) if e.is_file())
 
     def build():
-        classes = sources.cifar_classes(folder)
-        train = [sources.read_cifar_batch(folder / n, len(classes), size) for n in sources.CIFAR_TRAIN_BATCHES]
-        test = sources.read_cifar_batch(folder / "test_batch", len(classes), size)
-        return Dataset("cifar-10-batches-py", classes, Split(*map(np.concatenate, zip(*train))), Split(*test))
+        classes, train, test = sources.read_cifar(folder, size)
+        return Dataset("cifar-10-batches-py", classes, Split(*train), Split(*test))
     return _cached("cifar", folder, size, sources.content_digest([folder / n for n in names], names), build)
 
 
@@ -235,7 +255,7 @@ def _download_cifar10(root: Path) -> Path:
     return root / sources.CIFAR_DIR
 
 
-def _load_fake(size: int, n_train: int = 1000, n_test: int = 200) -> Dataset:
+def _load_fake(size: int) -> Dataset:
     FakeData = torchlib.load("torchvision.datasets").FakeData
 
     def split(n, offset):
@@ -243,61 +263,51 @@ def _load_fake(size: int, n_train: int = 1000, n_test: int = 200) -> Dataset:
         items = [fake[i] for i in range(n)]  # each item draws its image and label afresh: draw once
         return Split(np.stack([np.asarray(image, np.uint8) for image, _ in items]),
                      np.array([int(label) for _, label in items], np.int32))
-    return Dataset("fake", tuple(f"class{i}" for i in range(10)), split(n_train, 0), split(n_test, n_train))
-
-
-# ---------------------------------------------------------------------------------------------- cache
-
-def _save(dataset: Dataset, path: Path, key: str) -> None:
-    arrays = {"key": np.array(key), "source": np.array(dataset.source), "classes": np.array(dataset.classes, str)}
-    for name, split in _present(dataset):
-        arrays[f"{name}_images"], arrays[f"{name}_labels"] = split.images, split.labels
-    with atomic_write(path, "wb") as f:
-        np.savez(f, **arrays)
-
-
-def _load(path: Path, key: str, size: int) -> Dataset:
-    """The cached dataset; an error when the file's key or contents do not match."""
-    with np.load(path) as z:
-        if str(z["key"]) != key:
-            raise ValueError("the arrays of another source")
-        classes = tuple(str(c) for c in z["classes"])
-        splits = [Split(z[f"{n}_images"], z[f"{n}_labels"]) if f"{n}_images" in z.files else None for n in _SPLITS]
-        for split in filter(None, splits):
-            if split.check_images(allow_empty=True).images.shape[1:3] != (size, size):
-                raise ValueError("images of another size")
-            sources.check_labels(split.labels, len(classes), str(path))
-        return Dataset(str(z["source"]), classes, *splits)
+    return Dataset("fake", tuple(f"class{i}" for i in range(10)), split(1000, 0), split(200, 1000))
 
 
 def _cached(kind: str, root: Path, size: int, fingerprint, build) -> Dataset:
+    """`build()`'s dataset, kept in the cache folder under a key of its source, size and `fingerprint`; an entry that
+    is damaged or does not match is decoded again, and one that cannot be written is skipped with a warning."""
     key = hashlib.sha256(json.dumps([_CACHE_FORMAT, kind, str(root.resolve()), size, fingerprint]).encode()).hexdigest()
     path = cache_dir() / "datasets" / f"{kind}-{key[:20]}.npz"
     if path.is_file():
         try:
-            return _load(path, key, size)
-        except Exception:  # noqa: BLE001 - a damaged or mismatched cache entry is rebuilt
-            warn(f"cached arrays {path} are damaged or do not match their source; decoding the images again")
+            with np.load(path) as z:
+                stale = str(z["key"]) != key
+                dataset = Dataset(str(z["source"]), tuple(str(c) for c in z["classes"]), *(
+                    Split(z[f"{n}_images"], z[f"{n}_labels"]) if f"{n}_images" in z.files else None for n in _SPLITS))
+            for split in dataset.splits().values():
+                stale |= split.check_images(allow_empty=True).images.shape[1:3] != (size, size)
+                sources.check_labels(split.labels, len(dataset.classes), str(path))
+            if not stale:
+                return dataset
+        except Exception:  # noqa: BLE001 - a damaged entry is rebuilt
+            pass
+        warn(f"cached arrays {path} are damaged or do not match their source; decoding the images again")
     dataset = build()
-    best_effort(lambda: _save(dataset, path, key), f"writing the dataset cache {path}")
+    arrays = {"key": np.array(key), "source": np.array(dataset.source), "classes": np.array(dataset.classes, str)}
+    for name, split in dataset.splits().items():
+        arrays[f"{name}_images"], arrays[f"{name}_labels"] = split.images, split.labels
+
+    def save():
+        with atomic_write(path, "wb") as f:
+            np.savez(f, **arrays)
+    best_effort(save, f"writing the dataset cache {path}")
     return dataset
 
 
 # ---------------------------------------------------------------------------------------------- entry
 
 def load_dataset(data_dir=None, dataset: str = "auto", size: int = 32, classes=()) -> Dataset:
-    """Load a dataset as uint8 arrays (see the module docstring for the sources); cached after the first load.
-    `classes`: only these class names, relabelled in that order (`select_classes`)."""
-    return select_classes(_load_dataset(data_dir, dataset, size), classes)
-
-
-def _load_dataset(data_dir, dataset: str, size: int) -> Dataset:
+    """Load a dataset as uint8 arrays (sources: the module docstring), cached after the first load; `classes`: only
+    these class names, relabelled in that order (`select_classes`)."""
     if not isinstance(size, int) or not 8 <= size <= 1024:
         raise UserError(f"image size must be an integer between 8 and 1024, got {size!r}")
     if dataset not in SOURCES:
         raise UserError(f"dataset must be one of {', '.join(SOURCES)}, got {dataset!r}")
     if dataset == "fake":
-        return _load_fake(size)
+        return select_classes(_load_fake(size), classes)
     if data_dir is not None and not str(data_dir).strip():
         raise UserError("--data-dir is empty; pass the folder that holds your images")
     if dataset == "folder" and data_dir is None:
@@ -306,7 +316,8 @@ def _load_dataset(data_dir, dataset: str, size: int) -> Dataset:
     folder = root if root.name == sources.CIFAR_DIR else root / sources.CIFAR_DIR
     try:
         if dataset == "cifar10" or (dataset == "auto" and data_dir is None):
-            return _load_cifar(folder if (folder / "batches.meta").is_file() else _download_cifar10(root), size)
+            loaded = _load_cifar(folder if (folder / "batches.meta").is_file() else _download_cifar10(root), size)
+            return select_classes(loaded, classes)
         try:
             root.stat()  # not exists(), which says False for a symbolic link loop: that is an OSError below
         except FileNotFoundError:
@@ -315,9 +326,10 @@ def _load_dataset(data_dir, dataset: str, size: int) -> Dataset:
         if not root.is_dir():
             raise UserError(_archive_advice(root) or f"{root} is a file, not a data folder; pass the folder that "
                             "holds it")
-        return _load_cifar(folder, size) if dataset == "auto" and folder.is_dir() else _load_folder(root, size)
+        loaded = _load_cifar(folder, size) if dataset == "auto" and folder.is_dir() else _load_folder(root, size)
     except OSError as error:
         raise user_error_from_os(error, f"cannot read the data in {root}") from None
+    return select_classes(loaded, classes)
 
 
 _UNPACK = {".zip": "unzip {} -d DIR", ".tar.gz": "tar xzf {} -C DIR", ".tgz": "tar xzf {} -C DIR",
@@ -325,8 +337,7 @@ _UNPACK = {".zip": "unzip {} -d DIR", ".tar.gz": "tar xzf {} -C DIR", ".tgz": "t
 
 
 def _archive_advice(path: Path) -> Optional[str]:
-    """For an archive passed as the data folder: how to unpack it, and the folder it unpacks into (from its first
-    entry); None for other files."""
+    """How to unpack an archive passed as the data folder, and the folder it unpacks into; None for other files."""
     name = path.name.lower()
     command = next((c for ext, c in _UNPACK.items() if name.endswith(ext)), None)
     if command is None:
@@ -353,14 +364,11 @@ def describe(dataset: Dataset, val_fraction: float = 0.2, seed: int = 0) -> dict
         per_class = np.bincount(labels, minlength=len(dataset.classes)) if len(labels) else np.zeros(0, int)
         return {"n": int(len(labels)), "per_class": {c: int(n) for c, n in zip(dataset.classes, per_class)}}
 
-    splits = {}
-    if dataset.train is not None:
-        splits["train_folder"] = counts(dataset.train.labels)
-        if len(dataset.train) >= 2:
-            train, val = train_val_split(dataset, val_fraction, seed)
-            splits["train"], splits["val"] = counts(train.labels), counts(val.labels)
-    if dataset.test is not None:
-        splits["test"] = counts(dataset.test.labels)
+    named = {"train_folder": dataset.train}
+    if dataset.train is not None and len(dataset.train) >= 2:
+        named["train"], named["val"] = train_val_split(dataset, val_fraction, seed)
+    named["test"] = dataset.test
+    splits = {name: counts(split.labels) for name, split in named.items() if split is not None}
     return {"source": dataset.source, "classes": list(dataset.classes), "splits": splits}
 
 

@@ -12,8 +12,7 @@ from jax import lax
 from tqdm import tqdm
 
 from cifarjax.augment import AugmentSpec, eval_view, flip
-from cifarjax.batching import eval_indices
-from cifarjax.data import Split
+from cifarjax.data import Split, eval_indices
 from cifarjax.freezing import Freezing
 from cifarjax.models import AXIS
 from cifarjax.train import DataParallel
@@ -25,19 +24,16 @@ def cacheable(config) -> bool:
             and config.crop_padding == 0 and config.cutout == 0 and config.augment_backend == "device")
 
 
-def _features(variables, images, mirrored, *, model, spec):
-    x = eval_view(images, spec)
-    x = flip(x, jnp.broadcast_to(mirrored, x.shape[:1]))
-    features = model.apply(variables, x, train=False, method="features")  # computed in the model's precision
-    return lax.all_gather(features.astype(jnp.promote_types(features.dtype, jnp.float32)), AXIS)
-
-
 @functools.lru_cache(maxsize=8)
 def _extractor(model, spec: AugmentSpec, devices: tuple):
     """The pmap-ed extraction; `mirrored` is an argument, not a constant, so both views share one program (at
     32x32 a compilation takes 9 s on a 2-core CPU without the compilation cache: 13,000 images' extraction)."""
-    return jax.pmap(functools.partial(_features, model=model, spec=spec), axis_name=AXIS, devices=list(devices),
-                    in_axes=(0, 0, None))
+    def extract(variables, images, mirrored):
+        x = eval_view(images, spec)
+        x = flip(x, jnp.broadcast_to(mirrored, x.shape[:1]))
+        features = model.apply(variables, x, train=False, method="features")  # computed in the model's precision
+        return lax.all_gather(features.astype(jnp.promote_types(features.dtype, jnp.float32)), AXIS)
+    return jax.pmap(extract, axis_name=AXIS, devices=list(devices), in_axes=(0, 0, None))
 
 
 def backbone_features(config, model, variables: dict, train: Split, val: Split, devices=None):

@@ -7,15 +7,18 @@ import collections
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cifarjax.augment import AugmentSpec, HostAugment, augment, draw_choices, eval_view, flip
+from cifarjax.augment import AugmentSpec, Choices, HostAugment, augment, draw_choices, eval_view, flip
 
 
-def _choices(key, idx, device, n_devices, spec: AugmentSpec):
+def _choices(key, idx, device, n_devices, spec: AugmentSpec) -> Choices:
     """This device's rows of the choices drawn for the whole global batch."""
-    return draw_choices(key, idx.shape[0] * n_devices, spec, (device * idx.shape[0], idx.shape[0]))
+    rows = idx.shape[0]
+    return Choices(*(jax.lax.dynamic_slice_in_dim(x, device * rows, rows)
+                     for x in draw_choices(key, rows * n_devices, spec)))
 
 
 @dataclass(frozen=True)
@@ -33,8 +36,7 @@ class ImageInputs:
 
 @dataclass(frozen=True)
 class HostAugmentedInputs(ImageInputs):
-    """Images augmented on the host (`HostAugmentFeed`; the step's indices are the batch's own rows): the device
-    only scales, resizes and normalises them."""
+    """Images augmented on the host (`HostAugmentFeed`): the device only scales, resizes and normalises them."""
 
     def train(self, key, images, idx, device, n_devices):
         return eval_view(images[idx], self.spec)
@@ -42,8 +44,7 @@ class HostAugmentedInputs(ImageInputs):
 
 @dataclass(frozen=True)
 class FeatureInputs:
-    """Cached backbone features (N, views, D), view 1 the mirrored image's: a flip draw picks a view, as the image
-    path would flip the image."""
+    """Cached backbone features (N, views, D), view 1 the mirrored image's: a flip draw picks the view."""
     spec: AugmentSpec
     cheap_steps = True  # a head on cached features: the loop runs many steps per call (train.train_steps)
 
@@ -69,8 +70,7 @@ class ResidentFeed:
 
 class HostAugmentFeed:
     """Every process augments the whole global batch (so draws do not depend on how the devices are spread) and
-    places its own rows; a step's indices are then the batch's own rows. `ahead` prepares the next calls' batches
-    while the device runs the current one."""
+    places its own rows; `ahead` prepares the next calls' batches while the device runs the current one."""
     DEPTH = 2  # calls prepared ahead
 
     def __init__(self, parallel, split, augment: HostAugment):
@@ -78,12 +78,9 @@ class HostAugmentFeed:
         self.prepared = {}  # first step of a call -> (its indices, the Future of its placed batch), from `ahead`
 
     def __call__(self, idx: np.ndarray, step: int):
-        """The batch of `idx` ((devices, per_device) or (steps, devices, per_device), the first step `step`): the one
-        `ahead` prepared, else prepared now."""
-        idx_future = self.prepared.pop(step, None)
-        if idx_future is not None and np.array_equal(idx_future[0], idx):
-            return idx_future[1].result()
-        return self.prepare(idx, step)
+        """The batch of `idx` (one step's or a call's) from `step` on, as `ahead` prepared it or prepared now."""
+        prepared_idx, future = self.prepared.pop(step, (None, None))
+        return future.result() if np.array_equal(prepared_idx, idx) else self.prepare(idx, step)
 
     def prepare(self, idx: np.ndarray, step: int):
         """Each step's batch augmented with its own step's draws; a device holds its rows of every step."""

@@ -17,10 +17,9 @@ import numpy as np
 
 from cifarjax import binding, distributed, runs, schedule, target
 from cifarjax.augment import AugmentSpec, HostAugment, with_normalization
-from cifarjax.batching import eval_indices, train_indices
 from cifarjax.checkpoint import Checkpointer, continue_run, latest_epoch
 from cifarjax.config import Config
-from cifarjax.data import Split
+from cifarjax.data import Split, eval_indices, train_indices
 from cifarjax.errors import NonFiniteLossError  # noqa: F401 - importable from here, as before
 from cifarjax.errors import (Terminated, UserError, interrupted, interrupted_at_once, non_finite_loss,
                              set_interrupt_advice)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Iterator, NamedTuple
 
-from cifarjax.batching import train_indices
+from cifarjax.data import train_indices
 
 # Auto (`--steps-per-call 0`) runs several steps a call only where dispatching a step costs about as much as running
 # it: a head on cached features, or a GPU or TPU on images of at most SMALL_IMAGES pixels a side (a SimpleCNN or

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import pickle
 import stat
@@ -23,7 +24,6 @@ from cifarjax.text import printable
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CIFAR_DIR = "cifar-10-batches-py"
-CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 
 
 class ImageFile(NamedTuple):
@@ -46,12 +46,10 @@ def class_files(split_dir: Path, unused: Optional[list] = None):
         if not entry.is_dir():
             skipped.append(entry.path)
             continue
-        images = []
-        for e in _scan(entry.path):
-            if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS):
-                images.append(e)
-            else:
-                skipped.append(e.path)
+        entries = _scan(entry.path)
+        is_image = [e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries]
+        images = list(itertools.compress(entries, is_image))
+        skipped += [e.path for e, used in zip(entries, is_image) if not used]
         if not images:
             warn(f"class folder {entry.path} holds no images ({', '.join(IMAGE_EXTENSIONS)}); it is skipped and "
                  "is not a class")
@@ -69,8 +67,8 @@ def class_files(split_dir: Path, unused: Optional[list] = None):
 
 
 def content_digest(paths, names=None) -> str:
-    """A SHA-256 of each file's name (from `names`) and the SHA-256 of its bytes, in order: changed by any byte,
-    file or name changed, whatever sizes and times say. Raw reads into one buffer (50,000 small files: 0.35 s)."""
+    """A SHA-256 of each file's name (from `names`) and the SHA-256 of its bytes, in order, whatever sizes and times
+    say. Raw reads into one buffer (50,000 small files: 0.35 s)."""
     digest, buffer = hashlib.sha256(), bytearray(1 << 16)  # under malloc's mmap threshold; a JPEG fits
     view = memoryview(buffer)
     for i, path in enumerate(paths):
@@ -87,9 +85,8 @@ def content_digest(paths, names=None) -> str:
 
 
 def to_rgb8(image) -> np.ndarray:
-    """A Pillow image of any mode as (H, W, 3) uint8 RGB of the right brightness: 16-bit images scaled from
-    [0, 65535]; 32-bit integer and float images read as 8-bit when they fit [0, 255] (floats in [0, 1] scaled), as
-    16-bit when they fit [0, 65535], else refused."""
+    """A Pillow image of any mode as (H, W, 3) uint8 RGB: 16-bit images scaled from [0, 65535]; 32-bit integer and
+    float ones read as 8-bit where they fit [0, 255] (floats in [0, 1] scaled), else as 16-bit, else refused."""
     mode = image.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
@@ -120,26 +117,24 @@ def resized(rgb: np.ndarray, size: int) -> np.ndarray:
 
 def decode_image(path, size: int, advice: str = "delete or replace that file and run again",
                  missing: str = "check the path") -> np.ndarray:
-    """One image file as (size, size, 3) uint8 RGB; one that cannot be read raises UserError naming it, then
-    `advice` (`missing` when there is no such file). Only a regular file is opened (a FIFO would block forever)."""
+    """One image file as (size, size, 3) uint8 RGB, or a UserError naming it and `advice` (`missing` when there is
+    no such file). Only a regular file is opened (a FIFO would block forever)."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise UserError(f"image {path} is not a regular file (a FIFO, a socket, a device or a folder); {advice}")
-        with Image.open(path) as image:
-            image.seek(0)
-            return resized(to_rgb8(image), size)
+        if stat.S_ISREG(os.stat(path).st_mode):
+            with Image.open(path) as image:
+                image.seek(0)
+                return resized(to_rgb8(image), size)
     except FileNotFoundError:
         raise UserError(f"image {path} does not exist; {missing}") from None
-    except UserError:
-        raise
     except Exception as error:  # noqa: BLE001 - PIL raises many types for a bad file
         raise UserError(f"cannot read image {path} ({type(error).__name__}: {error}); {advice}") from None
+    raise UserError(f"image {path} is not a regular file (a FIFO, a socket, a device or a folder); {advice}")
 
 
 @contextlib.contextmanager
 def refusing_bombs():
-    """Pillow's DecompressionBombWarning raised as an error, so such an image is refused in one line as a corrupt one
-    is. Entered by the thread that starts a decoding pool: warning filters are the process's, and racy."""
+    """Pillow's DecompressionBombWarning as an error, so such an image is refused as a corrupt one is. Entered by the
+    thread that starts a decoding pool: warning filters are the process's, and racy."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         yield
@@ -190,15 +185,18 @@ def _read_cifar_pickle(path: Path) -> dict:
     return value
 
 
-def cifar_classes(folder: Path) -> tuple:
-    names = _read_cifar_pickle(folder / "batches.meta").get("label_names")
-    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+def read_cifar(folder: Path, size: int):
+    """(classes, train, test) of a cifar-10-batches-py folder, each split (images, labels), every batch checked."""
+    classes = _read_cifar_pickle(folder / "batches.meta").get("label_names")
+    if not isinstance(classes, (list, tuple)) or not classes or not all(isinstance(n, str) for n in classes):
         raise UserError(f"{folder / 'batches.meta'} has no list of class names ('label_names'); {_REDOWNLOAD}")
-    return tuple(names)
+
+    def read(names):
+        return tuple(map(np.concatenate, zip(*(_read_cifar_batch(folder / n, len(classes), size) for n in names))))
+    return tuple(classes), read([f"data_batch_{i}" for i in range(1, 6)]), read(["test_batch"])
 
 
-def read_cifar_batch(path: Path, num_classes: int, size: int):
-    """(images (N, size, size, 3) uint8, labels (N,) int32) of one batch file, checked field by field."""
+def _read_cifar_batch(path: Path, num_classes: int, size: int):
     batch = _read_cifar_pickle(path)
     missing = [k for k in ("data", "labels") if k not in batch]
     if missing:

@@ -19,7 +19,7 @@ from flax.training import train_state
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cifarjax.batching import eval_indices
+from cifarjax.data import eval_indices
 from cifarjax.freezing import Freezing, join_frozen, leaves_like, split_frozen
 from cifarjax.models import AXIS
 from cifarjax.target import step_factory

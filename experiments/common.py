@@ -21,11 +21,10 @@ import cifarjax  # noqa: E402
 from experiments import seeds  # noqa: E402
 from cifarjax import binding, distributed, plots, runs  # noqa: E402
 from cifarjax.augment import with_normalization  # noqa: E402
-from cifarjax.batching import train_indices  # noqa: E402
 from cifarjax.checkpoint import latest_epoch, quiet_orbax  # noqa: E402
 from cifarjax.config import Config  # noqa: E402
 from cifarjax.cpu import process as cpu_process, xla_flags  # noqa: E402
-from cifarjax.data import Dataset, Split, fingerprint, load_dataset, train_val_split  # noqa: E402
+from cifarjax.data import Dataset, Split, fingerprint, load_dataset, train_indices, train_val_split  # noqa: E402
 from cifarjax.errors import UserError, set_interrupt_advice  # noqa: E402
 from cifarjax.evaluation import predict, score  # noqa: E402
 from cifarjax.files import cache_dir  # noqa: E402

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cifarjax.batching import eval_indices, per_device, train_indices
+from cifarjax.data import eval_indices, per_device, train_indices
 from cifarjax.errors import UserError
 
 

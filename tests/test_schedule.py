@@ -2,7 +2,7 @@
 indices each call receives. Pure: no devices, no training."""
 import numpy as np
 
-from cifarjax.batching import train_indices
+from cifarjax.data import train_indices
 from cifarjax.config import Config
 from cifarjax.schedule import ACCELERATOR_STEPS_PER_CALL, CHEAP_STEPS_PER_CALL, Call, batches, most_steps_per_call, \
     steps_per_call

@@ -8,9 +8,8 @@ import optax
 import pytest
 
 from cifarjax.augment import AugmentSpec, HostAugment
-from cifarjax.batching import train_indices
 from cifarjax.config import Config
-from cifarjax.data import Split
+from cifarjax.data import Split, train_indices
 from cifarjax.errors import UserError
 from cifarjax.freezing import Freezing
 from cifarjax.inputs import FeatureInputs, HostAugmentedInputs, ImageInputs
