@@ -1,9 +1,6 @@
-"""The hooks `loop.fit` tells as it goes (progress bar, metrics, report) and the stop request it listens to.
-
-A hook defines any of `after_call(trainer, call)`, `after_evaluation(trainer, record)`, `after_checkpoint(trainer,
-step)` and `at_end(trainer)` (however the fit ends; `trainer.finished` when it ran to its end), and may call
-`trainer.stop()` to end the fit after the current call. Research code passes its own to `fit` and the loops.
-"""
+"""The hooks `loop.fit` tells (progress bar, metrics, report) and the stop request it listens to. A hook defines any
+of `after_call(trainer, call)`, `after_evaluation(trainer, record)`, `after_checkpoint(trainer, step)` and
+`at_end(trainer)` (however the fit ends; `trainer.finished` when it ran to its end), and may call `trainer.stop()`."""
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +8,8 @@ import signal
 import socket
 import sys
 import threading
+from dataclasses import dataclass
+from typing import Optional
 
 from tqdm import tqdm
 
@@ -142,15 +141,14 @@ def _quiet_writer_thread(previous):
     return hook
 
 
+@dataclass
 class StopRequest:
     """The first Ctrl-C (or SIGTERM) stops the loop after the current step, a second at once; a thread reading the
     wakeup file descriptor announces the request even while the main thread waits for the device."""
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, saves: bool = True):
-        self.saves = saves  # whether stopping saves a checkpoint (a run folder), for the announcement
-        self.requested = None  # the signal that asked to stop
-        self.previous = None  # the signals' handlers before, while this one's are in place
+    saves: bool = True  # whether stopping saves a checkpoint (a run folder), for the announcement
+    requested: Optional[int] = None  # the signal that asked to stop
+    previous: Optional[dict] = None  # the signals' handlers before, while this one's are in place
 
     def __enter__(self):
         try:
@@ -167,13 +165,11 @@ class StopRequest:
         seen = 0
         with contextlib.suppress(OSError):
             while data := self.reader.recv(16):
-                for signum in data:
-                    if signum in self.SIGNALS:
-                        seen += 1
-                        then = ", then saving a checkpoint" if self.saves else ""
-                        sys.stderr.write(f"\nstopping after this step{then} (Ctrl-C again stops at once)\n"
-                                         if seen == 1 else "\nstopping now\n")
-                        sys.stderr.flush()
+                for _ in filter(self.SIGNALS.__contains__, data):
+                    seen += 1
+                    then = ", then saving a checkpoint" if self.saves else ""
+                    print(f"\nstopping after this step{then} (Ctrl-C again stops at once)" if seen == 1 else
+                          "\nstopping now", file=sys.stderr, flush=True)
 
     def _handle(self, signum, _frame):
         if self.requested is not None:
