@@ -143,13 +143,12 @@ class Study:
     def estimate_seconds(self, cell: Cell, steps: int = 3) -> dict:
         """The cell's {'compilation', 'training'} seconds from each program's first call and `steps` more."""
         config = with_normalization(cell_config(cell, self.base), self.train.images)
-        model, variables = build_model(config), self.variables(cell, config)
-        freezing = Freezing.from_config(config)
+        variables, freezing = self.variables(cell, config), Freezing.from_config(config)
         trainable = None if freezing.everything_trains else freezing.trainable_mask(variables["params"])
         parallel = DataParallel(ImageInputs(AugmentSpec.from_config(config)), trainable,
                                 options=StepOptions.from_config(config))
-        optimizer = make_optimizer(config, variables["params"])
-        state = parallel.replicate(create_train_state(Apply(model), variables, optimizer, config.seed))
+        state = parallel.replicate(create_train_state(Apply(build_model(config)), variables,
+                                                      make_optimizer(config, variables["params"]), config.seed))
         batch = min(config.batch_size, len(self.train) - len(self.train) % parallel.n_devices)
         data = parallel.replicate((self.train.images[:batch], self.train.labels[:batch]))
         idx = parallel.mine(np.arange(batch, dtype=np.int32).reshape(parallel.n_devices, -1))
