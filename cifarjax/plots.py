@@ -109,9 +109,9 @@ def plot_runs(curves: Mapping[str, Mapping[str, Sequence[float]]], path, title: 
     fig, axes = _figure(title, 1, len(panels), figsize=(2 + 5.5 * len(panels), 5.5), squeeze=False)
     longest = max((len(c["val"]) for c in curves.values()), default=1)
     every = max(1, longest // 15)
-    continued = {label: max(((len(o["val"]), other) for other, o in curves.items()  # the longest run its own begins
-                             if 0 < len(o["val"]) < len(c["val"]) and  # with exactly: drawn from that one's end
-                             all(list(o.get(k) or []) == list(c.get(k) or [])[:len(o.get(k) or [])] for k in o)),
+    # (epochs, label) of the longest run whose curves each run's own begin with exactly: drawn from where it ends
+    continued = {label: max(((len(o["val"]), other) for other, o in curves.items() if 0 < len(o["val"]) < len(c["val"])
+                             and all(list(o.get(k) or []) == list(c.get(k) or [])[:len(o.get(k) or [])] for k in o)),
                             default=(1, None)) for label, c in curves.items()}
     for ax, (key, name) in zip(axes[0], panels):
         scale, values = 1 if key == "val_loss" else 100, []
