@@ -4,6 +4,7 @@ of `after_call(trainer, call)`, `after_evaluation(trainer, record)`, `after_chec
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import socket
 import sys
@@ -69,8 +70,8 @@ class Metrics:
             warn("TensorBoard is not installed, so no event files are written; pip install 'cifarjax[tensorboard]'",
                  key="tensorboard")
             return
-        if not hasattr(threading.excepthook, "quiets_tensorboard"):
-            threading.excepthook = _quiet_writer_thread(threading.excepthook)
+        if getattr(threading.excepthook, "func", None) is not _quiet_writer_thread:
+            threading.excepthook = functools.partial(_quiet_writer_thread, previous=threading.excepthook)
         folder = self.folder = run / runs.TENSORBOARD
         before = set(folder.glob("events.out.tfevents.*"))
         self.writer = best_effort(lambda: Writer(str(folder)), f"TensorBoard event files in {folder}")
@@ -131,14 +132,11 @@ class Report:
             plots.plot_split(run, "val", val, preds, matrix, config.classes)
 
 
-def _quiet_writer_thread(previous):
-    """A `threading.excepthook` without the traceback of TensorBoard's writer thread (a full disk, a path too long):
-    the writer raises the same error where it writes next, and that becomes one warning line."""
-    def hook(args):
-        if not type(args.thread).__module__.startswith("tensorboard."):
-            previous(args)
-    hook.quiets_tensorboard = True
-    return hook
+def _quiet_writer_thread(args, previous):
+    """`previous` threading.excepthook but for TensorBoard's writer thread (a full disk, a path too long): the writer
+    raises the same error where it writes next, and that becomes one warning line."""
+    if not type(args.thread).__module__.startswith("tensorboard."):
+        previous(args)
 
 
 @dataclass
