@@ -55,7 +55,7 @@ class Cell(FrozenChanges):
     """One run of a study: a name, the hypothesis it tests, and its Config changes to the baseline."""
     name: str
     hypothesis: str
-    changes: Mapping = field(default_factory=dict)
+    changes: Mapping = field(default_factory=dict)  # Config changes relative to the baseline
     model: str = "resnet18"  # 'simple_cnn': the reference, trained with the cnn command's original recipe
 
 
