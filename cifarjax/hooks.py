@@ -182,4 +182,3 @@ class StopRequest:
             self.writer.close()
             self.reader.shutdown(socket.SHUT_RDWR)
             self.reader.close()
-        return False

@@ -26,19 +26,16 @@ from cifarjax.checkpoint import find_run
 from cifarjax.config import Config
 from cifarjax.data import Dataset, Split, fingerprint, load_dataset, train_val_split
 from cifarjax.errors import UserError, set_interrupt_advice
-from cifarjax.evaluation import predict
+from cifarjax.evaluation import evaluate
 from cifarjax.features import backbone_features, cacheable
 from cifarjax.files import write_json, write_text
-from cifarjax.freezing import Freezing
 from cifarjax.inputs import ImageInputs
-from cifarjax.loop import fine_tune_loop, train_loop
+from cifarjax.loop import Trainer, fine_tune_loop, train_loop
 from cifarjax.models import Apply, build_model, init_variables
-from cifarjax.optim import make_optimizer
 from cifarjax.phases import Phases
 from cifarjax.pretrained import Weights, starting_weights
 from cifarjax.recipes import FrozenChanges, recipe_config
 from cifarjax.text import duration, plural
-from cifarjax.train import DataParallel, StepOptions, create_train_state
 
 BASELINE = {"bn": "train"}  # the finetune recipe with PyTorch's BatchNorm behaviour: the original's setting
 DEFAULT_EPOCHS = 10
@@ -143,12 +140,10 @@ class Study:
     def estimate_seconds(self, cell: Cell, steps: int = 3) -> dict:
         """The cell's {'compilation', 'training'} seconds from each program's first call and `steps` more."""
         config = with_normalization(cell_config(cell, self.base), self.train.images)
-        variables, freezing = self.variables(cell, config), Freezing.from_config(config)
-        trainable = None if freezing.everything_trains else freezing.trainable_mask(variables["params"])
-        parallel = DataParallel(ImageInputs(AugmentSpec.from_config(config)), trainable,
-                                options=StepOptions.from_config(config))
-        state = parallel.replicate(create_train_state(Apply(build_model(config)), variables,
-                                                      make_optimizer(config, variables["params"]), config.seed))
+        trainer = Trainer(config, Apply(build_model(config)), self.variables(cell, config), self.train, self.val,
+                          ImageInputs(AugmentSpec.from_config(config)), run=None, devices=None, host_augment=None,
+                          phases=self.phases, resume_hint=self.resume_hint)  # the loop's own program
+        parallel, state = trainer.parallel, trainer.parallel.replicate(trainer.state)
         batch = min(config.batch_size, len(self.train) - len(self.train) % parallel.n_devices)
         data = parallel.replicate((self.train.images[:batch], self.train.labels[:batch]))
         idx = parallel.mine(np.arange(batch, dtype=np.int32).reshape(parallel.n_devices, -1))
@@ -192,8 +187,7 @@ class Study:
                    "wall_seconds": round(time.perf_counter() - start, 2),
                    "images_per_second": round(result.images_per_second, 1)}
         if self.dataset.test is not None:
-            preds = predict(config, result.eval_variables, self.dataset.test)
-            summary["test_accuracy"] = float(np.mean(preds == self.dataset.test.labels))
+            summary["test_accuracy"] = evaluate(config, result.eval_variables, self.dataset.test)["accuracy"]
         write_json(folder / runs.SUMMARY, summary)
         self.advise_resume()
         return summary
