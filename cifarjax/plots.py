@@ -65,8 +65,7 @@ def _figure(title: str, *grid, **options):
 
 
 def _epoch_panel(ax, title: str, last_epoch: float, accuracies=None) -> None:
-    """A panel over the epochs: cross-entropy, or with `accuracies` a percent axis at least MIN_SPAN points wide
-    that says where it does not start at 0."""
+    """A panel over the epochs: cross-entropy, or a percent axis of `accuracies` at least MIN_SPAN points wide."""
     ax.set(title=title, xlim=(0, max(1.0, last_epoch) * 1.05), xlabel="epoch", ylabel="cross-entropy")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     if accuracies is None:
