@@ -26,9 +26,8 @@ def predict(config: Config, variables: dict, split: Split, devices=None) -> np.n
     """Predicted classes for every image of `split` (evaluation view, no augmentation)."""
     split.check_images("the images to predict")
     parallel, state = evaluator(config, variables, devices)
-    preds, _ = parallel.evaluate(state, parallel.replicate((split.images, split.labels)), len(split),
-                                 config.eval_batch_size)
-    return preds
+    return parallel.evaluate(state, parallel.replicate((split.images, split.labels)), len(split),
+                             config.eval_batch_size)[0]
 
 
 def probabilities(config: Config, variables: dict, images: np.ndarray, devices=None) -> np.ndarray:
@@ -43,11 +42,6 @@ def evaluate(config: Config, variables: dict, split: Split, devices=None) -> dic
     return score(split.labels, predict(config, variables, split, devices), config.classes)
 
 
-def confusion_matrix(true: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
-    """Counts: rows are true classes, columns predicted ones."""
-    return np.bincount(true * n_classes + predicted, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
-
-
 def score(true: np.ndarray, predicted: np.ndarray, classes, top: int = 5) -> dict:
     """Accuracy, per-class accuracy, the confusion matrix and the `top` most confused (true, predicted) pairs."""
     true, predicted = np.asarray(true), np.asarray(predicted)
@@ -58,10 +52,10 @@ def score(true: np.ndarray, predicted: np.ndarray, classes, top: int = 5) -> dic
         if not np.issubdtype(values.dtype, np.integer):
             raise UserError(f"score's {what} must be integer class indices; got {values.dtype}")
         check_labels(values, len(classes), f"score's {what}")
-    matrix = confusion_matrix(true, predicted, len(classes))
+    k = len(classes)
+    matrix = np.bincount(true * k + predicted, minlength=k * k).reshape(k, k)  # rows: true classes; columns: predicted
     per_class = {c: float(matrix[i, i] / max(matrix[i].sum(), 1)) for i, c in enumerate(classes)}
-    off = [(int(matrix[i, j]), classes[i], classes[j]) for i in range(len(classes)) for j in range(len(classes))
-           if i != j and matrix[i, j]]
+    off = [(int(matrix[i, j]), classes[i], classes[j]) for i in range(k) for j in range(k) if i != j and matrix[i, j]]
     confused = [{"true": t, "predicted": p, "count": n} for n, t, p in sorted(off, key=lambda x: -x[0])[:top]]
     return {"accuracy": float(np.mean(true == predicted)) if len(true) else 0.0, "n": int(len(true)),
             "per_class": per_class, "most_confused": confused, "confusion_matrix": matrix.tolist()}

@@ -1,12 +1,6 @@
-"""A trained ResNet-18 run as a torchvision `state_dict`, the inverse of the port (`cifarjax.pretrained`)::
-
-    python -m experiments.export RUN OUT.pth
-    torchvision.models.resnet18(num_classes=N).load_state_dict(torch.load("OUT.pth", weights_only=True))
-
-The weights are those the run evaluates with; `num_batches_tracked` is 0 (with a BatchNorm momentum set, as
-torchvision's is, PyTorch never reads it). In `model.eval()` it gives the run's probabilities on the same input
-(the run's image size, [0, 1] scaling and normalisation).
-"""
+"""A trained ResNet-18 run as a torchvision `state_dict`, the inverse of the port (`cifarjax.pretrained`), with the
+weights the run evaluates with; in `model.eval()` it gives the run's probabilities on the run's input (image size,
+[0, 1] scaling, normalisation). `num_batches_tracked` is 0: with a BatchNorm momentum set PyTorch never reads it."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,16 +1,16 @@
-"""The hooks `loop.fit` tells as it goes (progress bar, metrics, report) and the stop request it listens to.
-
-A hook defines any of `after_call(trainer, call)`, `after_evaluation(trainer, record)`, `after_checkpoint(trainer,
-step)` and `at_end(trainer)` (however the fit ends; `trainer.finished` when it ran to its end), and may call
-`trainer.stop()` to end the fit after the current call. Research code passes its own to `fit` and the loops.
-"""
+"""The hooks `loop.fit` tells (progress bar, metrics, report) and the stop request it listens to. A hook defines any
+of `after_call(trainer, call)`, `after_evaluation(trainer, record)`, `after_checkpoint(trainer, step)` and
+`at_end(trainer)` (however the fit ends; `trainer.finished` when it ran to its end), and may call `trainer.stop()`."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import socket
 import sys
 import threading
+from dataclasses import dataclass
+from typing import Optional
 
 from tqdm import tqdm
 
@@ -70,8 +70,8 @@ class Metrics:
             warn("TensorBoard is not installed, so no event files are written; pip install 'cifarjax[tensorboard]'",
                  key="tensorboard")
             return
-        if not hasattr(threading.excepthook, "quiets_tensorboard"):
-            threading.excepthook = _quiet_writer_thread(threading.excepthook)
+        if getattr(threading.excepthook, "func", None) is not _quiet_writer_thread:
+            threading.excepthook = functools.partial(_quiet_writer_thread, previous=threading.excepthook)
         folder = self.folder = run / runs.TENSORBOARD
         before = set(folder.glob("events.out.tfevents.*"))
         self.writer = best_effort(lambda: Writer(str(folder)), f"TensorBoard event files in {folder}")
@@ -132,25 +132,21 @@ class Report:
             plots.plot_split(run, "val", val, preds, matrix, config.classes)
 
 
-def _quiet_writer_thread(previous):
-    """A `threading.excepthook` without the traceback of TensorBoard's writer thread (a full disk, a path too long):
-    the writer raises the same error where it writes next, and that becomes one warning line."""
-    def hook(args):
-        if not type(args.thread).__module__.startswith("tensorboard."):
-            previous(args)
-    hook.quiets_tensorboard = True
-    return hook
+def _quiet_writer_thread(args, previous):
+    """`previous` threading.excepthook but for TensorBoard's writer thread (a full disk, a path too long): the writer
+    raises the same error where it writes next, and that becomes one warning line."""
+    if not type(args.thread).__module__.startswith("tensorboard."):
+        previous(args)
 
 
+@dataclass
 class StopRequest:
     """The first Ctrl-C (or SIGTERM) stops the loop after the current step, a second at once; a thread reading the
     wakeup file descriptor announces the request even while the main thread waits for the device."""
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, saves: bool = True):
-        self.saves = saves  # whether stopping saves a checkpoint (a run folder), for the announcement
-        self.requested = None  # the signal that asked to stop
-        self.previous = None  # the signals' handlers before, while this one's are in place
+    saves: bool = True  # whether stopping saves a checkpoint (a run folder), for the announcement
+    requested: Optional[int] = None  # the signal that asked to stop
+    previous: Optional[dict] = None  # the signals' handlers before, while this one's are in place
 
     def __enter__(self):
         try:
@@ -167,13 +163,11 @@ class StopRequest:
         seen = 0
         with contextlib.suppress(OSError):
             while data := self.reader.recv(16):
-                for signum in data:
-                    if signum in self.SIGNALS:
-                        seen += 1
-                        then = ", then saving a checkpoint" if self.saves else ""
-                        sys.stderr.write(f"\nstopping after this step{then} (Ctrl-C again stops at once)\n"
-                                         if seen == 1 else "\nstopping now\n")
-                        sys.stderr.flush()
+                for _ in filter(self.SIGNALS.__contains__, data):
+                    seen += 1
+                    then = ", then saving a checkpoint" if self.saves else ""
+                    print(f"\nstopping after this step{then} (Ctrl-C again stops at once)" if seen == 1 else
+                          "\nstopping now", file=sys.stderr, flush=True)
 
     def _handle(self, signum, _frame):
         if self.requested is not None:
@@ -188,4 +182,3 @@ class StopRequest:
             self.writer.close()
             self.reader.shutdown(socket.SHUT_RDWR)
             self.reader.close()
-        return False

@@ -1,7 +1,5 @@
-"""Figures written to PNG files (headless), in seaborn's colour-blind palette, each colour also told by line style or
-marker. Seaborn (2 s to import) is imported only by the study's bar chart; the others draw in matplotlib's copy of
-seaborn's styles, in a style context that leaves the caller's settings as they were.
-"""
+"""Figures in PNG files (headless), in seaborn's colour-blind palette, each colour also told by line style or marker;
+seaborn itself (2 s to import) only for the study's bar chart, the others in matplotlib's copy of its styles."""
 from __future__ import annotations
 
 import math
@@ -42,8 +40,7 @@ def output_path(path) -> Path:
 
 
 def _save(fig, path) -> Path:
-    """Write `fig` to `path` atomically (never half a figure), every text `printable`; returns the path written:
-    beside `path`, said in one line, where a file cifarjax did not write holds the name (`files.beside_foreign`)."""
+    """Write `fig` atomically, every text `printable`; beside `path` (said) where it holds a file not cifarjax's."""
     asked = output_path(path)
     path = beside_foreign(asked)
     if path != asked:
@@ -59,29 +56,27 @@ def _save(fig, path) -> Path:
     return path
 
 
-def _suptitle(fig, title: str) -> None:
-    """The figure's title in 12 points, wrapped to its width (an average glyph is 0.6 em wide)."""
+def _figure(title: str, *grid, **options):
+    """`plt.subplots` with the title in 12 points, wrapped to the figure's width (an average glyph is 0.6 em wide)."""
+    fig, axes = plt.subplots(*grid, **options)
     width = max(20, int(fig.get_figwidth() * 0.95 * 72 / (0.6 * 12)))
     fig.suptitle("\n".join(textwrap.wrap(title, width)) or title, fontsize=12)
+    return fig, axes
 
 
-def _epochs_axis(ax, last_epoch: float) -> None:
-    ax.set_xlim(0, max(1.0, last_epoch) * 1.05)
+def _epoch_panel(ax, title: str, last_epoch: float, accuracies=None) -> None:
+    """A panel over the epochs: cross-entropy, or a percent axis of `accuracies` at least MIN_SPAN points wide."""
+    ax.set(title=title, xlim=(0, max(1.0, last_epoch) * 1.05), xlabel="epoch", ylabel="cross-entropy")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-
-
-def _accuracy_axis(ax, values: Sequence[float], label: str) -> None:
-    """Percent axis from the data, at least MIN_SPAN points wide, saying when it does not start at 0."""
-    values = [v for v in values if v is not None]
+    if accuracies is None:
+        return
+    values = [v for v in accuracies if v is not None]
     lo, hi = (min(values), max(values)) if values else (0.0, 100.0)
     if hi - lo < MIN_SPAN:
-        centre = (hi + lo) / 2
-        lo, hi = centre - MIN_SPAN / 2, centre + MIN_SPAN / 2
+        lo, hi = (hi + lo - MIN_SPAN) / 2, (hi + lo + MIN_SPAN) / 2
     pad = (hi - lo) * 0.08
     lo, hi = max(0.0, lo - pad), min(100.0, hi + pad)
-    ax.set_ylim(lo, hi)
-    ax.set_ylabel(label + (f" (axis from {lo:.0f}%)" if lo > 0 else ""))
+    ax.set(ylim=(lo, hi), ylabel="accuracy (%)" + (f" (axis from {lo:.0f}%)" if lo > 0 else ""))
 
 
 @plt.style.context("seaborn-v0_8-whitegrid")
@@ -89,75 +84,53 @@ def plot_training_results(records: Sequence[dict], path, title: str = "Training"
                           ) -> Path:
     """Training and validation loss and accuracy per epoch (a smoothed training loss is labelled not comparable)."""
     ends = [r for r in records if r.get("epoch_end")]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = _figure(title, 1, 2, figsize=(12, 4.5))
     x_end, x_all = [r["epoch"] for r in ends], [r["epoch"] for r in records]
     smoothed = f", label smoothing {label_smoothing:g}: not comparable" if label_smoothing else ""
-    for ax, key, scale, mean in ((left, "loss", 1, f"epoch mean{smoothed}"), (right, "accuracy", 100, "epoch mean")):
+    for ax, key, scale, mean in zip(axes, ("loss", "accuracy"), (1, 100), (f"epoch mean{smoothed}", "epoch mean")):
         train = [scale * r[f"train_{key}"] for r in ends]
         val = [None if r.get(f"val_{key}") is None else scale * r[f"val_{key}"] for r in records]
         ax.plot(x_end, train, marker="o", color=PALETTE[0], label=f"training ({mean})")
         ax.plot(x_all, val, marker="s", ls="--", color=PALETTE[1], label="validation")
-        ax.set_title(key.capitalize())
-        _epochs_axis(ax, max(x_all, default=1.0))
         ax.legend()
-    left.set_ylabel("cross-entropy")
-    _accuracy_axis(right, train + val, "accuracy (%)")
-    _suptitle(fig, title)
+        _epoch_panel(ax, key.capitalize(), max(x_all, default=1.0), train + val if key == "accuracy" else None)
     return _save(fig, path)
-
-
-def _continued(curves: Mapping[str, Mapping[str, Sequence[float]]]) -> dict:
-    """{label: the longest shorter run whose curves its own begin with exactly} (a fine-tune continuing another)."""
-    found = {}
-    for label, c in curves.items():
-        shorter = [(len(o["val"]), other) for other, o in curves.items()
-                   if 0 < len(o["val"]) < len(c["val"]) and
-                   all(list(o.get(k) or []) == list(c.get(k) or [])[:len(o.get(k) or [])] for k in o)]
-        if shorter:
-            found[label] = max(shorter)[1]
-    return found
 
 
 @plt.style.context("seaborn-v0_8-whitegrid")
 def plot_runs(curves: Mapping[str, Mapping[str, Sequence[float]]], path, title: str) -> Path:
-    """Validation and training accuracy (and validation loss) per epoch, a line style, marker and colour per run; a
-    run that continues a shorter one is drawn from where that one ends, so the two do not hide each other.
-
-    `curves`: {label: {'val': [...], 'train': [...], 'val_loss': [...]}}, fractions per epoch ('train', 'val_loss'
-    optional; 'val_sd', 'train_sd': a band of one sd around a mean)."""
+    """Per epoch and run (a line style, marker and colour each), `curves`' {label: {'val', 'train', 'val_loss'}}
+    fractions ('train', 'val_loss' optional; 'val_sd', 'train_sd': a band of one sd around a mean); a run that
+    continues a shorter one (its curves begin with the shorter's) is drawn from where that one ends."""
     panels = [(k, name) for k, name in (("val", "Validation accuracy"), ("train", "Training accuracy"),
                                          ("val_loss", "Validation loss"))
               if k == "val" or any(c.get(k) for c in curves.values())]
-    fig, axes = plt.subplots(1, len(panels), figsize=(2 + 5.5 * len(panels), 5.5), squeeze=False)
+    fig, axes = _figure(title, 1, len(panels), figsize=(2 + 5.5 * len(panels), 5.5), squeeze=False)
     longest = max((len(c["val"]) for c in curves.values()), default=1)
     every = max(1, longest // 15)
-    continues = _continued(curves)
+    # (epochs, label) of the longest run whose curves each run's own begin with exactly: drawn from where it ends
+    continued = {label: max(((len(o["val"]), other) for other, o in curves.items() if 0 < len(o["val"]) < len(c["val"])
+                             and all(list(o.get(k) or []) == list(c.get(k) or [])[:len(o.get(k) or [])] for k in o)),
+                            default=(1, None)) for label, c in curves.items()}
     for ax, (key, name) in zip(axes[0], panels):
-        values = []
+        scale, values = 1 if key == "val_loss" else 100, []
         for i, (label, c) in enumerate(curves.items()):
-            scale = 1 if key == "val_loss" else 100
             y = [None if v is None else scale * v for v in c.get(key) or []]
             values += y
-            start = len(curves[continues[label]]["val"]) if label in continues else 1  # from the shorter run's end
+            start, shorter = continued[label]
             last = next((v for v in reversed(y) if v is not None), None)
             final = "" if last is None else f"final {last:.1f}%" if scale == 100 else f"final {last:.3f}"
-            shown = f"continues {continues[label]}; {final}" if label in continues else final
+            shown = final if shorter is None else f"continues {shorter}; {final}"
             offset = i * every // max(1, len(curves))  # runs' markers apart; a run shorter than it is marked at 1
-            sd = [scale * v for v in c.get(f"{key}_sd") or []]  # a band of one sd around a mean over seeds
+            sd, colour = [scale * v for v in c.get(f"{key}_sd") or []], PALETTE[i % len(PALETTE)]  # sd: over seeds
             if sd:
                 ax.fill_between(range(start, len(sd) + 1), [m - d for m, d in zip(y, sd)][start - 1:],
-                                [m + d for m, d in zip(y, sd)][start - 1:], color=PALETTE[i % len(PALETTE)], alpha=0.2)
+                                [m + d for m, d in zip(y, sd)][start - 1:], color=colour, alpha=0.2)
             ax.plot(range(start, len(y) + 1), y[start - 1:], ls=STYLES[i % len(STYLES)],
                     marker=MARKERS[i % len(MARKERS)], markevery=(offset if offset <= len(y) - start else 0, every),
-                    color=PALETTE[i % len(PALETTE)], label=f"{label} ({shown.strip('; ')})" if shown else label)
-        ax.set_title(name)
-        _epochs_axis(ax, longest)
-        if key == "val_loss":
-            ax.set_ylabel("cross-entropy")
-        else:
-            _accuracy_axis(ax, values, "accuracy (%)")
+                    color=colour, label=f"{label} ({shown.strip('; ')})" if shown else label)
         ax.legend(fontsize=8)
-    _suptitle(fig, title)
+        _epoch_panel(ax, name, longest, None if key == "val_loss" else values)
     return _save(fig, path)
 
 
@@ -187,11 +160,11 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path, titl
     accuracy = np.trace(matrix) / max(matrix.sum(), 1)
     cells = 0.75 * len(classes)  # inches of heatmap; then room for the class names (rotated below) and labels
     room = 1.2 + 0.09 * max((len(printable(c)) for c in classes), default=0)
-    fig, (counts, rates) = plt.subplots(1, 2, figsize=(2 * (cells + room) + 1.5, cells + room + 0.6))
+    fig, (counts, rates) = _figure(f"{title}: accuracy {100 * accuracy:.2f}%", 1, 2,
+                                   figsize=(2 * (cells + room) + 1.5, cells + room + 0.6))
     _heatmap(counts, matrix, classes, "d" if np.issubdtype(matrix.dtype, np.integer) else ".3g", "counts", "images")
     normalised = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     _heatmap(rates, 100 * normalised, classes, ".0f", "row-normalised (%)", "% of the true class", vmax=100)
-    _suptitle(fig, f"{title}: accuracy {100 * accuracy:.2f}%")
     return _save(fig, path)
 
 
@@ -206,8 +179,8 @@ def plot_sample_predictions(images: np.ndarray, predicted: Sequence[int], true: 
     gap_x = max(2, w // 10)  # room between images; each column is CELL_INCHES wide in the figure
     gap_y = math.ceil(TITLE_INCHES * (w + gap_x) / CELL_INCHES)  # room above each image for its two-line title
     canvas = np.full((rows * (gap_y + h), columns * (w + gap_x)) + images.shape[3:], 255, images.dtype)
-    fig, ax = plt.subplots(figsize=(CELL_INCHES * columns,
-                                    CELL_INCHES * columns * canvas.shape[0] / canvas.shape[1] + 0.5))
+    fig, ax = _figure(title, figsize=(CELL_INCHES * columns,
+                                      CELL_INCHES * columns * canvas.shape[0] / canvas.shape[1] + 0.5))
     for k, (image, p, t) in enumerate(zip(images, predicted, true)):
         top, left = (k // columns) * (gap_y + h) + gap_y, (k % columns) * (w + gap_x) + gap_x // 2
         canvas[top:top + h, left:left + w] = image
@@ -216,7 +189,6 @@ def plot_sample_predictions(images: np.ndarray, predicted: Sequence[int], true: 
                 va="bottom", fontsize=8, color=PALETTE[0] if right else PALETTE[1])
     ax.imshow(canvas, interpolation="nearest", cmap="gray" if canvas.ndim == 2 else None)
     ax.axis("off")
-    _suptitle(fig, title)
     return _save(fig, path)
 
 
@@ -239,7 +211,7 @@ def plot_study_effects(cells: Sequence[dict], noise: float, reference: float, ba
     import seaborn as sns  # only here (see the module's docstring)
 
     cells = sorted(cells, key=lambda c: -c["effect_points"])
-    fig, ax = plt.subplots(figsize=(9, 0.55 * len(cells) + 2))
+    fig, ax = _figure(title, figsize=(9, 0.55 * len(cells) + 2))
     colours = [PALETTE[2] if c["effect_points"] > 2 * noise else PALETTE[3] if c["effect_points"] < -2 * noise
                else PALETTE[7] for c in cells]
     sns.barplot(x=[c["effect_points"] for c in cells], y=[c["name"] for c in cells], hue=[c["name"] for c in cells],
@@ -252,6 +224,5 @@ def plot_study_effects(cells: Sequence[dict], noise: float, reference: float, ba
     for y, c in enumerate(cells):
         ax.text(c["effect_points"], y, f" {100 * c['val_accuracy']:.1f}%", va="center", fontsize=8)
     ax.set(xlabel=f"change in validation accuracy against the baseline ({100 * baseline:.1f}%), points", ylabel="cell")
-    _suptitle(fig, title)
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)

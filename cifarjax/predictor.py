@@ -37,8 +37,7 @@ class Run:
         return tuple(self.config.classes) or tuple(str(i) for i in range(self.config.num_classes))
 
     @property
-    def weights(self) -> str:
-        """Which weights predict: 'moving average' or 'final'."""
+    def weights(self) -> str:  # which weights predict
         return "moving average" if self.average else "final"
 
     @property
@@ -49,8 +48,7 @@ class Run:
             parts.append(f"{self.epochs:g} of {self.config.n_epochs} epochs (unfinished)")
         return ", ".join(parts + ([self.started_from] if self.started_from else []))
 
-    def records(self) -> list:
-        """The run's metrics.jsonl: one dict per evaluation during training."""
+    def records(self) -> list:  # metrics.jsonl: one dict per evaluation during training
         return runs.read_metrics(self.path)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
@@ -130,13 +128,12 @@ def image_files(paths: Iterable, report=warn) -> list:
 def read_images(paths: list, size: int, skip_unreadable: bool = False):
     """((N, size, size, 3) uint8 images, the paths read) of image files; see `Run.predict_files`."""
     def read(path):
-        if not skip_unreadable:
-            return decode_image(Path(path), size)
         try:
-            return decode_image(Path(path), size, advice="it is skipped", missing="it is skipped")
+            return decode_image(Path(path), size, *(["it is skipped"] * 2 if skip_unreadable else []))
         except UserError as error:
+            if not skip_unreadable:
+                raise
             warn(str(error))
-            return None
 
     with refusing_bombs(), ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
         decoded = list(pool.map(read, paths))

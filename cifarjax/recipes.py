@@ -12,15 +12,19 @@ from cifarjax.config import Config
 from cifarjax.errors import UserError
 
 
-@dataclass(frozen=True)
-class Recipe:
-    name: str
-    summary: str
-    changes: Mapping = field(default_factory=dict)  # Config field -> value, over Config's defaults
-    expected: str = ""  # the command and the result it should give, as measured (docs/results.md)
+class FrozenChanges:
+    """A frozen dataclass whose `changes` (Config field -> value) are a read-only copy: presets stay as defined."""
 
     def __post_init__(self):
         object.__setattr__(self, "changes", MappingProxyType(dict(self.changes)))
+
+
+@dataclass(frozen=True)
+class Recipe(FrozenChanges):
+    name: str
+    summary: str
+    changes: Mapping = field(default_factory=dict)  # over Config's defaults
+    expected: str = ""  # the command and the result it should give, as measured (docs/results.md)
 
 
 CNN_ORIGINAL = Recipe(

@@ -14,9 +14,8 @@ class LossTracker:
     """Per-step metrics kept on the device and read in bulk (no sync per step); checks they are finite."""
 
     def __init__(self, loss_sum=0.0, acc_sum=0.0, count=0, first_loss=None):
-        self.pending, self.loss_sum, self.acc_sum, self.count = [], loss_sum, acc_sum, count
-        self.first_loss = first_loss
-        self.recent = (None, 0.0, 0)  # (last step, loss sum, steps) read since `take_recent`: TensorBoard's curve
+        self.loss_sum, self.acc_sum, self.count, self.first_loss = loss_sum, acc_sum, count, first_loss
+        self.pending, self.recent = [], (None, 0.0, 0)  # recent: (last step, loss sum, steps) for TensorBoard's curve
 
     def add(self, step: int, metrics) -> None:
         self.pending.append((step, metrics))
@@ -24,9 +23,8 @@ class LossTracker:
     def flush(self) -> Optional[tuple]:
         """Fold the pending calls' metrics (one step's, or several's as arrays) into the sums; returns (step, loss)
         of the first non-finite loss, if any."""
-        fetched = jax.device_get([m for _, m in self.pending])
         pending, self.pending = self.pending, []
-        for (end, _), m in zip(pending, fetched):
+        for (end, _), m in zip(pending, jax.device_get([m for _, m in pending])):
             losses, accs = np.atleast_1d(m["loss"][0]), np.atleast_1d(m["accuracy"][0])
             for step, loss, acc in zip(range(end - len(losses) + 1, end + 1), losses.tolist(), accs.tolist()):
                 if not math.isfinite(loss):
@@ -34,9 +32,7 @@ class LossTracker:
                     return step, loss
                 self.first_loss = loss if self.first_loss is None else self.first_loss
                 self.recent = (step, self.recent[1] + loss, self.recent[2] + 1)
-                self.loss_sum += loss
-                self.acc_sum += acc
-                self.count += 1
+                self.loss_sum, self.acc_sum, self.count = self.loss_sum + loss, self.acc_sum + acc, self.count + 1
         return None
 
     def mean(self):

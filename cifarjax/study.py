@@ -1,6 +1,5 @@
-"""The study of the original's question: why did the fine-tuned ResNet-18 do worse than the small CNN?
-
-A grid is data: `Cell`s, each a set of Config changes to the baseline (the original's setting)::
+"""The study of the original's question: why did the fine-tuned ResNet-18 do worse than the small CNN? A grid is
+data, `Cell`s of Config changes to the baseline (the original's setting)::
 
     grid = DEFAULT_GRID + (Cell("crop", "augmentation", {"crop_padding": 4}),)
     answer = study("DIR", "imagenet", grid, epochs=5, subset=2000, out="runs/my-study")
@@ -16,7 +15,6 @@ import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Callable, Mapping, Optional, Sequence
 
 import jax
@@ -28,34 +26,34 @@ from cifarjax.checkpoint import find_run
 from cifarjax.config import Config
 from cifarjax.data import Dataset, Split, fingerprint, load_dataset, train_val_split
 from cifarjax.errors import UserError, set_interrupt_advice
-from cifarjax.evaluation import predict
+from cifarjax.evaluation import evaluate
 from cifarjax.features import backbone_features, cacheable
 from cifarjax.files import write_json, write_text
-from cifarjax.freezing import Freezing
 from cifarjax.inputs import ImageInputs
-from cifarjax.loop import fine_tune_loop, train_loop
+from cifarjax.loop import Trainer, fine_tune_loop, train_loop
 from cifarjax.models import Apply, build_model, init_variables
-from cifarjax.optim import make_optimizer
 from cifarjax.phases import Phases
 from cifarjax.pretrained import Weights, starting_weights
-from cifarjax.recipes import recipe_config
+from cifarjax.recipes import FrozenChanges, recipe_config
 from cifarjax.text import duration, plural
-from cifarjax.train import DataParallel, StepOptions, create_train_state
 
 BASELINE = {"bn": "train"}  # the finetune recipe with PyTorch's BatchNorm behaviour: the original's setting
 DEFAULT_EPOCHS = 10
+STUDY_JSON = "study.json"
+# What every cell shares (study.json records it with the weights' SHA-256 and the data's fingerprint), and what the
+# SimpleCNN reference shares with the cells: the split it is scored on, and its length.
+SHARED = ("n_epochs", "subset", "batch_size", "seed", "weights", "dataset", "decode_size", "val_fraction",
+          "eval_batch_size", "classes")
+REFERENCE_SHARES = ("n_epochs", "subset", "seed", "val_fraction", "decode_size")
 
 
 @dataclass(frozen=True)
-class Cell:
+class Cell(FrozenChanges):
     """One run of a study: a name, the hypothesis it tests, and its Config changes to the baseline."""
     name: str
     hypothesis: str
     changes: Mapping = field(default_factory=dict)  # Config changes relative to the baseline
     model: str = "resnet18"  # 'simple_cnn': the reference, trained with the cnn command's original recipe
-
-    def __post_init__(self):
-        object.__setattr__(self, "changes", MappingProxyType(dict(self.changes)))
 
 
 H1, H2, H3 = "(1) 32x32 inputs where ImageNet used 224", "(2) only the head trains", "(3) untuned hyperparameters"
@@ -99,15 +97,10 @@ def verdict(effect: float, noise: float) -> str:
 
 
 def combined_changes(results: Sequence[dict], noise: float) -> dict:
-    """Every single change that helped beyond noise; of alternatives for one setting, the best."""
-    best = {}
-    for r in results:
-        if r["name"] in ("baseline", COMBINED) or r.get("model") == "simple_cnn" or r["effect_points"] <= 2 * noise:
-            continue
-        for key, value in r["changes"].items():
-            if key not in best or r["effect_points"] > best[key][0]:
-                best[key] = (r["effect_points"], value)
-    return {k: v for k, (_, v) in best.items()}
+    """Every single change that helped beyond noise; of alternatives for one setting, the best (the first of ties)."""
+    helped = [r for r in reversed(results) if r["name"] not in ("baseline", COMBINED)
+              and r.get("model") != "simple_cnn" and r["effect_points"] > 2 * noise]
+    return {k: v for r in sorted(helped, key=lambda r: r["effect_points"]) for k, v in r["changes"].items()}
 
 
 @dataclass
@@ -122,9 +115,7 @@ class Study:
     resume: bool = False
     phases: Phases = field(default_factory=Phases)
     features: dict = field(default_factory=dict)
-    settings: dict = field(default_factory=dict)  # what every cell shares (`shared_settings`)
-    grid: dict = field(default_factory=dict)  # the cells it runs and how (`grid_record`)
-    reference_run: Optional[str] = None  # the experiments.cnn run taken as the SimpleCNN reference (--cnn-run)
+    record: dict = field(default_factory=dict)  # study.json from the start: settings, grid, data_dir, cnn_run
 
     @property
     def resume_hint(self) -> str:
@@ -147,16 +138,12 @@ class Study:
             starting_weights(config)[0]
 
     def estimate_seconds(self, cell: Cell, steps: int = 3) -> dict:
-        """The cell's {'compilation', 'training'} seconds from a short warm-up: each program the run compiles, and
-        seconds per image times the images it trains (with cached features: extracts)."""
+        """The cell's {'compilation', 'training'} seconds from each program's first call and `steps` more."""
         config = with_normalization(cell_config(cell, self.base), self.train.images)
-        model, variables = build_model(config), self.variables(cell, config)
-        freezing = Freezing.from_config(config)
-        trainable = None if freezing.everything_trains else freezing.trainable_mask(variables["params"])
-        parallel = DataParallel(ImageInputs(AugmentSpec.from_config(config)), trainable,
-                                options=StepOptions.from_config(config))
-        optimizer = make_optimizer(config, variables["params"])
-        state = parallel.replicate(create_train_state(Apply(model), variables, optimizer, config.seed))
+        trainer = Trainer(config, Apply(build_model(config)), self.variables(cell, config), self.train, self.val,
+                          ImageInputs(AugmentSpec.from_config(config)), run=None, devices=None, host_augment=None,
+                          phases=self.phases, resume_hint=self.resume_hint)  # the loop's own program
+        parallel, state = trainer.parallel, trainer.parallel.replicate(trainer.state)
         batch = min(config.batch_size, len(self.train) - len(self.train) % parallel.n_devices)
         data = parallel.replicate((self.train.images[:batch], self.train.labels[:batch]))
         idx = parallel.mine(np.arange(batch, dtype=np.int32).reshape(parallel.n_devices, -1))
@@ -168,9 +155,9 @@ class Study:
             seconds.append(time.perf_counter() - start)
         train_compile, eval_compile, per_image = seconds[0], seconds[-1], sum(seconds[1:-1]) / (steps * batch)
         scorings = 1 + (self.dataset.test is not None)
-        if cacheable(config):  # the head then trains on cached features in a negligible time
-            return {"compilation": eval_compile * (1 + scorings), "training": per_image * (2 * len(self.train) +
-                                                                                           len(self.val))}
+        if cacheable(config):  # the head then trains on cached features in a negligible time: extraction counts
+            return {"compilation": eval_compile * (1 + scorings),
+                    "training": per_image * (2 * len(self.train) + len(self.val))}
         return {"compilation": train_compile + eval_compile * scorings,
                 "training": per_image * len(self.train) * config.n_epochs}
 
@@ -200,8 +187,7 @@ class Study:
                    "wall_seconds": round(time.perf_counter() - start, 2),
                    "images_per_second": round(result.images_per_second, 1)}
         if self.dataset.test is not None:
-            preds = predict(config, result.eval_variables, self.dataset.test)
-            summary["test_accuracy"] = float(np.mean(preds == self.dataset.test.labels))
+            summary["test_accuracy"] = evaluate(config, result.eval_variables, self.dataset.test)["accuracy"]
         write_json(folder / runs.SUMMARY, summary)
         self.advise_resume()
         return summary
@@ -221,9 +207,8 @@ def run_study(study: Study, grid: Sequence[Cell] = DEFAULT_GRID, reference: Opti
               train_reference: bool = True, combine: bool = True, announce: Callable = print) -> dict:
     """Run the cells (and the SimpleCNN reference, unless `reference` gives one), then the helpful changes together."""
     cells = list(grid) + ([REFERENCE] if train_reference and reference is None else [])
-    todo = [c for c in cells if study.finished(c) is None]
-    if todo:
-        estimates = {c.name: study.estimate_seconds(c) for c in todo}
+    estimates = {c.name: study.estimate_seconds(c) for c in cells if study.finished(c) is None}
+    if estimates:
         compiling = sum(e["compilation"] for e in estimates.values())
         announce("estimated time per cell (from a short warm-up; training and compilation, evaluation "
                  "excluded): " + ", ".join(f"{k} {duration(sum(v.values()))}" for k, v in estimates.items()) +
@@ -259,18 +244,20 @@ def study(data_dir, weights: str = "imagenet", grid: Sequence[Cell] = DEFAULT_GR
     base = base.replace(classes=tuple(dataset.classes), num_classes=len(dataset.classes)).validate()
     with phases("weights", f"loading weights ({weights})"):
         loaded = starting_weights(base)[1]
-    settings = shared_settings(base, loaded, fingerprint(dataset))
-    planned = grid_record(grid, train_reference, combine)
+    data = fingerprint(dataset)
+    settings = {**{k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(base, k)) for k in SHARED)},
+                "weights_sha256": loaded.sha256, "data_fingerprint": data["sha256"], "data_images": data["images"]}
+    cells = [{"name": c.name, "hypothesis": c.hypothesis, "changes": dict(c.changes), "model": c.model} for c in grid]
+    planned = json.loads(json.dumps({"cells": cells, "train_reference": train_reference, "combine": combine}))
     if resume:
         cnn_run = check_resume(out, settings, planned, cnn_run)
     reference_run = None if cnn_run is None else str(find_run(cnn_run).resolve())
     reference = None if reference_run is None else reference_summary(Path(reference_run), base, settings)
     runs.create(out, "study", replace=overwrite, take_lock=True)  # resuming: only the lock is new
+    record = {"settings": settings, "grid": planned, "data_dir": base.data_dir, "cnn_run": reference_run}
     if not (out / STUDY_JSON).is_file():
-        write_json(out / STUDY_JSON, {"settings": settings, "grid": planned, "data_dir": base.data_dir,
-                                      "cnn_run": reference_run})
-    the_study = Study(out, dataset, train, val, base, loaded, resume=resume, phases=phases, settings=settings,
-                      grid=planned, reference_run=reference_run)
+        write_json(out / STUDY_JSON, record)
+    the_study = Study(out, dataset, train, val, base, loaded, resume=resume, phases=phases, record=record)
     the_study.advise_resume()
     if not loaded.pretrained:
         announce("note: --weights random uses no pretraining; the study then tests the pipeline, not the original's "
@@ -278,22 +265,16 @@ def study(data_dir, weights: str = "imagenet", grid: Sequence[Cell] = DEFAULT_GR
     return run_study(the_study, grid, reference, train_reference, combine, announce)
 
 
-STUDY_JSON = "study.json"
-# The settings every cell of a study shares, with the weights' SHA-256 and the data's fingerprint.
-SHARED = ("n_epochs", "subset", "batch_size", "seed", "weights", "dataset", "decode_size", "val_fraction",
-          "eval_batch_size", "classes")
-
-
-def shared_settings(base: Config, weights: Weights, data: dict) -> dict:
-    """What every cell of a study shares, recorded in study.json and checked on resume."""
-    return {**{k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(base, k)) for k in SHARED)},
-            "weights_sha256": weights.sha256, "data_fingerprint": data["sha256"], "data_images": data["images"]}
-
-
 def recorded(out) -> dict:
     """study.json's content ({} before it is written)."""
     path = Path(out) / STUDY_JSON
     return runs.read_json(path) if path.is_file() else {}
+
+
+def recorded_grid(out) -> Optional[tuple]:
+    """(grid, train_reference, combine) as study.json recorded them; None for a study made before they were."""
+    grid = recorded(out).get("grid")
+    return (tuple(Cell(**c) for c in grid["cells"]), grid["train_reference"], grid["combine"]) if grid else None
 
 
 def check_resume(out: Path, settings: dict, planned: dict, cnn_run) -> Optional[str]:
@@ -328,24 +309,6 @@ def check_resume(out: Path, settings: dict, planned: dict, cnn_run) -> Optional[
     return record["cnn_run"]
 
 
-def grid_record(grid: Sequence[Cell], train_reference: bool, combine: bool) -> dict:
-    """The study's grid as study.json records it from the start: its cells, the reference, the combination."""
-    cells = [{"name": c.name, "hypothesis": c.hypothesis, "changes": dict(c.changes), "model": c.model} for c in grid]
-    return json.loads(json.dumps({"cells": cells, "train_reference": train_reference, "combine": combine}))
-
-
-def recorded_grid(out) -> Optional[tuple]:
-    """(grid, train_reference, combine) as study.json recorded them; None for a study made before they were."""
-    record = recorded(out).get("grid")
-    if not record:
-        return None
-    return tuple(Cell(**c) for c in record["cells"]), record["train_reference"], record["combine"]
-
-
-# What the SimpleCNN reference shares with the study's cells: the split it is scored on, and its length.
-REFERENCE_SHARES = ("n_epochs", "subset", "seed", "val_fraction", "decode_size")
-
-
 def reference_summary(run: Path, base: Config, settings: dict) -> dict:
     """The summary of `--cnn-run`, refused unless a SimpleCNN trained on the study's split for as many epochs."""
     config = runs.read_config(run)
@@ -373,21 +336,21 @@ def summarise(study: Study, results: Sequence[dict]) -> dict:
         c["verdict"] = "baseline" if c["name"] == "baseline" else "reference" if c.get("model") == "simple_cnn" else \
             verdict(c["effect_points"], noise)
     return {"folder": str(study.out), "weights": study.weights.description, "pretrained": study.weights.pretrained,
-            "imagenet": study.weights.imagenet, "answers_the_question": study.weights.imagenet,
-            "settings": study.settings, "grid": study.grid, "data_dir": study.base.data_dir,
-            "cnn_run": study.reference_run, "epochs": study.base.n_epochs, "subset": study.base.subset,
-            "n_train": len(study.train), "n_val": len(study.val), "noise_points": round(noise, 2), "cells": cells}
+            "imagenet": study.weights.imagenet, "answers_the_question": study.weights.imagenet, **study.record,
+            "epochs": study.base.n_epochs, "subset": study.base.subset, "n_train": len(study.train),
+            "n_val": len(study.val), "noise_points": round(noise, 2), "cells": cells}
 
 
 def write_outputs(study: Study, answer: dict) -> None:
+    """study.json, study.md, and the effects' and the curves' figures."""
     write_json(study.out / STUDY_JSON, answer)
     write_text(study.out / "study.md", markdown(answer))
     cells = [c for c in answer["cells"] if c.get("model") != "simple_cnn"]
-    reference = next((c for c in answer["cells"] if c.get("model") == "simple_cnn"), None)
+    reference = next((c["val_accuracy"] for c in answer["cells"] if c.get("model") == "simple_cnn"), None)
     title = f"ResNet-18 fine-tuning study ({answer['weights']})"
-    plots.plot_study_effects(cells, answer["noise_points"], reference["val_accuracy"] if reference else None,
-                             next(c for c in cells if c["name"] == "baseline")["val_accuracy"],
-                             study.out / runs.PLOTS / "study.png", title)
+    baseline = next(c for c in cells if c["name"] == "baseline")["val_accuracy"]
+    plots.plot_study_effects(cells, answer["noise_points"], reference, baseline, study.out / runs.PLOTS / "study.png",
+                             title)
     plots.plot_runs({c["name"]: {"val": c["val_accuracy_per_epoch"]} for c in answer["cells"]},
                     study.out / runs.PLOTS / "study_curves.png", f"Validation accuracy per epoch: {title}")
 
@@ -402,9 +365,8 @@ def markdown(answer: dict) -> str:
              f"{plural(answer['epochs'], 'epoch')} per cell; {answer['n_train']} training and {answer['n_val']} "
              f"validation images; noise ±{answer['noise_points']:.2f} points (changes beyond twice that count).", "",
              "| cell | tests | validation accuracy | change (points) | verdict |", "|---|---|---|---|---|"]
-    for c in sorted(answer["cells"], key=lambda c: -c["effect_points"]):
-        lines.append(f"| {c['name']} | {c['hypothesis']} | {100 * c['val_accuracy']:.2f}% | "
-                     f"{c['effect_points']:+.2f} | {c['verdict']} |")
+    lines += [f"| {c['name']} | {c['hypothesis']} | {100 * c['val_accuracy']:.2f}% | {c['effect_points']:+.2f} | "
+              f"{c['verdict']} |" for c in sorted(answer["cells"], key=lambda c: -c["effect_points"])]
     lines += ["", "What the numbers say:", ""]
     by_hypothesis = {}
     for c in answer["cells"]:

@@ -21,7 +21,6 @@ from cifarjax.errors import UserError, exit_on_user_error
 from cifarjax.files import beside_foreign
 from cifarjax.flags import Parser
 from cifarjax.loop import History
-from cifarjax.seeds import per_epoch
 
 IGNORED = ("classes", "norm_mean", "norm_std", "data_dir", "weights_label", "n_epochs", "epoch_counts", "weights_file",
            "weights_sha256", "data_fingerprint", "commands", "frozen_params")
@@ -153,14 +152,8 @@ def table(loaded: list, width: int = WIDTH) -> str:
 
 def curves(entry: dict) -> dict:
     """plot_runs' curves of a run, or of a seeds group: the mean with its sd per epoch."""
-    members = [m["history"] for m in entry.get("members", [entry])]
-    curve = {}
-    for key, of in (("val", lambda h: h.epoch_val_accuracy), ("train", lambda h: h.train_accuracy),
-                    ("val_loss", val_losses)):
-        series = [of(h) for h in members]
-        if all(series) and all(v is not None for values in series for v in values):
-            curve[key], curve[f"{key}_sd"] = per_epoch(series)
-    return curve
+    return seeds.mean_curves([m["history"] for m in entry.get("members", [entry])],
+                             {**seeds.CURVES, "val_loss": val_losses})
 
 
 def plot_path(given, loaded: list, overwrite: bool) -> Path:
@@ -168,9 +161,7 @@ def plot_path(given, loaded: list, overwrite: bool) -> Path:
     for the default and --out, an existing file only with --overwrite, never a file cifarjax did not write in a run
     folder (the default plot goes beside it)."""
     path = Path(loaded[0]["folder"]) / DEFAULT_PLOT if given is None else Path(given).expanduser()
-    path = plots.output_path(path)
-    if path.is_dir():
-        raise UserError(f"--out {path} is a folder; give a file name such as {path / 'comparison.png'}")
+    path = plots.output_path(path)  # a folder is refused there
     target = beside_foreign(path)
     if given is not None and target != path:
         raise UserError(f"--out {path} is a file in a run folder that cifarjax did not write; choose another --out")

@@ -138,10 +138,18 @@ def curves(out: Path, seeds: list) -> dict:
     for seed in seeds:
         for label, folder in leaf_runs(out / f"seed-{seed}").items():
             found.setdefault(label, []).append(History(runs.read_metrics(folder)))
-    result = {}
-    for label, histories in found.items():
-        curve = {}
-        for key, of in (("val", lambda h: h.epoch_val_accuracy), ("train", lambda h: h.train_accuracy)):
-            curve[key], curve[f"{key}_sd"] = per_epoch(map(of, histories))
-        result[f"{label}, mean of {len(histories)} seeds"] = curve
-    return result
+    return {f"{label}, mean of {len(histories)} seeds": mean_curves(histories) for label, histories in found.items()}
+
+
+CURVES = {"val": lambda h: h.epoch_val_accuracy, "train": lambda h: h.train_accuracy}
+
+
+def mean_curves(histories: list, curves: dict = CURVES) -> dict:
+    """plot_runs' curve of runs (or one run): per curve of `curves` ({key: of a History}) that every run has in full,
+    the mean per epoch and its sd."""
+    curve = {}
+    for key, of in curves.items():
+        series = [of(h) for h in histories]
+        if all(series) and all(v is not None for values in series for v in values):
+            curve[key], curve[f"{key}_sd"] = per_epoch(series)
+    return curve

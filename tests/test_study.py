@@ -78,7 +78,7 @@ def test_a_cells_estimate_includes_its_compilation(monkeypatch):
     import numpy as np
 
     from cifarjax.data import Dataset, Split
-    from cifarjax import study as study_module
+    from cifarjax import loop
     from cifarjax.study import REFERENCE, Study
     from cifarjax.train import DataParallel
     rng = np.random.default_rng(0)
@@ -99,7 +99,7 @@ def test_a_cells_estimate_includes_its_compilation(monkeypatch):
                     time.sleep(0.5)
                 return real(*step_args)
             self.train_step = train_step
-    monkeypatch.setattr(study_module, "DataParallel", SlowFirstCall)
+    monkeypatch.setattr(loop, "DataParallel", SlowFirstCall)  # the loop's Trainer builds the steps timed
     estimate = the_study.estimate_seconds(REFERENCE)
     assert set(estimate) == {"compilation", "training"} and estimate["compilation"] >= 0.5
 
