@@ -23,21 +23,28 @@ def apart(fn, tree, witness=None):
     return lax.cond(first == first, fn, lambda t: fn(jax.tree.map(lambda v: v + 0, t)), tree)
 
 
-@jax.custom_vjp
-def dense_transposed_backward(x, kernel, bias):
-    """`x @ kernel + bias` whose kernel gradient multiplies a transposed copy of x by the output gradient: XLA's
-    CPU product x^T g ran 1.7-2.3x slower for a 10-class head."""
-    return x @ kernel + bias
+def with_backward(backward, nondiff_argnums: tuple = ()):
+    """Decorator: `jax.custom_vjp` whose forward keeps the differentiable arguments, `backward(*nondiff, them, g)`."""
+    def decorate(fn):
+        wrapped = jax.custom_vjp(fn, nondiff_argnums=nondiff_argnums)
+        kept = lambda args: tuple(a for i, a in enumerate(args) if i not in nondiff_argnums)  # noqa: E731
+        wrapped.defvjp(lambda *args: (fn(*args), kept(args)), backward)
+        return wrapped
+    return decorate
 
 
-def _dense_bwd(residuals, g):
-    x, kernel, bias = residuals
+def _dense_bwd(inputs, g):
+    x, kernel, bias = inputs
     rows_x, rows_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
     dkernel = materialize(rows_x.T) @ rows_g
     return ((g @ kernel.T).astype(x.dtype), dkernel.astype(kernel.dtype), rows_g.sum(0).astype(bias.dtype))
 
 
-dense_transposed_backward.defvjp(lambda x, kernel, bias: (x @ kernel + bias, (x, kernel, bias)), _dense_bwd)
+@with_backward(_dense_bwd)
+def dense_transposed_backward(x, kernel, bias):
+    """`x @ kernel + bias` whose kernel gradient multiplies a transposed copy of x by the output gradient: XLA's
+    CPU product x^T g ran 1.7-2.3x slower for a 10-class head."""
+    return x @ kernel + bias
 
 
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
