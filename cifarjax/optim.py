@@ -32,20 +32,16 @@ def lr_at(config, steps_per_epoch: int, step: int) -> float:
     return float(rate(step)) if callable(rate) else float(rate)
 
 
-def _decays(params):
-    """Weight decay applies to kernels, not to biases or BatchNorm scales."""
-    return jax.tree.map(lambda p: p.ndim > 1, params)
-
-
 def base_optimizer(config, steps_per_epoch: int, platform: Optional[str] = None) -> optax.GradientTransformation:
     """Adam, AdamW (decay on kernels) or Nesterov SGD with L2 decay, built for `platform` (default `resolve()`)."""
     optimizers = cpu_optimizers if resolve(platform) == "cpu" else optax
     rate = learning_rate(config, steps_per_epoch)
+    decays = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731  kernels, not biases or scales
     if config.optimizer == "adam":
         return optimizers.adam(rate)
     if config.optimizer == "adamw":
-        return optimizers.adamw(rate, weight_decay=config.weight_decay, mask=_decays)
-    return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=_decays),
+        return optimizers.adamw(rate, weight_decay=config.weight_decay, mask=decays)
+    return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=decays),
                        optimizers.sgd(rate, config.momentum, nesterov=True))
 
 

@@ -1,7 +1,5 @@
 """The platform a run's programs are built for, decided in one place (`resolve`) and asked only by the builders,
-which pass the plain JAX program's pieces or the CPU's (`cifarjax.cpu`) in (docs/architecture.md). (A module named
-`platform` would shadow Python's own.)
-"""
+which pass the plain program's pieces or the CPU's (`cifarjax.cpu`) in. (`platform` would shadow Python's own.)"""
 from __future__ import annotations
 
 import importlib.util
@@ -17,9 +15,8 @@ ACCELERATOR_PLUGINS = ("jax_plugins", "jax_cuda12_plugin", "jax_cuda13_plugin", 
 def resolve(platform: Optional[str] = None, environ: Mapping[str, str] = os.environ) -> str:
     """`platform` if given, else $CIFARJAX_PLATFORM, else JAX's default backend's ('cpu', or 'gpu' for any
     accelerator), which this starts: the one source of the platform of a run."""
-    if platform is None:
-        platform = environ.get(ENV) or None
-    if platform is None:
+    platform = platform or environ.get(ENV)
+    if not platform:
         import jax
         platform = "cpu" if jax.default_backend() == "cpu" else "gpu"
     if platform not in PLATFORMS:
@@ -32,9 +29,7 @@ def conv_impl(impl: str, platform: str) -> str:
     taken as asked on any platform."""
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "winograd" if platform == "cpu" else "xla"
-    return impl
+    return impl if impl != "auto" else "winograd" if platform == "cpu" else "xla"
 
 
 def step_factory(platform: Optional[str] = None):
@@ -56,12 +51,9 @@ def runs_on_cpu(environ: Mapping[str, str] = os.environ) -> bool:
     return not any(importlib.util.find_spec(name) is not None for name in ACCELERATOR_PLUGINS)
 
 
-DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
-
-
 def deterministic(environ=os.environ) -> None:
-    """Add XLA's GPU deterministic-ops flag to XLA_FLAGS (`Config.deterministic`), before the backend starts, so a
-    program repeats its results bit for bit on a GPU (a CPU's already do)."""
+    """Add XLA's GPU deterministic-ops flag to XLA_FLAGS (`Config.deterministic`) unless set, before the backend
+    starts, so a program repeats its results bit for bit on a GPU (a CPU's already do)."""
     current = environ.get("XLA_FLAGS", "")
     if "--xla_gpu_deterministic_ops=" not in current:
-        environ["XLA_FLAGS"] = f"{current} {DETERMINISTIC_FLAG}".strip()
+        environ["XLA_FLAGS"] = f"{current} --xla_gpu_deterministic_ops=true".strip()
