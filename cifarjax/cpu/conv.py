@@ -17,6 +17,10 @@ from cifarjax.cpu.fusion import apart, materialize, with_backward
 from cifarjax.ops import interleave, torch_uniform, xla_conv
 
 LARGE_MAP = 8  # from this width XLA's forward beats im2col (1.0-4.6x); on 2x2 maps it is far slower
+FEW_CHANNELS = 4  # up to this many input channels (images) XLA's kernel gradient beats im2col's (the stem: 2.2x)
+F4_FROM = 14  # map width from which `conv3x3_same` uses F(4x4) tiles (below, F(2x2): half the rounding error)
+F4_FROM_INFERENCE = 8  # the same where no train-mode BatchNorm amplifies F(4x4)'s rounding
+XLA_FORWARD_WIDTHS = range(8, 14)  # undifferentiated 3x3 'same' convolutions of these widths run XLA's forward
 
 
 def _reached_taps(size: int, k: int, strides: int, padding: int) -> range:
@@ -39,9 +43,6 @@ def _im2col_conv(x, kernel, strides: int, padding: int):
     patches = patches[0] if len(patches) == 1 else jnp.concatenate(patches, axis=-1)
     taps = kernel[rows.start:rows.stop, cols.start:cols.stop].reshape(len(rows) * len(cols) * cin, cout)
     return (patches.reshape(n * ho * wo, len(rows) * len(cols) * cin) @ taps).reshape(n, ho, wo, cout)
-
-
-FEW_CHANNELS = 4  # up to this many input channels (images) XLA's kernel gradient beats im2col's (the stem: 2.2x)
 
 
 def _xla_im2col_bwd(strides, padding, inputs, dy):
@@ -145,11 +146,11 @@ def _winograd_input_bwd(m, th, tw, inputs, dv):
 
 @with_backward(_winograd_input_bwd, nondiff_argnums=(1, 2, 3))
 def winograd_input_tiles(x, m: int, th: int, tw: int):
-    """B^T d B for the th x tw grid of (m+2)x(m+2) input tiles at stride m, as nested lists of (n, th, tw, c).
-    `d B` is kept in memory first (fused, each tile re-read up to 16 slices: 1.2x slower); the gradient
-    overlap-adds per input phase instead of transposing (m+2)^2 strided slices."""
+    """B^T d B for the th x tw grid of (m+2)x(m+2) input tiles at stride m, as nested lists of (n, th, tw, c); the
+    gradient overlap-adds per input phase instead of transposing (m+2)^2 strided slices."""
     t, bt = m + 2, WINOGRAD[m][0]
-    db = materialize(_combine(bt, [x[:, :, b:b + m * (tw - 1) + 1:m, :] for b in range(t)]))  # db[j]: (n, H, tw, c)
+    # `d B` (db[j]: (n, H, tw, c)) kept in memory first: fused, each tile re-read up to 16 slices was 1.2x slower
+    db = materialize(_combine(bt, [x[:, :, b:b + m * (tw - 1) + 1:m, :] for b in range(t)]))
     columns = [_combine(bt, [col[:, a:a + m * (th - 1) + 1:m] for a in range(t)]) for col in db]
     return [[col[i] for col in columns] for i in range(t)]
 
@@ -225,10 +226,6 @@ def whole_map_conv3x3(x, kernel):
     return jnp.stack(outputs, axis=1).reshape(n, h, w, -1)
 
 
-F4_FROM = 14  # map width from which `conv3x3_same` uses F(4x4) tiles (below, F(2x2): half the rounding error)
-F4_FROM_INFERENCE = 8  # the same where no train-mode BatchNorm amplifies F(4x4)'s rounding
-
-
 def conv3x3_same(x, kernel, tile: Optional[int] = None, inference: bool = False):
     """``conv2d(x, kernel, 1, 1)`` for a 3x3 kernel: `whole_map_conv3x3` on maps of at most 2x2, else Winograd
     F(4x4) (recomputing its input tiles for the gradient) from `F4_FROM` wide, F(2x2) below."""
@@ -239,9 +236,6 @@ def conv3x3_same(x, kernel, tile: Optional[int] = None, inference: bool = False)
     th, tw = -(-h // m), -(-w // m)
     x = jnp.pad(x, ((0, 0), (1, m * th + 1 - h), (1, m * tw + 1 - w), (0, 0)))
     return interleave(winograd_phases(x, kernel, m, th, tw, keep_tiles=m == 2))[:, :h, :w, :]
-
-
-XLA_FORWARD_WIDTHS = range(8, 14)  # undifferentiated 3x3 'same' convolutions of these widths run XLA's forward
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))

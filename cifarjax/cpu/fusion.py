@@ -1,7 +1,7 @@
 """What the CPU computes once into memory (XLA's CPU fusion would recompute it inside every consumer): the fusion
 boundary (`materialize`, `apart`), and the formulations that are little else: the linear layer's kernel gradient
-(`dense_transposed_backward`) and the optimizers, optax's bit for bit and with optax's state trees, their new
-moments computed once (`adam`, `adamw`, `sgd`: 1.07-1.09x faster steps)."""
+(`dense_transposed_backward`) and the optimizers' moments, optax's bit for bit and with optax's state trees,
+computed once (`scale_by_adam`, `nesterov_momentum`: 1.07-1.09x faster steps)."""
 from __future__ import annotations
 
 import jax
@@ -16,9 +16,8 @@ def materialize(tree):
 
 
 def apart(fn, tree, witness=None):
-    """`fn(tree)` inside a conditional (which stops XLA's CPU fusion, where `lax.optimization_barrier` does not):
-    computed into memory, never merged with the same computation elsewhere. The predicate reads `witness`'s first
-    element (default `tree`'s) and must be data; the second branch, unlike in form, runs only on a NaN."""
+    """`fn(tree)` in a conditional (it stops XLA's CPU fusion, `lax.optimization_barrier` does not), never merged with
+    the same work elsewhere; its predicate reads `witness`'s (default `tree`'s) first element; branch 2 runs on NaN."""
     first = jax.tree.leaves(tree if witness is None else witness)[0].ravel()[0]
     return lax.cond(first == first, fn, lambda t: fn(jax.tree.map(lambda v: v + 0, t)), tree)
 
@@ -65,21 +64,3 @@ def nesterov_momentum(decay: float) -> optax.GradientTransformation:
         trace = materialize(jax.tree.map(lambda g, t: g + decay * t, grads, state.trace))
         return jax.tree.map(lambda g, t: g + decay * t, grads, trace), optax.TraceState(trace=trace)
     return optax.GradientTransformation(optax.trace(decay, nesterov=True).init, update)
-
-
-def adam(learning_rate) -> optax.GradientTransformation:
-    """`optax.adam(learning_rate)`, its moments computed once."""
-    return optax.chain(scale_by_adam(), optax.scale_by_learning_rate(learning_rate))
-
-
-def adamw(learning_rate, weight_decay: float, mask) -> optax.GradientTransformation:
-    """`optax.adamw(learning_rate, weight_decay=weight_decay, mask=mask)`, its moments computed once."""
-    return optax.chain(scale_by_adam(), optax.add_decayed_weights(weight_decay, mask=mask),
-                       optax.scale_by_learning_rate(learning_rate))
-
-
-def sgd(learning_rate, momentum: float, nesterov: bool = True) -> optax.GradientTransformation:
-    """`optax.sgd(learning_rate, momentum, nesterov=True)`, its trace computed once."""
-    if not nesterov:
-        raise ValueError("the CPU's SGD is Nesterov's")
-    return optax.chain(nesterov_momentum(momentum), optax.scale_by_learning_rate(learning_rate))

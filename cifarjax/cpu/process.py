@@ -109,11 +109,7 @@ def _runs_the_main_script(argv: list) -> bool:
     first = next((i for i, a in enumerate(argv[1:], 1) if not a.startswith("-") or a == "-m"), None)
     if first is None or argv[first] == "-m" and first + 1 >= len(argv):
         return False
-    if argv[first] == "-m":
-        spec = importlib.util.find_spec(argv[first + 1])
-        started = spec.origin if spec is not None else None
-    else:
-        started = argv[first]
+    started = getattr(importlib.util.find_spec(argv[first + 1]), "origin", None) if argv[first] == "-m" else argv[first]
     return started is not None and os.path.realpath(started) == os.path.realpath(main)
 
 
@@ -121,10 +117,8 @@ def relaunch_command(package: Optional[str]) -> None:
     """Exec this process again with huge pages where it was started as `python -m <package>.NAME` (`package` None:
     any script or module) and that changes something; otherwise (or if the exec fails) return."""
     argv = sys.orig_argv
-    if package is None:
-        launched = _runs_the_main_script(argv)
-    else:
-        launched = any(a == "-m" and b.startswith(f"{package}.") for a, b in zip(argv, argv[1:]))
+    launched = _runs_the_main_script(argv) if package is None else \
+        any(a == "-m" and b.startswith(f"{package}.") for a, b in zip(argv, argv[1:]))
     environ = relaunch_environ(os.environ, kernel_mode()) if launched else None
     if environ is not None:
         with contextlib.suppress(OSError):  # run as started
