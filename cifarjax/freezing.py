@@ -60,9 +60,8 @@ class Freezing:
     @property
     def frozen_bn_stages(self) -> int:
         """How many leading ResNet stages (stem, layer1..4) keep BatchNorm in inference mode while training."""
-        if not self.bn_frozen:
-            return 0
-        return next((i for i, (_, sample) in enumerate(STAGES) if self.trains(sample)), len(STAGES))
+        first_trained = next((i for i, (_, sample) in enumerate(STAGES) if self.trains(sample)), len(STAGES))
+        return first_trained if self.bn_frozen else 0
 
     def averaged(self, variables) -> dict:
         """What training changes, which a moving average of the weights keeps: the trainable parameters and the

@@ -89,7 +89,6 @@ class ResNetBackbone(nn.Module):
     """A torchvision ResNet up to the global average pool, stage outputs sown into 'intermediates';
     `frozen_bn_stages`: the first k stages' BatchNorm runs in inference mode even when `train=True`."""
     stage_sizes: Sequence[int]
-    block_cls: ModuleDef
     num_filters: int = 64
     frozen_bn_stages: int = 0
     axis_name: Optional[str] = None
@@ -110,8 +109,8 @@ class ResNetBackbone(nn.Module):
         self.sow("intermediates", "stem", x)
         for i, size in enumerate(self.stage_sizes):
             for b in range(size):
-                x = self.block_cls(self.num_filters * 2 ** i, *layers(i + 1), 2 if (b == 0 and i > 0) else 1,
-                                   name=f"layer{i + 1}_block{b}")(x)
+                x = BasicBlock(self.num_filters * 2 ** i, *layers(i + 1), 2 if (b == 0 and i > 0) else 1,
+                               name=f"layer{i + 1}_block{b}")(x)
             self.sow("intermediates", f"layer{i + 1}", x)
         return jnp.mean(x, axis=(1, 2))
 
@@ -120,7 +119,6 @@ class ResNet(nn.Module):
     """A torchvision ResNet with parameters split into 'backbone' and 'head' (the fc layer)."""
     num_classes: int = 1000
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
-    block_cls: ModuleDef = BasicBlock
     frozen_bn_stages: int = 0
     axis_name: Optional[str] = None
     num_filters: int = 64
@@ -128,8 +126,8 @@ class ResNet(nn.Module):
     formulations: Formulations = Formulations()
 
     def setup(self):
-        self.backbone = ResNetBackbone(self.stage_sizes, self.block_cls, self.num_filters, self.frozen_bn_stages,
-                                       self.axis_name, self.dtype, self.formulations)
+        self.backbone = ResNetBackbone(self.stage_sizes, self.num_filters, self.frozen_bn_stages, self.axis_name,
+                                       self.dtype, self.formulations)
         self.head = Dense(self.num_classes, self.dtype, self.formulations.linear)
 
     def __call__(self, x, train: bool = False):

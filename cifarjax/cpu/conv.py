@@ -129,8 +129,7 @@ def _sandwich(matrix, grid, keep_first_pass: bool = False):
 
 
 def _winograd_input_bwd(m, th, tw, inputs, dv):
-    n, h, w, c = inputs[0].shape
-    t = m + 2
+    (n, h, w, c), t = inputs[0].shape, m + 2
     dd = materialize(_sandwich(WINOGRAD[m][0].T, dv))
 
     def shifted(a, down, right):  # one tile larger, shifted by (down, right) tiles
@@ -192,14 +191,11 @@ def winograd_products(x, u, m: int, th: int, tw: int):
 def winograd_phases(x, kernel, m: int, th: int, tw: int, keep_tiles: bool = True):
     """The unpadded 3x3 convolution of th x tw output tiles of m x m by phase: y[i][j] holds outputs (m*t + i,
     m*u + j). `keep_tiles=False` recomputes the input tiles for the gradient."""
-    at = WINOGRAD[m][2]
     u = winograd_kernel(kernel, m)  # G k G^T
-    if keep_tiles:
-        prods = _tile_products(winograd_input_tiles(materialize(x), m, th, tw), u)  # with B^T d B
-    else:
-        prods = winograd_products(x, u, m, th, tw)
+    prods = _tile_products(winograd_input_tiles(materialize(x), m, th, tw), u) if keep_tiles else \
+        winograd_products(x, u, m, th, tw)  # the same products, B^T d B recomputed for the gradient
     # F(4x4)'s outputs each combine up to 25 products, F(2x2)'s 9 (two passes measured slower there)
-    return materialize(_sandwich(at, prods, keep_first_pass=m == 4))
+    return materialize(_sandwich(WINOGRAD[m][2], prods, keep_first_pass=m == 4))
 
 
 def _whole_map_bwd(inputs, dy):
@@ -254,8 +250,7 @@ def conv3x3_maxpool(x, kernel, pool: int, tile: Optional[int] = None):
     tiles pooling keeps, the pool a maximum over output phases. `tile`: F(4x4) where 2x2 such tiles fit, else 2."""
     if pool % 2:
         raise ValueError(f"Winograd pooling needs an even pool, got {pool}")
-    n, h, w, _ = x.shape
-    cout = kernel.shape[-1]
+    (n, h, w, _), cout = x.shape, kernel.shape[-1]
     kept_h, kept_w = (h - 2) // pool * pool, (w - 2) // pool * pool
     big_tiles = kept_h % 4 == 0 and kept_w % 4 == 0 and kept_h * kept_w >= 64 and (pool % 4 == 0 or 4 % pool == 0)
     m = tile or (4 if big_tiles else 2)
@@ -290,5 +285,4 @@ class ConvReluMaxPool(nn.Module):
                 raise ValueError("the Winograd path pools before the ReLU and cannot apply `between`")
             return nn.relu(conv3x3_maxpool(x, kernel, self.pool) + bias)
         between = between or (lambda z, phase: z)
-        phases = conv_phases(x, kernel, self.pool)
-        return maximum_of(*[between(nn.relu(z + bias), phase) for phase, z in phases.items()])
+        return maximum_of(*[between(nn.relu(z + bias), p) for p, z in conv_phases(x, kernel, self.pool).items()])

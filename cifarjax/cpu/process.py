@@ -125,11 +125,6 @@ def relaunch_command(package: Optional[str]) -> None:
             os.execve(sys.executable, argv, environ)
 
 
-def _trim(event: str, duration: float, **_) -> None:
-    if event == COMPILE_EVENT:
-        _libc.malloc_trim(0)
-
-
 def trim_after_compiling() -> bool:
     """Return the heap XLA's compiler frees to the system after every compilation (glibc keeps it: ResNet-18's
     224x224 step peaked at 3.5 GB instead of 1.2); glibc only. Returns whether it is on."""
@@ -142,7 +137,8 @@ def trim_after_compiling() -> bool:
             return False
         import jax
         _libc = libc
-        jax.monitoring.register_event_duration_secs_listener(_trim)
+        jax.monitoring.register_event_duration_secs_listener(
+            lambda event, duration, **_: event == COMPILE_EVENT and libc.malloc_trim(0))
     return True
 
 
