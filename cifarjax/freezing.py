@@ -1,6 +1,5 @@
-"""Which parts of a model train, decided once: the optimizer's mask, the BatchNorm modes, whether backbone features
-are fixed and what a moving average keeps all derive from one list of patterns over parameter paths (big_vision's
-style)."""
+"""Which parts of a model train, decided once: the optimizer's mask, the BatchNorm modes, whether features are fixed
+and what a moving average keeps all derive from one list of patterns over parameter paths (big_vision's style)."""
 from __future__ import annotations
 
 import re

@@ -1,7 +1,6 @@
-"""Layers whose numerics match PyTorch, as plain JAX: `Conv`, `Dense`, `BatchNorm` (optionally synchronised across
-devices), `Dropout` (a counter-hash mask: on the CPU ~50x cheaper than threefry bits) and `max_pool`. How
-convolutions and linear layers compute is injected (`cifarjax.models.Formulations`), as flax's `nn.Conv` takes
-its `conv_general_dilated`."""
+"""Layers whose numerics match PyTorch, as plain JAX: `Conv`, `Dense`, `BatchNorm` (optionally synced across devices),
+`Dropout` (a counter-hash mask: on the CPU ~50x cheaper than threefry bits), `max_pool`; how convolutions and linear
+layers compute is injected (`cifarjax.models.Formulations`), as flax's `nn.Conv` takes its `conv_general_dilated`."""
 from __future__ import annotations
 
 import math

@@ -25,16 +25,14 @@ def resolve(platform: Optional[str] = None, environ: Mapping[str, str] = os.envi
 
 
 def conv_impl(impl: str, platform: str) -> str:
-    """Config.conv_impl's formulation: 'auto' is the platform's ('winograd' on the CPU, else 'xla'), the others are
-    taken as asked on any platform."""
+    """Config.conv_impl's formulation: 'auto' is the platform's ('winograd' on the CPU, else 'xla'), others as asked."""
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
     return impl if impl != "auto" else "winograd" if platform == "cpu" else "xla"
 
 
 def step_factory(platform: Optional[str] = None):
-    """How a run's training steps are pmap-ed, `(step, mask, axis_name, devices, **static) -> step`: on the CPU
-    with only the frozen parameters donated, elsewhere the whole state."""
+    """How a run's steps are pmap-ed, `(step, mask, axis_name, devices, **static) -> step` (the CPU's: frozen_apart)."""
     if resolve(platform) == "cpu":
         from cifarjax.cpu.donation import frozen_apart
         return frozen_apart

@@ -85,18 +85,15 @@ def conv_phases(x, kernel, pool: int):
             for p in range(pool) for q in range(pool)}
 
 
-@jax.custom_vjp
+def _maximum_of_bwd(xs, g):
+    out = reduce(jnp.maximum, xs)  # recomputed: compiled, as many maximum ops and fusions as when kept
+    return tuple(jnp.where(x == out, g, jnp.zeros_like(g)) for x in xs)
+
+
+@with_backward(_maximum_of_bwd)
 def maximum_of(*xs):
     """Elementwise maximum whose gradient goes to every input equal to it (after a ReLU ties are zeros)."""
     return reduce(jnp.maximum, xs)
-
-
-def _maximum_of_fwd(*xs):
-    out = maximum_of(*xs)
-    return out, (xs, out)
-
-
-maximum_of.defvjp(_maximum_of_fwd, lambda res, g: tuple(jnp.where(x == res[1], g, jnp.zeros_like(g)) for x in res[0]))
 
 # Winograd F(m x m, 3x3) (Lavin & Gray 2016), (B^T, G, A^T): out_tile = A^T [(G k G^T) * (B^T d B)] A over
 # (m+2)x(m+2) input tiles d at stride m. Exact in float64; float32 computations round them.

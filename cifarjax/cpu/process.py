@@ -1,7 +1,6 @@
-"""A command's process-wide settings for the CPU, applied at its start where its run executes on the CPU
-(`cifarjax.target.runs_on_cpu`), before JAX starts its backend (XLA reads its flags once): XLA flags, transparent
-huge pages (Linux, glibc 2.35+: 40-125x fewer page faults on XLA's buffers; `GLIBC_TUNABLES=glibc.malloc.hugetlb=0`
-opts out) and malloc trimming. `applied()` says what is in effect, for summary.json."""
+"""A command's CPU settings (`tune`), where its run executes on the CPU, before JAX starts its backend: XLA flags,
+transparent huge pages (glibc 2.35+: 40-125x fewer page faults on XLA's buffers; `GLIBC_TUNABLES=glibc.malloc.hugetlb=0`
+opts out) and malloc trimming; `applied()` says what is in effect, for summary.json."""
 from __future__ import annotations
 
 import contextlib
