@@ -34,8 +34,7 @@ def add_cpu_flags(environ: MutableMapping[str, str] = os.environ, jaxlib_version
     """Append `flags` not already in `environ['XLA_FLAGS']` (the user's choice wins), on the jaxlib versions they
     were measured on; returns the flags added."""
     if jaxlib_version is None:
-        import jaxlib
-        jaxlib_version = jaxlib.__version__
+        from jaxlib import __version__ as jaxlib_version
     if not jaxlib_version.startswith(MEASURED_JAXLIB):
         return []
     current = environ.get("XLA_FLAGS", "")
@@ -75,11 +74,9 @@ def scheduler(environ: Mapping[str, str] = os.environ) -> str:
 
 def kernel_mode(setting: Path = THP_SETTING) -> Optional[str]:
     """The kernel's transparent-huge-page mode ("always", "madvise" or "never"), None where there is none."""
-    try:
-        text = setting.read_text()
-    except OSError:
-        return None
-    return text[text.index("[") + 1:text.index("]")] if "[" in text and "]" in text else None
+    with contextlib.suppress(OSError):
+        mode = re.search(r"\[(\w+)\]", setting.read_text())
+        return mode and mode.group(1)
 
 
 def relaunch_environ(environ: Mapping[str, str], mode: Optional[str], libc: Optional[str] = None) -> Optional[dict]:
