@@ -23,7 +23,7 @@ from cifarjax import binding, distributed, plots, runs  # noqa: E402
 from cifarjax.augment import with_normalization  # noqa: E402
 from cifarjax.checkpoint import latest_epoch, quiet_orbax  # noqa: E402
 from cifarjax.config import Config  # noqa: E402
-from cifarjax.cpu import process as cpu_process, xla_flags  # noqa: E402
+from cifarjax.cpu import process as cpu_process  # noqa: E402
 from cifarjax.data import Dataset, Split, fingerprint, load_dataset, train_indices, train_val_split  # noqa: E402
 from cifarjax.errors import UserError, set_interrupt_advice  # noqa: E402
 from cifarjax.evaluation import predict, score  # noqa: E402
@@ -138,7 +138,7 @@ def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
         config = new_config(command, args.recipe, typed, **fixed)
     runs.check_outside_data(run, config.data_dir)
     if runs_on_cpu():
-        xla_flags.schedule_for(config)  # before anything starts JAX's backend (orbax, `is_writer`)
+        cpu_process.schedule_for(config)  # before anything starts JAX's backend (orbax, `is_writer`)
     elif config.deterministic:
         deterministic()
     done = latest_epoch(run) if args.resume else None

@@ -142,7 +142,7 @@ def test_huge_pages_relaunch_only_a_script_run_from_the_shell(tmp_path):
     """tune_process relaunches what started the process: the script itself, never pytest or runpy running it."""
     import subprocess
     script = tmp_path / "script.py"
-    script.write_text("import sys\nfrom cifarjax.cpu.hugepages import _runs_the_main_script\n"
+    script.write_text("import sys\nfrom cifarjax.cpu.process import _runs_the_main_script\n"
                       "print(_runs_the_main_script(sys.orig_argv))\n")
     runs_it = [[sys.executable, str(script)], [sys.executable, "-m", "script"],
                [sys.executable, "-c", f"import runpy; runpy.run_path({str(script)!r}, run_name='__main__')"]]
