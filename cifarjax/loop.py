@@ -91,7 +91,7 @@ class Trainer:
         if self.writer:
             if not (self.run / runs.CONFIG).exists():  # a run research code started: `load_run` needs its settings
                 write_json(self.run / runs.CONFIG, binding.absolute_paths(self.config.to_dict()))
-            runs.write_metrics(self.run, self.records)
+            runs.RunFolder(self.run).write_metrics(self.records)
         p = self.parallel
         self.feed = (HostAugmentFeed(p, self.train, self.host_augment) if self.host_augment
                      else ResidentFeed(p, self.train))
@@ -260,10 +260,10 @@ def _check_splits(config: Config, train: Split, val: Split, inputs) -> None:
 
 def _claim(run: Path, resume: bool, continue_from: Optional[Path]) -> bool:
     """Claim and mark the run folder (a fresh one starts as `continue_from` resumed); whether to resume."""
-    runs.claim(run)
+    folder = runs.RunFolder.claim(run)
     distributed.barrier(f"claimed {run}")  # every process checked the folder before process 0 marks it
     if distributed.is_writer() and not runs.is_run(run):
-        runs.create(Path(run), "python")
+        folder.create()
     distributed.barrier(f"marked {run}")
     if continue_from is None:
         return resume

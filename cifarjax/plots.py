@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 
 from cifarjax import runs  # noqa: E402
 from cifarjax.errors import UserError, warn  # noqa: E402
-from cifarjax.files import atomic_write, beside_foreign  # noqa: E402
+from cifarjax.files import atomic_write  # noqa: E402
 from cifarjax.text import printable  # noqa: E402
 
 PALETTE = ("#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133",
@@ -43,9 +43,9 @@ def output_path(path) -> Path:
 
 def _save(fig, path) -> Path:
     """Write `fig` to `path` atomically (never half a figure), every text `printable`; returns the path written:
-    beside `path`, said in one line, where a file cifarjax did not write holds the name (`files.beside_foreign`)."""
+    beside `path`, said in one line, where a file cifarjax did not write holds the name (`runs.RunFolder.free_name`)."""
     asked = output_path(path)
-    path = beside_foreign(asked)
+    path = runs.RunFolder.free_name(asked)
     if path != asked:
         warn(f"{asked} is not a file cifarjax wrote, so it is left alone; the figure goes to {path}")
     try:

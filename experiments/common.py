@@ -137,7 +137,7 @@ def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
         config = resumed_config(Config.from_dict(folder.saved, str(run / runs.CONFIG)), typed, args.recipe, str(run))
     else:
         config = new_config(command, args.recipe, typed, **fixed)
-    runs.check_outside_data(run, config.data_dir)
+    folder.check_outside(config.data_dir)
     if runs_on_cpu():
         xla_flags.schedule_for(config)  # before anything starts JAX's backend (orbax, `is_writer`)
     elif config.deterministic:
@@ -178,7 +178,7 @@ def open_run(s: Start, command: str, config_json: dict) -> None:
         s.folder.open({**config_json, **s.binding})
     set_interrupt_advice(f"the run folder {s.run} is kept: resume with {resume_hint(command, s.run)}")
     distributed.barrier("run folder created")
-    distributed.agree({"run_id": runs.marker(s.run).get("id")}, f"the run folder {s.run} (it must be the same "
+    distributed.agree({"run_id": s.folder.marker.get("id")}, f"the run folder {s.run} (it must be the same "
                       "folder on shared storage for every process)")
 
 

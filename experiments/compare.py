@@ -18,7 +18,6 @@ from experiments import seeds
 from cifarjax import plots, runs
 from cifarjax.checkpoint import find_run
 from cifarjax.errors import UserError, exit_on_user_error
-from cifarjax.files import beside_foreign
 from cifarjax.flags import Parser
 from cifarjax.loop import History
 from cifarjax.seeds import per_epoch
@@ -171,7 +170,7 @@ def plot_path(given, loaded: list, overwrite: bool) -> Path:
     path = plots.output_path(path)
     if path.is_dir():
         raise UserError(f"--out {path} is a folder; give a file name such as {path / 'comparison.png'}")
-    target = beside_foreign(path)
+    target = runs.RunFolder.free_name(path)
     if given is not None and target != path:
         raise UserError(f"--out {path} is a file in a run folder that cifarjax did not write; choose another --out")
     if target.exists() and not overwrite:

@@ -149,7 +149,7 @@ def fine_tune_run(s, n_epochs: int, variables: dict, features, bound: dict, nest
     sub = run_folder(s, n_epochs, nested)
     config = s.config.replace(n_epochs=n_epochs)
     if nested and distributed.is_writer():
-        runs.create(sub, "finetune")
+        runs.RunFolder(sub, "finetune").create()
         frozen = {"frozen_params": {**bound["frozen_params"], "path": f"../{FROZEN}"}} if "frozen_params" in bound \
             else {}
         write_json(sub / runs.CONFIG, {**config.to_dict(), **bound, **frozen, **s.binding})
