@@ -30,16 +30,14 @@ from cifarjax.runs import CONFIG, TENSORBOARD, RunFolder, atomic_write
 CHECKPOINTS, FROZEN = "checkpoints", "frozen_params.npz"
 
 
-class _OrbaxFailuresRaise(logging.Filter):
+def _drop_orbax_failures(record: logging.LogRecord) -> bool:
     """Drop orbax's ERROR records, and asyncio's about orbax's unread task exceptions: a failed save is logged by
     each of its threads, then raised where cifarjax reports it in one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR:
-            return True
-        if record.name == "asyncio":
-            return not ("never retrieved" in record.getMessage() and f"{os.sep}orbax{os.sep}" in record.getMessage())
-        return f"{os.sep}orbax{os.sep}" not in record.pathname
+    if record.levelno < logging.ERROR:
+        return True
+    if record.name == "asyncio":
+        return not ("never retrieved" in record.getMessage() and f"{os.sep}orbax{os.sep}" in record.getMessage())
+    return f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
 class _QuietClosedLoop(asyncio.SelectorEventLoop):
@@ -64,8 +62,7 @@ def quiet_orbax() -> None:
     importing cifarjax never does). Idempotent."""
     logging.getLogger("absl").setLevel(logging.ERROR)
     for logger in map(logging.getLogger, ("absl", "asyncio")):
-        if not any(isinstance(f, _OrbaxFailuresRaise) for f in logger.filters):
-            logger.addFilter(_OrbaxFailuresRaise())
+        logger.addFilter(_drop_orbax_failures)  # once: addFilter skips a filter the logger has
     if type(asyncio.get_event_loop_policy()) is asyncio.DefaultEventLoopPolicy:  # leave a chosen policy (uvloop) alone
         asyncio.set_event_loop_policy(_QuietClosedLoopPolicy())
 
@@ -93,9 +90,6 @@ class Checkpointer:
                 max_to_keep=keep, create=True, enable_async_checkpointing=True))
         except OSError as error:
             raise user_error_from_os(error, f"cannot create checkpoints in {self.directory}") from None
-
-    def latest_step(self) -> Optional[int]:
-        return self.manager.latest_step()
 
     def _stored(self, state) -> dict:
         """The arrays a checkpoint holds: what trains, statistics, their moving average, optimizer state."""
@@ -187,9 +181,9 @@ def _why_not_written(error: Exception) -> tuple:
     carry it in their text ("[os_error_code='36']", "[OS error: 28]", RESOURCE_EXHAUSTED)."""
     text = str(error)
     code = error.errno if isinstance(error, OSError) else None
-    found = re.search(r"os_error_code='(\d+)'|OS error: (\d+)|\[Errno (\d+)\]", text)
+    found = re.search(r"(?:os_error_code='|OS error: |\[Errno )(\d+)", text)
     if code is None and found:
-        code = int(next(g for g in found.groups() if g))
+        code = int(found.group(1))
     if code is None and ("RESOURCE_EXHAUSTED" in text or "No space left" in text or "Disk quota" in text):
         code = errno.EDQUOT if "Disk quota" in text else errno.ENOSPC
     if code in _WRITE_FIXES:

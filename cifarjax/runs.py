@@ -1,10 +1,7 @@
-"""The run folder: config.json, metrics.jsonl, summary.json, plots/, checkpoints/, tensorboard/, the marker
-`.cifarjax-run` (cifarjax made it), the manifest `.cifarjax-files` (what cifarjax wrote) and `.cifarjax-lock`.
-
-A user's files are never touched: `RunFolder.check` decides before anything is written whether --out may be used,
-`RunFolder.create` makes or replaces the folder only once the new run has started, removing only what the manifest
-lists, and `atomic_write` lists each file it writes in the manifest of the run folder holding it.
-"""
+"""The run folder (config.json, metrics.jsonl, summary.json, plots/, checkpoints/, tensorboard/, the marker
+`.cifarjax-run`, the manifest `.cifarjax-files` of what cifarjax wrote, `.cifarjax-lock`) and its binding to data,
+weights and commands. A user's file is never touched: `atomic_write` lists its file in the manifest, and --overwrite
+removes only what the manifest lists."""
 from __future__ import annotations
 
 import atexit
@@ -23,7 +20,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import cifarjax
-from cifarjax import binding, errors
+from cifarjax import errors
 from cifarjax.config import Config
 from cifarjax.errors import UserError, user_error_from_os, warn
 
@@ -43,8 +40,8 @@ os.umask(_UMASK)
 
 @dataclass
 class RunFolder:
-    """A run folder: checked before anything is written, then created with its marker and lock; its manifest of
-    what cifarjax wrote, its metrics, and (resumed) the config.json it is bound to."""
+    """A run folder: checked before anything is written, then made with its marker and lock; its manifest, metrics
+    and (resumed) the config.json it is bound to."""
     path: Path
     experiment: str = "python"
     resume: bool = False
@@ -129,19 +126,16 @@ class RunFolder:
                         f"experiments.{command} trains a {MODEL_NAMES[wanted]}: resume it with python -m {maker} "
                         f"--resume --out {self.path}")
 
-    def check_data(self, now: dict, data_dir) -> None:
-        if self.resume:
-            binding.check_data(self.saved, now, data_dir, self.path)
-
-    def binding(self, data_fingerprint: dict, command_line: str) -> dict:
-        """config.json's binding: the data's fingerprint (the run's own) and every command that made the run."""
+    def bind(self, data_fingerprint: dict, data_dir, command_line: str) -> dict:
+        """config.json's binding: the data's fingerprint (a resumed run's own: other data is refused) and every
+        command that made the run."""
         saved = self.saved or {}
+        check_data(saved, data_fingerprint, data_dir, self.path)
         return {"data_fingerprint": saved.get("data_fingerprint") or data_fingerprint,
                 "commands": [*saved.get("commands", []), command_line]}
 
     def create(self, replace: bool = False, take_lock: bool = False) -> RunFolder:
-        """Make the folder and its marker; with `take_lock` first lock it for this process, with `replace` then
-        remove an old run's own files."""
+        """Make the folder and its marker: locked first with `take_lock`, an old run's files removed with `replace`."""
         mark = {"experiment": self.experiment, "id": uuid.uuid4().hex, "cifarjax": cifarjax.__version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # before anything is made
         try:
@@ -182,16 +176,13 @@ class RunFolder:
     def manifest(self) -> list:
         """The paths (relative to the folder) its manifest lists; a line cut by a crash is ignored."""
         try:
-            text = (self.path / MANIFEST).read_text()
+            return [line for line in (self.path / MANIFEST).read_text().split("\n")[:-1] if line]
         except FileNotFoundError:
             return []
-        lines = text.split("\n")
-        return [line for line in (lines if text.endswith("\n") else lines[:-1]) if line]
 
     @classmethod
     def record(cls, path) -> None:
-        """List `path` (a file or folder cifarjax wrote) in the manifest of the run folder holding it, so that
-        --overwrite removes exactly what cifarjax wrote."""
+        """List `path`, which cifarjax wrote, in the manifest of the run folder holding it (--overwrite removes it)."""
         folder = cls.holding(path)
         if folder is None or Path(path).name in (MARKER, MANIFEST):
             return
@@ -215,32 +206,8 @@ class RunFolder:
         return candidate
 
     def remove_own_files(self) -> None:
-        """Remove exactly what cifarjax wrote in the marked folder, then the folders left empty; name what stays."""
-        run = self.path
-        for entry in self._own_entries():
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            elif entry.exists() or entry.is_symlink():
-                entry.unlink()
-        for sub in [e for e in run.iterdir() if e.is_dir() and not e.is_symlink() and is_run(e)]:
-            RunFolder(sub).remove_own_files()
-            _remove_if_empty(sub)
-        folders = {run / name for name in OWN_IN_FOLDERS} | {
-            run / parent for e in self.manifest() for parent in Path(e).parents if parent != Path(".")}
-        for folder in sorted(folders, key=lambda p: -len(p.parts)):
-            if folder.is_dir() and not folder.is_symlink():
-                _remove_if_empty(folder)
-        for name in (MANIFEST, MARKER):
-            if (run / name).is_file():
-                (run / name).unlink()
-        kept = sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.name != LOCK and not p.is_dir())
-        if kept:
-            more = f" and {len(kept) - 5} more" if len(kept) > 5 else ""
-            warn(f"--overwrite kept {', '.join(kept[:5])}{more} in {run}: cifarjax did not create them")
-
-    def _own_entries(self) -> list:
-        """What cifarjax wrote here: the manifest's paths inside the folder (else the names it gives its files), and
-        orbax's unfinished checkpoints."""
+        """Remove exactly what cifarjax wrote in the marked folder (its manifest's paths inside it, else the names
+        it gives its files, and orbax's unfinished checkpoints), then the folders left empty; name what stays."""
         run, listed = self.path, self.manifest()
         entries = [run / e for e in listed if not Path(e).is_absolute() and ".." not in Path(e).parts
                    and Path(e).name not in (MANIFEST, MARKER)
@@ -249,7 +216,27 @@ class RunFolder:
             entries = [run / name for name in OWN_FILES]
             entries += [p for folder, patterns in OWN_IN_FOLDERS.items() for pattern in patterns
                         for p in (run / folder).glob(pattern)]
-        return entries + list((run / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
+        for entry in entries + list((run / "checkpoints").glob("*.orbax-checkpoint-tmp*")):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif entry.exists() or entry.is_symlink():
+                entry.unlink()
+        subruns = [e for e in run.iterdir() if e.is_dir() and not e.is_symlink() and is_run(e)]
+        for sub in subruns:
+            RunFolder(sub).remove_own_files()
+        folders = {run / name for name in OWN_IN_FOLDERS} | {
+            run / parent for e in listed for parent in Path(e).parents if parent != Path(".")}
+        for folder in [*subruns, *sorted(folders, key=lambda p: -len(p.parts))]:
+            if folder.is_dir() and not folder.is_symlink():
+                with contextlib.suppress(OSError):  # only an empty one goes
+                    folder.rmdir()
+        for name in (MANIFEST, MARKER):
+            if (run / name).is_file():
+                (run / name).unlink()
+        kept = sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.name != LOCK and not p.is_dir())
+        if kept:
+            more = f" and {len(kept) - 5} more" if len(kept) > 5 else ""
+            warn(f"--overwrite kept {', '.join(kept[:5])}{more} in {run}: cifarjax did not create them")
 
     def write_metrics(self, records: list) -> None:
         """Rewrite metrics.jsonl with `records` (at start and on resume, to match the checkpoint)."""
@@ -310,11 +297,6 @@ def _check_unlocked(run: Path) -> None:
                     f"it (kill {pid}: it saves a checkpoint), then try again")
 
 
-def _remove_if_empty(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        folder.rmdir()
-
-
 @contextlib.contextmanager
 def atomic_write(path, mode: str = "w") -> Iterator:
     """Open a unique temporary file beside `path`; on success it replaces `path` (and is listed in the manifest of
@@ -347,7 +329,7 @@ def write_json(path, value) -> None:
     write_text(path, json.dumps(value, indent=2) + "\n")
 
 
-# config.json's keys beside the Config fields (cifarjax.binding, experiments.finetune), each with what it must be.
+# config.json's keys beside the Config fields (its binding, experiments.finetune), each with what it must be.
 RECORDED = {"data_fingerprint": ("an object with sha256 and images", lambda v: isinstance(v, dict) and
                                  isinstance(v.get("sha256"), str) and isinstance(v.get("images"), dict)),
             "commands": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
@@ -357,6 +339,48 @@ RECORDED = {"data_fingerprint": ("an object with sha256 and images", lambda v: i
                               isinstance(v.get("path"), str) and isinstance(v.get("sha256"), str)),
             **{k: ("a string", lambda v: isinstance(v, str)) for k in ("weights_label", "weights_file",
                                                                        "weights_sha256")}}
+
+
+def absolute(path) -> Optional[str]:
+    """`path` as an absolute path (None stays None), so that a run means the same folder from any folder."""
+    if path is None:
+        return None
+    try:
+        return str(Path(path).expanduser().resolve())
+    except (OSError, RuntimeError):  # a symbolic link loop: the loader names it
+        return os.path.abspath(os.path.expanduser(path))
+
+
+def absolute_paths(values: dict) -> dict:
+    """Config values with data_dir and a weights file made absolute ('imagenet' and 'random' stay names)."""
+    values = dict(values)
+    for key, names in (("data_dir", ()), ("weights", ("imagenet", "random"))):
+        if values.get(key) not in (None, *names) and str(values[key]).strip():
+            values[key] = absolute(values[key])
+    return values
+
+
+def check_data(saved: dict, now: dict, data_dir, run,
+               fix: str = "pass the run's own data with --data-dir, or start a new run") -> None:
+    """Refuse data whose fingerprint differs from the run's (another folder with the same images is fine)."""
+    then = saved.get("data_fingerprint")
+    if not then or then["sha256"] == now["sha256"]:
+        return
+    n_now, n_then = sum(now["images"].values()), sum(then["images"].values())
+    change = (f"{n_now} images now, {n_then} when the run started" if n_now != n_then else
+              f"{n_now} images as when the run started, but not the same ones")
+    raise UserError(f"the data in {data_dir} differs from the run's in {run} ({change}; fingerprint "
+                    f"{now['sha256'][:12]} now, {then['sha256'][:12]} then): {fix}")
+
+
+def check_weights(recorded: Optional[str], now: Optional[str], path, run, needed_for: str) -> None:
+    """Refuse a weights file whose SHA-256 is not the one the run started from, where the run still needs it."""
+    if recorded is None or recorded == now:
+        return
+    state = "is missing" if now is None else \
+        f"changed since the run started (sha256 {now[:12]} now, {recorded[:12]} then)"
+    raise UserError(f"the weights file {path} {state}, and {needed_for} needs the run's starting weights: restore "
+                    "the original file, or start a new run")
 
 
 def read_config(run) -> dict:
@@ -384,8 +408,7 @@ def read_json(path: Path):
 def read_metrics(run) -> list:
     """The records of a metrics.jsonl (`run`: a run folder or the file); [] when there is none yet. A last line cut
     by a crash is left out with a warning; a damaged line before it is a UserError naming the line."""
-    path = Path(run)
-    path = path / METRICS if path.is_dir() else path
+    path = Path(run) / METRICS if Path(run).is_dir() else Path(run)
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:

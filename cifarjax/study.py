@@ -22,7 +22,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from cifarjax import binding, plots, runs
+from cifarjax import plots, runs
 from cifarjax.augment import AugmentSpec, with_normalization
 from cifarjax.checkpoint import find_run
 from cifarjax.config import Config
@@ -250,7 +250,7 @@ def study(data_dir, weights: str = "imagenet", grid: Sequence[Cell] = DEFAULT_GR
     folder = runs.RunFolder.check(out, "study", overwrite, resume)
     out = folder.path
     phases = Phases(announce=True)
-    paths = binding.absolute_paths({"data_dir": data_dir, "weights": weights})
+    paths = runs.absolute_paths({"data_dir": data_dir, "weights": weights})
     base = recipe_config("finetune", **{**BASELINE, **baseline}, data_dir=paths["data_dir"], weights=paths["weights"],
                          n_epochs=epochs, subset=subset).validate()  # before any loading
     folder.check_outside(base.data_dir)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from experiments import common, seeds
-from cifarjax import binding, distributed, plots, runs
+from cifarjax import distributed, plots, runs
 from cifarjax.checkpoint import FROZEN, digest, frozen_params, join_frozen, latest_epoch, load_variables, \
     split_frozen, write_frozen_file
 from cifarjax.errors import exit_on_user_error
@@ -130,8 +130,8 @@ def resumed_weights(s, counts: list, nested: bool) -> tuple:
     elif weights.pretrained:
         path = weights_file(s.config.weights)
         now = sha256_file(path) if path.is_file() else None
-        binding.check_weights(weights.sha256, now, path, s.run,
-                              f"its {plural(fresh[0], 'epoch')} fine-tune, which has not trained yet,")
+        runs.check_weights(weights.sha256, now, path, s.run,
+                           f"its {plural(fresh[0], 'epoch')} fine-tune, which has not trained yet,")
         variables = starting_weights(s.config)[0]
     else:
         variables = starting_weights(s.config)[0]
