@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from cifarjax import binding, distributed, runs, schedule, target
+from cifarjax import distributed, runs, schedule, target
 from cifarjax.augment import AugmentSpec, HostAugment, with_normalization
 from cifarjax.checkpoint import Checkpointer, continue_run, latest_epoch
 from cifarjax.config import Config
@@ -68,7 +68,7 @@ class Trainer:
         """With `resume`, continue from the newest intact checkpoint; a new run writes its frozen parameters."""
         if self.checkpointer is None:
             return
-        latest = self.checkpointer.latest_step()
+        latest = self.checkpointer.manager.latest_step()
         if latest is not None and not resume:  # its steps would not be saved again: the folder would mix two runs
             raise UserError(f"{self.run} already holds a run's checkpoints (step {latest}); continue it with "
                             "resume=True, or train into another folder")
@@ -89,8 +89,8 @@ class Trainer:
         """Place the data and state on the devices, compile the evaluation step, lay out the calls."""
         if self.writer:
             if not (self.run / runs.CONFIG).exists():  # a run research code started: `load_run` needs its settings
-                write_json(self.run / runs.CONFIG, binding.absolute_paths(self.config.to_dict()))
-            runs.write_metrics(self.run, self.records)
+                write_json(self.run / runs.CONFIG, runs.absolute_paths(self.config.to_dict()))
+            runs.RunFolder(self.run).write_metrics(self.records)
         p = self.parallel
         self.feed = (HostAugmentFeed(p, self.train, self.host_augment) if self.host_augment
                      else ResidentFeed(p, self.train))
@@ -259,10 +259,10 @@ def _check_splits(config: Config, train: Split, val: Split, inputs) -> None:
 
 def _claim(run: Path, resume: bool, continue_from: Optional[Path]) -> bool:
     """Claim and mark the run folder (a fresh one starts as `continue_from` resumed); whether to resume."""
-    runs.claim(run)
+    folder = runs.RunFolder.claim(run)
     distributed.barrier(f"claimed {run}")  # every process checked the folder before process 0 marks it
     if distributed.is_writer() and not runs.is_run(run):
-        runs.create(Path(run), "python")
+        folder.create()
     distributed.barrier(f"marked {run}")
     if continue_from is None:
         return resume

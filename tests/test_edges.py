@@ -79,7 +79,7 @@ def test_a_file_given_as_the_run_is_named_as_a_file(tmp_path):
 
 def test_resume_of_a_missing_folder_says_what_to_do(tmp_path):
     with pytest.raises(UserError, match="empty or missing; check the path, or leave out --resume"):
-        runs.check_out(tmp_path / "missing", "cnn", resume=True)
+        runs.RunFolder.check(tmp_path / "missing", "cnn", resume=True)
 
 
 def test_no_data_dir_and_no_torchvision_names_data_dir(tmp_path, monkeypatch):
