@@ -1,7 +1,6 @@
-"""Reading image files and CIFAR-10's python batches into uint8 arrays, refusing anything malformed with a message
-naming the file: every image mode Pillow opens becomes 8-bit RGB (16-bit and float images scaled, palettes and
-CMYK converted, alpha dropped as torchvision's loader does) or is refused, as is an image over Pillow's pixel limit;
-CIFAR batches are unpickled accepting only numpy objects, then checked field by field."""
+"""Image files and CIFAR-10's python batches read into uint8 RGB arrays, anything malformed refused with a message
+naming the file: every image mode Pillow opens becomes 8-bit RGB or is refused, as is an image over Pillow's pixel
+limit; CIFAR batches are unpickled accepting only numpy objects, then checked field by field."""
 from __future__ import annotations
 
 import contextlib
@@ -132,12 +131,12 @@ def decode_image(path, size: int, advice: str = "delete or replace that file and
 
 
 @contextlib.contextmanager
-def refusing_bombs():
-    """Pillow's DecompressionBombWarning as an error, so such an image is refused as a corrupt one is. Entered by the
-    thread that starts a decoding pool: warning filters are the process's, and racy."""
-    with warnings.catch_warnings():
+def decoding_pool():
+    """A thread pool for decoding, meanwhile Pillow's DecompressionBombWarning an error (such an image is refused as a
+    corrupt one is); set by the thread that starts the pool, as warning filters are the process's, and racy."""
+    with warnings.catch_warnings(), ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        yield
+        yield pool
 
 
 def decode_files(files: Sequence[ImageFile], size: int, desc: str):
@@ -147,7 +146,7 @@ def decode_files(files: Sequence[ImageFile], size: int, desc: str):
     def work(i):
         images[i] = decode_image(files[i].path, size)
 
-    with refusing_bombs(), ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
+    with decoding_pool() as pool:
         for _ in tqdm(pool.map(work, range(len(files))), total=len(files), desc=desc, unit="img",
                       leave=False, mininterval=1.0, disable=len(files) < 2000):
             pass
@@ -190,32 +189,30 @@ def read_cifar(folder: Path, size: int):
     classes = _read_cifar_pickle(folder / "batches.meta").get("label_names")
     if not isinstance(classes, (list, tuple)) or not classes or not all(isinstance(n, str) for n in classes):
         raise UserError(f"{folder / 'batches.meta'} has no list of class names ('label_names'); {_REDOWNLOAD}")
-
-    def read(names):
-        return tuple(map(np.concatenate, zip(*(_read_cifar_batch(folder / n, len(classes), size) for n in names))))
-    return tuple(classes), read([f"data_batch_{i}" for i in range(1, 6)]), read(["test_batch"])
-
-
-def _read_cifar_batch(path: Path, num_classes: int, size: int):
-    batch = _read_cifar_pickle(path)
-    missing = [k for k in ("data", "labels") if k not in batch]
-    if missing:
-        raise UserError(f"{path} lacks the key(s) {', '.join(missing)} of a CIFAR-10 batch; {_REDOWNLOAD}")
-    data, labels = batch["data"], batch["labels"]
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        what = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
-        raise UserError(f"{path}: 'data' is a {what}, CIFAR-10 needs uint8 of shape (N, 3072); {_REDOWNLOAD}")
-    try:
-        labels = np.asarray(labels)
-    except Exception:  # noqa: BLE001
-        labels = np.asarray([], object)
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise UserError(f"{path}: 'labels' is not a list of integers; {_REDOWNLOAD}")
-    if len(labels) != len(data):
-        raise UserError(f"{path} holds {len(data)} images but {len(labels)} labels; {_REDOWNLOAD}")
-    check_labels(labels, num_classes, str(path))
-    images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-    return np.stack([resized(im, size) for im in images]) if size != 32 else images, labels.astype(np.int32)
+    splits = {"train": [], "test": []}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        path = folder / name
+        batch = _read_cifar_pickle(path)
+        missing = [k for k in ("data", "labels") if k not in batch]
+        if missing:
+            raise UserError(f"{path} lacks the key(s) {', '.join(missing)} of a CIFAR-10 batch; {_REDOWNLOAD}")
+        data, labels = batch["data"], batch["labels"]
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            what = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+            raise UserError(f"{path}: 'data' is a {what}, CIFAR-10 needs uint8 of shape (N, 3072); {_REDOWNLOAD}")
+        try:
+            labels = np.asarray(labels)
+        except Exception:  # noqa: BLE001 - a ragged list
+            labels = np.asarray([], object)
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise UserError(f"{path}: 'labels' is not a list of integers; {_REDOWNLOAD}")
+        if len(labels) != len(data):
+            raise UserError(f"{path} holds {len(data)} images but {len(labels)} labels; {_REDOWNLOAD}")
+        check_labels(labels, len(classes), str(path))
+        images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        splits["test" if name == "test_batch" else "train"].append(
+            (np.stack([resized(im, size) for im in images]) if size != 32 else images, labels.astype(np.int32)))
+    return (tuple(classes), *(tuple(map(np.concatenate, zip(*batches))) for batches in splits.values()))
 
 
 def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
