@@ -157,9 +157,8 @@ def eval_indices(n: int, batch_size: int, n_devices: int):
     batches shrink for small sets."""
     b = max(1, min(batch_size, -(-n // n_devices) * n_devices) // n_devices)
     total = -(-n // (b * n_devices)) * b * n_devices
-    idx = np.zeros(total, np.int32)
-    idx[:n] = np.arange(n)
-    return idx.reshape(-1, n_devices, b), (np.arange(total) < n).reshape(-1, n_devices, b)
+    mask = np.arange(total) < n
+    return (np.arange(total, dtype=np.int32) * mask).reshape(-1, n_devices, b), mask.reshape(-1, n_devices, b)
 
 
 def select_classes(dataset: Dataset, classes) -> Dataset:
@@ -286,13 +285,11 @@ def _cached(kind: str, root: Path, size: int, fingerprint, build) -> Dataset:
             pass
         warn(f"cached arrays {path} are damaged or do not match their source; decoding the images again")
     dataset = build()
-    arrays = {"key": np.array(key), "source": np.array(dataset.source), "classes": np.array(dataset.classes, str)}
-    for name, split in dataset.splits().items():
-        arrays[f"{name}_images"], arrays[f"{name}_labels"] = split.images, split.labels
 
     def save():
         with atomic_write(path, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, key=key, source=dataset.source, classes=np.array(dataset.classes, str),
+                     **{f"{name}_{k}": v for name, split in dataset.splits().items() for k, v in vars(split).items()})
     best_effort(save, f"writing the dataset cache {path}")
     return dataset
 
