@@ -12,7 +12,7 @@ import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -25,11 +25,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 CIFAR_DIR = "cifar-10-batches-py"
 
 
-class ImageFile(NamedTuple):
-    path: str  # as os.scandir joins it: str(split_dir)/<class>/<name> (strings: a Path per file costs seconds)
-    label: int
-
-
 def _scan(folder):
     try:
         return [e for e in sorted(os.scandir(folder), key=lambda e: e.name) if not e.name.startswith(".")]
@@ -38,9 +33,10 @@ def _scan(folder):
 
 
 def class_files(split_dir: Path, unused: Optional[list] = None):
-    """(classes, [ImageFile]) of DIR/<class>/*. Empty class folders are skipped with a warning, and so, in one
-    line, is every other entry not used (hidden ones aside); `unused` collects their paths."""
-    classes, files, skipped = [], [], []
+    """(classes, paths, labels) of DIR/<class>/*, each path as os.scandir joins it (a Path per file costs seconds).
+    Empty class folders are skipped with a warning, and so, in one line, is every other entry not used (hidden ones
+    aside); `unused` collects their paths."""
+    classes, paths, labels, skipped = [], [], [], []
     for entry in _scan(split_dir):
         if not entry.is_dir():
             skipped.append(entry.path)
@@ -53,7 +49,8 @@ def class_files(split_dir: Path, unused: Optional[list] = None):
             warn(f"class folder {entry.path} holds no images ({', '.join(IMAGE_EXTENSIONS)}); it is skipped and "
                  "is not a class")
             continue
-        files += [ImageFile(e.path, len(classes)) for e in images]
+        paths += [e.path for e in images]
+        labels += [len(classes)] * len(images)
         classes.append(printable(entry.name))  # a name that is not UTF-8 is shown escaped everywhere
     if skipped:
         n, more = len(skipped), f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
@@ -62,7 +59,7 @@ def class_files(split_dir: Path, unused: Optional[list] = None):
              f"{', '.join(map(printable, skipped[:3]))}{more}; python -m cifarjax.data lists them all")
     if unused is not None:
         unused += skipped
-    return classes, files
+    return classes, paths, labels
 
 
 def content_digest(paths, names=None) -> str:
@@ -139,18 +136,18 @@ def decoding_pool():
         yield pool
 
 
-def decode_files(files: Sequence[ImageFile], size: int, desc: str):
-    """(images (N, size, size, 3) uint8, labels (N,) int32), decoded on a thread pool with a progress bar."""
-    images = np.empty((len(files), size, size, 3), np.uint8)
+def decode_files(paths: Sequence[str], size: int, desc: str) -> np.ndarray:
+    """The image files as (N, size, size, 3) uint8, decoded on a thread pool with a progress bar."""
+    images = np.empty((len(paths), size, size, 3), np.uint8)
 
     def work(i):
-        images[i] = decode_image(files[i].path, size)
+        images[i] = decode_image(paths[i], size)
 
     with decoding_pool() as pool:
-        for _ in tqdm(pool.map(work, range(len(files))), total=len(files), desc=desc, unit="img",
-                      leave=False, mininterval=1.0, disable=len(files) < 2000):
+        for _ in tqdm(pool.map(work, range(len(paths))), total=len(paths), desc=desc, unit="img",
+                      leave=False, mininterval=1.0, disable=len(paths) < 2000):
             pass
-    return images, np.array([f.label for f in files], np.int32)
+    return images
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
