@@ -1,7 +1,6 @@
-"""What a step feeds the model, gathered on the device from resident data and the step's indices: images, or a
-frozen backbone's cached features; and the data a call receives from the host (`ResidentFeed`, `HostAugmentFeed`).
-Random choices are drawn for the global batch and sliced per device, so augmentation does not depend on how the
-batch is spread over devices and processes."""
+"""What a step feeds the model (images, or a frozen backbone's cached features), gathered on the device by index, and
+what a call receives from the host (`ResidentFeed`, `HostAugmentFeed`). Random choices are drawn for the global batch
+and sliced per device, so augmentation does not depend on how the batch is spread over devices and processes."""
 from __future__ import annotations
 
 import collections
@@ -133,12 +132,11 @@ class HostAugmentFeed:
         """Each step's batch augmented with its own step's draws; a device holds its rows of every step."""
         steps = idx.reshape((-1,) + idx.shape[-2:])
         images = np.concatenate([self.augment(self.split.images[i], step + s) for s, i in enumerate(steps)], axis=1)
-        labels = np.concatenate([self.split.labels[i] for i in steps], axis=1)
-        per_device = idx.shape[-1]
-        rows = np.arange(len(steps) * per_device, dtype=np.int32).reshape(len(steps), 1, per_device)
-        rows = np.broadcast_to(rows, steps.shape).reshape(idx.shape)
+        labels = np.concatenate(self.split.labels[steps], axis=1)
+        n, _, per_device = steps.shape  # a step's rows follow the previous steps' on each device
+        rows = np.broadcast_to(np.arange(n * per_device, dtype=np.int32).reshape(n, 1, per_device), steps.shape)
         p = self.parallel
-        return p.shard((p.mine(images), p.mine(labels))), p.mine(rows, axis=idx.ndim - 2)
+        return p.shard((p.mine(images), p.mine(labels))), p.mine(rows.reshape(idx.shape), axis=idx.ndim - 2)
 
     def ahead(self, batches):
         """`batches` ((`schedule.Call`, its indices) per call) passed through while one thread prepares the next
