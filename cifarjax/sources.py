@@ -33,9 +33,8 @@ def _scan(folder):
 
 
 def class_files(split_dir: Path, unused: Optional[list] = None):
-    """(classes, paths, labels) of DIR/<class>/*, each path as os.scandir joins it (a Path per file costs seconds).
-    Empty class folders are skipped with a warning, and so, in one line, is every other entry not used (hidden ones
-    aside); `unused` collects their paths."""
+    """(classes, paths, labels) of DIR/<class>/*, paths as os.scandir joins them (a Path per file costs seconds).
+    Empty class folders, and in one line every other entry not used (hidden ones aside, into `unused`), are skipped."""
     classes, paths, labels, skipped = [], [], [], []
     for entry in _scan(split_dir):
         if not entry.is_dir():
