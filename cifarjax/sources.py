@@ -34,7 +34,7 @@ def _scan(folder):
 
 def class_files(split_dir: Path, unused: Optional[list] = None):
     """(classes, paths, labels) of DIR/<class>/*, paths as os.scandir joins them (a Path per file costs seconds).
-    Empty class folders, and in one line every other entry not used (hidden ones aside, into `unused`), are skipped."""
+    Empty class folders are skipped with a warning, other unused entries (not hidden ones) with one (into `unused`)."""
     classes, paths, labels, skipped = [], [], [], []
     for entry in _scan(split_dir):
         if not entry.is_dir():
