@@ -23,11 +23,11 @@ from cifarjax.data import Split, eval_indices, train_indices
 from cifarjax.errors import NonFiniteLossError  # noqa: F401 - importable from here, as before
 from cifarjax.errors import (Terminated, UserError, interrupted, interrupted_at_once, non_finite_loss,
                              set_interrupt_advice)
-from cifarjax.features import backbone_features, cacheable
 from cifarjax.files import write_json
 from cifarjax.freezing import Freezing
 from cifarjax.hooks import Hooks, Metrics, Progress, Report, StopRequest
-from cifarjax.inputs import FeatureInputs, HostAugmentedInputs, HostAugmentFeed, ImageInputs, ResidentFeed
+from cifarjax.inputs import (FeatureInputs, HostAugmentedInputs, HostAugmentFeed, ImageInputs, ResidentFeed,
+                             backbone_features, cacheable)
 from cifarjax.models import Apply, build_model, init_variables
 from cifarjax.optim import lr_at, make_optimizer
 from cifarjax.phases import Chrono, Phases
@@ -299,7 +299,7 @@ def train_loop(config: Config, train: Split, val: Split, variables: Optional[dic
 
 def fine_tune_loop(config: Config, variables: dict, train: Split, val: Split, *, features=None, **options) -> FitResult:
     """The original's fine_tune_loop: train a ResNet-18's unfrozen part (default: the head), on cached backbone
-    features where the backbone is fixed (`features.cacheable`; `features` shares them between runs); `options`:
+    features where the backbone is fixed (`inputs.cacheable`; `features` shares them between runs); `options`:
     `fit`'s."""
     config, model = _prepared(config, train, val)
     if not cacheable(config):

@@ -27,9 +27,8 @@ from cifarjax.config import Config
 from cifarjax.data import Dataset, Split, fingerprint, load_dataset, train_val_split
 from cifarjax.errors import UserError, set_interrupt_advice
 from cifarjax.evaluation import evaluate
-from cifarjax.features import backbone_features, cacheable
 from cifarjax.files import write_json, write_text
-from cifarjax.inputs import ImageInputs
+from cifarjax.inputs import ImageInputs, backbone_features, cacheable
 from cifarjax.loop import Trainer, fine_tune_loop, train_loop
 from cifarjax.models import Apply, build_model, init_variables
 from cifarjax.phases import Phases

@@ -24,10 +24,10 @@ from cifarjax import distributed, plots, runs
 from cifarjax.checkpoint import FROZEN, digest, frozen_params, join_frozen, latest_epoch, load_variables, \
     split_frozen, write_frozen_file
 from cifarjax.errors import exit_on_user_error
-from cifarjax.features import backbone_features, cacheable
 from cifarjax.files import write_json
 from cifarjax.flags import given, rate_depends_on_length
 from cifarjax.freezing import Freezing
+from cifarjax.inputs import backbone_features, cacheable
 from cifarjax.loop import fine_tune_loop
 from cifarjax.models import build_model
 from cifarjax.pretrained import Weights, sha256_file, starting_weights, weights_file

@@ -82,7 +82,7 @@ def save_random_resnet(path):
 def test_features_are_cached_only_where_the_backbone_is_a_fixed_function():
     """The frozen-bn recipe caches its backbone's features; what trains a part of the backbone or its BatchNorm
     (the original), or augments beyond flips, does not."""
-    from cifarjax.features import cacheable
+    from cifarjax.inputs import cacheable
     from cifarjax.recipes import recipe_config
     assert cacheable(recipe_config("finetune", "frozen-bn")) and not cacheable(recipe_config("finetune"))
     for changes in ({"unfreeze": "layer4"}, {"unfreeze": "all"}, {"crop_padding": 2}, {"cutout": 8},
