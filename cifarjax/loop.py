@@ -1,7 +1,6 @@
-"""Training loops with the original's semantics, `train_loop` (SimpleCNN) and `fine_tune_loop` (ResNet-18), over
-`fit`: one `for` (`_train`) over the calls `schedule.batches` lays out, telling its `hooks`. It resumes from the
-newest intact checkpoint, stops on a non-finite loss, and on Ctrl-C or SIGTERM with a resumable checkpoint; same
-seed, same machine: the same numbers, whether the devices sit in one process or several.
+"""The original's loops, `train_loop` (SimpleCNN) and `fine_tune_loop` (ResNet-18), over `fit`: one `for` (`_train`)
+over the calls `schedule.batches` lays out, telling its `hooks`. A fit resumes from its newest intact checkpoint,
+stops on a non-finite loss, and on Ctrl-C or SIGTERM with a checkpoint; the same numbers in one process or several.
 """
 from __future__ import annotations
 
@@ -81,9 +80,8 @@ class Trainer:
         if done > self.total_steps:
             raise UserError(f"the run in {self.run} already trained {done / self.steps_per_epoch:g} epochs; pass "
                             f"--epochs {math.ceil(done / self.steps_per_epoch)} or more to resume it")
-        self.records = meta["records"]
+        self.records, self.elapsed = meta["records"], meta["seconds"]
         self.tracker = LossTracker(meta["loss_sum"], meta["acc_sum"], meta["count"], meta.get("first_loss"))
-        self.elapsed = meta["seconds"]
         self.saved_at(done, meta.get("train_loss"))
 
     def start(self) -> None:
@@ -125,14 +123,15 @@ class Trainer:
             return False
         if call.checkpoint:
             return True
-        self.sync()  # no step may be queued when process 0's choice is broadcast
+        self.sync()  # no step may be queued when process 0's choice is broadcast (at an epoch end, evaluated already)
         waited = time.perf_counter() - self.chrono.last_checkpoint
         return distributed.writer_decides(waited >= self.config.checkpoint_seconds)
 
     def sync(self) -> None:
-        """Wait for the queued steps, so their time counts as training."""
+        """Wait for the queued steps, so their time counts as training, and stop if a loss among them is not finite."""
         with self.chrono.training():
             jax.block_until_ready(self.device_state)
+        self.check_finite()
 
     def check_finite(self) -> None:
         """Read the queued steps' metrics (every 25 calls, before evaluations and checkpoints): stop if non-finite."""
@@ -144,7 +143,6 @@ class Trainer:
     def evaluate(self, step: int) -> dict:
         """Evaluate the state after `step` on the validation split: its record."""
         self.sync()
-        self.check_finite()
         with self.phases("evaluation"):
             preds, losses = self.parallel.evaluate(self.device_state, self.val_data, len(self.val),
                                                    self.config.eval_batch_size)
@@ -165,7 +163,6 @@ class Trainer:
         if self.checkpointer is None or (self.saved and self.saved[0] == step):
             return False
         self.sync()
-        self.check_finite()
         with self.phases("checkpoints"):
             loss = self.records[-1]["train_loss"] if self.records and self.records[-1]["step"] == step else None
             t = self.tracker
@@ -192,14 +189,11 @@ def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inp
         resume: bool = False, devices=None, desc: str = "train", host_augment: Optional[HostAugment] = None,
         phases: Optional[Phases] = None, resume_hint: str = "--resume", restart_hint: Optional[str] = None,
         continue_from: Optional[Path] = None, hooks: Sequence = (), report: bool = True) -> FitResult:
-    """Train `variables` under `apply_fn` on `train` (images or features), evaluating on `val`.
-
-    With `run`: metrics.jsonl, TensorBoard scalars and checkpoints there; `resume` continues from the newest intact
-    checkpoint and ends where an uninterrupted run would. `continue_from`: a finished shorter run of the same
-    configuration, which a run without checkpoints starts from (exact only for a rate that does not depend on the
-    epoch count, `flags.rate_depends_on_length`). `resume_hint`, `restart_hint`: the commands errors give.
-    `hooks`: told of the loop's moments after its own (`cifarjax.hooks`). `report`: summary.json and plots/.
-    """
+    """Train `variables` under `apply_fn` on `train` (images or features), evaluating on `val`; with `run`, writing
+    metrics.jsonl, TensorBoard scalars, checkpoints (`resume` continues from the newest) and, with `report`,
+    summary.json and plots/. `continue_from`: a finished shorter run of this configuration that a run without
+    checkpoints starts from (exact unless `flags.rate_depends_on_length`); `resume_hint`, `restart_hint`: the commands
+    errors give; `hooks`: told of the loop's moments after its own (`cifarjax.hooks`)."""
     _check_splits(config, train, val, inputs)
     resume = _claim(run, resume, continue_from) if run is not None else resume
     trainer = Trainer(config, apply_fn, variables, train, val, inputs, run=Path(run) if run else None,
@@ -216,10 +210,11 @@ def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inp
         raise interrupted_at_once(isinstance(interrupt, Terminated), trainer.run, trainer.saved,
                                   trainer.steps_per_epoch, resume_hint) from None
     except Exception as error:
-        if distributed.is_peer_failure(error):
-            graceful = False
-            raise distributed.peer_lost(error, resume_hint) from None
-        raise
+        lost = distributed.peer_lost(error, resume_hint)
+        if lost is None:
+            raise
+        graceful = False
+        raise lost from None
     finally:
         hooks.at_end(trainer)
         if trainer.checkpointer is not None and graceful:
@@ -235,17 +230,15 @@ def _train(trainer: Trainer, hooks: Hooks) -> None:
             hooks.after_call(trainer, call)
             if call.evaluate:
                 hooks.after_evaluation(trainer, trainer.evaluate(call.end))
-            if trainer.checkpoint_due(call) and trainer.save(call.end):
+            due = trainer.checkpoint_due(call)  # first: every process takes part in its decision
+            if (due or stop.requested is not None or trainer.stopping) and trainer.save(call.end):
                 hooks.after_checkpoint(trainer, call.end)
-            if stop.requested is not None or trainer.stopping:
-                if trainer.save(call.end):
-                    hooks.after_checkpoint(trainer, call.end)
-                if trainer.stopping:
-                    break
+            if trainer.stopping:
+                break
+            if stop.requested is not None:
                 raise interrupted(call.end, call.end / trainer.steps_per_epoch, trainer.run, trainer.resume_hint,
                                   stop.requested == signal.SIGTERM)
     trainer.sync()
-    trainer.check_finite()
     trainer.finished = True
 
 
