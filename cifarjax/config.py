@@ -1,7 +1,5 @@
-"""Experiment configuration as code: `Config`, a frozen dataclass of every knob once, each field's metadata (`option`)
-its help, allowed values, flag and whether it may change on resume, read by `cifarjax.flags`, validation and resume.
-Named presets live in `cifarjax.recipes`.
-"""
+"""Experiment configuration as code: `Config`, every knob once, each field's metadata (`option`) its help, allowed
+values, flag and resume rule, read by `cifarjax.flags`, validation and resume; named presets: `cifarjax.recipes`."""
 from __future__ import annotations
 
 import dataclasses

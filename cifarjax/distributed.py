@@ -43,10 +43,6 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
-def process_count() -> int:
-    return jax.process_count()
-
-
 def agree(values: dict, what: str) -> None:
     """Refuse to go on unless every process has the same `values` (compared by digest, key by key)."""
     if jax.process_count() == 1:

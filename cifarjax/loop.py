@@ -1,7 +1,6 @@
 """The original's loops, `train_loop` (SimpleCNN) and `fine_tune_loop` (ResNet-18), over `fit`: one `for` (`_train`)
 over the calls `schedule.batches` lays out, telling its `hooks`. A fit resumes from its newest intact checkpoint,
-stops on a non-finite loss, and on Ctrl-C or SIGTERM with a checkpoint; the same numbers in one process or several.
-"""
+stops on a non-finite loss, and on Ctrl-C or SIGTERM with a checkpoint; the same numbers in one process or several."""
 from __future__ import annotations
 
 import contextlib
@@ -107,9 +106,9 @@ class Trainer:
         """One call of training steps (one, or several in a scan); the first compiles, timed as compilation."""
         with self.chrono.training(call.end) as compiling:
             data, local = self.feed(idx, call.first)
-            several = call.steps > 1
-            steps = self.parallel.train_steps if several else self.parallel.train_step
-            self.device_state, metrics = steps(self.device_state, data, np.swapaxes(local, 0, 1) if several else local)
+            steps, local = ((self.parallel.train_steps, np.swapaxes(local, 0, 1)) if call.steps > 1  # the scan's axis
+                            else (self.parallel.train_step, local))
+            self.device_state, metrics = steps(self.device_state, data, local)
             if compiling:
                 jax.block_until_ready(metrics)
             self.tracker.add(call.end, metrics)
@@ -119,13 +118,11 @@ class Trainer:
     def checkpoint_due(self, call: schedule.Call) -> bool:
         """Whether to checkpoint after `call`: when the schedule says so; at other epoch ends once `checkpoint_seconds`
         passed (process 0's clock decides), as a checkpoint costs about an epoch of a head on cached features."""
-        if self.checkpointer is None or not (call.checkpoint or call.epoch_end):
-            return False
-        if call.checkpoint:
-            return True
+        if self.checkpointer is None or call.checkpoint or not call.epoch_end:
+            return self.checkpointer is not None and call.checkpoint
         self.sync()  # no step may be queued when process 0's choice is broadcast (at an epoch end, evaluated already)
-        waited = time.perf_counter() - self.chrono.last_checkpoint
-        return distributed.writer_decides(waited >= self.config.checkpoint_seconds)
+        return distributed.writer_decides(time.perf_counter() - self.chrono.last_checkpoint
+                                          >= self.config.checkpoint_seconds)
 
     def sync(self) -> None:
         """Wait for the queued steps, so their time counts as training, and stop if a loss among them is not finite."""
@@ -258,14 +255,11 @@ def _claim(run: Path, resume: bool, continue_from: Optional[Path]) -> bool:
     if distributed.is_writer() and not runs.is_run(run):
         runs.create(Path(run), "python")
     distributed.barrier(f"marked {run}")
-    if continue_from is None:
-        return resume
-    fresh = latest_epoch(run) is None
+    fresh = continue_from is not None and latest_epoch(run) is None
     distributed.barrier(f"checked {run}")  # every process decides before process 0 copies anything
-    if fresh:
-        if distributed.is_writer():
-            continue_run(continue_from, run)
-        distributed.barrier(f"continued {run}")
+    if fresh and distributed.is_writer():
+        continue_run(continue_from, run)
+    distributed.barrier(f"continued {run}")
     return resume or fresh
 
 
@@ -293,8 +287,7 @@ def train_loop(config: Config, train: Split, val: Split, variables: Optional[dic
 
 def fine_tune_loop(config: Config, variables: dict, train: Split, val: Split, *, features=None, **options) -> FitResult:
     """The original's fine_tune_loop: train a ResNet-18's unfrozen part (default: the head), on cached backbone
-    features where the backbone is fixed (`features.cacheable`; `features` shares them between runs); `options`:
-    `fit`'s."""
+    features where the backbone is fixed (`features.cacheable`; `features` shares them between runs)."""
     config, model = _prepared(config, train, val)
     if not cacheable(config):
         return _fit_on_images(config, model, variables, train, val, "fine-tune", **options)

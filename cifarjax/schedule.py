@@ -1,6 +1,6 @@
-"""Which training steps each compiled call of a fit runs (steps count from 1), and what follows it: an evaluation,
-an epoch's end, a checkpoint. Pure: no devices, no clock. Every call runs as many steps (one compiled program), a
-number dividing the start step and every event interval, so that no call crosses an event."""
+"""Which training steps each compiled call of a fit runs (steps count from 1) and what follows it (an evaluation,
+an epoch's end, a checkpoint); pure. Every call runs as many steps (one compiled program), a number dividing the
+start step and every event interval, so that no call crosses an event."""
 from __future__ import annotations
 
 import math

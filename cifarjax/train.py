@@ -2,8 +2,7 @@
 
 A step gets the data resident on its device and the indices of its share of the batch (`cifarjax.inputs` gathers
 and augments them); gradients, metrics and BatchNorm statistics are averaged over the devices, and dropout keys
-depend on (step, global device index): a run is the same whether its devices sit in one process or several.
-"""
+depend on (step, global device index): a run is the same whether its devices sit in one process or several."""
 from __future__ import annotations
 
 import functools
