@@ -87,8 +87,7 @@ def rate_depends_on_length(config) -> bool:
 
 def resumed_config(saved: Config, typed: dict, recipe: Optional[str], where: str) -> Config:
     """The run's own config with the `typed` values a user may change on resume; any other difference is refused."""
-    resumable = [f for f in dataclasses.fields(Config) if f.metadata["resumable"]]
-    allowed = {f.name for f in resumable}
+    allowed = {f.name: f for f in dataclasses.fields(Config) if f.metadata["resumable"]}
     differing = {k: v for k, v in typed.items() if getattr(saved, k) != v and k not in allowed}
     if recipe is not None and recipe != saved.recipe:
         differing["recipe"] = recipe
@@ -99,7 +98,7 @@ def resumed_config(saved: Config, typed: dict, recipe: Optional[str], where: str
                         "without --epochs), or start a new run with another --out")
     if differing:
         details = ", ".join(f"{k}: {getattr(saved, k)!r} → {v!r}" for k, v in differing.items())
-        may = ", ".join(map(flag_name, resumable))
+        may = ", ".join(map(flag_name, allowed.values()))
         raise UserError(f"--resume with settings that differ from the run in {where} ({details}); on resume only "
                         f"{may} may change: drop the others, or start a new run with another --out")
     return saved.replace(**{k: v for k, v in typed.items() if k in allowed}).validate()
