@@ -1,13 +1,9 @@
-"""Experiment configuration as code: every knob once, with its help text, allowed values and range.
-
-`Config` is a frozen dataclass (`config.replace(...)` makes a new one). Each field's metadata drives the flags
-(`cifarjax.flags`), validation and resume: `help`, `choices`, `minimum`/`maximum` (or `positive`), `flag` (its name
-where it differs), `commands` offering it as a flag (none: set by the code) and `resumable` (may change on resume).
-Named presets live in `cifarjax.recipes`.
-"""
+"""Experiment configuration as code: `Config`, every knob once, each field's metadata (`option`) its help, allowed
+values, flag and resume rule, read by `cifarjax.flags`, validation and resume; named presets: `cifarjax.recipes`."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -21,15 +17,14 @@ SOURCES = ("auto", "cifar10", "folder", "fake")
 
 def option(default, help: str, *, commands=TRAINING, flag: Optional[str] = None, choices=None, minimum=None,
            maximum=None, positive: bool = False, resumable: bool = False):
-    """A Config field with the metadata that flags, validation and resume read."""
+    """A Config field; `commands`: those offering it as a flag (none: the code sets it), `flag`: its name if not the
+    field's."""
     meta = dict(help=help, commands=tuple(commands), flag=flag, choices=choices, minimum=minimum,
                 maximum=maximum, positive=positive, resumable=resumable)
     return field(default=default, metadata=meta)
 
 
-def internal(default, help: str, choices=None):
-    """A field set by the code (from the data or a resolved setting), not by a flag."""
-    return option(default, help, commands=(), choices=choices)
+internal = functools.partial(option, commands=())  # a field the code sets (from the data or a resolved setting)
 
 
 @dataclass(frozen=True)
@@ -136,7 +131,18 @@ class Config:
     def validate(self) -> "Config":
         """Check every field against its metadata, then the combinations; raise UserError naming the field."""
         for f in dataclasses.fields(self):
-            _check_field(f, getattr(self, f.name))
+            m, name, value = f.metadata, flag_name(f).lstrip("-"), getattr(self, f.name)
+            _check_type(f, value)
+            if m["choices"] is not None and value not in m["choices"]:
+                raise UserError(f"{name} must be one of {', '.join(m['choices'])}; got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            for broken, rule in ((not math.isfinite(value), "a finite number"),
+                                 (m["positive"] and not value > 0, "positive"),
+                                 (m["minimum"] is not None and value < m["minimum"], f"at least {m['minimum']}"),
+                                 (m["maximum"] is not None and value > m["maximum"], f"at most {m['maximum']}")):
+                if broken:
+                    raise UserError(f"{name} must be {rule}, got {value}")
         half, names = min(self.img_size, self.decode_size) // 2, ", ".join(map(str, self.classes))
         for broken, message in (
                 (self.model == "simple_cnn" and self.img_size < 30,
@@ -164,8 +170,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "the settings") -> "Config":
-        """A Config from a config.json (unknown keys, such as a finetune's epoch list, are ignored), each value's
-        type checked: a hand-edited file is refused in one line naming `source` and the field."""
+        """A Config from a config.json, unknown keys (a finetune's epoch list) ignored, a value of the wrong type
+        refused in one line naming `source` and the field."""
         if not isinstance(values, dict):
             raise UserError(f"{source} holds a JSON {type(values).__name__}, not an object of settings; restore it "
                             "or start the run again")
@@ -190,32 +196,18 @@ def flag_name(f) -> str:
 
 
 # What each annotation accepts (bool is an int to Python, never a count or a rate here).
-_KINDS = {"int": ("an integer", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
-          "float": ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
-          "bool": ("true or false", lambda v: isinstance(v, bool)),
-          "str": ("a string", lambda v: isinstance(v, str)),
-          "tuple": ("a list", lambda v: isinstance(v, tuple) and all(isinstance(x, (str, numbers.Real)) for x in v))}
+KINDS = {"int": ("an integer", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
+         "float": ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
+         "bool": ("true or false", lambda v: isinstance(v, bool)),
+         "str": ("a string", lambda v: isinstance(v, str)),
+         "tuple": ("a list", lambda v: isinstance(v, tuple) and all(isinstance(x, (str, numbers.Real)) for x in v))}
 
 
 def _check_type(f, value) -> None:
     """Raise a UserError naming the field unless `value` has the field's type (None where it is Optional)."""
-    kind = f.type.removeprefix("Optional[").removesuffix("]")
-    what, fits = _KINDS[kind]
+    what, fits = KINDS[f.type.removeprefix("Optional[").removesuffix("]")]
     if not (fits(value) or (value is None and f.type.startswith("Optional["))):
         flag = flag_name(f).lstrip("-")
         named = f.name if flag == f.name.replace("_", "-") else f"{f.name} (--{flag})"
         raise UserError(f"{named} must be {what}, got {value!r}")
 
-
-def _check_field(f, value) -> None:
-    m, name = f.metadata, flag_name(f).lstrip("-")
-    _check_type(f, value)
-    if m["choices"] is not None and value not in m["choices"]:
-        raise UserError(f"{name} must be one of {', '.join(m['choices'])}; got {value!r}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return
-    for broken, rule in ((not math.isfinite(value), "a finite number"), (m["positive"] and not value > 0, "positive"),
-                         (m["minimum"] is not None and value < m["minimum"], f"at least {m['minimum']}"),
-                         (m["maximum"] is not None and value > m["maximum"], f"at most {m['maximum']}")):
-        if broken:
-            raise UserError(f"{name} must be {rule}, got {value}")

@@ -1,13 +1,11 @@
-"""Several processes or hosts with JAX's distributed runtime: start-up, one writer, agreement, and faults.
-
-`initialize` (explicit, or `auto` from SLURM, Open MPI, Kubernetes, TPU) runs before anything starts a JAX backend;
-without it every helper here is a no-op. With it process 0 alone writes (`is_writer`), `agree` refuses mismatched
-settings, and a peer that dies ends the others with one clear line.
-"""
+"""Several processes or hosts with JAX's distributed runtime (`initialize`, before any JAX backend starts; without it
+every helper is a no-op): process 0 alone writes, `agree` refuses mismatched settings, a dead peer ends the others."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+from typing import Optional
 
 import jax
 import numpy as np
@@ -37,17 +35,12 @@ def initialize(coordinator: str = None, num_processes: int = None, process_id: i
         raise UserError(f"could not start JAX's distributed runtime ({str(error).splitlines()[0][:300]}); "
                         "check --coordinator HOST:PORT is reachable from every process, or the cluster's "
                         "environment for --distributed") from None
-    translators.append(lambda error: peer_lost(error, "the same command and --resume") if is_peer_failure(error)
-                       else None)
+    translators.append(functools.partial(peer_lost, resume_hint="the same command and --resume"))
 
 
 def is_writer() -> bool:
     """Process 0 writes the run's files and shows progress."""
     return jax.process_index() == 0
-
-
-def process_count() -> int:
-    return jax.process_count()
 
 
 def agree(values: dict, what: str) -> None:
@@ -77,17 +70,15 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def is_peer_failure(error: BaseException) -> bool:
-    """Whether an error from a collective means another process of the run is gone."""
-    if jax.process_count() == 1:
-        return False
-    text = str(error)
-    return any(s in text for s in ("Gloo", "gloo", "Connection reset", "UNAVAILABLE", "heartbeat", "DEADLINE_EXCEEDED",
-                                   "Connection closed", "Socket closed"))
+PEER_FAILURES = ("Gloo", "gloo", "Connection reset", "UNAVAILABLE", "heartbeat", "DEADLINE_EXCEEDED",
+                 "Connection closed", "Socket closed")  # what a collective's error says when another process is gone
 
 
-def peer_lost(error: BaseException, resume_hint: str) -> UserError:
-    """The one-line error for a dead peer; the process will leave without waiting for the runtime's shutdown."""
+def peer_lost(error: BaseException, resume_hint: str) -> Optional[UserError]:
+    """The one-line error for a dead peer, None if `error` is not one; the process will then leave without waiting
+    for the runtime's shutdown."""
+    if jax.process_count() == 1 or not any(s in str(error) for s in PEER_FAILURES):
+        return None
     request_hard_exit()
     first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
     return UserError(f"another process of this distributed run stopped ({first}); this process {jax.process_index()} "

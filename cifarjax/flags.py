@@ -1,6 +1,5 @@
-"""Command-line flags generated from `Config`'s fields. Flags default to "not given": a configuration resolves as
-Config's defaults, the `--recipe`, then the typed flags; on `--resume`, the run's config.json, then the flags that
-may change on resume."""
+"""Command-line flags from `Config`'s fields, "not given" by default: a new run's settings are Config's defaults, the
+`--recipe`, then the typed flags; a resumed run's, its config.json, then the flags that may change on resume."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +8,7 @@ import difflib
 import re
 from typing import Optional
 
-from cifarjax.config import Config, fields_for, flag_name
+from cifarjax.config import KINDS, Config, fields_for, flag_name
 from cifarjax.errors import UserError
 from cifarjax.recipes import RECIPES, recipe_config
 
@@ -24,8 +23,7 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{message}{'; ' + hint if hint else ''} (see {self.prog} --help)")
 
     def suggest(self, flag: str) -> Optional[str]:
-        """The flag meant by a mistyped one: the closest spelling, else the flag whose help names its words
-        (--learning-rate: --lr, '(peak) learning rate')."""
+        """The closest spelling of a mistyped flag, else the flag whose help names its words (--learning-rate: --lr)."""
         flags = [f for f in self._option_string_actions if f.startswith("--")]
         close = difflib.get_close_matches(flag, flags, n=1, cutoff=0.75)
         words = flag.lstrip("-").replace("-", " ").replace("_", " ").lower()
@@ -33,17 +31,17 @@ class Parser(argparse.ArgumentParser):
         return (close or named or [None])[0]
 
 
-def _number(kind):
+def _number(kind: str):
+    """A flag's text as an int or float, refused in Config's words ('x' is not an integer)."""
     def convert(text: str):
         try:
-            return kind(text)
+            return {"int": int, "float": float}[kind](text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-    convert.__name__ = kind.__name__
+            raise argparse.ArgumentTypeError(f"{text!r} is not {KINDS[kind][0]}") from None
     return convert
 
 
-_TYPES = {"int": _number(int), "float": _number(float), "str": str, "Optional[str]": str,
+_TYPES = {"int": _number("int"), "float": _number("float"), "str": str, "Optional[str]": str,
           "tuple": lambda text: tuple(name.strip() for name in text.split(",") if name.strip())}  # 'cat,dog'
 _METAVARS = {"int": "N", "float": "X", "tuple": "NAME,NAME"}
 
@@ -89,8 +87,7 @@ def rate_depends_on_length(config) -> bool:
 
 def resumed_config(saved: Config, typed: dict, recipe: Optional[str], where: str) -> Config:
     """The run's own config with the `typed` values a user may change on resume; any other difference is refused."""
-    resumable = [f for f in dataclasses.fields(Config) if f.metadata["resumable"]]
-    allowed = {f.name for f in resumable}
+    allowed = {f.name: f for f in dataclasses.fields(Config) if f.metadata["resumable"]}
     differing = {k: v for k, v in typed.items() if getattr(saved, k) != v and k not in allowed}
     if recipe is not None and recipe != saved.recipe:
         differing["recipe"] = recipe
@@ -101,7 +98,7 @@ def resumed_config(saved: Config, typed: dict, recipe: Optional[str], where: str
                         "without --epochs), or start a new run with another --out")
     if differing:
         details = ", ".join(f"{k}: {getattr(saved, k)!r} → {v!r}" for k, v in differing.items())
-        may = ", ".join(map(flag_name, resumable))
+        may = ", ".join(map(flag_name, allowed.values()))
         raise UserError(f"--resume with settings that differ from the run in {where} ({details}); on resume only "
                         f"{may} may change: drop the others, or start a new run with another --out")
     return saved.replace(**{k: v for k, v in typed.items() if k in allowed}).validate()

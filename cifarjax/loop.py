@@ -1,8 +1,6 @@
-"""Training loops with the original's semantics, `train_loop` (SimpleCNN) and `fine_tune_loop` (ResNet-18), over
-`fit`: one `for` (`_train`) over the calls `schedule.batches` lays out, telling its `hooks`. It resumes from the
-newest intact checkpoint, stops on a non-finite loss, and on Ctrl-C or SIGTERM with a resumable checkpoint; same
-seed, same machine: the same numbers, whether the devices sit in one process or several.
-"""
+"""The original's loops, `train_loop` (SimpleCNN) and `fine_tune_loop` (ResNet-18), over `fit`: one `for` (`_train`)
+over the calls `schedule.batches` lays out, telling its `hooks`. A fit resumes from its newest intact checkpoint,
+stops on a non-finite loss, and on Ctrl-C or SIGTERM with a checkpoint; the same numbers in one process or several."""
 from __future__ import annotations
 
 import contextlib
@@ -80,9 +78,8 @@ class Trainer:
         if done > self.total_steps:
             raise UserError(f"the run in {self.run} already trained {done / self.steps_per_epoch:g} epochs; pass "
                             f"--epochs {math.ceil(done / self.steps_per_epoch)} or more to resume it")
-        self.records = meta["records"]
+        self.records, self.elapsed = meta["records"], meta["seconds"]
         self.tracker = LossTracker(meta["loss_sum"], meta["acc_sum"], meta["count"], meta.get("first_loss"))
-        self.elapsed = meta["seconds"]
         self.saved_at(done, meta.get("train_loss"))
 
     def start(self) -> None:
@@ -108,9 +105,9 @@ class Trainer:
         """One call of training steps (one, or several in a scan); the first compiles, timed as compilation."""
         with self.chrono.training(call.end) as compiling:
             data, local = self.feed(idx, call.first)
-            several = call.steps > 1
-            steps = self.parallel.train_steps if several else self.parallel.train_step
-            self.device_state, metrics = steps(self.device_state, data, np.swapaxes(local, 0, 1) if several else local)
+            steps, local = ((self.parallel.train_steps, np.swapaxes(local, 0, 1)) if call.steps > 1  # the scan's axis
+                            else (self.parallel.train_step, local))
+            self.device_state, metrics = steps(self.device_state, data, local)
             if compiling:
                 jax.block_until_ready(metrics)
             self.tracker.add(call.end, metrics)
@@ -120,18 +117,17 @@ class Trainer:
     def checkpoint_due(self, call: schedule.Call) -> bool:
         """Whether to checkpoint after `call`: when the schedule says so; at other epoch ends once `checkpoint_seconds`
         passed (process 0's clock decides), as a checkpoint costs about an epoch of a head on cached features."""
-        if self.checkpointer is None or not (call.checkpoint or call.epoch_end):
-            return False
-        if call.checkpoint:
-            return True
-        self.sync()  # no step may be queued when process 0's choice is broadcast
-        waited = time.perf_counter() - self.chrono.last_checkpoint
-        return distributed.writer_decides(waited >= self.config.checkpoint_seconds)
+        if self.checkpointer is None or call.checkpoint or not call.epoch_end:
+            return self.checkpointer is not None and call.checkpoint
+        self.sync()  # no step may be queued when process 0's choice is broadcast (at an epoch end, evaluated already)
+        return distributed.writer_decides(time.perf_counter() - self.chrono.last_checkpoint
+                                          >= self.config.checkpoint_seconds)
 
     def sync(self) -> None:
-        """Wait for the queued steps, so their time counts as training."""
+        """Wait for the queued steps, so their time counts as training, and stop if a loss among them is not finite."""
         with self.chrono.training():
             jax.block_until_ready(self.device_state)
+        self.check_finite()
 
     def check_finite(self) -> None:
         """Read the queued steps' metrics (every 25 calls, before evaluations and checkpoints): stop if non-finite."""
@@ -143,7 +139,6 @@ class Trainer:
     def evaluate(self, step: int) -> dict:
         """Evaluate the state after `step` on the validation split: its record."""
         self.sync()
-        self.check_finite()
         with self.phases("evaluation"):
             preds, losses = self.parallel.evaluate(self.device_state, self.val_data, len(self.val),
                                                    self.config.eval_batch_size)
@@ -164,7 +159,6 @@ class Trainer:
         if self.checkpointer is None or (self.saved and self.saved[0] == step):
             return False
         self.sync()
-        self.check_finite()
         with self.phases("checkpoints"):
             loss = self.records[-1]["train_loss"] if self.records and self.records[-1]["step"] == step else None
             t = self.tracker
@@ -191,14 +185,11 @@ def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inp
         resume: bool = False, devices=None, desc: str = "train", host_augment: Optional[HostAugment] = None,
         phases: Optional[Phases] = None, resume_hint: str = "--resume", restart_hint: Optional[str] = None,
         continue_from: Optional[Path] = None, hooks: Sequence = (), report: bool = True) -> FitResult:
-    """Train `variables` under `apply_fn` on `train` (images or features), evaluating on `val`.
-
-    With `run`: metrics.jsonl, TensorBoard scalars and checkpoints there; `resume` continues from the newest intact
-    checkpoint and ends where an uninterrupted run would. `continue_from`: a finished shorter run of the same
-    configuration, which a run without checkpoints starts from (exact only for a rate that does not depend on the
-    epoch count, `flags.rate_depends_on_length`). `resume_hint`, `restart_hint`: the commands errors give.
-    `hooks`: told of the loop's moments after its own (`cifarjax.hooks`). `report`: summary.json and plots/.
-    """
+    """Train `variables` under `apply_fn` on `train` (images or features), evaluating on `val`; with `run`, writing
+    metrics.jsonl, TensorBoard scalars, checkpoints (`resume` continues from the newest) and, with `report`,
+    summary.json and plots/. `continue_from`: a finished shorter run of this configuration that a run without
+    checkpoints starts from (exact unless `flags.rate_depends_on_length`); `resume_hint`, `restart_hint`: the commands
+    errors give; `hooks`: told of the loop's moments after its own (`cifarjax.hooks`)."""
     _check_splits(config, train, val, inputs)
     resume = _claim(run, resume, continue_from) if run is not None else resume
     trainer = Trainer(config, apply_fn, variables, train, val, inputs, run=Path(run) if run else None,
@@ -215,10 +206,11 @@ def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inp
         raise interrupted_at_once(isinstance(interrupt, Terminated), trainer.run, trainer.saved,
                                   trainer.steps_per_epoch, resume_hint) from None
     except Exception as error:
-        if distributed.is_peer_failure(error):
-            graceful = False
-            raise distributed.peer_lost(error, resume_hint) from None
-        raise
+        lost = distributed.peer_lost(error, resume_hint)
+        if lost is None:
+            raise
+        graceful = False
+        raise lost from None
     finally:
         hooks.at_end(trainer)
         if trainer.checkpointer is not None and graceful:
@@ -234,17 +226,15 @@ def _train(trainer: Trainer, hooks: Hooks) -> None:
             hooks.after_call(trainer, call)
             if call.evaluate:
                 hooks.after_evaluation(trainer, trainer.evaluate(call.end))
-            if trainer.checkpoint_due(call) and trainer.save(call.end):
+            due = trainer.checkpoint_due(call)  # first: every process takes part in its decision
+            if (due or stop.requested is not None or trainer.stopping) and trainer.save(call.end):
                 hooks.after_checkpoint(trainer, call.end)
-            if stop.requested is not None or trainer.stopping:
-                if trainer.save(call.end):
-                    hooks.after_checkpoint(trainer, call.end)
-                if trainer.stopping:
-                    break
+            if trainer.stopping:
+                break
+            if stop.requested is not None:
                 raise interrupted(call.end, call.end / trainer.steps_per_epoch, trainer.run, trainer.resume_hint,
                                   stop.requested == signal.SIGTERM)
     trainer.sync()
-    trainer.check_finite()
     trainer.finished = True
 
 
@@ -264,14 +254,11 @@ def _claim(run: Path, resume: bool, continue_from: Optional[Path]) -> bool:
     if distributed.is_writer() and not runs.is_run(run):
         folder.create()
     distributed.barrier(f"marked {run}")
-    if continue_from is None:
-        return resume
-    fresh = latest_epoch(run) is None
+    fresh = continue_from is not None and latest_epoch(run) is None
     distributed.barrier(f"checked {run}")  # every process decides before process 0 copies anything
-    if fresh:
-        if distributed.is_writer():
-            continue_run(continue_from, run)
-        distributed.barrier(f"continued {run}")
+    if fresh and distributed.is_writer():
+        continue_run(continue_from, run)
+    distributed.barrier(f"continued {run}")
     return resume or fresh
 
 
@@ -299,8 +286,7 @@ def train_loop(config: Config, train: Split, val: Split, variables: Optional[dic
 
 def fine_tune_loop(config: Config, variables: dict, train: Split, val: Split, *, features=None, **options) -> FitResult:
     """The original's fine_tune_loop: train a ResNet-18's unfrozen part (default: the head), on cached backbone
-    features where the backbone is fixed (`inputs.cacheable`; `features` shares them between runs); `options`:
-    `fit`'s."""
+    features where the backbone is fixed (`inputs.cacheable`; `features` shares them between runs)."""
     config, model = _prepared(config, train, val)
     if not cacheable(config):
         return _fit_on_images(config, model, variables, train, val, "fine-tune", **options)

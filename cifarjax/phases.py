@@ -1,5 +1,5 @@
-"""Where a process's time goes: named phases, each announced as it starts, adding up to the process's wall time in
-summary.json (`Phases`); and a fit's clock (`Chrono`)."""
+"""Where time goes: a process's named phases, adding up to its wall time in summary.json (`Phases`), and a fit's
+clock (`Chrono`)."""
 from __future__ import annotations
 
 import contextlib
@@ -7,16 +7,15 @@ import os
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Optional
 
 
 def process_start() -> float:
     """This process's start as a `time.time()` value (Linux: from /proc; elsewhere: this module's import)."""
     try:
-        with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
         return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return _FIRST_CALL
@@ -50,8 +49,8 @@ class Phases:
 
 
 class Chrono:
-    """A fit's clock (big_vision's `chrono`): wall time (a resumed run's included), training calls' seconds with the
-    first (compiling) call's apart, the last checkpoint's time, and the throughput."""
+    """A fit's clock (big_vision's `chrono`): wall time (a resumed run's included), the training calls' seconds (the
+    compiling first call's apart), the last checkpoint's time, and the throughput."""
 
     def __init__(self, phases: Phases, batch_size: int, elapsed: float = 0.0, start_step: int = 0):
         self.phases, self.batch_size, self.start_step, self.last_step = phases, batch_size, start_step, start_step
@@ -80,8 +79,8 @@ class Chrono:
         return steps * self.batch_size / seconds if steps > 0 and seconds > 0 else 0.0
 
     def this_process(self) -> dict:
-        """This process's figures, which add up: images trained, the compiling call's seconds and images, then the
-        other calls' seconds at images per second."""
+        """This process's figures, which add up: images trained, the compiling call's seconds and images, the other
+        calls' seconds and their images per second."""
         batch, seconds = self.batch_size, self.call_seconds
         return {"images_trained": (self.last_step - self.start_step) * batch,
                 "compile_seconds": round(seconds[True], 2), "compile_images": self.compile_steps * batch,

@@ -1,6 +1,6 @@
-"""Which training steps each compiled call of a fit runs (steps count from 1), and what follows it: an evaluation,
-an epoch's end, a checkpoint. Pure: no devices, no clock. Every call runs as many steps (one compiled program), a
-number dividing the start step and every event interval, so that no call crosses an event."""
+"""Which training steps each compiled call of a fit runs (steps count from 1) and what follows it (an evaluation,
+an epoch's end, a checkpoint); pure. Every call runs as many steps (one compiled program), a number dividing the
+start step and every event interval, so that no call crosses an event."""
 from __future__ import annotations
 
 import math
@@ -29,11 +29,6 @@ def steps_per_call(most: int, start: int, intervals) -> int:
     return max(d for d in range(1, min(most, every) + 1) if every % d == 0)
 
 
-def itstime(step: int, every: int) -> bool:
-    """Whether an every-N-steps event is due at `step` (never when `every` is 0)."""
-    return bool(every) and step % every == 0
-
-
 class Call(NamedTuple):
     """One compiled call: the `steps` steps after step `first`, and what follows it."""
     first: int
@@ -51,14 +46,13 @@ class Call(NamedTuple):
 def batches(config, n_train: int, start: int, n_devices: int, platform: str, cheap: bool = False) -> Iterator[tuple]:
     """(call, its indices) from step `start` to the end of the last epoch: (devices, per_device) indices for one
     step a call, (steps, devices, per_device) for several, from each epoch's seeded permutation."""
-    per_epoch = n_train // config.batch_size
-    total = config.n_epochs * per_epoch
+    per_epoch, every = n_train // config.batch_size, lambda n, interval: bool(interval) and n % interval == 0
     steps = steps_per_call(most_steps_per_call(config, platform, cheap), start,
                            (per_epoch, config.eval_every, config.checkpoint_every))
     for epoch in range(start // per_epoch, config.n_epochs):
         order = train_indices(n_train, config.batch_size, n_devices, config.seed, epoch)
         for done in range(max(start - epoch * per_epoch, 0), per_epoch, steps):
             end, epoch_end = epoch * per_epoch + done + steps, done + steps == per_epoch
-            call = Call(end - steps, steps, itstime(end, config.eval_every) or epoch_end, epoch_end,
-                        itstime(end, config.checkpoint_every) or end == total)
+            call = Call(end - steps, steps, every(end, config.eval_every) or epoch_end, epoch_end,
+                        every(end, config.checkpoint_every) or end == config.n_epochs * per_epoch)
             yield call, order[done] if steps == 1 else order[done:done + steps]

@@ -1,10 +1,8 @@
 """Pure per-device train and eval steps over a `TrainState`, and their `jax.pmap` over every device of every process.
 
-A step gets the data resident on its device and the indices of its share of the batch, which `inputs`
-(`cifarjax.inputs`) gathers and augments on the device. Gradients and metrics are `pmean`-ed over the devices,
-BatchNorm statistics synchronised by the model (`axis_name=AXIS`); dropout keys depend on (step, global device
-index), so a run is the same whether its devices sit in one process or several.
-"""
+A step gets the data resident on its device and the indices of its share of the batch (`cifarjax.inputs` gathers
+and augments them); gradients, metrics and BatchNorm statistics are averaged over the devices, and dropout keys
+depend on (step, global device index): a run is the same whether its devices sit in one process or several."""
 from __future__ import annotations
 
 import functools
@@ -138,18 +136,15 @@ def eval_logits(state: TrainState, data, idx, inputs, tta_flip: bool):
     return logits
 
 
-def eval_step(state: TrainState, data, idx, *, inputs, tta_flip: bool = False):
-    """Predicted classes and per-example losses of this device's share `idx`, gathered: (devices, per_device)."""
+def eval_step(state: TrainState, data, idx, *, inputs, tta_flip: bool = False, probabilities: bool = False):
+    """This device's share `idx`, gathered: predicted classes and per-example losses, each (devices, per_device),
+    or with `probabilities` the class probabilities, (devices, per_device, classes)."""
     logits = eval_logits(state, data, idx, inputs, tta_flip)
+    if probabilities:
+        return lax.all_gather(jax.nn.softmax(logits.astype(jnp.float32)), AXIS)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, data[1][idx])
     preds = jnp.argmax(logits, -1).astype(jnp.int32)
     return lax.all_gather(preds, AXIS), lax.all_gather(losses, AXIS)
-
-
-def probabilities_step(state: TrainState, data, idx, *, inputs, tta_flip: bool = False):
-    """Class probabilities of this device's share `idx`, gathered: (devices, per_device, classes)."""
-    logits = eval_logits(state, data, idx, inputs, tta_flip)
-    return lax.all_gather(jax.nn.softmax(logits.astype(jnp.float32)), AXIS)
 
 
 def donate_state(step, mask, axis_name: str, devices: list, **static):
@@ -158,40 +153,34 @@ def donate_state(step, mask, axis_name: str, devices: list, **static):
                     donate_argnums=(0,))
 
 
-@functools.lru_cache(maxsize=32)
-def _pmapped_train(step, devices: tuple, trainable, pmap_train, **static):
-    """One pmap-ed training step per (step, devices, freezing, step factory, settings), reused by runs."""
+@functools.lru_cache(maxsize=64)
+def _pmapped(step, devices: tuple, trainable=None, pmap_train=None, **static):
+    """`step` pmap-ed once per (step, devices, freezing, step factory, settings), reused by runs: a training step by
+    `pmap_train` with the `trainable` mask (flattened to be hashable), an evaluation step by `jax.pmap`."""
+    if pmap_train is None:
+        return jax.pmap(functools.partial(step, **static), axis_name=AXIS, devices=list(devices))
     mask = None if trainable is None else jax.tree.unflatten(trainable[1], trainable[0])
     return pmap_train(step, mask, AXIS, list(devices), **static)
 
 
-@functools.lru_cache(maxsize=32)
-def _pmapped_eval(step, devices: tuple, **static):
-    return jax.pmap(functools.partial(step, **static), axis_name=AXIS, devices=list(devices))
-
-
 class DataParallel:
-    """The pmap-ed steps over `devices` (default: all of every process) and the boundary between host and device
-    arrays; each process passes its own devices' rows. `pmap_train`: how the training steps are pmap-ed (default:
-    `cifarjax.target.step_factory()`)."""
+    """The steps pmap-ed over `devices` (default: all of every process; training ones by `pmap_train`, default
+    `target.step_factory()`), and the boundary between host and device arrays: each process passes its own rows."""
 
     def __init__(self, inputs, trainable=None, devices: Optional[list] = None,
                  options: StepOptions = StepOptions(), pmap_train: Optional[Callable] = None):
         self.devices = list(devices or jax.devices())
+        self.n_devices = len(self.devices)
         pmap_train = pmap_train or step_factory()
         self.local_rows = [i for i, d in enumerate(self.devices) if d.process_index == jax.process_index()]
         self.sharding = NamedSharding(Mesh(np.array(self.devices), (AXIS,)), PartitionSpec(AXIS))
         key = None if trainable is None else (tuple(jax.tree.leaves(trainable)), jax.tree.structure(trainable))
-        static = dict(inputs=inputs, n_devices=self.n_devices, options=options)
-        self.train_step = _pmapped_train(train_step, tuple(self.devices), key, pmap_train, **static)
-        self.train_steps = _pmapped_train(train_steps, tuple(self.devices), key, pmap_train, **static)
-        self.eval_step = _pmapped_eval(eval_step, tuple(self.devices), inputs=inputs, tta_flip=options.tta_flip)
-        self.probabilities_step = _pmapped_eval(probabilities_step, tuple(self.devices), inputs=inputs,
-                                                tta_flip=options.tta_flip)
-
-    @property
-    def n_devices(self) -> int:
-        return len(self.devices)
+        train, devices = dict(inputs=inputs, n_devices=self.n_devices, options=options), tuple(self.devices)
+        self.train_step, self.train_steps = (_pmapped(step, devices, key, pmap_train, **train)
+                                             for step in (train_step, train_steps))
+        self.eval_step, self.probabilities_step = (
+            _pmapped(eval_step, devices, inputs=inputs, tta_flip=options.tta_flip, probabilities=probabilities)
+            for probabilities in (False, True))
 
     def mine(self, batch: np.ndarray, axis: int = 0) -> np.ndarray:
         """This process's rows of a global batch whose `axis` runs over the devices."""
@@ -219,17 +208,14 @@ class DataParallel:
         can deadlock against a queued collective step on CPU devices."""
         return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
 
-    def _examples(self, step, state, data, n: int, batch_size: int):
-        """`step`'s outputs for examples 0..n-1 of the resident `data`, each once, in every process."""
+    def evaluate(self, state, data, n: int, batch_size: int, step=None):
+        """`step`'s outputs (default: predicted classes, per-example losses) for examples 0..n-1 of the resident
+        `data`, each once, in every process."""
         idx, mask = eval_indices(n, batch_size, self.n_devices)
-        outputs = [step(state, data, self.mine(i)) for i in idx]  # all dispatched before the first is read
+        outputs = [(step or self.eval_step)(state, data, self.mine(i)) for i in idx]  # all dispatched, then read
         return jax.tree.map(lambda *batches: np.concatenate([b[m] for b, m in zip(batches, mask)]),
                             *[self.unreplicate(o) for o in outputs])
 
-    def evaluate(self, state, data, n: int, batch_size: int):
-        """(predicted classes, per-example losses) for examples 0..n-1 of the resident `data`."""
-        return self._examples(self.eval_step, state, data, n, batch_size)
-
     def probabilities(self, state, images, n: int, batch_size: int) -> np.ndarray:
         """(n, classes) class probabilities of images 0..n-1 of the resident `images`."""
-        return self._examples(self.probabilities_step, state, (images,), n, batch_size)
+        return self.evaluate(state, (images,), n, batch_size, self.probabilities_step)

@@ -79,7 +79,7 @@ def _release_compiled_programs():
     import jax
 
     from cifarjax import inputs, models, train
-    for cached in (train._pmapped_train, train._pmapped_eval, inputs._extractor, models._jitted_init):
+    for cached in (train._pmapped, inputs._extractor, models._jitted_init):
         cached.cache_clear()
     jax.clear_caches()
     gc.collect()
