@@ -1,6 +1,5 @@
-"""Layers whose numerics match PyTorch, as plain JAX: `Conv`, `Dense`, `BatchNorm` (optionally synced across devices),
-`Dropout` (a counter-hash mask: on the CPU ~50x cheaper than threefry bits), `max_pool`; how convolutions and linear
-layers compute is injected (`cifarjax.models.Formulations`), as flax's `nn.Conv` takes its `conv_general_dilated`."""
+"""Layers with PyTorch's numerics in plain JAX (`Dropout`'s counter-hash mask ~50x cheaper than threefry on a CPU);
+how convolutions and linear layers compute is injected (`models.Formulations`), as into flax's `nn.Conv`."""
 from __future__ import annotations
 
 import math
@@ -72,8 +71,8 @@ def _normalize(x, mean, inv, scale, bias):
 
 
 def _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name):
-    """x normalised by its per-channel mean and biased variance over all but the last axis and `axis_name`'s devices,
-    in float32 or wider: two passes per device as PyTorch, shares combined exactly (Chan et al.) after one gather."""
+    """x normalised by its per-channel mean and biased variance over the batch and devices, in float32 or wider:
+    two passes per device as PyTorch, shares combined exactly (Chan et al.) after one gather."""
     axes, acc, devices = tuple(range(x.ndim - 1)), jnp.promote_types(x.dtype, jnp.float32), _spanned(axis_name)
     # Over one device a pmean is the identity, but XLA fuses around it: without it the CPU program's moments
     # came out different in the last bit (measured), so it stays where it stood and one device's results with it.
@@ -90,8 +89,8 @@ def _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name):
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def batch_norm_train(x, scale, bias, epsilon: float, axis_name: Optional[str]):
-    """Train-mode batch normalisation: (y in x's type, mean, biased variance over the global batch), differentiated
-    by hand keeping only x; the statistics' cotangents are ignored (they feed the running averages, never the loss)."""
+    """Train-mode batch norm: (y, mean, biased variance), differentiated by hand keeping only x; the statistics'
+    cotangents are ignored (they feed the running averages, never the loss)."""
     return _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name)[0]
 
 
@@ -142,8 +141,7 @@ class Dropout(nn.Module):
     rate: float
 
     def keep_mask(self, shape):
-        """The boolean keep mask `__call__` would use for an input of this shape: uint32 bits per element from a
-        counter hash (lowbias32) seeded by one draw from the 'dropout' rng."""
+        """`__call__`'s boolean keep mask: a counter hash (lowbias32) per element, seeded by one 'dropout' draw."""
         seed = jax.random.bits(self.make_rng("dropout"), (), jnp.uint32)
         h = lax.iota(jnp.uint32, math.prod(shape)).reshape(shape) * jnp.uint32(0x9E3779B9) + seed
         for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
