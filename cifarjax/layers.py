@@ -71,8 +71,7 @@ def _normalize(x, mean, inv, scale, bias):
 
 
 def _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name):
-    """x normalised by its per-channel mean and biased variance over the batch and devices, in float32 or wider:
-    two passes per device as PyTorch, shares combined exactly (Chan et al.) after one gather."""
+    # two passes per device as PyTorch's, the devices' shares combined exactly (Chan et al.) after one gather
     axes, acc, devices = tuple(range(x.ndim - 1)), jnp.promote_types(x.dtype, jnp.float32), _spanned(axis_name)
     # Over one device a pmean is the identity, but XLA fuses around it: without it the CPU program's moments
     # came out different in the last bit (measured), so it stays where it stood and one device's results with it.
@@ -89,8 +88,7 @@ def _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name):
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def batch_norm_train(x, scale, bias, epsilon: float, axis_name: Optional[str]):
-    """Train-mode batch norm: (y, mean, biased variance), differentiated by hand keeping only x; the statistics'
-    cotangents are ignored (they feed the running averages, never the loss)."""
+    """Train-mode batch norm: (y, mean, biased variance), differentiated by hand (the statistics feed no loss)."""
     return _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name)[0]
 
 
@@ -167,8 +165,7 @@ def max_pool(x, window: int, strides: Optional[int] = None, padding: int = 0, ke
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def window_max_pool(x, window: int, strides: int, padding: int, keep: Optional[Callable] = None):
-    """Max pooling over overlapping, padded windows: XLA's `reduce_window` undifferentiated (3x faster), the gradient
-    to each window's first maximum (PyTorch's) by a saved index; `keep`: what the maximum and index pass through."""
+    """Overlapping max pooling: XLA's `reduce_window` (3x faster) undifferentiated, else by the first maximum's."""
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, strides, strides, 1),
                              ((0, 0), (padding, padding), (padding, padding), (0, 0)))
 

@@ -84,8 +84,7 @@ class BasicBlock(nn.Module):
 
 
 class ResNetBackbone(nn.Module):
-    """A torchvision ResNet up to the global average pool, stage outputs sown; the first `frozen_bn_stages` stages'
-    BatchNorm in inference mode."""
+    """A torchvision ResNet up to the global average pool, stage outputs sown into 'intermediates'."""
     stage_sizes: Sequence[int]
     num_filters: int = 64
     frozen_bn_stages: int = 0

@@ -33,8 +33,7 @@ def lr_at(config, steps_per_epoch: int, step: int) -> float:
 
 
 def base_optimizer(config, steps_per_epoch: int, platform: Optional[str] = None) -> optax.GradientTransformation:
-    """Adam, AdamW (decay on kernels) or Nesterov SGD with L2 decay, chained as optax's; on the CPU with
-    `cifarjax.cpu.fusion`'s moments."""
+    """Adam, AdamW (decay on kernels) or Nesterov SGD (L2 decay), chained as optax's; the CPU's with fused moments."""
     cpu = resolve(platform) == "cpu"
     rate = optax.scale_by_learning_rate(learning_rate(config, steps_per_epoch))
     kernels = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731  not biases or BatchNorm scales

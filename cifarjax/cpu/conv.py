@@ -60,16 +60,12 @@ def xla_forward_im2col_backward(x, kernel, strides: int, padding: int):
 
 
 def conv2d(x, kernel, strides: int = 1, padding: int = 0, impl: str = "winograd", inference: bool = False):
-    """NHWC x HWIO convolution, symmetric zero padding: 'im2col', or 'winograd' (the fastest measured per shape);
-    `inference`: no train-mode BatchNorm follows (larger Winograd tiles)."""
-    kh, kw, cin, cout = kernel.shape
-    if impl == "im2col":
-        return _im2col_conv(x, kernel, strides, padding)
-    if (kh, kw, strides, padding) == (3, 3, 1, 1):
-        if min(x.shape[1], x.shape[2]) in XLA_FORWARD_WIDTHS:
-            return xla_forward_winograd_backward(x, kernel, inference)
-        return conv3x3_same(x, kernel, inference=inference)
-    if min(x.shape[1], x.shape[2]) >= LARGE_MAP:
+    """NHWC x HWIO convolution by 'im2col' or 'winograd' (the fastest per shape); `inference`: larger Winograd tiles."""
+    width, winograd = min(x.shape[1], x.shape[2]), impl == "winograd"
+    if winograd and (*kernel.shape[:2], strides, padding) == (3, 3, 1, 1):
+        return xla_forward_winograd_backward(x, kernel, inference) if width in XLA_FORWARD_WIDTHS else \
+            conv3x3_same(x, kernel, inference=inference)
+    if winograd and width >= LARGE_MAP:
         return xla_forward_im2col_backward(x, kernel, strides, padding)
     return _im2col_conv(x, kernel, strides, padding)
 
@@ -181,8 +177,7 @@ def winograd_products(x, u, m: int, th: int, tw: int):
 
 
 def winograd_phases(x, kernel, m: int, th: int, tw: int, keep_tiles: bool = True):
-    """The unpadded 3x3 convolution's th x tw m x m output tiles by phase (y[i][j]: outputs (m*t + i, m*u + j));
-    `keep_tiles=False` recomputes the input tiles for the gradient."""
+    """The unpadded 3x3 convolution's th x tw m x m output tiles by phase (y[i][j]: outputs (m*t + i, m*u + j))."""
     u = winograd_kernel(kernel, m)  # G k G^T
     prods = _tile_products(winograd_input_tiles(materialize(x), m, th, tw), u) if keep_tiles else \
         winograd_products(x, u, m, th, tw)  # the same products, B^T d B recomputed for the gradient
@@ -214,8 +209,7 @@ def whole_map_conv3x3(x, kernel):
 
 
 def conv3x3_same(x, kernel, tile: Optional[int] = None, inference: bool = False):
-    """``conv2d(x, kernel, 1, 1)`` for a 3x3 kernel: `whole_map_conv3x3` up to 2x2, else Winograd F(4x4) from
-    `F4_FROM` wide (its input tiles recomputed for the gradient), F(2x2) below."""
+    """``conv2d(x, kernel, 1, 1)``, 3x3: whole maps up to 2x2, Winograd F(4x4) from `F4_FROM` wide, else F(2x2)."""
     n, h, w, cin = x.shape
     if h <= 2 and w <= 2 and tile is None:
         return whole_map_conv3x3(x, kernel)

@@ -1,6 +1,5 @@
-"""A command's CPU settings (`tune`), where its run executes on the CPU, before JAX starts its backend: XLA flags,
-transparent huge pages (glibc 2.35+: 40-125x fewer page faults on XLA's buffers; `GLIBC_TUNABLES=glibc.malloc.hugetlb=0`
-opts out) and malloc trimming; `applied()` says what is in effect, for summary.json."""
+"""A CPU run's process settings before JAX starts (`tune`): XLA flags, huge pages (glibc 2.35+: 40-125x fewer page
+faults; `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` opts out), malloc trimming; `applied()` for summary.json."""
 from __future__ import annotations
 
 import contextlib
@@ -107,8 +106,7 @@ def _runs_the_main_script(argv: list) -> bool:
 
 
 def relaunch_command(package: Optional[str]) -> None:
-    """Exec this process again with huge pages if started as `python -m <package>.NAME` (None: any script) and it
-    changes something; otherwise (or if the exec fails) return."""
+    """Exec this process again with huge pages if started as `python -m <package>.NAME` (None: any script)."""
     argv = sys.orig_argv
     launched = _runs_the_main_script(argv) if package is None else \
         any(a == "-m" and b.startswith(f"{package}.") for a, b in zip(argv, argv[1:]))
@@ -148,8 +146,7 @@ def tune(package: Optional[str] = "experiments", environ: MutableMapping[str, st
 
 
 def tune_process(relaunch: bool = True) -> Optional[dict]:
-    """The commands' CPU settings for a research script (`cj.tune_process()`), called before anything starts JAX's
-    backend (later it warns and changes nothing); returns `applied()`, None off the CPU."""
+    """The commands' CPU settings for a script, called before JAX's backend starts; `applied()`, None off the CPU."""
     if backend_started():
         warn("tune_process() changed nothing: JAX's backend had already started (a jax.numpy array, jax.devices(), "
              "a cifarjax loop); call it first in the script")
