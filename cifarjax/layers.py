@@ -59,11 +59,6 @@ class Dense(nn.Module):
         return self.linear(x, kernel, bias)
 
 
-def _spanned(axis_name: Optional[str]) -> int:
-    """How many devices the statistics span."""
-    return 1 if axis_name is None else lax.axis_size(axis_name)
-
-
 def _normalize(x, mean, inv, scale, bias):
     """(x - mean) * inv * scale + bias in the activations' type."""
     cast = lambda v: v.astype(x.dtype)  # noqa: E731  (a no-op in float32)
@@ -72,7 +67,8 @@ def _normalize(x, mean, inv, scale, bias):
 
 def _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name):
     # two passes per device as PyTorch's, the devices' shares combined exactly (Chan et al.) after one gather
-    axes, acc, devices = tuple(range(x.ndim - 1)), jnp.promote_types(x.dtype, jnp.float32), _spanned(axis_name)
+    axes, acc = tuple(range(x.ndim - 1)), jnp.promote_types(x.dtype, jnp.float32)
+    devices = 1 if axis_name is None else lax.axis_size(axis_name)
     # Over one device a pmean is the identity, but XLA fuses around it: without it the CPU program's moments
     # came out different in the last bit (measured), so it stays where it stood and one device's results with it.
     alone = partial(lax.pmean, axis_name=axis_name) if axis_name is not None and devices == 1 else lambda v: v
@@ -97,8 +93,9 @@ def _batch_norm_train_bwd(epsilon, axis_name, residuals, cotangents):
     acc, cast = jnp.promote_types(x.dtype, jnp.float32), lambda v: v.astype(x.dtype)  # noqa: E731
     xhat = (x - cast(mean)) * cast(inv)
     dbias, dscale = dy.sum(axes, dtype=acc), (dy * xhat).sum(axes, dtype=acc)  # this device's share
-    count, sum_dy, sum_dy_xhat = math.prod(x.shape[:-1]) * _spanned(axis_name), dbias, dscale
-    if _spanned(axis_name) > 1:  # the statistics span every device, so dx needs the sums over every device
+    devices = 1 if axis_name is None else lax.axis_size(axis_name)
+    count, sum_dy, sum_dy_xhat = math.prod(x.shape[:-1]) * devices, dbias, dscale
+    if devices > 1:  # the statistics span every device, so dx needs the sums over every device
         sum_dy, sum_dy_xhat = lax.psum(jnp.stack([sum_dy, sum_dy_xhat]), axis_name)  # one all-reduce
     dx = cast(scale * inv) * (dy - cast(sum_dy / count) - xhat * cast(sum_dy_xhat / count))
     return dx, dscale, dbias
@@ -127,7 +124,7 @@ class BatchNorm(nn.Module):
         synced = self.axis_name if not self.is_initializing() else None
         y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, synced)
         if not self.is_initializing():
-            count = math.prod(x.shape[:-1]) * _spanned(synced)
+            count = math.prod(x.shape[:-1]) * (1 if synced is None else lax.axis_size(synced))
             unbiased = var * (count / (count - 1))
             ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
             ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased

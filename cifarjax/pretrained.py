@@ -2,6 +2,7 @@
 every file hashed (the .npz cache's key), checked against its name and CRCs, every tensor float32 or refused."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -186,9 +187,8 @@ class Weights:
         """The one wording every output uses for a run's weights (ImageNet's recognised by their SHA-256 only)."""
         if not self.pretrained or self.sha256 is None:
             return RANDOM_DESCRIPTION
-        if self.imagenet:
-            return IMAGENET_DESCRIPTION
-        return f"weights from {self.source} (sha256 {self.sha256:.12}…), not torchvision's published ImageNet weights"
+        return IMAGENET_DESCRIPTION if self.imagenet else \
+            f"weights from {self.source} (sha256 {self.sha256:.12}…), not torchvision's published ImageNet weights"
 
 
 def weights_file(weights: str) -> Optional[Path]:
@@ -215,20 +215,18 @@ def load_weights(path: Union[str, Path], cache_dir: Optional[Path] = None) -> tu
     digest = _verified_digest(path)
     cached = (cache_dir or default_cache()) / "weights" / f"resnet18-{digest[:16]}.npz"
     if cached.is_file():
-        try:
+        with contextlib.suppress(Exception):  # a damaged cache file is rebuilt
             with np.load(cached) as data:
-                variables = traverse_util.unflatten_dict({tuple(k.split("/")): data[k] for k in data.files})
+                variables = traverse_util.unflatten_dict(dict(data), sep="/")
             expected = _expected_shapes(variables["params"]["head"]["bias"].shape[0])
             if {k: v.shape for k, v in traverse_util.flatten_dict(variables).items()} == expected:
                 return variables, digest
-        except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt
-            pass
         warn(f"cached converted weights {cached} are damaged; converting the weights again")
     variables = convert_state_dict(_load_state_dict(path))
 
     def save():
         with atomic_write(cached, "wb") as f:
-            np.savez(f, **{"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(variables).items()})
+            np.savez(f, **traverse_util.flatten_dict(variables, sep="/"))
     best_effort(save, f"writing converted weights to {cached}")
     return variables, digest
 
