@@ -230,15 +230,15 @@ xla_forward_winograd_backward.defvjp(
     lambda inference, vjp, dy: vjp(dy))
 
 
-def conv3x3_maxpool(x, kernel, pool: int):
-    """``max_pool(conv2d(x, kernel), pool)``, unpadded 3x3, even pool: Winograd on the tiles pooling keeps (F(4x4)
-    where 2x2 of them fit), the pool a maximum over output phases."""
+def conv3x3_maxpool(x, kernel, pool: int, tile: Optional[int] = None):
+    """``max_pool(conv2d(x, kernel), pool)``, unpadded 3x3, even pool: Winograd on the tiles pooling keeps (`tile`:
+    F(4x4) where 2x2 of them fit), the pool a maximum over output phases."""
     if pool % 2:
         raise ValueError(f"Winograd pooling needs an even pool, got {pool}")
     (n, h, w, _), cout = x.shape, kernel.shape[-1]
     kept_h, kept_w = (h - 2) // pool * pool, (w - 2) // pool * pool
     big_tiles = kept_h % 4 == 0 and kept_w % 4 == 0 and kept_h * kept_w >= 64 and (pool % 4 == 0 or 4 % pool == 0)
-    m = 4 if big_tiles else 2
+    m = tile or (4 if big_tiles else 2)
     th, tw = kept_h // m, kept_w // m
     y = winograd_phases(x, kernel, m, th, tw)
     if pool >= m:
