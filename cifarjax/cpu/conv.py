@@ -119,7 +119,7 @@ def _sandwich(matrix, grid, keep_first_pass: bool = False):
 
 
 def _winograd_input_bwd(m, th, tw, inputs, dv):
-    (n, h, w, c), t = inputs[0].shape, m + 2
+    (_, h, w, _), t = inputs[0].shape, m + 2
     dd = materialize(_sandwich(WINOGRAD[m][0].T, dv))
 
     def shifted(a, down, right):  # one tile larger, shifted by (down, right) tiles
