@@ -1,7 +1,5 @@
-"""cifarjax: train and fine-tune CIFAR-10 classifiers in pure-functional JAX/Flax (`import cifarjax as cj`:
-docs/example.py). The public names (`__all__`, docs/api.md) load from their modules on first use (PEP 562), so
-`import cifarjax` itself starts neither JAX nor PyTorch.
-"""
+"""cifarjax: train and fine-tune CIFAR-10 classifiers in JAX/Flax (docs/example.py). The public names (`__all__`,
+docs/api.md) load on first use (PEP 562), so `import cifarjax` starts neither JAX nor PyTorch."""
 from __future__ import annotations
 
 import importlib

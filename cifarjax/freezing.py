@@ -63,8 +63,7 @@ class Freezing:
         return first_trained if self.bn_frozen else 0
 
     def averaged(self, variables) -> dict:
-        """What training changes, which a moving average of the weights keeps: the trainable parameters and the
-        statistics of BatchNorm layers in train mode."""
+        """What training changes (a moving average keeps it): trainable parameters, train-mode BatchNorm statistics."""
         stats = variables.get("batch_stats", {})
         stage = lambda name: int(re.match(r"backbone/layer(\d+)_|", name).group(1) or 0)  # noqa: E731  0: the stem
         updated = jax.tree_util.tree_map_with_path(lambda path, _: stage(_name(path)) >= self.frozen_bn_stages, stats)

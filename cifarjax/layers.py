@@ -1,6 +1,5 @@
-"""Layers whose numerics match PyTorch, as plain JAX: `Conv`, `Dense`, `BatchNorm` (optionally synced across devices),
-`Dropout` (a counter-hash mask: on the CPU ~50x cheaper than threefry bits), `max_pool`; how convolutions and linear
-layers compute is injected (`cifarjax.models.Formulations`), as flax's `nn.Conv` takes its `conv_general_dilated`."""
+"""Layers with PyTorch's numerics in plain JAX (`Dropout`'s counter-hash mask ~50x cheaper than threefry on a CPU);
+how convolutions and linear layers compute is injected (`models.Formulations`), as into flax's `nn.Conv`."""
 from __future__ import annotations
 
 import math
@@ -60,11 +59,6 @@ class Dense(nn.Module):
         return self.linear(x, kernel, bias)
 
 
-def _spanned(axis_name: Optional[str]) -> int:
-    """How many devices the statistics span."""
-    return 1 if axis_name is None else lax.axis_size(axis_name)
-
-
 def _normalize(x, mean, inv, scale, bias):
     """(x - mean) * inv * scale + bias in the activations' type."""
     cast = lambda v: v.astype(x.dtype)  # noqa: E731  (a no-op in float32)
@@ -72,9 +66,9 @@ def _normalize(x, mean, inv, scale, bias):
 
 
 def _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name):
-    """x normalised by its per-channel mean and biased variance over all but the last axis and `axis_name`'s devices,
-    in float32 or wider: two passes per device as PyTorch, shares combined exactly (Chan et al.) after one gather."""
-    axes, acc, devices = tuple(range(x.ndim - 1)), jnp.promote_types(x.dtype, jnp.float32), _spanned(axis_name)
+    # two passes per device as PyTorch's, the devices' shares combined exactly (Chan et al.) after one gather
+    axes, acc = tuple(range(x.ndim - 1)), jnp.promote_types(x.dtype, jnp.float32)
+    devices = 1 if axis_name is None else lax.axis_size(axis_name)
     # Over one device a pmean is the identity, but XLA fuses around it: without it the CPU program's moments
     # came out different in the last bit (measured), so it stays where it stood and one device's results with it.
     alone = partial(lax.pmean, axis_name=axis_name) if axis_name is not None and devices == 1 else lambda v: v
@@ -90,8 +84,7 @@ def _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name):
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def batch_norm_train(x, scale, bias, epsilon: float, axis_name: Optional[str]):
-    """Train-mode batch normalisation: (y in x's type, mean, biased variance over the global batch), differentiated
-    by hand keeping only x; the statistics' cotangents are ignored (they feed the running averages, never the loss)."""
+    """Train-mode batch norm: (y, mean, biased variance), differentiated by hand (the statistics feed no loss)."""
     return _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name)[0]
 
 
@@ -100,8 +93,9 @@ def _batch_norm_train_bwd(epsilon, axis_name, residuals, cotangents):
     acc, cast = jnp.promote_types(x.dtype, jnp.float32), lambda v: v.astype(x.dtype)  # noqa: E731
     xhat = (x - cast(mean)) * cast(inv)
     dbias, dscale = dy.sum(axes, dtype=acc), (dy * xhat).sum(axes, dtype=acc)  # this device's share
-    count, sum_dy, sum_dy_xhat = math.prod(x.shape[:-1]) * _spanned(axis_name), dbias, dscale
-    if _spanned(axis_name) > 1:  # the statistics span every device, so dx needs the sums over every device
+    devices = 1 if axis_name is None else lax.axis_size(axis_name)
+    count, sum_dy, sum_dy_xhat = math.prod(x.shape[:-1]) * devices, dbias, dscale
+    if devices > 1:  # the statistics span every device, so dx needs the sums over every device
         sum_dy, sum_dy_xhat = lax.psum(jnp.stack([sum_dy, sum_dy_xhat]), axis_name)  # one all-reduce
     dx = cast(scale * inv) * (dy - cast(sum_dy / count) - xhat * cast(sum_dy_xhat / count))
     return dx, dscale, dbias
@@ -130,7 +124,7 @@ class BatchNorm(nn.Module):
         synced = self.axis_name if not self.is_initializing() else None
         y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, synced)
         if not self.is_initializing():
-            count = math.prod(x.shape[:-1]) * _spanned(synced)
+            count = math.prod(x.shape[:-1]) * (1 if synced is None else lax.axis_size(synced))
             unbiased = var * (count / (count - 1))
             ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
             ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
@@ -142,8 +136,7 @@ class Dropout(nn.Module):
     rate: float
 
     def keep_mask(self, shape):
-        """The boolean keep mask `__call__` would use for an input of this shape: uint32 bits per element from a
-        counter hash (lowbias32) seeded by one draw from the 'dropout' rng."""
+        """`__call__`'s boolean keep mask: a counter hash (lowbias32) per element, seeded by one 'dropout' draw."""
         seed = jax.random.bits(self.make_rng("dropout"), (), jnp.uint32)
         h = lax.iota(jnp.uint32, math.prod(shape)).reshape(shape) * jnp.uint32(0x9E3779B9) + seed
         for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
@@ -169,8 +162,7 @@ def max_pool(x, window: int, strides: Optional[int] = None, padding: int = 0, ke
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def window_max_pool(x, window: int, strides: int, padding: int, keep: Optional[Callable] = None):
-    """Max pooling over overlapping, padded windows: XLA's `reduce_window` undifferentiated (3x faster), the gradient
-    to each window's first maximum (PyTorch's) by a saved index; `keep`: what the maximum and index pass through."""
+    """Overlapping max pooling: XLA's `reduce_window` (3x faster) undifferentiated, else by the first maximum's."""
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, strides, strides, 1),
                              ((0, 0), (padding, padding), (padding, padding), (0, 0)))
 

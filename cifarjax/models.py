@@ -1,5 +1,4 @@
-"""Flax models (the original's SimpleCNN, torchvision's ResNet-18) on float32 NHWC images, and the factory of a
-run's model (`build_model`, the only model code that knows the platform)."""
+"""Flax models (the original's SimpleCNN, torchvision's ResNet-18) on float32 NHWC images, and `build_model`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,9 +31,8 @@ class Formulations:
 
 
 class SimpleCNN(nn.Module):
-    """The original SimpleCNNModel: Conv(3→128) ReLU Dropout MaxPool2 · Conv(128→256) ReLU MaxPool2 Dropout ·
-    Conv(256→256) ReLU MaxPool4 Dropout · Linear(256→512) ReLU · Linear(512→classes), unpadded 3x3 convolutions;
-    fused blocks with `Formulations.conv_pool` (the same parameters and masks) unless a `dtype` asks for XLA's."""
+    """The original SimpleCNNModel: three unpadded 3x3 Conv ReLU MaxPool Dropout blocks, Linear ReLU Linear; fused
+    blocks with `Formulations.conv_pool` (the same parameters and masks) unless a `dtype` asks for XLA's."""
     num_classes: int = 10
     dropout_rate: float = 0.3
     dtype: Optional[Any] = None  # of the convolutions', matrix products' operands, activations (None: float32)
@@ -86,8 +84,7 @@ class BasicBlock(nn.Module):
 
 
 class ResNetBackbone(nn.Module):
-    """A torchvision ResNet up to the global average pool, stage outputs sown into 'intermediates';
-    `frozen_bn_stages`: the first k stages' BatchNorm runs in inference mode even when `train=True`."""
+    """A torchvision ResNet up to the global average pool, stage outputs sown into 'intermediates'."""
     stage_sizes: Sequence[int]
     num_filters: int = 64
     frozen_bn_stages: int = 0
@@ -148,8 +145,7 @@ assert len(STAGES) == 1 + len(ResNet18.stage_sizes)
 
 @dataclass(frozen=True)
 class Apply:
-    """`model.apply(..., method=method)` comparing equal for equal models (bound methods compare by identity), so
-    compiled steps are reused."""
+    """`model.apply(..., method=method)`, equal for equal models (bound methods are not), so steps are reused."""
     model: nn.Module
     method: Optional[str] = None
 
@@ -164,8 +160,7 @@ def compute_dtype(precision: str):
 
 @lru_cache(maxsize=None)
 def formulations_for(impl: str = "xla", platform: str = "gpu") -> Formulations:
-    """The formulations for `platform` and `Config.conv_impl` `impl` (`cifarjax.target.conv_impl`), and on the CPU
-    its linear layers and max pooling; one object per choice, so models built alike compare equal."""
+    """The formulations of `platform` and `Config.conv_impl`, one object per choice (models built alike are equal)."""
     impl = conv_impl(impl, platform)
     cpu = {"linear": dense_transposed_backward, "keep": materialize} if platform == "cpu" else {}
     if impl == "xla":
@@ -175,8 +170,7 @@ def formulations_for(impl: str = "xla", platform: str = "gpu") -> Formulations:
 
 
 def build_model(config, platform: Optional[str] = None):
-    """The configured model built for `platform` (default `cifarjax.target.resolve()`), float32 parameters;
-    ResNet-18's BatchNorm modes from the freezing policy, its statistics synchronised over the devices."""
+    """The configured model for `platform` (default `target.resolve()`), ResNet-18's BatchNorm modes from freezing."""
     dtype, formulations = compute_dtype(config.precision), formulations_for(config.conv_impl, resolve(platform))
     if config.model == "simple_cnn":
         return SimpleCNN(config.num_classes, config.dropout, dtype, formulations)
@@ -190,8 +184,7 @@ def _jitted_init(model, img_size: int):
 
 
 def initialize(model, seed: int = 0, img_size: int = 32) -> dict:
-    """Freshly initialised, seeded variables (host arrays), compiled in one piece (op by op costs 10-20 s on a CPU,
-    and its random normals may differ in the last bit)."""
+    """Seeded fresh variables (host arrays), compiled in one piece (op by op: 10-20 s on a CPU, other last bits)."""
     return jax.device_get(dict(_jitted_init(model, img_size)(jax.random.PRNGKey(seed))))
 
 

@@ -1,5 +1,4 @@
-"""Array operations the plain layers (`cifarjax.layers`) and the CPU's formulations (`cifarjax.cpu`) share:
-PyTorch's initialisation, XLA's convolution and the interleaving of output phases."""
+"""Array operations the plain layers (`cifarjax.layers`) and the CPU's formulations (`cifarjax.cpu`) share."""
 from __future__ import annotations
 
 import math

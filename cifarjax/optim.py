@@ -16,8 +16,7 @@ TRAINABLE, FROZEN = "trainable", "frozen"
 
 
 def learning_rate(config, steps_per_epoch: int):
-    """A float for 'constant' (the original), else an optax schedule: 'cosine' (linear warm-up, cosine decay to 0)
-    or 'onecycle' (warm-up over `warmup_epochs`, default 30% of the run)."""
+    """A float for 'constant', else optax's 'cosine' (warm-up, decay to 0) or 'onecycle' (default warm-up: 30%)."""
     total = max(1, config.n_epochs * steps_per_epoch)
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
     if config.schedule == "constant":
@@ -34,8 +33,7 @@ def lr_at(config, steps_per_epoch: int, step: int) -> float:
 
 
 def base_optimizer(config, steps_per_epoch: int, platform: Optional[str] = None) -> optax.GradientTransformation:
-    """Adam, AdamW (decay on kernels) or Nesterov SGD with L2 decay, chained as optax.adam, adamw and sgd chain them;
-    on the CPU (`platform`, default `resolve()`) with `cifarjax.cpu.fusion`'s moments."""
+    """Adam, AdamW (decay on kernels) or Nesterov SGD (L2 decay), chained as optax's; the CPU's with fused moments."""
     cpu = resolve(platform) == "cpu"
     rate = optax.scale_by_learning_rate(learning_rate(config, steps_per_epoch))
     kernels = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731  not biases or BatchNorm scales

@@ -1,8 +1,8 @@
-"""Port torchvision ResNet-18 weights (a state_dict, or a .pth read with `weights_only=True`) to `ResNet18`
-variables. Every load computes the file's SHA-256 (which keys the converted .npz cache), checks a
-`resnet18-<hash>.pth` name and a zip's CRCs against it, and converts every tensor to float32 or refuses it."""
+"""Port torchvision ResNet-18 weights (a state_dict, or a .pth read with `weights_only=True`) to `ResNet18` variables,
+every file hashed (the .npz cache's key), checked against its name and CRCs, every tensor float32 or refused."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -152,8 +152,7 @@ def convert_state_dict(state_dict: Mapping) -> dict:
 
 
 def with_new_head(variables: dict, num_classes: int, seed: int = 0, keep_same_size: bool = True) -> dict:
-    """Ported variables with a fresh, seeded `num_classes` head (as `--weights random` gives); a head of that size
-    is kept unless not `keep_same_size` (a fine-tune always starts a new head, as the original's)."""
+    """Ported variables with a fresh seeded `num_classes` head, one of that size kept if `keep_same_size`."""
     if keep_same_size and variables["params"]["head"]["bias"].shape[0] == num_classes:
         return variables
     head = initialize(ResNet18(num_classes), seed)["params"]["head"]
@@ -161,8 +160,7 @@ def with_new_head(variables: dict, num_classes: int, seed: int = 0, keep_same_si
 
 
 def resnet18_from_torchvision(state_dict_or_path, num_classes: int = 1000, seed: int = 0) -> dict:
-    """Variables for `ResNet18(num_classes)` from a torchvision resnet18 state_dict or `.pth` path; with 1000
-    classes the ImageNet head is kept, otherwise a new seeded head replaces it."""
+    """`ResNet18(num_classes)` variables from a torchvision resnet18 state_dict or `.pth` (a new head if resized)."""
     if isinstance(state_dict_or_path, (str, os.PathLike)):
         _verified_digest(Path(state_dict_or_path))
         state_dict_or_path = _load_state_dict(Path(state_dict_or_path))
@@ -189,14 +187,12 @@ class Weights:
         """The one wording every output uses for a run's weights (ImageNet's recognised by their SHA-256 only)."""
         if not self.pretrained or self.sha256 is None:
             return RANDOM_DESCRIPTION
-        if self.imagenet:
-            return IMAGENET_DESCRIPTION
-        return f"weights from {self.source} (sha256 {self.sha256:.12}…), not torchvision's published ImageNet weights"
+        return IMAGENET_DESCRIPTION if self.imagenet else \
+            f"weights from {self.source} (sha256 {self.sha256:.12}…), not torchvision's published ImageNet weights"
 
 
 def weights_file(weights: str) -> Optional[Path]:
-    """The file behind a --weights value: None for 'random'; for 'imagenet' torchvision's IMAGENET1K_V1 in torch's
-    cache (found without importing torch), downloaded with torchvision's hash check when missing."""
+    """The file behind --weights: None for 'random'; 'imagenet' torchvision's in torch's cache (hash-checked)."""
     if weights != "imagenet":
         return None if weights == "random" else Path(weights)
     home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "torch")
@@ -210,39 +206,34 @@ def weights_file(weights: str) -> Optional[Path]:
         raise UserError(f"could not fetch torchvision's ImageNet ResNet-18 weights ({type(error).__name__}); "
                         f"download {IMAGENET_FILE} from {IMAGENET_URL} on a machine with network access "
                         "and pass it with --weights PATH") from None
-    import torch
-    return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILE
+    return path  # torch.hub.get_dir(): $TORCH_HOME/hub, else $XDG_CACHE_HOME/torch/hub
 
 
 def load_weights(path: Union[str, Path], cache_dir: Optional[Path] = None) -> tuple:
-    """(variables as in the file, SHA-256) of a torchvision resnet18 .pth, the SHA-256 computed and checked on
-    every call, before the converted .npz cache (keyed by it) is read; a damaged cache is converted again."""
+    """(variables, SHA-256) of a resnet18 .pth, hashed on every call before its .npz cache (rebuilt if damaged)."""
     path = Path(path)
     digest = _verified_digest(path)
     cached = (cache_dir or default_cache()) / "weights" / f"resnet18-{digest[:16]}.npz"
     if cached.is_file():
-        try:
+        with contextlib.suppress(Exception):  # a damaged cache file is rebuilt
             with np.load(cached) as data:
-                variables = traverse_util.unflatten_dict({tuple(k.split("/")): data[k] for k in data.files})
+                variables = traverse_util.unflatten_dict(dict(data), sep="/")
             expected = _expected_shapes(variables["params"]["head"]["bias"].shape[0])
             if {k: v.shape for k, v in traverse_util.flatten_dict(variables).items()} == expected:
                 return variables, digest
-        except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt
-            pass
         warn(f"cached converted weights {cached} are damaged; converting the weights again")
     variables = convert_state_dict(_load_state_dict(path))
 
     def save():
         with atomic_write(cached, "wb") as f:
-            np.savez(f, **{"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(variables).items()})
+            np.savez(f, **traverse_util.flatten_dict(variables, sep="/"))
     best_effort(save, f"writing converted weights to {cached}")
     return variables, digest
 
 
 def imagenet_resnet18(num_classes: int = 10, weights: Optional[Union[str, Path]] = None, seed: int = 0,
                       cache_dir: Optional[Path] = None) -> dict:
-    """ImageNet ResNet-18 variables with a fresh seeded `num_classes` head, from `weights` (a local torchvision .pth)
-    or torchvision's IMAGENET1K_V1 (downloaded with a hash check into torch's cache)."""
+    """ImageNet ResNet-18 variables, a fresh seeded head, from `weights` (a .pth) or torchvision's IMAGENET1K_V1."""
     variables, _ = load_weights(weights if weights is not None else weights_file("imagenet"), cache_dir)
     return with_new_head(variables, num_classes, seed)
 

@@ -13,8 +13,7 @@ ACCELERATOR_PLUGINS = ("jax_plugins", "jax_cuda12_plugin", "jax_cuda13_plugin", 
 
 
 def resolve(platform: Optional[str] = None, environ: Mapping[str, str] = os.environ) -> str:
-    """`platform` if given, else $CIFARJAX_PLATFORM, else JAX's default backend's ('cpu', or 'gpu' for any
-    accelerator), which this starts: the one source of the platform of a run."""
+    """`platform`, else $CIFARJAX_PLATFORM, else JAX's default backend's ('cpu' or 'gpu', starting it)."""
     platform = platform or environ.get(ENV)
     if not platform:
         import jax
@@ -41,8 +40,7 @@ def step_factory(platform: Optional[str] = None):
 
 
 def runs_on_cpu(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether this process's JAX will run on the CPU, without starting a backend (the CPU's XLA flags must come
-    first): JAX_PLATFORMS's first platform, else whether no accelerator plugin is installed."""
+    """Whether JAX will run on the CPU (by JAX_PLATFORMS, else no accelerator plugin), without starting a backend."""
     platforms = [p.strip() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
     if platforms:
         return platforms[0] == "cpu"
@@ -50,8 +48,7 @@ def runs_on_cpu(environ: Mapping[str, str] = os.environ) -> bool:
 
 
 def deterministic(environ=os.environ) -> None:
-    """Add XLA's GPU deterministic-ops flag to XLA_FLAGS (`Config.deterministic`) unless set, before the backend
-    starts, so a program repeats its results bit for bit on a GPU (a CPU's already do)."""
+    """Add XLA's GPU deterministic-ops flag to XLA_FLAGS unless set (`Config.deterministic`; a CPU's already is)."""
     current = environ.get("XLA_FLAGS", "")
     if "--xla_gpu_deterministic_ops=" not in current:
         environ["XLA_FLAGS"] = f"{current} --xla_gpu_deterministic_ops=true".strip()

@@ -1,6 +1,5 @@
-"""The CPU's convolution formulations (`conv2d`: Winograd, im2col or XLA's forward per shape; SimpleCNN's fused
-conv+ReLU+pool block `ConvReluMaxPool`): faster than XLA's CPU convolutions, the same arithmetic up to rounding.
-The measured gains behind each threshold: docs/architecture.md."""
+"""The CPU's convolutions (`conv2d`: Winograd, im2col or XLA's forward per shape; SimpleCNN's fused `ConvReluMaxPool`):
+faster than XLA's CPU convolutions, the same arithmetic up to rounding (measurements: docs/architecture.md)."""
 from __future__ import annotations
 
 import math
@@ -56,29 +55,23 @@ def _xla_im2col_bwd(strides, padding, inputs, dy):
 
 @with_backward(_xla_im2col_bwd, nondiff_argnums=(2, 3))
 def xla_forward_im2col_backward(x, kernel, strides: int, padding: int):
-    """XLA's convolution (fast forward on large maps) differentiated through im2col (XLA's CPU backward is slow),
-    but for the kernel gradient of inputs with at most `FEW_CHANNELS` channels."""
+    """XLA's convolution (fast forward on large maps) differentiated through im2col (but few channels' kernels)."""
     return xla_conv(x, kernel, strides, padding)
 
 
 def conv2d(x, kernel, strides: int = 1, padding: int = 0, impl: str = "winograd", inference: bool = False):
-    """NHWC x HWIO convolution, symmetric zero padding: im2col ('im2col'), or ('winograd') the fastest measured
-    formulation per shape. `inference`: no train-mode BatchNorm follows (larger Winograd tiles)."""
-    kh, kw, cin, cout = kernel.shape
-    if impl == "im2col":
-        return _im2col_conv(x, kernel, strides, padding)
-    if (kh, kw, strides, padding) == (3, 3, 1, 1):
-        if min(x.shape[1], x.shape[2]) in XLA_FORWARD_WIDTHS:
-            return xla_forward_winograd_backward(x, kernel, inference)
-        return conv3x3_same(x, kernel, inference=inference)
-    if min(x.shape[1], x.shape[2]) >= LARGE_MAP:
+    """NHWC x HWIO convolution by 'im2col' or 'winograd' (the fastest per shape); `inference`: larger Winograd tiles."""
+    width, winograd = min(x.shape[1], x.shape[2]), impl == "winograd"
+    if winograd and (*kernel.shape[:2], strides, padding) == (3, 3, 1, 1):
+        return xla_forward_winograd_backward(x, kernel, inference) if width in XLA_FORWARD_WIDTHS else \
+            conv3x3_same(x, kernel, inference=inference)
+    if winograd and width >= LARGE_MAP:
         return xla_forward_im2col_backward(x, kernel, strides, padding)
     return _im2col_conv(x, kernel, strides, padding)
 
 
 def conv_phases(x, kernel, pool: int):
-    """The unpadded convolution by output phase, ``out[(p, q)] = conv2d(x)[:, p::pool, q::pool]`` cropped to what
-    max pooling keeps, each phase its own im2col matmul."""
+    """``{(p, q): conv2d(x)[:, p::pool, q::pool]}`` cropped to what pooling keeps, each phase one im2col matmul."""
     (_, h, w, _), (kh, kw, _, _) = x.shape, kernel.shape
     th, tw = (h - kh + 1) // pool, (w - kw + 1) // pool
     return {(p, q): _im2col_conv(x[:, p:p + pool * (th - 1) + kh, q:q + pool * (tw - 1) + kw], kernel, pool, 0)
@@ -126,7 +119,7 @@ def _sandwich(matrix, grid, keep_first_pass: bool = False):
 
 
 def _winograd_input_bwd(m, th, tw, inputs, dv):
-    (n, h, w, c), t = inputs[0].shape, m + 2
+    (_, h, w, _), t = inputs[0].shape, m + 2
     dd = materialize(_sandwich(WINOGRAD[m][0].T, dv))
 
     def shifted(a, down, right):  # one tile larger, shifted by (down, right) tiles
@@ -142,8 +135,8 @@ def _winograd_input_bwd(m, th, tw, inputs, dv):
 
 @with_backward(_winograd_input_bwd, nondiff_argnums=(1, 2, 3))
 def winograd_input_tiles(x, m: int, th: int, tw: int):
-    """B^T d B for the th x tw grid of (m+2)x(m+2) input tiles at stride m, as nested lists of (n, th, tw, c); the
-    gradient overlap-adds per input phase instead of transposing (m+2)^2 strided slices."""
+    """B^T d B of the th x tw (m+2)x(m+2) input tiles at stride m, nested lists of (n, th, tw, c); the gradient
+    overlap-adds per input phase instead of transposing (m+2)^2 strided slices."""
     t, bt = m + 2, WINOGRAD[m][0]
     # `d B` (db[j]: (n, H, tw, c)) kept in memory first: fused, each tile re-read up to 16 slices was 1.2x slower
     db = materialize(_combine(bt, [x[:, :, b:b + m * (tw - 1) + 1:m, :] for b in range(t)]))
@@ -158,8 +151,7 @@ def _winograd_kernel_bwd(m, _, du):
 
 @with_backward(_winograd_kernel_bwd, nondiff_argnums=(1,))
 def winograd_kernel(kernel, m: int):
-    """G k G^T as nested lists of (cin, cout) arrays; the gradient is assembled once (autodiff would pad nine
-    taps to the kernel's size inside every consumer)."""
+    """G k G^T as nested lists of (cin, cout) arrays; the gradient assembled once (autodiff pads taps per consumer)."""
     return _sandwich(WINOGRAD[m][1], [[kernel[i, j] for j in range(3)] for i in range(3)])
 
 
@@ -180,14 +172,12 @@ def _winograd_products_bwd(m, th, tw, inputs, dp):
 
 @with_backward(_winograd_products_bwd, nondiff_argnums=(2, 3, 4))
 def winograd_products(x, u, m: int, th: int, tw: int):
-    """`_tile_products` of x's input tiles and u whose gradient recomputes the tiles from x (F(4x4)'s are 2.25x
-    x's size), bit for bit the same."""
+    """`_tile_products` of x's input tiles and u, the gradient recomputing the tiles (F(4x4)'s: 2.25x x's size)."""
     return _tile_products(winograd_input_tiles(materialize(x), m, th, tw), u)
 
 
 def winograd_phases(x, kernel, m: int, th: int, tw: int, keep_tiles: bool = True):
-    """The unpadded 3x3 convolution of th x tw output tiles of m x m by phase: y[i][j] holds outputs (m*t + i,
-    m*u + j). `keep_tiles=False` recomputes the input tiles for the gradient."""
+    """The unpadded 3x3 convolution's th x tw m x m output tiles by phase (y[i][j]: outputs (m*t + i, m*u + j))."""
     u = winograd_kernel(kernel, m)  # G k G^T
     prods = _tile_products(winograd_input_tiles(materialize(x), m, th, tw), u) if keep_tiles else \
         winograd_products(x, u, m, th, tw)  # the same products, B^T d B recomputed for the gradient
@@ -209,8 +199,7 @@ def _whole_map_bwd(inputs, dy):
 
 @with_backward(_whole_map_bwd)
 def whole_map_conv3x3(x, kernel):
-    """``conv2d(x, kernel, 1, 1)`` of maps at most 2x2: each output one matmul of the flattened map by the taps it
-    reaches; the gradients likewise (the input's by the flipped kernel, the kernel's summed per tap)."""
+    """``conv2d(x, kernel, 1, 1)`` of maps at most 2x2, each output (and gradient) one matmul of the whole map."""
     n, h, w, cin = x.shape
     if h > 2 or w > 2:
         raise ValueError(f"whole-map convolution is for maps of at most 2x2, got {h}x{w}")
@@ -220,8 +209,7 @@ def whole_map_conv3x3(x, kernel):
 
 
 def conv3x3_same(x, kernel, tile: Optional[int] = None, inference: bool = False):
-    """``conv2d(x, kernel, 1, 1)`` for a 3x3 kernel: `whole_map_conv3x3` on maps of at most 2x2, else Winograd
-    F(4x4) (recomputing its input tiles for the gradient) from `F4_FROM` wide, F(2x2) below."""
+    """``conv2d(x, kernel, 1, 1)``, 3x3: whole maps up to 2x2, Winograd F(4x4) from `F4_FROM` wide, else F(2x2)."""
     n, h, w, cin = x.shape
     if h <= 2 and w <= 2 and tile is None:
         return whole_map_conv3x3(x, kernel)
@@ -243,8 +231,8 @@ xla_forward_winograd_backward.defvjp(
 
 
 def conv3x3_maxpool(x, kernel, pool: int, tile: Optional[int] = None):
-    """``max_pool(conv2d(x, kernel), pool)`` for an unpadded 3x3 convolution and an even pool: Winograd on the
-    tiles pooling keeps, the pool a maximum over output phases. `tile`: F(4x4) where 2x2 such tiles fit, else 2."""
+    """``max_pool(conv2d(x, kernel), pool)``, unpadded 3x3, even pool: Winograd on the tiles pooling keeps (`tile`:
+    F(4x4) where 2x2 of them fit), the pool a maximum over output phases."""
     if pool % 2:
         raise ValueError(f"Winograd pooling needs an even pool, got {pool}")
     (n, h, w, _), cout = x.shape, kernel.shape[-1]
@@ -266,8 +254,8 @@ def conv3x3_maxpool(x, kernel, pool: int, tile: Optional[int] = None):
 
 
 class ConvReluMaxPool(nn.Module):
-    """``max_pool(between(relu(conv3x3(x) + bias)), pool)``, fused; parameters named as `layers.Conv`'s. `method`
-    'winograd' (no `between`) or 'phases' (`between(z, (p, q))` acts on each phase, e.g. dropout)."""
+    """``max_pool(between(relu(conv3x3(x) + bias)), pool)`` fused, `layers.Conv`'s parameters; `method` 'winograd'
+    (no `between`) or 'phases' (`between(z, (p, q))` on each phase, e.g. dropout)."""
     features: int
     pool: int
     method: str = "winograd"

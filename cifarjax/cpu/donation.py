@@ -8,8 +8,7 @@ import jax
 
 
 def frozen_apart(step, mask, axis_name: str, devices: list, **static):
-    """`step` pmap-ed with the parameters `mask` leaves frozen donated (a separate argument) and every parameter
-    differentiated (the CPU's recorded numerics), called like the plain step; without a mask nothing is donated."""
+    """`step` pmap-ed donating the frozen parameters, every one differentiated (the CPU's recorded numerics)."""
     if mask is None:
         return jax.pmap(partial(step, trainable=None, **static), axis_name=axis_name, devices=devices)
     frozen, treedef = [not t for t in jax.tree.leaves(mask)], jax.tree.structure(mask)

@@ -1,6 +1,5 @@
-"""A command's CPU settings (`tune`), where its run executes on the CPU, before JAX starts its backend: XLA flags,
-transparent huge pages (glibc 2.35+: 40-125x fewer page faults on XLA's buffers; `GLIBC_TUNABLES=glibc.malloc.hugetlb=0`
-opts out) and malloc trimming; `applied()` says what is in effect, for summary.json."""
+"""A CPU run's process settings before JAX starts (`tune`): XLA flags, huge pages (glibc 2.35+: 40-125x fewer page
+faults; `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` opts out), malloc trimming; `applied()` for summary.json."""
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +30,7 @@ _libc: Optional[ctypes.CDLL] = None
 
 def add_cpu_flags(environ: MutableMapping[str, str] = os.environ, jaxlib_version: Optional[str] = None,
                   flags: Mapping[str, str] = CPU_FLAGS) -> list:
-    """Append `flags` not already in `environ['XLA_FLAGS']` (the user's choice wins), on the jaxlib versions they
-    were measured on; returns the flags added."""
+    """Append to XLA_FLAGS the `flags` it lacks (the user's win), on measured jaxlibs only; returns those added."""
     if jaxlib_version is None:
         from jaxlib import __version__ as jaxlib_version
     if not jaxlib_version.startswith(MEASURED_JAXLIB):
@@ -80,8 +78,7 @@ def kernel_mode(setting: Path = THP_SETTING) -> Optional[str]:
 
 
 def relaunch_environ(environ: Mapping[str, str], mode: Optional[str], libc: Optional[str] = None) -> Optional[dict]:
-    """`environ` plus the tunable, or None where relaunching changes nothing (the kernel's mode is not "madvise",
-    no glibc with the tunable, or GLIBC_TUNABLES already sets it)."""
+    """`environ` plus the tunable, or None where that changes nothing (not "madvise", no such glibc, already set)."""
     current = environ.get("GLIBC_TUNABLES", "")
     name, _, version = (libc or " ".join(platform.libc_ver())).partition(" ")  # "glibc 2.36"
     if mode != "madvise" or f"{TUNABLE}=" in current or name != "glibc" or \
@@ -97,8 +94,7 @@ def in_effect(environ: Mapping[str, str] = os.environ, mode: Optional[str] = Non
 
 
 def _runs_the_main_script(argv: list) -> bool:
-    """Whether executing `argv` again runs the script that is `__main__` now, not something that runs it in turn
-    (pytest, runpy, a notebook's kernel)."""
+    """Whether executing `argv` again runs `__main__`'s script, not what runs it (pytest, runpy, a notebook)."""
     main = getattr(sys.modules.get("__main__"), "__file__", None)
     if main is None or len(argv) < 2:
         return False
@@ -110,8 +106,7 @@ def _runs_the_main_script(argv: list) -> bool:
 
 
 def relaunch_command(package: Optional[str]) -> None:
-    """Exec this process again with huge pages where it was started as `python -m <package>.NAME` (`package` None:
-    any script or module) and that changes something; otherwise (or if the exec fails) return."""
+    """Exec this process again with huge pages if started as `python -m <package>.NAME` (None: any script)."""
     argv = sys.orig_argv
     launched = _runs_the_main_script(argv) if package is None else \
         any(a == "-m" and b.startswith(f"{package}.") for a, b in zip(argv, argv[1:]))
@@ -140,8 +135,7 @@ def trim_after_compiling() -> bool:
 
 def tune(package: Optional[str] = "experiments", environ: MutableMapping[str, str] = os.environ,
          relaunch: bool = True) -> bool:
-    """Apply the CPU's settings where this process will run on the CPU (first, unless not `relaunch`, re-executing
-    itself with huge pages if started as `python -m <package>.NAME`, or any script); returns whether it did."""
+    """Apply the CPU's settings where this process runs on the CPU (first `relaunch_command`); returns whether so."""
     if not runs_on_cpu(environ):
         return False
     if relaunch:
@@ -152,8 +146,7 @@ def tune(package: Optional[str] = "experiments", environ: MutableMapping[str, st
 
 
 def tune_process(relaunch: bool = True) -> Optional[dict]:
-    """The commands' CPU settings for a research script (`cj.tune_process()`), called before anything starts JAX's
-    backend (later it warns and changes nothing); returns `applied()`, None off the CPU."""
+    """The commands' CPU settings for a script, called before JAX's backend starts; `applied()`, None off the CPU."""
     if backend_started():
         warn("tune_process() changed nothing: JAX's backend had already started (a jax.numpy array, jax.devices(), "
              "a cifarjax loop); call it first in the script")
