@@ -87,7 +87,7 @@ class ResNetBackbone(nn.Module):
     """A torchvision ResNet up to the global average pool, stage outputs sown into 'intermediates'."""
     stage_sizes: Sequence[int]
     num_filters: int = 64
-    frozen_bn_stages: int = 0  # the stem and this many stages run BatchNorm in eval mode (running statistics)
+    frozen_bn_stages: int = 0  # BatchNorm in eval mode in the first this many stages (the stem is stage 0)
     axis_name: Optional[str] = None
     dtype: Optional[Any] = None  # of the convolutions' operands and the activations; BatchNorm's statistics float32
     formulations: Formulations = Formulations()
