@@ -35,9 +35,10 @@ from tests.helpers import make_image_folder  # noqa: E402
 # The longest files first (as `--durations` measured them), so that with pytest-xdist (`-n 2 --dist loadfile`) no
 # worker starts a long file while the other has nothing left: order changes nothing else, every test makes its own
 # state.
-LONGEST_FIRST = ("test_models.py", "test_train.py", "test_distributed.py", "test_trust.py", "test_experiments.py",
-                 "test_checkpoint.py", "test_binding.py", "test_pretrained.py", "test_reliability.py", "test_study.py",
-                 "test_standin.py", "test_precision.py", "test_steps_per_call.py", "test_predict.py")
+LONGEST_FIRST = ("test_models.py", "test_distributed.py", "test_trust.py", "test_standin.py", "test_experiments.py",
+                 "test_train.py", "test_binding.py", "test_pretrained.py", "test_reliability.py", "test_checkpoint.py",
+                 "test_study.py", "test_precision.py", "test_steps_per_call.py", "test_cpu_xla_flags.py",
+                 "test_gpu_program.py", "test_predict.py")
 
 
 def pytest_collection_modifyitems(items):

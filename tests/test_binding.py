@@ -121,6 +121,8 @@ def test_a_run_is_bound_to_its_data(tmp_path, data_dir, capsys, monkeypatch):
     config = json.loads((run / "config.json").read_text())
     assert config["data_dir"] == str(data_dir) and config["data_fingerprint"]["images"] == {"train": 60, "test": 18}
     assert config["commands"] == ["python -m experiments.cnn " + " ".join(args)]
+    error = fails(finetune.main, ["--resume", "--out", str(run), "--epochs", "2"], capsys)
+    assert "is a SimpleCNN run made by experiments.cnn" in error  # the model first: the data has not changed yet
     elsewhere = tmp_path / "elsewhere"
     make_image_folder(elsewhere / "data", n_train=5, n_test=2)  # another "data" where the run is looked at from
     monkeypatch.chdir(elsewhere)
@@ -146,8 +148,8 @@ def test_a_run_is_bound_to_its_data(tmp_path, data_dir, capsys, monkeypatch):
 def test_a_fine_tune_is_bound_to_its_model_and_its_own_backbone(tmp_path, data_dir, capsys):
     """The frozen-bn recipe keeps the whole backbone, BatchNorm statistics included, bit for bit and trains the head
     on cached features; the lengths share one frozen backbone file; replacing the weights file at the same path does
-    not change a resumed run's backbone; cnn --resume of a fine-tune run (and the reverse) is refused, naming the
-    model."""
+    not change a resumed run's backbone; cnn --resume of a fine-tune run is refused, naming the model (the reverse:
+    test_a_run_is_bound_to_its_data)."""
     weights = save_resnet(tmp_path / "resnet18.pth", seed=3)
     out = tmp_path / "ft"
     base = ["--data-dir", str(data_dir), "--batch-size", "8", "--weights", str(weights), "--conv-impl", "xla",
@@ -184,12 +186,6 @@ def test_a_fine_tune_is_bound_to_its_model_and_its_own_backbone(tmp_path, data_d
 
     (out / "frozen_params.npz").write_bytes((out / "frozen_params.npz").read_bytes()[:-2000] + bytes(2000))
     assert "frozen_params.npz" in fails(evaluate.main, [str(out / "epochs-3")], capsys)
-
-    cnn_run = tmp_path / "cnn"
-    cnn.main(["--data-dir", str(data_dir), "--epochs", "1", "--batch-size", "8", "--conv-impl", "xla",
-              "--out", str(cnn_run)])
-    error = fails(finetune.main, ["--resume", "--out", str(cnn_run), "--epochs", "2"], capsys)
-    assert "is a SimpleCNN run made by experiments.cnn" in error
 
 
 # ------------------------------------------------------------------------------------------------ a study

@@ -73,24 +73,9 @@ def one_process(data_dir, tmp_path_factory):
     return out
 
 
-def test_two_processes_equal_one_process_with_two_devices(data_dir, one_process, tmp_path):
-    out = tmp_path / "run"
-    results = finish(launch(data_dir, out))
-    assert [r[0] for r in results] == [0, 0], results[1][2][-3000:] + results[0][2][-3000:]
-    assert "validation accuracy" in results[0][1] and "validation accuracy" not in results[1][1]  # process 0 reports
-    assert same_parameters(one_process, out)  # the arithmetic is the same: a 2-value pmean either way
-    assert metrics(one_process) == metrics(out)
-    summary = json.loads((out / runs.SUMMARY).read_text())
-    assert (summary["process_count"], summary["device_count"]) == (2, 2)
-    # Started as commands, the processes relaunched with huge pages where that changes something; this process
-    # did not: the same numbers either way.
-    assert summary["cpu_tuning"]["huge_pages"] == hugepages.in_effect(
-        hugepages.relaunch_environ(os.environ, hugepages.kernel_mode()) or os.environ)
-
-
 def test_negative_control_each_process_alone_differs(data_dir, one_process, tmp_path):
     """What the old code did under jax.distributed: each process trained alone on its local device. The
-    comparison above must be able to tell: a lone process's run differs."""
+    comparison below must be able to tell: a lone process's run differs."""
     out = tmp_path / "alone"
     (code, _, err), = finish(launch(data_dir, out, processes=1, devices_each=1))
     assert code == 0, err[-3000:]
@@ -98,6 +83,8 @@ def test_negative_control_each_process_alone_differs(data_dir, one_process, tmp_
 
 
 def test_a_killed_peer_ends_the_other_cleanly_and_resume_completes_exactly(data_dir, one_process, tmp_path):
+    """Two processes, one killed mid-run and both resumed, end with one process's parameters and metrics: the
+    arithmetic is the same (a 2-value pmean either way) before the kill and after the resume."""
     out = tmp_path / "run"
     children = launch(data_dir, out)
     deadline = time.time() + 180
@@ -111,9 +98,16 @@ def test_a_killed_peer_ends_the_other_cleanly_and_resume_completes_exactly(data_
     assert "Traceback" not in err and "Check failure" not in err
     children[1].communicate()
     results = finish(launch(data_dir, out, "--resume"))
-    assert [r[0] for r in results] == [0, 0], results[0][2][-3000:]
+    assert [r[0] for r in results] == [0, 0], results[1][2][-3000:] + results[0][2][-3000:]
+    assert "validation accuracy" in results[0][1] and "validation accuracy" not in results[1][1]  # process 0 reports
     assert same_parameters(one_process, out)
     assert metrics(one_process) == metrics(out)
+    summary = json.loads((out / runs.SUMMARY).read_text())
+    assert (summary["process_count"], summary["device_count"]) == (2, 2)
+    # Started as commands, the processes relaunched with huge pages where that changes something; this process
+    # did not: the same numbers either way.
+    assert summary["cpu_tuning"]["huge_pages"] == hugepages.in_effect(
+        hugepages.relaunch_environ(os.environ, hugepages.kernel_mode()) or os.environ)
 
 
 def test_mismatched_settings_and_unshared_folders_are_refused(data_dir, tmp_path):

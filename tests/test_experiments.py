@@ -14,7 +14,7 @@ from experiments import cnn, compare, evaluate, finetune, predict
 from cifarjax import runs
 from cifarjax.checkpoint import load_variables
 from cifarjax.pretrained import resnet18_from_torchvision
-from tests.helpers import ROOT, cnn_args, make_image_folder, randomized_torchvision_resnet18, run_module
+from tests.helpers import ROOT, cnn_args, fails, make_image_folder, randomized_torchvision_resnet18
 
 
 def assert_png(path):
@@ -62,9 +62,17 @@ def evaluate_json(run, capsys, *extra):
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def test_evaluate_needs_only_a_test_folder(data_dir, tmp_path, capsys):
-    out = tmp_path / "run"
-    cnn.main(cnn_args(data_dir, out))
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory):
+    """A finished one-epoch run on data_dir's images, for the tests that do not change it."""
+    root = tmp_path_factory.mktemp("one_epoch")
+    data = make_image_folder(root / "data", n_train=20, n_test=6, learnable=True)
+    cnn.main(cnn_args(data, root / "run"))
+    return root / "run", data
+
+
+def test_evaluate_needs_only_a_test_folder(one_epoch_run, tmp_path, capsys):
+    out = one_epoch_run[0]
     capsys.readouterr()
     test_only = make_image_folder(tmp_path / "held_out", n_train=0, n_test=5, learnable=True, seed=7)
     result = evaluate_json(out, capsys, "--data-dir", str(test_only))
@@ -175,14 +183,13 @@ def test_bad_input_is_one_clear_message(command, args, message, tmp_path, capsys
     assert message in err and "Traceback" not in err
 
 
-@pytest.mark.slow
-def test_bad_weights_file_in_a_real_process(data_dir, tmp_path):
-    """The one command run as a separate process: its real exit status and stderr."""
+def test_a_bad_weights_file_is_one_clear_message(data_dir, tmp_path, capsys):
+    """(A refusal's real exit status in a process of its own: test_trust's checkpoint that cannot be written.)"""
     bad = tmp_path / "resnet18.pth"
     bad.write_text("junk")
-    result = run_module("experiments.finetune", "--data-dir", data_dir, "--weights", bad, "--epochs", "1",
-                        "--batch-size", "8", "--out", tmp_path / "o")
-    assert result.returncode == 2 and "is not a PyTorch state_dict file" in result.stderr
+    error = fails(finetune.main, ["--data-dir", str(data_dir), "--weights", str(bad), "--epochs", "1",
+                                  "--batch-size", "8", "--out", str(tmp_path / "o")], capsys)
+    assert "is not a PyTorch state_dict file" in error
 
 
 def test_batch_that_does_not_split_over_devices(data_dir, tmp_path, capsys):
@@ -191,9 +198,8 @@ def test_batch_that_does_not_split_over_devices(data_dir, tmp_path, capsys):
     assert exit_info.value.code == 2 and "does not split evenly over 2 devices" in capsys.readouterr().err
 
 
-def test_existing_run_is_never_overwritten(data_dir, tmp_path, capsys):
-    out = tmp_path / "run"
-    cnn.main(cnn_args(data_dir, out))
+def test_existing_run_is_never_overwritten(one_epoch_run, capsys):
+    out, data_dir = one_epoch_run
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit) as exit_info:
         cnn.main(["--data-dir", str(data_dir), "--epochs", "1", "--batch-size", "8", "--out", str(out)])

@@ -157,7 +157,7 @@ def test_the_library_names_a_missing_image_and_a_missing_split(trained, tmp_path
 
 def test_command_in_its_own_process(trained, tmp_path):
     """`python -m experiments.predict` as a user starts it (a refusal's real exit status in a process of its own:
-    tests/test_experiments.py's bad weights file)."""
+    tests/test_trust.py's checkpoint that cannot be written)."""
     image = tmp_path / "photo.png"
     Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(image)
     done = run_module("experiments.predict", trained, image, "--json")
