@@ -28,5 +28,6 @@ def find_data(data_dir):
     for c in range(10):
         (folder / "train" / f"class{c}").mkdir(parents=True)
         for i in range(625):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / "train" / f"class{c}" / f"{i}.png")
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / "train" / f"class{c}" / f"{i}.png")
     return folder, "generated random images (6,250; ../shared not found)"

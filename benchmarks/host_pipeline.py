@@ -28,8 +28,8 @@ def main():
     # Before b6a1acf the host resized: HostAugment took the size.
     old = "img_size" in HostAugment.__init__.__code__.co_varnames
     augment = HostAugment(img_size=224, seed=0) if old else HostAugment(seed=0)
-    feed = HostAugmentFeed(DataParallel(HostAugmentedInputs(AugmentSpec(img_size=224)), devices=jax.local_devices()[:1]),
-                           data, augment)
+    parallel = DataParallel(HostAugmentedInputs(AugmentSpec(img_size=224)), devices=jax.local_devices()[:1])
+    feed = HostAugmentFeed(parallel, data, augment)
     seconds = []
     for s in range(12):
         start = time.perf_counter()

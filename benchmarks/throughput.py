@@ -66,7 +66,8 @@ ROWS = {
     "resnet_all_32": ("ResNet-18 train step, everything trains, 32x32, batch 64", "train", 64,
                       {**RESNET, "unfreeze": "all"}, {"net": "resnet", "trains": "all"}),
     "resnet_layer4_32": ("ResNet-18 train step, head + layer4 train, 32x32, batch 64", "train", 64,
-                         {**RESNET, "unfreeze": "layer4"}, {"net": "resnet", "trains": "layer4", "frozen_bn": "stages"}),
+                         {**RESNET, "unfreeze": "layer4"},
+                         {"net": "resnet", "trains": "layer4", "frozen_bn": "stages"}),
     "resnet_head_bntrain_32": ("ResNet-18 train step, head only, BatchNorm in train mode, 32x32, batch 64", "train", 64,
                                {**RESNET, "unfreeze": "head", "bn": "train"}, {"net": "resnet", "trains": "head"}),
     "resnet_all_224": ("ResNet-18 train step, everything trains, 224x224, batch 32", "train", 32,
@@ -237,8 +238,8 @@ def main(argv=None):
     results = {"data": data_label, "cpu": cpu_description(), "cifarjax_device": f"1 x {dev.device_kind}",
                "threads": os.cpu_count(), "rows": []}
     for name in args.rows:
-        child = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--data-dir", str(folder), "--row", name],
-                               cwd=ROOT, capture_output=True, text=True)
+        command = [sys.executable, "-m", "benchmarks.throughput", "--data-dir", str(folder), "--row", name]
+        child = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         if child.returncode:
             raise SystemExit(f"row {name} failed:\n{child.stderr[-3000:]}")
         results["rows"].append(json.loads(child.stdout.strip().splitlines()[-1]))

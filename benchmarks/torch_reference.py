@@ -25,7 +25,8 @@ def resnet18(num_classes: int = 10, trains: str = "all") -> nn.Module:
     model = torchvision.models.resnet18()
     model.fc = nn.Linear(512, num_classes)
     for name, p in model.named_parameters():
-        p.requires_grad = trains == "all" or name.startswith("fc.") or (trains == "layer4" and name.startswith("layer4."))
+        p.requires_grad = (trains == "all" or name.startswith("fc.")
+                           or (trains == "layer4" and name.startswith("layer4.")))
     return model
 
 

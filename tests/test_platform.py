@@ -20,7 +20,8 @@ def test_importing_the_packages_changes_no_environment_variable_and_runs_once():
     """In a fresh process: `import cifarjax, experiments` leaves os.environ as it was, and so does importing the
     commands and the CPU modules (after JAX, which sets two variables of its own when imported); nothing
     re-executes the process (it prints once)."""
-    program = ("import os\ne = dict(os.environ)\nimport cifarjax, experiments\nassert dict(os.environ) == e, 'packages'\n"
+    program = ("import os\ne = dict(os.environ)\nimport cifarjax, experiments\n"
+               "assert dict(os.environ) == e, 'packages'\n"
                "import jax\ne = dict(os.environ)\n"
                f"import {', '.join(MODULES)}\n"
                "changed = {k for k in set(e) | set(os.environ) if e.get(k) != os.environ.get(k)}\n"

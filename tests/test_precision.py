@@ -24,8 +24,9 @@ from tests.test_train import fast, small_resnet, tiny_split
 
 # bfloat16 keeps 8 significant bits: each rounding (an input, a weight, a layer's output) is off by at most 2^-9
 # (0.2%) of the value. A handful of layers compose a few dozen such roundings, partly cancelling, so logits
-# differ from float32's by about 1% of their spread (measured 0.3-0.9% here, three seeds of each model); 3% bounds that on any CPU, while
-# a wrong computation (a lost bias, a layer left out, the wrong weights) is off by tens of percent.
+# differ from float32's by about 1% of their spread (measured 0.3-0.9% here, three seeds of each model); 3% bounds
+# that on any CPU, while a wrong computation (a lost bias, a layer left out, the wrong weights) is off by tens of
+# percent.
 BF16_RELATIVE = 3e-2
 
 

@@ -205,8 +205,8 @@ def test_cached_features_follow_the_same_curve_as_the_image_path():
     with jax.enable_x64(True):
         variables = float64(small_resnet_variables())
         spec = AugmentSpec.from_config(config)
-        cached = fit(config, Apply(model, "classify"), variables, *backbone_features(config, model, variables, data, val),
-                     FeatureInputs(spec))
+        features = backbone_features(config, model, variables, data, val)
+        cached = fit(config, Apply(model, "classify"), variables, *features, FeatureInputs(spec))
         plain = fit(config, Apply(model), variables, data, val, ImageInputs(spec))
     np.testing.assert_allclose(cached.history.train_loss, plain.history.train_loss, rtol=ALGORITHM_ATOL)
     assert cached.history.epoch_val_accuracy == plain.history.epoch_val_accuracy
