@@ -18,10 +18,10 @@ _HOMES = {  # public name -> the module that defines it, in docs/api.md's order
     "export_torchvision": "export",
     # training
     "train_loop": "loop", "fine_tune_loop": "loop", "fit": "loop", "FitResult": "loop", "ImageInputs": "inputs",
-    "AugmentSpec": "augment", "tune_process": "cpu.process", "over_seeds": "seeds", "mean_sd": "seeds",
+    "AugmentSpec": "augment", "tune_process": "cpu.process", "over_seeds": "records", "mean_sd": "records",
     # evaluation
-    "evaluate": "evaluation", "predict": "evaluation", "probabilities": "evaluation", "score": "evaluation",
-    "format_table": "evaluation",
+    "evaluate": "predictor", "predict": "predictor", "probabilities": "predictor", "score": "predictor",
+    "format_table": "predictor",
     # finished runs
     "load_run": "predictor", "Run": "predictor",
     # figures
