@@ -206,8 +206,7 @@ def plot_split(run: Path, name: str, split, predicted: np.ndarray, matrix, class
 
 @plt.style.context("seaborn-v0_8-whitegrid")
 def plot_study_effects(answer: Mapping, path, title: str) -> Path:
-    """A study's ResNet cells' change against the baseline, the band of twice the noise, and the SimpleCNN reference
-    as a line; each bar coloured by its verdict."""
+    """The answer's cells' change against the baseline (coloured by verdict), twice the noise, the SimpleCNN line."""
     import seaborn as sns  # only here (see the module's docstring)
 
     cells = sorted((c for c in answer["cells"] if c.get("model") != "simple_cnn"), key=lambda c: -c["effect_points"])
