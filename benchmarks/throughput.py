@@ -7,10 +7,10 @@ Each row runs in its own child process, which measures cifarjax (its pmap-ed ste
 median images/s of each, their ratio (cifarjax/PyTorch: the median of the rounds' ratios, with their range) and
 the child's peak resident memory: both sides together, and cifarjax's alone (taken before PyTorch's side starts).
 Each child asks XLA for the schedule the commands choose for the row's settings
-(`cifarjax.cpu.xla_flags.schedule_for`). `--end-to-end` adds a whole SimpleCNN epoch (`python -m experiments.cnn
+(`cifarjax.cpu.process.schedule_for`). `--end-to-end` adds a whole SimpleCNN epoch (`python -m experiments.cnn
 --epochs 1` against the original's recipe). Uses ../shared's CIFAR-10 images when present, generated images
 otherwise. The rows run under the allocator settings this command was started with: the experiment commands' huge
-pages (`cifarjax.cpu.hugepages`) are not added, since they speed both frameworks alike (the 224x224 step where everything
+pages (`cifarjax.cpu.process`) are not added, since they speed both frameworks alike (the 224x224 step where everything
 trains, docs/results.md); start it with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` to measure with them.
 `--end-to-end` runs the command as a user does, huge pages included.
 """
@@ -38,7 +38,7 @@ import optax  # noqa: E402
 from benchmarks.data import find_data  # noqa: E402
 from cifarjax.augment import AugmentSpec  # noqa: E402
 from cifarjax.config import Config  # noqa: E402
-from cifarjax.cpu import xla_flags  # noqa: E402
+from cifarjax.cpu import process as cpu_process  # noqa: E402
 from cifarjax.cpu.process import trim_after_compiling  # noqa: E402
 from cifarjax.data import load_dataset, train_val_split  # noqa: E402
 from cifarjax.freezing import Freezing  # noqa: E402
@@ -161,12 +161,12 @@ def paired_ratio(rates: list) -> dict:
 def schedule_row(name: str) -> str:
     """Before JAX's backend starts, apply the CPU settings the experiment commands apply at their start (huge pages
     aside: `cifarjax.cpu.process`) and ask XLA for the schedule they choose for the row's settings
-    (`cifarjax.cpu.xla_flags.schedule_for`); returns the scheduler asked for."""
+    (`cifarjax.cpu.process.schedule_for`); returns the scheduler asked for."""
     if not runs_on_cpu():
         return "default"
-    xla_flags.add_cpu_flags()
+    cpu_process.add_cpu_flags()
     trim_after_compiling()
-    return xla_flags.schedule_for(Config(**ROWS[name][3]))
+    return cpu_process.schedule_for(Config(**ROWS[name][3]))
 
 
 def measure_row(name: str, images, labels, rounds: int = ROUNDS) -> dict:
@@ -180,7 +180,8 @@ def measure_row(name: str, images, labels, rounds: int = ROUNDS) -> dict:
     rates = [(ours.rate(), theirs.rate()) for _ in range(rounds)]
     return {"name": name, "description": description, **paired_ratio(rates), "unit": "images/s",
             "pytorch_device": theirs.ref.device_name(),
-            "peak_rss_mb": peak_memory_mb(), "cifarjax_peak_rss_mb": ours_peak, "xla_cpu_scheduler": xla_flags.scheduler()}
+            "peak_rss_mb": peak_memory_mb(), "cifarjax_peak_rss_mb": ours_peak,
+            "xla_cpu_scheduler": cpu_process.scheduler()}
 
 
 def end_to_end(folder: Path, images, labels, val) -> dict:

@@ -8,30 +8,14 @@ import importlib
 
 __version__ = "0.1.0"
 
-_HOMES = {  # public name -> the module that defines it, in docs/api.md's order
-    # configuration
-    "Config": "config", "recipe_config": "recipes", "RECIPES": "recipes",
-    # data
-    "load_dataset": "data", "train_val_split": "data", "Dataset": "data", "Split": "data",
-    # models and weights
-    "build_model": "models", "init_variables": "models", "imagenet_resnet18": "pretrained",
-    "export_torchvision": "export",
-    # training
-    "train_loop": "loop", "fine_tune_loop": "loop", "fit": "loop", "FitResult": "loop", "ImageInputs": "inputs",
-    "AugmentSpec": "augment", "tune_process": "cpu.process", "over_seeds": "records", "mean_sd": "records",
-    # evaluation
-    "evaluate": "predictor", "predict": "predictor", "probabilities": "predictor", "score": "predictor",
-    "format_table": "predictor",
-    # finished runs
-    "load_run": "predictor", "Run": "predictor",
-    # figures
-    "plot_training_results": "plots", "plot_runs": "plots", "plot_confusion_matrix": "plots",
-    "plot_sample_predictions": "plots",
-    # the study
-    "fine_tune_study": "study", "Cell": "study", "DEFAULT_GRID": "study",
-    # errors
-    "UserError": "errors",
-}
+_HOMES = {name: module for module, names in (  # public name -> its module, in docs/api.md's order
+    ("config", "Config"), ("recipes", "recipe_config RECIPES"), ("data", "load_dataset train_val_split Dataset Split"),
+    ("models", "build_model init_variables"), ("pretrained", "imagenet_resnet18"), ("export", "export_torchvision"),
+    ("loop", "train_loop fine_tune_loop fit FitResult"), ("inputs", "ImageInputs"), ("augment", "AugmentSpec"),
+    ("cpu.process", "tune_process"), ("records", "over_seeds mean_sd"),
+    ("predictor", "evaluate predict probabilities score format_table load_run Run"),
+    ("plots", "plot_training_results plot_runs plot_confusion_matrix plot_sample_predictions"),
+    ("study", "fine_tune_study Cell DEFAULT_GRID"), ("errors", "UserError")) for name in names.split()}
 _RENAMED = {"fine_tune_study": "study"}  # `cifarjax.study` names the module, so its one-call function is renamed
 
 __all__ = list(_HOMES)

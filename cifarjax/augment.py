@@ -17,10 +17,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def normalization_stats(kind: str, train_images: Optional[np.ndarray] = None):
-    """(mean, std) per channel for 'imagenet' or 'dataset' (from the uint8 training images); (None, None) for 'none'."""
-    if kind != "dataset":
-        return {"none": (None, None), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}[kind]
+def with_normalization(config, train_images: np.ndarray):
+    """`config` with norm_mean/norm_std resolved from config.normalize ('dataset': from the uint8 `train_images`)."""
+    if config.normalize == "none" or config.norm_mean is not None:
+        return config
+    if config.normalize == "imagenet":
+        return config.replace(norm_mean=IMAGENET_MEAN, norm_std=IMAGENET_STD)
     pixels = train_images.reshape(-1, 3)
     mean, sq = np.zeros(3), np.zeros(3)
     for chunk in np.array_split(pixels, max(1, len(pixels) // 4_000_000)):  # float64 sums without a float64 copy
@@ -31,15 +33,7 @@ def normalization_stats(kind: str, train_images: Optional[np.ndarray] = None):
     if not (std > 1e-6).all():
         raise UserError(f"the training images do not vary in channel {int(np.argmin(std))} (std {std.min():.2g}), "
                         "so dataset normalisation would divide by zero; use --normalize none or imagenet")
-    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
-
-
-def with_normalization(config, train_images: np.ndarray):
-    """`config` with norm_mean/norm_std resolved from config.normalize ('dataset': from `train_images`)."""
-    if config.normalize == "none" or config.norm_mean is not None:
-        return config
-    mean, std = normalization_stats(config.normalize, train_images)
-    return config.replace(norm_mean=mean, norm_std=std)
+    return config.replace(norm_mean=tuple(float(m) for m in mean), norm_std=tuple(float(s) for s in std))
 
 
 @dataclass(frozen=True)
@@ -127,12 +121,10 @@ class HostAugment:
             import albumentations as A
             transform = A.Compose([A.HorizontalFlip(p=0.5)])
         self.transform, self.seed, self.lock = transform, seed, threading.Lock()
-        self.transform.set_random_seed(seed)
 
-    def __call__(self, images: np.ndarray, step: Optional[int] = None) -> np.ndarray:
+    def __call__(self, images: np.ndarray, step: int) -> np.ndarray:
         flat = images.reshape((-1,) + images.shape[-3:])
         with self.lock:  # the transform's random state is shared: one batch draws at a time
-            if step is not None:
-                self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, step]).generate_state(1)[0]))
+            self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, step]).generate_state(1)[0]))
             out = np.stack([self.transform(image=im)["image"] for im in flat])
         return out.reshape(images.shape[:-3] + out.shape[1:])

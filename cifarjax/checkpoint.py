@@ -24,23 +24,20 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from cifarjax.errors import UserError, request_hard_exit, user_error_from_os, warn
-from cifarjax.files import atomic_write, record_output
 from cifarjax.freezing import join_frozen, split_frozen
-from cifarjax.runs import CONFIG, TENSORBOARD
+from cifarjax.runs import CONFIG, TENSORBOARD, RunFolder, atomic_write
 
 CHECKPOINTS, FROZEN = "checkpoints", "frozen_params.npz"
 
 
-class _OrbaxFailuresRaise(logging.Filter):
+def _drop_orbax_failures(record: logging.LogRecord) -> bool:
     """Drop orbax's ERROR records, and asyncio's about orbax's unread task exceptions: a failed save is logged by
     each of its threads, then raised where cifarjax reports it in one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR:
-            return True
-        if record.name == "asyncio":
-            return not ("never retrieved" in record.getMessage() and f"{os.sep}orbax{os.sep}" in record.getMessage())
-        return f"{os.sep}orbax{os.sep}" not in record.pathname
+    if record.levelno < logging.ERROR:
+        return True
+    if record.name == "asyncio":
+        return not ("never retrieved" in record.getMessage() and f"{os.sep}orbax{os.sep}" in record.getMessage())
+    return f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
 class _QuietClosedLoop(asyncio.SelectorEventLoop):
@@ -65,8 +62,7 @@ def quiet_orbax() -> None:
     importing cifarjax never does). Idempotent."""
     logging.getLogger("absl").setLevel(logging.ERROR)
     for logger in map(logging.getLogger, ("absl", "asyncio")):
-        if not any(isinstance(f, _OrbaxFailuresRaise) for f in logger.filters):
-            logger.addFilter(_OrbaxFailuresRaise())
+        logger.addFilter(_drop_orbax_failures)  # once: addFilter skips a filter the logger has
     if type(asyncio.get_event_loop_policy()) is asyncio.DefaultEventLoopPolicy:  # leave a chosen policy (uvloop) alone
         asyncio.set_event_loop_policy(_QuietClosedLoopPolicy())
 
@@ -95,9 +91,6 @@ class Checkpointer:
         except OSError as error:
             raise user_error_from_os(error, f"cannot create checkpoints in {self.directory}") from None
 
-    def latest_step(self) -> Optional[int]:
-        return self.manager.latest_step()
-
     def _stored(self, state) -> dict:
         """The arrays a checkpoint holds: what trains, statistics, their moving average, optimizer state."""
         prune = (lambda p: p) if self.trainable is None else (lambda p: split_frozen(p, self.trainable)[0])
@@ -111,7 +104,7 @@ class Checkpointer:
         """Write the frozen parameters once, unless the file the run's config.json names exists."""
         if self.trainable is None or not is_writer:
             return
-        path, recorded = frozen_file(self.run_dir)
+        path, recorded = _frozen_file(self.run_dir)
         if recorded is None or not path.is_file():
             write_frozen_file(split_frozen(params, self.trainable)[1], path)
 
@@ -119,7 +112,7 @@ class Checkpointer:
         """Queue a checkpoint of `state` (host copies are taken before returning) and `meta` (+ digests)."""
         stored = jax.device_get(self._stored(state))
         meta = dict(meta, digest={k: digest(v) for k, v in stored.items()})
-        record_output(self.directory / str(int(state.step)))
+        RunFolder.record(self.directory / str(int(state.step)))
         with self._write_errors():
             self.manager.save(int(state.step), args=ocp.args.Composite(
                 variables=ocp.args.StandardSave(stored["variables"]), train=ocp.args.StandardSave(stored["train"]),
@@ -188,9 +181,9 @@ def _why_not_written(error: Exception) -> tuple:
     carry it in their text ("[os_error_code='36']", "[OS error: 28]", RESOURCE_EXHAUSTED)."""
     text = str(error)
     code = error.errno if isinstance(error, OSError) else None
-    found = re.search(r"os_error_code='(\d+)'|OS error: (\d+)|\[Errno (\d+)\]", text)
+    found = re.search(r"(?:os_error_code='|OS error: |\[Errno )(\d+)", text)
     if code is None and found:
-        code = int(next(g for g in found.groups() if g))
+        code = int(found.group(1))
     if code is None and ("RESOURCE_EXHAUSTED" in text or "No space left" in text or "Disk quota" in text):
         code = errno.EDQUOT if "Disk quota" in text else errno.ENOSPC
     if code in _WRITE_FIXES:
@@ -255,16 +248,11 @@ def latest_epoch(run_dir) -> Optional[float]:
     directory = Path(run_dir).resolve() / CHECKPOINTS
     if not directory.is_dir():
         return None
-    manager = ocp.CheckpointManager(directory)
-    try:
+    with ocp.CheckpointManager(directory) as manager, contextlib.suppress(Exception):  # damaged: restore reports it
         step = manager.latest_step()
-        if step is None:
-            return None
-        return float(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta["epoch"])
-    except Exception:  # noqa: BLE001 - a damaged checkpoint is dealt with (and reported) when restoring
-        return None
-    finally:
-        manager.close()
+        return None if step is None else \
+            float(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta["epoch"])
+    return None
 
 
 def continue_run(source, run) -> None:
@@ -281,7 +269,7 @@ def continue_run(source, run) -> None:
         raise user_error_from_os(error, f"cannot continue {source} in {run}") from None
 
 
-def frozen_file(run: Path) -> tuple:
+def _frozen_file(run: Path) -> tuple:
     """(path, recorded SHA-256 or None) of the run's frozen parameters: its config.json's, or frozen_params.npz."""
     run = Path(run)
     try:
@@ -293,17 +281,15 @@ def frozen_file(run: Path) -> tuple:
     return (run / ref["path"]).resolve(), ref.get("sha256")
 
 
-def write_frozen_file(frozen: dict, path: Path) -> str:
-    """Write a frozen-parameter tree to `path` (atomically); returns its digest."""
-    flat = traverse_util.flatten_dict(frozen, sep="/")
+def write_frozen_file(frozen: dict, path: Path) -> None:
+    """Write a frozen-parameter tree to `path` (atomically)."""
     with atomic_write(path, "wb") as f:
-        np.savez(f, **{k: np.asarray(v) for k, v in flat.items()})
-    return digest(frozen)
+        np.savez(f, **{k: np.asarray(v) for k, v in traverse_util.flatten_dict(frozen, sep="/").items()})
 
 
 def frozen_params(run: Path) -> dict:
     """The run's frozen parameters ({} when it has none), checked against the digest its config.json records."""
-    path, recorded = frozen_file(run)
+    path, recorded = _frozen_file(run)
     if not path.is_file():
         if recorded is not None:
             raise UserError(f"{path}, the frozen parameters of the run in {run}, is missing; restore it or start "
@@ -325,12 +311,8 @@ def load_variables(run_dir, average: bool = False) -> dict:
     """The newest intact checkpoint's {'params', 'batch_stats'} (host arrays, frozen parameters included); with
     `average`, their moving average where the run kept one."""
     run = find_run(run_dir).resolve()
-    manager = ocp.CheckpointManager(run / CHECKPOINTS)
-    try:
-        restored = restore_newest_intact(manager, {"variables": None})
-    finally:
-        manager.close()
-    variables = jax.device_get(restored.variables)
+    with ocp.CheckpointManager(run / CHECKPOINTS) as manager:
+        variables = jax.device_get(restore_newest_intact(manager, {"variables": None}).variables)
     if average and "ema_params" not in variables:
         raise UserError(f"the run in {run} kept no moving average of its weights (ema_decay 0); evaluate its "
                         "weights instead")

@@ -157,9 +157,8 @@ def eval_indices(n: int, batch_size: int, n_devices: int):
     batches shrink for small sets."""
     b = max(1, min(batch_size, -(-n // n_devices) * n_devices) // n_devices)
     total = -(-n // (b * n_devices)) * b * n_devices
-    idx = np.zeros(total, np.int32)
-    idx[:n] = np.arange(n)
-    return idx.reshape(-1, n_devices, b), (np.arange(total) < n).reshape(-1, n_devices, b)
+    mask = np.arange(total) < n
+    return (np.arange(total, dtype=np.int32) * mask).reshape(-1, n_devices, b), mask.reshape(-1, n_devices, b)
 
 
 def select_classes(dataset: Dataset, classes) -> Dataset:
@@ -198,7 +197,7 @@ def fingerprint(dataset: Dataset) -> dict:
 # ---------------------------------------------------------------------------------------------- sources
 
 def _folder_splits(root: Path, unused: Optional[list] = None):
-    """{'train': (classes, files), 'test': ...} of an ImageFolder tree (`unused` collects entries not used)."""
+    """{'train': (classes, paths, labels), 'test': ...} of an ImageFolder tree (`unused` collects entries not used)."""
     splits = {s: sources.class_files(root / s, unused) for s in _SPLITS if (root / s).is_dir()}
     if not splits:
         nested = sorted(e.path for e in os.scandir(root) if e.is_dir() and os.path.isdir(os.path.join(e.path, "train")))
@@ -219,13 +218,13 @@ def _load_folder(root: Path, size: int) -> Dataset:
         raise UserError(f"the train and test class folders in {root} disagree: only in train: "
                         f"{sorted(set(train) - set(test))}, only in test: {sorted(set(test) - set(train))}; "
                         "give both splits the same class folders")
-    # names relative to root by string slicing (50,000 Paths take seconds): str(Path(f.path).relative_to(root))
+    # names relative to root by string slicing (50,000 Paths take seconds): str(Path(path).relative_to(root))
     base = "" if str(root) == "." else os.path.join(str(root), "")  # Path(".") / "train" is "train"
-    digests = {s: sources.content_digest([f.path for f in v[1]], [f.path[len(base):] for f in v[1]])
-               for s, v in splits.items()}
+    digests = {s: sources.content_digest(paths, [p[len(base):] for p in paths]) for s, (_, paths, _) in splits.items()}
 
     def build():
-        decoded = {s: Split(*sources.decode_files(v[1], size, f"decoding {s}")) for s, v in splits.items()}
+        decoded = {s: Split(sources.decode_files(paths, size, f"decoding {s}"), np.array(labels, np.int32))
+                   for s, (_, paths, labels) in splits.items()}
         return Dataset("folder", classes[next(iter(splits))], decoded.get("train"), decoded.get("test"))
     return _cached("folder", root, size, digests, build)
 
@@ -286,13 +285,11 @@ def _cached(kind: str, root: Path, size: int, fingerprint, build) -> Dataset:
             pass
         warn(f"cached arrays {path} are damaged or do not match their source; decoding the images again")
     dataset = build()
-    arrays = {"key": np.array(key), "source": np.array(dataset.source), "classes": np.array(dataset.classes, str)}
-    for name, split in dataset.splits().items():
-        arrays[f"{name}_images"], arrays[f"{name}_labels"] = split.images, split.labels
 
     def save():
         with atomic_write(path, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, key=key, source=dataset.source, classes=np.array(dataset.classes, str),
+                     **{f"{name}_{k}": v for name, split in dataset.splits().items() for k, v in vars(split).items()})
     best_effort(save, f"writing the dataset cache {path}")
     return dataset
 

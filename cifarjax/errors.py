@@ -3,6 +3,7 @@ for bad input or a file-system error, 130 for Ctrl-C and 143 for SIGTERM (which 
 from __future__ import annotations
 
 import _thread
+import contextlib
 import errno
 import functools
 import os
@@ -102,33 +103,40 @@ def set_interrupt_advice(advice: Optional[str]) -> None:
     _interrupt_advice = advice
 
 
-def _raise_terminated(*_):
-    raise Terminated
+@contextlib.contextmanager
+def _signals_end_the_command():
+    """While a command runs, SIGTERM ends it as Ctrl-C does (where no one else handles it), and a Ctrl-C or SIGTERM
+    that Python would drop (raised in a garbage-collection callback, where JAX frees its buffers, or a finaliser) is
+    delivered again a moment later from another thread, until it lands where it ends the command."""
+    previous_hook, pending = sys.unraisablehook, []  # pending: the signal to deliver again (at most one)
 
+    def raise_terminated(*_):
+        raise Terminated
 
-def _redeliver(previous):
-    """A `sys.unraisablehook` that delivers again, a moment later from another thread, a Ctrl-C or SIGTERM that
-    Python would drop (raised in a garbage-collection callback, where JAX frees its buffers, or a finaliser), until
-    it lands where it ends the command; everything else goes to `previous`. The thread starts without waiting for it:
-    a signal delivered while the hook still ran would be dropped for good."""
-    def hook(unraisable):
+    def redeliver(unraisable):
         if unraisable.exc_type is None or not issubclass(unraisable.exc_type, KeyboardInterrupt):
-            return previous(unraisable)
-        if not _redelivery:
-            _redelivery.append(signal.SIGTERM if issubclass(unraisable.exc_type, Terminated) else signal.SIGINT)
-            _thread.start_new_thread(_interrupt_later, ())
-    return hook
+            return previous_hook(unraisable)
+        if not pending:  # the thread starts unawaited: a signal delivered while this hook ran would be lost
+            pending.append(signal.SIGTERM if issubclass(unraisable.exc_type, Terminated) else signal.SIGINT)
+            _thread.start_new_thread(interrupt_later, ())
 
+    def interrupt_later():
+        time.sleep(0.05)
+        with contextlib.suppress(IndexError):  # the command ended meanwhile
+            _thread.interrupt_main(pending.pop())
 
-_redelivery: list = []  # the signal to deliver again (at most one); emptied when a command ends
-
-
-def _interrupt_later() -> None:
-    time.sleep(0.05)
+    previous = None
+    with contextlib.suppress(ValueError):  # not the main thread
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            previous = signal.signal(signal.SIGTERM, raise_terminated)
+    sys.unraisablehook = redeliver
     try:
-        _thread.interrupt_main(_redelivery.pop())
-    except IndexError:  # the command ended meanwhile
-        pass
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous_hook
+        pending.clear()
 
 
 def os_error_message(error: OSError) -> str:
@@ -163,57 +171,42 @@ def exit_on_user_error(main):
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         set_interrupt_advice(None)
-        previous, unraisable = _on_sigterm(_raise_terminated), sys.unraisablehook
-        sys.unraisablehook = _redeliver(unraisable)
         try:
-            try:
-                return main(*args, **kwargs)
-            finally:
-                while at_command_end:
-                    at_command_end.pop()()
-        except UserError as error:
-            code, message = error.exit_code, f"error: {error}"
-        except KeyboardInterrupt as error:
-            code = EXIT_TERMINATED if isinstance(error, Terminated) else EXIT_INTERRUPTED
-            how = "terminated (SIGTERM)" if isinstance(error, Terminated) else "interrupted (Ctrl-C)"
-            message = f"error: {how}; " + (_interrupt_advice or "no checkpoint was saved, so nothing to resume")
-        except OSError as error:
-            if error.errno not in _OS_ADVICE:
+            with _signals_end_the_command():
+                try:
+                    return main(*args, **kwargs)
+                finally:
+                    while at_command_end:
+                        at_command_end.pop()()
+        except BaseException as error:  # noqa: BLE001 - what `_reported` does not recognise goes on, traceback and all
+            failure = _reported(error)
+            if failure is None:
                 raise
-            code, message = EXIT_USER_ERROR, f"error: {os_error_message(error)}"
-        except Exception as error:  # noqa: BLE001 - only errors a translator recognises are handled here
-            translated = next((t(error) for t in translators if t(error) is not None), None)
-            if translated is None:
-                raise
-            code, message = translated.exit_code, f"error: {translated}"
-        finally:
-            _on_sigterm(previous)
-            sys.unraisablehook = unraisable
-            _redelivery.clear()
-        print(message, file=sys.stderr, flush=True)
+        print(f"error: {failure}", file=sys.stderr, flush=True)
         if _hard_exit_requested:
             sys.stdout.flush()
-            os._exit(code)
-        raise SystemExit(code) from None
+            os._exit(failure.exit_code)
+        raise SystemExit(failure.exit_code) from None
 
     return wrapper
 
 
-def _on_sigterm(handler):
-    """Install `handler` for SIGTERM in the main thread over the default; returns what to restore (None: nothing)."""
-    if handler is None:
-        return None
-    try:
-        if handler is _raise_terminated and signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-            return None
-        return signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        return None
+def _reported(error: BaseException) -> Optional[UserError]:
+    """`error` as the UserError a command reports in one line, or None for an error it does not recognise."""
+    if isinstance(error, KeyboardInterrupt):
+        how = "terminated (SIGTERM)" if isinstance(error, Terminated) else "interrupted (Ctrl-C)"
+        advice = _interrupt_advice or "no checkpoint was saved, so nothing to resume"
+        return Interrupted(f"{how}; {advice}", isinstance(error, Terminated))
+    if isinstance(error, OSError):
+        return UserError(os_error_message(error)) if error.errno in _OS_ADVICE else None
+    if isinstance(error, Exception) and not isinstance(error, UserError):
+        return next(filter(None, (translate(error) for translate in translators)), None)
+    return error if isinstance(error, UserError) else None
 
 
 _hard_exit_requested = False
 translators: list = []  # functions error -> UserError or None (distributed.initialize adds one for dead peers)
-at_command_end: list = []  # functions run when a command ends, however it ends (runs.lock adds its release)
+at_command_end: list = []  # functions run when a command ends, however it ends (RunFolder.lock adds its release)
 
 
 def request_hard_exit() -> None:

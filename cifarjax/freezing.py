@@ -1,10 +1,10 @@
-"""Which parts of a model train, decided once: the optimizer's mask, the BatchNorm modes, whether backbone features
-are fixed and what a moving average keeps all derive from one list of patterns over parameter paths (big_vision's
-style)."""
+"""Which parts of a model train, decided once: the optimizer's mask, the BatchNorm modes, whether features are fixed
+and what a moving average keeps all derive from one list of patterns over parameter paths (big_vision's style)."""
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 from flax import traverse_util
@@ -14,6 +14,7 @@ TRAINABLE_RULES = {"head": (r"head/.*",), "layer4": (r"head/.*", r"backbone/laye
 # ResNet stages in order, each with a parameter path that belongs to it.
 STAGES = (("stem", "backbone/conv1/kernel"),) + tuple(
     (f"layer{i}", f"backbone/layer{i}_block0/conv1/kernel") for i in range(1, 5))
+_name = partial(jax.tree_util.keystr, simple=True, separator="/")  # a key path as 'backbone/layer1_block0/conv1/kernel'
 
 
 def split_frozen(params, trainable):
@@ -35,17 +36,6 @@ def leaves_like(tree, part):
     return traverse_util.unflatten_dict({k: flat[k] for k in traverse_util.flatten_dict(part)})
 
 
-def stage_of(name: str) -> int:
-    """The ResNet stage (0: the stem, i: layer i) of a '/'-joined variable path."""
-    match = re.match(r"backbone/layer(\d+)_", name)
-    return int(match.group(1)) if match else 0
-
-
-def path_name(path) -> str:
-    """A pytree key path as 'backbone/layer1_block0/conv1/kernel'."""
-    return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
 @dataclass(frozen=True)
 class Freezing:
     trainable: tuple = TRAINABLE_RULES["all"]  # patterns of parameter paths that train
@@ -60,7 +50,7 @@ class Freezing:
 
     def trainable_mask(self, params):
         """A pytree of bools over `params`: True where the parameter trains."""
-        return jax.tree_util.tree_map_with_path(lambda path, _: self.trains(path_name(path)), params)
+        return jax.tree_util.tree_map_with_path(lambda path, _: self.trains(_name(path)), params)
 
     @property
     def everything_trains(self) -> bool:
@@ -69,16 +59,15 @@ class Freezing:
     @property
     def frozen_bn_stages(self) -> int:
         """How many leading ResNet stages (stem, layer1..4) keep BatchNorm in inference mode while training."""
-        if not self.bn_frozen:
-            return 0
-        return next((i for i, (_, sample) in enumerate(STAGES) if self.trains(sample)), len(STAGES))
+        first_trained = next((i for i, (_, sample) in enumerate(STAGES) if self.trains(sample)), len(STAGES))
+        return first_trained if self.bn_frozen else 0
 
     def averaged(self, variables) -> dict:
         """What training changes, which a moving average of the weights keeps: the trainable parameters and the
         statistics of BatchNorm layers in train mode."""
         stats = variables.get("batch_stats", {})
-        updated = jax.tree_util.tree_map_with_path(
-            lambda path, _: stage_of(path_name(path)) >= self.frozen_bn_stages, stats)
+        stage = lambda name: int(re.match(r"backbone/layer(\d+)_|", name).group(1) or 0)  # noqa: E731  0: the stem
+        updated = jax.tree_util.tree_map_with_path(lambda path, _: stage(_name(path)) >= self.frozen_bn_stages, stats)
         return {"params": split_frozen(variables["params"], self.trainable_mask(variables["params"]))[0],
                 "batch_stats": split_frozen(stats, updated)[0]}
 

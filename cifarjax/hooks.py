@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from cifarjax import distributed, plots, runs
 from cifarjax.errors import warn
-from cifarjax.files import best_effort, record_output, write_json
+from cifarjax.files import best_effort, write_json
 from cifarjax.predictor import score
 from cifarjax.records import History
 
@@ -76,7 +76,7 @@ class Metrics:
         before = set(folder.glob("events.out.tfevents.*"))
         self.writer = best_effort(lambda: Writer(str(folder)), f"TensorBoard event files in {folder}")
         for path in set(folder.glob("events.out.tfevents.*")) - before:
-            record_output(path)  # the run folder's manifest lists it, so --overwrite removes it and only it
+            runs.RunFolder.record(path)  # the run folder's manifest lists it, so --overwrite removes it and only it
 
     def write(self, step: int, scalars: dict) -> None:
         def write():
@@ -97,7 +97,7 @@ class Metrics:
 
     def after_evaluation(self, trainer, record: dict) -> None:
         self.recent_loss(trainer)
-        runs.append_metrics(self.run, record)
+        runs.RunFolder(self.run).append_metrics(record)
         self.write(record["step"], {"train/loss": record["train_loss"], "train/accuracy": record["train_accuracy"],
                                     "val/accuracy": record["val_accuracy"], "val/loss": record["val_loss"],
                                     "lr": record["lr"], "images_per_second": trainer.chrono.images_per_second()})

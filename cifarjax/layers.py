@@ -1,8 +1,6 @@
-"""Layers whose numerics match PyTorch, as plain JAX: `Conv`, `Dense`, `BatchNorm` (optionally synchronised across
-devices), `Dropout` (a counter-hash mask: on the CPU ~50x cheaper than threefry bits) and `max_pool`. How
-convolutions and linear layers compute is injected (`cifarjax.models.Formulations`), as flax's `nn.Conv` takes
-its `conv_general_dilated`.
-"""
+"""Layers whose numerics match PyTorch, as plain JAX: `Conv`, `Dense`, `BatchNorm` (optionally synced across devices),
+`Dropout` (a counter-hash mask: on the CPU ~50x cheaper than threefry bits), `max_pool`; how convolutions and linear
+layers compute is injected (`cifarjax.models.Formulations`), as flax's `nn.Conv` takes its `conv_general_dilated`."""
 from __future__ import annotations
 
 import math
@@ -62,21 +60,21 @@ class Dense(nn.Module):
         return self.linear(x, kernel, bias)
 
 
-def _accumulator(dtype):
-    """The type statistics are computed in: float32, or wider for wider activations."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
 def _spanned(axis_name: Optional[str]) -> int:
     """How many devices the statistics span."""
     return 1 if axis_name is None else lax.axis_size(axis_name)
 
 
-def _batch_moments(x, axis_name: Optional[str]):
-    """Per-channel mean and biased variance over every axis but the last (and over `axis_name`'s devices), in
-    float32 or wider: two passes per device as PyTorch, equal shares combined exactly (Chan et al.) after one
-    all-gather."""
-    axes, acc, devices = tuple(range(x.ndim - 1)), _accumulator(x.dtype), _spanned(axis_name)
+def _normalize(x, mean, inv, scale, bias):
+    """(x - mean) * inv * scale + bias in the activations' type."""
+    cast = lambda v: v.astype(x.dtype)  # noqa: E731  (a no-op in float32)
+    return (x - cast(mean)) * cast(inv) * cast(scale) + cast(bias)
+
+
+def _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name):
+    """x normalised by its per-channel mean and biased variance over all but the last axis and `axis_name`'s devices,
+    in float32 or wider: two passes per device as PyTorch, shares combined exactly (Chan et al.) after one gather."""
+    axes, acc, devices = tuple(range(x.ndim - 1)), jnp.promote_types(x.dtype, jnp.float32), _spanned(axis_name)
     # Over one device a pmean is the identity, but XLA fuses around it: without it the CPU program's moments
     # came out different in the last bit (measured), so it stays where it stood and one device's results with it.
     alone = partial(lax.pmean, axis_name=axis_name) if axis_name is not None and devices == 1 else lambda v: v
@@ -86,13 +84,8 @@ def _batch_moments(x, axis_name: Optional[str]):
         means, variances = lax.all_gather(jnp.stack([mean, var]), axis_name, axis=1)
         mean = means.mean(0)
         var = (variances + jnp.square(means - mean)).mean(0)
-    return mean, var
-
-
-def _normalize(x, mean, inv, scale, bias):
-    """(x - mean) * inv * scale + bias in the activations' type."""
-    cast = lambda v: v.astype(x.dtype)  # noqa: E731  (a no-op in float32)
-    return (x - cast(mean)) * cast(inv) * cast(scale) + cast(bias)
+    inv = lax.rsqrt(var + epsilon)
+    return (_normalize(x, mean, inv, scale, bias), mean, var), (x, mean, inv, scale)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -102,24 +95,14 @@ def batch_norm_train(x, scale, bias, epsilon: float, axis_name: Optional[str]):
     return _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name)[0]
 
 
-def _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name):
-    mean, var = _batch_moments(x, axis_name)
-    inv = lax.rsqrt(var + epsilon)
-    return (_normalize(x, mean, inv, scale, bias), mean, var), (x, mean, inv, scale)
-
-
 def _batch_norm_train_bwd(epsilon, axis_name, residuals, cotangents):
-    x, mean, inv, scale = residuals
-    dy = cotangents[0]
-    axes = tuple(range(x.ndim - 1))
-    acc, cast = _accumulator(x.dtype), lambda v: v.astype(x.dtype)  # noqa: E731
+    (x, mean, inv, scale), dy, axes = residuals, cotangents[0], tuple(range(cotangents[0].ndim - 1))
+    acc, cast = jnp.promote_types(x.dtype, jnp.float32), lambda v: v.astype(x.dtype)  # noqa: E731
     xhat = (x - cast(mean)) * cast(inv)
     dbias, dscale = dy.sum(axes, dtype=acc), (dy * xhat).sum(axes, dtype=acc)  # this device's share
-    count = math.prod(x.shape[:-1])
-    sum_dy, sum_dy_xhat = dbias, dscale
+    count, sum_dy, sum_dy_xhat = math.prod(x.shape[:-1]) * _spanned(axis_name), dbias, dscale
     if _spanned(axis_name) > 1:  # the statistics span every device, so dx needs the sums over every device
         sum_dy, sum_dy_xhat = lax.psum(jnp.stack([sum_dy, sum_dy_xhat]), axis_name)  # one all-reduce
-        count = count * _spanned(axis_name)
     dx = cast(scale * inv) * (dy - cast(sum_dy / count) - xhat * cast(sum_dy_xhat / count))
     return dx, dscale, dbias
 
@@ -154,26 +137,18 @@ class BatchNorm(nn.Module):
         return y
 
 
-def hash_uniform_bits(key, shape):
-    """uint32 bits per element from a counter hash (lowbias32) seeded by one draw from `key`."""
-    seed = jax.random.bits(key, (), jnp.uint32)
-    size = math.prod(shape)
-    h = lax.iota(jnp.uint32, size).reshape(shape) * jnp.uint32(0x9E3779B9) + seed
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x7FEB352D)
-    h = h ^ (h >> 15)
-    h = h * jnp.uint32(0x846CA68B)
-    return h ^ (h >> 16)
-
-
 class Dropout(nn.Module):
     """Inverted dropout (zero with probability `rate`, scale the rest by 1/(1-rate)); needs the 'dropout' rng."""
     rate: float
 
     def keep_mask(self, shape):
-        """The boolean keep mask `__call__` would use for an input of this shape."""
-        threshold = jnp.uint32(min(int(round(self.rate * 2**32)), 2**32 - 1))
-        return hash_uniform_bits(self.make_rng("dropout"), shape) >= threshold
+        """The boolean keep mask `__call__` would use for an input of this shape: uint32 bits per element from a
+        counter hash (lowbias32) seeded by one draw from the 'dropout' rng."""
+        seed = jax.random.bits(self.make_rng("dropout"), (), jnp.uint32)
+        h = lax.iota(jnp.uint32, math.prod(shape)).reshape(shape) * jnp.uint32(0x9E3779B9) + seed
+        for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+            h = (h ^ (h >> shift)) * jnp.uint32(multiplier)
+        return (h ^ (h >> 16)) >= jnp.uint32(min(int(round(self.rate * 2**32)), 2**32 - 1))
 
     def __call__(self, x, deterministic: bool):
         if deterministic or self.rate == 0.0:
@@ -188,16 +163,14 @@ def max_pool(x, window: int, strides: Optional[int] = None, padding: int = 0, ke
     if strides == window and padding == 0:
         n, h, w, c = x.shape
         ho, wo = h // window, w // window
-        x = x[:, :ho * window, :wo * window, :]
-        return x.reshape(n, ho, window, wo, window, c).max(axis=(2, 4))
+        return x[:, :ho * window, :wo * window, :].reshape(n, ho, window, wo, window, c).max(axis=(2, 4))
     return window_max_pool(x, window, strides, padding, keep)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def window_max_pool(x, window: int, strides: int, padding: int, keep: Optional[Callable] = None):
-    """Max pooling over overlapping, padded windows: XLA's `reduce_window` undifferentiated (3x faster); its
-    gradient goes to each window's first maximum, as PyTorch's, by an index the forward saves, added by output
-    phase. `keep`: what the forward's maximum and index pass through (the CPU's keeps them in memory)."""
+    """Max pooling over overlapping, padded windows: XLA's `reduce_window` undifferentiated (3x faster), the gradient
+    to each window's first maximum (PyTorch's) by a saved index; `keep`: what the maximum and index pass through."""
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, strides, strides, 1),
                              ((0, 0), (padding, padding), (padding, padding), (0, 0)))
 

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from cifarjax import binding, distributed, runs, schedule, target
+from cifarjax import distributed, runs, schedule, target
 from cifarjax.augment import AugmentSpec, HostAugment, with_normalization
 from cifarjax.checkpoint import Checkpointer, continue_run, latest_epoch
 from cifarjax.config import Config
@@ -23,11 +23,11 @@ from cifarjax.data import Split, eval_indices, train_indices
 from cifarjax.errors import NonFiniteLossError  # noqa: F401 - importable from here, as before
 from cifarjax.errors import (Terminated, UserError, interrupted, interrupted_at_once, non_finite_loss,
                              set_interrupt_advice)
-from cifarjax.features import backbone_features, cacheable
 from cifarjax.files import write_json
 from cifarjax.freezing import Freezing
 from cifarjax.hooks import Hooks, Metrics, Progress, Report, StopRequest
-from cifarjax.inputs import FeatureInputs, HostAugmentedInputs, HostAugmentFeed, ImageInputs, ResidentFeed
+from cifarjax.inputs import (FeatureInputs, HostAugmentedInputs, HostAugmentFeed, ImageInputs, ResidentFeed,
+                             backbone_features, cacheable)
 from cifarjax.models import Apply, build_model, init_variables
 from cifarjax.optim import lr_at, make_optimizer
 from cifarjax.phases import Chrono, Phases
@@ -68,7 +68,7 @@ class Trainer:
         """With `resume`, continue from the newest intact checkpoint; a new run writes its frozen parameters."""
         if self.checkpointer is None:
             return
-        latest = self.checkpointer.latest_step()
+        latest = self.checkpointer.manager.latest_step()
         if latest is not None and not resume:  # its steps would not be saved again: the folder would mix two runs
             raise UserError(f"{self.run} already holds a run's checkpoints (step {latest}); continue it with "
                             "resume=True, or train into another folder")
@@ -89,8 +89,8 @@ class Trainer:
         """Place the data and state on the devices, compile the evaluation step, lay out the calls."""
         if self.writer:
             if not (self.run / runs.CONFIG).exists():  # a run research code started: `load_run` needs its settings
-                write_json(self.run / runs.CONFIG, binding.absolute_paths(self.config.to_dict()))
-            runs.write_metrics(self.run, self.records)
+                write_json(self.run / runs.CONFIG, runs.absolute_paths(self.config.to_dict()))
+            runs.RunFolder(self.run).write_metrics(self.records)
         p = self.parallel
         self.feed = (HostAugmentFeed(p, self.train, self.host_augment) if self.host_augment
                      else ResidentFeed(p, self.train))
@@ -259,10 +259,10 @@ def _check_splits(config: Config, train: Split, val: Split, inputs) -> None:
 
 def _claim(run: Path, resume: bool, continue_from: Optional[Path]) -> bool:
     """Claim and mark the run folder (a fresh one starts as `continue_from` resumed); whether to resume."""
-    runs.claim(run)
+    folder = runs.RunFolder.claim(run)
     distributed.barrier(f"claimed {run}")  # every process checked the folder before process 0 marks it
     if distributed.is_writer() and not runs.is_run(run):
-        runs.create(Path(run), "python")
+        folder.create()
     distributed.barrier(f"marked {run}")
     if continue_from is None:
         return resume
@@ -299,7 +299,7 @@ def train_loop(config: Config, train: Split, val: Split, variables: Optional[dic
 
 def fine_tune_loop(config: Config, variables: dict, train: Split, val: Split, *, features=None, **options) -> FitResult:
     """The original's fine_tune_loop: train a ResNet-18's unfrozen part (default: the head), on cached backbone
-    features where the backbone is fixed (`features.cacheable`; `features` shares them between runs); `options`:
+    features where the backbone is fixed (`inputs.cacheable`; `features` shares them between runs); `options`:
     `fit`'s."""
     config, model = _prepared(config, train, val)
     if not cacheable(config):

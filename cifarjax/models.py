@@ -45,34 +45,25 @@ class SimpleCNN(nn.Module):
         ops, drop = self.formulations, lambda name: Dropout(self.dropout_rate, name=name)  # noqa: E731
         fused = self.dtype is None and ops.conv_pool is not None
         conv = partial(Conv, dtype=self.dtype, convolve=ops.convolve)
-
-        def block(features, pool, name):  # max_pool(relu(conv3x3(x)), pool)
-            if fused:
-                return ops.conv_pool(features, pool, "winograd", name=name)
-            return lambda x: max_pool(nn.relu(conv(features, 3, name=name)(x)), pool)
-        if fused:
-            x = self._fused_conv1(x, drop("dropout1"), train)
-        else:
-            x = nn.relu(conv(128, 3, name="conv1")(x))
-            x = max_pool(drop("dropout1")(x, deterministic=not train), 2)
-        x = drop("dropout2")(block(256, 2, "conv2")(x), deterministic=not train)
-        x = drop("dropout3")(block(256, 4, "conv3")(x), deterministic=not train)
         dense = partial(Dense, dtype=self.dtype, linear=ops.linear)
+        if fused:  # conv1 per output phase, its dropout before the pool as in the original
+            dropout1, (n, h, w, _), mask_phase = drop("dropout1"), x.shape, None
+            if train and dropout1.rate > 0:
+                keep = dropout1.keep_mask((n, h - 2, w - 2, 128))  # the full conv1 output's mask, as unfused
+                th, tw = (h - 2) // 2, (w - 2) // 2
+                # Mask each phase, pool, then scale: the same values as scaling first (max commutes with it).
+                mask_phase = lambda z, pq: jnp.where(  # noqa: E731
+                    keep[:, pq[0]:pq[0] + 2 * th - 1:2, pq[1]:pq[1] + 2 * tw - 1:2, :], z, jnp.zeros_like(z))
+            x = ops.conv_pool(128, 2, "phases", name="conv1")(x, mask_phase)
+            x = x if mask_phase is None else x / (1.0 - dropout1.rate)
+        else:
+            x = max_pool(drop("dropout1")(nn.relu(conv(128, 3, name="conv1")(x)), deterministic=not train), 2)
+        for features, pool, i in ((256, 2, 2), (256, 4, 3)):  # max_pool(relu(conv3x3(x)), pool), then dropout
+            block = ops.conv_pool(features, pool, "winograd", name=f"conv{i}") if fused else \
+                (lambda x: max_pool(nn.relu(conv(features, 3, name=f"conv{i}")(x)), pool))
+            x = drop(f"dropout{i}")(block(x), deterministic=not train)
         x = nn.relu(dense(512, name="fc1")(x.reshape(x.shape[0], -1)))
         return dense(self.num_classes, name="fc2")(x)
-
-    def _fused_conv1(self, x, dropout1: Dropout, train: bool):
-        """conv1 fused per output phase, its dropout before the pool as in the original."""
-        mask_phase = None
-        if train and dropout1.rate > 0:
-            n, h, w, _ = x.shape
-            keep = dropout1.keep_mask((n, h - 2, w - 2, 128))  # the full conv1 output's mask, as unfused
-            th, tw = (h - 2) // 2, (w - 2) // 2
-            # Mask each phase, pool, then scale: the same values as scaling first (max commutes with it).
-            mask_phase = lambda z, pq: jnp.where(  # noqa: E731
-                keep[:, pq[0]:pq[0] + 2 * th - 1:2, pq[1]:pq[1] + 2 * tw - 1:2, :], z, jnp.zeros_like(z))
-        x = self.formulations.conv_pool(128, 2, "phases", name="conv1")(x, mask_phase)
-        return x if mask_phase is None else x / (1.0 - dropout1.rate)
 
 
 RESNET_CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's kaiming_normal_
@@ -98,7 +89,6 @@ class ResNetBackbone(nn.Module):
     """A torchvision ResNet up to the global average pool, stage outputs sown into 'intermediates';
     `frozen_bn_stages`: the first k stages' BatchNorm runs in inference mode even when `train=True`."""
     stage_sizes: Sequence[int]
-    block_cls: ModuleDef
     num_filters: int = 64
     frozen_bn_stages: int = 0
     axis_name: Optional[str] = None
@@ -119,8 +109,8 @@ class ResNetBackbone(nn.Module):
         self.sow("intermediates", "stem", x)
         for i, size in enumerate(self.stage_sizes):
             for b in range(size):
-                x = self.block_cls(self.num_filters * 2 ** i, *layers(i + 1), 2 if (b == 0 and i > 0) else 1,
-                                   name=f"layer{i + 1}_block{b}")(x)
+                x = BasicBlock(self.num_filters * 2 ** i, *layers(i + 1), 2 if (b == 0 and i > 0) else 1,
+                               name=f"layer{i + 1}_block{b}")(x)
             self.sow("intermediates", f"layer{i + 1}", x)
         return jnp.mean(x, axis=(1, 2))
 
@@ -129,7 +119,6 @@ class ResNet(nn.Module):
     """A torchvision ResNet with parameters split into 'backbone' and 'head' (the fc layer)."""
     num_classes: int = 1000
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
-    block_cls: ModuleDef = BasicBlock
     frozen_bn_stages: int = 0
     axis_name: Optional[str] = None
     num_filters: int = 64
@@ -137,8 +126,8 @@ class ResNet(nn.Module):
     formulations: Formulations = Formulations()
 
     def setup(self):
-        self.backbone = ResNetBackbone(self.stage_sizes, self.block_cls, self.num_filters, self.frozen_bn_stages,
-                                       self.axis_name, self.dtype, self.formulations)
+        self.backbone = ResNetBackbone(self.stage_sizes, self.num_filters, self.frozen_bn_stages, self.axis_name,
+                                       self.dtype, self.formulations)
         self.head = Dense(self.num_classes, self.dtype, self.formulations.linear)
 
     def __call__(self, x, train: bool = False):
@@ -197,8 +186,7 @@ def build_model(config, platform: Optional[str] = None):
 
 @lru_cache(maxsize=16)
 def _jitted_init(model, img_size: int):
-    x = jnp.zeros((1, img_size, img_size, 3), jnp.float32)
-    return jax.jit(lambda key: model.init(key, x, train=False))
+    return jax.jit(lambda key: model.init(key, jnp.zeros((1, img_size, img_size, 3), jnp.float32), train=False))
 
 
 def initialize(model, seed: int = 0, img_size: int = 32) -> dict:

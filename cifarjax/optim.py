@@ -1,13 +1,14 @@
 """The optimizer of a run: Adam (the original), AdamW or Nesterov SGD with a learning-rate schedule, nothing for
-the frozen leaves; built for the CPU, `cifarjax.cpu.fusion`'s (optax's arithmetic, bit for bit)."""
+the frozen leaves: optax's, on the CPU with `cifarjax.cpu.fusion`'s moments (optax's arithmetic, bit for bit)."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import jax
 import optax
 
-from cifarjax.cpu import fusion as cpu_optimizers
+from cifarjax.cpu import fusion
 from cifarjax.freezing import Freezing
 from cifarjax.target import resolve
 
@@ -32,21 +33,18 @@ def lr_at(config, steps_per_epoch: int, step: int) -> float:
     return float(rate(step)) if callable(rate) else float(rate)
 
 
-def _decays(params):
-    """Weight decay applies to kernels, not to biases or BatchNorm scales."""
-    return jax.tree.map(lambda p: p.ndim > 1, params)
-
-
 def base_optimizer(config, steps_per_epoch: int, platform: Optional[str] = None) -> optax.GradientTransformation:
-    """Adam, AdamW (decay on kernels) or Nesterov SGD with L2 decay, built for `platform` (default `resolve()`)."""
-    optimizers = cpu_optimizers if resolve(platform) == "cpu" else optax
-    rate = learning_rate(config, steps_per_epoch)
-    if config.optimizer == "adam":
-        return optimizers.adam(rate)
-    if config.optimizer == "adamw":
-        return optimizers.adamw(rate, weight_decay=config.weight_decay, mask=_decays)
-    return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=_decays),
-                       optimizers.sgd(rate, config.momentum, nesterov=True))
+    """Adam, AdamW (decay on kernels) or Nesterov SGD with L2 decay, chained as optax.adam, adamw and sgd chain them;
+    on the CPU (`platform`, default `resolve()`) with `cifarjax.cpu.fusion`'s moments."""
+    cpu = resolve(platform) == "cpu"
+    rate = optax.scale_by_learning_rate(learning_rate(config, steps_per_epoch))
+    kernels = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731  not biases or BatchNorm scales
+    decay = optax.add_decayed_weights(config.weight_decay, mask=kernels)
+    if config.optimizer == "sgd":
+        momentum = (fusion.nesterov_momentum if cpu else partial(optax.trace, nesterov=True))(config.momentum)
+        return optax.chain(decay, optax.chain(momentum, rate))  # L2 decay before optax.sgd's chain
+    adam = fusion.scale_by_adam() if cpu else optax.scale_by_adam()
+    return optax.chain(adam, decay, rate) if config.optimizer == "adamw" else optax.chain(adam, rate)
 
 
 def make_optimizer(config, params, steps_per_epoch: int = 1, platform: Optional[str] = None

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 
 from cifarjax import runs  # noqa: E402
 from cifarjax.errors import UserError, warn  # noqa: E402
-from cifarjax.files import atomic_write, beside_foreign  # noqa: E402
+from cifarjax.files import atomic_write  # noqa: E402
 from cifarjax.text import printable  # noqa: E402
 
 PALETTE = ("#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133",
@@ -42,7 +42,7 @@ def output_path(path) -> Path:
 def _save(fig, path) -> Path:
     """Write `fig` atomically, every text `printable`; beside `path` (said) where it holds a file not cifarjax's."""
     asked = output_path(path)
-    path = beside_foreign(asked)
+    path = runs.RunFolder.free_name(asked)
     if path != asked:
         warn(f"{asked} is not a file cifarjax wrote, so it is left alone; the figure goes to {path}")
     try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numbers
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -23,7 +22,7 @@ from cifarjax.data import Split, check_pixels
 from cifarjax.errors import UserError, warn
 from cifarjax.inputs import ImageInputs
 from cifarjax.models import Apply, build_model
-from cifarjax.sources import IMAGE_EXTENSIONS, check_labels, decode_image, refusing_bombs
+from cifarjax.sources import IMAGE_EXTENSIONS, check_labels, decode_image, decoding_pool
 from cifarjax.train import DataParallel, StepOptions, create_train_state
 
 
@@ -198,7 +197,7 @@ def read_images(paths: list, size: int, skip_unreadable: bool = False):
                 raise
             warn(str(error))
 
-    with refusing_bombs(), ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
+    with decoding_pool() as pool:
         decoded = list(pool.map(read, paths))
     kept = [(p, image) for p, image in zip(paths, decoded) if image is not None]
     images = np.stack([image for _, image in kept]) if kept else np.zeros((0, size, size, 3), np.uint8)

@@ -47,11 +47,8 @@ def _expected_shapes(num_classes: int):
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _verified_digest(path: Path) -> str:
@@ -86,7 +83,11 @@ def _load_state_dict(path: Path) -> Mapping[str, np.ndarray]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a state dict file"
-        raise UserError(f"{path} is not a PyTorch state_dict file ({_load_failure(error)}); "
+        # why, without torch's advice to retry with weights_only=False
+        blocked, first = re.search(r"GLOBAL (\S+)", str(error)), (str(error).strip().splitlines() or [""])[0]
+        why = (f"it holds pickled code ({blocked.group(1)}), which cifarjax never runs" if blocked else
+               f"{type(error).__name__}: {first}" if "weights_only" not in first else type(error).__name__)
+        raise UserError(f"{path} is not a PyTorch state_dict file ({why}); "
                         "pass a file saved with torch.save(model.state_dict(), path)") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
@@ -94,15 +95,6 @@ def _load_state_dict(path: Path) -> Mapping[str, np.ndarray]:
         raise UserError(f"{path} holds a {type(obj).__name__}, not a state_dict of tensors; "
                         "pass a file saved with torch.save(model.state_dict(), path)")
     return obj
-
-
-def _load_failure(error: Exception) -> str:
-    """Why torch.load refused a file, without torch's advice to retry with weights_only=False."""
-    blocked = re.search(r"GLOBAL (\S+)", str(error))
-    if blocked:
-        return f"it holds pickled code ({blocked.group(1)}), which cifarjax never runs"
-    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {first}" if "weights_only" not in first else type(error).__name__
 
 
 def _numpy(key: str, value) -> np.ndarray:
@@ -156,8 +148,7 @@ def convert_state_dict(state_dict: Mapping) -> dict:
                         f"{len(missing)} missing keys ({', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}), "
                         f"{len(unexpected)} unexpected keys ({', '.join(sorted(unexpected)[:8])}"
                         f"{' ...' if len(unexpected) > 8 else ''}); pass resnet18 weights such as {IMAGENET_FILE}")
-    nested = traverse_util.unflatten_dict(flat)
-    return {"params": nested["params"], "batch_stats": nested["batch_stats"]}
+    return traverse_util.unflatten_dict(flat)  # {'params', 'batch_stats'}
 
 
 def with_new_head(variables: dict, num_classes: int, seed: int = 0, keep_same_size: bool = True) -> dict:
@@ -172,34 +163,10 @@ def with_new_head(variables: dict, num_classes: int, seed: int = 0, keep_same_si
 def resnet18_from_torchvision(state_dict_or_path, num_classes: int = 1000, seed: int = 0) -> dict:
     """Variables for `ResNet18(num_classes)` from a torchvision resnet18 state_dict or `.pth` path; with 1000
     classes the ImageNet head is kept, otherwise a new seeded head replaces it."""
-    state_dict = state_dict_or_path
     if isinstance(state_dict_or_path, (str, os.PathLike)):
-        path = Path(state_dict_or_path)
-        _verified_digest(path)
-        state_dict = _load_state_dict(path)
-    return with_new_head(convert_state_dict(state_dict), num_classes, seed)
-
-
-def _cached_conversion(cached: Path, load_state_dict) -> dict:
-    """Converted variables from the .npz cache (keys joined with '/'), or converted now (needs torch) and cached;
-    a cache file that cannot be read or does not hold a whole ResNet-18 is converted again."""
-    if cached.is_file():
-        try:
-            with np.load(cached) as data:
-                variables = traverse_util.unflatten_dict({tuple(k.split("/")): data[k] for k in data.files})
-            expected = _expected_shapes(variables["params"]["head"]["bias"].shape[0])
-            if {k: v.shape for k, v in traverse_util.flatten_dict(variables).items()} == expected:
-                return variables
-        except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt
-            pass
-        warn(f"cached converted weights {cached} are damaged; converting the weights again")
-    variables = convert_state_dict(load_state_dict())
-
-    def save():
-        with atomic_write(cached, "wb") as f:
-            np.savez(f, **{"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(variables).items()})
-    best_effort(save, f"writing converted weights to {cached}")
-    return variables
+        _verified_digest(Path(state_dict_or_path))
+        state_dict_or_path = _load_state_dict(Path(state_dict_or_path))
+    return with_new_head(convert_state_dict(state_dict_or_path), num_classes, seed)
 
 
 @dataclass(frozen=True)
@@ -219,16 +186,12 @@ class Weights:
 
     @property
     def description(self) -> str:
-        return describe_weights(self.source, self.sha256)
-
-
-def describe_weights(source: str, sha256: Optional[str] = None) -> str:
-    """The one wording every output uses for a run's weights (ImageNet's recognised by their SHA-256 only)."""
-    if source == "random" or sha256 is None:
-        return RANDOM_DESCRIPTION
-    if sha256 == IMAGENET_SHA256:
-        return IMAGENET_DESCRIPTION
-    return f"weights from {source} (sha256 {sha256[:12]}…), not torchvision's published ImageNet weights"
+        """The one wording every output uses for a run's weights (ImageNet's recognised by their SHA-256 only)."""
+        if not self.pretrained or self.sha256 is None:
+            return RANDOM_DESCRIPTION
+        if self.imagenet:
+            return IMAGENET_DESCRIPTION
+        return f"weights from {self.source} (sha256 {self.sha256:.12}…), not torchvision's published ImageNet weights"
 
 
 def weights_file(weights: str) -> Optional[Path]:
@@ -253,11 +216,27 @@ def weights_file(weights: str) -> Optional[Path]:
 
 def load_weights(path: Union[str, Path], cache_dir: Optional[Path] = None) -> tuple:
     """(variables as in the file, SHA-256) of a torchvision resnet18 .pth, the SHA-256 computed and checked on
-    every call, before the converted cache (keyed by it) is read."""
+    every call, before the converted .npz cache (keyed by it) is read; a damaged cache is converted again."""
     path = Path(path)
     digest = _verified_digest(path)
-    cache = (cache_dir or default_cache()) / "weights"
-    return _cached_conversion(cache / f"resnet18-{digest[:16]}.npz", lambda: _load_state_dict(path)), digest
+    cached = (cache_dir or default_cache()) / "weights" / f"resnet18-{digest[:16]}.npz"
+    if cached.is_file():
+        try:
+            with np.load(cached) as data:
+                variables = traverse_util.unflatten_dict({tuple(k.split("/")): data[k] for k in data.files})
+            expected = _expected_shapes(variables["params"]["head"]["bias"].shape[0])
+            if {k: v.shape for k, v in traverse_util.flatten_dict(variables).items()} == expected:
+                return variables, digest
+        except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt
+            pass
+        warn(f"cached converted weights {cached} are damaged; converting the weights again")
+    variables = convert_state_dict(_load_state_dict(path))
+
+    def save():
+        with atomic_write(cached, "wb") as f:
+            np.savez(f, **{"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(variables).items()})
+    best_effort(save, f"writing converted weights to {cached}")
+    return variables, digest
 
 
 def imagenet_resnet18(num_classes: int = 10, weights: Optional[Union[str, Path]] = None, seed: int = 0,

@@ -1,9 +1,7 @@
-"""The run folder: config.json, metrics.jsonl, summary.json, plots/, checkpoints/, tensorboard/, the marker
-`.cifarjax-run` (cifarjax made it), the manifest `.cifarjax-files` (what cifarjax wrote) and `.cifarjax-lock`.
-
-A user's files are never touched: `check_out` decides before anything is written whether --out may be used, and
-`create` makes or replaces the folder only once the new run has started, removing only what the manifest lists.
-"""
+"""The run folder (config.json, metrics.jsonl, summary.json, plots/, checkpoints/, tensorboard/, the marker
+`.cifarjax-run`, the manifest `.cifarjax-files` of what cifarjax wrote, `.cifarjax-lock`) and its binding to data,
+weights and commands. A user's file is never touched: `atomic_write` lists its file in the manifest, and --overwrite
+removes only what the manifest lists."""
 from __future__ import annotations
 
 import atexit
@@ -14,20 +12,20 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterator, Optional
 
 import cifarjax
-from cifarjax import binding, errors
+from cifarjax import errors
 from cifarjax.config import Config
 from cifarjax.errors import UserError, user_error_from_os, warn
-from cifarjax.files import MANIFEST, MARKER, atomic_write, read_manifest, write_json  # noqa: F401 - runs.MANIFEST
 
 CONFIG, METRICS, SUMMARY, PLOTS = "config.json", "metrics.jsonl", "summary.json", "plots"
-TENSORBOARD, LOCK = "tensorboard", ".cifarjax-lock"
+TENSORBOARD, MARKER, MANIFEST, LOCK = "tensorboard", ".cifarjax-run", ".cifarjax-files", ".cifarjax-lock"
 # Runs made before the manifest (2026-12-04): the names cifarjax gave its files there.
 OWN_FILES = (CONFIG, METRICS, SUMMARY, "frozen_params.npz", "study.json", "study.md")
 OWN_IN_FOLDERS = {PLOTS: ("*.png",), TENSORBOARD: ("events.out.tfevents.*",),
@@ -35,26 +33,90 @@ OWN_IN_FOLDERS = {PLOTS: ("*.png",), TENSORBOARD: ("events.out.tfevents.*",),
 MODEL_NAMES = {"simple_cnn": "SimpleCNN", "resnet18": "ResNet-18"}
 COMMAND_MODELS = {"cnn": "simple_cnn", "finetune": "resnet18"}
 NOT_OURS = "holds files that cifarjax did not create (it has no {} marker), so it will not write there".format(MARKER)
+_recorded: set = set()  # (run folder, entry) pairs this process listed, so a write need not read the manifest
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @dataclass
 class RunFolder:
-    """A command's run folder, checked before anything is written, with the config.json of the run it resumes."""
+    """A run folder: checked before anything is written, then made with its marker and lock; its manifest, metrics
+    and (resumed) the config.json it is bound to."""
     path: Path
-    experiment: str
+    experiment: str = "python"
     resume: bool = False
     overwrite: bool = False
-    saved: Optional[dict] = None
 
     @classmethod
     def check(cls, out, experiment: str, overwrite: bool = False, resume: bool = False) -> RunFolder:
-        path = check_out(out, experiment, overwrite, resume)
-        return cls(path, experiment, resume, overwrite, read_config(path) if resume else None)
+        """The run folder for --out, checked before anything is written; raises UserError when it may not be used."""
+        if overwrite and resume:
+            raise UserError("--overwrite and --resume contradict each other; pass one of them")
+        if resume and out is None:
+            raise UserError("--resume needs --out RUN: the folder of the run to continue")
+        run = Path(out).expanduser() if out is not None else \
+            Path("runs") / f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+        blocker = next((p for p in [run, *run.parents] if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise UserError(f"--out {run} is a file; choose a folder path" if blocker == run else
+                            f"--out {run} lies below the file {blocker}; choose a folder path")
+        used = _holds_files(run, "--out")
+        if resume and not used:
+            raise UserError(f"--resume needs an existing run folder, and {run} is empty or missing; check the "
+                            "path, or leave out --resume to start a new run there")
+        if resume and not is_run(run):
+            raise UserError(f"{run} is not a cifarjax run folder (it has no {MARKER} marker); pass the --out "
+                            "folder of a run to resume")
+        if used and not resume and not is_run(run):
+            raise UserError(f"{run} {NOT_OURS} or replace it; choose another --out")
+        if used and not resume and not overwrite:
+            raise UserError(f"run folder {run} already holds a run; pass --resume to continue it, --overwrite to "
+                            "replace it, or choose another --out")
+        if used:
+            _check_unlocked(run)
+            _check_no_links(run)
+        return cls(run, experiment, resume, overwrite)
+
+    @classmethod
+    def claim(cls, run) -> RunFolder:
+        """Accept a run folder research code passed (`fit(run=...)`) when it is cifarjax's, new or empty."""
+        run = Path(run)
+        if is_run(run):
+            _check_no_links(run)
+        elif _holds_files(run, "the run folder"):
+            raise UserError(f"{run} {NOT_OURS}; pass a new or empty run folder")
+        return cls(run)
+
+    @classmethod
+    def holding(cls, path) -> Optional[RunFolder]:
+        """The nearest folder at or above `path`'s parent that cifarjax marked as a run, or None."""
+        return next((cls(parent) for parent in Path(path).absolute().parents if is_run(parent)), None)
+
+    @functools.cached_property
+    def saved(self) -> Optional[dict]:
+        """The resumed run's config.json (None for a new run)."""
+        return read_config(self.path) if self.resume else None
+
+    @property
+    def marker(self) -> dict:
+        try:
+            return json.loads((self.path / MARKER).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def check_outside(self, data_dir) -> None:
+        """Refuse a run folder inside the data folder the run reads: its folders would be read as data."""
+        if not data_dir or not str(data_dir).strip():
+            return
+        data = os.path.realpath(Path(data_dir).expanduser())  # not Path.resolve: a symbolic link loop is refused later
+        if Path(os.path.realpath(self.path.expanduser())).is_relative_to(data):
+            raise UserError(f"--out {self.path} lies inside the data folder {data_dir}, where its files would become "
+                            "part of the data; choose an --out outside it")
 
     def check_command(self, command: str) -> None:
         """Refuse to resume a run with a command that trains another model (cnn of a fine-tune, or the reverse)."""
         model, wanted = self.saved.get("model"), COMMAND_MODELS.get(command)
-        experiment = marker(self.path).get("experiment")
+        experiment = self.marker.get("experiment")
         made_by = experiment if experiment in COMMAND_MODELS else \
             next((c for c, m in COMMAND_MODELS.items() if m == model), None)
         if wanted is None or (model == wanted and made_by in (None, command)):
@@ -64,20 +126,125 @@ class RunFolder:
                         f"experiments.{command} trains a {MODEL_NAMES[wanted]}: resume it with python -m {maker} "
                         f"--resume --out {self.path}")
 
-    def check_data(self, now: dict, data_dir) -> None:
-        if self.resume:
-            binding.check_data(self.saved, now, data_dir, self.path)
-
-    def binding(self, data_fingerprint: dict, command_line: str) -> dict:
-        """config.json's binding: the data's fingerprint (the run's own) and every command that made the run."""
+    def bind(self, data_fingerprint: dict, data_dir, command_line: str) -> dict:
+        """config.json's binding: the data's fingerprint (a resumed run's own: other data is refused) and every
+        command that made the run."""
         saved = self.saved or {}
+        check_data(saved, data_fingerprint, data_dir, self.path)
         return {"data_fingerprint": saved.get("data_fingerprint") or data_fingerprint,
                 "commands": [*saved.get("commands", []), command_line]}
 
+    def create(self, replace: bool = False, take_lock: bool = False) -> RunFolder:
+        """Make the folder and its marker: locked first with `take_lock`, an old run's files removed with `replace`."""
+        mark = {"experiment": self.experiment, "id": uuid.uuid4().hex, "cifarjax": cifarjax.__version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # before anything is made
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if take_lock:
+                self.lock()
+            if replace and is_run(self.path):
+                self.remove_own_files()
+            if not is_run(self.path):
+                write_json(self.path / MARKER, mark)
+            (self.path / PLOTS).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise user_error_from_os(error, f"cannot create the run folder {self.path}") from None
+        return self
+
     def open(self, config_json: dict) -> None:
         """Create (or replace) the folder, locked for this process, and write config.json."""
-        create(self.path, self.experiment, replace=self.overwrite, take_lock=True)
+        self.create(replace=self.overwrite, take_lock=True)
         write_json(self.path / CONFIG, config_json)
+
+    def lock(self) -> None:
+        """Mark the folder as used by this process until it exits (a stale lock is replaced, a live one refused)."""
+        _check_unlocked(self.path)
+        path, pid = (self.path / LOCK).absolute(), os.getpid()
+        try:  # not through atomic_write: the lock is no output, so the manifest does not list it
+            path.write_text(json.dumps({"host": socket.gethostname(), "pid": pid,
+                                        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+        except OSError as error:
+            raise user_error_from_os(error, f"cannot lock the run folder {self.path}") from None
+
+        def release() -> None:  # only this process's own lock (not in a forked child)
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                if json.loads(path.read_text()).get("pid") == pid == os.getpid():
+                    path.unlink()
+        atexit.register(release)
+        errors.at_command_end.append(release)
+
+    def manifest(self) -> list:
+        """The paths (relative to the folder) its manifest lists; a line cut by a crash is ignored."""
+        try:
+            return [line for line in (self.path / MANIFEST).read_text().split("\n")[:-1] if line]
+        except FileNotFoundError:
+            return []
+
+    @classmethod
+    def record(cls, path) -> None:
+        """List `path`, which cifarjax wrote, in the manifest of the run folder holding it (--overwrite removes it)."""
+        folder = cls.holding(path)
+        if folder is None or Path(path).name in (MARKER, MANIFEST):
+            return
+        entry = Path(path).absolute().relative_to(folder.path).as_posix()
+        if (folder.path, entry) not in _recorded and entry not in folder.manifest():
+            with open(folder.path / MANIFEST, "a") as f:
+                f.write(entry + "\n")
+        _recorded.add((folder.path, entry))
+
+    @classmethod
+    def free_name(cls, path) -> Path:
+        """`path`, or where a user's file (one the manifest does not list) takes that name in a run folder, the
+        first free or cifarjax's own name beside it: NAME-2.png, NAME-3.png ... (a run without a manifest: `path`)."""
+        path = Path(path)
+        folder = cls.holding(path)
+        listed = set(folder.manifest()) if folder is not None else set()
+        candidate, n = path, 1
+        while listed and candidate.exists() and candidate.absolute().relative_to(folder.path).as_posix() not in listed:
+            n += 1
+            candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        return candidate
+
+    def remove_own_files(self) -> None:
+        """Remove exactly what cifarjax wrote in the marked folder (its manifest's paths inside it, else the names
+        it gives its files, and orbax's unfinished checkpoints), then the folders left empty; name what stays."""
+        run, listed = self.path, self.manifest()
+        entries = [run / e for e in listed if not Path(e).is_absolute() and ".." not in Path(e).parts
+                   and Path(e).name not in (MANIFEST, MARKER)
+                   and (run / e).parent.resolve().is_relative_to(run.resolve())]  # not through a link out of the run
+        if not listed:
+            entries = [run / name for name in OWN_FILES]
+            entries += [p for folder, patterns in OWN_IN_FOLDERS.items() for pattern in patterns
+                        for p in (run / folder).glob(pattern)]
+        for entry in entries + list((run / "checkpoints").glob("*.orbax-checkpoint-tmp*")):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif entry.exists() or entry.is_symlink():
+                entry.unlink()
+        subruns = [e for e in run.iterdir() if e.is_dir() and not e.is_symlink() and is_run(e)]
+        for sub in subruns:
+            RunFolder(sub).remove_own_files()
+        folders = {run / name for name in OWN_IN_FOLDERS} | {
+            run / parent for e in listed for parent in Path(e).parents if parent != Path(".")}
+        for folder in [*subruns, *sorted(folders, key=lambda p: -len(p.parts))]:
+            if folder.is_dir() and not folder.is_symlink():
+                with contextlib.suppress(OSError):  # only an empty one goes
+                    folder.rmdir()
+        for name in (MANIFEST, MARKER):
+            if (run / name).is_file():
+                (run / name).unlink()
+        kept = sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.name != LOCK and not p.is_dir())
+        if kept:
+            more = f" and {len(kept) - 5} more" if len(kept) > 5 else ""
+            warn(f"--overwrite kept {', '.join(kept[:5])}{more} in {run}: cifarjax did not create them")
+
+    def write_metrics(self, records: list) -> None:
+        """Rewrite metrics.jsonl with `records` (at start and on resume, to match the checkpoint)."""
+        write_text(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in records))
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.path / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def run_name(run: Path) -> str:
@@ -91,14 +258,7 @@ def is_run(folder: Path) -> bool:
     return (Path(folder) / MARKER).is_file()
 
 
-def marker(folder: Path) -> dict:
-    try:
-        return json.loads((Path(folder) / MARKER).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def holds_files(folder: Path, doing: str) -> bool:
+def _holds_files(folder: Path, doing: str) -> bool:
     """Whether `folder` exists and holds anything (a file counts)."""
     try:
         return folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
@@ -106,46 +266,7 @@ def holds_files(folder: Path, doing: str) -> bool:
         raise user_error_from_os(error, f"cannot read {doing} {folder}") from None
 
 
-def check_out(out, experiment: str, overwrite: bool = False, resume: bool = False) -> Path:
-    """The run folder for --out, checked before anything is written; raises UserError when it may not be used."""
-    if overwrite and resume:
-        raise UserError("--overwrite and --resume contradict each other; pass one of them")
-    if resume and out is None:
-        raise UserError("--resume needs --out RUN: the folder of the run to continue")
-    run = Path(out).expanduser() if out is not None else Path("runs") / f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
-    blocker = next((p for p in [run, *run.parents] if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise UserError(f"--out {run} is a file; choose a folder path" if blocker == run else
-                        f"--out {run} lies below the file {blocker}; choose a folder path")
-    used = holds_files(run, "--out")
-    if resume and not used:
-        raise UserError(f"--resume needs an existing run folder, and {run} is empty or missing; check the "
-                        "path, or leave out --resume to start a new run there")
-    if resume and not is_run(run):
-        raise UserError(f"{run} is not a cifarjax run folder (it has no {MARKER} marker); pass the --out "
-                        "folder of a run to resume")
-    if used and not resume and not is_run(run):
-        raise UserError(f"{run} {NOT_OURS} or replace it; choose another --out")
-    if used and not resume and not overwrite:
-        raise UserError(f"run folder {run} already holds a run; pass --resume to continue it, --overwrite to "
-                        "replace it, or choose another --out")
-    if used:
-        check_unlocked(run)
-        check_no_links(run)
-    return run
-
-
-def check_outside_data(run: Path, data_dir) -> None:
-    """Refuse a run folder inside the data folder the run reads: its folders would be read as data."""
-    if not data_dir or not str(data_dir).strip():
-        return
-    data = os.path.realpath(Path(data_dir).expanduser())  # not Path.resolve: a symbolic link loop is refused later
-    if Path(os.path.realpath(Path(run).expanduser())).is_relative_to(data):
-        raise UserError(f"--out {run} lies inside the data folder {data_dir}, where its files would become part of "
-                        "the data; choose an --out outside it")
-
-
-def check_no_links(run: Path) -> None:
+def _check_no_links(run: Path) -> None:
     """Refuse a run folder whose plots/, tensorboard/ or checkpoints/ is a symbolic link out of it."""
     for name in OWN_IN_FOLDERS:
         if (run / name).is_symlink():
@@ -154,131 +275,61 @@ def check_no_links(run: Path) -> None:
                             "replace the link with a folder, or choose another --out")
 
 
-def claim(run: Path) -> None:
-    """Accept a run folder research code passed (`fit(run=...)`) when it is cifarjax's, new or empty."""
-    run = Path(run)
-    if is_run(run):
-        check_no_links(run)
-    elif holds_files(run, "the run folder"):
-        raise UserError(f"{run} {NOT_OURS}; pass a new or empty run folder")
-
-
-def create(run: Path, experiment: str, replace: bool = False, take_lock: bool = False) -> Path:
-    """Make the run folder and its marker; with `take_lock` first lock it for this process, with `replace` then
-    remove an old run's own files."""
-    mark = {"experiment": experiment, "id": uuid.uuid4().hex, "cifarjax": cifarjax.__version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # before anything is made
+def _check_unlocked(run: Path) -> None:
+    """Refuse a run folder that a live process is using (its lock names the host and process)."""
     try:
-        run.mkdir(parents=True, exist_ok=True)
-        if take_lock:
-            lock(run)
-        if replace and is_run(run):
-            remove_run_files(run)
-        if not is_run(run):
-            write_json(run / MARKER, mark)
-        (run / PLOTS).mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise user_error_from_os(error, f"cannot create the run folder {run}") from None
-    return run
-
-
-def remove_run_files(run: Path) -> None:
-    """Remove exactly what cifarjax wrote in a marked run folder, then the folders left empty; name what stays."""
-    run = Path(run)
-    for entry in _own_entries(run):
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        elif entry.exists() or entry.is_symlink():
-            entry.unlink()
-    for sub in [e for e in run.iterdir() if e.is_dir() and not e.is_symlink() and is_run(e)]:
-        remove_run_files(sub)
-        _remove_if_empty(sub)
-    folders = {run / name for name in OWN_IN_FOLDERS} | {
-        run / parent for e in read_manifest(run) for parent in Path(e).parents if parent != Path(".")}
-    for folder in sorted(folders, key=lambda p: -len(p.parts)):
-        if folder.is_dir() and not folder.is_symlink():
-            _remove_if_empty(folder)
-    for name in (MANIFEST, MARKER):
-        if (run / name).is_file():
-            (run / name).unlink()
-    kept = sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.name != LOCK and not p.is_dir())
-    if kept:
-        more = f" and {len(kept) - 5} more" if len(kept) > 5 else ""
-        warn(f"--overwrite kept {', '.join(kept[:5])}{more} in {run}: cifarjax did not create them")
-
-
-def _own_entries(run: Path) -> list:
-    """What cifarjax wrote in `run`: its manifest's paths inside it (else the names it gives its files), and orbax's
-    unfinished checkpoints."""
-    listed, inside = read_manifest(run), run.resolve()
-    entries = [run / e for e in listed if not Path(e).is_absolute() and ".." not in Path(e).parts
-               and Path(e).name not in (MANIFEST, MARKER)
-               and (run / e).parent.resolve().is_relative_to(inside)]  # not through a link out of the run
-    if not listed:
-        entries = [run / name for name in OWN_FILES]
-        entries += [p for folder, patterns in OWN_IN_FOLDERS.items() for pattern in patterns
-                    for p in (run / folder).glob(pattern)]
-    return entries + list((run / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
-
-
-def _remove_if_empty(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        folder.rmdir()
-
-
-def _lock_holder(run: Path) -> Optional[dict]:
-    """The live process holding `run` ({'host', 'pid'}), or None (no lock, this process's own, a stale one)."""
-    try:
-        holder = json.loads((Path(run) / LOCK).read_text())
+        holder = json.loads((run / LOCK).read_text())
         host, pid = str(holder["host"]), int(holder["pid"])
     except (OSError, ValueError, KeyError, TypeError):
-        return None  # none, or one cut by a crash while it was written: its process never started the run
-    if host == socket.gethostname():
-        if pid == os.getpid():
-            return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-    return {"host": host, "pid": pid}
-
-
-def check_unlocked(run: Path) -> None:
-    """Refuse a run folder that a live process is using (its lock names the host and process)."""
-    holder = _lock_holder(run)
-    if holder is None:
+        return  # none, or one cut by a crash while it was written: its process never started the run
+    if host != socket.gethostname():
+        raise UserError(f"run folder {run} is in use by process {pid} on host {host} (its lock {run / LOCK}); "
+                        "wait for it, or if that process is gone delete that file and try again")
+    if pid == os.getpid():
         return
-    if holder["host"] == socket.gethostname():
-        raise UserError(f"run folder {run} is in use by process {holder['pid']} on this machine; wait for it to "
-                        f"finish or stop it (kill {holder['pid']}: it saves a checkpoint), then try again")
-    raise UserError(f"run folder {run} is in use by process {holder['pid']} on host {holder['host']} (its lock "
-                    f"{Path(run) / LOCK}); wait for it, or if that process is gone delete that file and try again")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return  # a stale lock
+    except PermissionError:  # alive, another user's
+        pass
+    raise UserError(f"run folder {run} is in use by process {pid} on this machine; wait for it to finish or stop "
+                    f"it (kill {pid}: it saves a checkpoint), then try again")
 
 
-def lock(run: Path) -> None:
-    """Mark `run` as used by this process until it exits (a stale lock is replaced, a live one refused)."""
-    check_unlocked(run)
-    path = Path(run) / LOCK
-    try:  # not through atomic_write: the lock is no output, so the manifest does not list it
-        path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
-    except OSError as error:
-        raise user_error_from_os(error, f"cannot lock the run folder {run}") from None
-    release = functools.partial(_unlock, path.absolute(), os.getpid())
-    atexit.register(release)
-    errors.at_command_end.append(release)
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "w") -> Iterator:
+    """Open a unique temporary file beside `path`; on success it replaces `path` (and is listed in the manifest of
+    the run folder holding it), on failure it is removed (a full disk never stays full of leftovers)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the result is an ordinary file
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(error, OSError) and error.filename is None:  # a failed write names no file: name it
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+        raise
+    RunFolder.record(path)
 
 
-def _unlock(path: Path, pid: int) -> None:
-    """Remove the lock at `path` if this process `pid` still holds it."""
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        if json.loads(Path(path).read_text()).get("pid") == pid == os.getpid():
-            Path(path).unlink()
+def write_text(path, text: str) -> None:
+    with atomic_write(path) as f:
+        f.write(text)
 
 
-# config.json's keys beside the Config fields (cifarjax.binding, experiments.finetune), each with what it must be.
+def write_json(path, value) -> None:
+    write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+# config.json's keys beside the Config fields (its binding, experiments.finetune), each with what it must be.
 RECORDED = {"data_fingerprint": ("an object with sha256 and images", lambda v: isinstance(v, dict) and
                                  isinstance(v.get("sha256"), str) and isinstance(v.get("images"), dict)),
             "commands": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
@@ -288,6 +339,48 @@ RECORDED = {"data_fingerprint": ("an object with sha256 and images", lambda v: i
                               isinstance(v.get("path"), str) and isinstance(v.get("sha256"), str)),
             **{k: ("a string", lambda v: isinstance(v, str)) for k in ("weights_label", "weights_file",
                                                                        "weights_sha256")}}
+
+
+def absolute(path) -> Optional[str]:
+    """`path` as an absolute path (None stays None), so that a run means the same folder from any folder."""
+    if path is None:
+        return None
+    try:
+        return str(Path(path).expanduser().resolve())
+    except (OSError, RuntimeError):  # a symbolic link loop: the loader names it
+        return os.path.abspath(os.path.expanduser(path))
+
+
+def absolute_paths(values: dict) -> dict:
+    """Config values with data_dir and a weights file made absolute ('imagenet' and 'random' stay names)."""
+    values = dict(values)
+    for key, names in (("data_dir", ()), ("weights", ("imagenet", "random"))):
+        if values.get(key) not in (None, *names) and str(values[key]).strip():
+            values[key] = absolute(values[key])
+    return values
+
+
+def check_data(saved: dict, now: dict, data_dir, run,
+               fix: str = "pass the run's own data with --data-dir, or start a new run") -> None:
+    """Refuse data whose fingerprint differs from the run's (another folder with the same images is fine)."""
+    then = saved.get("data_fingerprint")
+    if not then or then["sha256"] == now["sha256"]:
+        return
+    n_now, n_then = sum(now["images"].values()), sum(then["images"].values())
+    change = (f"{n_now} images now, {n_then} when the run started" if n_now != n_then else
+              f"{n_now} images as when the run started, but not the same ones")
+    raise UserError(f"the data in {data_dir} differs from the run's in {run} ({change}; fingerprint "
+                    f"{now['sha256'][:12]} now, {then['sha256'][:12]} then): {fix}")
+
+
+def check_weights(recorded: Optional[str], now: Optional[str], path, run, needed_for: str) -> None:
+    """Refuse a weights file whose SHA-256 is not the one the run started from, where the run still needs it."""
+    if recorded is None or recorded == now:
+        return
+    state = "is missing" if now is None else \
+        f"changed since the run started (sha256 {now[:12]} now, {recorded[:12]} then)"
+    raise UserError(f"the weights file {path} {state}, and {needed_for} needs the run's starting weights: restore "
+                    "the original file, or start a new run")
 
 
 def read_config(run) -> dict:
@@ -312,22 +405,10 @@ def read_json(path: Path):
                         "start the run again") from None
 
 
-def write_metrics(run: Path, records: Iterable[dict]) -> None:
-    """Rewrite metrics.jsonl with `records` (at start and on resume, to match the checkpoint)."""
-    with atomic_write(run / METRICS) as f:
-        f.write("".join(json.dumps(r) + "\n" for r in records))
-
-
-def append_metrics(run: Path, record: dict) -> None:
-    with open(run / METRICS, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def read_metrics(run) -> list:
     """The records of a metrics.jsonl (`run`: a run folder or the file); [] when there is none yet. A last line cut
     by a crash is left out with a warning; a damaged line before it is a UserError naming the line."""
-    path = Path(run)
-    path = path / METRICS if path.is_dir() else path
+    path = Path(run) / METRICS if Path(run).is_dir() else Path(run)
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:

@@ -1,7 +1,6 @@
-"""Reading image files and CIFAR-10's python batches into uint8 arrays, refusing anything malformed with a message
-naming the file: every image mode Pillow opens becomes 8-bit RGB (16-bit and float images scaled, palettes and
-CMYK converted, alpha dropped as torchvision's loader does) or is refused, as is an image over Pillow's pixel limit;
-CIFAR batches are unpickled accepting only numpy objects, then checked field by field."""
+"""Image files and CIFAR-10's python batches read into uint8 RGB arrays, anything malformed refused with a message
+naming the file: every image mode Pillow opens becomes 8-bit RGB or is refused, as is an image over Pillow's pixel
+limit; CIFAR batches are unpickled accepting only numpy objects, then checked field by field."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +12,7 @@ import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -26,11 +25,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 CIFAR_DIR = "cifar-10-batches-py"
 
 
-class ImageFile(NamedTuple):
-    path: str  # as os.scandir joins it: str(split_dir)/<class>/<name> (strings: a Path per file costs seconds)
-    label: int
-
-
 def _scan(folder):
     try:
         return [e for e in sorted(os.scandir(folder), key=lambda e: e.name) if not e.name.startswith(".")]
@@ -39,9 +33,9 @@ def _scan(folder):
 
 
 def class_files(split_dir: Path, unused: Optional[list] = None):
-    """(classes, [ImageFile]) of DIR/<class>/*. Empty class folders are skipped with a warning, and so, in one
-    line, is every other entry not used (hidden ones aside); `unused` collects their paths."""
-    classes, files, skipped = [], [], []
+    """(classes, paths, labels) of DIR/<class>/*, paths as os.scandir joins them (a Path per file costs seconds).
+    Empty class folders are skipped with a warning, other unused entries (not hidden ones) with one (into `unused`)."""
+    classes, paths, labels, skipped = [], [], [], []
     for entry in _scan(split_dir):
         if not entry.is_dir():
             skipped.append(entry.path)
@@ -54,7 +48,8 @@ def class_files(split_dir: Path, unused: Optional[list] = None):
             warn(f"class folder {entry.path} holds no images ({', '.join(IMAGE_EXTENSIONS)}); it is skipped and "
                  "is not a class")
             continue
-        files += [ImageFile(e.path, len(classes)) for e in images]
+        paths += [e.path for e in images]
+        labels += [len(classes)] * len(images)
         classes.append(printable(entry.name))  # a name that is not UTF-8 is shown escaped everywhere
     if skipped:
         n, more = len(skipped), f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
@@ -63,7 +58,7 @@ def class_files(split_dir: Path, unused: Optional[list] = None):
              f"{', '.join(map(printable, skipped[:3]))}{more}; python -m cifarjax.data lists them all")
     if unused is not None:
         unused += skipped
-    return classes, files
+    return classes, paths, labels
 
 
 def content_digest(paths, names=None) -> str:
@@ -132,26 +127,26 @@ def decode_image(path, size: int, advice: str = "delete or replace that file and
 
 
 @contextlib.contextmanager
-def refusing_bombs():
-    """Pillow's DecompressionBombWarning as an error, so such an image is refused as a corrupt one is. Entered by the
-    thread that starts a decoding pool: warning filters are the process's, and racy."""
-    with warnings.catch_warnings():
+def decoding_pool():
+    """A thread pool for decoding, meanwhile Pillow's DecompressionBombWarning an error (such an image is refused as a
+    corrupt one is); set by the thread that starts the pool, as warning filters are the process's, and racy."""
+    with warnings.catch_warnings(), ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        yield
+        yield pool
 
 
-def decode_files(files: Sequence[ImageFile], size: int, desc: str):
-    """(images (N, size, size, 3) uint8, labels (N,) int32), decoded on a thread pool with a progress bar."""
-    images = np.empty((len(files), size, size, 3), np.uint8)
+def decode_files(paths: Sequence[str], size: int, desc: str) -> np.ndarray:
+    """The image files as (N, size, size, 3) uint8, decoded on a thread pool with a progress bar."""
+    images = np.empty((len(paths), size, size, 3), np.uint8)
 
     def work(i):
-        images[i] = decode_image(files[i].path, size)
+        images[i] = decode_image(paths[i], size)
 
-    with refusing_bombs(), ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
-        for _ in tqdm(pool.map(work, range(len(files))), total=len(files), desc=desc, unit="img",
-                      leave=False, mininterval=1.0, disable=len(files) < 2000):
+    with decoding_pool() as pool:
+        for _ in tqdm(pool.map(work, range(len(paths))), total=len(paths), desc=desc, unit="img",
+                      leave=False, mininterval=1.0, disable=len(paths) < 2000):
             pass
-    return images, np.array([f.label for f in files], np.int32)
+    return images
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -190,32 +185,30 @@ def read_cifar(folder: Path, size: int):
     classes = _read_cifar_pickle(folder / "batches.meta").get("label_names")
     if not isinstance(classes, (list, tuple)) or not classes or not all(isinstance(n, str) for n in classes):
         raise UserError(f"{folder / 'batches.meta'} has no list of class names ('label_names'); {_REDOWNLOAD}")
-
-    def read(names):
-        return tuple(map(np.concatenate, zip(*(_read_cifar_batch(folder / n, len(classes), size) for n in names))))
-    return tuple(classes), read([f"data_batch_{i}" for i in range(1, 6)]), read(["test_batch"])
-
-
-def _read_cifar_batch(path: Path, num_classes: int, size: int):
-    batch = _read_cifar_pickle(path)
-    missing = [k for k in ("data", "labels") if k not in batch]
-    if missing:
-        raise UserError(f"{path} lacks the key(s) {', '.join(missing)} of a CIFAR-10 batch; {_REDOWNLOAD}")
-    data, labels = batch["data"], batch["labels"]
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        what = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
-        raise UserError(f"{path}: 'data' is a {what}, CIFAR-10 needs uint8 of shape (N, 3072); {_REDOWNLOAD}")
-    try:
-        labels = np.asarray(labels)
-    except Exception:  # noqa: BLE001
-        labels = np.asarray([], object)
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise UserError(f"{path}: 'labels' is not a list of integers; {_REDOWNLOAD}")
-    if len(labels) != len(data):
-        raise UserError(f"{path} holds {len(data)} images but {len(labels)} labels; {_REDOWNLOAD}")
-    check_labels(labels, num_classes, str(path))
-    images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-    return np.stack([resized(im, size) for im in images]) if size != 32 else images, labels.astype(np.int32)
+    splits = {"train": [], "test": []}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        path = folder / name
+        batch = _read_cifar_pickle(path)
+        missing = [k for k in ("data", "labels") if k not in batch]
+        if missing:
+            raise UserError(f"{path} lacks the key(s) {', '.join(missing)} of a CIFAR-10 batch; {_REDOWNLOAD}")
+        data, labels = batch["data"], batch["labels"]
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            what = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+            raise UserError(f"{path}: 'data' is a {what}, CIFAR-10 needs uint8 of shape (N, 3072); {_REDOWNLOAD}")
+        try:
+            labels = np.asarray(labels)
+        except Exception:  # noqa: BLE001 - a ragged list
+            labels = np.asarray([], object)
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise UserError(f"{path}: 'labels' is not a list of integers; {_REDOWNLOAD}")
+        if len(labels) != len(data):
+            raise UserError(f"{path} holds {len(data)} images but {len(labels)} labels; {_REDOWNLOAD}")
+        check_labels(labels, len(classes), str(path))
+        images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        splits["test" if name == "test_batch" else "train"].append(
+            (np.stack([resized(im, size) for im in images]) if size != 32 else images, labels.astype(np.int32)))
+    return (tuple(classes), *(tuple(map(np.concatenate, zip(*batches))) for batches in splits.values()))
 
 
 def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:

@@ -19,15 +19,14 @@ from typing import Callable, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from cifarjax import binding, plots, runs
+from cifarjax import plots, runs
 from cifarjax.augment import AugmentSpec, with_normalization
 from cifarjax.checkpoint import find_run
 from cifarjax.config import Config
 from cifarjax.data import Dataset, Split, fingerprint, load_dataset, train_val_split
 from cifarjax.errors import UserError, set_interrupt_advice
-from cifarjax.features import backbone_features, cacheable
 from cifarjax.files import write_json, write_text
-from cifarjax.inputs import ImageInputs
+from cifarjax.inputs import ImageInputs, backbone_features, cacheable
 from cifarjax.loop import Trainer, fine_tune_loop, train_loop
 from cifarjax.models import Apply, build_model, init_variables
 from cifarjax.phases import Phases
@@ -169,7 +168,7 @@ class Study:
         config = with_normalization(cell_config(cell, self.base), self.train.images)
         folder = self.folder(cell)
         if not (self.resume and runs.is_run(folder)):
-            runs.create(folder, "study", replace=runs.is_run(folder))
+            runs.RunFolder(folder, "study").create(replace=runs.is_run(folder))
         write_json(folder / runs.CONFIG, config.to_dict())
         start = time.perf_counter()
         variables = self.variables(cell, config)
@@ -231,12 +230,13 @@ def study(data_dir, weights: str = "imagenet", grid: Sequence[Cell] = DEFAULT_GR
           subset: int = 0, out=None, resume: bool = False, overwrite: bool = False, cnn_run=None,
           train_reference: bool = True, combine: bool = True, announce: Callable = print, **baseline) -> dict:
     """A study in one call; `baseline`: Config changes to the baseline, `cnn_run`: an experiments.cnn reference."""
-    out = runs.check_out(out, "study", overwrite, resume)
+    folder = runs.RunFolder.check(out, "study", overwrite, resume)
+    out = folder.path
     phases = Phases(announce=True)
-    paths = binding.absolute_paths({"data_dir": data_dir, "weights": weights})
+    paths = runs.absolute_paths({"data_dir": data_dir, "weights": weights})
     base = recipe_config("finetune", **{**BASELINE, **baseline}, data_dir=paths["data_dir"], weights=paths["weights"],
                          n_epochs=epochs, subset=subset).validate()  # before any loading
-    runs.check_outside_data(out, base.data_dir)
+    folder.check_outside(base.data_dir)
     with phases("data_loading", "loading the data"):
         dataset = load_dataset(base.data_dir, base.dataset, base.decode_size, base.classes)
         train, val = train_val_split(dataset, base.val_fraction, base.seed, base.subset)
@@ -253,7 +253,7 @@ def study(data_dir, weights: str = "imagenet", grid: Sequence[Cell] = DEFAULT_GR
         cnn_run = check_resume(out, settings, planned, cnn_run)
     reference_run = None if cnn_run is None else str(find_run(cnn_run).resolve())
     reference = None if reference_run is None else reference_summary(Path(reference_run), base, settings)
-    runs.create(out, "study", replace=overwrite, take_lock=True)  # resuming: only the lock is new
+    folder.create(replace=overwrite, take_lock=True)  # resuming: only the lock is new
     record = {"settings": settings, "grid": planned, "data_dir": base.data_dir, "cnn_run": reference_run}
     if not (out / STUDY_JSON).is_file():
         write_json(out / STUDY_JSON, record)

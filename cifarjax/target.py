@@ -1,7 +1,5 @@
 """The platform a run's programs are built for, decided in one place (`resolve`) and asked only by the builders,
-which pass the plain JAX program's pieces or the CPU's (`cifarjax.cpu`) in (docs/architecture.md). (A module named
-`platform` would shadow Python's own.)
-"""
+which pass the plain program's pieces or the CPU's (`cifarjax.cpu`) in. (`platform` would shadow Python's own.)"""
 from __future__ import annotations
 
 import importlib.util
@@ -17,9 +15,8 @@ ACCELERATOR_PLUGINS = ("jax_plugins", "jax_cuda12_plugin", "jax_cuda13_plugin", 
 def resolve(platform: Optional[str] = None, environ: Mapping[str, str] = os.environ) -> str:
     """`platform` if given, else $CIFARJAX_PLATFORM, else JAX's default backend's ('cpu', or 'gpu' for any
     accelerator), which this starts: the one source of the platform of a run."""
-    if platform is None:
-        platform = environ.get(ENV) or None
-    if platform is None:
+    platform = platform or environ.get(ENV)
+    if not platform:
         import jax
         platform = "cpu" if jax.default_backend() == "cpu" else "gpu"
     if platform not in PLATFORMS:
@@ -28,18 +25,14 @@ def resolve(platform: Optional[str] = None, environ: Mapping[str, str] = os.envi
 
 
 def conv_impl(impl: str, platform: str) -> str:
-    """Config.conv_impl's formulation: 'auto' is the platform's ('winograd' on the CPU, else 'xla'), the others are
-    taken as asked on any platform."""
+    """Config.conv_impl's formulation: 'auto' is the platform's ('winograd' on the CPU, else 'xla'), others as asked."""
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "winograd" if platform == "cpu" else "xla"
-    return impl
+    return impl if impl != "auto" else "winograd" if platform == "cpu" else "xla"
 
 
 def step_factory(platform: Optional[str] = None):
-    """How a run's training steps are pmap-ed, `(step, mask, axis_name, devices, **static) -> step`: on the CPU
-    with only the frozen parameters donated, elsewhere the whole state."""
+    """How a run's steps are pmap-ed, `(step, mask, axis_name, devices, **static) -> step` (the CPU's: frozen_apart)."""
     if resolve(platform) == "cpu":
         from cifarjax.cpu.donation import frozen_apart
         return frozen_apart
@@ -56,12 +49,9 @@ def runs_on_cpu(environ: Mapping[str, str] = os.environ) -> bool:
     return not any(importlib.util.find_spec(name) is not None for name in ACCELERATOR_PLUGINS)
 
 
-DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
-
-
 def deterministic(environ=os.environ) -> None:
-    """Add XLA's GPU deterministic-ops flag to XLA_FLAGS (`Config.deterministic`), before the backend starts, so a
-    program repeats its results bit for bit on a GPU (a CPU's already do)."""
+    """Add XLA's GPU deterministic-ops flag to XLA_FLAGS (`Config.deterministic`) unless set, before the backend
+    starts, so a program repeats its results bit for bit on a GPU (a CPU's already do)."""
     current = environ.get("XLA_FLAGS", "")
     if "--xla_gpu_deterministic_ops=" not in current:
-        environ["XLA_FLAGS"] = f"{current} {DETERMINISTIC_FLAG}".strip()
+        environ["XLA_FLAGS"] = f"{current} --xla_gpu_deterministic_ops=true".strip()

@@ -19,11 +19,11 @@ import jax  # noqa: E402
 
 import cifarjax  # noqa: E402
 from experiments import seeds  # noqa: E402
-from cifarjax import binding, distributed, plots, runs  # noqa: E402
+from cifarjax import distributed, plots, runs  # noqa: E402
 from cifarjax.augment import with_normalization  # noqa: E402
 from cifarjax.checkpoint import latest_epoch, quiet_orbax  # noqa: E402
 from cifarjax.config import Config  # noqa: E402
-from cifarjax.cpu import process as cpu_process, xla_flags  # noqa: E402
+from cifarjax.cpu import process as cpu_process  # noqa: E402
 from cifarjax.data import Dataset, Split, fingerprint, load_dataset, train_indices, train_val_split  # noqa: E402
 from cifarjax.errors import UserError, set_interrupt_advice  # noqa: E402
 from cifarjax.predictor import predict, score  # noqa: E402
@@ -103,7 +103,7 @@ class Start:
     val: Split
     phases: Phases
     command_line: str
-    binding: dict = field(default_factory=dict)  # what config.json records the run is bound to (`RunFolder.binding`)
+    binding: dict = field(default_factory=dict)  # what config.json records the run is bound to (`RunFolder.bind`)
     commands: Optional[list] = None  # every command that built the run, this one last (set by `open_run`)
 
     @property
@@ -130,15 +130,15 @@ def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
     folder = runs.RunFolder.check(args.out, command, args.overwrite, args.resume)
     run = folder.path
-    typed = binding.absolute_paths(given(args, command) if typed is None else typed)
+    typed = runs.absolute_paths(given(args, command) if typed is None else typed)
     if args.resume:
         folder.check_command(command)
         config = resumed_config(Config.from_dict(folder.saved, str(run / runs.CONFIG)), typed, args.recipe, str(run))
     else:
         config = new_config(command, args.recipe, typed, **fixed)
-    runs.check_outside_data(run, config.data_dir)
+    folder.check_outside(config.data_dir)
     if runs_on_cpu():
-        xla_flags.schedule_for(config)  # before anything starts JAX's backend (orbax, `is_writer`)
+        cpu_process.schedule_for(config)  # before anything starts JAX's backend (orbax, `is_writer`)
     elif config.deterministic:
         deterministic()
     done = latest_epoch(run) if args.resume else None
@@ -153,14 +153,13 @@ def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
         raise UserError(f"the data in {config.data_dir} has classes {list(dataset.classes)}, the run in {run} was "
                         f"trained on {list(config.classes)}; pass the run's own data folder")
     data = fingerprint(dataset)
-    folder.check_data(data, config.data_dir)
+    bound = folder.bind(data, config.data_dir, args.command_line)
     config = with_normalization(config.replace(classes=tuple(dataset.classes), num_classes=len(dataset.classes))
                                 .validate(), train.images)
     train_indices(len(train), config.batch_size, jax.device_count(), config.seed, 0)  # the batch fits data and devices
     distributed.agree({"config": {**config.to_dict(), "data_dir": None}, "data": data_fingerprint(train, val),
                        "run": str(run.resolve())}, "their settings")
-    return Start(folder, config, dataset, train, val, phases, args.command_line,
-                 binding=folder.binding(data, args.command_line))
+    return Start(folder, config, dataset, train, val, phases, args.command_line, binding=bound)
 
 
 def data_fingerprint(train: Split, val: Split) -> dict:
@@ -177,7 +176,7 @@ def open_run(s: Start, command: str, config_json: dict) -> None:
         s.folder.open({**config_json, **s.binding})
     set_interrupt_advice(f"the run folder {s.run} is kept: resume with {resume_hint(command, s.run)}")
     distributed.barrier("run folder created")
-    distributed.agree({"run_id": runs.marker(s.run).get("id")}, f"the run folder {s.run} (it must be the same "
+    distributed.agree({"run_id": s.folder.marker.get("id")}, f"the run folder {s.run} (it must be the same "
                       "folder on shared storage for every process)")
 
 

@@ -18,7 +18,6 @@ from experiments import seeds
 from cifarjax import plots, runs
 from cifarjax.checkpoint import find_run
 from cifarjax.errors import UserError, exit_on_user_error
-from cifarjax.files import beside_foreign
 from cifarjax.flags import Parser
 from cifarjax.loop import History
 
@@ -162,7 +161,7 @@ def plot_path(given, loaded: list, overwrite: bool) -> Path:
     folder (the default plot goes beside it)."""
     path = Path(loaded[0]["folder"]) / DEFAULT_PLOT if given is None else Path(given).expanduser()
     path = plots.output_path(path)  # a folder is refused there
-    target = beside_foreign(path)
+    target = runs.RunFolder.free_name(path)
     if given is not None and target != path:
         raise UserError(f"--out {path} is a file in a run folder that cifarjax did not write; choose another --out")
     if target.exists() and not overwrite:

@@ -17,7 +17,7 @@ import json
 import sys
 
 from experiments import common
-from cifarjax import binding, plots, runs
+from cifarjax import plots, runs
 from cifarjax.config import SOURCES, Config
 from cifarjax.data import fingerprint, load_dataset, train_val_split
 from cifarjax.errors import UserError, exit_on_user_error, warn
@@ -56,7 +56,7 @@ def main(argv=None) -> None:
     loaded = load_run(args.run_dir, average=args.average)
     run, average = loaded.path, loaded.average
     config = loaded.config if args.tta_flip is None else loaded.config.replace(tta_flip=args.tta_flip)
-    data_dir = binding.absolute(args.data_dir) if args.data_dir is not None else config.data_dir
+    data_dir = runs.absolute(args.data_dir) if args.data_dir is not None else config.data_dir
     saved = runs.read_config(run)
     dataset = load_dataset(data_dir, args.dataset or ("auto" if args.data_dir else config.dataset), config.decode_size,
                            config.classes)
@@ -65,8 +65,8 @@ def main(argv=None) -> None:
                         "pass a folder with the same class folders")
     split, name = choose_split(dataset, config, args.split, data_dir)
     if args.data_dir is None or name == "val":  # the run's own data, or its seeded split of the data given
-        binding.check_data(saved, fingerprint(dataset), data_dir, run, "pass the run's own data with --data-dir "
-                           "(or other data's test split with --data-dir DIR --split test)")
+        runs.check_data(saved, fingerprint(dataset), data_dir, run, "pass the run's own data with --data-dir "
+                        "(or other data's test split with --data-dir DIR --split test)")
     plot = plots.output_path(args.plot if args.plot is not None else run / runs.PLOTS / f"confusion_matrix_{name}.png")
     result = evaluate(config, loaded.variables, split)
     try:

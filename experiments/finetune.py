@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Optional
 
 from experiments import common, seeds
-from cifarjax import binding, distributed, plots, runs
+from cifarjax import distributed, plots, runs
 from cifarjax.checkpoint import FROZEN, digest, frozen_params, join_frozen, latest_epoch, load_variables, \
     split_frozen, write_frozen_file
 from cifarjax.errors import exit_on_user_error
-from cifarjax.features import backbone_features, cacheable
 from cifarjax.files import write_json
 from cifarjax.flags import given, rate_depends_on_length
 from cifarjax.freezing import Freezing
+from cifarjax.inputs import backbone_features, cacheable
 from cifarjax.loop import fine_tune_loop
 from cifarjax.models import build_model
 from cifarjax.pretrained import Weights, sha256_file, starting_weights, weights_file
@@ -130,8 +130,8 @@ def resumed_weights(s, counts: list, nested: bool) -> tuple:
     elif weights.pretrained:
         path = weights_file(s.config.weights)
         now = sha256_file(path) if path.is_file() else None
-        binding.check_weights(weights.sha256, now, path, s.run,
-                              f"its {plural(fresh[0], 'epoch')} fine-tune, which has not trained yet,")
+        runs.check_weights(weights.sha256, now, path, s.run,
+                           f"its {plural(fresh[0], 'epoch')} fine-tune, which has not trained yet,")
         variables = starting_weights(s.config)[0]
     else:
         variables = starting_weights(s.config)[0]
@@ -149,7 +149,7 @@ def fine_tune_run(s, n_epochs: int, variables: dict, features, bound: dict, nest
     sub = run_folder(s, n_epochs, nested)
     config = s.config.replace(n_epochs=n_epochs)
     if nested and distributed.is_writer():
-        runs.create(sub, "finetune")
+        runs.RunFolder(sub, "finetune").create()
         frozen = {"frozen_params": {**bound["frozen_params"], "path": f"../{FROZEN}"}} if "frozen_params" in bound \
             else {}
         write_json(sub / runs.CONFIG, {**config.to_dict(), **bound, **frozen, **s.binding})

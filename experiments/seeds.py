@@ -76,11 +76,12 @@ def run(command: str, args, run_one: Callable) -> None:
 def run_each(command: str, args, run_one: Callable, seeds: list) -> None:
     """Run `run_one(args)` once per seed into OUT/seed-N (resumed where it exists and --resume was given), then
     write OUT's summary.json and seeds.png and print the mean ± sd."""
-    out = runs.check_out(args.out, command, args.overwrite, args.resume)
+    root = runs.RunFolder.check(args.out, command, args.overwrite, args.resume)
+    out = root.path
     earlier = json.loads((out / SEEDS).read_text())["commands"] if args.resume and is_seeds_folder(out) else []
     commands = [*earlier, args.command_line]
     if distributed.is_writer():
-        runs.create(out, command, replace=args.overwrite)
+        root.create(replace=args.overwrite)
         write_json(out / SEEDS, {"seeds": seeds, "commands": commands})
     for seed in seeds:
         folder = out / f"seed-{seed}"
@@ -119,7 +120,7 @@ def summarise(out: Path, seeds: list, commands: list) -> dict:
             for k, v in readings.items():
                 groups.setdefault(label, {}).setdefault(k, []).append(v)
     stats = {label: {k: mean_sd(v) for k, v in readings.items()} for label, readings in groups.items()}
-    return {"experiment": runs.marker(out).get("experiment"), "seeds": seeds, "commands": commands,
+    return {"experiment": runs.RunFolder(out).marker.get("experiment"), "seeds": seeds, "commands": commands,
             "per_seed": per_seed, "mean_sd": stats, "last_mean_epochs": last}
 
 

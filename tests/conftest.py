@@ -11,7 +11,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The CPU's XLA flags, as a command running on the CPU adds them at its start (`cifarjax.cpu.process`).
-from cifarjax.cpu.xla_flags import add_cpu_flags  # noqa: E402
+from cifarjax.cpu.process import add_cpu_flags  # noqa: E402
 
 add_cpu_flags()
 from cifarjax.checkpoint import quiet_orbax  # noqa: E402 - and orbax quieted, as a command does at its start
@@ -78,8 +78,8 @@ def _release_compiled_programs():
 
     import jax
 
-    from cifarjax import features, models, train
-    for cached in (train._pmapped_train, train._pmapped_eval, features._extractor, models._jitted_init):
+    from cifarjax import inputs, models, train
+    for cached in (train._pmapped_train, train._pmapped_eval, inputs._extractor, models._jitted_init):
         cached.cache_clear()
     jax.clear_caches()
     gc.collect()

@@ -100,12 +100,12 @@ def tree_bytes(folder: Path) -> dict:
 
 def skip_unless_measured_xla_cpu(what: str) -> None:
     """Skip the calling test, with its reason, where XLA's CPU compiler is not the one its expectation was measured
-    on (jaxlib 0.10 on x86-64, cifarjax.cpu.xla_flags.MEASURED_JAXLIB): `what` it checks (fusion choices, buffer
+    on (jaxlib 0.10 on x86-64, cifarjax.cpu.process.MEASURED_JAXLIB): `what` it checks (fusion choices, buffer
     sizes from `memory_analysis()`) is that compiler's behaviour, not cifarjax's arithmetic."""
     import platform
 
     import jaxlib
-    from cifarjax.cpu.xla_flags import MEASURED_JAXLIB
+    from cifarjax.cpu.process import MEASURED_JAXLIB
     here = []
     if not jaxlib.__version__.startswith(MEASURED_JAXLIB):
         here.append(f"jaxlib {jaxlib.__version__}")

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from cifarjax.augment import (IMAGENET_MEAN, AugmentSpec, HostAugment, augment, crop, draw_choices, eval_view, flip,
-                              normalization_stats)
+                              with_normalization)
+from cifarjax.config import Config
 
 
 @pytest.fixture
@@ -58,21 +59,22 @@ def test_resize_and_imagenet_normalisation(images):
 
 
 def test_dataset_normalisation_stats(images):
-    mean, std = normalization_stats("dataset", images)
+    config = with_normalization(Config(normalize="dataset"), images)
+    mean, std = config.norm_mean, config.norm_std
     np.testing.assert_allclose(mean, images.reshape(-1, 3).mean(0) / 255, rtol=1e-6)  # float64 sums, two orders
     np.testing.assert_allclose(std, images.reshape(-1, 3).std(0) / 255, rtol=1e-6)
-    assert normalization_stats("none") == (None, None)
+    assert with_normalization(Config(), images).norm_mean is None  # --normalize none
 
 
 def test_albumentations_pipeline_default_is_the_originals(images):
     """The host flips uint8 images at their decoded size; the device scales and resizes them (the original's
     Resize and ToFloat(255)): 1 byte per decoded pixel crosses to the device, not 4 per resized one."""
     aug = HostAugment(seed=0)
-    out = aug(images[:2][None])
+    out = aug(images[:2][None], 0)
     assert out.shape == (1, 2, 32, 32, 3) and out.dtype == np.uint8
     for o, im in zip(out[0], images[:2]):
         assert np.array_equal(o, im) or np.array_equal(o, im[:, ::-1])
-    again = HostAugment(seed=0)(images[:2][None])
+    again = HostAugment(seed=0)(images[:2][None], 0)
     np.testing.assert_array_equal(out, again)
     view = eval_view(out[0], AugmentSpec(img_size=224))
     assert view.shape == (2, 224, 224, 3) and view.dtype == jnp.float32

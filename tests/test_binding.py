@@ -12,7 +12,7 @@ import pytest
 from cifarjax.checkpoint import load_variables
 from cifarjax.data import fingerprint, load_dataset
 from cifarjax.errors import UserError
-from cifarjax.pretrained import (IMAGENET_DESCRIPTION, IMAGENET_SHA256, Weights, describe_weights, load_weights,
+from cifarjax.pretrained import (IMAGENET_DESCRIPTION, IMAGENET_SHA256, Weights, load_weights,
                                  resnet18_from_torchvision)
 from experiments import cnn, evaluate, finetune, study
 from tests.helpers import fails, make_image_folder, randomized_torchvision_resnet18
@@ -28,11 +28,11 @@ def save_resnet(path, seed=3, transform=None):
 # ------------------------------------------------------------------------------------------------ weights
 
 def test_imagenet_weights_are_recognised_by_their_sha256_only():
-    assert describe_weights("x.pth", IMAGENET_SHA256) == IMAGENET_DESCRIPTION == \
+    assert Weights("x.pth", IMAGENET_SHA256).description == IMAGENET_DESCRIPTION == \
         "ImageNet weights (torchvision IMAGENET1K_V1, verified)"
-    other = describe_weights("/w/resnet18-f37072fd.pth", "f37072fd" + "0" * 56)  # the name's prefix is not enough
+    other = Weights("/w/resnet18-f37072fd.pth", "f37072fd" + "0" * 56).description  # the name's prefix is not enough
     assert "not torchvision's published ImageNet weights" in other and "/w/resnet18-f37072fd.pth" in other
-    assert describe_weights("random") == "random initialisation, no pretraining"
+    assert Weights("random").description == "random initialisation, no pretraining"
     assert Weights("x.pth", IMAGENET_SHA256).imagenet and not Weights("random").pretrained
 
 

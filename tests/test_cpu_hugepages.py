@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cifarjax.cpu import hugepages
+from cifarjax.cpu import process as hugepages
 
 GLIBC = "glibc 2.36"
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,9 +43,9 @@ def probe_package(folder: Path) -> Path:
     """A package whose import relaunches as `experiments` does, and a module that reports its process."""
     (folder / "probe").mkdir()
     (folder / "probe" / "__init__.py").write_text(
-        "print('started', flush=True)\nfrom cifarjax.cpu.hugepages import relaunch_command\nrelaunch_command(__name__)\n")
+        "print('started', flush=True)\nfrom cifarjax.cpu.process import relaunch_command\nrelaunch_command(__name__)\n")
     (folder / "probe" / "show.py").write_text(
-        "import os, sys\nfrom cifarjax.cpu import hugepages\nprint(os.getpid(), sys.argv[1:], hugepages.in_effect())\n")
+        "import os, sys\nfrom cifarjax.cpu import process\nprint(os.getpid(), sys.argv[1:], process.in_effect())\n")
     return folder
 
 

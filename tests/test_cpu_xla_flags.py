@@ -3,7 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cifarjax.cpu.xla_flags import CPU_FLAGS, add_cpu_flags
+from cifarjax.cpu.process import CPU_FLAGS, add_cpu_flags
 from tests.helpers import skip_unless_measured_xla_cpu, temporary_bytes
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type"
@@ -39,13 +39,13 @@ def test_the_cpu_flags_give_convolutions_to_xla_not_ynnpack():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     root = Path(__file__).resolve().parents[1]
     runs = [subprocess.run([sys.executable, "-c", prefix + program], capture_output=True, text=True, env=env, cwd=root)
-            for prefix in ("from cifarjax.cpu.xla_flags import add_cpu_flags\nadd_cpu_flags()\n", "import cifarjax\n")]
+            for prefix in ("from cifarjax.cpu.process import add_cpu_flags\nadd_cpu_flags()\n", "import cifarjax\n")]
     assert [r.stdout.strip() for r in runs] == ["xla", "ynnpack"], [r.stderr[-500:] for r in runs]
 
 
 def test_the_memory_schedule_is_for_runs_that_train_all_of_a_resnet():
     from cifarjax.config import Config
-    from cifarjax.cpu.xla_flags import memory_schedule_pays
+    from cifarjax.cpu.process import memory_schedule_pays
     resnet = dict(model="resnet18")
     assert memory_schedule_pays(Config(**resnet, unfreeze="all"))
     assert not memory_schedule_pays(Config(**resnet, unfreeze="layer4"))
@@ -57,7 +57,7 @@ def test_the_memory_schedule_is_for_runs_that_train_all_of_a_resnet():
 def test_the_schedule_is_left_alone_once_the_backend_started_and_read_back_as_xla_would():
     import jax
     from cifarjax.config import Config
-    from cifarjax.cpu.xla_flags import MEMORY_SCHEDULE, scheduler, schedule_for
+    from cifarjax.cpu.process import MEMORY_SCHEDULE, scheduler, schedule_for
     jax.devices()  # started: XLA has read its flags, so adding one would only mislead
     environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     assert schedule_for(Config(model="resnet18", unfreeze="all"), environ) == "default"
@@ -77,7 +77,7 @@ def test_the_memory_schedule_needs_less_memory_and_changes_no_arithmetic():
     import jax.numpy as jnp
     import numpy as np
     from cifarjax.models import ResNet, formulations_for
-    from cifarjax.cpu.xla_flags import MEMORY_SCHEDULE
+    from cifarjax.cpu.process import MEMORY_SCHEDULE
     model = ResNet(10, stage_sizes=(1, 1, 1, 1), formulations=formulations_for("xla", "cpu"))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 32, 32, 3)), jnp.float32)
     variables = model.init(jax.random.PRNGKey(0), x[:1], train=False)

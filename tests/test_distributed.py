@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cifarjax import runs
-from cifarjax.cpu import hugepages
+from cifarjax.cpu import process as hugepages
 from cifarjax.checkpoint import load_variables
 from experiments import cnn
 from tests.helpers import make_image_folder, start_module

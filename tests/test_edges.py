@@ -79,7 +79,7 @@ def test_a_file_given_as_the_run_is_named_as_a_file(tmp_path):
 
 def test_resume_of_a_missing_folder_says_what_to_do(tmp_path):
     with pytest.raises(UserError, match="empty or missing; check the path, or leave out --resume"):
-        runs.check_out(tmp_path / "missing", "cnn", resume=True)
+        runs.RunFolder.check(tmp_path / "missing", "cnn", resume=True)
 
 
 def test_no_data_dir_and_no_torchvision_names_data_dir(tmp_path, monkeypatch):
@@ -142,7 +142,7 @@ def test_huge_pages_relaunch_only_a_script_run_from_the_shell(tmp_path):
     """tune_process relaunches what started the process: the script itself, never pytest or runpy running it."""
     import subprocess
     script = tmp_path / "script.py"
-    script.write_text("import sys\nfrom cifarjax.cpu.hugepages import _runs_the_main_script\n"
+    script.write_text("import sys\nfrom cifarjax.cpu.process import _runs_the_main_script\n"
                       "print(_runs_the_main_script(sys.orig_argv))\n")
     runs_it = [[sys.executable, str(script)], [sys.executable, "-m", "script"],
                [sys.executable, "-c", f"import runpy; runpy.run_path({str(script)!r}, run_name='__main__')"]]

@@ -82,7 +82,7 @@ def save_random_resnet(path):
 def test_features_are_cached_only_where_the_backbone_is_a_fixed_function():
     """The frozen-bn recipe caches its backbone's features; what trains a part of the backbone or its BatchNorm
     (the original), or augments beyond flips, does not."""
-    from cifarjax.features import cacheable
+    from cifarjax.inputs import cacheable
     from cifarjax.recipes import recipe_config
     assert cacheable(recipe_config("finetune", "frozen-bn")) and not cacheable(recipe_config("finetune"))
     for changes in ({"unfreeze": "layer4"}, {"unfreeze": "all"}, {"crop_padding": 2}, {"cutout": 8},
@@ -232,12 +232,12 @@ def test_resume_continues_and_refuses_changed_settings(data_dir, tmp_path, capsy
 
 @pytest.mark.parametrize("unfreeze, scheduler", [("all", "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"), ("head", "default")])
 def test_a_fresh_fine_tune_asks_for_its_schedule_before_the_backend_starts(data_dir, tmp_path, unfreeze, scheduler):
-    """The run's settings decide XLA's schedule (`cifarjax.cpu.xla_flags`) before anything starts JAX's backend,
+    """The run's settings decide XLA's schedule (`cifarjax.cpu.process`) before anything starts JAX's backend,
     which reads its flags once. The start is cut short where the data loads."""
     program = ("import sys, experiments.common as common\n"
-               "from cifarjax.cpu import xla_flags\n"
+               "from cifarjax.cpu import process\n"
                "def stop(*args, **kwargs):\n"
-               "    print('scheduler', xla_flags.scheduler()); raise SystemExit(0)\n"
+               "    print('scheduler', process.scheduler()); raise SystemExit(0)\n"
                "common.load_dataset = stop\n"
                "from experiments import finetune\n"
                "finetune.main(sys.argv[1:])\n")

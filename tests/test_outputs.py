@@ -79,7 +79,7 @@ def test_evaluate_picks_validation_when_the_data_has_no_test_split(two_runs, tmp
     dataset = load_dataset(str(train_only))
     split, name = evaluate.choose_split(dataset, Config(), "auto", train_only)
     assert name == "val" and len(split) == 12  # the seeded 20% of 3 classes x 20 images
-    # Other data's validation split is not the run's: evaluate refuses it, naming what differs (cifarjax.binding).
+    # Other data's validation split is not the run's: evaluate refuses it, naming what differs (runs.check_data).
     with pytest.raises(SystemExit):
         evaluate.main([str(two_runs[0] / "a"), "--data-dir", str(train_only), "--json"])
     assert "differs from the run's" in capsys.readouterr().err

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from cifarjax import target
-from cifarjax.cpu import process, xla_flags
+from cifarjax.cpu import process
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ("cifarjax", "experiments", "experiments.common", "experiments.cnn", "experiments.finetune",
            "experiments.evaluate", "experiments.study", "experiments.compare", "cifarjax.loop", "cifarjax.cpu.conv",
-           "cifarjax.cpu.process", "cifarjax.cpu.hugepages", "cifarjax.cpu.xla_flags")
+           "cifarjax.cpu.process")
 
 
 def test_importing_the_packages_changes_no_environment_variable_and_runs_once():
@@ -91,7 +91,7 @@ def test_the_cpu_settings_apply_only_where_the_run_executes_on_the_cpu():
     cpu = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     assert process.tune(environ=cpu)  # started by pytest, not as a command: no relaunch
     applied = process.applied(cpu)
-    added = [f"--{k}={v}" for k, v in xla_flags.CPU_FLAGS.items()]
+    added = [f"--{k}={v}" for k, v in process.CPU_FLAGS.items()]
     if added[0] in cpu["XLA_FLAGS"]:  # jaxlib versions the flags were measured on
         assert applied["xla_flags"] == added
     assert applied["xla_cpu_scheduler"] == "default" and applied["malloc_trim"] in (True, False)

@@ -18,7 +18,7 @@ from tests.helpers import ROOT, cnn_args, fails, make_image_folder, run_module, 
 
 def fake_run(folder, experiment="cnn"):
     """A marked run folder with cifarjax's files and a user's note."""
-    runs.create(folder, experiment)
+    runs.RunFolder(folder, experiment).create()
     (folder / runs.CONFIG).write_text("{}")
     (folder / runs.METRICS).write_text('{"step": 1}\n')
     return folder
@@ -138,11 +138,9 @@ def test_symlink_loop_and_unreadable_folders_are_one_line(tmp_path, capsys, monk
 
 
 def test_full_disk_under_out_names_the_path(tmp_path, data_dir, capsys, monkeypatch):
-    from cifarjax import files
-
     def full(path, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
-    monkeypatch.setattr(files, "write_text", full)
+    monkeypatch.setattr(runs, "write_text", full)
     message = fails(cnn.main, cnn_args(data_dir, tmp_path / "run"), capsys)
     assert "No space left on device" in message and str(tmp_path / "run") in message and "disk is full" in message
 
@@ -202,4 +200,4 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path, data_dir):
 
 def test_one_line_for_a_user_error_from_the_library():
     with pytest.raises(UserError, match="--overwrite and --resume contradict"):
-        runs.check_out("x", "cnn", overwrite=True, resume=True)
+        runs.RunFolder.check("x", "cnn", overwrite=True, resume=True)

@@ -12,8 +12,7 @@ from cifarjax.config import Config
 from cifarjax.data import Split, train_indices
 from cifarjax.errors import UserError
 from cifarjax.freezing import Freezing
-from cifarjax.inputs import FeatureInputs, HostAugmentedInputs, ImageInputs
-from cifarjax.features import backbone_features, cacheable
+from cifarjax.inputs import FeatureInputs, HostAugmentedInputs, ImageInputs, backbone_features, cacheable
 from cifarjax.loop import HostAugmentFeed, NonFiniteLossError, fit, train_loop
 from cifarjax.schedule import CHEAP_STEPS_PER_CALL, Call, steps_per_call
 from cifarjax.models import AXIS, Apply, ResNet, ResNet18, SimpleCNN, initialize

@@ -56,14 +56,14 @@ def test_overwrite_removes_exactly_the_files_cifarjax_wrote(finished, tmp_path, 
 def test_a_manifest_never_reaches_outside_its_run(tmp_path):
     outside = tmp_path / "precious.txt"
     outside.write_text("mine")
-    run = runs.create(tmp_path / "run", "cnn")
+    run = runs.RunFolder(tmp_path / "run", "cnn").create().path
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "x.png").write_text("mine")
     (run / "plots").rmdir()
     (run / "plots").symlink_to(tmp_path / "mine")  # a user's link where cifarjax's folder was
     (run / runs.MANIFEST).write_text(f"../precious.txt\n{outside}\nconfig.json\nplots/x.png\n")
     (run / runs.CONFIG).write_text("{}")
-    runs.remove_run_files(run)
+    runs.RunFolder(run).remove_own_files()
     assert outside.read_text() == "mine" and not (run / runs.CONFIG).exists()
     assert (tmp_path / "mine" / "x.png").read_text() == "mine"
 
@@ -337,15 +337,15 @@ def test_a_data_dir_symlink_loop_is_reported_as_a_loop(tmp_path, capsys):
 def test_a_full_disk_while_appending_metrics_names_the_file_and_the_run_resumes(data_dir, tmp_path, capsys,
                                                                                monkeypatch):
     import errno
-    append = runs.append_metrics
+    append = runs.RunFolder.append_metrics
 
-    def full_at_the_second(run, record):
+    def full_at_the_second(folder, record):
         if record["epoch"] > 1:
-            with open(run / runs.METRICS, "a") as f:
+            with open(folder.path / runs.METRICS, "a") as f:
                 f.write('{"step": ')  # what a full disk leaves: a cut line
-            raise OSError(errno.ENOSPC, "No space left on device", str(run / runs.METRICS))
-        append(run, record)
-    monkeypatch.setattr(runs, "append_metrics", full_at_the_second)
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder.path / runs.METRICS))
+        append(folder, record)
+    monkeypatch.setattr(runs.RunFolder, "append_metrics", full_at_the_second)
     out = tmp_path / "run"
     message = fails(cnn.main, cnn_args(data_dir, out, "--epochs", "2", "--checkpoint-seconds", "0"), capsys)
     assert "No space left on device" in message and str(out / runs.METRICS) in message
@@ -461,7 +461,7 @@ def test_evaluate_and_compare_never_write_over_a_users_file(finished, tmp_path, 
     compare.main([str(out)])
     assert (out / "plots" / "comparison.png").read_bytes() == b"my picture"
     assert f"plot: {out / 'plots' / 'comparison-2.png'}" in capsys.readouterr().out
-    manifest = runs.read_manifest(out)
+    manifest = runs.RunFolder(out).manifest()
     assert "plots/comparison-2.png" in manifest and "plots/confusion_matrix_test-2.png" in manifest
     assert "plots/comparison.png" not in manifest and "plots/confusion_matrix_test.png" not in manifest
     # One rule for the default plot and --out: an existing plot only with --overwrite, a user's file never.
@@ -709,7 +709,7 @@ def test_a_run_folder_is_marked_before_anything_is_made_in_it(tmp_path, monkeypa
     import types
     monkeypatch.setattr(runs, "cifarjax", types.ModuleType("cifarjax"))  # a namespace package has no __version__
     with pytest.raises(AttributeError):
-        runs.create(tmp_path / "run", "cnn")
+        runs.RunFolder(tmp_path / "run", "cnn").create()
     assert not (tmp_path / "run").exists()  # no unmarked plots/ that the correct rerun would refuse
 
 

@@ -13,10 +13,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cifarjax.cpu.fusion import apart, materialize
+from cifarjax.cpu.fusion import apart, materialize, with_backward
 from cifarjax.ops import interleave, torch_uniform, xla_conv
 
 LARGE_MAP = 8  # from this width XLA's forward beats im2col (1.0-4.6x); on 2x2 maps it is far slower
+FEW_CHANNELS = 4  # up to this many input channels (images) XLA's kernel gradient beats im2col's (the stem: 2.2x)
+F4_FROM = 14  # map width from which `conv3x3_same` uses F(4x4) tiles (below, F(2x2): half the rounding error)
+F4_FROM_INFERENCE = 8  # the same where no train-mode BatchNorm amplifies F(4x4)'s rounding
+XLA_FORWARD_WIDTHS = range(8, 14)  # undifferentiated 3x3 'same' convolutions of these widths run XLA's forward
 
 
 def _reached_taps(size: int, k: int, strides: int, padding: int) -> range:
@@ -41,18 +45,8 @@ def _im2col_conv(x, kernel, strides: int, padding: int):
     return (patches.reshape(n * ho * wo, len(rows) * len(cols) * cin) @ taps).reshape(n, ho, wo, cout)
 
 
-FEW_CHANNELS = 4  # up to this many input channels (images) XLA's kernel gradient beats im2col's (the stem: 2.2x)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def xla_forward_im2col_backward(x, kernel, strides: int, padding: int):
-    """XLA's convolution (fast forward on large maps) differentiated through im2col (XLA's CPU backward is slow),
-    but for the kernel gradient of inputs with at most `FEW_CHANNELS` channels."""
-    return xla_conv(x, kernel, strides, padding)
-
-
-def _xla_im2col_bwd(strides, padding, residuals, dy):
-    x, kernel = residuals
+def _xla_im2col_bwd(strides, padding, inputs, dy):
+    x, kernel = inputs
     if x.shape[-1] > FEW_CHANNELS:
         return jax.vjp(lambda x, k: _im2col_conv(x, k, strides, padding), x, kernel)[1](dy)
     dx, = jax.vjp(lambda x: _im2col_conv(x, kernel, strides, padding), x)[1](dy)
@@ -60,8 +54,11 @@ def _xla_im2col_bwd(strides, padding, residuals, dy):
     return dx, dkernel
 
 
-xla_forward_im2col_backward.defvjp(lambda x, k, strides, padding: (xla_conv(x, k, strides, padding), (x, k)),
-                                   _xla_im2col_bwd)
+@with_backward(_xla_im2col_bwd, nondiff_argnums=(2, 3))
+def xla_forward_im2col_backward(x, kernel, strides: int, padding: int):
+    """XLA's convolution (fast forward on large maps) differentiated through im2col (XLA's CPU backward is slow),
+    but for the kernel gradient of inputs with at most `FEW_CHANNELS` channels."""
+    return xla_conv(x, kernel, strides, padding)
 
 
 def conv2d(x, kernel, strides: int = 1, padding: int = 0, impl: str = "winograd", inference: bool = False):
@@ -88,18 +85,15 @@ def conv_phases(x, kernel, pool: int):
             for p in range(pool) for q in range(pool)}
 
 
-@jax.custom_vjp
+def _maximum_of_bwd(xs, g):
+    out = reduce(jnp.maximum, xs)  # recomputed: compiled, as many maximum ops and fusions as when kept
+    return tuple(jnp.where(x == out, g, jnp.zeros_like(g)) for x in xs)
+
+
+@with_backward(_maximum_of_bwd)
 def maximum_of(*xs):
     """Elementwise maximum whose gradient goes to every input equal to it (after a ReLU ties are zeros)."""
     return reduce(jnp.maximum, xs)
-
-
-def _maximum_of_fwd(*xs):
-    out = maximum_of(*xs)
-    return out, (xs, out)
-
-
-maximum_of.defvjp(_maximum_of_fwd, lambda res, g: tuple(jnp.where(x == res[1], g, jnp.zeros_like(g)) for x in res[0]))
 
 # Winograd F(m x m, 3x3) (Lavin & Gray 2016), (B^T, G, A^T): out_tile = A^T [(G k G^T) * (B^T d B)] A over
 # (m+2)x(m+2) input tiles d at stride m. Exact in float64; float32 computations round them.
@@ -117,16 +111,10 @@ WINOGRAD = {
 
 def _combine(matrix, xs):
     """[sum_j matrix[i, j] * xs[j] for each row i], skipping zeros and multiplications by +-1."""
-    out = []
-    for row in np.asarray(matrix):
-        acc = None
-        for c, x in zip(row.tolist(), xs):
-            if c == 0:
-                continue
-            term = x if abs(c) == 1 else abs(c) * x
-            acc = (term if c > 0 else -term) if acc is None else (acc + term if c > 0 else acc - term)
-        out.append(acc)
-    return out
+    def row_sum(row):
+        (c, x), *rest = [(c, x if abs(c) == 1 else abs(c) * x) for c, x in zip(row.tolist(), xs) if c != 0]
+        return reduce(lambda acc, term: acc + term[1] if term[0] > 0 else acc - term[1], rest, x if c > 0 else -x)
+    return [row_sum(row) for row in np.asarray(matrix)]
 
 
 def _sandwich(matrix, grid, keep_first_pass: bool = False):
@@ -137,21 +125,8 @@ def _sandwich(matrix, grid, keep_first_pass: bool = False):
     return [[col[i] for col in cols] for i in range(len(cols[0]))]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def winograd_input_tiles(x, m: int, th: int, tw: int):
-    """B^T d B for the th x tw grid of (m+2)x(m+2) input tiles at stride m, as nested lists of (n, th, tw, c).
-
-    `d B` is kept in memory first (fused, each tile re-read up to 16 slices: 1.2x slower); the gradient
-    overlap-adds per input phase instead of transposing (m+2)^2 strided slices."""
-    t, bt = m + 2, WINOGRAD[m][0]
-    db = materialize(_combine(bt, [x[:, :, b:b + m * (tw - 1) + 1:m, :] for b in range(t)]))  # db[j]: (n, H, tw, c)
-    columns = [_combine(bt, [col[:, a:a + m * (th - 1) + 1:m] for a in range(t)]) for col in db]
-    return [[col[i] for col in columns] for i in range(t)]
-
-
-def _winograd_input_bwd(m, th, tw, shape, dv):
-    n, h, w, c = shape
-    t = m + 2
+def _winograd_input_bwd(m, th, tw, inputs, dv):
+    (n, h, w, c), t = inputs[0].shape, m + 2
     dd = materialize(_sandwich(WINOGRAD[m][0].T, dv))
 
     def shifted(a, down, right):  # one tile larger, shifted by (down, right) tiles
@@ -165,14 +140,15 @@ def _winograd_input_bwd(m, th, tw, shape, dv):
     return (dx[:, :h, :w, :],)
 
 
-winograd_input_tiles.defvjp(lambda x, m, th, tw: (winograd_input_tiles(x, m, th, tw), x.shape), _winograd_input_bwd)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(1,))
-def winograd_kernel(kernel, m: int):
-    """G k G^T as nested lists of (cin, cout) arrays; the gradient is assembled once (autodiff would pad nine
-    taps to the kernel's size inside every consumer)."""
-    return _sandwich(WINOGRAD[m][1], [[kernel[i, j] for j in range(3)] for i in range(3)])
+@with_backward(_winograd_input_bwd, nondiff_argnums=(1, 2, 3))
+def winograd_input_tiles(x, m: int, th: int, tw: int):
+    """B^T d B for the th x tw grid of (m+2)x(m+2) input tiles at stride m, as nested lists of (n, th, tw, c); the
+    gradient overlap-adds per input phase instead of transposing (m+2)^2 strided slices."""
+    t, bt = m + 2, WINOGRAD[m][0]
+    # `d B` (db[j]: (n, H, tw, c)) kept in memory first: fused, each tile re-read up to 16 slices was 1.2x slower
+    db = materialize(_combine(bt, [x[:, :, b:b + m * (tw - 1) + 1:m, :] for b in range(t)]))
+    columns = [_combine(bt, [col[:, a:a + m * (th - 1) + 1:m] for a in range(t)]) for col in db]
+    return [[col[i] for col in columns] for i in range(t)]
 
 
 def _winograd_kernel_bwd(m, _, du):
@@ -180,7 +156,11 @@ def _winograd_kernel_bwd(m, _, du):
     return (materialize(jnp.stack([jnp.stack(row) for row in taps])),)
 
 
-winograd_kernel.defvjp(lambda kernel, m: (winograd_kernel(kernel, m), None), _winograd_kernel_bwd)
+@with_backward(_winograd_kernel_bwd, nondiff_argnums=(1,))
+def winograd_kernel(kernel, m: int):
+    """G k G^T as nested lists of (cin, cout) arrays; the gradient is assembled once (autodiff would pad nine
+    taps to the kernel's size inside every consumer)."""
+    return _sandwich(WINOGRAD[m][1], [[kernel[i, j] for j in range(3)] for i in range(3)])
 
 
 def _tile_products(v, u):
@@ -190,51 +170,33 @@ def _tile_products(v, u):
             for vrow, urow in zip(v, u)]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _winograd_products_bwd(m, th, tw, inputs, dp):
+    x, u = inputs
+    # recomputed, not the forward's kept alive; x's first element is padding, which XLA folds, dp's is data
+    v = apart(lambda x: winograd_input_tiles(x, m, th, tw), x, witness=dp)
+    dv, du = jax.vjp(_tile_products, v, u)[1](dp)
+    return _winograd_input_bwd(m, th, tw, (x,), dv)[0], du
+
+
+@with_backward(_winograd_products_bwd, nondiff_argnums=(2, 3, 4))
 def winograd_products(x, u, m: int, th: int, tw: int):
     """`_tile_products` of x's input tiles and u whose gradient recomputes the tiles from x (F(4x4)'s are 2.25x
     x's size), bit for bit the same."""
     return _tile_products(winograd_input_tiles(materialize(x), m, th, tw), u)
 
 
-def _winograd_products_bwd(m, th, tw, residuals, dp):
-    x, u = residuals
-    # recomputed, not the forward's kept alive; x's first element is padding, which XLA folds, dp's is data
-    v = apart(lambda x: winograd_input_tiles(x, m, th, tw), x, witness=dp)
-    dv, du = jax.vjp(_tile_products, v, u)[1](dp)
-    return _winograd_input_bwd(m, th, tw, x.shape, dv)[0], du
-
-
-winograd_products.defvjp(lambda x, u, m, th, tw: (winograd_products(x, u, m, th, tw), (x, u)), _winograd_products_bwd)
-
-
 def winograd_phases(x, kernel, m: int, th: int, tw: int, keep_tiles: bool = True):
     """The unpadded 3x3 convolution of th x tw output tiles of m x m by phase: y[i][j] holds outputs (m*t + i,
     m*u + j). `keep_tiles=False` recomputes the input tiles for the gradient."""
-    at = WINOGRAD[m][2]
     u = winograd_kernel(kernel, m)  # G k G^T
-    if keep_tiles:
-        prods = _tile_products(winograd_input_tiles(materialize(x), m, th, tw), u)  # with B^T d B
-    else:
-        prods = winograd_products(x, u, m, th, tw)
+    prods = _tile_products(winograd_input_tiles(materialize(x), m, th, tw), u) if keep_tiles else \
+        winograd_products(x, u, m, th, tw)  # the same products, B^T d B recomputed for the gradient
     # F(4x4)'s outputs each combine up to 25 products, F(2x2)'s 9 (two passes measured slower there)
-    return materialize(_sandwich(at, prods, keep_first_pass=m == 4))
+    return materialize(_sandwich(WINOGRAD[m][2], prods, keep_first_pass=m == 4))
 
 
-@jax.custom_vjp
-def whole_map_conv3x3(x, kernel):
-    """``conv2d(x, kernel, 1, 1)`` of maps at most 2x2: each output one matmul of the flattened map by the taps it
-    reaches; the gradients likewise (the input's by the flipped kernel, the kernel's summed per tap)."""
-    n, h, w, cin = x.shape
-    if h > 2 or w > 2:
-        raise ValueError(f"whole-map convolution is for maps of at most 2x2, got {h}x{w}")
-    outputs = [lax.dot_general(x, kernel[1 - i:1 - i + h, 1 - j:1 - j + w], (((1, 2, 3), (0, 1, 2)), ((), ())))
-               for i in range(h) for j in range(w)]
-    return jnp.stack(outputs, axis=1).reshape(n, h, w, -1)
-
-
-def _whole_map_bwd(residuals, dy):
-    x, kernel = residuals
+def _whole_map_bwd(inputs, dy):
+    x, kernel = inputs
     n, h, w, cin = x.shape
     dx = whole_map_conv3x3(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
     products = (x.reshape(n, h * w * cin).T @ dy.reshape(n, -1)).reshape(h, w, cin, h, w, -1)  # [p, q, :, i, j, :]
@@ -245,11 +207,16 @@ def _whole_map_bwd(residuals, dy):
     return dx, dk
 
 
-whole_map_conv3x3.defvjp(lambda x, kernel: (whole_map_conv3x3(x, kernel), (x, kernel)), _whole_map_bwd)
-
-
-F4_FROM = 14  # map width from which `conv3x3_same` uses F(4x4) tiles (below, F(2x2): half the rounding error)
-F4_FROM_INFERENCE = 8  # the same where no train-mode BatchNorm amplifies F(4x4)'s rounding
+@with_backward(_whole_map_bwd)
+def whole_map_conv3x3(x, kernel):
+    """``conv2d(x, kernel, 1, 1)`` of maps at most 2x2: each output one matmul of the flattened map by the taps it
+    reaches; the gradients likewise (the input's by the flipped kernel, the kernel's summed per tap)."""
+    n, h, w, cin = x.shape
+    if h > 2 or w > 2:
+        raise ValueError(f"whole-map convolution is for maps of at most 2x2, got {h}x{w}")
+    outputs = [lax.dot_general(x, kernel[1 - i:1 - i + h, 1 - j:1 - j + w], (((1, 2, 3), (0, 1, 2)), ((), ())))
+               for i in range(h) for j in range(w)]
+    return jnp.stack(outputs, axis=1).reshape(n, h, w, -1)
 
 
 def conv3x3_same(x, kernel, tile: Optional[int] = None, inference: bool = False):
@@ -262,9 +229,6 @@ def conv3x3_same(x, kernel, tile: Optional[int] = None, inference: bool = False)
     th, tw = -(-h // m), -(-w // m)
     x = jnp.pad(x, ((0, 0), (1, m * th + 1 - h), (1, m * tw + 1 - w), (0, 0)))
     return interleave(winograd_phases(x, kernel, m, th, tw, keep_tiles=m == 2))[:, :h, :w, :]
-
-
-XLA_FORWARD_WIDTHS = range(8, 14)  # undifferentiated 3x3 'same' convolutions of these widths run XLA's forward
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -283,8 +247,7 @@ def conv3x3_maxpool(x, kernel, pool: int, tile: Optional[int] = None):
     tiles pooling keeps, the pool a maximum over output phases. `tile`: F(4x4) where 2x2 such tiles fit, else 2."""
     if pool % 2:
         raise ValueError(f"Winograd pooling needs an even pool, got {pool}")
-    n, h, w, _ = x.shape
-    cout = kernel.shape[-1]
+    (n, h, w, _), cout = x.shape, kernel.shape[-1]
     kept_h, kept_w = (h - 2) // pool * pool, (w - 2) // pool * pool
     big_tiles = kept_h % 4 == 0 and kept_w % 4 == 0 and kept_h * kept_w >= 64 and (pool % 4 == 0 or 4 % pool == 0)
     m = tile or (4 if big_tiles else 2)
@@ -319,5 +282,4 @@ class ConvReluMaxPool(nn.Module):
                 raise ValueError("the Winograd path pools before the ReLU and cannot apply `between`")
             return nn.relu(conv3x3_maxpool(x, kernel, self.pool) + bias)
         between = between or (lambda z, phase: z)
-        phases = conv_phases(x, kernel, self.pool)
-        return maximum_of(*[between(nn.relu(z + bias), phase) for phase, z in phases.items()])
+        return maximum_of(*[between(nn.relu(z + bias), p) for p, z in conv_phases(x, kernel, self.pool).items()])

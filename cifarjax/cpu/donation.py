@@ -7,42 +7,30 @@ from functools import partial
 import jax
 
 
-def _split_params(state, frozen: tuple):
-    """(the state holding only its training parameters, its frozen parameters), both as lists."""
-    leaves = jax.tree.leaves(state.params)
-    return (state.replace(params=[p for p, f in zip(leaves, frozen) if not f]),
-            [p for p, f in zip(leaves, frozen) if f])
-
-
-def _join_params(state, frozen_params, frozen: tuple, treedef):
-    """`_split_params`'s inverse: `treedef` is the parameter tree's structure."""
-    training, kept = iter(state.params), iter(frozen_params)
-    return state.replace(params=jax.tree.unflatten(treedef, [next(kept) if f else next(training) for f in frozen]))
-
-
 def frozen_apart(step, mask, axis_name: str, devices: list, **static):
     """`step` pmap-ed with the parameters `mask` leaves frozen donated (a separate argument) and every parameter
     differentiated (the CPU's recorded numerics), called like the plain step; without a mask nothing is donated."""
     if mask is None:
         return jax.pmap(partial(step, trainable=None, **static), axis_name=axis_name, devices=devices)
-    static["differentiate_frozen"] = True
-    leaves, treedef = jax.tree.leaves(mask), jax.tree.structure(mask)
-    frozen = tuple(not t for t in leaves)
+    frozen, treedef = [not t for t in jax.tree.leaves(mask)], jax.tree.structure(mask)
 
-    def apart(frozen_params, state, *args):
-        new_state, metrics = step(_join_params(state, frozen_params, frozen, treedef), *args, trainable=mask, **static)
-        rest, kept = _split_params(new_state, frozen)
-        return kept, rest, metrics
+    def split(state):  # (its frozen parameters, the state holding only its training parameters), both as lists
+        leaves = jax.tree.leaves(state.params)
+        kept = [p for p, f in zip(leaves, frozen) if f]
+        return kept, state.replace(params=[p for p, f in zip(leaves, frozen) if not f])
+
+    def join(kept, state):  # `split`'s inverse
+        kept, training = iter(kept), iter(state.params)
+        return state.replace(params=jax.tree.unflatten(treedef, [next(kept) if f else next(training) for f in frozen]))
+
+    def apart(kept, state, *args):
+        new_state, metrics = step(join(kept, state), *args, trainable=mask, differentiate_frozen=True, **static)
+        return *split(new_state), metrics
 
     pmapped = jax.pmap(apart, axis_name=axis_name, devices=devices, donate_argnums=(0,))
 
     def call(state, *args):
-        rest, kept = _split_params(state, frozen)
-        kept, rest, metrics = pmapped(kept, rest, *args)
-        return _join_params(rest, kept, frozen, treedef), metrics
-
-    def lower(state, *args):
-        rest, kept = _split_params(state, frozen)
-        return pmapped.lower(kept, rest, *args)
-    call.lower = lower
+        kept, rest, metrics = pmapped(*split(state), *args)
+        return join(kept, rest), metrics
+    call.lower = lambda state, *args: pmapped.lower(*split(state), *args)
     return call

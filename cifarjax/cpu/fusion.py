@@ -1,7 +1,6 @@
-"""What the CPU computes once into memory (XLA's CPU fusion would recompute it inside every consumer): the fusion
-boundary (`materialize`, `apart`), and the formulations that are little else: the linear layer's kernel gradient
-(`dense_transposed_backward`) and the optimizers, optax's bit for bit and with optax's state trees, their new
-moments computed once (`adam`, `adamw`, `sgd`: 1.07-1.09x faster steps)."""
+"""What the CPU computes once into memory, where XLA's CPU fusion would recompute it in every consumer (`materialize`,
+`apart`): the linear layer's kernel gradient and the optimizers' moments (optax's bit for bit, with optax's state
+trees: 1.07-1.09x faster steps); `with_backward`, the custom gradients' decorator."""
 from __future__ import annotations
 
 import jax
@@ -16,28 +15,34 @@ def materialize(tree):
 
 
 def apart(fn, tree, witness=None):
-    """`fn(tree)` inside a conditional (which stops XLA's CPU fusion, where `lax.optimization_barrier` does not):
-    computed into memory, never merged with the same computation elsewhere. The predicate reads `witness`'s first
-    element (default `tree`'s) and must be data; the second branch, unlike in form, runs only on a NaN."""
+    """`fn(tree)` in a conditional (it stops XLA's CPU fusion, `lax.optimization_barrier` does not), never merged with
+    the same work elsewhere; its predicate reads `witness`'s (default `tree`'s) first element; branch 2 runs on NaN."""
     first = jax.tree.leaves(tree if witness is None else witness)[0].ravel()[0]
     return lax.cond(first == first, fn, lambda t: fn(jax.tree.map(lambda v: v + 0, t)), tree)
 
 
-@jax.custom_vjp
-def dense_transposed_backward(x, kernel, bias):
-    """`x @ kernel + bias` whose kernel gradient multiplies a transposed copy of x by the output gradient: XLA's
-    CPU product x^T g ran 1.7-2.3x slower for a 10-class head."""
-    return x @ kernel + bias
+def with_backward(backward, nondiff_argnums: tuple = ()):
+    """Decorator: `jax.custom_vjp` whose forward keeps the differentiable arguments, `backward(*nondiff, them, g)`."""
+    def decorate(fn):
+        wrapped = jax.custom_vjp(fn, nondiff_argnums=nondiff_argnums)
+        kept = lambda args: tuple(a for i, a in enumerate(args) if i not in nondiff_argnums)  # noqa: E731
+        wrapped.defvjp(lambda *args: (fn(*args), kept(args)), backward)
+        return wrapped
+    return decorate
 
 
-def _dense_bwd(residuals, g):
-    x, kernel, bias = residuals
+def _dense_bwd(inputs, g):
+    x, kernel, bias = inputs
     rows_x, rows_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
     dkernel = materialize(rows_x.T) @ rows_g
     return ((g @ kernel.T).astype(x.dtype), dkernel.astype(kernel.dtype), rows_g.sum(0).astype(bias.dtype))
 
 
-dense_transposed_backward.defvjp(lambda x, kernel, bias: (x @ kernel + bias, (x, kernel, bias)), _dense_bwd)
+@with_backward(_dense_bwd)
+def dense_transposed_backward(x, kernel, bias):
+    """`x @ kernel + bias` whose kernel gradient multiplies a transposed copy of x by the output gradient: XLA's
+    CPU product x^T g ran 1.7-2.3x slower for a 10-class head."""
+    return x @ kernel + bias
 
 
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
@@ -58,21 +63,3 @@ def nesterov_momentum(decay: float) -> optax.GradientTransformation:
         trace = materialize(jax.tree.map(lambda g, t: g + decay * t, grads, state.trace))
         return jax.tree.map(lambda g, t: g + decay * t, grads, trace), optax.TraceState(trace=trace)
     return optax.GradientTransformation(optax.trace(decay, nesterov=True).init, update)
-
-
-def adam(learning_rate) -> optax.GradientTransformation:
-    """`optax.adam(learning_rate)`, its moments computed once."""
-    return optax.chain(scale_by_adam(), optax.scale_by_learning_rate(learning_rate))
-
-
-def adamw(learning_rate, weight_decay: float, mask) -> optax.GradientTransformation:
-    """`optax.adamw(learning_rate, weight_decay=weight_decay, mask=mask)`, its moments computed once."""
-    return optax.chain(scale_by_adam(), optax.add_decayed_weights(weight_decay, mask=mask),
-                       optax.scale_by_learning_rate(learning_rate))
-
-
-def sgd(learning_rate, momentum: float, nesterov: bool = True) -> optax.GradientTransformation:
-    """`optax.sgd(learning_rate, momentum, nesterov=True)`, its trace computed once."""
-    if not nesterov:
-        raise ValueError("the CPU's SGD is Nesterov's")
-    return optax.chain(nesterov_momentum(momentum), optax.scale_by_learning_rate(learning_rate))
