@@ -10,8 +10,8 @@ _HOMES = {name: module for module, names in (  # public name -> its module, in d
     ("config", "Config"), ("recipes", "recipe_config RECIPES"), ("data", "load_dataset train_val_split Dataset Split"),
     ("models", "build_model init_variables"), ("pretrained", "imagenet_resnet18"), ("export", "export_torchvision"),
     ("loop", "train_loop fine_tune_loop fit FitResult"), ("inputs", "ImageInputs"), ("augment", "AugmentSpec"),
-    ("cpu.process", "tune_process"), ("seeds", "over_seeds mean_sd"),
-    ("evaluation", "evaluate predict probabilities score format_table"), ("predictor", "load_run Run"),
+    ("cpu.process", "tune_process"), ("records", "over_seeds mean_sd"),
+    ("predictor", "evaluate predict probabilities score format_table load_run Run"),
     ("plots", "plot_training_results plot_runs plot_confusion_matrix plot_sample_predictions"),
     ("study", "fine_tune_study Cell DEFAULT_GRID"), ("errors", "UserError")) for name in names.split()}
 _RENAMED = {"fine_tune_study": "study"}  # `cifarjax.study` names the module, so its one-call function is renamed

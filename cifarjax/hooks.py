@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from cifarjax import distributed, plots, runs
 from cifarjax.errors import warn
-from cifarjax.evaluation import score
 from cifarjax.files import best_effort, write_json
+from cifarjax.predictor import score
 from cifarjax.records import History
 
 

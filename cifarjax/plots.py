@@ -205,15 +205,15 @@ def plot_split(run: Path, name: str, split, predicted: np.ndarray, matrix, class
 
 
 @plt.style.context("seaborn-v0_8-whitegrid")
-def plot_study_effects(cells: Sequence[dict], noise: float, reference: float, baseline: float, path,
-                       title: str) -> Path:
-    """Each cell's change against the baseline, the band of twice the noise, and the SimpleCNN reference as a line."""
+def plot_study_effects(answer: Mapping, path, title: str) -> Path:
+    """The answer's cells' change against the baseline (coloured by verdict), twice the noise, the SimpleCNN line."""
     import seaborn as sns  # only here (see the module's docstring)
 
-    cells = sorted(cells, key=lambda c: -c["effect_points"])
+    cells = sorted((c for c in answer["cells"] if c.get("model") != "simple_cnn"), key=lambda c: -c["effect_points"])
+    reference = next((c["val_accuracy"] for c in answer["cells"] if c.get("model") == "simple_cnn"), None)
+    baseline, noise = next(c for c in cells if c["name"] == "baseline")["val_accuracy"], answer["noise_points"]
     fig, ax = _figure(title, figsize=(9, 0.55 * len(cells) + 2))
-    colours = [PALETTE[2] if c["effect_points"] > 2 * noise else PALETTE[3] if c["effect_points"] < -2 * noise
-               else PALETTE[7] for c in cells]
+    colours = [{"supported": PALETTE[2], "refuted": PALETTE[3]}.get(c.get("verdict"), PALETTE[7]) for c in cells]
     sns.barplot(x=[c["effect_points"] for c in cells], y=[c["name"] for c in cells], hue=[c["name"] for c in cells],
                 palette=colours, legend=False, ax=ax, orient="h")
     ax.axvspan(-2 * noise, 2 * noise, facecolor="0.85", edgecolor="0.45", zorder=0,

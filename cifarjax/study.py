@@ -1,11 +1,10 @@
 """The study of the original's question: why did the fine-tuned ResNet-18 do worse than the small CNN? A grid is
-data, `Cell`s of Config changes to the baseline (the original's setting)::
+data, `Cell`s of Config changes to the baseline (the original's setting), each a resumable run folder in out/cells/::
 
-    grid = DEFAULT_GRID + (Cell("crop", "augmentation", {"crop_padding": 4}),)
-    answer = study("DIR", "imagenet", grid, epochs=5, subset=2000, out="runs/my-study")
+    answer = study("DIR", "imagenet", DEFAULT_GRID + (Cell("crop", "augmentation", {"crop_padding": 4}),), epochs=5)
 
-Each cell is a resumable run folder under out/cells/; cells with a fixed backbone share cached features. study.json
-records from the start the settings every cell shares and the grid; a resume with others is refused, naming them.
+Cells with a fixed backbone share cached features. study.json records from the start the settings every cell shares
+and the grid; a resume with others is refused, naming them.
 """
 from __future__ import annotations
 
@@ -26,12 +25,12 @@ from cifarjax.checkpoint import find_run
 from cifarjax.config import Config
 from cifarjax.data import Dataset, Split, fingerprint, load_dataset, train_val_split
 from cifarjax.errors import UserError, set_interrupt_advice
-from cifarjax.evaluation import evaluate
 from cifarjax.files import write_json, write_text
 from cifarjax.inputs import ImageInputs, backbone_features, cacheable
 from cifarjax.loop import Trainer, fine_tune_loop, train_loop
 from cifarjax.models import Apply, build_model, init_variables
 from cifarjax.phases import Phases
+from cifarjax.predictor import evaluate
 from cifarjax.pretrained import Weights, starting_weights
 from cifarjax.recipes import FrozenChanges, recipe_config
 from cifarjax.text import duration, plural
@@ -245,10 +244,11 @@ def study(data_dir, weights: str = "imagenet", grid: Sequence[Cell] = DEFAULT_GR
     with phases("weights", f"loading weights ({weights})"):
         loaded = starting_weights(base)[1]
     data = fingerprint(dataset)
-    settings = {**{k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(base, k)) for k in SHARED)},
-                "weights_sha256": loaded.sha256, "data_fingerprint": data["sha256"], "data_images": data["images"]}
+    settings = {**{k: getattr(base, k) for k in SHARED}, "weights_sha256": loaded.sha256,
+                "data_fingerprint": data["sha256"], "data_images": data["images"]}
     cells = [{"name": c.name, "hypothesis": c.hypothesis, "changes": dict(c.changes), "model": c.model} for c in grid]
-    planned = json.loads(json.dumps({"cells": cells, "train_reference": train_reference, "combine": combine}))
+    settings, planned = json.loads(json.dumps([settings, {"cells": cells, "train_reference": train_reference,
+                                                          "combine": combine}]))  # as read back: tuples as lists
     if resume:
         cnn_run = check_resume(out, settings, planned, cnn_run)
     reference_run = None if cnn_run is None else str(find_run(cnn_run).resolve())
@@ -299,14 +299,11 @@ def check_resume(out: Path, settings: dict, planned: dict, cnn_run) -> Optional[
         raise UserError(f"--resume with the cells {shown_grid(planned)}; the study in {out} runs "
                         f"{shown_grid(record['grid'])}: resume without --cells (it runs its own), or start a new "
                         "study with another --out")
-    if "cnn_run" not in record:
-        return cnn_run
-    now = None if cnn_run is None else str(find_run(cnn_run).resolve())
-    if cnn_run is not None and now != record["cnn_run"]:
+    if "cnn_run" in record and cnn_run is not None and (now := str(find_run(cnn_run).resolve())) != record["cnn_run"]:
         raise UserError(f"--cnn-run {now} on resume: the study in {out} took its SimpleCNN reference from "
                         f"{record['cnn_run'] or 'a cell it trains itself'}; resume without --cnn-run, or start a new "
                         "study with another --out")
-    return record["cnn_run"]
+    return record.get("cnn_run", cnn_run)
 
 
 def reference_summary(run: Path, base: Config, settings: dict) -> dict:
@@ -345,12 +342,8 @@ def write_outputs(study: Study, answer: dict) -> None:
     """study.json, study.md, and the effects' and the curves' figures."""
     write_json(study.out / STUDY_JSON, answer)
     write_text(study.out / "study.md", markdown(answer))
-    cells = [c for c in answer["cells"] if c.get("model") != "simple_cnn"]
-    reference = next((c["val_accuracy"] for c in answer["cells"] if c.get("model") == "simple_cnn"), None)
     title = f"ResNet-18 fine-tuning study ({answer['weights']})"
-    baseline = next(c for c in cells if c["name"] == "baseline")["val_accuracy"]
-    plots.plot_study_effects(cells, answer["noise_points"], reference, baseline, study.out / runs.PLOTS / "study.png",
-                             title)
+    plots.plot_study_effects(answer, study.out / runs.PLOTS / "study.png", title)
     plots.plot_runs({c["name"]: {"val": c["val_accuracy_per_epoch"]} for c in answer["cells"]},
                     study.out / runs.PLOTS / "study_curves.png", f"Validation accuracy per epoch: {title}")
 

@@ -26,7 +26,7 @@ from cifarjax.config import Config  # noqa: E402
 from cifarjax.cpu import process as cpu_process  # noqa: E402
 from cifarjax.data import Dataset, Split, fingerprint, load_dataset, train_indices, train_val_split  # noqa: E402
 from cifarjax.errors import UserError, set_interrupt_advice  # noqa: E402
-from cifarjax.evaluation import predict, score  # noqa: E402
+from cifarjax.predictor import predict, score  # noqa: E402
 from cifarjax.files import cache_dir  # noqa: E402
 from cifarjax.flags import Parser, add_config_flags, given, new_config, resumed_config  # noqa: E402
 from cifarjax.memory import peak_memory_mb  # noqa: E402

@@ -21,9 +21,8 @@ from cifarjax import plots, runs
 from cifarjax.config import SOURCES, Config
 from cifarjax.data import fingerprint, load_dataset, train_val_split
 from cifarjax.errors import UserError, exit_on_user_error, warn
-from cifarjax.evaluation import evaluate, format_table
 from cifarjax.flags import Parser
-from cifarjax.predictor import load_run
+from cifarjax.predictor import evaluate, format_table, load_run
 
 
 def choose_split(dataset, config: Config, wanted: str, data_dir):

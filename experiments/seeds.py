@@ -13,7 +13,7 @@ from cifarjax import distributed, plots, runs
 from cifarjax.errors import UserError
 from cifarjax.files import write_json
 from cifarjax.loop import History
-from cifarjax.seeds import mean_sd, per_epoch
+from cifarjax.records import mean_sd, per_epoch
 
 SEEDS = "seeds.json"  # OUT's record of its seeds, so that --resume --out OUT continues them all
 READINGS = {"val_accuracy": "validation accuracy", "best_val_accuracy": "best", "last5_mean_val_accuracy":

@@ -49,7 +49,7 @@ def test_a_few_classes_leave_the_confusion_matrix_labels_inside(tmp_path, drawn,
 def test_the_study_figure_states_the_noise_as_study_md_does(tmp_path, drawn):
     cells = [{"name": "baseline", "effect_points": 0.0, "val_accuracy": 0.6},
              {"name": "more", "effect_points": 9.0, "val_accuracy": 0.69}]
-    plots.plot_study_effects(cells, 3.78, None, 0.6, tmp_path / "s.png", "t")
+    plots.plot_study_effects({"cells": cells, "noise_points": 3.78}, tmp_path / "s.png", "t")
     [legend] = [ax.get_legend() for ax in drawn[0].axes if ax.get_legend()]
     [text] = [t.get_text() for t in legend.get_texts()]
     assert "±3.78" in text and "±7.56" in text

@@ -240,8 +240,8 @@ def test_long_titles_are_wrapped_inside_their_figure(tmp_path):
     import unittest.mock
     with unittest.mock.patch.object(plots, "_save", save):
         plots.plot_runs({f"cell{i}": {"val": [0.3, 0.4]} for i in range(9)}, tmp_path / "c.png", title)
-        plots.plot_study_effects([{"name": "baseline", "effect_points": 0.0, "val_accuracy": 0.3}], 1.0, None, 0.3,
-                                 tmp_path / "s.png", title)
+        plots.plot_study_effects({"cells": [{"name": "baseline", "effect_points": 0.0, "val_accuracy": 0.3}],
+                                  "noise_points": 1.0}, tmp_path / "s.png", title)
     assert drawn == [(True, drawn[0][1]), (True, drawn[1][1])] and drawn[0][1] >= 1
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 import cifarjax as cj
 from cifarjax.checkpoint import load_variables
-from cifarjax.evaluation import predict as predicted_classes
+from cifarjax.predictor import predict as predicted_classes
 from experiments import cnn, evaluate, predict
 from tests.helpers import make_image_folder, run_module
 

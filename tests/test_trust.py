@@ -296,7 +296,7 @@ def test_resume_does_not_stretch_a_schedule_over_the_run():
 def test_the_library_checks_its_inputs():
     from cifarjax.config import Config
     from cifarjax.data import Dataset, Split, train_val_split
-    from cifarjax.evaluation import predict, score
+    from cifarjax.predictor import predict, score
     from cifarjax.loop import train_loop
     from tests.test_train import fast, tiny_split
     images, labels = np.zeros((10, 32, 32, 3), np.uint8), np.zeros(10, np.int32)
@@ -591,7 +591,7 @@ def test_config_validate_refuses_wrong_types_naming_the_field(changes, message):
 
 def test_the_public_api_refuses_inputs_it_would_misread(tmp_path):
     from cifarjax.config import Config
-    from cifarjax.evaluation import probabilities
+    from cifarjax.predictor import probabilities
     from cifarjax.plots import plot_confusion_matrix
     from cifarjax.predictor import Run
     images = np.zeros((2, 32, 32, 3), np.float32)
