@@ -1,8 +1,5 @@
-"""Orbax checkpoints of a run: its arrays (variables, optimizer state, step) and JSON metadata (config, history,
-a SHA-256 digest of the arrays). Orbax commits a finished checkpoint atomically; a damaged one (unreadable, or its
-digest differs) is reported and the newest intact one used. A frozen backbone is written once, to the run's
-`frozen_params.npz` (its config.json may name a shared one with its SHA-256), and checkpoints hold what trains.
-"""
+"""A run's orbax checkpoints (what trains, optimizer state, metadata with the arrays' SHA-256: a damaged one is
+reported and the newest intact one used) and its frozen parameters, written once to frozen_params.npz."""
 from __future__ import annotations
 
 import asyncio
@@ -40,21 +37,18 @@ def _drop_orbax_failures(record: logging.LogRecord) -> bool:
     return f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
-class _QuietClosedLoop(asyncio.SelectorEventLoop):
-    """An event loop that drops callbacks arriving after it closed: after a restore fails on a damaged array,
-    tensorstore's reads still in flight would each print an "Event loop is closed" traceback."""
-
-    def call_soon_threadsafe(self, callback, *args, context=None):
-        try:
-            return super().call_soon_threadsafe(callback, *args, context=context)
-        except RuntimeError:
-            if self.is_closed():
-                return None
-            raise
-
-
 class _QuietClosedLoopPolicy(asyncio.DefaultEventLoopPolicy):
-    _loop_factory = _QuietClosedLoop
+    class _loop_factory(asyncio.SelectorEventLoop):  # noqa: N801 - the attribute the policy calls
+        """An event loop that drops callbacks arriving after it closed: after a restore fails on a damaged array,
+        tensorstore's reads still in flight would each print an "Event loop is closed" traceback."""
+
+        def call_soon_threadsafe(self, callback, *args, context=None):
+            try:
+                return super().call_soon_threadsafe(callback, *args, context=context)
+            except RuntimeError:
+                if self.is_closed():
+                    return None
+                raise
 
 
 def quiet_orbax() -> None:
@@ -179,17 +173,12 @@ _WRITE_FIXES = {errno.ENOSPC: ("the disk is full", "free space there"),
 def _why_not_written(error: Exception) -> tuple:
     """(what went wrong, what to do) for a failed write: an OSError, or orbax's and tensorstore's errors, which
     carry it in their text ("[os_error_code='36']", "[OS error: 28]", RESOURCE_EXHAUSTED)."""
-    text = str(error)
-    code = error.errno if isinstance(error, OSError) else None
-    found = re.search(r"(?:os_error_code='|OS error: |\[Errno )(\d+)", text)
-    if code is None and found:
-        code = int(found.group(1))
+    text, found = str(error), re.search(r"(?:os_error_code='|OS error: |\[Errno )(\d+)", str(error))
+    code = (error.errno if isinstance(error, OSError) else None) or (int(found.group(1)) if found else None)
     if code is None and ("RESOURCE_EXHAUSTED" in text or "No space left" in text or "Disk quota" in text):
         code = errno.EDQUOT if "Disk quota" in text else errno.ENOSPC
-    if code in _WRITE_FIXES:
-        return _WRITE_FIXES[code]
     if code:
-        return os.strerror(code), "check that folder"
+        return _WRITE_FIXES.get(code, (os.strerror(code), "check that folder"))
     first = text.strip().splitlines()[0][:200] if text.strip() else ""
     return f"{type(error).__name__}{': ' + first if first else ''}", "check that folder"
 

@@ -104,10 +104,10 @@ def set_interrupt_advice(advice: Optional[str]) -> None:
 
 
 @contextlib.contextmanager
-def _signals_end_the_command():
+def _command_running():
     """While a command runs, SIGTERM ends it as Ctrl-C does (where no one else handles it), and a Ctrl-C or SIGTERM
     that Python would drop (raised in a garbage-collection callback, where JAX frees its buffers, or a finaliser) is
-    delivered again a moment later from another thread, until it lands where it ends the command."""
+    delivered again a moment later from another thread; when it ends, however it ends, `at_command_end` runs."""
     previous_hook, pending = sys.unraisablehook, []  # pending: the signal to deliver again (at most one)
 
     def raise_terminated(*_):
@@ -137,6 +137,8 @@ def _signals_end_the_command():
             signal.signal(signal.SIGTERM, previous)
         sys.unraisablehook = previous_hook
         pending.clear()
+        while at_command_end:
+            at_command_end.pop()()
 
 
 def os_error_message(error: OSError) -> str:
@@ -172,12 +174,8 @@ def exit_on_user_error(main):
     def wrapper(*args, **kwargs):
         set_interrupt_advice(None)
         try:
-            with _signals_end_the_command():
-                try:
-                    return main(*args, **kwargs)
-                finally:
-                    while at_command_end:
-                        at_command_end.pop()()
+            with _command_running():
+                return main(*args, **kwargs)
         except BaseException as error:  # noqa: BLE001 - what `_reported` does not recognise goes on, traceback and all
             failure = _reported(error)
             if failure is None:

@@ -173,7 +173,8 @@ def open_run(s: Start, command: str, config_json: dict) -> None:
     folder. From here a Ctrl-C says how to resume (the training loop adds what its checkpoints hold)."""
     s.commands = s.binding["commands"]
     if distributed.is_writer():
-        s.folder.open({**config_json, **s.binding})
+        s.folder.create(replace=s.folder.overwrite, take_lock=True)
+        runs.write_json(s.run / runs.CONFIG, {**config_json, **s.binding})
     set_interrupt_advice(f"the run folder {s.run} is kept: resume with {resume_hint(command, s.run)}")
     distributed.barrier("run folder created")
     distributed.agree({"run_id": s.folder.marker.get("id")}, f"the run folder {s.run} (it must be the same "
