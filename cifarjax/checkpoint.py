@@ -141,12 +141,10 @@ class Checkpointer:
         target = jax.eval_shape(lambda: self._stored(state))
         restored = restore_newest_intact(self.manager, target, remove_damaged=True)
         v, t = restored.variables, restored.train
-        params = v["params"]
-        if self.trainable is not None:  # frozen parameters from the run's own file, never the caller's
-            params = join_frozen(params, frozen_params(self.run_dir) or split_frozen(state.params, self.trainable)[1])
-        state = state.replace(params=params, batch_stats=v["batch_stats"],
-                              opt_state=t["opt_state"], step=t["step"], key=t["key"],
-                              ema_params=v.get("ema_params"), ema_batch_stats=v.get("ema_batch_stats"))
+        params = v["params"] if self.trainable is None else join_frozen(  # frozen: the run's file's, not the caller's
+            v["params"], frozen_params(self.run_dir) or split_frozen(state.params, self.trainable)[1])
+        state = state.replace(params=params, batch_stats=v["batch_stats"], opt_state=t["opt_state"], step=t["step"],
+                              key=t["key"], ema_params=v.get("ema_params"), ema_batch_stats=v.get("ema_batch_stats"))
         return state, restored.meta
 
     def close(self) -> None:
@@ -218,11 +216,10 @@ def find_run(run_dir) -> Path:
     run_dir = Path(run_dir)
     if (run_dir / CHECKPOINTS).is_dir():
         return run_dir
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{run_dir} is a file, not a run folder; pass the --out folder of a finished run first "
-                        "(for predict: the run, then the images)")
     if not run_dir.is_dir():
-        raise UserError(f"run folder {run_dir} does not exist; pass the --out folder of a finished run")
+        raise UserError(f"{run_dir} is a file, not a run folder; pass the --out folder of a finished run first (for "
+                        "predict: the run, then the images)" if run_dir.exists() else
+                        f"run folder {run_dir} does not exist; pass the --out folder of a finished run")
     subruns = sorted(p for p in run_dir.iterdir() if (p / CHECKPOINTS).is_dir())
     if len(subruns) == 1:
         return subruns[0]
