@@ -176,8 +176,18 @@ def exit_on_user_error(main):
         try:
             with _command_running():
                 return main(*args, **kwargs)
-        except BaseException as error:  # noqa: BLE001 - what `_reported` does not recognise goes on, traceback and all
-            failure = _reported(error)
+        except KeyboardInterrupt as error:
+            how = "terminated (SIGTERM)" if isinstance(error, Terminated) else "interrupted (Ctrl-C)"
+            advice = _interrupt_advice or "no checkpoint was saved, so nothing to resume"
+            failure = Interrupted(f"{how}; {advice}", isinstance(error, Terminated))
+        except UserError as error:
+            failure = error
+        except OSError as error:  # one it has no advice for goes on, traceback and all
+            if error.errno not in _OS_ADVICE:
+                raise
+            failure = UserError(os_error_message(error))
+        except Exception as error:  # noqa: BLE001 - as do the errors no translator recognises
+            failure = next(filter(None, (translate(error) for translate in translators)), None)
             if failure is None:
                 raise
         print(f"error: {failure}", file=sys.stderr, flush=True)
@@ -187,19 +197,6 @@ def exit_on_user_error(main):
         raise SystemExit(failure.exit_code) from None
 
     return wrapper
-
-
-def _reported(error: BaseException) -> Optional[UserError]:
-    """`error` as the UserError a command reports in one line, or None for an error it does not recognise."""
-    if isinstance(error, KeyboardInterrupt):
-        how = "terminated (SIGTERM)" if isinstance(error, Terminated) else "interrupted (Ctrl-C)"
-        advice = _interrupt_advice or "no checkpoint was saved, so nothing to resume"
-        return Interrupted(f"{how}; {advice}", isinstance(error, Terminated))
-    if isinstance(error, OSError):
-        return UserError(os_error_message(error)) if error.errno in _OS_ADVICE else None
-    if isinstance(error, Exception) and not isinstance(error, UserError):
-        return next(filter(None, (translate(error) for translate in translators)), None)
-    return error if isinstance(error, UserError) else None
 
 
 _hard_exit_requested = False
