@@ -1,8 +1,5 @@
-"""Orbax checkpoints of a run: its arrays (variables, optimizer state, step) and JSON metadata (config, history,
-a SHA-256 digest of the arrays). Orbax commits a finished checkpoint atomically; a damaged one (unreadable, or its
-digest differs) is reported and the newest intact one used. A frozen backbone is written once, to the run's
-`frozen_params.npz` (its config.json may name a shared one with its SHA-256), and checkpoints hold what trains.
-"""
+"""A run's orbax checkpoints (what trains, optimizer state, metadata with the arrays' SHA-256: a damaged one is
+reported and the newest intact one used) and its frozen parameters, written once to frozen_params.npz."""
 from __future__ import annotations
 
 import asyncio
@@ -40,21 +37,18 @@ def _drop_orbax_failures(record: logging.LogRecord) -> bool:
     return f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
-class _QuietClosedLoop(asyncio.SelectorEventLoop):
-    """An event loop that drops callbacks arriving after it closed: after a restore fails on a damaged array,
-    tensorstore's reads still in flight would each print an "Event loop is closed" traceback."""
-
-    def call_soon_threadsafe(self, callback, *args, context=None):
-        try:
-            return super().call_soon_threadsafe(callback, *args, context=context)
-        except RuntimeError:
-            if self.is_closed():
-                return None
-            raise
-
-
 class _QuietClosedLoopPolicy(asyncio.DefaultEventLoopPolicy):
-    _loop_factory = _QuietClosedLoop
+    class _loop_factory(asyncio.SelectorEventLoop):  # noqa: N801 - the attribute the policy calls
+        """An event loop that drops callbacks arriving after it closed: after a restore fails on a damaged array,
+        tensorstore's reads still in flight would each print an "Event loop is closed" traceback."""
+
+        def call_soon_threadsafe(self, callback, *args, context=None):
+            try:
+                return super().call_soon_threadsafe(callback, *args, context=context)
+            except RuntimeError:
+                if self.is_closed():
+                    return None
+                raise
 
 
 def quiet_orbax() -> None:
@@ -147,12 +141,10 @@ class Checkpointer:
         target = jax.eval_shape(lambda: self._stored(state))
         restored = restore_newest_intact(self.manager, target, remove_damaged=True)
         v, t = restored.variables, restored.train
-        params = v["params"]
-        if self.trainable is not None:  # frozen parameters from the run's own file, never the caller's
-            params = join_frozen(params, frozen_params(self.run_dir) or split_frozen(state.params, self.trainable)[1])
-        state = state.replace(params=params, batch_stats=v["batch_stats"],
-                              opt_state=t["opt_state"], step=t["step"], key=t["key"],
-                              ema_params=v.get("ema_params"), ema_batch_stats=v.get("ema_batch_stats"))
+        params = v["params"] if self.trainable is None else join_frozen(  # frozen: the run's file's, not the caller's
+            v["params"], frozen_params(self.run_dir) or split_frozen(state.params, self.trainable)[1])
+        state = state.replace(params=params, batch_stats=v["batch_stats"], opt_state=t["opt_state"], step=t["step"],
+                              key=t["key"], ema_params=v.get("ema_params"), ema_batch_stats=v.get("ema_batch_stats"))
         return state, restored.meta
 
     def close(self) -> None:
@@ -179,17 +171,12 @@ _WRITE_FIXES = {errno.ENOSPC: ("the disk is full", "free space there"),
 def _why_not_written(error: Exception) -> tuple:
     """(what went wrong, what to do) for a failed write: an OSError, or orbax's and tensorstore's errors, which
     carry it in their text ("[os_error_code='36']", "[OS error: 28]", RESOURCE_EXHAUSTED)."""
-    text = str(error)
-    code = error.errno if isinstance(error, OSError) else None
-    found = re.search(r"(?:os_error_code='|OS error: |\[Errno )(\d+)", text)
-    if code is None and found:
-        code = int(found.group(1))
+    text, found = str(error), re.search(r"(?:os_error_code='|OS error: |\[Errno )(\d+)", str(error))
+    code = (error.errno if isinstance(error, OSError) else None) or (int(found.group(1)) if found else None)
     if code is None and ("RESOURCE_EXHAUSTED" in text or "No space left" in text or "Disk quota" in text):
         code = errno.EDQUOT if "Disk quota" in text else errno.ENOSPC
-    if code in _WRITE_FIXES:
-        return _WRITE_FIXES[code]
     if code:
-        return os.strerror(code), "check that folder"
+        return _WRITE_FIXES.get(code, (os.strerror(code), "check that folder"))
     first = text.strip().splitlines()[0][:200] if text.strip() else ""
     return f"{type(error).__name__}{': ' + first if first else ''}", "check that folder"
 
@@ -229,11 +216,10 @@ def find_run(run_dir) -> Path:
     run_dir = Path(run_dir)
     if (run_dir / CHECKPOINTS).is_dir():
         return run_dir
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{run_dir} is a file, not a run folder; pass the --out folder of a finished run first "
-                        "(for predict: the run, then the images)")
     if not run_dir.is_dir():
-        raise UserError(f"run folder {run_dir} does not exist; pass the --out folder of a finished run")
+        raise UserError(f"{run_dir} is a file, not a run folder; pass the --out folder of a finished run first (for "
+                        "predict: the run, then the images)" if run_dir.exists() else
+                        f"run folder {run_dir} does not exist; pass the --out folder of a finished run")
     subruns = sorted(p for p in run_dir.iterdir() if (p / CHECKPOINTS).is_dir())
     if len(subruns) == 1:
         return subruns[0]

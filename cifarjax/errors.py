@@ -104,10 +104,10 @@ def set_interrupt_advice(advice: Optional[str]) -> None:
 
 
 @contextlib.contextmanager
-def _signals_end_the_command():
+def _command_running():
     """While a command runs, SIGTERM ends it as Ctrl-C does (where no one else handles it), and a Ctrl-C or SIGTERM
     that Python would drop (raised in a garbage-collection callback, where JAX frees its buffers, or a finaliser) is
-    delivered again a moment later from another thread, until it lands where it ends the command."""
+    delivered again a moment later from another thread; when it ends, however it ends, `at_command_end` runs."""
     previous_hook, pending = sys.unraisablehook, []  # pending: the signal to deliver again (at most one)
 
     def raise_terminated(*_):
@@ -137,6 +137,8 @@ def _signals_end_the_command():
             signal.signal(signal.SIGTERM, previous)
         sys.unraisablehook = previous_hook
         pending.clear()
+        while at_command_end:
+            at_command_end.pop()()
 
 
 def os_error_message(error: OSError) -> str:
@@ -172,14 +174,20 @@ def exit_on_user_error(main):
     def wrapper(*args, **kwargs):
         set_interrupt_advice(None)
         try:
-            with _signals_end_the_command():
-                try:
-                    return main(*args, **kwargs)
-                finally:
-                    while at_command_end:
-                        at_command_end.pop()()
-        except BaseException as error:  # noqa: BLE001 - what `_reported` does not recognise goes on, traceback and all
-            failure = _reported(error)
+            with _command_running():
+                return main(*args, **kwargs)
+        except KeyboardInterrupt as error:
+            how = "terminated (SIGTERM)" if isinstance(error, Terminated) else "interrupted (Ctrl-C)"
+            advice = _interrupt_advice or "no checkpoint was saved, so nothing to resume"
+            failure = Interrupted(f"{how}; {advice}", isinstance(error, Terminated))
+        except UserError as error:
+            failure = error
+        except OSError as error:  # one it has no advice for goes on, traceback and all
+            if error.errno not in _OS_ADVICE:
+                raise
+            failure = UserError(os_error_message(error))
+        except Exception as error:  # noqa: BLE001 - as do the errors no translator recognises
+            failure = next(filter(None, (translate(error) for translate in translators)), None)
             if failure is None:
                 raise
         print(f"error: {failure}", file=sys.stderr, flush=True)
@@ -189,19 +197,6 @@ def exit_on_user_error(main):
         raise SystemExit(failure.exit_code) from None
 
     return wrapper
-
-
-def _reported(error: BaseException) -> Optional[UserError]:
-    """`error` as the UserError a command reports in one line, or None for an error it does not recognise."""
-    if isinstance(error, KeyboardInterrupt):
-        how = "terminated (SIGTERM)" if isinstance(error, Terminated) else "interrupted (Ctrl-C)"
-        advice = _interrupt_advice or "no checkpoint was saved, so nothing to resume"
-        return Interrupted(f"{how}; {advice}", isinstance(error, Terminated))
-    if isinstance(error, OSError):
-        return UserError(os_error_message(error)) if error.errno in _OS_ADVICE else None
-    if isinstance(error, Exception) and not isinstance(error, UserError):
-        return next(filter(None, (translate(error) for translate in translators)), None)
-    return error if isinstance(error, UserError) else None
 
 
 _hard_exit_requested = False

@@ -1,7 +1,5 @@
-"""The run folder (config.json, metrics.jsonl, summary.json, plots/, checkpoints/, tensorboard/, the marker
-`.cifarjax-run`, the manifest `.cifarjax-files` of what cifarjax wrote, `.cifarjax-lock`) and its binding to data,
-weights and commands. A user's file is never touched: `atomic_write` lists its file in the manifest, and --overwrite
-removes only what the manifest lists."""
+"""The run folder (its marker, lock, manifest of what cifarjax wrote, config.json and metrics) and its binding to
+data, weights and commands: --overwrite removes only what the manifest lists, never a user's file."""
 from __future__ import annotations
 
 import atexit
@@ -64,11 +62,9 @@ class RunFolder:
         if resume and not used:
             raise UserError(f"--resume needs an existing run folder, and {run} is empty or missing; check the "
                             "path, or leave out --resume to start a new run there")
-        if resume and not is_run(run):
-            raise UserError(f"{run} is not a cifarjax run folder (it has no {MARKER} marker); pass the --out "
-                            "folder of a run to resume")
-        if used and not resume and not is_run(run):
-            raise UserError(f"{run} {NOT_OURS} or replace it; choose another --out")
+        if used and not is_run(run):
+            raise UserError(f"{run} is not a cifarjax run folder (it has no {MARKER} marker); pass the --out folder "
+                            "of a run to resume" if resume else f"{run} {NOT_OURS} or replace it; choose another --out")
         if used and not resume and not overwrite:
             raise UserError(f"run folder {run} already holds a run; pass --resume to continue it, --overwrite to "
                             "replace it, or choose another --out")
@@ -151,11 +147,6 @@ class RunFolder:
             raise user_error_from_os(error, f"cannot create the run folder {self.path}") from None
         return self
 
-    def open(self, config_json: dict) -> None:
-        """Create (or replace) the folder, locked for this process, and write config.json."""
-        self.create(replace=self.overwrite, take_lock=True)
-        write_json(self.path / CONFIG, config_json)
-
     def lock(self) -> None:
         """Mark the folder as used by this process until it exits (a stale lock is replaced, a live one refused)."""
         _check_unlocked(self.path)
@@ -231,8 +222,7 @@ class RunFolder:
                 with contextlib.suppress(OSError):  # only an empty one goes
                     folder.rmdir()
         for name in (MANIFEST, MARKER):
-            if (run / name).is_file():
-                (run / name).unlink()
+            (run / name).unlink(missing_ok=True)
         kept = sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.name != LOCK and not p.is_dir())
         if kept:
             more = f" and {len(kept) - 5} more" if len(kept) > 5 else ""
@@ -353,11 +343,8 @@ def absolute(path) -> Optional[str]:
 
 def absolute_paths(values: dict) -> dict:
     """Config values with data_dir and a weights file made absolute ('imagenet' and 'random' stay names)."""
-    values = dict(values)
-    for key, names in (("data_dir", ()), ("weights", ("imagenet", "random"))):
-        if values.get(key) not in (None, *names) and str(values[key]).strip():
-            values[key] = absolute(values[key])
-    return values
+    kept = {"data_dir": (None,), "weights": (None, "imagenet", "random")}  # values that name no file
+    return {k: absolute(v) if k in kept and v not in kept[k] and str(v).strip() else v for k, v in values.items()}
 
 
 def check_data(saved: dict, now: dict, data_dir, run,

@@ -47,10 +47,8 @@ def enable_compilation_cache() -> None:
 
 
 def launch(main: Callable[[], None], package: str = "experiments") -> None:
-    """Run a command's `main` as `python -m experiments.NAME` does: first its process-wide settings, which importing
-    a command never changes: albumentations' update check off, the CPU's settings where the run executes on the
-    CPU, before JAX starts its backend (`cifarjax.cpu.process.tune`: it may relaunch the process with huge pages),
-    the compilation cache, and orbax's background noise kept out of the output (`cifarjax.checkpoint.quiet_orbax`)."""
+    """Run a command's `main` after the process-wide settings that importing a command never makes: no update check,
+    the CPU's tuning before JAX starts (it may relaunch the process), the compilation cache, orbax kept quiet."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     cpu_process.tune(package)
     enable_compilation_cache()
@@ -121,11 +119,8 @@ class Start:
 
 
 def start(command: str, args, typed: Optional[dict] = None, **fixed) -> Start:
-    """Initialise the distributed runtime, check the run folder (--out), resolve the configuration (a new run:
-    defaults, recipe, flags; --resume: the run's config.json and the flags that may change) and load the data.
-
-    Nothing is written yet: `open_run` creates the run folder once the start has succeeded.
-    """
+    """Initialise the distributed runtime, check --out, resolve the configuration (new, or the resumed run's with the
+    flags that may change) and load the data; nothing is written until `open_run`."""
     git_commit()  # the code that runs, read before it trains
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
     folder = runs.RunFolder.check(args.out, command, args.overwrite, args.resume)
@@ -168,12 +163,12 @@ def data_fingerprint(train: Split, val: Split) -> dict:
 
 
 def open_run(s: Start, command: str, config_json: dict) -> None:
-    """Create (or replace) the run folder now that the run has started, write config.json (with every command
-    that built the run: the one that started it, then each resume), and check every process sees the same
-    folder. From here a Ctrl-C says how to resume (the training loop adds what its checkpoints hold)."""
+    """Create (or replace) the run folder, write config.json with every command that built the run, and check every
+    process sees the same folder; from here a Ctrl-C says how to resume."""
     s.commands = s.binding["commands"]
     if distributed.is_writer():
-        s.folder.open({**config_json, **s.binding})
+        s.folder.create(replace=s.folder.overwrite, take_lock=True)
+        runs.write_json(s.run / runs.CONFIG, {**config_json, **s.binding})
     set_interrupt_advice(f"the run folder {s.run} is kept: resume with {resume_hint(command, s.run)}")
     distributed.barrier("run folder created")
     distributed.agree({"run_id": s.folder.marker.get("id")}, f"the run folder {s.run} (it must be the same "
