@@ -43,7 +43,7 @@ from cifarjax.cpu.process import trim_after_compiling  # noqa: E402
 from cifarjax.data import load_dataset, train_val_split  # noqa: E402
 from cifarjax.freezing import Freezing  # noqa: E402
 from cifarjax.inputs import FeatureInputs, ImageInputs  # noqa: E402
-from cifarjax.memory import peak_memory_mb  # noqa: E402
+from cifarjax.phases import peak_memory_mb  # noqa: E402
 from cifarjax.models import Apply, build_model, init_variables  # noqa: E402
 from cifarjax.optim import make_optimizer  # noqa: E402
 from cifarjax.target import runs_on_cpu  # noqa: E402

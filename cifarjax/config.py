@@ -17,8 +17,7 @@ SOURCES = ("auto", "cifar10", "folder", "fake")
 
 def option(default, help: str, *, commands=TRAINING, flag: Optional[str] = None, choices=None, minimum=None,
            maximum=None, positive: bool = False, resumable: bool = False):
-    """A Config field; `commands`: those offering it as a flag (none: the code sets it), `flag`: its name if not the
-    field's."""
+    """A Config field; `commands`: those offering it as a flag (none: the code sets it); `flag`: its other name."""
     meta = dict(help=help, commands=tuple(commands), flag=flag, choices=choices, minimum=minimum,
                 maximum=maximum, positive=positive, resumable=resumable)
     return field(default=default, metadata=meta)
@@ -170,8 +169,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "the settings") -> "Config":
-        """A Config from a config.json, unknown keys (a finetune's epoch list) ignored, a value of the wrong type
-        refused in one line naming `source` and the field."""
+        """A Config from a config.json (unknown keys ignored); a value of the wrong type is refused naming `source`."""
         if not isinstance(values, dict):
             raise UserError(f"{source} holds a JSON {type(values).__name__}, not an object of settings; restore it "
                             "or start the run again")

@@ -13,12 +13,8 @@ from jax.experimental import multihost_utils
 
 from cifarjax.errors import UserError, request_hard_exit, translators
 
-HEARTBEAT_SECONDS = 30  # a dead peer is noticed within this, plus the shutdown timeout below
-SHUTDOWN_SECONDS = 30
 
-
-def initialize(coordinator: str = None, num_processes: int = None, process_id: int = None, auto: bool = False,
-               heartbeat_seconds: int = HEARTBEAT_SECONDS, shutdown_seconds: int = SHUTDOWN_SECONDS) -> None:
+def initialize(coordinator: str = None, num_processes: int = None, process_id: int = None, auto: bool = False) -> None:
     """Start JAX's distributed runtime: from explicit settings, or (`auto`) detected from the cluster."""
     explicit = (coordinator, num_processes, process_id)
     if jax.distributed.is_initialized() or (not auto and all(v is None for v in explicit)):
@@ -29,8 +25,9 @@ def initialize(coordinator: str = None, num_processes: int = None, process_id: i
     if not auto and not 0 <= process_id < num_processes:
         raise UserError(f"--process-id must be in [0, {num_processes}), got {process_id}")
     try:
-        jax.distributed.initialize(coordinator, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_seconds,
-                                   shutdown_timeout_seconds=shutdown_seconds)
+        # a dead peer is noticed within the heartbeat timeout plus the shutdown timeout
+        jax.distributed.initialize(coordinator, num_processes, process_id, heartbeat_timeout_seconds=30,
+                                   shutdown_timeout_seconds=30)
     except (RuntimeError, ValueError) as error:
         raise UserError(f"could not start JAX's distributed runtime ({str(error).splitlines()[0][:300]}); "
                         "check --coordinator HOST:PORT is reachable from every process, or the cluster's "
@@ -75,8 +72,7 @@ PEER_FAILURES = ("Gloo", "gloo", "Connection reset", "UNAVAILABLE", "heartbeat",
 
 
 def peer_lost(error: BaseException, resume_hint: str) -> Optional[UserError]:
-    """The one-line error for a dead peer, None if `error` is not one; the process will then leave without waiting
-    for the runtime's shutdown."""
+    """The one-line error for a dead peer (the process then leaves without the runtime's shutdown), else None."""
     if jax.process_count() == 1 or not any(s in str(error) for s in PEER_FAILURES):
         return None
     request_hard_exit()

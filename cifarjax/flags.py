@@ -31,18 +31,16 @@ class Parser(argparse.ArgumentParser):
         return (close or named or [None])[0]
 
 
-def _number(kind: str):
+def _number(kind: str, text: str):
     """A flag's text as an int or float, refused in Config's words ('x' is not an integer)."""
-    def convert(text: str):
-        try:
-            return {"int": int, "float": float}[kind](text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {KINDS[kind][0]}") from None
-    return convert
+    try:
+        return {"int": int, "float": float}[kind](text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {KINDS[kind][0]}") from None
 
 
-_TYPES = {"int": _number("int"), "float": _number("float"), "str": str, "Optional[str]": str,
-          "tuple": lambda text: tuple(name.strip() for name in text.split(",") if name.strip())}  # 'cat,dog'
+_TYPES = {"int": lambda text: _number("int", text), "float": lambda text: _number("float", text), "str": str,
+          "Optional[str]": str, "tuple": lambda text: tuple(n.strip() for n in text.split(",") if n.strip())}
 _METAVARS = {"int": "N", "float": "X", "tuple": "NAME,NAME"}
 
 

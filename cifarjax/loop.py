@@ -1,6 +1,5 @@
-"""The original's loops, `train_loop` (SimpleCNN) and `fine_tune_loop` (ResNet-18), over `fit`: one `for` (`_train`)
-over the calls `schedule.batches` lays out, telling its `hooks`. A fit resumes from its newest intact checkpoint,
-stops on a non-finite loss, and on Ctrl-C or SIGTERM with a checkpoint; the same numbers in one process or several."""
+"""The original's `train_loop` (SimpleCNN) and `fine_tune_loop` (ResNet-18) over `fit`: the calls `schedule.batches`
+lays out, told to `hooks`; a fit resumes, and stops on a non-finite loss or on Ctrl-C or SIGTERM with a checkpoint."""
 from __future__ import annotations
 
 import contextlib
@@ -112,7 +111,7 @@ class Trainer:
                 jax.block_until_ready(metrics)
             self.tracker.add(call.end, metrics)
             if len(self.tracker.pending) >= 25:
-                self.check_finite()
+                self.sync(wait=False)
 
     def checkpoint_due(self, call: schedule.Call) -> bool:
         """Whether to checkpoint after `call`: when the schedule says so; at other epoch ends once `checkpoint_seconds`
@@ -123,14 +122,12 @@ class Trainer:
         return distributed.writer_decides(time.perf_counter() - self.chrono.last_checkpoint
                                           >= self.config.checkpoint_seconds)
 
-    def sync(self) -> None:
-        """Wait for the queued steps, so their time counts as training, and stop if a loss among them is not finite."""
-        with self.chrono.training():
-            jax.block_until_ready(self.device_state)
-        self.check_finite()
-
-    def check_finite(self) -> None:
-        """Read the queued steps' metrics (every 25 calls, before evaluations and checkpoints): stop if non-finite."""
+    def sync(self, wait: bool = True) -> None:
+        """Read the queued steps' metrics (every 25 calls, before evaluations and checkpoints): stop if non-finite;
+        `wait` for the steps first, so their time counts as training."""
+        if wait:
+            with self.chrono.training():
+                jax.block_until_ready(self.device_state)
         bad = self.tracker.flush()
         if bad is not None:
             raise non_finite_loss(*bad, self.config.lr, self.saved, self.tracker.first_loss, self.run,
@@ -185,11 +182,9 @@ def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inp
         resume: bool = False, devices=None, desc: str = "train", host_augment: Optional[HostAugment] = None,
         phases: Optional[Phases] = None, resume_hint: str = "--resume", restart_hint: Optional[str] = None,
         continue_from: Optional[Path] = None, hooks: Sequence = (), report: bool = True) -> FitResult:
-    """Train `variables` under `apply_fn` on `train` (images or features), evaluating on `val`; with `run`, writing
-    metrics.jsonl, TensorBoard scalars, checkpoints (`resume` continues from the newest) and, with `report`,
-    summary.json and plots/. `continue_from`: a finished shorter run of this configuration that a run without
-    checkpoints starts from (exact unless `flags.rate_depends_on_length`); `resume_hint`, `restart_hint`: the commands
-    errors give; `hooks`: told of the loop's moments after its own (`cifarjax.hooks`)."""
+    """Train `variables` on `train`, evaluating on `val`; `run`: the folder of metrics, checkpoints (`resume` goes on
+    from the newest) and with `report` summary.json and plots/; `continue_from`: a finished shorter run to start from
+    (exact unless `flags.rate_depends_on_length`); `*_hint`: commands errors give; `hooks`: `cifarjax.hooks`."""
     _check_splits(config, train, val, inputs)
     resume = _claim(run, resume, continue_from) if run is not None else resume
     trainer = Trainer(config, apply_fn, variables, train, val, inputs, run=Path(run) if run else None,
@@ -206,8 +201,7 @@ def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inp
         raise interrupted_at_once(isinstance(interrupt, Terminated), trainer.run, trainer.saved,
                                   trainer.steps_per_epoch, resume_hint) from None
     except Exception as error:
-        lost = distributed.peer_lost(error, resume_hint)
-        if lost is None:
+        if (lost := distributed.peer_lost(error, resume_hint)) is None:
             raise
         graceful = False
         raise lost from None

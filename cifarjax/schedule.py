@@ -1,6 +1,5 @@
-"""Which training steps each compiled call of a fit runs (steps count from 1) and what follows it (an evaluation,
-an epoch's end, a checkpoint); pure. Every call runs as many steps (one compiled program), a number dividing the
-start step and every event interval, so that no call crosses an event."""
+"""Which steps (counted from 1) each compiled call of a fit runs and what follows it (evaluation, epoch end,
+checkpoint); pure. All calls run as many steps, a divisor of the start step and of every event interval."""
 from __future__ import annotations
 
 import math
@@ -16,11 +15,9 @@ CHEAP_STEPS_PER_CALL, ACCELERATOR_STEPS_PER_CALL, SMALL_IMAGES = 64, 8, 64
 
 def most_steps_per_call(config, platform: str, cheap: bool) -> int:
     """`config.steps_per_call`, or when it is 0 (auto) the above for `platform` (`cheap`: a head on features)."""
-    if config.steps_per_call:
-        return config.steps_per_call
-    if cheap:
-        return CHEAP_STEPS_PER_CALL
-    return ACCELERATOR_STEPS_PER_CALL if platform != "cpu" and config.img_size <= SMALL_IMAGES else 1
+    small_on_accelerator = platform != "cpu" and config.img_size <= SMALL_IMAGES
+    auto = CHEAP_STEPS_PER_CALL if cheap else ACCELERATOR_STEPS_PER_CALL if small_on_accelerator else 1
+    return config.steps_per_call or auto
 
 
 def steps_per_call(most: int, start: int, intervals) -> int:

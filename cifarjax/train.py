@@ -1,8 +1,6 @@
-"""Pure per-device train and eval steps over a `TrainState`, and their `jax.pmap` over every device of every process.
-
-A step gets the data resident on its device and the indices of its share of the batch (`cifarjax.inputs` gathers
-and augments them); gradients, metrics and BatchNorm statistics are averaged over the devices, and dropout keys
-depend on (step, global device index): a run is the same whether its devices sit in one process or several."""
+"""Pure per-device train and eval steps over a `TrainState`, and their `jax.pmap` over every device of every process:
+a step gathers its share of the batch from device-resident data; gradients, metrics and BatchNorm statistics are
+averaged over devices, and dropout keys depend on (step, global device index), whatever the processes."""
 from __future__ import annotations
 
 import functools
@@ -82,9 +80,8 @@ def ema_update(ema, params, decay: float, step):
 
 def train_step(state: TrainState, data, idx, *, inputs, n_devices: int, trainable=None,
                options: StepOptions = StepOptions(), differentiate_frozen: bool = False):
-    """One optimisation step on this device's share `idx` of the global batch (under `pmap`). `trainable`: the
-    freezing mask (None: everything trains); `differentiate_frozen`: differentiate every parameter, the unused part
-    dropped by the compiler (the CPU program's step factory asks for it: its recorded numerics)."""
+    """One step on this device's share `idx` of the batch; `trainable`: the freezing mask (None: all trains);
+    `differentiate_frozen`: differentiate every parameter, the compiler drops the unused part (the CPU program's)."""
     images, targets = data
     device = lax.axis_index(AXIS)
     step_key = jax.random.fold_in(state.key, state.step)
@@ -126,14 +123,11 @@ def train_steps(state: TrainState, data, idxs, **kwargs):
 
 
 def eval_logits(state: TrainState, data, idx, inputs, tta_flip: bool):
-    """Logits in float32 (or wider), whatever the model computes them in."""
-    def logits_of(x):
-        logits = state.apply_fn(state.eval_variables, x, train=False)
-        return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-    logits = logits_of(inputs.eval(data[0], idx))
-    if tta_flip:
-        logits = (logits + logits_of(inputs.eval(data[0], idx, True))) / 2
-    return logits
+    """Logits in float32 (or wider), whatever the model computes them in; with `tta_flip`, the mirror's averaged in."""
+    logits = [state.apply_fn(state.eval_variables, inputs.eval(data[0], idx, mirrored), train=False)
+              for mirrored in (False, True)[:1 + tta_flip]]
+    logits = [x.astype(jnp.promote_types(x.dtype, jnp.float32)) for x in logits]
+    return (logits[0] + logits[1]) / 2 if tta_flip else logits[0]
 
 
 def eval_step(state: TrainState, data, idx, *, inputs, tta_flip: bool = False, probabilities: bool = False):
@@ -155,8 +149,8 @@ def donate_state(step, mask, axis_name: str, devices: list, **static):
 
 @functools.lru_cache(maxsize=64)
 def _pmapped(step, devices: tuple, trainable=None, pmap_train=None, **static):
-    """`step` pmap-ed once per (step, devices, freezing, step factory, settings), reused by runs: a training step by
-    `pmap_train` with the `trainable` mask (flattened to be hashable), an evaluation step by `jax.pmap`."""
+    """`step` pmap-ed once per its arguments: a training step by `pmap_train` (the `trainable` mask flattened to be
+    hashable), an evaluation step by `jax.pmap`."""
     if pmap_train is None:
         return jax.pmap(functools.partial(step, **static), axis_name=AXIS, devices=list(devices))
     mask = None if trainable is None else jax.tree.unflatten(trainable[1], trainable[0])
@@ -171,12 +165,11 @@ class DataParallel:
                  options: StepOptions = StepOptions(), pmap_train: Optional[Callable] = None):
         self.devices = list(devices or jax.devices())
         self.n_devices = len(self.devices)
-        pmap_train = pmap_train or step_factory()
         self.local_rows = [i for i, d in enumerate(self.devices) if d.process_index == jax.process_index()]
         self.sharding = NamedSharding(Mesh(np.array(self.devices), (AXIS,)), PartitionSpec(AXIS))
         key = None if trainable is None else (tuple(jax.tree.leaves(trainable)), jax.tree.structure(trainable))
         train, devices = dict(inputs=inputs, n_devices=self.n_devices, options=options), tuple(self.devices)
-        self.train_step, self.train_steps = (_pmapped(step, devices, key, pmap_train, **train)
+        self.train_step, self.train_steps = (_pmapped(step, devices, key, pmap_train or step_factory(), **train)
                                              for step in (train_step, train_steps))
         self.eval_step, self.probabilities_step = (
             _pmapped(eval_step, devices, inputs=inputs, tta_flip=options.tta_flip, probabilities=probabilities)
@@ -188,19 +181,14 @@ class DataParallel:
 
     def replicate(self, tree):
         """Copy a host pytree onto every device of this process (leading axis = devices)."""
-        return self._place(tree, lambda x, i: x[None])
+        return self.shard(jax.tree.map(lambda x: np.broadcast_to(x, (len(self.local_rows),) + np.shape(x)), tree))
 
     def shard(self, tree):
         """Place this process's rows (local devices, ...) of a batch on its devices."""
-        return self._place(tree, lambda x, i: x[i:i + 1])
-
-    def _place(self, tree, rows):
         def put(x):
-            x = np.asarray(x)
-            shards = [jax.device_put(rows(x, i), self.devices[d]) for i, d in enumerate(self.local_rows)]
-            return jax.make_array_from_single_device_arrays((self.n_devices,) + shards[0].shape[1:], self.sharding,
-                                                            shards)
-        return jax.tree.map(put, tree)
+            shards = [jax.device_put(x[i:i + 1], self.devices[d]) for i, d in enumerate(self.local_rows)]
+            return jax.make_array_from_single_device_arrays((self.n_devices,) + x.shape[1:], self.sharding, shards)
+        return jax.tree.map(lambda x: put(np.asarray(x)), tree)
 
     @staticmethod
     def unreplicate(tree):

@@ -29,8 +29,7 @@ from cifarjax.errors import UserError, set_interrupt_advice  # noqa: E402
 from cifarjax.predictor import predict, score  # noqa: E402
 from cifarjax.files import cache_dir  # noqa: E402
 from cifarjax.flags import Parser, add_config_flags, given, new_config, resumed_config  # noqa: E402
-from cifarjax.memory import peak_memory_mb  # noqa: E402
-from cifarjax.phases import Phases  # noqa: E402
+from cifarjax.phases import Phases, peak_memory_mb  # noqa: E402
 from cifarjax.target import deterministic, resolve, runs_on_cpu  # noqa: E402
 from cifarjax.recipes import recipe_config  # noqa: E402
 
