@@ -37,8 +37,9 @@ from tests.helpers import make_image_folder  # noqa: E402
 # state.
 LONGEST_FIRST = ("test_models.py", "test_distributed.py", "test_trust.py", "test_standin.py", "test_experiments.py",
                  "test_train.py", "test_binding.py", "test_pretrained.py", "test_reliability.py", "test_checkpoint.py",
-                 "test_study.py", "test_precision.py", "test_steps_per_call.py", "test_cpu_xla_flags.py",
-                 "test_gpu_program.py", "test_predict.py")
+                 "test_study.py", "test_steps_per_call.py", "test_precision.py", "test_gpu_program.py",
+                 "test_predict.py", "test_recipes.py", "test_outputs.py", "test_api.py", "test_shard_map.py",
+                 "test_cpu_xla_flags.py")
 
 
 def pytest_collection_modifyitems(items):

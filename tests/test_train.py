@@ -167,10 +167,19 @@ def test_memorises_a_tiny_set():
     assert result.history.epoch_val_accuracy[-1] == 1.0
 
 
-def test_same_seed_same_numbers_bit_for_bit():
+TWO_EPOCHS = fast(n_epochs=2, eval_every=3)
+
+
+@pytest.fixture(scope="module")
+def two_epochs():
+    """Two epochs of 40 images with evaluations every 3 steps (shared: a run is deterministic, as tested)."""
+    return train_loop(TWO_EPOCHS, tiny_split(40), tiny_split(12, seed=1))
+
+
+def test_same_seed_same_numbers_bit_for_bit(two_epochs):
     data, val = tiny_split(40), tiny_split(12, seed=1)
-    config = fast(n_epochs=2, eval_every=3)
-    a, b = train_loop(config, data, val), train_loop(config, data, val)
+    config = TWO_EPOCHS
+    a, b = two_epochs, train_loop(config, data, val)
     assert a.history.records == [dict(r, wall_seconds=x["wall_seconds"]) for r, x in
                                  zip(b.history.records, a.history.records)]
     for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables)):
@@ -179,10 +188,8 @@ def test_same_seed_same_numbers_bit_for_bit():
     assert a.history.train_loss != c.history.train_loss
 
 
-def test_history_has_the_originals_positions():
-    data = tiny_split(40)
-    result = train_loop(fast(n_epochs=2, eval_every=3), data, tiny_split(12, seed=1))
-    h = result.history
+def test_history_has_the_originals_positions(two_epochs):
+    h = two_epochs.history
     assert len(h.train_loss) == 2 and len(h.train_accuracy) == 2 and len(h.epoch_val_accuracy) == 2
     # 5 steps per epoch: evaluations at steps 3, 5 (epoch end), 6, 9, 10 (epoch end)
     assert [r["step"] for r in h.records] == [3, 5, 6, 9, 10]
