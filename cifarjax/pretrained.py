@@ -206,7 +206,7 @@ def weights_file(weights: str) -> Optional[Path]:
         raise UserError(f"could not fetch torchvision's ImageNet ResNet-18 weights ({type(error).__name__}); "
                         f"download {IMAGENET_FILE} from {IMAGENET_URL} on a machine with network access "
                         "and pass it with --weights PATH") from None
-    return path  # torch.hub.get_dir(): $TORCH_HOME/hub, else $XDG_CACHE_HOME/torch/hub
+    return Path(torchlib.load("torch").hub.get_dir()) / "checkpoints" / IMAGENET_FILE  # where torch wrote it
 
 
 def load_weights(path: Union[str, Path], cache_dir: Optional[Path] = None) -> tuple:

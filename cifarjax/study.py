@@ -96,9 +96,14 @@ def verdict(effect: float, noise: float) -> str:
 
 def combined_changes(results: Sequence[dict], noise: float) -> dict:
     """Every single change that helped beyond noise; of alternatives for one setting, the best (the first of ties)."""
-    helped = [r for r in reversed(results) if r["name"] not in ("baseline", COMBINED)
-              and r.get("model") != "simple_cnn" and r["effect_points"] > 2 * noise]
-    return {k: v for r in sorted(helped, key=lambda r: r["effect_points"]) for k, v in r["changes"].items()}
+    best = {}
+    for r in results:
+        if r["name"] in ("baseline", COMBINED) or r.get("model") == "simple_cnn" or r["effect_points"] <= 2 * noise:
+            continue
+        for key, value in r["changes"].items():
+            if key not in best or r["effect_points"] > best[key][0]:
+                best[key] = (r["effect_points"], value)
+    return {k: v for k, (_, v) in best.items()}
 
 
 @dataclass
