@@ -387,9 +387,13 @@ def test_a_ctrl_c_that_python_would_drop_still_ends_the_command(capsys, where):
             time.sleep(0.001)
         raise AssertionError("the Ctrl-C was lost")
 
+    # Python's own Ctrl-C handler, as in a terminal: a shell starts a background job (`cmd &`) with SIGINT ignored,
+    # and a process started so inherits that (the whole suite failed here when CI was run that way).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         message = fails(main, [], capsys, code=130)
     finally:
+        signal.signal(signal.SIGINT, previous)
         if interrupt in gc.callbacks:
             gc.callbacks.remove(interrupt)
     assert "interrupted (Ctrl-C)" in message
