@@ -31,14 +31,17 @@ def test_a_pretrained_backbone_beats_a_random_one_on_new_classes(tmp_path):
     accuracy = {}
     for name, weights in (("standin", str(tmp_path / "standin.pth")), ("random", "random")):
         out = tmp_path / name
-        finetune.main(common + ["--classes", "c,d", "--weights", weights, "--epochs", "4", "--out", str(out)])
+        finetune.main(common + ["--classes", "c,d", "--weights", weights, "--epochs", "7", "--out", str(out)])
         config = json.loads((out / "config.json").read_text())
         assert (config["unfreeze"], config["bn"], config["classes"]) == ("head", "train", ["c", "d"])
         accuracy[name] = json.loads((out / "summary.json").read_text())["val_accuracy"]
     # The source classes taught the backbone to read brightness through the noise, which is all that tells the new
     # classes apart, so a linear head separates them within a few epochs; a random backbone's pooled features mix
-    # brightness with noise and its head (24 Adam steps at 1e-3) stays near chance. Six epochs of pretraining and
-    # four of fine-tuning let BatchNorm's running averages (momentum 0.1), which validation uses, settle: with
-    # three pretraining epochs one run validated at chance. 0.25 is 6 of the 24 validation images.
+    # brightness with noise and its head (Adam at 1e-3) stays at chance for longer. Six epochs of pretraining let
+    # BatchNorm's running averages (momentum 0.1), which validation uses, settle: with three one run validated at
+    # chance. Seven epochs of fine-tuning lie between the two (measured 2026-12-07 with --seed 0, 1, 2): the
+    # stand-in's head first validated at 0.9 or more after 3 to 5 epochs (seed 0: 4 on an AMD Zen 4, 5 on an Intel
+    # Xeon, whose rounding differs), the random one left chance after 8 at the earliest and failed the 0.25 margin
+    # after 9. 0.25 is 6 of the 24 validation images.
     print(accuracy)
     assert accuracy["standin"] >= 0.9 and accuracy["standin"] >= accuracy["random"] + 0.25, accuracy
