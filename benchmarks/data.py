@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cifarjax.files import cache_dir
+from cifarjax.runs import cache_dir
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
 

@@ -96,11 +96,10 @@ class Checkpointer:
 
     def write_frozen(self, params, is_writer: bool = True) -> None:
         """Write the frozen parameters once, unless the file the run's config.json names exists."""
-        if self.trainable is None or not is_writer:
-            return
-        path, recorded = _frozen_file(self.run_dir)
-        if recorded is None or not path.is_file():
-            write_frozen_file(split_frozen(params, self.trainable)[1], path)
+        if self.trainable is not None and is_writer:
+            path, recorded = _frozen_file(self.run_dir)
+            if recorded is None or not path.is_file():
+                write_frozen_file(split_frozen(params, self.trainable)[1], path)
 
     def save(self, state, meta: dict) -> None:
         """Queue a checkpoint of `state` (host copies are taken before returning) and `meta` (+ digests)."""
@@ -302,8 +301,7 @@ def load_variables(run_dir, average: bool = False) -> dict:
     if average and "ema_params" not in variables:
         raise UserError(f"the run in {run} kept no moving average of its weights (ema_decay 0); evaluate its "
                         "weights instead")
-    params = variables["ema_params" if average else "params"]
-    frozen = frozen_params(run)
+    params, frozen = variables["ema_params" if average else "params"], frozen_params(run)
     batch_stats = variables.get("batch_stats", {})
     return {"params": join_frozen(params, frozen) if frozen else params,
             "batch_stats": join_frozen(variables.get("ema_batch_stats", {}), batch_stats) if average else batch_stats}

@@ -1,4 +1,4 @@
-"""Datasets decoded once into uint8 RGB arrays at `size`x`size`, cached under `files.cache_dir` keyed by a SHA-256
+"""Datasets decoded once into uint8 RGB arrays at `size`x`size`, cached under `runs.cache_dir` keyed by a SHA-256
 of the files' names and bytes, split with a seed and cut into index batches for the devices. Sources (`dataset=`):
 'auto' reads `data_dir` holding `cifar-10-batches-py` or an ImageFolder tree (`DIR/train/<class>/*`, optionally
 `DIR/test/<class>/*`, or `DIR/<class>/*` as a train split), or without `data_dir` downloads CIFAR-10; 'cifar10'
@@ -20,8 +20,8 @@ import numpy as np
 
 from cifarjax import sources, torchlib
 from cifarjax.config import SOURCES
-from cifarjax.errors import UserError, exit_on_user_error, user_error_from_os, warn
-from cifarjax.files import atomic_write, best_effort, cache_dir
+from cifarjax.errors import UserError, best_effort, exit_on_user_error, user_error_from_os, warn
+from cifarjax.runs import atomic_write, cache_dir
 from cifarjax.flags import Parser
 
 _CACHE_FORMAT = 3

@@ -57,9 +57,7 @@ def agree(values: dict, what: str) -> None:
 
 def writer_decides(flag: bool) -> bool:
     """Process 0's `flag` in every process: a choice all must make alike from something local (a clock)."""
-    if jax.process_count() == 1:
-        return flag
-    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+    return flag if jax.process_count() == 1 else bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
 
 
 def barrier(name: str) -> None:

@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from tqdm import tqdm
 
@@ -164,6 +164,15 @@ def warn(message: str, key=None) -> None:
             _warned.add(key)
             tqdm.write(f"warning: {message}", file=sys.stderr)
             sys.stderr.flush()
+
+
+def best_effort(action: Callable, what: str, fallback=None):
+    """Run a cache operation; where the file system refuses (read-only, full), warn once and return `fallback`."""
+    try:
+        return action()
+    except OSError as error:
+        warn(f"{what} skipped ({os_error_message(error)}); continuing without the cache", key=("cache", what))
+        return fallback
 
 
 def exit_on_user_error(main):

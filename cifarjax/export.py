@@ -11,9 +11,9 @@ from flax import traverse_util
 
 from cifarjax import torchlib
 from cifarjax.errors import UserError
-from cifarjax.files import atomic_write
-from cifarjax.pretrained import _torch_key
+from cifarjax.pretrained import _TORCH_AXES, _torch_key
 from cifarjax.predictor import Run, load_run
+from cifarjax.runs import atomic_write
 
 
 def torchvision_state_dict(variables: dict) -> dict:
@@ -21,11 +21,8 @@ def torchvision_state_dict(variables: dict) -> dict:
     flat = traverse_util.flatten_dict({c: variables[c] for c in ("params", "batch_stats")})
     state = {}
     for key, value in flat.items():
-        value = np.asarray(value, np.float32)
-        if key[-1] == "kernel":  # conv HWIO -> OIHW; fc (in, out) -> (out, in)
-            value = value.T if key[-2] == "head" else np.transpose(value, (3, 2, 0, 1))
-        name = _torch_key(key)
-        state[name] = np.ascontiguousarray(value)
+        name, value = _torch_key(key), np.asarray(value, np.float32)
+        state[name] = np.ascontiguousarray(np.transpose(value, np.argsort(_TORCH_AXES[value.ndim])))  # the port undone
         if name.endswith("running_mean"):
             state[name.replace("running_mean", "num_batches_tracked")] = np.array(0, np.int64)
     return state

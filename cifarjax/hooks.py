@@ -15,8 +15,8 @@ from typing import Optional
 from tqdm import tqdm
 
 from cifarjax import distributed, plots, runs
-from cifarjax.errors import warn
-from cifarjax.files import best_effort, write_json
+from cifarjax.errors import best_effort, warn
+from cifarjax.runs import write_json
 from cifarjax.predictor import score
 from cifarjax.records import History
 

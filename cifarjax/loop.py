@@ -20,7 +20,7 @@ from cifarjax.data import Split, eval_indices, train_indices
 from cifarjax.errors import NonFiniteLossError  # noqa: F401 - importable from here, as before
 from cifarjax.errors import (Terminated, UserError, interrupted, interrupted_at_once, non_finite_loss,
                              set_interrupt_advice)
-from cifarjax.files import write_json
+from cifarjax.runs import write_json
 from cifarjax.freezing import Freezing
 from cifarjax.hooks import Hooks, Metrics, Progress, Report, StopRequest
 from cifarjax.inputs import (FeatureInputs, HostAugmentedInputs, HostAugmentFeed, ImageInputs, ResidentFeed,

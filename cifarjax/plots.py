@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 
 from cifarjax import runs  # noqa: E402
 from cifarjax.errors import UserError, warn  # noqa: E402
-from cifarjax.files import atomic_write  # noqa: E402
+from cifarjax.runs import atomic_write  # noqa: E402
 from cifarjax.text import printable  # noqa: E402
 
 PALETTE = ("#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133",

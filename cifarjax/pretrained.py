@@ -17,10 +17,10 @@ import numpy as np
 from flax import traverse_util
 
 from cifarjax import torchlib
-from cifarjax.errors import UserError, warn
-from cifarjax.files import atomic_write, best_effort
-from cifarjax.files import cache_dir as default_cache
+from cifarjax.errors import UserError, best_effort, warn
 from cifarjax.models import ResNet18, build_model, init_variables, initialize
+from cifarjax.runs import atomic_write
+from cifarjax.runs import cache_dir as default_cache
 
 IMAGENET_FILE = "resnet18-f37072fd.pth"
 IMAGENET_URL = f"https://download.pytorch.org/models/{IMAGENET_FILE}"
@@ -215,9 +215,8 @@ def load_weights(path: Union[str, Path], cache_dir: Optional[Path] = None) -> tu
     digest = _verified_digest(path)
     cached = (cache_dir or default_cache()) / "weights" / f"resnet18-{digest[:16]}.npz"
     if cached.is_file():
-        with contextlib.suppress(Exception):  # a damaged cache file is rebuilt
-            with np.load(cached) as data:
-                variables = traverse_util.unflatten_dict(dict(data), sep="/")
+        with contextlib.suppress(Exception), np.load(cached) as data:  # a damaged cache file is rebuilt
+            variables = traverse_util.unflatten_dict(dict(data), sep="/")
             expected = _expected_shapes(variables["params"]["head"]["bias"].shape[0])
             if {k: v.shape for k, v in traverse_util.flatten_dict(variables).items()} == expected:
                 return variables, digest

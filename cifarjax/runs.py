@@ -1,5 +1,5 @@
 """The run folder (its marker, lock, manifest of what cifarjax wrote, config.json and metrics) and its binding to
-data, weights and commands: --overwrite removes only what the manifest lists, never a user's file."""
+data, weights and commands (--overwrite removes only what the manifest lists); safe file writes; the cache folder."""
 from __future__ import annotations
 
 import atexit
@@ -319,6 +319,11 @@ def write_json(path, value) -> None:
     write_text(path, json.dumps(value, indent=2) + "\n")
 
 
+def cache_dir() -> Path:
+    """The cache folder (decoded datasets, converted weights): $CIFARJAX_CACHE, default ~/.cache/cifarjax."""
+    return Path(os.environ.get("CIFARJAX_CACHE", Path.home() / ".cache" / "cifarjax")).expanduser()
+
+
 # config.json's keys beside the Config fields (its binding, experiments.finetune), each with what it must be.
 RECORDED = {"data_fingerprint": ("an object with sha256 and images", lambda v: isinstance(v, dict) and
                                  isinstance(v.get("sha256"), str) and isinstance(v.get("images"), dict)),
@@ -331,10 +336,8 @@ RECORDED = {"data_fingerprint": ("an object with sha256 and images", lambda v: i
                                                                        "weights_sha256")}}
 
 
-def absolute(path) -> Optional[str]:
-    """`path` as an absolute path (None stays None), so that a run means the same folder from any folder."""
-    if path is None:
-        return None
+def absolute(path) -> str:
+    """`path` as an absolute path, so that a run means the same folder from any folder."""
     try:
         return str(Path(path).expanduser().resolve())
     except (OSError, RuntimeError):  # a symbolic link loop: the loader names it

@@ -25,7 +25,7 @@ from cifarjax.checkpoint import find_run
 from cifarjax.config import Config
 from cifarjax.data import Dataset, Split, fingerprint, load_dataset, train_val_split
 from cifarjax.errors import UserError, set_interrupt_advice
-from cifarjax.files import write_json, write_text
+from cifarjax.runs import write_json, write_text
 from cifarjax.inputs import ImageInputs, backbone_features, cacheable
 from cifarjax.loop import Trainer, fine_tune_loop, train_loop
 from cifarjax.models import Apply, build_model, init_variables

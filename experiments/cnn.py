@@ -9,7 +9,7 @@ from __future__ import annotations
 from experiments import common, seeds
 from cifarjax import distributed, plots, runs
 from cifarjax.errors import exit_on_user_error
-from cifarjax.files import write_json
+from cifarjax.runs import write_json
 from cifarjax.loop import train_loop
 from cifarjax.text import plural
 

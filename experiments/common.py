@@ -27,7 +27,7 @@ from cifarjax.cpu import process as cpu_process  # noqa: E402
 from cifarjax.data import Dataset, Split, fingerprint, load_dataset, train_indices, train_val_split  # noqa: E402
 from cifarjax.errors import UserError, set_interrupt_advice  # noqa: E402
 from cifarjax.predictor import predict, score  # noqa: E402
-from cifarjax.files import cache_dir  # noqa: E402
+from cifarjax.runs import cache_dir  # noqa: E402
 from cifarjax.flags import Parser, add_config_flags, given, new_config, resumed_config  # noqa: E402
 from cifarjax.phases import Phases, peak_memory_mb  # noqa: E402
 from cifarjax.target import deterministic, resolve, runs_on_cpu  # noqa: E402

@@ -24,7 +24,7 @@ from cifarjax import distributed, plots, runs
 from cifarjax.checkpoint import FROZEN, digest, frozen_params, join_frozen, latest_epoch, load_variables, \
     split_frozen, write_frozen_file
 from cifarjax.errors import exit_on_user_error
-from cifarjax.files import write_json
+from cifarjax.runs import write_json
 from cifarjax.flags import given, rate_depends_on_length
 from cifarjax.freezing import Freezing
 from cifarjax.inputs import backbone_features, cacheable

@@ -11,7 +11,7 @@ from typing import Callable
 
 from cifarjax import distributed, plots, runs
 from cifarjax.errors import UserError
-from cifarjax.files import write_json
+from cifarjax.runs import write_json
 from cifarjax.loop import History
 from cifarjax.records import mean_sd, per_epoch
 

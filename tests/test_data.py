@@ -11,7 +11,7 @@ from PIL import Image
 from cifarjax import data
 from cifarjax.data import describe, load_dataset, split_indices, train_val_split
 from cifarjax.errors import UserError
-from cifarjax.files import cache_dir
+from cifarjax.runs import cache_dir
 from tests.helpers import make_image_folder
 
 
