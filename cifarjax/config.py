@@ -205,7 +205,6 @@ def _check_type(f, value) -> None:
     """Raise a UserError naming the field unless `value` has the field's type (None where it is Optional)."""
     what, fits = KINDS[f.type.removeprefix("Optional[").removesuffix("]")]
     if not (fits(value) or (value is None and f.type.startswith("Optional["))):
-        flag = flag_name(f).lstrip("-")
-        named = f.name if flag == f.name.replace("_", "-") else f"{f.name} (--{flag})"
+        named = f.name if f.metadata["flag"] in (None, f.name) else f"{f.name} ({flag_name(f)})"
         raise UserError(f"{named} must be {what}, got {value!r}")
 

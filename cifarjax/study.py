@@ -227,7 +227,12 @@ def run_study(study: Study, grid: Sequence[Cell] = DEFAULT_GRID, reference: Opti
                                                                    extra))])
     if combine:
         answer["combined_changes"] = extra  # empty: no change helped beyond the noise, so nothing to combine
-    write_outputs(study, answer)
+    write_json(study.out / STUDY_JSON, answer)
+    write_text(study.out / "study.md", markdown(answer))
+    title = f"ResNet-18 fine-tuning study ({answer['weights']})"
+    plots.plot_study_effects(answer, study.out / runs.PLOTS / "study.png", title)
+    plots.plot_runs({c["name"]: {"val": c["val_accuracy_per_epoch"]} for c in answer["cells"]},
+                    study.out / runs.PLOTS / "study_curves.png", f"Validation accuracy per epoch: {title}")
     return answer
 
 
@@ -238,9 +243,8 @@ def study(data_dir, weights: str = "imagenet", grid: Sequence[Cell] = DEFAULT_GR
     folder = runs.RunFolder.check(out, "study", overwrite, resume)
     out = folder.path
     phases = Phases(announce=True)
-    paths = runs.absolute_paths({"data_dir": data_dir, "weights": weights})
-    base = recipe_config("finetune", **{**BASELINE, **baseline}, data_dir=paths["data_dir"], weights=paths["weights"],
-                         n_epochs=epochs, subset=subset).validate()  # before any loading
+    base = recipe_config("finetune", **{**BASELINE, **baseline}, n_epochs=epochs, subset=subset,
+                         **runs.absolute_paths({"data_dir": data_dir, "weights": weights})).validate()  # before loading
     folder.check_outside(base.data_dir)
     with phases("data_loading", "loading the data"):
         dataset = load_dataset(base.data_dir, base.dataset, base.decode_size, base.classes)
@@ -274,12 +278,6 @@ def recorded(out) -> dict:
     """study.json's content ({} before it is written)."""
     path = Path(out) / STUDY_JSON
     return runs.read_json(path) if path.is_file() else {}
-
-
-def recorded_grid(out) -> Optional[tuple]:
-    """(grid, train_reference, combine) as study.json recorded them; None for a study made before they were."""
-    grid = recorded(out).get("grid")
-    return (tuple(Cell(**c) for c in grid["cells"]), grid["train_reference"], grid["combine"]) if grid else None
 
 
 def check_resume(out: Path, settings: dict, planned: dict, cnn_run) -> Optional[str]:
@@ -343,16 +341,6 @@ def summarise(study: Study, results: Sequence[dict]) -> dict:
             "n_val": len(study.val), "noise_points": round(noise, 2), "cells": cells}
 
 
-def write_outputs(study: Study, answer: dict) -> None:
-    """study.json, study.md, and the effects' and the curves' figures."""
-    write_json(study.out / STUDY_JSON, answer)
-    write_text(study.out / "study.md", markdown(answer))
-    title = f"ResNet-18 fine-tuning study ({answer['weights']})"
-    plots.plot_study_effects(answer, study.out / runs.PLOTS / "study.png", title)
-    plots.plot_runs({c["name"]: {"val": c["val_accuracy_per_epoch"]} for c in answer["cells"]},
-                    study.out / runs.PLOTS / "study_curves.png", f"Validation accuracy per epoch: {title}")
-
-
 def markdown(answer: dict) -> str:
     """study.md: the weights first, then the table sorted by effect, then one sentence per hypothesis."""
     caveat = "." if answer.get("imagenet", answer["pretrained"]) else (
@@ -366,11 +354,9 @@ def markdown(answer: dict) -> str:
     lines += [f"| {c['name']} | {c['hypothesis']} | {100 * c['val_accuracy']:.2f}% | {c['effect_points']:+.2f} | "
               f"{c['verdict']} |" for c in sorted(answer["cells"], key=lambda c: -c["effect_points"])]
     lines += ["", "What the numbers say:", ""]
-    by_hypothesis = {}
-    for c in answer["cells"]:
-        if c["verdict"] not in ("baseline", "reference") and c["name"] != COMBINED:
-            by_hypothesis.setdefault(c["hypothesis"], []).append(c)
-    for hypothesis, cs in by_hypothesis.items():
+    tested = [c for c in answer["cells"] if c["verdict"] not in ("baseline", "reference") and c["name"] != COMBINED]
+    for hypothesis in dict.fromkeys(c["hypothesis"] for c in tested):  # in the cells' order
+        cs = [c for c in tested if c["hypothesis"] == hypothesis]
         parts = "; ".join(f"{c['name']} {c['effect_points']:+.2f} points ({c['verdict']})" for c in cs)
         best = max(cs, key=lambda c: c["effect_points"])
         lines.append(f"- {hypothesis}: {parts}. The hypothesis is {best['verdict']}"

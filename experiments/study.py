@@ -17,7 +17,7 @@ from cifarjax.errors import UserError, exit_on_user_error
 from cifarjax.flags import Parser, add_config_flags, given
 from cifarjax.target import deterministic, runs_on_cpu
 from cifarjax.recipes import recipe_config
-from cifarjax.study import BASELINE, DEFAULT_EPOCHS, DEFAULT_GRID, REFERENCE, recorded, recorded_grid, study
+from cifarjax.study import BASELINE, DEFAULT_EPOCHS, DEFAULT_GRID, REFERENCE, Cell, recorded, study
 
 FLAGS = ("seed", "batch_size", "weights", "conv_impl", "precision", "steps_per_call", "deterministic", "dataset",
          "data_dir", "decode_size", "subset", "eval_batch_size", "classes")
@@ -66,9 +66,10 @@ def main(argv=None) -> None:
         saved_dir = record.get("data_dir") if settings else None
         typed = {**{k: v for k, v in settings.items() if k in FLAGS + ("n_epochs",)},
                  **({"data_dir": saved_dir} if saved_dir else {}), **typed}
-        own = recorded_grid(args.out) if args.cells is None else None
-        if own is not None:  # the study's own cells, reference and combination
-            grid, want_reference, combine = own
+        own = record.get("grid") if args.cells is None else None  # none: a study made before it was recorded
+        if own:  # the study's own cells, reference and combination
+            grid = tuple(Cell(**c) for c in own["cells"])
+            want_reference, combine = own["train_reference"], own["combine"]
     if typed.get("deterministic") and not runs_on_cpu():
         deterministic()  # before the backend starts
     answer = study(typed.pop("data_dir", None), typed.pop("weights", "imagenet"), grid,
