@@ -9,8 +9,6 @@ import signal
 import socket
 import sys
 import threading
-from dataclasses import dataclass
-from typing import Optional
 
 from tqdm import tqdm
 
@@ -21,17 +19,10 @@ from cifarjax.predictor import score
 from cifarjax.records import History
 
 
-class Hooks(list):
-    """Several hooks told as one: `hooks.after_call(trainer, call)` tells each hook that defines `after_call`."""
-
-    def __getattr__(self, moment: str):
-        if moment.startswith("_"):  # not a moment: copy, pickle and numpy probe for these
-            raise AttributeError(moment)
-
-        def tell(*args):
-            for hook in self:
-                getattr(hook, moment, lambda *_: None)(*args)
-        return tell
+def tell(hooks, moment: str, *args) -> None:
+    """Tell each of `hooks` that defines `moment` (`tell(hooks, "after_call", trainer, call)`)."""
+    for hook in hooks:
+        getattr(hook, moment, lambda *_: None)(*args)
 
 
 class Progress:
@@ -81,8 +72,7 @@ class Metrics:
     def write(self, step: int, scalars: dict) -> None:
         def write():
             for tag, value in scalars.items():
-                if value is not None:
-                    self.writer.add_scalar(tag, float(value), int(step))
+                self.writer.add_scalar(tag, float(value), int(step))
             self.writer.flush()
             return True
         if self.writer is not None and not best_effort(write, f"TensorBoard event files in {self.folder}", False):
@@ -139,14 +129,14 @@ def _quiet_writer_thread(args, previous):
         previous(args)
 
 
-@dataclass
 class StopRequest:
     """The first Ctrl-C (or SIGTERM) stops the loop after the current step, a second at once; a thread reading the
-    wakeup file descriptor announces the request even while the main thread waits for the device."""
+    wakeup file descriptor announces the request even while the main thread waits for the device. `saves`: whether
+    stopping saves a checkpoint (a run folder), for the announcement; `requested`: the signal that asked to stop."""
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
-    saves: bool = True  # whether stopping saves a checkpoint (a run folder), for the announcement
-    requested: Optional[int] = None  # the signal that asked to stop
-    previous: Optional[dict] = None  # the signals' handlers before, while this one's are in place
+
+    def __init__(self, saves: bool = True):
+        self.saves, self.requested, self.previous = saves, None, None  # previous: the handlers before, while replaced
 
     def __enter__(self):
         try:

@@ -88,17 +88,14 @@ def backbone_features(config, model, variables: dict, train: Split, val: Split, 
     extract = _extractor(model, AugmentSpec.from_config(config), tuple(parallel.devices))
     replicated = parallel.replicate(variables)
 
-    def features(images, views, desc):
-        idx, mask = eval_indices(len(images), config.eval_batch_size, parallel.n_devices)
-        out = []
-        for view in range(views):
-            chunks = [extract(replicated, images[parallel.mine(i)], np.bool_(view))
-                      for i in tqdm(idx, desc=f"{desc} view {view}", leave=False, mininterval=2.0,
-                                    disable=jax.process_index() != 0)]
-            out.append(np.concatenate([parallel.unreplicate(c)[m] for c, m in zip(chunks, mask)]))
-        return np.stack(out, axis=1)
-    return (Split(features(train.images, 2, "train features"), train.labels),
-            Split(features(val.images, 2 if config.tta_flip else 1, "val features"), val.labels))
+    def features(split, views, desc):
+        idx, mask = eval_indices(len(split), config.eval_batch_size, parallel.n_devices)
+        chunks = [[extract(replicated, split.images[parallel.mine(i)], np.bool_(view))
+                   for i in tqdm(idx, desc=f"{desc} view {view}", leave=False, mininterval=2.0,
+                                 disable=jax.process_index() != 0)] for view in range(views)]
+        return Split(np.stack([np.concatenate([parallel.unreplicate(c)[m] for c, m in zip(view, mask)])
+                               for view in chunks], axis=1), split.labels)
+    return features(train, 2, "train features"), features(val, 2 if config.tta_flip else 1, "val features")
 
 
 class ResidentFeed:

@@ -22,7 +22,7 @@ from cifarjax.errors import (Terminated, UserError, interrupted, interrupted_at_
                              set_interrupt_advice)
 from cifarjax.runs import write_json
 from cifarjax.freezing import Freezing
-from cifarjax.hooks import Hooks, Metrics, Progress, Report, StopRequest
+from cifarjax.hooks import Metrics, Progress, Report, StopRequest, tell
 from cifarjax.inputs import (FeatureInputs, HostAugmentedInputs, HostAugmentFeed, ImageInputs, ResidentFeed,
                              backbone_features, cacheable)
 from cifarjax.models import Apply, build_model, init_variables
@@ -109,7 +109,7 @@ class Trainer:
             self.device_state, metrics = steps(self.device_state, data, local)
             if compiling:
                 jax.block_until_ready(metrics)
-            self.tracker.add(call.end, metrics)
+            self.tracker.pending.append((call.end, metrics))
             if len(self.tracker.pending) >= 25:
                 self.sync(wait=False)
 
@@ -191,7 +191,7 @@ def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inp
                       devices=devices, host_augment=host_augment, phases=phases or Phases(announce=False),
                       resume_hint=resume_hint, restart_hint=restart_hint)
     own = [Progress(desc)] + ([Metrics(trainer.run)] + ([Report()] if report else []) if trainer.writer else [])
-    hooks, graceful = Hooks([*own, *hooks]), True
+    hooks, graceful = [*own, *hooks], True
     try:
         trainer.restore(resume)
         trainer.start()
@@ -206,23 +206,23 @@ def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inp
         graceful = False
         raise lost from None
     finally:
-        hooks.at_end(trainer)
+        tell(hooks, "at_end", trainer)
         if trainer.checkpointer is not None and graceful:
             trainer.checkpointer.close()
 
 
-def _train(trainer: Trainer, hooks: Hooks) -> None:
+def _train(trainer: Trainer, hooks: list) -> None:
     """Each call of training steps, then what the schedule puts after it; a stop request saves and stops."""
     with StopRequest(saves=trainer.checkpointer is not None) as stop, \
             contextlib.closing(trainer.batches) as batches:
         for call, idx in batches:
             trainer.step(call, idx)
-            hooks.after_call(trainer, call)
+            tell(hooks, "after_call", trainer, call)
             if call.evaluate:
-                hooks.after_evaluation(trainer, trainer.evaluate(call.end))
+                tell(hooks, "after_evaluation", trainer, trainer.evaluate(call.end))
             due = trainer.checkpoint_due(call)  # first: every process takes part in its decision
             if (due or stop.requested is not None or trainer.stopping) and trainer.save(call.end):
-                hooks.after_checkpoint(trainer, call.end)
+                tell(hooks, "after_checkpoint", trainer, call.end)
             if trainer.stopping:
                 break
             if stop.requested is not None:

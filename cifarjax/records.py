@@ -16,14 +16,10 @@ class LossTracker:
 
     def __init__(self, loss_sum=0.0, acc_sum=0.0, count=0, first_loss=None):
         self.loss_sum, self.acc_sum, self.count, self.first_loss = loss_sum, acc_sum, count, first_loss
-        self.pending, self.recent = [], (None, 0.0, 0)  # recent: (last step, loss sum, steps) for TensorBoard's curve
-
-    def add(self, step: int, metrics) -> None:
-        self.pending.append((step, metrics))
+        self.pending, self.recent = [], (None, 0.0, 0)  # calls' (end, metrics) to read; (last step, loss sum, steps)
 
     def flush(self) -> Optional[tuple]:
-        """Fold the pending calls' metrics (one step's, or several's as arrays) into the sums; returns (step, loss)
-        of the first non-finite loss, if any."""
+        """Fold the pending calls' metrics into the sums: (step, loss) of the first non-finite loss, or None."""
         pending, self.pending = self.pending, []
         for (end, _), m in zip(pending, jax.device_get([m for _, m in pending])):
             losses, accs = np.atleast_1d(m["loss"][0]), np.atleast_1d(m["accuracy"][0])
@@ -87,9 +83,6 @@ class FitResult:
         return self.average if self.average is not None else self.variables
 
 
-READINGS = ("val_accuracy", "best_val_accuracy", "last5_mean_val_accuracy")
-
-
 def mean_sd(values: Iterable[float]) -> dict:
     """{'mean', 'sd' (the sample sd; 0 for one value), 'n'} of `values`."""
     values = [float(v) for v in values]
@@ -108,4 +101,5 @@ def over_seeds(train: Callable, seeds: Iterable[int]) -> dict:
     """{'results': {seed: train(seed)}, 'mean_sd': {reading: mean_sd}} of `train` returning a `FitResult`."""
     results = {seed: train(seed) for seed in seeds}
     readings = [result.history.readings() for result in results.values()]
-    return {"results": results, "mean_sd": {k: mean_sd(r[k] for r in readings) for k in READINGS}}
+    keys = ("val_accuracy", "best_val_accuracy", "last5_mean_val_accuracy")
+    return {"results": results, "mean_sd": {k: mean_sd(r[k] for r in readings) for k in keys}}
