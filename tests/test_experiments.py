@@ -220,7 +220,7 @@ def test_resume_continues_and_refuses_changed_settings(data_dir, tmp_path, capsy
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     # the closing line's figures add up: this process's images and time; all sessions' time labelled as such
     line, mine = capsys.readouterr().out, summary["this_process"]
-    assert mine["images_trained"] == 48 and f"this process trained 48 images: " in line  # 6 steps of 8
+    assert mine["images_trained"] == 48 and "this process trained 48 images: " in line  # 6 steps of 8
     assert "last-2 mean" in line and "over all 2 sessions" in line and summary["sessions"] == 2
     trained, seconds = mine["images_trained"] - mine["compile_images"], mine["training_seconds"]  # 0.01 s rounded
     assert trained > 0 and trained / (seconds + 0.005) - 0.05 <= mine["images_per_second"] <= \

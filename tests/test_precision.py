@@ -2,7 +2,6 @@
 everywhere state lives (parameters, optimizer moments, BatchNorm statistics, checkpoints) and where the loss is
 computed."""
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp

@@ -15,7 +15,7 @@ from cifarjax.freezing import Freezing
 from cifarjax.inputs import FeatureInputs, HostAugmentedInputs, ImageInputs, backbone_features, cacheable
 from cifarjax.loop import HostAugmentFeed, NonFiniteLossError, fit, train_loop
 from cifarjax.schedule import CHEAP_STEPS_PER_CALL, Call, steps_per_call
-from cifarjax.models import AXIS, Apply, ResNet, ResNet18, SimpleCNN, initialize
+from cifarjax.models import AXIS, Apply, ResNet, ResNet18, initialize
 from cifarjax.optim import base_optimizer, make_optimizer
 from cifarjax.train import DataParallel, create_train_state
 
