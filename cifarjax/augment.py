@@ -1,6 +1,5 @@
 """Augmentation: the original's pipeline on the device (jitted, a function of a PRNG key), or any albumentations
-pipeline per image on the host (slower; for transforms from its catalogue). Validation and test images are never
-augmented, only scaled, resized and normalised."""
+pipeline per image on the host (slower). Evaluation images are only scaled, resized and normalised."""
 from __future__ import annotations
 
 import threading
@@ -24,11 +23,9 @@ def with_normalization(config, train_images: np.ndarray):
     if config.normalize == "imagenet":
         return config.replace(norm_mean=IMAGENET_MEAN, norm_std=IMAGENET_STD)
     pixels = train_images.reshape(-1, 3)
-    mean, sq = np.zeros(3), np.zeros(3)
-    for chunk in np.array_split(pixels, max(1, len(pixels) // 4_000_000)):  # float64 sums without a float64 copy
-        mean += chunk.sum(0, dtype=np.float64)
-        sq += np.square(chunk, dtype=np.float64).sum(0)
-    mean, sq = mean / len(pixels) / 255.0, sq / len(pixels) / 255.0**2
+    chunks = np.array_split(pixels, max(1, len(pixels) // 4_000_000))  # float64 sums without a float64 copy
+    mean = sum(chunk.sum(0, dtype=np.float64) for chunk in chunks) / len(pixels) / 255.0
+    sq = sum(np.square(chunk, dtype=np.float64).sum(0) for chunk in chunks) / len(pixels) / 255.0**2
     std = np.sqrt(np.maximum(sq - mean**2, 0.0))
     if not (std > 1e-6).all():
         raise UserError(f"the training images do not vary in channel {int(np.argmin(std))} (std {std.min():.2g}), "
@@ -48,8 +45,7 @@ class AugmentSpec:
 
     @classmethod
     def from_config(cls, config) -> "AugmentSpec":
-        return cls(config.img_size, config.flip, config.crop_padding, config.norm_mean, config.norm_std,
-                   config.cutout)
+        return cls(config.img_size, config.flip, config.crop_padding, config.norm_mean, config.norm_std, config.cutout)
 
 
 class Choices(NamedTuple):
@@ -102,8 +98,7 @@ def augment(images, choices: Choices, spec: AugmentSpec):
 
 def eval_view(images, spec: AugmentSpec):
     """Evaluation view of a batch: scale uint8 to [0, 1] (float input passes), resize, normalise; no randomness."""
-    images = images.astype(jnp.float32) / 255.0 if jnp.issubdtype(images.dtype, jnp.integer) else \
-        images.astype(jnp.float32)
+    images = images.astype(jnp.float32) / (255.0 if jnp.issubdtype(images.dtype, jnp.integer) else 1.0)
     n, h, w, c = images.shape
     if (h, w) != (spec.img_size, spec.img_size):
         images = jax.image.resize(images, (n, spec.img_size, spec.img_size, c), "bilinear")
@@ -113,8 +108,7 @@ def eval_view(images, spec: AugmentSpec):
 
 
 class HostAugment:
-    """An albumentations `A.Compose` (default: the original's flip) per uint8 image on the host, its draws a function
-    of (seed, step) so a resumed run augments as an uninterrupted one; the device scales, resizes and normalises."""
+    """An albumentations `A.Compose` (default: the original's flip) per uint8 image on the host, seeded per step."""
 
     def __init__(self, transform=None, seed: int = 0):
         if transform is None:  # the original's Resize and ToFloat(255) run on the device: 1 byte a pixel crosses

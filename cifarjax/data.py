@@ -1,9 +1,8 @@
-"""Datasets decoded once into uint8 RGB arrays at `size`x`size`, cached under `runs.cache_dir` keyed by a SHA-256
-of the files' names and bytes, split with a seed and cut into index batches for the devices. Sources (`dataset=`):
-'auto' reads `data_dir` holding `cifar-10-batches-py` or an ImageFolder tree (`DIR/train/<class>/*`, optionally
-`DIR/test/<class>/*`, or `DIR/<class>/*` as a train split), or without `data_dir` downloads CIFAR-10; 'cifar10'
-downloads it into `data_dir`; 'folder' reads an ImageFolder tree; 'fake' is torchvision's FakeData.
-`python -m cifarjax.data DIR` prints the source, classes and per-split counts as one JSON object."""
+"""Datasets decoded once into uint8 RGB arrays at `size`x`size` (cached, keyed by a SHA-256 of the files' names and
+bytes), split with a seed and cut into index batches for the devices. Sources (`dataset=`): 'auto' reads `data_dir`
+holding `cifar-10-batches-py` or an ImageFolder tree (`DIR/train/<class>/*`, optionally `DIR/test/<class>/*`, or
+`DIR/<class>/*` as a train split), without `data_dir` downloads CIFAR-10; 'cifar10' downloads it into `data_dir`;
+'folder' reads an ImageFolder tree; 'fake' is torchvision's FakeData. `python -m cifarjax.data DIR` describes one."""
 from __future__ import annotations
 
 import hashlib
@@ -56,9 +55,8 @@ class Split:
         return Split(self.images[indices], self.labels[indices])
 
 
-def check_pixels(images, what: str = "images", floats: bool = True) -> np.ndarray:
-    """`images` if (N, H, W, 3) uint8 (or, with `floats`, floats in [0, 1]: [0, 255] would read 255 times too
-    bright); else a UserError saying what it got."""
+def check_pixels(images, what: str = "images", floats: bool = True) -> None:
+    """A UserError saying why unless `images` are (N, H, W, 3) uint8 or, with `floats`, in [0, 1] (not [0, 255])."""
     form = ("an (N, height, width, 3) array of uint8 RGB pixels (0-255) or floats in [0, 1]" if floats else
             "a uint8 array of shape (N, height, width, 3) (RGB, 0-255)")
     if not hasattr(images, "shape") or not hasattr(images, "dtype"):
@@ -71,7 +69,6 @@ def check_pixels(images, what: str = "images", floats: bool = True) -> np.ndarra
         if not 0 <= lo <= hi <= 1:  # NaN fails too
             raise UserError(f"{what} must be {form}; got {images.dtype} values in [{lo:g}, {hi:g}] (uint8 pixels: "
                             "pass them as uint8; floats: divide by 255)")
-    return images
 
 
 def _form(array) -> str:
@@ -91,8 +88,6 @@ class Dataset:
         return {name: getattr(self, name) for name in _SPLITS if getattr(self, name) is not None}
 
 
-# ---------------------------------------------------------------------------------------------- splits
-
 def split_indices(n: int, val_fraction: float = 0.2, seed: int = 0):
     """Seeded (train, val) index arrays, sorted: a permutation cut at round(n * val_fraction)."""
     perm = np.random.default_rng(seed).permutation(n)
@@ -110,8 +105,7 @@ def _balanced(split: Split, n: int, seed: int) -> Split:
 
 
 def train_val_split(dataset: Dataset, val_fraction: float = 0.2, seed: int = 0, subset: int = 0):
-    """The original's 80/20 split of the training images, (train, val); with `subset` N, a seeded class-balanced N
-    of the training part and N // 4 of the validation part."""
+    """(train, val): the original's 80/20 split; `subset` N keeps a class-balanced N of train and N // 4 of val."""
     if dataset.train is None or len(dataset.train) < 2:
         raise UserError("this dataset has no training images to split; give a folder with DIR/train/<class>/*")
     dataset.train.check_images("the dataset's training images")
@@ -153,8 +147,7 @@ def train_indices(n: int, batch_size: int, n_devices: int, seed: int, epoch: int
 
 
 def eval_indices(n: int, batch_size: int, n_devices: int):
-    """(indices, mask) covering every example exactly once, the tail padded with index 0 and mask False; per-device
-    batches shrink for small sets."""
+    """(indices, mask) covering each example once, the tail padded (index 0, mask False); small sets, small batches."""
     b = max(1, min(batch_size, -(-n // n_devices) * n_devices) // n_devices)
     total = -(-n // (b * n_devices)) * b * n_devices
     mask = np.arange(total) < n
@@ -182,8 +175,7 @@ def select_classes(dataset: Dataset, classes) -> Dataset:
 
 
 def fingerprint(dataset: Dataset) -> dict:
-    """What a run's split depends on: the image counts and a SHA-256 of the classes and every decoded image and
-    label, in order (equal for the same images in another folder)."""
+    """Image counts and a SHA-256 of the classes and decoded images and labels in order (not where they are)."""
     h = hashlib.sha256(json.dumps(list(dataset.classes)).encode())
     counts = {}
     for name, split in dataset.splits().items():
@@ -193,8 +185,6 @@ def fingerprint(dataset: Dataset) -> dict:
         h.update(np.ascontiguousarray(split.labels, dtype=np.int64).data)
     return {"images": counts, "sha256": h.hexdigest()}
 
-
-# ---------------------------------------------------------------------------------------------- sources
 
 def _folder_splits(root: Path, unused: Optional[list] = None):
     """{'train': (classes, paths, labels), 'test': ...} of an ImageFolder tree (`unused` collects entries not used)."""
@@ -294,11 +284,8 @@ def _cached(kind: str, root: Path, size: int, fingerprint, build) -> Dataset:
     return dataset
 
 
-# ---------------------------------------------------------------------------------------------- entry
-
 def load_dataset(data_dir=None, dataset: str = "auto", size: int = 32, classes=()) -> Dataset:
-    """Load a dataset as uint8 arrays (sources: the module docstring), cached after the first load; `classes`: only
-    these class names, relabelled in that order (`select_classes`)."""
+    """A dataset as uint8 arrays (sources: the module docstring), cached; `classes`: only those (`select_classes`)."""
     if not isinstance(size, int) or not 8 <= size <= 1024:
         raise UserError(f"image size must be an integer between 8 and 1024, got {size!r}")
     if dataset not in SOURCES:

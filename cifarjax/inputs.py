@@ -1,6 +1,5 @@
-"""What a step feeds the model (images, or a frozen backbone's cached features), gathered on the device by index, and
-what a call receives from the host (`ResidentFeed`, `HostAugmentFeed`). Random choices are drawn for the global batch
-and sliced per device, so augmentation does not depend on how the batch is spread over devices and processes."""
+"""What a step feeds the model (images or a frozen backbone's features, gathered on the device by index), and what a
+call gets from the host. Draws are for the global batch, sliced per device: independent of how devices are spread."""
 from __future__ import annotations
 
 import collections
@@ -71,8 +70,7 @@ def cacheable(config) -> bool:
 
 @functools.lru_cache(maxsize=8)
 def _extractor(model, spec: AugmentSpec, devices: tuple):
-    """The pmap-ed extraction; `mirrored` is an argument, not a constant, so both views share one program (at
-    32x32 a compilation takes 9 s on a 2-core CPU without the compilation cache: 13,000 images' extraction)."""
+    """The pmap-ed extraction; `mirrored` is an argument so both views share one program (a compile: 9 s on CPU)."""
     def extract(variables, images, mirrored):
         x = eval_view(images, spec)
         x = flip(x, jnp.broadcast_to(mirrored, x.shape[:1]))
@@ -82,8 +80,7 @@ def _extractor(model, spec: AugmentSpec, devices: tuple):
 
 
 def backbone_features(config, model, variables: dict, train: Split, val: Split, devices=None):
-    """Cached features for the head, (N, views, D) float32 in every process, view 1 mirrored: (train with 2 views,
-    val with 2 when test-time flip averaging needs the mirror, else 1)."""
+    """(train, val) features (N, views, D) float32 in every process, view 1 mirrored (val's only with tta_flip)."""
     parallel = DataParallel(None, devices=devices)
     extract = _extractor(model, AugmentSpec.from_config(config), tuple(parallel.devices))
     replicated = parallel.replicate(variables)

@@ -121,8 +121,7 @@ class Run:
                             f"{images.shape}; use predict_files for image files")
         if not len(images):
             return np.zeros((0, len(self.classes)), np.float32)
-        if self._evaluator is None:
-            self._evaluator = evaluator(self.config, self.variables)
+        self._evaluator = self._evaluator or evaluator(self.config, self.variables)
         parallel, state = self._evaluator
         return parallel.probabilities(state, parallel.replicate(images), len(images), self.config.eval_batch_size)
 
@@ -167,8 +166,7 @@ def load_run(path, average: Optional[bool] = None) -> Run:
 
 
 def image_files(paths: Iterable, report=warn) -> list:
-    """Each file given, and the image files below each folder given (sorted, hidden ones skipped); a missing path
-    or a folder without images is passed to `report` in one line."""
+    """Files given and the image files below folders given (sorted, not hidden); `report` hears of missing or empty."""
     found = []
     for path in map(Path, paths):
         if path.is_dir():
