@@ -132,10 +132,14 @@ def decoding_pool():
 def decode_files(paths: Sequence[str], size: int, desc: str) -> np.ndarray:
     """The image files as (N, size, size, 3) uint8, decoded on a thread pool with a progress bar."""
     images = np.empty((len(paths), size, size, 3), np.uint8)
+
+    def work(i):
+        images[i] = decode_image(paths[i], size)
+
     with decoding_pool() as pool:
-        for i, image in enumerate(tqdm(pool.map(decode_image, paths, itertools.repeat(size)), total=len(paths),
-                                       desc=desc, unit="img", leave=False, mininterval=1.0, disable=len(paths) < 2000)):
-            images[i] = image
+        for _ in tqdm(pool.map(work, range(len(paths))), total=len(paths), desc=desc, unit="img",
+                      leave=False, mininterval=1.0, disable=len(paths) < 2000):
+            pass
     return images
 
 
