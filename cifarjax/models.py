@@ -45,15 +45,11 @@ class SimpleCNN(nn.Module):
         conv = partial(Conv, dtype=self.dtype, convolve=ops.convolve)
         dense = partial(Dense, dtype=self.dtype, linear=ops.linear)
         if fused:  # conv1 per output phase, its dropout before the pool as in the original
-            dropout1, (n, h, w, _), mask_phase = drop("dropout1"), x.shape, None
-            if train and dropout1.rate > 0:
-                keep = dropout1.keep_mask((n, h - 2, w - 2, 128))  # the full conv1 output's mask, as unfused
-                th, tw = (h - 2) // 2, (w - 2) // 2
-                # Mask each phase, pool, then scale: the same values as scaling first (max commutes with it).
-                mask_phase = lambda z, pq: jnp.where(  # noqa: E731
-                    keep[:, pq[0]:pq[0] + 2 * th - 1:2, pq[1]:pq[1] + 2 * tw - 1:2, :], z, jnp.zeros_like(z))
-            x = ops.conv_pool(128, 2, "phases", name="conv1")(x, mask_phase)
-            x = x if mask_phase is None else x / (1.0 - dropout1.rate)
+            dropout1, (n, h, w, _) = drop("dropout1"), x.shape
+            # the full conv1 output's mask, as unfused: mask each phase, pool, then scale (max commutes with scaling)
+            keep = dropout1.keep_mask((n, h - 2, w - 2, 128)) if train and dropout1.rate > 0 else None
+            x = ops.conv_pool(128, 2, "phases", name="conv1")(x, keep)
+            x = x if keep is None else x / (1.0 - dropout1.rate)
         else:
             x = max_pool(drop("dropout1")(nn.relu(conv(128, 3, name="conv1")(x)), deterministic=not train), 2)
         for features, pool, i in ((256, 2, 2), (256, 4, 3)):  # max_pool(relu(conv3x3(x)), pool), then dropout

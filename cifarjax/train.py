@@ -82,11 +82,8 @@ def train_step(state: TrainState, data, idx, *, inputs, n_devices: int, trainabl
                options: StepOptions = StepOptions(), differentiate_frozen: bool = False):
     """One step on this device's share `idx` of the batch; `trainable`: the freezing mask (None: all trains);
     `differentiate_frozen`: differentiate every parameter, the compiler drops the unused part (the CPU program's)."""
-    images, targets = data
-    device = lax.axis_index(AXIS)
-    step_key = jax.random.fold_in(state.key, state.step)
-    x = inputs.train(jax.random.fold_in(step_key, 0), images, idx, device, n_devices)
-    y = targets[idx]
+    device, step_key = lax.axis_index(AXIS), jax.random.fold_in(state.key, state.step)
+    x, y = inputs.train(jax.random.fold_in(step_key, 0), data[0], idx, device, n_devices), data[1][idx]
     dropout_key = jax.random.fold_in(jax.random.fold_in(step_key, 1), device)
 
     whole = trainable is None or differentiate_frozen

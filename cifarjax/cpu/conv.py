@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from functools import partial, reduce
-from typing import Callable, Optional
+from typing import Optional
 
 import flax.linen as nn
 import numpy as np
@@ -38,8 +38,7 @@ def _im2col_conv(x, kernel, strides: int, padding: int):
         x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     ho, wo = (x.shape[1] - kh) // strides + 1, (x.shape[2] - kw) // strides + 1
     span_h, span_w = strides * (ho - 1) + 1, strides * (wo - 1) + 1
-    patches = [x[:, i:i + span_h:strides, j:j + span_w:strides, :] for i in rows for j in cols]
-    patches = patches[0] if len(patches) == 1 else jnp.concatenate(patches, axis=-1)
+    patches = jnp.concatenate([x[:, i:i + span_h:strides, j:j + span_w:strides, :] for i in rows for j in cols], -1)
     taps = kernel[rows.start:rows.stop, cols.start:cols.stop].reshape(len(rows) * len(cols) * cin, cout)
     return (patches.reshape(n * ho * wo, len(rows) * len(cols) * cin) @ taps).reshape(n, ho, wo, cout)
 
@@ -121,13 +120,11 @@ def _sandwich(matrix, grid, keep_first_pass: bool = False):
 def _winograd_input_bwd(m, th, tw, inputs, dv):
     (_, h, w, _), t = inputs[0].shape, m + 2
     dd = materialize(_sandwich(WINOGRAD[m][0].T, dv))
-
-    def shifted(a, down, right):  # one tile larger, shifted by (down, right) tiles
-        return jnp.pad(a, ((0, 0), (down, 1 - down), (right, 1 - right), (0, 0)))
-
-    # Input pixel (m*i + r, m*j + s) gets entry (r, s) of tile (i, j) and entries (r + m, .) of the tiles above.
-    phases = [[sum(shifted(dd[r + di * m][s + dj * m], di, dj) for di in range(2) for dj in range(2)
-                   if r + di * m < t and s + dj * m < t) for s in range(m)] for r in range(m)]
+    # Input pixel (m*i + r, m*j + s) gets entry (r, s) of tile (i, j) and entries (r + m, .) of the tiles above
+    # (each term one tile larger, shifted by (di, dj) tiles).
+    phases = [[sum(jnp.pad(dd[r + di * m][s + dj * m], ((0, 0), (di, 1 - di), (dj, 1 - dj), (0, 0)))
+                   for di in range(2) for dj in range(2) if r + di * m < t and s + dj * m < t)
+               for s in range(m)] for r in range(m)]
     dx = interleave(phases)
     dx = jnp.pad(dx, ((0, 0), (0, max(0, h - dx.shape[1])), (0, max(0, w - dx.shape[2])), (0, 0)))
     return (dx[:, :h, :w, :],)
@@ -240,34 +237,31 @@ def conv3x3_maxpool(x, kernel, pool: int, tile: Optional[int] = None):
     big_tiles = kept_h % 4 == 0 and kept_w % 4 == 0 and kept_h * kept_w >= 64 and (pool % 4 == 0 or 4 % pool == 0)
     m = tile or (4 if big_tiles else 2)
     th, tw = kept_h // m, kept_w // m
-    y = winograd_phases(x, kernel, m, th, tw)
-    if pool >= m:
-        out = maximum_of(*[y[i][j] for i in range(m) for j in range(m)])
-        if pool > m:
-            r = pool // m
-            out = out.reshape(n, th // r, r, tw // r, r, cout).max(axis=(2, 4))
-        return out
-    k = m // pool
-    pooled = [[maximum_of(*[y[pool * u_ + i][pool * v_ + j] for i in range(pool) for j in range(pool)])
-               for v_ in range(k)] for u_ in range(k)]
-    return interleave(pooled)
+    y, group, k = winograd_phases(x, kernel, m, th, tw), min(pool, m), max(1, m // pool)  # k x k pools per tile
+    out = interleave([[maximum_of(*[y[group * u + i][group * v + j] for i in range(group) for j in range(group)])
+                       for v in range(k)] for u in range(k)])
+    if pool > m:
+        r = pool // m
+        out = out.reshape(n, th // r, r, tw // r, r, cout).max(axis=(2, 4))
+    return out
 
 
 class ConvReluMaxPool(nn.Module):
-    """``max_pool(between(relu(conv3x3(x) + bias)), pool)`` fused, `layers.Conv`'s parameters; `method` 'winograd'
-    (no `between`) or 'phases' (`between(z, (p, q))` on each phase, e.g. dropout)."""
+    """``max_pool(relu(conv3x3(x) + bias), pool)`` fused, `layers.Conv`'s parameters; `method` 'winograd' or 'phases'
+    (the ReLU's outputs zeroed where a boolean `keep` mask of the whole convolution's shape is False, e.g. dropout)."""
     features: int
     pool: int
     method: str = "winograd"
 
     @nn.compact
-    def __call__(self, x, between: Optional[Callable] = None):
-        shape = (3, 3, x.shape[-1], self.features)
+    def __call__(self, x, keep=None):
+        shape, s = (3, 3, x.shape[-1], self.features), self.pool
         kernel = self.param("kernel", torch_uniform, shape)
         bias = self.param("bias", partial(torch_uniform, fan_in=math.prod(shape[:-1])), (self.features,))
         if self.method == "winograd":
-            if between is not None:
-                raise ValueError("the Winograd path pools before the ReLU and cannot apply `between`")
-            return nn.relu(conv3x3_maxpool(x, kernel, self.pool) + bias)
-        between = between or (lambda z, phase: z)
-        return maximum_of(*[between(nn.relu(z + bias), p) for p, z in conv_phases(x, kernel, self.pool).items()])
+            if keep is not None:
+                raise ValueError("the Winograd path pools before the ReLU and cannot apply `keep`")
+            return nn.relu(conv3x3_maxpool(x, kernel, s) + bias)
+        masked = lambda z, p, q: z if keep is None else jnp.where(  # noqa: E731  the phase's part of `keep`
+            keep[:, p:p + s * (z.shape[1] - 1) + 1:s, q:q + s * (z.shape[2] - 1) + 1:s, :], z, jnp.zeros_like(z))
+        return maximum_of(*[masked(nn.relu(z + bias), p, q) for (p, q), z in conv_phases(x, kernel, s).items()])
