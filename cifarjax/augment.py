@@ -108,7 +108,8 @@ def eval_view(images, spec: AugmentSpec):
 
 
 class HostAugment:
-    """An albumentations `A.Compose` (default: the original's flip) per uint8 image on the host, seeded per step."""
+    """An albumentations `A.Compose` (default: the original's flip) per uint8 image on the host, its draws a function
+    of (seed, step) so a resumed run augments as an uninterrupted one; the device scales, resizes and normalises."""
 
     def __init__(self, transform=None, seed: int = 0):
         if transform is None:  # the original's Resize and ToFloat(255) run on the device: 1 byte a pixel crosses

@@ -2,7 +2,8 @@
 bytes), split with a seed and cut into index batches for the devices. Sources (`dataset=`): 'auto' reads `data_dir`
 holding `cifar-10-batches-py` or an ImageFolder tree (`DIR/train/<class>/*`, optionally `DIR/test/<class>/*`, or
 `DIR/<class>/*` as a train split), without `data_dir` downloads CIFAR-10; 'cifar10' downloads it into `data_dir`;
-'folder' reads an ImageFolder tree; 'fake' is torchvision's FakeData. `python -m cifarjax.data DIR` describes one."""
+'folder' reads an ImageFolder tree; 'fake' is torchvision's FakeData. The cache: `runs.cache_dir` ($CIFARJAX_CACHE).
+`python -m cifarjax.data DIR` prints the source, classes and per-split counts as one JSON object."""
 from __future__ import annotations
 
 import hashlib
@@ -105,7 +106,8 @@ def _balanced(split: Split, n: int, seed: int) -> Split:
 
 
 def train_val_split(dataset: Dataset, val_fraction: float = 0.2, seed: int = 0, subset: int = 0):
-    """(train, val): the original's 80/20 split; `subset` N keeps a class-balanced N of train and N // 4 of val."""
+    """(train, val): the original's seeded 80/20 split; `subset` N keeps a seeded, class-balanced N of the training
+    part and N // 4 of the validation part."""
     if dataset.train is None or len(dataset.train) < 2:
         raise UserError("this dataset has no training images to split; give a folder with DIR/train/<class>/*")
     dataset.train.check_images("the dataset's training images")
@@ -285,7 +287,8 @@ def _cached(kind: str, root: Path, size: int, fingerprint, build) -> Dataset:
 
 
 def load_dataset(data_dir=None, dataset: str = "auto", size: int = 32, classes=()) -> Dataset:
-    """A dataset as uint8 arrays (sources: the module docstring), cached; `classes`: only those (`select_classes`)."""
+    """A dataset as uint8 arrays (sources: the module docstring), cached; `classes`: only these class names,
+    relabelled in that order (`select_classes`)."""
     if not isinstance(size, int) or not 8 <= size <= 1024:
         raise UserError(f"image size must be an integer between 8 and 1024, got {size!r}")
     if dataset not in SOURCES:

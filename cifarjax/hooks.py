@@ -72,7 +72,8 @@ class Metrics:
     def write(self, step: int, scalars: dict) -> None:
         def write():
             for tag, value in scalars.items():
-                self.writer.add_scalar(tag, float(value), int(step))
+                if value is not None:
+                    self.writer.add_scalar(tag, float(value), int(step))
             self.writer.flush()
             return True
         if self.writer is not None and not best_effort(write, f"TensorBoard event files in {self.folder}", False):

@@ -1,5 +1,6 @@
 """What a step feeds the model (images or a frozen backbone's features, gathered on the device by index), and what a
-call gets from the host. Draws are for the global batch, sliced per device: independent of how devices are spread."""
+call gets from the host (`ResidentFeed`, `HostAugmentFeed`). Draws are for the global batch, sliced per device: they
+do not depend on how the batch is spread over devices and processes."""
 from __future__ import annotations
 
 import collections
@@ -70,7 +71,8 @@ def cacheable(config) -> bool:
 
 @functools.lru_cache(maxsize=8)
 def _extractor(model, spec: AugmentSpec, devices: tuple):
-    """The pmap-ed extraction; `mirrored` is an argument so both views share one program (a compile: 9 s on CPU)."""
+    """The pmap-ed extraction; `mirrored` is an argument, not a constant, so both views share one program (a compile
+    at 32x32: 9 s on a 2-core CPU)."""
     def extract(variables, images, mirrored):
         x = eval_view(images, spec)
         x = flip(x, jnp.broadcast_to(mirrored, x.shape[:1]))
@@ -80,18 +82,21 @@ def _extractor(model, spec: AugmentSpec, devices: tuple):
 
 
 def backbone_features(config, model, variables: dict, train: Split, val: Split, devices=None):
-    """(train, val) features (N, views, D) float32 in every process, view 1 mirrored (val's only with tta_flip)."""
+    """(train, val) features (N, views, D) float32 in every process, view 1 the mirrored image's (train: 2 views;
+    val: 2 with tta_flip, else 1)."""
     parallel = DataParallel(None, devices=devices)
     extract = _extractor(model, AugmentSpec.from_config(config), tuple(parallel.devices))
     replicated = parallel.replicate(variables)
 
     def features(split, views, desc):
         idx, mask = eval_indices(len(split), config.eval_batch_size, parallel.n_devices)
-        chunks = [[extract(replicated, split.images[parallel.mine(i)], np.bool_(view))
-                   for i in tqdm(idx, desc=f"{desc} view {view}", leave=False, mininterval=2.0,
-                                 disable=jax.process_index() != 0)] for view in range(views)]
-        return Split(np.stack([np.concatenate([parallel.unreplicate(c)[m] for c, m in zip(view, mask)])
-                               for view in chunks], axis=1), split.labels)
+        out = []
+        for view in range(views):  # one at a time: a view's device outputs are freed before the next's
+            chunks = [extract(replicated, split.images[parallel.mine(i)], np.bool_(view))
+                      for i in tqdm(idx, desc=f"{desc} view {view}", leave=False, mininterval=2.0,
+                                    disable=jax.process_index() != 0)]
+            out.append(np.concatenate([parallel.unreplicate(c)[m] for c, m in zip(chunks, mask)]))
+        return Split(np.stack(out, axis=1), split.labels)
     return features(train, 2, "train features"), features(val, 2 if config.tta_flip else 1, "val features")
 
 

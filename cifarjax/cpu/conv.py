@@ -248,7 +248,8 @@ def conv3x3_maxpool(x, kernel, pool: int, tile: Optional[int] = None):
 
 class ConvReluMaxPool(nn.Module):
     """``max_pool(relu(conv3x3(x) + bias), pool)`` fused, `layers.Conv`'s parameters; `method` 'winograd' or 'phases'
-    (the ReLU's outputs zeroed where a boolean `keep` mask of the whole convolution's shape is False, e.g. dropout)."""
+    (the ReLU's outputs zeroed where a boolean `keep` mask of the whole convolution's shape is False, e.g. dropout's;
+    unscaled: the caller divides by the keep probability)."""
     features: int
     pool: int
     method: str = "winograd"
