@@ -23,9 +23,11 @@ def with_normalization(config, train_images: np.ndarray):
     if config.normalize == "imagenet":
         return config.replace(norm_mean=IMAGENET_MEAN, norm_std=IMAGENET_STD)
     pixels = train_images.reshape(-1, 3)
-    chunks = np.array_split(pixels, max(1, len(pixels) // 4_000_000))  # float64 sums without a float64 copy
-    mean = sum(chunk.sum(0, dtype=np.float64) for chunk in chunks) / len(pixels) / 255.0
-    sq = sum(np.square(chunk, dtype=np.float64).sum(0) for chunk in chunks) / len(pixels) / 255.0**2
+    mean, sq = np.zeros(3), np.zeros(3)
+    for chunk in np.array_split(pixels, max(1, len(pixels) // 4_000_000)):  # float64 sums without a float64 copy
+        mean += chunk.sum(0, dtype=np.float64)  # one pass over the images: each chunk read once, while in cache
+        sq += np.square(chunk, dtype=np.float64).sum(0)
+    mean, sq = mean / len(pixels) / 255.0, sq / len(pixels) / 255.0**2
     std = np.sqrt(np.maximum(sq - mean**2, 0.0))
     if not (std > 1e-6).all():
         raise UserError(f"the training images do not vary in channel {int(np.argmin(std))} (std {std.min():.2g}), "
