@@ -8,6 +8,7 @@ import os
 import re
 import zipfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
@@ -18,7 +19,7 @@ from flax import traverse_util
 
 from cifarjax import torchlib
 from cifarjax.errors import UserError, best_effort, warn
-from cifarjax.models import ResNet18, build_model, init_variables, initialize
+from cifarjax.models import ResNet18, build_model, init_variables
 from cifarjax.runs import atomic_write
 from cifarjax.runs import cache_dir as default_cache
 
@@ -152,11 +153,14 @@ def convert_state_dict(state_dict: Mapping) -> dict:
 
 
 def with_new_head(variables: dict, num_classes: int, seed: int = 0, keep_same_size: bool = True) -> dict:
-    """Ported variables with a fresh seeded `num_classes` head, one of that size kept if `keep_same_size`."""
+    """Ported variables with a fresh seeded `num_classes` head, one of that size kept if `keep_same_size`. The head is
+    initialised alone: flax keys each module's initialiser by its name, so it holds the whole model's values."""
     if keep_same_size and variables["params"]["head"]["bias"].shape[0] == num_classes:
         return variables
-    head = initialize(ResNet18(num_classes), seed)["params"]["head"]
-    return {**variables, "params": {**variables["params"], "head": head}}
+    model = ResNet18(num_classes)
+    init_head = jax.jit(partial(model.init, method="classify"))
+    head = init_head(jax.random.PRNGKey(seed), jnp.zeros((1, 8 * model.num_filters)))["params"]["head"]
+    return {**variables, "params": {**variables["params"], "head": jax.device_get(head)}}
 
 
 def resnet18_from_torchvision(state_dict_or_path, num_classes: int = 1000, seed: int = 0) -> dict:
