@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax import lax
 
-from cifarjax.ops import interleave, torch_uniform, xla_conv
+from cifarjax.ops import overlap_add, torch_uniform, xla_conv
 
 
 class Conv(nn.Module):
@@ -183,19 +183,9 @@ def _window_max_pool_fwd(x, window, strides, padding, keep):
 
 
 def _window_max_pool_bwd(window, strides, padding, keep, residuals, g):
-    first, (n, h, w, c) = residuals
-    s, reach = strides, (window - 1) // strides + 1  # a phase row gathers from `reach` output rows
-    zero = jnp.zeros_like(g)
-    phases = [[None] * s for _ in range(s)]
-    for t in range(window * window):
-        (di, p), (dj, q) = divmod(t // window, s), divmod(t % window, s)
-        part = jnp.pad(jnp.where(first == t, g, zero), ((0, 0), (di, reach - 1 - di), (dj, reach - 1 - dj), (0, 0)))
-        phases[p][q] = part if phases[p][q] is None else phases[p][q] + part
-    shape = (n, g.shape[1] + reach - 1, g.shape[2] + reach - 1, c)
-    dx = interleave([[a if a is not None else jnp.zeros(shape, g.dtype) for a in row] for row in phases])
-    hp, wp = h + 2 * padding, w + 2 * padding  # dx covers the padded input's first rows and columns
-    dx = jnp.pad(dx, ((0, 0), (0, max(0, hp - dx.shape[1])), (0, max(0, wp - dx.shape[2])), (0, 0)))
-    return (dx[:, padding:padding + h, padding:padding + w, :],)
+    first, (_, h, w, _) = residuals
+    taps = [[jnp.where(first == i * window + j, g, jnp.zeros_like(g)) for j in range(window)] for i in range(window)]
+    return (overlap_add(taps, strides, (h, w), padding),)
 
 
 window_max_pool.defvjp(_window_max_pool_fwd, _window_max_pool_bwd)

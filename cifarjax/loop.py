@@ -185,7 +185,12 @@ def fit(config: Config, apply_fn, variables: dict, train: Split, val: Split, inp
     """Train `variables` on `train`, evaluating on `val`; `run`: the folder of metrics, checkpoints (`resume` goes on
     from the newest) and with `report` summary.json and plots/; `continue_from`: a finished shorter run to start from
     (exact unless `flags.rate_depends_on_length`); `*_hint`: commands errors give; `hooks`: `cifarjax.hooks`."""
-    _check_splits(config, train, val, inputs)
+    if not isinstance(inputs, FeatureInputs):
+        train.check_images("the training images"), val.check_images("the validation images")
+    if not len(val):
+        raise UserError("the validation split is empty; give it at least one image")
+    check_labels(train.labels, config.num_classes, "training labels")
+    check_labels(val.labels, config.num_classes, "validation labels")
     resume = _claim(run, resume, continue_from) if run is not None else resume
     trainer = Trainer(config, apply_fn, variables, train, val, inputs, run=Path(run) if run else None,
                       devices=devices, host_augment=host_augment, phases=phases or Phases(announce=False),
@@ -230,15 +235,6 @@ def _train(trainer: Trainer, hooks: list) -> None:
                                   stop.requested == signal.SIGTERM)
     trainer.sync()
     trainer.finished = True
-
-
-def _check_splits(config: Config, train: Split, val: Split, inputs) -> None:
-    if not isinstance(inputs, FeatureInputs):
-        train.check_images("the training images"), val.check_images("the validation images")
-    if not len(val):
-        raise UserError("the validation split is empty; give it at least one image")
-    check_labels(train.labels, config.num_classes, "training labels")
-    check_labels(val.labels, config.num_classes, "validation labels")
 
 
 def _claim(run: Path, resume: bool, continue_from: Optional[Path]) -> bool:

@@ -43,7 +43,6 @@ class SimpleCNN(nn.Module):
         ops, drop = self.formulations, lambda name: Dropout(self.dropout_rate, name=name)  # noqa: E731
         fused = self.dtype is None and ops.conv_pool is not None
         conv = partial(Conv, dtype=self.dtype, convolve=ops.convolve)
-        dense = partial(Dense, dtype=self.dtype, linear=ops.linear)
         if fused:  # conv1 per output phase, its dropout before the pool as in the original
             dropout1, (n, h, w, _) = drop("dropout1"), x.shape
             # the full conv1 output's mask, as unfused: mask each phase, pool, then scale (max commutes with scaling)
@@ -56,8 +55,8 @@ class SimpleCNN(nn.Module):
             block = ops.conv_pool(features, pool, "winograd", name=f"conv{i}") if fused else \
                 (lambda x: max_pool(nn.relu(conv(features, 3, name=f"conv{i}")(x)), pool))
             x = drop(f"dropout{i}")(block(x), deterministic=not train)
-        x = nn.relu(dense(512, name="fc1")(x.reshape(x.shape[0], -1)))
-        return dense(self.num_classes, name="fc2")(x)
+        x = nn.relu(Dense(512, self.dtype, ops.linear, name="fc1")(x.reshape(x.shape[0], -1)))
+        return Dense(self.num_classes, self.dtype, ops.linear, name="fc2")(x)
 
 
 RESNET_CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's kaiming_normal_

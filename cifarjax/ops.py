@@ -26,3 +26,17 @@ def interleave(phases):
     k = len(phases)
     n, h, w, c = phases[0][0].shape
     return jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2).reshape(n, k * h, k * w, c)
+
+
+def overlap_add(taps, stride: int, size, padding: int = 0):
+    """The transpose of gathering taps[i][j] = padded x[:, i::stride, j::stride] (x: (n, *size, c)): each tap added
+    where it read, per input phase (rows stride * a + p, columns stride * b + q) a sum of shifted taps, interleaved."""
+    k, s, (n, ho, wo, c) = len(taps), stride, taps[0][0].shape
+    reach = (k - 1) // s + 1  # a phase row gathers from `reach` tap rows
+    shifted = lambda a, di, dj: jnp.pad(a, ((0, 0), (di, reach - 1 - di), (dj, reach - 1 - dj), (0, 0)))  # noqa: E731
+    zero = jnp.zeros((n, ho + reach - 1, wo + reach - 1, c), taps[0][0].dtype)  # a phase no tap reads
+    dx = interleave([[sum((shifted(taps[p + di * s][q + dj * s], di, dj) for di in range(reach) for dj in range(reach)
+                           if p + di * s < k and q + dj * s < k), zero) for q in range(s)] for p in range(s)])
+    h, w = size[0] + 2 * padding, size[1] + 2 * padding  # dx covers the padded input's first rows and columns
+    dx = jnp.pad(dx, ((0, 0), (0, max(0, h - dx.shape[1])), (0, max(0, w - dx.shape[2])), (0, 0)))
+    return dx[:, padding:padding + size[0], padding:padding + size[1], :]

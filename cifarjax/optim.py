@@ -12,8 +12,6 @@ from cifarjax.cpu import fusion
 from cifarjax.freezing import Freezing
 from cifarjax.target import resolve
 
-TRAINABLE, FROZEN = "trainable", "frozen"
-
 
 def learning_rate(config, steps_per_epoch: int):
     """A float for 'constant', else optax's 'cosine' (warm-up, decay to 0) or 'onecycle' (default warm-up: 30%)."""
@@ -49,6 +47,6 @@ def make_optimizer(config, params, steps_per_epoch: int = 1, platform: Optional[
                    ) -> optax.GradientTransformation:
     """The configured optimizer on the trainable leaves; frozen leaves get `set_to_zero` and no state."""
     mask = Freezing.from_config(config).trainable_mask(params)
-    labels = jax.tree.map(lambda trains: TRAINABLE if trains else FROZEN, mask)
-    return optax.multi_transform({TRAINABLE: base_optimizer(config, steps_per_epoch, platform),
-                                  FROZEN: optax.set_to_zero()}, labels)
+    labels = jax.tree.map(lambda trains: "trainable" if trains else "frozen", mask)
+    return optax.multi_transform({"trainable": base_optimizer(config, steps_per_epoch, platform),
+                                  "frozen": optax.set_to_zero()}, labels)

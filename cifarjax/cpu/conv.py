@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from cifarjax.cpu.fusion import apart, materialize, with_backward
-from cifarjax.ops import interleave, torch_uniform, xla_conv
+from cifarjax.ops import interleave, overlap_add, torch_uniform, xla_conv
 
 LARGE_MAP = 8  # from this width XLA's forward beats im2col (1.0-4.6x); on 2x2 maps it is far slower
 FEW_CHANNELS = 4  # up to this many input channels (images) XLA's kernel gradient beats im2col's (the stem: 2.2x)
@@ -45,11 +45,9 @@ def _im2col_conv(x, kernel, strides: int, padding: int):
 
 def _xla_im2col_bwd(strides, padding, inputs, dy):
     x, kernel = inputs
-    if x.shape[-1] > FEW_CHANNELS:
-        return jax.vjp(lambda x, k: _im2col_conv(x, k, strides, padding), x, kernel)[1](dy)
     dx, = jax.vjp(lambda x: _im2col_conv(x, kernel, strides, padding), x)[1](dy)
-    dkernel, = jax.vjp(lambda k: xla_conv(x, k, strides, padding), kernel)[1](dy)
-    return dx, dkernel
+    kernel_conv = _im2col_conv if x.shape[-1] > FEW_CHANNELS else xla_conv
+    return dx, jax.vjp(lambda k: kernel_conv(x, k, strides, padding), kernel)[1](dy)[0]
 
 
 @with_backward(_xla_im2col_bwd, nondiff_argnums=(2, 3))
@@ -118,16 +116,7 @@ def _sandwich(matrix, grid, keep_first_pass: bool = False):
 
 
 def _winograd_input_bwd(m, th, tw, inputs, dv):
-    (_, h, w, _), t = inputs[0].shape, m + 2
-    dd = materialize(_sandwich(WINOGRAD[m][0].T, dv))
-    # Input pixel (m*i + r, m*j + s) gets entry (r, s) of tile (i, j) and entries (r + m, .) of the tiles above
-    # (each term one tile larger, shifted by (di, dj) tiles).
-    phases = [[sum(jnp.pad(dd[r + di * m][s + dj * m], ((0, 0), (di, 1 - di), (dj, 1 - dj), (0, 0)))
-                   for di in range(2) for dj in range(2) if r + di * m < t and s + dj * m < t)
-               for s in range(m)] for r in range(m)]
-    dx = interleave(phases)
-    dx = jnp.pad(dx, ((0, 0), (0, max(0, h - dx.shape[1])), (0, max(0, w - dx.shape[2])), (0, 0)))
-    return (dx[:, :h, :w, :],)
+    return (overlap_add(materialize(_sandwich(WINOGRAD[m][0].T, dv)), m, inputs[0].shape[1:3]),)
 
 
 @with_backward(_winograd_input_bwd, nondiff_argnums=(1, 2, 3))
@@ -187,19 +176,16 @@ def _whole_map_bwd(inputs, dy):
     n, h, w, cin = x.shape
     dx = whole_map_conv3x3(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
     products = (x.reshape(n, h * w * cin).T @ dy.reshape(n, -1)).reshape(h, w, cin, h, w, -1)  # [p, q, :, i, j, :]
-    taps = [[sum(products[p, q, :, i, j] for p in range(h) for q in range(w) for i in range(h) for j in range(w)
-                 if (p - i + 1, q - j + 1) == (a, b)) for b in range(3)] for a in range(3)]
-    zero = jnp.zeros_like(kernel[0, 0])
-    dk = jnp.stack([jnp.stack([t if not isinstance(t, int) else zero for t in row]) for row in taps])
-    return dx, dk
+    zero = jnp.zeros_like(kernel[0, 0])  # the taps that meet only padding
+    taps = [[sum((products[p, q, :, i, j] for p in range(h) for q in range(w) for i in range(h) for j in range(w)
+                  if (p - i + 1, q - j + 1) == (a, b)), zero) for b in range(3)] for a in range(3)]
+    return dx, jnp.stack([jnp.stack(row) for row in taps])
 
 
 @with_backward(_whole_map_bwd)
 def whole_map_conv3x3(x, kernel):
     """``conv2d(x, kernel, 1, 1)`` of maps at most 2x2, each output (and gradient) one matmul of the whole map."""
     n, h, w, cin = x.shape
-    if h > 2 or w > 2:
-        raise ValueError(f"whole-map convolution is for maps of at most 2x2, got {h}x{w}")
     outputs = [lax.dot_general(x, kernel[1 - i:1 - i + h, 1 - j:1 - j + w], (((1, 2, 3), (0, 1, 2)), ((), ())))
                for i in range(h) for j in range(w)]
     return jnp.stack(outputs, axis=1).reshape(n, h, w, -1)
