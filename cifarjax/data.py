@@ -215,7 +215,7 @@ def _load_folder(root: Path, size: int) -> Dataset:
     digests = {s: sources.content_digest(paths, [p[len(base):] for p in paths]) for s, (_, paths, _) in splits.items()}
 
     def build():
-        decoded = {s: Split(sources.decode_files(paths, size, f"decoding {s}"), np.array(labels, np.int32))
+        decoded = {s: Split(sources.decode_files(paths, size, f"decoding {s}")[0], np.array(labels, np.int32))
                    for s, (_, paths, labels) in splits.items()}
         return Dataset("folder", classes[next(iter(splits))], decoded.get("train"), decoded.get("test"))
     return _cached("folder", root, size, digests, build)

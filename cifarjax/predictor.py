@@ -22,7 +22,7 @@ from cifarjax.data import Split, check_pixels
 from cifarjax.errors import UserError, warn
 from cifarjax.inputs import ImageInputs
 from cifarjax.models import Apply, build_model
-from cifarjax.sources import IMAGE_EXTENSIONS, check_labels, decode_image, decoding_pool
+from cifarjax.sources import IMAGE_EXTENSIONS, check_labels, decode_files
 from cifarjax.train import DataParallel, StepOptions, create_train_state
 
 
@@ -129,7 +129,7 @@ class Run:
         """{path: class probabilities} of image files, decoded as the data loader decodes them; an unreadable file
         raises UserError, or with `skip_unreadable` is left out with a warning."""
         paths = [str(p) for p in paths]
-        images, readable = read_images(paths, self.config.decode_size, skip_unreadable)
+        images, readable = decode_files(paths, self.config.decode_size, skip_unreadable=skip_unreadable)
         return dict(zip(readable, self.predict(images)))
 
     def evaluate(self, split: Split) -> dict:
@@ -183,20 +183,3 @@ def image_files(paths: Iterable, report=warn) -> list:
         else:
             report(f"{path} does not exist; it is skipped")
     return found
-
-
-def read_images(paths: list, size: int, skip_unreadable: bool = False):
-    """((N, size, size, 3) uint8 images, the paths read) of image files; see `Run.predict_files`."""
-    def read(path):
-        try:
-            return decode_image(Path(path), size, *(["it is skipped"] * 2 if skip_unreadable else []))
-        except UserError as error:
-            if not skip_unreadable:
-                raise
-            warn(str(error))
-
-    with decoding_pool() as pool:
-        decoded = list(pool.map(read, paths))
-    kept = [(p, image) for p, image in zip(paths, decoded) if image is not None]
-    images = np.stack([image for _, image in kept]) if kept else np.zeros((0, size, size, 3), np.uint8)
-    return images, [p for p, _ in kept]

@@ -2,7 +2,6 @@
 no 8-bit RGB, over Pillow's pixel limit, a batch holding non-numpy objects or bad fields) is refused by name."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import os
@@ -120,27 +119,28 @@ def decode_image(path, size: int, advice: str = "delete or replace that file and
     raise UserError(f"image {path} is not a regular file (a FIFO, a socket, a device or a folder); {advice}")
 
 
-@contextlib.contextmanager
-def decoding_pool():
-    """A thread pool for decoding, meanwhile Pillow's DecompressionBombWarning an error (such an image is refused as a
-    corrupt one is); set by the thread that starts the pool, as warning filters are the process's, and racy."""
-    with warnings.catch_warnings(), ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        yield pool
-
-
-def decode_files(paths: Sequence[str], size: int, desc: str) -> np.ndarray:
-    """The image files as (N, size, size, 3) uint8, decoded on a thread pool with a progress bar."""
-    images = np.empty((len(paths), size, size, 3), np.uint8)
+def decode_files(paths: Sequence, size: int, desc: str = "decoding", skip_unreadable: bool = False):
+    """((N, size, size, 3) uint8 images, the paths read) of image files, decoded on a thread pool with a progress bar;
+    an unreadable file raises UserError, or with `skip_unreadable` is left out with a warning."""
+    images, read = np.empty((len(paths), size, size, 3), np.uint8), np.ones(len(paths), bool)
 
     def work(i):
-        images[i] = decode_image(paths[i], size)
+        try:
+            images[i] = decode_image(paths[i], size, *(["it is skipped"] * 2 if skip_unreadable else []))
+        except UserError as error:
+            if not skip_unreadable:
+                raise
+            warn(str(error))
+            read[i] = False
 
-    with decoding_pool() as pool:
+    with warnings.catch_warnings(), ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
+        # Pillow's DecompressionBombWarning refuses such an image as a corrupt one is (set by the thread that starts
+        # the pool, as warning filters are the process's, and racy)
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
         for _ in tqdm(pool.map(work, range(len(paths))), total=len(paths), desc=desc, unit="img",
                       leave=False, mininterval=1.0, disable=len(paths) < 2000):
             pass
-    return images
+    return (images, list(paths)) if read.all() else (images[read], [p for p, r in zip(paths, read) if r])
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):

@@ -186,6 +186,8 @@ def _whole_map_bwd(inputs, dy):
 def whole_map_conv3x3(x, kernel):
     """``conv2d(x, kernel, 1, 1)`` of maps at most 2x2, each output (and gradient) one matmul of the whole map."""
     n, h, w, cin = x.shape
+    if h > 2 or w > 2:
+        raise ValueError(f"whole-map convolution is for maps of at most 2x2, got {h}x{w}")
     outputs = [lax.dot_general(x, kernel[1 - i:1 - i + h, 1 - j:1 - j + w], (((1, 2, 3), (0, 1, 2)), ((), ())))
                for i in range(h) for j in range(w)]
     return jnp.stack(outputs, axis=1).reshape(n, h, w, -1)
