@@ -1,7 +1,6 @@
 """The experiment commands: `python -m experiments.NAME`. Importing them changes nothing in the process; started
-as a command, one applies its process-wide settings first (`experiments.common.launch`), and on the CPU the process
-is started again with huge pages before JAX and PyTorch load (`relaunch_command`: the first start then costs no
-imports).
+as a command, one applies its process-wide settings first (`experiments.common.launch`); on the CPU the process
+starts again with huge pages here, before JAX loads (`cifarjax.cpu.process.relaunch_command`).
 
 One exception, which only mends an import: where a `cifarjax/` folder in the working directory (the clone itself,
 seen from its parent) would be taken for the package as a namespace package, ahead of an editable install's import
