@@ -67,12 +67,12 @@ def test_im2col_convolution_equals_xla(size, k, stride, pad, rng):
     map: test_the_cpu_formulations_are_exactly_the_convolution)."""
     x = jnp.asarray(rng.normal(size=(2, size, size, 5)).astype(np.float32))
     w = jnp.asarray(rng.normal(size=(k, k, 5, 6)).astype(np.float32))
-    a = conv2d(x, w, stride, pad, "im2col")
-    b = xla_conv(x, w, stride, pad)
-    magnitude = xla_conv(jnp.abs(x), jnp.abs(w), stride, pad)
+    a = jax.jit(lambda x, w: conv2d(x, w, stride, pad, "im2col"))(x, w)
+    b = jax.jit(lambda x, w: xla_conv(x, w, stride, pad))(x, w)
+    magnitude = jax.jit(lambda x, w: xla_conv(jnp.abs(x), jnp.abs(w), stride, pad))(x, w)
     assert (np.abs(a - b) <= summation_bound(magnitude, k * k * 5)).all()
-    ga = jax.grad(lambda x: conv2d(x, w, stride, pad, "im2col").sum())(x)
-    gb = jax.grad(lambda x: xla_conv(x, w, stride, pad).sum())(x)
+    ga = jax.jit(jax.grad(lambda x: conv2d(x, w, stride, pad, "im2col").sum()))(x)
+    gb = jax.jit(jax.grad(lambda x: xla_conv(x, w, stride, pad).sum()))(x)
     assert (np.abs(ga - gb) <= summation_bound(np.abs(w).sum(axis=(0, 1, 3)), k * k * 6)).all()
 
 
@@ -303,11 +303,11 @@ def test_max_pool_and_its_gradient_match_pytorch(window, stride, pad, size, rng)
     dy = rng.normal(size=expected.shape).astype(np.float32)
     (expected * torch.from_numpy(dy)).sum().backward()
     xj = jnp.asarray(x.transpose(0, 2, 3, 1))
-    got = max_pool(xj, window, stride, pad)
+    got = jax.jit(lambda x: max_pool(x, window, stride, pad))(xj)
     np.testing.assert_array_equal(np.asarray(got).transpose(0, 3, 1, 2), expected.detach().numpy())
-    differentiated, _ = jax.vjp(lambda x: max_pool(x, window, stride, pad), xj)  # the forward that keeps an index
-    np.testing.assert_array_equal(differentiated, got)
-    dx = jax.grad(lambda x: jnp.sum(max_pool(x, window, stride, pad) * dy.transpose(0, 2, 3, 1)))(xj)
+    keeping_an_index = jax.jit(lambda x: jax.vjp(lambda x: max_pool(x, window, stride, pad), x)[0])  # the forward
+    np.testing.assert_array_equal(keeping_an_index(xj), got)  # differentiated
+    dx = jax.jit(jax.grad(lambda x: jnp.sum(max_pool(x, window, stride, pad) * dy.transpose(0, 2, 3, 1))))(xj)
     np.testing.assert_allclose(np.asarray(dx).transpose(0, 3, 1, 2), xt.grad.numpy(), rtol=1e-6, atol=1e-6)
 
 
