@@ -22,9 +22,7 @@ from flax import traverse_util
 
 from cifarjax.errors import UserError, request_hard_exit, user_error_from_os, warn
 from cifarjax.freezing import join_frozen, split_frozen
-from cifarjax.runs import CONFIG, TENSORBOARD, RunFolder, atomic_write
-
-CHECKPOINTS, FROZEN = "checkpoints", "frozen_params.npz"
+from cifarjax.runs import CHECKPOINTS, CONFIG, FROZEN, TENSORBOARD, RunFolder, atomic_write
 
 
 def _drop_orbax_failures(record: logging.LogRecord) -> bool:
@@ -87,8 +85,8 @@ class Checkpointer:
 
     def _stored(self, state) -> dict:
         """The arrays a checkpoint holds: what trains, statistics, their moving average, optimizer state."""
-        prune = (lambda p: p) if self.trainable is None else (lambda p: split_frozen(p, self.trainable)[0])
-        variables = {"params": prune(state.params), "batch_stats": state.batch_stats}
+        params = state.params if self.trainable is None else split_frozen(state.params, self.trainable)[0]
+        variables = {"params": params, "batch_stats": state.batch_stats}
         if state.ema_params is not None:
             variables.update(ema_params=state.ema_params, ema_batch_stats=state.ema_batch_stats)
         return {"variables": variables,
@@ -108,8 +106,7 @@ class Checkpointer:
         RunFolder.record(self.directory / str(int(state.step)))
         with self._write_errors():
             self.manager.save(int(state.step), args=ocp.args.Composite(
-                variables=ocp.args.StandardSave(stored["variables"]), train=ocp.args.StandardSave(stored["train"]),
-                meta=ocp.args.JsonSave(meta)))
+                meta=ocp.args.JsonSave(meta), **{k: ocp.args.StandardSave(v) for k, v in stored.items()}))
 
     @contextlib.contextmanager
     def _write_errors(self):
@@ -137,8 +134,7 @@ class Checkpointer:
 
     def restore(self, state):
         """(state, meta) of the newest intact checkpoint; damaged newer ones are reported and removed."""
-        target = jax.eval_shape(lambda: self._stored(state))
-        restored = restore_newest_intact(self.manager, target, remove_damaged=True)
+        restored = restore_newest_intact(self.manager, jax.eval_shape(lambda: self._stored(state)), remove_damaged=True)
         v, t = restored.variables, restored.train
         params = v["params"] if self.trainable is None else join_frozen(  # frozen: the run's file's, not the caller's
             v["params"], frozen_params(self.run_dir) or split_frozen(state.params, self.trainable)[1])
@@ -241,8 +237,7 @@ def latest_epoch(run_dir) -> Optional[float]:
 
 
 def continue_run(source, run) -> None:
-    """Copy a finished run's checkpoints, frozen parameters and TensorBoard scalars into the new run folder `run`,
-    where resuming continues it (a longer run whose first epochs are `source`'s)."""
+    """Copy a finished run's checkpoints, frozen parameters and TensorBoard scalars into `run`, to resume there."""
     source, run = Path(source), Path(run)
     try:
         for name in (CHECKPOINTS, TENSORBOARD):

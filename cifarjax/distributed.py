@@ -24,8 +24,7 @@ def initialize(coordinator: str = None, num_processes: int = None, process_id: i
                         "--distributed to detect them from the cluster's environment")
     if not auto and not 0 <= process_id < num_processes:
         raise UserError(f"--process-id must be in [0, {num_processes}), got {process_id}")
-    try:
-        # a dead peer is noticed within the heartbeat timeout plus the shutdown timeout
+    try:  # a dead peer is noticed within the heartbeat timeout plus the shutdown timeout
         jax.distributed.initialize(coordinator, num_processes, process_id, heartbeat_timeout_seconds=30,
                                    shutdown_timeout_seconds=30)
     except (RuntimeError, ValueError) as error:

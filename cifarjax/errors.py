@@ -16,6 +16,11 @@ from typing import Callable, Optional
 from tqdm import tqdm
 
 EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143
+translators: list = []  # functions error -> UserError or None (distributed.initialize adds one for dead peers)
+at_command_end: list = []  # functions run when a command ends, however it ends (RunFolder.lock adds its release)
+_warned: set = set()
+_warn_lock = threading.Lock()
+_interrupt_advice, _hard_exit_requested = None, False
 
 _OS_ADVICE = {
     errno.ENOSPC: "the disk is full; free space there or point the run (--out) or the cache (CIFARJAX_CACHE) "
@@ -94,9 +99,6 @@ def interrupted_at_once(terminated: bool, run, saved: Optional[tuple], steps_per
                        f"{resume_hint} starts it from the beginning", terminated)
 
 
-_interrupt_advice = None
-
-
 def set_interrupt_advice(advice: Optional[str]) -> None:
     """What a Ctrl-C outside the training loop leaves (None: nothing to resume)."""
     global _interrupt_advice
@@ -144,16 +146,11 @@ def _command_running():
 def os_error_message(error: OSError) -> str:
     """One line for a file-system error: what failed, on which path, and what to do."""
     paths = " → ".join(str(p) for p in (error.filename, error.filename2) if p is not None) or "a file"
-    advice = _OS_ADVICE.get(error.errno, "check that path")
-    return f"{error.strerror or error} on {paths}: {advice}"
+    return f"{error.strerror or error} on {paths}: {_OS_ADVICE.get(error.errno, 'check that path')}"
 
 
-def user_error_from_os(error: OSError, doing: str = "") -> UserError:
-    return UserError(f"{doing + ': ' if doing else ''}{os_error_message(error)}")
-
-
-_warned: set = set()
-_warn_lock = threading.Lock()
+def user_error_from_os(error: OSError, doing: str) -> UserError:
+    return UserError(f"{doing}: {os_error_message(error)}")
 
 
 def warn(message: str, key=None) -> None:
@@ -206,11 +203,6 @@ def exit_on_user_error(main):
         raise SystemExit(failure.exit_code) from None
 
     return wrapper
-
-
-_hard_exit_requested = False
-translators: list = []  # functions error -> UserError or None (distributed.initialize adds one for dead peers)
-at_command_end: list = []  # functions run when a command ends, however it ends (RunFolder.lock adds its release)
 
 
 def request_hard_exit() -> None:

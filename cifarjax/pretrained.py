@@ -20,15 +20,13 @@ from flax import traverse_util
 from cifarjax import torchlib
 from cifarjax.errors import UserError, best_effort, warn
 from cifarjax.models import ResNet18, build_model, init_variables
-from cifarjax.runs import atomic_write
-from cifarjax.runs import cache_dir as default_cache
+from cifarjax.runs import atomic_write, cache_dir as default_cache
 
 IMAGENET_FILE = "resnet18-f37072fd.pth"
 IMAGENET_URL = f"https://download.pytorch.org/models/{IMAGENET_FILE}"
 # torchvision's published IMAGENET1K_V1 file's full SHA-256 (its name and download check keep 8 hex digits)
 IMAGENET_SHA256 = "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec"
 IMAGENET_DESCRIPTION = "ImageNet weights (torchvision IMAGENET1K_V1, verified)"
-RANDOM_DESCRIPTION = "random initialisation, no pretraining"
 _TORCH_MODULES = {"head": "fc", "downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
 _TORCH_FIELDS = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 _TORCH_AXES = {4: (2, 3, 1, 0), 2: (1, 0), 1: (0,)}  # flax axis i is torch axis _TORCH_AXES[ndim][i] (OIHW → HWIO)
@@ -43,8 +41,7 @@ def _torch_key(flax_key: tuple) -> str:
 
 def _expected_shapes(num_classes: int):
     shapes = jax.eval_shape(lambda: ResNet18(num_classes).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
-    return {(col,) + path: s.shape for col in ("params", "batch_stats")
-            for path, s in traverse_util.flatten_dict(shapes[col]).items()}
+    return {path: s.shape for path, s in traverse_util.flatten_dict(shapes).items()}  # ('params' or 'batch_stats', ...)
 
 
 def sha256_file(path: Path) -> str:
@@ -129,18 +126,13 @@ def convert_state_dict(state_dict: Mapping) -> dict:
     fc = state_dict.get("fc.weight")
     expected = _expected_shapes(int(fc.shape[0]) if fc is not None else 1000)
     paths = {_torch_key(path): path for path in expected}
-    flat, unexpected = {}, []
-    for key, value in state_dict.items():
-        if key.split(".")[-1] == "num_batches_tracked":
-            continue
-        if key not in paths:
-            unexpected.append(key)
-            continue
-        array, want = _numpy(key, value), expected[paths[key]]
+    flat, unexpected = {}, [k for k in state_dict if k not in paths and k.split(".")[-1] != "num_batches_tracked"]
+    for key in (k for k in state_dict if k in paths):
+        array, want = _numpy(key, state_dict[key]), expected[paths[key]]
         axes = _TORCH_AXES[len(want)]
         needs = tuple(want[i] for i in np.argsort(axes))
         if array.shape != needs:
-            raise UserError(f"tensor {key} has shape {tuple(value.shape)}, a ResNet-18 needs {needs}; these are not "
+            raise UserError(f"tensor {key} has shape {array.shape}, a ResNet-18 needs {needs}; these are not "
                             "ResNet-18 weights")
         flat[paths[key]] = np.transpose(array, axes)
     missing = sorted(_torch_key(p) for p in expected if p not in flat)
@@ -190,7 +182,7 @@ class Weights:
     def description(self) -> str:
         """The one wording every output uses for a run's weights (ImageNet's recognised by their SHA-256 only)."""
         if not self.pretrained or self.sha256 is None:
-            return RANDOM_DESCRIPTION
+            return "random initialisation, no pretraining"
         return IMAGENET_DESCRIPTION if self.imagenet else \
             f"weights from {self.source} (sha256 {self.sha256:.12}…), not torchvision's published ImageNet weights"
 

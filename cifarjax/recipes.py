@@ -1,10 +1,8 @@
 """Named recipes: reviewable presets of `Config` values over its defaults, each with its command and expected result.
-Flags override a recipe; a recipe's warm-up scales with another --epochs (3 of 20 epochs become 0.45 of 3).
-"""
+Flags override a recipe; a recipe's warm-up scales with another --epochs (3 of 20 epochs become 0.45 of 3)."""
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Mapping
 
@@ -85,7 +83,7 @@ def recipe_config(command: str, name: str = "original", **overrides) -> Config:
     if changes.get("warmup_epochs") and "n_epochs" in overrides and "warmup_epochs" not in overrides:
         length = changes.get("n_epochs", Config().n_epochs)
         changes["warmup_epochs"] = changes["warmup_epochs"] * overrides["n_epochs"] / length
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(Config)})
+    unknown = sorted(set(overrides) - {f.name for f in fields(Config)})
     if unknown:
         raise UserError(f"Config has no setting {', '.join(unknown)}; see help(cifarjax.Config) for its fields")
     return Config(**{**changes, **overrides, "recipe": name})

@@ -18,16 +18,15 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import cifarjax
-from cifarjax import errors
-from cifarjax.config import Config
-from cifarjax.errors import UserError, user_error_from_os, warn
+from cifarjax.config import KINDS, Config
+from cifarjax.errors import UserError, at_command_end, user_error_from_os, warn
 
 CONFIG, METRICS, SUMMARY, PLOTS = "config.json", "metrics.jsonl", "summary.json", "plots"
 TENSORBOARD, MARKER, MANIFEST, LOCK = "tensorboard", ".cifarjax-run", ".cifarjax-files", ".cifarjax-lock"
+CHECKPOINTS, FROZEN = "checkpoints", "frozen_params.npz"
 # Runs made before the manifest (2026-12-04): the names cifarjax gave its files there.
-OWN_FILES = (CONFIG, METRICS, SUMMARY, "frozen_params.npz", "study.json", "study.md")
-OWN_IN_FOLDERS = {PLOTS: ("*.png",), TENSORBOARD: ("events.out.tfevents.*",),
-                  "checkpoints": ("[0-9]*", "*.orbax-checkpoint-tmp*")}
+OWN_FILES = (CONFIG, METRICS, SUMMARY, FROZEN, "study.json", "study.md")
+OWN_IN_FOLDERS = {PLOTS: "*.png", TENSORBOARD: "events.out.tfevents.*", CHECKPOINTS: "[0-9]*"}
 MODEL_NAMES = {"simple_cnn": "SimpleCNN", "resnet18": "ResNet-18"}
 COMMAND_MODELS = {"cnn": "simple_cnn", "finetune": "resnet18"}
 NOT_OURS = "holds files that cifarjax did not create (it has no {} marker), so it will not write there".format(MARKER)
@@ -38,8 +37,7 @@ os.umask(_UMASK)
 
 @dataclass
 class RunFolder:
-    """A run folder: checked before anything is written, then made with its marker and lock; its manifest, metrics
-    and (resumed) the config.json it is bound to."""
+    """A run folder: checked before anything is written, then made with its marker and lock; manifest and metrics."""
     path: Path
     experiment: str = "python"
     resume: bool = False
@@ -111,8 +109,7 @@ class RunFolder:
 
     def check_command(self, command: str) -> None:
         """Refuse to resume a run with a command that trains another model (cnn of a fine-tune, or the reverse)."""
-        model, wanted = self.saved.get("model"), COMMAND_MODELS.get(command)
-        experiment = self.marker.get("experiment")
+        model, wanted, experiment = self.saved.get("model"), COMMAND_MODELS.get(command), self.marker.get("experiment")
         made_by = experiment if experiment in COMMAND_MODELS else \
             next((c for c, m in COMMAND_MODELS.items() if m == model), None)
         if wanted is None or (model == wanted and made_by in (None, command)):
@@ -123,8 +120,7 @@ class RunFolder:
                         f"--resume --out {self.path}")
 
     def bind(self, data_fingerprint: dict, data_dir, command_line: str) -> dict:
-        """config.json's binding: the data's fingerprint (a resumed run's own: other data is refused) and every
-        command that made the run."""
+        """config.json's binding: the data's fingerprint (a resumed run's: other data is refused), the commands."""
         saved = self.saved or {}
         check_data(saved, data_fingerprint, data_dir, self.path)
         return {"data_fingerprint": saved.get("data_fingerprint") or data_fingerprint,
@@ -162,7 +158,7 @@ class RunFolder:
                 if json.loads(path.read_text()).get("pid") == pid == os.getpid():
                     path.unlink()
         atexit.register(release)
-        errors.at_command_end.append(release)
+        at_command_end.append(release)
 
     def manifest(self) -> list:
         """The paths (relative to the folder) its manifest lists; a line cut by a crash is ignored."""
@@ -205,9 +201,8 @@ class RunFolder:
                    and (run / e).parent.resolve().is_relative_to(run.resolve())]  # not through a link out of the run
         if not listed:
             entries = [run / name for name in OWN_FILES]
-            entries += [p for folder, patterns in OWN_IN_FOLDERS.items() for pattern in patterns
-                        for p in (run / folder).glob(pattern)]
-        for entry in entries + list((run / "checkpoints").glob("*.orbax-checkpoint-tmp*")):
+            entries += [p for folder, pattern in OWN_IN_FOLDERS.items() for p in (run / folder).glob(pattern)]
+        for entry in entries + list((run / CHECKPOINTS).glob("*.orbax-checkpoint-tmp*")):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             elif entry.exists() or entry.is_symlink():
@@ -278,11 +273,10 @@ def _check_unlocked(run: Path) -> None:
     if pid == os.getpid():
         return
     try:
-        os.kill(pid, 0)
+        with contextlib.suppress(PermissionError):  # alive, another user's
+            os.kill(pid, 0)
     except ProcessLookupError:
         return  # a stale lock
-    except PermissionError:  # alive, another user's
-        pass
     raise UserError(f"run folder {run} is in use by process {pid} on this machine; wait for it to finish or stop "
                     f"it (kill {pid}: it saves a checkpoint), then try again")
 
@@ -332,8 +326,7 @@ RECORDED = {"data_fingerprint": ("an object with sha256 and images", lambda v: i
                              all(isinstance(x, int) and not isinstance(x, bool) for x in v)),
             "frozen_params": ("an object with path and sha256", lambda v: isinstance(v, dict) and
                               isinstance(v.get("path"), str) and isinstance(v.get("sha256"), str)),
-            **{k: ("a string", lambda v: isinstance(v, str)) for k in ("weights_label", "weights_file",
-                                                                       "weights_sha256")}}
+            **dict.fromkeys(("weights_label", "weights_file", "weights_sha256"), KINDS["str"])}
 
 
 def absolute(path) -> str:

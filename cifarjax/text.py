@@ -17,6 +17,5 @@ def duration(seconds: float) -> str:
 
 
 def printable(name: str) -> str:
-    """A file or folder name as text that prints, plots and encodes anywhere: bytes that are not UTF-8 (os.listdir's
-    surrogate escapes) shown as \\xNN ('caf\\xe9')."""
+    """A file or folder name that prints anywhere: non-UTF-8 bytes (os.listdir's surrogate escapes) as \\xNN."""
     return os.fsencode(name).decode("utf-8", "backslashreplace")

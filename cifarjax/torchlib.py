@@ -2,6 +2,7 @@
 with its fix, not torchvision's 30-line traceback (torchvision 0.N is built for torch 2.(N-15))."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import re
@@ -20,10 +21,8 @@ def load(module: str):
 
 
 def _version(package: str):
-    try:
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
         return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def broken_install(module: str, error: Exception) -> str:
