@@ -32,14 +32,15 @@ pytest.register_assert_rewrite("tests.helpers")  # its asserts (`fails`) explain
 from tests.helpers import make_image_folder  # noqa: E402
 
 
-# The longest files first (as `--durations` measured them), so that with pytest-xdist (`-n 2 --dist loadfile`) no
-# worker starts a long file while the other has nothing left: order changes nothing else, every test makes its own
-# state.
-LONGEST_FIRST = ("test_models.py", "test_distributed.py", "test_trust.py", "test_standin.py", "test_experiments.py",
-                 "test_train.py", "test_binding.py", "test_pretrained.py", "test_reliability.py", "test_checkpoint.py",
-                 "test_study.py", "test_steps_per_call.py", "test_precision.py", "test_gpu_program.py",
-                 "test_predict.py", "test_recipes.py", "test_outputs.py", "test_api.py", "test_shard_map.py",
-                 "test_cpu_xla_flags.py")
+# The longest files first (their summed test times in the suite, 2026-12-07), so that with pytest-xdist (`-n 2 --dist
+# loadfile --no-loadscope-reorder`, as .ci/run; by default xdist orders files by their number of tests, which put the
+# 114 s of test_distributed's four last) no worker starts a long file while the other has nothing left: order changes
+# nothing else, every test makes its own state.
+LONGEST_FIRST = ("test_models.py", "test_distributed.py", "test_trust.py", "test_train.py", "test_standin.py",
+                 "test_binding.py", "test_checkpoint.py", "test_experiments.py", "test_pretrained.py",
+                 "test_reliability.py", "test_study.py", "test_precision.py", "test_recipes.py", "test_gpu_program.py",
+                 "test_steps_per_call.py", "test_outputs.py", "test_predict.py", "test_api.py", "test_cpu_xla_flags.py",
+                 "test_shard_map.py", "test_seeds.py")
 
 
 def pytest_collection_modifyitems(items):
