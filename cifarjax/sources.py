@@ -119,14 +119,14 @@ def decode_image(path, size: int, advice: str = "delete or replace that file and
     raise UserError(f"image {path} is not a regular file (a FIFO, a socket, a device or a folder); {advice}")
 
 
-def decode_files(paths: Sequence, size: int, desc: str = "decoding", skip_unreadable: bool = False):
-    """((N, size, size, 3) uint8 images, the paths read) of image files, decoded on a thread pool with a progress bar;
-    an unreadable file raises UserError, or with `skip_unreadable` is left out with a warning."""
+def decode_files(paths: Sequence, size: int, desc: Optional[str] = None, skip_unreadable: bool = False):
+    """((N, size, size, 3) uint8 images, the paths read) of image files, decoded on a thread pool (with `desc`, under a
+    progress bar); an unreadable file raises UserError, or with `skip_unreadable` is left out with a warning."""
     images, read = np.empty((len(paths), size, size, 3), np.uint8), np.ones(len(paths), bool)
 
     def work(i):
         try:
-            images[i] = decode_image(paths[i], size, *(["it is skipped"] * 2 if skip_unreadable else []))
+            images[i] = decode_image(Path(paths[i]), size, *(["it is skipped"] * 2 if skip_unreadable else []))
         except UserError as error:
             if not skip_unreadable:
                 raise
@@ -138,7 +138,7 @@ def decode_files(paths: Sequence, size: int, desc: str = "decoding", skip_unread
         # the pool, as warning filters are the process's, and racy)
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         for _ in tqdm(pool.map(work, range(len(paths))), total=len(paths), desc=desc, unit="img",
-                      leave=False, mininterval=1.0, disable=len(paths) < 2000):
+                      leave=False, mininterval=1.0, disable=desc is None or len(paths) < 2000):
             pass
     return (images, list(paths)) if read.all() else (images[read], [p for p, r in zip(paths, read) if r])
 

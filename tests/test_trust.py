@@ -730,13 +730,13 @@ def test_an_image_over_pillows_pixel_limit_is_refused_in_one_line_as_a_corrupt_o
     from PIL import Image
 
     from cifarjax.data import load_dataset
-    from cifarjax.sources import decode_files as read_images
+    from cifarjax.sources import decode_files
     data = make_image_folder(tmp_path / "data", n_train=2, n_test=0, size=48)  # 2,304 pixels
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # warned of from 2,000, an error from 4,000
     with pytest.raises(UserError, match=r"cannot read image .*0000.png \(DecompressionBombWarning: Image size "
                                         r"\(2304 pixels\) exceeds limit of 2000 pixels.*\); delete or replace"):
         load_dataset(data)
-    images, read = read_images([data / "train" / "cat" / "0000.png"], 32, skip_unreadable=True)
+    images, read = decode_files([data / "train" / "cat" / "0000.png"], 32, skip_unreadable=True)
     assert read == [] and len(images) == 0
     line, = capfd.readouterr().err.strip().splitlines()
     assert line.startswith("warning: cannot read image") and line.endswith("it is skipped")
