@@ -70,3 +70,15 @@ def test_only_a_command_of_the_package_relaunches(tmp_path):
     out = subprocess.run([sys.executable, "-c", program], cwd=probe_package(tmp_path), env=env, capture_output=True,
                          text=True, check=True).stdout
     assert out.splitlines() == ["started", "True"]
+
+
+def test_a_command_relaunches_before_jax_loads():
+    """`python -m experiments.NAME` relaunches from `experiments/__init__.py`, before the command's imports: JAX loads
+    once, in the relaunched process (the relaunch after them cost every command 1.7 s)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), GLIBC_TUNABLES="")
+    if hugepages.relaunch_environ(env, hugepages.kernel_mode()) is None:
+        pytest.skip("no relaunch here: the kernel does not grant huge pages on request, or glibc has no tunable")
+    err = subprocess.run([sys.executable, "-X", "importtime", "-m", "experiments.cnn", "--help"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True).stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in err.splitlines() if line.startswith("import time:")]
+    assert imported.count("cifarjax.cpu.process") == 2 and imported.count("jax") == 1

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cifarjax.errors import UserError
-from cifarjax.models import ResNet18, formulations_for
+from cifarjax.models import ResNet18, formulations_for, initialize
 from cifarjax.pretrained import (IMAGENET_FILE, _expected_shapes, _torch_key, imagenet_resnet18,
                                  resnet18_from_torchvision)
 from tests.helpers import randomized_torchvision_resnet18
@@ -77,6 +77,9 @@ def test_new_head_is_seeded_and_sized(torch_model):
     assert a["params"]["head"]["kernel"].shape == (512, 10)
     np.testing.assert_array_equal(a["params"]["head"]["kernel"], b["params"]["head"]["kernel"])
     assert not np.array_equal(a["params"]["head"]["kernel"], c["params"]["head"]["kernel"])
+    whole = initialize(ResNet18(10), 0)["params"]["head"]  # the head initialised alone holds the whole model's values
+    for x, y in zip(jax.tree.leaves(a["params"]["head"]), jax.tree.leaves(whole)):
+        np.testing.assert_array_equal(x, y)
     ported_conv = a["params"]["backbone"]["conv1"]["kernel"]
     np.testing.assert_array_equal(ported_conv, torch_model.conv1.weight.detach().numpy().transpose(2, 3, 1, 0))
 
