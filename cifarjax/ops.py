@@ -1,7 +1,9 @@
 """Array operations the plain layers (`cifarjax.layers`) and the CPU's formulations (`cifarjax.cpu`) share."""
 from __future__ import annotations
 
+import functools
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +35,13 @@ def overlap_add(taps, stride: int, size, padding: int = 0):
     where it read, per input phase (rows stride * a + p, columns stride * b + q) a sum of shifted taps, interleaved."""
     k, s, (n, ho, wo, c) = len(taps), stride, taps[0][0].shape
     reach = (k - 1) // s + 1  # a phase row gathers from `reach` tap rows
-    shifted = lambda a, di, dj: jnp.pad(a, ((0, 0), (di, reach - 1 - di), (dj, reach - 1 - dj), (0, 0)))  # noqa: E731
-    zero = jnp.zeros((n, ho + reach - 1, wo + reach - 1, c), taps[0][0].dtype)  # a phase no tap reads
-    dx = interleave([[sum((shifted(taps[p + di * s][q + dj * s], di, dj) for di in range(reach) for dj in range(reach)
-                           if p + di * s < k and q + dj * s < k), zero) for q in range(s)] for p in range(s)])
+
+    def phase(p, q):  # summed from its first tap, not from 0 (un-jitted, `0 + -0.0` would give +0.0)
+        parts = [jnp.pad(taps[p + di * s][q + dj * s], ((0, 0), (di, reach - 1 - di), (dj, reach - 1 - dj), (0, 0)))
+                 for di in range(reach) for dj in range(reach) if p + di * s < k and q + dj * s < k]
+        return functools.reduce(operator.add, parts) if parts else \
+            jnp.zeros((n, ho + reach - 1, wo + reach - 1, c), taps[0][0].dtype)  # a phase no tap reads
+    dx = interleave([[phase(p, q) for q in range(s)] for p in range(s)])
     h, w = size[0] + 2 * padding, size[1] + 2 * padding  # dx covers the padded input's first rows and columns
     dx = jnp.pad(dx, ((0, 0), (0, max(0, h - dx.shape[1])), (0, max(0, w - dx.shape[2])), (0, 0)))
     return dx[:, padding:padding + size[0], padding:padding + size[1], :]
