@@ -60,8 +60,9 @@ def test_a_bf16_step_keeps_its_state_in_float32_and_its_logits_near_float32s():
     # The same float32 parameters whatever the precision (their types, without compiling a second `init`).
     assert dtypes(jax.eval_shape(lambda: bf16.init(jax.random.PRNGKey(0), images[:1], train=False))) == {"float32"}
 
-    want = np.asarray(f32.apply(variables, images))
-    got = bf16.apply(variables, images)
+    # Each model's forward compiled in one piece (op by op, each operation compiles alone: 3.3 s of CPU against 1.5)
+    want = np.asarray(jax.jit(f32.apply)(variables, images))
+    got = jax.jit(bf16.apply)(variables, images)
     assert got.dtype == jnp.bfloat16
     assert relative_error(got, want) < BF16_RELATIVE
     assert relative_error(got, want) > 0  # bfloat16 arithmetic did happen
