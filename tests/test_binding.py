@@ -1,6 +1,7 @@
 """A run is bound to what made it (issue 34): its data, its weights and its settings are recorded and checked,
 and weights are what they claim to be."""
 import json
+import math
 import os
 import shutil
 import zipfile
@@ -112,11 +113,16 @@ def test_the_data_fingerprint_follows_the_images_not_the_folder(tmp_path, data_d
 
 def test_a_run_is_bound_to_its_data(tmp_path, data_dir, capsys, monkeypatch):
     """A relative --data-dir is stored absolute (evaluate and --resume from another folder use the run's data);
-    images added afterwards are refused by --resume and evaluate; the same images moved are accepted."""
+    images added afterwards are refused by --resume and evaluate; the same images moved are accepted. The same run
+    and resume also show what a resume continues and records (once test_experiments' own 1-epoch run and resume):
+    each session's closing line and summary count this process's images and time, labelling all sessions' as such;
+    every session's command is recorded; a finished run resumed with its own settings trains nothing; a changed
+    setting is refused."""
     monkeypatch.chdir(tmp_path)
     args = ["--data-dir", "data", "--epochs", "1", "--batch-size", "8", "--conv-impl", "xla", "--out", "run"]
     cnn.main(args)
-    capsys.readouterr()
+    line = capsys.readouterr().out
+    assert "last-1 mean" in line and "this process trained 48 images" in line and "sessions" not in line
     run = tmp_path / "run"
     config = json.loads((run / "config.json").read_text())
     assert config["data_dir"] == str(data_dir) and config["data_fingerprint"]["images"] == {"train": 60, "test": 18}
@@ -138,18 +144,39 @@ def test_a_run_is_bound_to_its_data(tmp_path, data_dir, capsys, monkeypatch):
     assert len(json.loads((run / "config.json").read_text())["commands"]) == 1  # a refused resume changed nothing
     cnn.main(resume + ["--data-dir", "../moved"])  # moved data, same images: fine (and stored absolute)
     config = json.loads((run / "config.json").read_text())
-    assert config["data_dir"] == str(moved) and len(config["commands"]) == 2 and config["n_epochs"] == 2
-    assert "--resume" in config["commands"][1]
-    assert json.loads((run / "summary.json").read_text())["commands"] == config["commands"]
+    assert config["data_dir"] == str(moved) and config["n_epochs"] == 2
+    assert config["commands"] == ["python -m experiments.cnn " + " ".join(a) for a in (args, resume + [
+        "--data-dir", "../moved"])]  # each session's own arguments
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["commands"] == config["commands"]
+    assert summary["epochs"] == 2 and len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    # the closing line's figures add up: this process's images and time; all sessions' time labelled as such
+    line, mine = capsys.readouterr().out, summary["this_process"]
+    assert mine["images_trained"] == 48 and "this process trained 48 images: " in line  # 6 steps of 8
+    assert "last-2 mean" in line and "over all 2 sessions" in line and summary["sessions"] == 2
+    trained, seconds = mine["images_trained"] - mine["compile_images"], mine["training_seconds"]  # 0.01 s rounded
+    assert trained > 0 and trained / (seconds + 0.005) - 0.05 <= mine["images_per_second"] <= \
+        (trained / (seconds - 0.005) + 0.05 if seconds > 0.005 else math.inf)
+    own = ["--data-dir", str(moved), "--batch-size", "8", "--conv-impl", "xla", "--out", str(run)]
+    cnn.main(own + ["--epochs", "2", "--resume"])  # already finished: nothing to train (its own settings repeated)
+    line = capsys.readouterr().out
+    assert "this process trained nothing (the run had already finished)" in line and "images/s" not in line
+    assert len(json.loads((run / "summary.json").read_text())["commands"]) == 3
+    assert "crop_padding: 0 → 2" in fails(cnn.main, own + ["--epochs", "3", "--resume", "--crop-padding", "2"], capsys)
 
 
 # ------------------------------------------------------------------------------------------------ weights of a run
 
-def test_a_fine_tune_is_bound_to_its_model_and_its_own_backbone(tmp_path, data_dir, capsys):
+def test_a_fine_tune_is_bound_to_its_model_and_its_own_backbone(tmp_path, capsys):
     """The frozen-bn recipe keeps the whole backbone, BatchNorm statistics included, bit for bit and trains the head
     on cached features; the lengths share one frozen backbone file; replacing the weights file at the same path does
     not change a resumed run's backbone; cnn --resume of a fine-tune run is refused, naming the model (the reverse:
-    test_a_run_is_bound_to_its_data)."""
+    test_a_run_is_bound_to_its_data). Then the same run, as if stopped before its first checkpoint, must start over:
+    it has nothing of its own to resume from but its frozen backbone, so the weights file must then be the one it
+    started from (one fine-tune serves both: the refusal comes before anything trains, whatever the recipe)."""
+    # Half data_dir's images (24 training, 6 validation, 6 test): each length still trains and scores on its own
+    # split, and what is bound (weights, backbone, frozen file) does not depend on the number of images.
+    data_dir = make_image_folder(tmp_path / "data", n_train=10, n_test=2, learnable=True)
     weights = save_resnet(tmp_path / "resnet18.pth", seed=3)
     out = tmp_path / "ft"
     base = ["--data-dir", str(data_dir), "--batch-size", "8", "--weights", str(weights), "--conv-impl", "xla",
@@ -184,8 +211,15 @@ def test_a_fine_tune_is_bound_to_its_model_and_its_own_backbone(tmp_path, data_d
         np.testing.assert_array_equal(a, b)
     assert list(out.rglob("frozen_params.npz")) == [out / "frozen_params.npz"]
 
-    (out / "frozen_params.npz").write_bytes((out / "frozen_params.npz").read_bytes()[:-2000] + bytes(2000))
+    intact = (out / "frozen_params.npz").read_bytes()
+    (out / "frozen_params.npz").write_bytes(intact[:-2000] + bytes(2000))
     assert "frozen_params.npz" in fails(evaluate.main, [str(out / "epochs-3")], capsys)
+
+    (out / "frozen_params.npz").write_bytes(intact)
+    for checkpoints in list(out.rglob("checkpoints")):
+        shutil.rmtree(checkpoints)  # as if it stopped before its first checkpoint (its weights file is seed 5's now)
+    error = fails(finetune.main, ["--resume", "--out", str(out)], capsys)
+    assert f"the weights file {weights} changed since the run started" in error and "1 epoch fine-tune" in error
 
 
 # ------------------------------------------------------------------------------------------------ a study
@@ -231,15 +265,3 @@ def test_a_study_is_bound_to_its_settings_and_says_its_weights_are_not_imagenet(
     study.main(["--resume", "--out", str(out), "--cells", "baseline"])  # its own settings; nothing left to train
     assert "estimated training time" not in capsys.readouterr().out
 
-
-def test_a_fine_tune_that_must_start_over_refuses_a_replaced_weights_file(tmp_path, data_dir, capsys):
-    """A run stopped before its first checkpoint has nothing of its own to resume from but its frozen backbone:
-    the weights file must then be the one it started from."""
-    weights = save_resnet(tmp_path / "resnet18.pth", seed=3)
-    out = tmp_path / "ft"
-    finetune.main(["--data-dir", str(data_dir), "--batch-size", "8", "--weights", str(weights), "--conv-impl", "xla",
-                   "--epochs", "1", "--out", str(out)])
-    shutil.rmtree(out / "checkpoints")  # as if it stopped before its first checkpoint
-    save_resnet(weights, seed=5)
-    error = fails(finetune.main, ["--resume", "--out", str(out)], capsys)
-    assert f"the weights file {weights} changed since the run started" in error and "1 epoch fine-tune" in error

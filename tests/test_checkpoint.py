@@ -57,9 +57,10 @@ def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
         (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines())
 
 
-def test_resume_in_process_equals_uninterrupted(tmp_path):
-    data, val = tiny_split(40), tiny_split(12, seed=1)
-    full = train_loop(fast(n_epochs=2), data, val, run=tmp_path / "a")
+def test_resume_in_process_equals_uninterrupted(two_epoch_runs, tmp_path):
+    """A 1-epoch run resumed to 2 epochs ends as `two_epoch_runs`' uninterrupted 2-epoch run (the same config and
+    data, trained once for this file)."""
+    _, _, data, val, full = two_epoch_runs
     train_loop(fast(n_epochs=1), data, val, run=tmp_path / "b")
     resumed = train_loop(fast(n_epochs=2), data, val,
                          run=tmp_path / "b", resume=True)
@@ -168,11 +169,12 @@ def test_a_head_only_fine_tune_stores_the_frozen_backbone_once(tmp_path):
     from cifarjax.augment import AugmentSpec
     from cifarjax.inputs import ImageInputs
     from cifarjax.loop import fit
-    from cifarjax.models import AXIS, Apply, initialize
-    from tests.test_train import small_resnet
+    from cifarjax.models import AXIS, Apply
+    from tests.test_train import small_resnet, small_resnet_variables
     config = fast(model="resnet18", unfreeze="head", n_epochs=2, cache_features=False)
     model = small_resnet(frozen_bn_stages=5, axis_name=AXIS)
-    variables = initialize(model)
+    variables = small_resnet_variables()  # initialize(model)'s values (init runs in eval mode, whatever the
+    # frozen BatchNorm stages): one compiled init for the file
     result = fit(config, Apply(model), variables, tiny_split(40), tiny_split(12, seed=1),
                  ImageInputs(AugmentSpec()), run=tmp_path)
     manager = ocp.CheckpointManager(tmp_path / "checkpoints")
@@ -195,12 +197,13 @@ def test_a_fine_tune_with_a_moving_average_resumes_bit_identically(tmp_path, mon
     from cifarjax.augment import AugmentSpec
     from cifarjax.inputs import ImageInputs
     from cifarjax.loop import fit
-    from cifarjax.models import AXIS, Apply, initialize
-    from tests.test_train import small_resnet
+    from cifarjax.models import AXIS, Apply
+    from tests.test_train import small_resnet, small_resnet_variables
     monkeypatch.setenv("CIFARJAX_PLATFORM", platform)
     config = fast(model="resnet18", unfreeze="layer4", ema_decay=0.9, steps_per_call=2, n_epochs=2)
     model = small_resnet(frozen_bn_stages=4, axis_name=AXIS)  # layer4's BatchNorm trains, as `--unfreeze layer4`'s
-    variables = initialize(model)
+    variables = small_resnet_variables()  # initialize(model)'s values (init runs in eval mode, whatever the
+    # frozen BatchNorm stages): one compiled init for the file
     data, val = tiny_split(32), tiny_split(8, seed=1)  # 4 steps per epoch
 
     def run(out, epochs, resume=False):
