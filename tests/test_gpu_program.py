@@ -91,6 +91,15 @@ def build_step(kind: str, platform: str, **changes):
     return step, (replicated(state), replicated(data), idx)
 
 
+@functools.lru_cache(maxsize=None)
+def lowered_text(platform: str, name: str) -> str:
+    """The text of CASES[name]'s step built for `platform`, lowered by its pmap for this machine (a CPU): the
+    module with the step's buffer donations, which an export leaves out (once for the tests that read it)."""
+    kind, changes, _, _ = CASES[name]
+    step, args = build_step(kind, platform, **changes)
+    return step.lower(*args).as_text()
+
+
 def op_counts(text: str) -> Counter:
     return Counter(re.findall(r"\bstablehlo\.[a-z_]+\b", text))
 
@@ -203,8 +212,10 @@ def test_the_moving_average_takes_only_what_trains():
     """With --ema-decay, the step's state grows by the trainable parameters and the train-mode BatchNorm
     statistics (layer4's, where layer4 trains), never by a copy of the frozen layers."""
     _, changes, _, _ = CASES["resnet_layer4_32"]
-    sizes = [sum(int(np.prod(a.shape)) for a in exported.in_avals)
-             for exported in (gpu_export("resnet_layer4_32"), export_step("train", "gpu", ema_decay=0.9, **changes))]
+    # The step's arguments as `build_step` shapes them, which are what its export takes (its `in_avals`): the
+    # step itself need not be traced and lowered to be sized.
+    sizes = [sum(int(np.prod(a.shape)) for a in jax.tree.leaves(build_step("train", "gpu", **extra, **changes)[1]))
+             for extra in ({}, {"ema_decay": 0.9})]
     config = Config(**changes)
     variables = jax.eval_shape(lambda: build_model(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
     flat = jax.tree_util.tree_leaves_with_path(variables)
@@ -248,10 +259,9 @@ def test_synchronised_batchnorm_takes_one_collective_each_way():
 def test_the_gpu_program_donates_the_state(platform, donated):
     """Built for a GPU, the training step donates its whole state; built for the CPU, where everything trains,
     nothing (`cifarjax.cpu.donation`: only frozen parameters)."""
-    step, args = build_step("train", platform)
-    text = step.lower(*args).as_text()
+    text = lowered_text(platform, "simple_cnn_train")  # build_step("train", platform)
     donors = text.count("jax.buffer_donor = true") + text.count("tf.aliasing_output")
-    leaves = len(jax.tree.leaves(args[0]))
+    leaves = len(jax.tree.leaves(build_step("train", platform)[1][0]))
     assert donors == (leaves if donated == "all" else 0), (donors, leaves)
 
 
@@ -266,10 +276,11 @@ def test_the_check_sees_a_conditional_on_data_and_not_a_constant_one():
 
 @pytest.mark.parametrize("name", ["simple_cnn_train", "resnet_all_32"])
 def test_the_cpu_program_keeps_the_cpu_formulations(name):
-    """The same steps built for the CPU (exported for it) get the CPU's formulations: Winograd/im2col products in
-    place of convolutions, and the fusion barriers, conditionals on data (`cifarjax.cpu.fusion`)."""
-    kind, changes, convolutions, products = CASES[name]
-    text = export_step(kind, "cpu", platforms=("cpu",), **changes).mlir_module()
+    """The same steps built for the CPU (lowered for it; SimpleCNN's lowering is the one whose donations
+    `test_the_gpu_program_donates_the_state` reads) get the CPU's formulations: Winograd/im2col products in place
+    of convolutions, and the fusion barriers, conditionals on data (`cifarjax.cpu.fusion`)."""
+    _, _, convolutions, products = CASES[name]
+    text = lowered_text("cpu", name)
     counts = op_counts(text)
     assert counts["stablehlo.convolution"] < convolutions
     assert counts["stablehlo.dot_general"] > products + 10  # Winograd's and im2col's matrix products

@@ -12,7 +12,7 @@ from cifarjax.augment import AugmentSpec, cut_out, draw_choices
 from cifarjax.config import Config
 from cifarjax.errors import UserError
 from cifarjax.flags import Parser, add_config_flags, given, new_config
-from cifarjax.models import build_model, initialize
+from cifarjax.models import build_model
 from cifarjax.optim import learning_rate
 from cifarjax.recipes import RECIPES, recipe_config
 from cifarjax.train import cross_entropy, ema_update, eval_logits
@@ -60,9 +60,13 @@ def test_dropout_flag_sets_the_rate_and_keeps_the_parameters():
     config = parse("cnn", ["--dropout", "0", "--conv-impl", "xla"])  # XLA's convolution: applied without jit
     model = build_model(config)
     assert model.dropout_rate == 0.0 and build_model(Config()).dropout_rate == 0.3
-    variables = initialize(model)
-    assert n_params(variables["params"]) == 1_025_546
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    # The parameters' shapes, and any values for them: what is tested is the rate (`initialize` compiles an init
+    # program, about 3 s of CPU time, that `jax.eval_shape` does not).
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x[:1], train=False))
+    assert n_params(shapes["params"]) == 1_025_546
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.1, s.shape), s.dtype), shapes)
     train = model.apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
     np.testing.assert_array_equal(train, model.apply(variables, x, train=False))  # rate 0: nothing dropped
 

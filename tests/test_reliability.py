@@ -74,16 +74,24 @@ def test_out_below_a_file_and_resume_of_a_foreign_folder(tmp_path, data_dir, cap
 
 # ------------------------------------------------------------------------------------------------ resume advice
 
-def test_non_finite_loss_advice_works_when_followed(tmp_path, data_dir, capsys):
+def test_non_finite_loss_advice_works_when_followed_and_resume_takes_every_setting_from_the_run(tmp_path, data_dir,
+                                                                                               capsys):
+    """The advice after a non-finite loss works when followed, and a resume takes every setting it is not given
+    from the run: one run and its resumes for both, where two tests made two runs (and compiled the same three
+    programs: each distinct learning rate or augmentation compiles its own)."""
     out = tmp_path / "run"
-    cnn.main(cnn_args(data_dir, out))
+    cnn.main(cnn_args(data_dir, out, "--crop-padding", "2", "--seed", "3"))
     message = fails(cnn.main, ["--resume", "--out", str(out), "--epochs", "3", "--lr", "1e30"], capsys)
     assert "training loss became nan at step" in message and "--resume --out" in message and "--lr 1e+29" in message
     assert "lr: " not in message
     cnn.main(["--resume", "--out", str(out), "--epochs", "2", "--lr", "1e-4"])  # the advice, with a sane rate
     summary = json.loads((out / runs.SUMMARY).read_text())
     assert summary["epochs"] == 2 and np.isfinite(summary["train_loss"])
-    assert json.loads((out / runs.CONFIG).read_text())["lr"] == 1e-4
+    config = json.loads((out / runs.CONFIG).read_text())
+    assert config["lr"] == 1e-4
+    assert (config["crop_padding"], config["seed"], config["n_epochs"], config["data_dir"]) == (2, 3, 2, str(data_dir))
+    message = fails(cnn.main, ["--resume", "--out", str(out), "--seed", "4"], capsys)
+    assert "seed: 3 → 4" in message and "--lr" in message
 
 
 def test_non_finite_inputs_are_not_blamed_on_the_learning_rate():
@@ -105,16 +113,6 @@ def test_resume_with_fewer_epochs_is_refused(tmp_path, data_dir, capsys):
     message = fails(cnn.main, ["--resume", "--out", str(out), "--epochs", "1"], capsys)
     assert "already trained 2 epochs" in message and "--epochs 2 or more" in message
     assert tree_bytes(out) == before
-
-
-def test_resume_takes_every_setting_from_the_run(tmp_path, data_dir, capsys):
-    out = tmp_path / "run"
-    cnn.main(cnn_args(data_dir, out, "--crop-padding", "2", "--seed", "3"))
-    cnn.main(["--resume", "--out", str(out), "--epochs", "2"])
-    config = json.loads((out / runs.CONFIG).read_text())
-    assert (config["crop_padding"], config["seed"], config["n_epochs"], config["data_dir"]) == (2, 3, 2, str(data_dir))
-    message = fails(cnn.main, ["--resume", "--out", str(out), "--seed", "4"], capsys)
-    assert "seed: 3 → 4" in message and "--lr" in message
 
 
 # ------------------------------------------------------------------------------------------------ one line each
