@@ -34,6 +34,10 @@ def copy_run(finished, tmp_path):
 # ------------------------------------------------------------------------------------------------ 4. user's files
 
 def test_overwrite_removes_exactly_the_files_cifarjax_wrote(finished, tmp_path, capsys):
+    """And evaluate and compare never write over a user's file: their plots go beside a user's pictures of the same
+    names, and the one --overwrite at the end removes them with the rest of what cifarjax wrote (one test, so that
+    one command run serves both: it was test_evaluate_and_compare_never_write_over_a_users_file's too)."""
+    from experiments import compare, evaluate
     out = copy_run(finished, tmp_path)
     manifest = set((out / runs.MANIFEST).read_text().split())
     steps = sorted(p.name for p in (out / "checkpoints").iterdir())
@@ -43,11 +47,35 @@ def test_overwrite_removes_exactly_the_files_cifarjax_wrote(finished, tmp_path, 
     (out / "plots" / "my_figure.png").write_text("mine")  # a user's files inside cifarjax's own folders
     (out / "tensorboard" / "notes.txt").write_text("mine")
     (out / "checkpoints" / "README").write_text("mine")
-    cnn.main(cnn_args(finished[1], out, "--overwrite"))
+    for name in ("confusion_matrix_test.png", "comparison.png"):  # named as evaluate's and compare's own plots
+        (out / "plots" / name).write_bytes(b"my picture")
+    evaluate.main([str(out)])
+    captured = capsys.readouterr()
+    assert (out / "plots" / "confusion_matrix_test.png").read_bytes() == b"my picture"
+    assert f"{out / 'plots' / 'confusion_matrix_test.png'} is not a file cifarjax wrote" in captured.err
+    assert f"confusion matrix: {out / 'plots' / 'confusion_matrix_test-2.png'}" in captured.out
+    compare.main([str(out)])
+    assert (out / "plots" / "comparison.png").read_bytes() == b"my picture"
+    assert f"plot: {out / 'plots' / 'comparison-2.png'}" in capsys.readouterr().out
+    manifest = runs.RunFolder(out).manifest()
+    assert "plots/comparison-2.png" in manifest and "plots/confusion_matrix_test-2.png" in manifest
+    assert "plots/comparison.png" not in manifest and "plots/confusion_matrix_test.png" not in manifest
+    # One rule for the default plot and --out: an existing plot only with --overwrite, a user's file never.
+    assert "comparison-2.png exists; pass --overwrite" in fails(compare.main, [str(out)], capsys)
+    compare.main([str(out), "--overwrite"])
+    assert "did not write; choose another --out" in fails(
+        compare.main, [str(out), "--out", str(out / "plots" / "comparison.png"), "--overwrite"], capsys)
+    capsys.readouterr()
+    cnn.main(cnn_args(finished[1], out, "--overwrite"))  # removes what cifarjax wrote, and only that
     assert (out / "plots" / "my_figure.png").read_text() == "mine"
     assert (out / "tensorboard" / "notes.txt").read_text() == "mine"
     assert (out / "checkpoints" / "README").read_text() == "mine"
-    assert "kept checkpoints/README, plots/my_figure.png, tensorboard/notes.txt in" in capsys.readouterr().err
+    assert (out / "plots" / "comparison.png").read_bytes() == b"my picture"
+    assert (out / "plots" / "confusion_matrix_test.png").read_bytes() == b"my picture"
+    assert not (out / "plots" / "comparison-2.png").exists()
+    assert not (out / "plots" / "confusion_matrix_test-2.png").exists()
+    assert ("kept checkpoints/README, plots/comparison.png, plots/confusion_matrix_test.png, plots/my_figure.png, "
+            "tensorboard/notes.txt in") in capsys.readouterr().err
     assert json.loads((out / runs.CONFIG).read_text())["n_epochs"] == 1
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted([str(min(map(int, steps))), "README"])
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
@@ -452,31 +480,8 @@ def test_predict_skips_a_special_file_in_one_line(finished, tmp_path, capsys):
         unblock.cancel()
 
 
-def test_evaluate_and_compare_never_write_over_a_users_file(finished, tmp_path, capsys):
-    from experiments import compare, evaluate
-    out = copy_run(finished, tmp_path)
-    for name in ("confusion_matrix_test.png", "comparison.png"):
-        (out / "plots" / name).write_bytes(b"my picture")
-    evaluate.main([str(out)])
-    captured = capsys.readouterr()
-    assert (out / "plots" / "confusion_matrix_test.png").read_bytes() == b"my picture"
-    assert f"{out / 'plots' / 'confusion_matrix_test.png'} is not a file cifarjax wrote" in captured.err
-    assert f"confusion matrix: {out / 'plots' / 'confusion_matrix_test-2.png'}" in captured.out
-    compare.main([str(out)])
-    assert (out / "plots" / "comparison.png").read_bytes() == b"my picture"
-    assert f"plot: {out / 'plots' / 'comparison-2.png'}" in capsys.readouterr().out
-    manifest = runs.RunFolder(out).manifest()
-    assert "plots/comparison-2.png" in manifest and "plots/confusion_matrix_test-2.png" in manifest
-    assert "plots/comparison.png" not in manifest and "plots/confusion_matrix_test.png" not in manifest
-    # One rule for the default plot and --out: an existing plot only with --overwrite, a user's file never.
-    assert "comparison-2.png exists; pass --overwrite" in fails(compare.main, [str(out)], capsys)
-    compare.main([str(out), "--overwrite"])
-    assert "did not write; choose another --out" in fails(
-        compare.main, [str(out), "--out", str(out / "plots" / "comparison.png"), "--overwrite"], capsys)
-    cnn.main(cnn_args(finished[1], out, "--overwrite"))  # removes what cifarjax wrote, and only that
-    assert (out / "plots" / "comparison.png").read_bytes() == b"my picture"
-    assert (out / "plots" / "confusion_matrix_test.png").read_bytes() == b"my picture"
-    assert not (out / "plots" / "comparison-2.png").exists()
+# evaluate and compare never write over a user's file: test_overwrite_removes_exactly_the_files_cifarjax_wrote,
+# which shares its --overwrite run.
 
 
 def test_evaluate_of_a_read_only_run_prints_its_score_and_a_flag_that_works(finished, tmp_path, capsys, monkeypatch):
