@@ -78,16 +78,17 @@ def test_negative_control_each_process_alone_differs(one_process, tmp_path):
     comparison below must be able to tell: a lone device's run differs. The reference's own settings and data,
     trained here on the first of this process's two devices (the program a process with one device runs, without
     starting one: its start, loading and plots are not what the control is about; the same call on both devices
-    gave the reference's parameters and metrics bit for bit)."""
+    gives the reference's parameters bit for bit, checked first)."""
     from cifarjax.config import Config
     from cifarjax.data import load_dataset, train_val_split
     from cifarjax.loop import train_loop
     config = Config.from_dict(json.loads((one_process / runs.CONFIG).read_text()))
     dataset = load_dataset(config.data_dir, config.dataset, config.decode_size, config.classes)
     train, val = train_val_split(dataset, config.val_fraction, config.seed, config.subset)
-    out = tmp_path / "alone"
-    train_loop(config, train, val, run=out, devices=jax.devices()[:1], report=False)
-    assert not same_parameters(one_process, out)
+    train_loop(config, train, val, run=tmp_path / "both", devices=jax.devices()[:2], report=False)
+    assert same_parameters(one_process, tmp_path / "both")  # this path on both devices is the reference's, so
+    train_loop(config, train, val, run=tmp_path / "alone", devices=jax.devices()[:1], report=False)
+    assert not same_parameters(one_process, tmp_path / "alone")  # only the lone device differs
 
 
 def test_a_killed_peer_ends_the_other_cleanly_and_resume_completes_exactly(data_dir, one_process, tmp_path):

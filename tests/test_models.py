@@ -150,7 +150,9 @@ def test_recomputing_the_winograd_tiles_changes_no_bit(m, rng):
         def f(x, w):
             return jnp.stack([jnp.stack(row) for row in winograd_phases(x, w, m, 4, 3, keep_tiles=keep_tiles)])
         return f(x, w), *jax.grad(lambda x, w: jnp.sum(f(x, w) * cotangent), (0, 1))(x, w)
-    # both in one compiled program (only identical computations can be merged into identical bits)
+    # Both in one compiled program. Only the kernel's gradient differs between them (recomputed tiles inside the
+    # conditional against kept ones); the forward and the input's gradient are the same operations either way, as
+    # they were in two programs: compared so that a change to them shows.
     kept, recomputed = jax.jit(lambda x, w: (conv(True, x, w), conv(False, x, w)))(x, w)
     for a, b in zip(kept, recomputed):
         np.testing.assert_array_equal(a, b)

@@ -36,7 +36,7 @@ def copy_run(finished, tmp_path):
 def test_overwrite_removes_exactly_the_files_cifarjax_wrote(finished, tmp_path, capsys):
     """And evaluate and compare never write over a user's file: their plots go beside a user's pictures of the same
     names, and the one --overwrite at the end removes them with the rest of what cifarjax wrote (one test, so that
-    one command run serves both: it was test_evaluate_and_compare_never_write_over_a_users_file's too)."""
+    one copied run serves both)."""
     from experiments import compare, evaluate
     out = copy_run(finished, tmp_path)
     manifest = set((out / runs.MANIFEST).read_text().split())
