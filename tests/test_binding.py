@@ -162,7 +162,8 @@ def test_a_run_is_bound_to_its_data(tmp_path, data_dir, capsys, monkeypatch):
     line = capsys.readouterr().out
     assert "this process trained nothing (the run had already finished)" in line and "images/s" not in line
     assert len(json.loads((run / "summary.json").read_text())["commands"]) == 3
-    assert "crop_padding: 0 → 2" in fails(cnn.main, own + ["--epochs", "3", "--resume", "--crop-padding", "2"], capsys)
+    refused = fails(cnn.main, own + ["--epochs", "3", "--resume", "--crop-padding", "2"], capsys)
+    assert "crop_padding: 0 → 2" in refused
 
 
 # ------------------------------------------------------------------------------------------------ weights of a run
